@@ -1,0 +1,64 @@
+//! Device choice: the one place that knows which backends were compiled in.
+
+use anyhow::{Result, bail};
+use burn::prelude::Device;
+
+/// Sets the compute thread count (must run before any parallel work starts).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("cannot set --threads {n}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The device `name` names, without autodiff.
+pub fn pick(name: &str) -> Result<Device> {
+    let (kind, index) = match name.split_once(':') {
+        Some((k, i)) => (
+            k,
+            i.parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("--device {name}: `{i}` is not a device index"))?,
+        ),
+        None => (name, 0),
+    };
+    let _ = index;
+    match kind {
+        #[cfg(feature = "flex")]
+        "cpu" | "flex" => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(index)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(Default::default())),
+        #[cfg(feature = "tch")]
+        "tch" => Ok(Device::libtorch()),
+        #[cfg(feature = "tch")]
+        "tch-cuda" => Ok(Device::libtorch_cuda(index)),
+        _ => bail!(
+            "--device {name}: unknown or not compiled in; this build has: {}",
+            available().join(", ")
+        ),
+    }
+}
+
+fn available() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "flex") {
+        v.extend(["cpu", "flex"]);
+    }
+    if cfg!(feature = "cuda") {
+        v.push("cuda[:N]");
+    }
+    if cfg!(feature = "wgpu") {
+        v.push("wgpu");
+    }
+    if cfg!(feature = "tch") {
+        v.extend(["tch", "tch-cuda[:N]"]);
+    }
+    v
+}

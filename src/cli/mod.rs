@@ -1,0 +1,66 @@
+//! Subcommands. Each file holds one subcommand's arguments and its `run`.
+
+mod device;
+mod eval;
+mod models;
+mod predict;
+mod progress;
+mod train;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use convlab::data::DataFormat;
+
+/// Train, evaluate and inspect classic CNN image classifiers.
+#[derive(Parser, Debug)]
+#[command(name = "convlab", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model (default: convnet_small on the built-in Fashion-MNIST split).
+    Train(train::TrainArgs),
+    /// Evaluate a trained run: top-1, top-5, loss, per-class accuracy, confusion matrix.
+    Eval(eval::EvalArgs),
+    /// Classify image files with a trained run.
+    Predict(predict::PredictArgs),
+    /// List the registered models.
+    Models(models::ModelsArgs),
+}
+
+/// Options shared by every command that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Compute device: cpu (= flex), flex, or with the matching cargo feature cuda[:N], wgpu,
+    /// tch, tch-cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Where data comes from (for commands that read a dataset).
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Dataset: an ImageFolder, CIFAR-10/100 binary or IDX directory (default: built-in).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Override the detected dataset format.
+    #[arg(long, value_enum)]
+    pub data_format: Option<DataFormat>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Models(a) => models::run(a),
+    }
+}

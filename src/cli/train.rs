@@ -1,0 +1,132 @@
+//! `convlab train`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use convlab::run::{RunDir, default_run_path};
+use convlab::train::{Override, Recipe, TrainOptions, train};
+
+use super::progress::Progress;
+use super::{DataArgs, RuntimeArgs, device};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Recipe file (TOML); its values override the built-in defaults.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Model name (see `convlab models`).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Held-out fraction for data without its own split.
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Base learning rate (at optim.base_batch_size; scaled linearly with --batch-size).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run folder (default: runs/<model>-<timestamp>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Any recipe field, e.g. --set optim.momentum=0.8 --set data.limit_train=500.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Skip and count undecodable images instead of stopping.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+    /// Continue a run from its last complete checkpoint (uses the run's recipe).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["recipe", "out"])]
+    pub resume: Option<PathBuf>,
+    /// End cleanly after this epoch; the schedule still spans all epochs.
+    #[arg(long)]
+    pub stop_after_epoch: Option<usize>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
+    let mut o = Vec::new();
+    if let Some(m) = &a.model {
+        o.push(Override::flag("model.name", m.as_str(), "--model"));
+    }
+    if let Some(p) = &a.data.data {
+        o.push(Override::flag("data.path", p.display().to_string(), "--data"));
+    }
+    if let Some(f) = a.data.data_format {
+        let v = toml::Value::try_from(f)?;
+        o.push(Override::flag("data.format", v, "--data-format"));
+    }
+    if let Some(v) = a.val_fraction {
+        o.push(Override::flag("data.val_fraction", v, "--val-fraction"));
+    }
+    if let Some(v) = a.epochs {
+        o.push(Override::flag("epochs", v as i64, "--epochs"));
+    }
+    if let Some(v) = a.batch_size {
+        o.push(Override::flag("batch_size", v as i64, "--batch-size"));
+    }
+    if let Some(v) = a.lr {
+        o.push(Override::flag("optim.lr", v, "--lr"));
+    }
+    if let Some(v) = a.seed {
+        o.push(Override::flag("seed", v as i64, "--seed"));
+    }
+    if a.skip_bad_images {
+        o.push(Override::flag("data.skip_bad_images", true, "--skip-bad-images"));
+    }
+    for s in &a.sets {
+        o.push(Override::parse(s)?);
+    }
+    Ok(o)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    device::set_threads(a.runtime.threads)?;
+    let dev = device::pick(&a.runtime.device)?.autodiff();
+    let (recipe, run, resume) = match &a.resume {
+        Some(dir) => {
+            let run = RunDir::open(dir)?;
+            let recipe = Recipe::resolve(Some(&run.file(convlab::run::RECIPE)), &overrides(&a)?)?;
+            (recipe, run, true)
+        }
+        None => {
+            let recipe = Recipe::resolve(a.recipe.as_deref(), &overrides(&a)?)?;
+            let path = a
+                .out
+                .clone()
+                .unwrap_or_else(|| default_run_path(recipe.model.name.as_str()));
+            (recipe, RunDir::create(&path)?, false)
+        }
+    };
+    let opts = TrainOptions {
+        resume,
+        stop_after_epoch: a.stop_after_epoch,
+    };
+    let mut progress = Progress::new();
+    println!("run folder: {}", run.path.display());
+    let s = train(recipe, &run, &opts, &dev, &mut progress)
+        .with_context(|| format!("training in {} failed", run.path.display()))?;
+    println!(
+        "done: {} epochs in {:.1} s; final val top1 {:.2}% top5 {:.2}%, best top1 {:.2}% (epoch {}){}",
+        s.epochs,
+        s.seconds,
+        100.0 * s.final_val_top1,
+        100.0 * s.final_val_top5,
+        100.0 * s.best_val_top1,
+        s.best_epoch,
+        if s.images_skipped > 0 {
+            format!("; {} undecodable images skipped", s.images_skipped)
+        } else {
+            String::new()
+        }
+    );
+    println!("run folder: {}", run.path.display());
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! ImageFolder: `root/<class>/<image>`, as torchvision's `ImageFolder`; with `root/train/` and
+//! `root/val/` (or `root/test/`) when the data comes pre-split. Images are decoded lazily on the
+//! loader's worker threads, so a dataset larger than memory streams from disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+use super::dataset::{DataFormat, DataSpec, Dataset, RawImage, Splits, split_one};
+
+/// File extensions read as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"];
+
+/// A list of image files with their class indices.
+pub struct ImageFolder {
+    pub files: Vec<PathBuf>,
+    pub labels: Vec<usize>,
+}
+
+impl Dataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.labels[index]
+    }
+    fn image(&self, index: usize, channels: usize) -> Result<RawImage> {
+        decode_file(&self.files[index], channels)
+    }
+    fn describe(&self, index: usize) -> String {
+        self.files[index].display().to_string()
+    }
+}
+
+/// Decodes one image file of any supported mode into 8-bit grey or RGB.
+pub fn decode_file(path: &Path, channels: usize) -> Result<RawImage> {
+    let bad = |reason: String| Error::BadImage {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    let img = reader.decode().map_err(|e| bad(e.to_string()))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(bad("image has zero size".into()));
+    }
+    Ok(RawImage::from_dynamic(img, channels))
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Class sub-folders of `dir`, sorted by name.
+pub fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect())
+}
+
+/// Scans `dir` with the given class list; every image under `dir/<class>/` (recursively).
+pub fn scan(dir: &Path, classes: &[String]) -> Result<ImageFolder> {
+    let mut files = Vec::new();
+    let mut labels = Vec::new();
+    for (c, name) in classes.iter().enumerate() {
+        let cdir = dir.join(name);
+        if !cdir.is_dir() {
+            continue;
+        }
+        let mut stack = vec![cdir];
+        while let Some(d) = stack.pop() {
+            for p in sorted_entries(&d)? {
+                if p.is_dir() {
+                    stack.push(p);
+                } else if is_image(&p) {
+                    files.push(p);
+                    labels.push(c);
+                }
+            }
+        }
+    }
+    Ok(ImageFolder { files, labels })
+}
+
+fn names(dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn check(dir: &Path, set: &ImageFolder, classes: &[String]) -> Result<()> {
+    if set.files.is_empty() {
+        return Err(Error::BadData {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "no images found (looked for {} files in class sub-folders)",
+                IMAGE_EXTENSIONS.join("/")
+            ),
+        });
+    }
+    if classes.len() < 2 {
+        return Err(Error::BadData {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "found {} class folder(s); a classifier needs at least 2",
+                classes.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Opens an ImageFolder root, pre-split or not.
+pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
+    let val_dir = ["val", "test"]
+        .into_iter()
+        .map(|n| (n, root.join(n)))
+        .find(|(_, p)| p.is_dir());
+    let (train, val, classes, val_name): (Arc<dyn Dataset>, Arc<dyn Dataset>, _, _) =
+        match (root.join("train"), val_dir) {
+            (t, Some((vname, v))) if t.is_dir() => {
+                let classes = names(&class_dirs(&t)?);
+                let train = scan(&t, &classes)?;
+                check(&t, &train, &classes)?;
+                let extra: Vec<String> = names(&class_dirs(&v)?)
+                    .into_iter()
+                    .filter(|n| !classes.contains(n))
+                    .collect();
+                if !extra.is_empty() {
+                    return Err(Error::BadData {
+                        path: v,
+                        reason: format!("classes not in train/: {}", extra.join(", ")),
+                    });
+                }
+                let val = scan(&v, &classes)?;
+                check(&v, &val, &classes)?;
+                (Arc::new(train), Arc::new(val), classes, vname.to_string())
+            }
+            _ => {
+                let classes = names(&class_dirs(root)?);
+                let all = scan(root, &classes)?;
+                check(root, &all, &classes)?;
+                let (t, v) = split_one(Arc::new(all), spec.val_fraction, spec.seed);
+                (t, v, classes, "val".to_string())
+            }
+        };
+    Ok(Splits {
+        train,
+        val,
+        classes,
+        channels: 3,
+        native_size: None,
+        format: DataFormat::Imagefolder,
+        val_name,
+    })
+}

@@ -1,0 +1,278 @@
+//! The parallel batch loader.
+//!
+//! A producer thread walks the epoch's (seeded) permutation in batch-sized chunks; each chunk is
+//! decoded and transformed by a dedicated rayon pool straight into the batch buffer, and the
+//! finished batch goes into a bounded channel of `prefetch` slots. The training step takes
+//! batches from the other end, so decoding overlaps compute and at most `prefetch + 2` batches of
+//! decoded pixels exist at any time, however large the dataset.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, bounded};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::dataset::Dataset;
+use super::split::mix_seed;
+use super::transforms::Transform;
+use crate::error::{Error, Result};
+
+/// One batch of model input, `[B, C, H, W]` floats and `B` labels.
+pub struct Batch {
+    pub images: Vec<f32>,
+    pub labels: Vec<usize>,
+    /// Positions in the dataset, in batch order.
+    pub indices: Vec<usize>,
+    /// `[C, H, W]` of one sample.
+    pub sample_shape: [usize; 3],
+    /// Samples dropped because their file could not be decoded (`--skip-bad-images`):
+    /// `(source, reason)`.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Batch {
+    /// Number of samples in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    /// True for an empty batch (every sample was skipped).
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// How to walk a dataset.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Shuffle and augment (training) or neither (evaluation).
+    pub train: bool,
+    /// Drop the last incomplete batch (training only: keeps batch-norm statistics sane).
+    pub drop_last: bool,
+    /// Decode/augment threads.
+    pub workers: usize,
+    /// Finished batches waiting in the queue.
+    pub prefetch: usize,
+    pub seed: u64,
+    /// Skip undecodable images instead of failing.
+    pub skip_bad: bool,
+}
+
+/// Produces the batches of epochs of one dataset.
+pub struct Loader {
+    data: Arc<dyn Dataset>,
+    transform: Arc<Transform>,
+    config: LoaderConfig,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl Loader {
+    pub fn new(data: Arc<dyn Dataset>, transform: Transform, config: LoaderConfig) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.workers.max(1))
+            .thread_name(|i| format!("convlab-loader-{i}"))
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start loader threads: {e}")))?;
+        Ok(Loader {
+            data,
+            transform: Arc::new(transform),
+            config,
+            pool: Arc::new(pool),
+        })
+    }
+
+    /// Number of batches in one epoch.
+    pub fn num_batches(&self) -> usize {
+        let (n, b) = (self.data.len(), self.config.batch_size);
+        if self.config.train && self.config.drop_last && n >= b {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    /// The dataset this loader reads.
+    pub fn dataset(&self) -> &Arc<dyn Dataset> {
+        &self.data
+    }
+
+    /// The order of samples in `epoch`: a seeded permutation when training, else `0..n`.
+    pub fn order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        if self.config.train {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[self.config.seed, epoch as u64, 1]));
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// Starts producing the batches of `epoch` in the background.
+    pub fn epoch(&self, epoch: usize) -> EpochIter {
+        let order = self.order(epoch);
+        let nb = self.num_batches();
+        let (tx, rx) = bounded(self.config.prefetch.max(1));
+        let data = self.data.clone();
+        let transform = self.transform.clone();
+        let config = self.config.clone();
+        let pool = self.pool.clone();
+        let handle = std::thread::spawn(move || {
+            for chunk in order.chunks(config.batch_size).take(nb) {
+                let batch = pool.install(|| {
+                    make_batch(data.as_ref(), &transform, &config, epoch, chunk)
+                });
+                let stop = batch.is_err();
+                if tx.send(batch).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        EpochIter {
+            rx: Some(rx),
+            handle: Some(handle),
+        }
+    }
+}
+
+/// Builds one batch from the dataset positions `chunk`.
+pub fn make_batch(
+    data: &dyn Dataset,
+    transform: &Transform,
+    config: &LoaderConfig,
+    epoch: usize,
+    chunk: &[usize],
+) -> Result<Batch> {
+    let len = transform.sample_len();
+    let mut images = vec![0f32; chunk.len() * len];
+    let results: Vec<Result<()>> = images
+        .par_chunks_mut(len)
+        .zip(chunk.par_iter())
+        .map(|(out, &i)| {
+            let img = data.image(i, transform.channels)?;
+            let seed = config
+                .train
+                .then(|| mix_seed(&[config.seed, epoch as u64, i as u64]));
+            transform.apply(img, seed, out);
+            Ok(())
+        })
+        .collect();
+    let mut keep = Vec::with_capacity(chunk.len());
+    let mut skipped = Vec::new();
+    for (k, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(()) => keep.push(k),
+            Err(e @ (Error::BadImage { .. } | Error::Io { .. })) if config.skip_bad => {
+                skipped.push((data.describe(chunk[k]), e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !skipped.is_empty() {
+        let mut compact = Vec::with_capacity(keep.len() * len);
+        for &k in &keep {
+            compact.extend_from_slice(&images[k * len..(k + 1) * len]);
+        }
+        images = compact;
+    }
+    let indices: Vec<usize> = keep.iter().map(|&k| chunk[k]).collect();
+    Ok(Batch {
+        images,
+        labels: indices.iter().map(|&i| data.label(i)).collect(),
+        indices,
+        sample_shape: [transform.channels, transform.size, transform.size],
+        skipped,
+    })
+}
+
+/// The batches of one epoch, in order. Dropping it stops the producer.
+pub struct EpochIter {
+    rx: Option<Receiver<Result<Batch>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        // Closing the channel first makes a blocked producer's `send` fail, so `join` returns.
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::dataset::InMemory;
+    use crate::data::transforms::Augment;
+
+    fn tiny(n: usize) -> Arc<dyn Dataset> {
+        Arc::new(InMemory {
+            source: "mem".into(),
+            width: 4,
+            height: 4,
+            channels: 1,
+            pixels: (0..n * 16).map(|i| (i * 7 % 256) as u8).collect(),
+            labels: (0..n).map(|i| i % 3).collect(),
+        })
+    }
+
+    fn loader(workers: usize) -> Loader {
+        let t = Transform {
+            channels: 1,
+            size: 4,
+            mean: vec![0.5],
+            std: vec![0.25],
+            augment: Augment {
+                crop_padding: 1,
+                hflip: 0.5,
+            },
+        };
+        let cfg = LoaderConfig {
+            batch_size: 5,
+            train: true,
+            drop_last: true,
+            workers,
+            prefetch: 2,
+            seed: 3,
+            skip_bad: false,
+        };
+        Loader::new(tiny(23), t, cfg).unwrap()
+    }
+
+    #[test]
+    fn batches_do_not_depend_on_thread_count() {
+        let a: Vec<Vec<f32>> = loader(1).epoch(2).map(|b| b.unwrap().images).collect();
+        let b: Vec<Vec<f32>> = loader(2).epoch(2).map(|b| b.unwrap().images).collect();
+        assert_eq!(a.len(), 4);
+        assert_eq!(a, b);
+        let c: Vec<Vec<f32>> = loader(2).epoch(3).map(|b| b.unwrap().images).collect();
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn epoch_covers_each_sample_once() {
+        let l = loader(2);
+        let mut seen: Vec<usize> = l.epoch(0).flat_map(|b| b.unwrap().indices).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 20);
+    }
+
+    #[test]
+    fn dropping_mid_epoch_does_not_hang() {
+        let l = loader(1);
+        let mut it = l.epoch(0);
+        assert!(it.next().is_some());
+        drop(it);
+    }
+}

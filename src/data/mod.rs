@@ -1,0 +1,19 @@
+//! Datasets, transforms and the parallel loader.
+//!
+//! A [`Dataset`] gives decoded 8-bit images and labels by index; [`open`] detects the on-disk
+//! format (ImageFolder, CIFAR binary, IDX, the built-in Fashion-MNIST) and returns the train and
+//! validation splits; [`transforms`] turns a decoded image into a normalised `[C, H, W]` tensor
+//! slice, and [`loader`] does that for whole batches on worker threads behind a bounded queue.
+
+pub mod builtin;
+pub mod cifar;
+pub mod dataset;
+pub mod idx;
+pub mod image_folder;
+pub mod loader;
+pub mod split;
+pub mod transforms;
+
+pub use dataset::{DataFormat, DataSpec, Dataset, InMemory, RawImage, Splits, Subset, open};
+pub use loader::{Batch, Loader, LoaderConfig};
+pub use transforms::{Augment, Transform};

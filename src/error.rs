@@ -1,0 +1,65 @@
+//! The library's one error type. Every message names the file, field or tensor at fault, so a
+//! user can fix the input without reading the source.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no such file or directory")]
+    Missing { path: PathBuf },
+    #[error("{path}: cannot decode image: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    BadData { path: PathBuf, reason: String },
+    #[error("{path}: unknown dataset format ({reason}); pass --data-format imagefolder|cifar10|cifar100|idx|builtin")]
+    UnknownFormat { path: PathBuf, reason: String },
+    #[error("recipe {origin}: key `{key}`: {reason}")]
+    Recipe {
+        origin: String,
+        key: String,
+        reason: String,
+    },
+    #[error("unknown model `{name}`; known models: {known}")]
+    UnknownModel { name: String, known: String },
+    #[error("checkpoint {path} does not fit model `{model}`: {reason}")]
+    CheckpointMismatch {
+        path: PathBuf,
+        model: String,
+        reason: String,
+    },
+    #[error("{path}: not a convlab run folder ({reason})")]
+    BadRun { path: PathBuf, reason: String },
+    #[error(
+        "training diverged at epoch {epoch}, step {step}: loss is {loss}; the last good checkpoint is kept in {run}"
+    )]
+    Diverged {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+        run: PathBuf,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Shorthand used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::Missing { path }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Building blocks shared by the model families.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use serde::{Deserialize, Serialize};
+
+/// Max or average pooling (a recipe switch: `model.pool = "max" | "avg"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    #[default]
+    Max,
+    Avg,
+}
+
+/// Convolution, optional batch norm, ReLU: the unit every family here is built from.
+///
+/// With batch norm the convolution has no bias (the BN shift replaces it, as in torchvision).
+///
+/// # Shapes
+/// `[B, C_in, H, W]` -> `[B, C_out, H', W']`, `H' = (H + 2p - k) / s + 1`.
+#[derive(Module, Debug)]
+pub struct ConvBnAct {
+    pub conv: Conv2d,
+    pub bn: Option<BatchNorm>,
+}
+
+impl ConvBnAct {
+    /// A `k x k` convolution with stride `stride` and padding `pad` on each side.
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        batch_norm: bool,
+        device: &Device,
+    ) -> Self {
+        let conv = Conv2dConfig::new([cin, cout], [k, k])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+            .with_bias(!batch_norm)
+            .init(device);
+        ConvBnAct {
+            conv,
+            bn: batch_norm.then(|| BatchNormConfig::new(cout).init(device)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.conv.forward(x);
+        let x = match &self.bn {
+            Some(bn) => bn.forward(x),
+            None => x,
+        };
+        relu(x)
+    }
+}
+
+/// A pooling layer whose kind is chosen at construction: `kernel x kernel`, stride `stride`
+/// (3/2 is AlexNet's overlapping pooling, 2/2 the plain kind).
+///
+/// # Shapes
+/// `[B, C, H, W]` -> `[B, C, (H - k) / s + 1, (W - k) / s + 1]`.
+#[derive(Module, Debug)]
+pub struct Pool {
+    pub max: Option<MaxPool2d>,
+    pub avg: Option<AvgPool2d>,
+}
+
+impl Pool {
+    pub fn new(kind: PoolKind, kernel: usize, stride: usize, pad: usize) -> Self {
+        let padding = PaddingConfig2d::Explicit(pad, pad, pad, pad);
+        match kind {
+            PoolKind::Max => Pool {
+                max: Some(
+                    MaxPool2dConfig::new([kernel, kernel])
+                        .with_strides([stride, stride])
+                        .with_padding(padding)
+                        .init(),
+                ),
+                avg: None,
+            },
+            PoolKind::Avg => Pool {
+                max: None,
+                avg: Some(
+                    AvgPool2dConfig::new([kernel, kernel])
+                        .with_strides([stride, stride])
+                        .with_padding(padding)
+                        .with_count_include_pad(false)
+                        .init(),
+                ),
+            },
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match (&self.max, &self.avg) {
+            (Some(p), _) => p.forward(x),
+            (_, Some(p)) => p.forward(x),
+            _ => x,
+        }
+    }
+}
+
+/// Global average pooling to a feature vector.
+///
+/// # Shapes
+/// `[B, C, H, W]` -> `[B, C]`.
+pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
+    let [b, c, _, _] = x.dims();
+    x.mean_dim(3).mean_dim(2).reshape([b, c])
+}

@@ -1,0 +1,19 @@
+//! convlab: train, evaluate, analyse and visualise classic CNN image classifiers.
+//!
+//! The library never picks a device: every entry point takes a Burn [`burn::prelude::Device`]
+//! (the `convlab` binary chooses one from its cargo features and `--device`).
+//!
+//! - [`data`]: datasets (built-in Fashion-MNIST, ImageFolder, CIFAR, IDX), transforms, loader.
+//! - [`models`]: the model registry and families; [`layers`]: shared blocks.
+//! - [`train`]: recipe, optimiser, schedule, losses, checkpoints, the training loop.
+//! - [`eval`]: metrics and evaluation; [`run`]: the run folder.
+
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod layers;
+pub mod models;
+pub mod run;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,11 @@
+//! Training: the recipe, the optimiser, the schedule, the losses, checkpoints and the loop.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod optim;
+pub mod recipe;
+pub mod schedule;
+pub mod trainer;
+
+pub use recipe::{Override, Recipe};
+pub use trainer::{Reporter, TrainOptions, train};

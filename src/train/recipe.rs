@@ -1,0 +1,404 @@
+//! The training recipe: one serialisable struct, layered as built-in defaults < `--recipe FILE`
+//! < command-line flags < `--set key.path=value`. Unknown keys and wrongly typed values are
+//! errors that name the key and where it came from.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Augment, DataFormat, DataSpec};
+use crate::error::{Error, Result};
+use crate::models::ModelConfig;
+
+/// Everything that defines a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    /// Seeds weight init, shuffling, augmentation and dropout.
+    pub seed: u64,
+    /// Full passes over the training split.
+    pub epochs: usize,
+    /// Images per optimiser step.
+    pub batch_size: usize,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub augment: Augment,
+    pub optim: OptimConfig,
+    pub schedule: ScheduleConfig,
+    pub loss: LossConfig,
+}
+
+/// `[data]`: where the images come from and how they are read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Dataset path; absent = the built-in Fashion-MNIST split.
+    pub path: Option<PathBuf>,
+    /// Format; absent = detected from the path.
+    pub format: Option<DataFormat>,
+    /// Held-out fraction when the data has no split of its own.
+    pub val_fraction: f64,
+    /// Stratified subsets (tests, quick trials).
+    pub limit_train: Option<usize>,
+    pub limit_val: Option<usize>,
+    /// Skip and count undecodable images instead of stopping.
+    pub skip_bad_images: bool,
+    /// Decode/augment threads.
+    pub workers: usize,
+    /// Batches decoded ahead of the training step.
+    pub prefetch: usize,
+    /// Per-channel mean and std of the training images in [0, 1]; computed when absent.
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            path: None,
+            format: None,
+            val_fraction: 0.2,
+            limit_train: None,
+            limit_val: None,
+            skip_bad_images: false,
+            workers: 2,
+            prefetch: 4,
+            mean: None,
+            std: None,
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn spec(&self, seed: u64) -> DataSpec {
+        DataSpec {
+            path: self.path.clone(),
+            format: self.format,
+            val_fraction: self.val_fraction,
+            seed,
+            limit_train: self.limit_train,
+            limit_val: self.limit_val,
+        }
+    }
+}
+
+/// `[optim]`: stochastic gradient descent with momentum.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Learning rate at `base_batch_size`; the run uses `lr * batch_size / base_batch_size`
+    /// (linear scaling, Goyal et al. 2017).
+    pub lr: f64,
+    pub base_batch_size: usize,
+    /// Momentum coefficient (dampening 0, as PyTorch).
+    pub momentum: f64,
+    /// Nesterov momentum (Sutskever et al. 2013).
+    pub nesterov: bool,
+    /// L2 penalty coefficient.
+    pub weight_decay: f64,
+    /// No decay on biases and batch-norm parameters ("Bag of Tricks", He et al. 2019).
+    pub no_bias_decay: bool,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 0.2,
+            base_batch_size: 256,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            no_bias_decay: false,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The peak learning rate after linear scaling.
+    pub fn scaled_lr(&self, batch_size: usize) -> f64 {
+        self.lr * batch_size as f64 / self.base_batch_size.max(1) as f64
+    }
+}
+
+/// Learning-rate schedule kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Half-cosine from the peak to `min_lr` over the run (Loshchilov & Hutter 2017).
+    Cosine,
+    /// Constant after warmup.
+    Constant,
+}
+
+/// `[schedule]`: evaluated every optimiser step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Epochs of linear warmup from `warmup_start_factor * peak` to the peak.
+    pub warmup_epochs: f64,
+    pub warmup_start_factor: f64,
+    /// Floor of the cosine.
+    pub min_lr: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_epochs: 0.0,
+            warmup_start_factor: 0.1,
+            min_lr: 0.0,
+        }
+    }
+}
+
+/// `[loss]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    /// Label smoothing epsilon (Szegedy et al. 2016).
+    pub label_smoothing: f64,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Recipe {
+            seed: 0,
+            epochs: 10,
+            batch_size: 128,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            augment: Augment::default(),
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
+            loss: LossConfig::default(),
+        }
+    }
+}
+
+/// One `key.path=value` override and where it came from (`--set`, `--lr`, ...).
+#[derive(Clone, Debug)]
+pub struct Override {
+    pub key: String,
+    pub value: toml::Value,
+    pub origin: String,
+}
+
+impl Override {
+    /// Parses `key.path=value`; the value is read as TOML (`0.1`, `true`, `"max"`, `[1, 2]`),
+    /// and as a plain string when it is not valid TOML (`model.name=vgg16`).
+    pub fn parse(text: &str) -> Result<Self> {
+        let (key, raw) = text.split_once('=').ok_or_else(|| Error::Recipe {
+            origin: "--set".into(),
+            key: text.into(),
+            reason: "expected key.path=value".into(),
+        })?;
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        Ok(Override {
+            key: key.trim().to_string(),
+            value,
+            origin: "--set".into(),
+        })
+    }
+
+    /// An override from a named command-line flag.
+    pub fn flag(key: &str, value: impl Into<toml::Value>, flag: &str) -> Self {
+        Override {
+            key: key.into(),
+            value: value.into(),
+            origin: flag.into(),
+        }
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> std::result::Result<(), String> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|s| !s.is_empty()).ok_or("empty key")?;
+    let mut t = table;
+    for p in parts {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is a value, not a section"))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn has_path(table: &toml::Table, key: &str) -> bool {
+    let mut t = table;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        match t.get(*p) {
+            Some(toml::Value::Table(sub)) if i + 1 < parts.len() => t = sub,
+            Some(_) if i + 1 == parts.len() => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
+impl Recipe {
+    /// Resolves defaults < `file` < `overrides` (in order).
+    pub fn resolve(file: Option<&Path>, overrides: &[Override]) -> Result<Self> {
+        let mut table = toml::Table::try_from(Recipe::default()).expect("defaults serialise");
+        let mut file_table = toml::Table::new();
+        if let Some(f) = file {
+            let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+            file_table = toml::from_str(&text).map_err(|e| Error::Recipe {
+                origin: f.display().to_string(),
+                key: "(syntax)".into(),
+                reason: e.to_string().trim().to_string(),
+            })?;
+            merge(&mut table, file_table.clone());
+        }
+        for o in overrides {
+            set_path(&mut table, &o.key, o.value.clone()).map_err(|reason| Error::Recipe {
+                origin: o.origin.clone(),
+                key: o.key.clone(),
+                reason,
+            })?;
+        }
+        let value = toml::Value::Table(table);
+        let recipe: Recipe = serde_path_to_error::deserialize(value).map_err(|e| {
+            let mut key = e.path().to_string();
+            let reason = e.inner().to_string();
+            // For an unknown field the path stops at its section; add the field's name.
+            if let Some(name) = reason
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                key = if key == "." { name.to_string() } else { format!("{key}.{name}") };
+            }
+            let origin = overrides
+                .iter()
+                .rev()
+                .find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
+                .map(|o| o.origin.clone())
+                .or_else(|| {
+                    (file.is_some() && has_path(&file_table, &key))
+                        .then(|| file.unwrap().display().to_string())
+                })
+                .unwrap_or_else(|| file.map_or("defaults".into(), |f| f.display().to_string()));
+            Error::Recipe {
+                origin,
+                key,
+                reason,
+            }
+        })?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    /// Reads a resolved recipe (from a run folder).
+    pub fn load_resolved(path: &Path) -> Result<Self> {
+        Self::resolve(Some(path), &[])
+    }
+
+    /// Range checks that serde's types cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: &str| {
+            Err(Error::Recipe {
+                origin: "resolved".into(),
+                key: key.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return bad("optim.lr", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.optim.momentum) {
+            return bad("optim.momentum", "must be in [0, 1)");
+        }
+        if self.optim.weight_decay < 0.0 {
+            return bad("optim.weight_decay", "must be >= 0");
+        }
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            return bad("data.val_fraction", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.loss.label_smoothing) {
+            return bad("loss.label_smoothing", "must be in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&self.augment.hflip) {
+            return bad("augment.hflip", "must be a probability in [0, 1]");
+        }
+        if self.schedule.warmup_epochs < 0.0 {
+            return bad("schedule.warmup_epochs", "must be >= 0");
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Invalid(format!("recipe: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layering_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("r.toml");
+        std::fs::write(&f, "epochs = 3\n[optim]\nlr = 0.05\n").unwrap();
+        let r = Recipe::resolve(
+            Some(&f),
+            &[
+                Override::parse("optim.lr=0.01").unwrap(),
+                Override::parse("model.name=bench-vgg").unwrap(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.epochs, 3);
+        assert_eq!(r.optim.lr, 0.01);
+        assert_eq!(r.model.name.as_str(), "bench-vgg");
+        let text = r.to_toml().unwrap();
+        std::fs::write(&f, text).unwrap();
+        assert_eq!(Recipe::load_resolved(&f).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bad.toml");
+        std::fs::write(&f, "[optim]\nlrr = 0.1\n").unwrap();
+        let e = Recipe::resolve(Some(&f), &[]).unwrap_err().to_string();
+        assert!(e.contains("optim.lrr") && e.contains("bad.toml"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_from_set_names_key_and_origin() {
+        let e = Recipe::resolve(None, &[Override::parse("epochs=\"many\"").unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("epochs") && e.contains("--set"), "{e}");
+        let e = Recipe::resolve(None, &[Override::parse("model.name=resnet9000").unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.name") && e.contains("convnet_small"), "{e}");
+    }
+}

@@ -1,0 +1,330 @@
+//! The training loop, top to bottom: open the data, resolve what the recipe left open, build
+//! the model, then for every epoch: train over shuffled augmented batches with a per-step
+//! learning rate, evaluate on the held-out split, append the metrics, save checkpoints.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+
+use super::checkpoint::{self, module_tensors};
+use super::loss::{smoothed_targets, soft_cross_entropy};
+use super::optim::Sgd;
+use super::recipe::Recipe;
+use super::schedule::lr_at;
+use crate::data::split::mix_seed;
+use crate::data::transforms::channel_stats;
+use crate::data::{Augment, Dataset, Loader, LoaderConfig, Splits, Transform, open};
+use crate::error::{Error, Result};
+use crate::eval::{batch_tensor, evaluate, metrics::argmax};
+use crate::models::Model;
+use crate::run::{CLASSES, EpochMetrics, RunDir, SUMMARY, Summary};
+
+/// Where training reports progress; the CLI draws bars, tests stay quiet.
+pub trait Reporter {
+    fn message(&mut self, text: &str);
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, batches: usize);
+    fn batch(&mut self, done: usize, loss: f32, images_per_sec: f64);
+    fn epoch_end(&mut self, metrics: &EpochMetrics);
+}
+
+/// A reporter that prints nothing.
+pub struct Quiet;
+impl Reporter for Quiet {
+    fn message(&mut self, _: &str) {}
+    fn epoch_start(&mut self, _: usize, _: usize, _: usize) {}
+    fn batch(&mut self, _: usize, _: f32, _: f64) {}
+    fn epoch_end(&mut self, _: &EpochMetrics) {}
+}
+
+/// How to run (not what to learn: that is the recipe).
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Continue the run in the folder from its last complete checkpoint.
+    pub resume: bool,
+    /// End cleanly after this epoch (the schedule still spans all epochs).
+    pub stop_after_epoch: Option<usize>,
+}
+
+/// Opens the recipe's data and fills in what the recipe left to the data: class count,
+/// channels, input size, normalisation statistics.
+pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
+    let splits = open(&recipe.data.spec(recipe.seed))?;
+    if splits.train.is_empty() || splits.val.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the data has {} training and {} validation images; both must be non-empty",
+            splits.train.len(),
+            splits.val.len()
+        )));
+    }
+    let m = &mut recipe.model;
+    if m.num_classes == 0 {
+        m.num_classes = splits.classes.len();
+    }
+    if m.num_classes != splits.classes.len() {
+        return Err(Error::Recipe {
+            origin: "resolved".into(),
+            key: "model.num_classes".into(),
+            reason: format!(
+                "{} but the data has {} classes",
+                m.num_classes,
+                splits.classes.len()
+            ),
+        });
+    }
+    if m.in_channels == 0 {
+        m.in_channels = splits.channels;
+    }
+    if m.input_size == 0 {
+        m.input_size = splits.native_size.unwrap_or(m.name.default_input_size());
+    }
+    m.validate()?;
+    if recipe.data.mean.is_none() || recipe.data.std.is_none() {
+        let (mean, std) = channel_stats(splits.train.as_ref(), m.in_channels, m.input_size, 10_000)?;
+        recipe.data.mean = Some(mean);
+        recipe.data.std = Some(std);
+    }
+    Ok(splits)
+}
+
+/// The transform of a resolved recipe (`train` adds its augmentation).
+pub fn transform(recipe: &Recipe, train: bool) -> Transform {
+    let c = recipe.model.in_channels;
+    Transform {
+        channels: c,
+        size: recipe.model.input_size,
+        mean: recipe.data.mean.clone().unwrap_or_else(|| vec![0.5; c]),
+        std: recipe.data.std.clone().unwrap_or_else(|| vec![0.5; c]),
+        augment: if train {
+            recipe.augment.clone()
+        } else {
+            Augment::none()
+        },
+    }
+}
+
+/// A loader over `data` with the recipe's settings.
+pub fn loader(recipe: &Recipe, data: Arc<dyn Dataset>, train: bool) -> Result<Loader> {
+    Loader::new(
+        data,
+        transform(recipe, train),
+        LoaderConfig {
+            batch_size: recipe.batch_size,
+            train,
+            drop_last: train,
+            workers: recipe.data.workers,
+            prefetch: recipe.data.prefetch,
+            seed: recipe.seed,
+            skip_bad: recipe.data.skip_bad_images,
+        },
+    )
+}
+
+/// Loads a run's model from a checkpoint (`best` or `last`) onto `device`.
+pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -> Result<Model> {
+    let path = run.checkpoint(which);
+    let ck = checkpoint::load(&path)?;
+    let model = recipe.model.build(device)?;
+    checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())
+}
+
+/// Resume state stored in a checkpoint's metadata.
+struct Progress {
+    epochs_done: usize,
+    best_top1: f64,
+    best_epoch: usize,
+    skipped: usize,
+    seconds: f64,
+}
+
+fn save_checkpoint(
+    run: &RunDir,
+    which: &str,
+    model: &Model,
+    sgd: &Sgd,
+    p: &Progress,
+) -> Result<()> {
+    let meta = HashMap::from([
+        ("epoch".to_string(), p.epochs_done.to_string()),
+        ("best_val_top1".to_string(), p.best_top1.to_string()),
+        ("best_epoch".to_string(), p.best_epoch.to_string()),
+        ("images_skipped".to_string(), p.skipped.to_string()),
+        ("seconds".to_string(), p.seconds.to_string()),
+    ]);
+    let weights = module_tensors(&model.valid());
+    checkpoint::save(
+        &run.checkpoint(which),
+        &[("model", &weights), ("optim", &sgd.state())],
+        meta,
+    )
+}
+
+/// Trains `recipe` into the run folder `run` on `device` (an autodiff device).
+pub fn train(
+    mut recipe: Recipe,
+    run: &RunDir,
+    opts: &TrainOptions,
+    device: &Device,
+    rep: &mut dyn Reporter,
+) -> Result<Summary> {
+    let splits = prepare(&mut recipe)?;
+    run.write_recipe(&recipe)?;
+    run.write_json(CLASSES, &splits.classes)?;
+    let eval_device = device.clone().without_autodiff();
+
+    device.seed(mix_seed(&[recipe.seed, 0xC0FFEE]));
+    let mut model = recipe.model.build(device)?;
+    let mut sgd = Sgd::new(recipe.optim.clone());
+    let mut p = Progress {
+        epochs_done: 0,
+        best_top1: -1.0,
+        best_epoch: 0,
+        skipped: 0,
+        seconds: 0.0,
+    };
+    let mut history = Vec::new();
+    if opts.resume {
+        let path = run.checkpoint("last");
+        let ck = checkpoint::load(&path)?;
+        model = checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())?;
+        sgd.load_state(&ck.group("optim"), &eval_device);
+        let num = |k: &str| ck.meta.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        p = Progress {
+            epochs_done: num("epoch") as usize,
+            best_top1: num("best_val_top1"),
+            best_epoch: num("best_epoch") as usize,
+            skipped: num("images_skipped") as usize,
+            seconds: num("seconds"),
+        };
+        history = run.read_metrics()?;
+        history.truncate(p.epochs_done);
+        rep.message(&format!("resuming {} after epoch {}", run.path.display(), p.epochs_done));
+    }
+
+    let train_loader = loader(&recipe, splits.train.clone(), true)?;
+    let val_loader = loader(&recipe, splits.val.clone(), false)?;
+    let per_epoch = train_loader.num_batches();
+    let total_steps = per_epoch * recipe.epochs;
+    let peak = recipe.optim.scaled_lr(recipe.batch_size);
+    let k = recipe.model.num_classes;
+    let params = model.num_params();
+    rep.message(&format!(
+        "{}: {params} parameters, input {}x{}x{}; {} train / {} {} images, {} classes; \
+         lr {} x {}/{} = {peak}",
+        recipe.model.name,
+        recipe.model.in_channels,
+        recipe.model.input_size,
+        recipe.model.input_size,
+        splits.train.len(),
+        splits.val.len(),
+        splits.val_name,
+        k,
+        recipe.optim.lr,
+        recipe.batch_size,
+        recipe.optim.base_batch_size,
+    ));
+
+    let last_epoch = opts.stop_after_epoch.unwrap_or(recipe.epochs).min(recipe.epochs);
+    for epoch in p.epochs_done + 1..=last_epoch {
+        let start = Instant::now();
+        // Dropout masks come from the device generator; reseeding per epoch makes a resumed
+        // run draw exactly what an uninterrupted one would.
+        device.seed(mix_seed(&[recipe.seed, epoch as u64, 0xD0]));
+        model = model.train();
+        rep.epoch_start(epoch, recipe.epochs, per_epoch);
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut lr = peak;
+        let mut train_time = 0f64;
+        for (i, batch) in train_loader.epoch(epoch - 1).enumerate() {
+            let batch = batch?;
+            p.skipped += batch.skipped.len();
+            for (src, why) in &batch.skipped {
+                rep.message(&format!("skipped {src}: {why}"));
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let t0 = Instant::now();
+            let step = (epoch - 1) * per_epoch + i;
+            lr = lr_at(&recipe.schedule, peak, step, total_steps, per_epoch);
+            let b = batch.len();
+            let x = batch_tensor(&batch, device);
+            let q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
+            let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
+            let logits = model.forward(x);
+            let loss = soft_cross_entropy(logits.clone(), targets);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = sgd.step(lr, model, grads);
+            let loss_v = loss.into_scalar::<f32>();
+            if !loss_v.is_finite() {
+                return Err(Error::Diverged {
+                    epoch,
+                    step,
+                    loss: loss_v,
+                    run: run.path.clone(),
+                });
+            }
+            let host: Vec<f32> = logits.inner().into_data().convert::<f32>().try_to_vec().expect("f32");
+            correct += host
+                .chunks_exact(k)
+                .zip(&batch.labels)
+                .filter(|(row, l)| argmax(row) == **l)
+                .count();
+            loss_sum += loss_v as f64 * b as f64;
+            seen += b;
+            train_time += t0.elapsed().as_secs_f64();
+            rep.batch(i + 1, loss_v, seen as f64 / start.elapsed().as_secs_f64());
+        }
+        let train_secs = start.elapsed().as_secs_f64();
+        let eval_model = model.valid();
+        let (report, skipped) = evaluate(&eval_model, &val_loader, &splits.classes, &eval_device)?;
+        p.skipped += skipped;
+        let seconds = start.elapsed().as_secs_f64();
+        let m = EpochMetrics {
+            epoch,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_top1: correct as f64 / seen.max(1) as f64,
+            val_loss: report.loss,
+            val_top1: report.top1,
+            val_top5: report.top5,
+            lr,
+            images_per_sec: seen as f64 / train_secs.max(1e-9),
+            seconds,
+        };
+        let _ = train_time;
+        p.epochs_done = epoch;
+        p.seconds += seconds;
+        let improved = m.val_top1 > p.best_top1;
+        if improved {
+            p.best_top1 = m.val_top1;
+            p.best_epoch = epoch;
+        }
+        history.push(m.clone());
+        run.write_metrics(&history)?;
+        if improved {
+            save_checkpoint(run, "best", &model, &sgd, &p)?;
+        }
+        save_checkpoint(run, "last", &model, &sgd, &p)?;
+        rep.epoch_end(&m);
+    }
+
+    let last = history.last().cloned().ok_or_else(|| Error::Invalid("no epoch was run".into()))?;
+    let summary = Summary {
+        model: recipe.model.name.to_string(),
+        params,
+        epochs: p.epochs_done,
+        best_val_top1: p.best_top1,
+        best_epoch: p.best_epoch,
+        final_val_top1: last.val_top1,
+        final_val_top5: last.val_top5,
+        final_val_loss: last.val_loss,
+        seconds: p.seconds,
+        images_skipped: p.skipped,
+    };
+    if p.epochs_done == recipe.epochs {
+        run.write_json(SUMMARY, &summary)?;
+    }
+    Ok(summary)
+}
