@@ -18,7 +18,9 @@ pub enum Error {
     BadImage { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     BadData { path: PathBuf, reason: String },
-    #[error("{path}: unknown dataset format ({reason}); pass --data-format imagefolder|cifar10|cifar100|idx|builtin")]
+    #[error(
+        "{path}: unknown dataset format ({reason}); pass --data-format imagefolder|cifar10|cifar100|idx|builtin"
+    )]
     UnknownFormat { path: PathBuf, reason: String },
     #[error("recipe {origin}: key `{key}`: {reason}")]
     Recipe {

@@ -29,7 +29,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().map(|s| s.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|s| s.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let res = (|| -> std::io::Result<()> {
@@ -113,7 +115,9 @@ impl RunDir {
 
     /// `checkpoints/<which>.safetensors`.
     pub fn checkpoint(&self, which: &str) -> PathBuf {
-        self.path.join(CHECKPOINTS).join(format!("{which}.safetensors"))
+        self.path
+            .join(CHECKPOINTS)
+            .join(format!("{which}.safetensors"))
     }
 
     pub fn write_recipe(&self, recipe: &Recipe) -> Result<()> {

@@ -75,8 +75,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         a.checkpoint.as_str(),
         report.count,
         splits.val_name,
-        if skipped > 0 {
-            format!(" ({skipped} undecodable skipped)")
+        if !skipped.is_empty() {
+            format!(" ({} undecodable skipped)", skipped.len())
         } else {
             String::new()
         }
@@ -90,7 +90,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let w = classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
     println!("{:<w$}  {:>8}  {:>6}", "class", "accuracy", "count");
     for c in &report.per_class {
-        println!("{:<w$}  {:>7.2}%  {:>6}", c.class, 100.0 * c.accuracy, c.count);
+        println!(
+            "{:<w$}  {:>7.2}%  {:>6}",
+            c.class,
+            100.0 * c.accuracy,
+            c.count
+        );
     }
     println!("\nconfusion matrix (rows: true class, columns: predicted)");
     let cw = report

@@ -28,16 +28,19 @@ pub fn run(a: ModelsArgs) -> Result<()> {
         let cfg = ModelConfig {
             name,
             num_classes: 10,
-            in_channels: if name == ModelName::ConvnetSmall { 1 } else { 3 },
+            in_channels: if name == ModelName::ConvnetSmall {
+                1
+            } else {
+                3
+            },
             input_size: name.default_input_size(),
             ..Default::default()
         };
         let model = cfg.build(&device)?;
-        use burn::module::Module;
         rows.push(Row {
             name: name.to_string(),
             family: name.family().to_string(),
-            params: model.num_params(),
+            params: convlab::models::param_count(&model),
             input_size: cfg.input_size,
             gflops: cfg.flops() / 1e9,
         });
@@ -45,7 +48,10 @@ pub fn run(a: ModelsArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<16} {:<10} {:>12} {:>6} {:>8}", "name", "family", "params", "input", "GFLOPs");
+        println!(
+            "{:<16} {:<10} {:>12} {:>6} {:>8}",
+            "name", "family", "params", "input", "GFLOPs"
+        );
         for r in rows {
             println!(
                 "{:<16} {:<10} {:>12} {:>6} {:>8.4}",

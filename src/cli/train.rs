@@ -57,7 +57,11 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
         o.push(Override::flag("model.name", m.as_str(), "--model"));
     }
     if let Some(p) = &a.data.data {
-        o.push(Override::flag("data.path", p.display().to_string(), "--data"));
+        o.push(Override::flag(
+            "data.path",
+            p.display().to_string(),
+            "--data",
+        ));
     }
     if let Some(f) = a.data.data_format {
         let v = toml::Value::try_from(f)?;
@@ -79,7 +83,11 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
         o.push(Override::flag("seed", v as i64, "--seed"));
     }
     if a.skip_bad_images {
-        o.push(Override::flag("data.skip_bad_images", true, "--skip-bad-images"));
+        o.push(Override::flag(
+            "data.skip_bad_images",
+            true,
+            "--skip-bad-images",
+        ));
     }
     for s in &a.sets {
         o.push(Override::parse(s)?);

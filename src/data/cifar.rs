@@ -44,7 +44,11 @@ pub fn find_dir(dir: &Path, marks: &[&str]) -> Option<PathBuf> {
 
 /// Parses a file of records: `label_bytes` label bytes (the last one is used) + 3,072 pixels.
 /// Returns interleaved `[N, 32, 32, 3]` pixels and labels.
-pub fn parse_records(bytes: &[u8], label_bytes: usize, path: &Path) -> Result<(Vec<u8>, Vec<usize>)> {
+pub fn parse_records(
+    bytes: &[u8],
+    label_bytes: usize,
+    path: &Path,
+) -> Result<(Vec<u8>, Vec<usize>)> {
     let rec = label_bytes + 3072;
     if bytes.is_empty() || bytes.len() % rec != 0 {
         return Err(Error::BadData {
@@ -117,7 +121,11 @@ fn class_names(dir: &Path, file: &str, n: usize, default: &[&str]) -> Vec<String
 
 /// Opens a CIFAR-10 (`hundred == false`) or CIFAR-100 directory.
 pub fn open(dir: &Path, hundred: bool) -> Result<Splits> {
-    let marks = if hundred { CIFAR100_FILES } else { CIFAR10_FILES };
+    let marks = if hundred {
+        CIFAR100_FILES
+    } else {
+        CIFAR10_FILES
+    };
     let dir = find_dir(dir, marks).ok_or_else(|| Error::BadData {
         path: dir.to_path_buf(),
         reason: format!("no {} found", marks.join(" or ")),

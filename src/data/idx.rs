@@ -177,7 +177,12 @@ pub fn open(dir: &Path) -> Result<Splits> {
     let [ti, tl, vi, vl] = find_files(dir)?;
     let train = read_pair(&ti, &tl)?;
     let val = read_pair(&vi, &vl)?;
-    let n_classes = train.labels.iter().chain(&val.labels).max().map_or(0, |m| m + 1);
+    let n_classes = train
+        .labels
+        .iter()
+        .chain(&val.labels)
+        .max()
+        .map_or(0, |m| m + 1);
     let fashion = dir.to_string_lossy().to_lowercase().contains("fashion");
     let classes = (0..n_classes)
         .map(|c| {
@@ -208,10 +213,20 @@ mod tests {
     fn rejects_wrong_magic_and_length() {
         let p = Path::new("x");
         let mut b = vec![0, 0, 8, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3, 4];
-        assert!(parse_images(&b, p).unwrap_err().to_string().contains("magic"));
+        assert!(
+            parse_images(&b, p)
+                .unwrap_err()
+                .to_string()
+                .contains("magic")
+        );
         b[3] = 3;
         assert_eq!(parse_images(&b, p).unwrap().3, vec![1, 2, 3, 4]);
         b.pop();
-        assert!(parse_images(&b, p).unwrap_err().to_string().contains("bytes"));
+        assert!(
+            parse_images(&b, p)
+                .unwrap_err()
+                .to_string()
+                .contains("bytes")
+        );
     }
 }

@@ -120,9 +120,8 @@ impl Loader {
         let pool = self.pool.clone();
         let handle = std::thread::spawn(move || {
             for chunk in order.chunks(config.batch_size).take(nb) {
-                let batch = pool.install(|| {
-                    make_batch(data.as_ref(), &transform, &config, epoch, chunk)
-                });
+                let batch =
+                    pool.install(|| make_batch(data.as_ref(), &transform, &config, epoch, chunk));
                 let stop = batch.is_err();
                 if tx.send(batch).is_err() || stop {
                     return;

@@ -9,7 +9,10 @@ use rand_chacha::ChaCha8Rng;
 pub fn mix_seed(parts: &[u64]) -> u64 {
     let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
     for &p in parts {
-        h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(h << 6).wrapping_add(h >> 2);
+        h ^= p
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
         h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         h ^= h >> 31;
@@ -34,7 +37,11 @@ fn shuffled_by_class(labels: &[usize], seed: u64) -> Vec<Vec<usize>> {
 /// Splits `0..labels.len()` into (train, val) with `round(n_c * val_fraction)` validation samples
 /// from every class `c` (at least one when the class has two or more samples and the fraction
 /// is positive). Both lists are sorted.
-pub fn stratified_split(labels: &[usize], val_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+pub fn stratified_split(
+    labels: &[usize],
+    val_fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
     let mut train = Vec::new();
     let mut val = Vec::new();
     for list in shuffled_by_class(labels, seed) {
@@ -88,7 +95,10 @@ mod tests {
         for c in 0..10 {
             assert_eq!(val.iter().filter(|&&i| labels[i] == c).count(), 20);
         }
-        assert_eq!(stratified_split(&labels, 0.2, 7), (train.clone(), val.clone()));
+        assert_eq!(
+            stratified_split(&labels, 0.2, 7),
+            (train.clone(), val.clone())
+        );
         assert_ne!(stratified_split(&labels, 0.2, 8).1, val);
         let mut all: Vec<usize> = train.iter().chain(val.iter()).copied().collect();
         all.sort_unstable();

@@ -77,7 +77,12 @@ impl Transform {
             flip = self.augment.hflip > 0.0 && rng.random_bool(self.augment.hflip.min(1.0));
         }
         let scale: Vec<f32> = self.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
-        let shift: Vec<f32> = self.mean.iter().zip(&self.std).map(|(m, s)| m / s).collect();
+        let shift: Vec<f32> = self
+            .mean
+            .iter()
+            .zip(&self.std)
+            .map(|(m, s)| m / s)
+            .collect();
         for y in 0..s {
             let sy = y as isize + dy;
             for x in 0..s {
@@ -104,9 +109,15 @@ pub fn fit(img: RawImage, size: usize) -> RawImage {
     }
     let (w, h) = (img.width, img.height);
     let (nw, nh) = if w <= h {
-        (size, ((h * size) as f64 / w as f64).round().max(size as f64) as usize)
+        (
+            size,
+            ((h * size) as f64 / w as f64).round().max(size as f64) as usize,
+        )
     } else {
-        (((w * size) as f64 / h as f64).round().max(size as f64) as usize, size)
+        (
+            ((w * size) as f64 / h as f64).round().max(size as f64) as usize,
+            size,
+        )
     };
     let resized: Vec<u8> = if img.channels == 1 {
         let buf = image::GrayImage::from_raw(w as u32, h as u32, img.pixels).expect("sized");

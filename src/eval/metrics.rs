@@ -128,7 +128,10 @@ mod tests {
         let r = a.finish(&names);
         assert_eq!(r.top1, 0.5);
         assert_eq!(r.top5, 1.0);
-        assert_eq!(r.confusion, vec![vec![1, 1, 0], vec![1, 0, 0], vec![0, 0, 1]]);
+        assert_eq!(
+            r.confusion,
+            vec![vec![1, 1, 0], vec![1, 0, 0], vec![0, 0, 1]]
+        );
         assert_eq!(r.per_class[0].accuracy, 0.5);
         assert_eq!(r.per_class[1].count, 1);
         assert_eq!(rank_of(&[0.2, 0.7, 0.1], 2), 2);

@@ -29,18 +29,18 @@ pub fn logits(model: &Model, batch: &Batch, device: &Device) -> Vec<f32> {
 }
 
 /// Evaluates `model` (eval mode, no autodiff) over every batch of `loader`. Returns the report
-/// and how many images were skipped as undecodable.
+/// and the images skipped as undecodable, as `(source, reason)`.
 pub fn evaluate(
     model: &Model,
     loader: &Loader,
     classes: &[String],
     device: &Device,
-) -> Result<(EvalReport, usize)> {
+) -> Result<(EvalReport, Vec<(String, String)>)> {
     let mut acc = Accumulator::new(classes.len());
-    let mut skipped = 0;
+    let mut skipped = Vec::new();
     for batch in loader.epoch(0) {
-        let batch = batch?;
-        skipped += batch.skipped.len();
+        let mut batch = batch?;
+        skipped.append(&mut batch.skipped);
         if batch.is_empty() {
             continue;
         }

@@ -69,7 +69,8 @@ impl ModelName {
         }
     }
 
-    fn plan(self) -> &'static str {
+    /// The default layer plan of a `convnet`-family model.
+    pub fn plan(self) -> &'static str {
         match self {
             ModelName::ConvnetSmall => "32,32,M,64,64,M,128",
             ModelName::BenchVgg => "64,64,M,128,128,M,256,256,M",
@@ -103,6 +104,10 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Batch norm after every convolution.
     pub batch_norm: bool,
+    /// Layer plan of the `convnet` family in VGG notation (`"32,M,64,64,M,128"`: numbers are
+    /// 3x3 conv widths, `M` a pool); absent = the model's own. Ablations remove or widen
+    /// layers through it.
+    pub plan: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -116,6 +121,7 @@ impl Default for ModelConfig {
             overlapping_pool: false,
             dropout: 0.0,
             batch_norm: true,
+            plan: None,
         }
     }
 }
@@ -129,6 +135,11 @@ impl ModelConfig {
         })
     }
 
+    /// The layer plan in effect.
+    pub fn plan(&self) -> &str {
+        self.plan.as_deref().unwrap_or(self.name.plan())
+    }
+
     /// Checks the values make a buildable model.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, reason: String| Error::Recipe {
@@ -137,23 +148,35 @@ impl ModelConfig {
             reason,
         };
         if self.num_classes < 2 {
-            return Err(bad("num_classes", format!("{} (need at least 2)", self.num_classes)));
+            return Err(bad(
+                "num_classes",
+                format!("{} (need at least 2)", self.num_classes),
+            ));
         }
         if ![1, 3].contains(&self.in_channels) {
-            return Err(bad("in_channels", format!("{} (must be 1 or 3)", self.in_channels)));
+            return Err(bad(
+                "in_channels",
+                format!("{} (must be 1 or 3)", self.in_channels),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad("dropout", format!("{} (must be in [0, 1))", self.dropout)));
+            return Err(bad(
+                "dropout",
+                format!("{} (must be in [0, 1))", self.dropout),
+            ));
         }
-        let pools = parse_plan(self.name.plan())
-            .map_err(|e| bad("name", e))?
+        let pools = parse_plan(self.plan())
+            .map_err(|e| bad("plan", e))?
             .iter()
             .filter(|p| **p == Plan::Pool)
             .count();
         if self.input_size < (1 << pools) {
             return Err(bad(
                 "input_size",
-                format!("{} is too small for {} pooling stages", self.input_size, pools),
+                format!(
+                    "{} is too small for {} pooling stages",
+                    self.input_size, pools
+                ),
             ));
         }
         Ok(())
@@ -162,7 +185,7 @@ impl ModelConfig {
     /// Builds the model with freshly initialised weights on `device`.
     pub fn build(&self, device: &Device) -> Result<Model> {
         self.validate()?;
-        let cfg = ConvNetConfig::new(self.name.plan().to_string(), self.num_classes)
+        let cfg = ConvNetConfig::new(self.plan().to_string(), self.num_classes)
             .with_in_channels(self.in_channels)
             .with_batch_norm(self.batch_norm)
             .with_pool(self.pool)
@@ -173,7 +196,7 @@ impl ModelConfig {
 
     /// Multiply-adds x 2 of one forward pass at the configured input size, from layer shapes.
     pub fn flops(&self) -> f64 {
-        let plan = parse_plan(self.name.plan()).unwrap_or_default();
+        let plan = parse_plan(self.plan()).unwrap_or_default();
         let (mut c, mut s, mut flops) = (self.in_channels.max(1), self.input_size, 0f64);
         for p in plan {
             match p {
@@ -186,6 +209,35 @@ impl ModelConfig {
         }
         flops + 2.0 * (c * self.num_classes.max(1)) as f64
     }
+}
+
+/// Learnable parameters of a module, as PyTorch's `sum(p.numel() for p in m.parameters())`:
+/// batch-norm running statistics are buffers, not parameters, and are not counted.
+pub fn param_count<M: Module>(module: &M) -> usize {
+    struct Count {
+        path: Vec<String>,
+        n: usize,
+    }
+    impl burn::module::ModuleVisitor for Count {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+            let last = self.path.last().map(String::as_str).unwrap_or("");
+            if last != "running_mean" && last != "running_var" {
+                self.n += p.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut c = Count {
+        path: Vec::new(),
+        n: 0,
+    };
+    module.visit(&mut c);
+    c.n
 }
 
 /// Any registered model.

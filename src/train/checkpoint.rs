@@ -37,7 +37,10 @@ impl HostTensor {
     }
 
     pub fn to_tensor<const D: usize>(&self, device: &Device) -> Tensor<D> {
-        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
+        Tensor::from_data(
+            TensorData::new(self.data.clone(), self.shape.clone()),
+            device,
+        )
     }
 }
 
@@ -114,7 +117,8 @@ impl ModuleMapper for Apply<'_> {
             }
             None => {
                 if !self.partial {
-                    self.problems.push(format!("`{key}` is missing from the checkpoint"));
+                    self.problems
+                        .push(format!("`{key}` is missing from the checkpoint"));
                 }
                 tensor
             }
@@ -125,7 +129,12 @@ impl ModuleMapper for Apply<'_> {
 
 /// Loads `tensors` into `module`. Strict: every tensor must be present with the right shape,
 /// and no checkpoint tensor may be left over; otherwise the error lists the first problems.
-pub fn load_module<M: Module>(module: M, tensors: &TensorMap, path: &Path, model: &str) -> Result<M> {
+pub fn load_module<M: Module>(
+    module: M,
+    tensors: &TensorMap,
+    path: &Path,
+    model: &str,
+) -> Result<M> {
     let mut a = Apply {
         path: Vec::new(),
         tensors,
@@ -136,12 +145,19 @@ pub fn load_module<M: Module>(module: M, tensors: &TensorMap, path: &Path, model
     let module = module.map(&mut a);
     let extra: Vec<&String> = tensors.keys().filter(|k| !a.copied.contains(k)).collect();
     if a.problems.is_empty() && !extra.is_empty() {
-        a.problems
-            .push(format!("`{}` is in the checkpoint but not in the model", extra[0]));
+        a.problems.push(format!(
+            "`{}` is in the checkpoint but not in the model",
+            extra[0]
+        ));
     }
     if !a.problems.is_empty() {
         let n = a.problems.len();
-        let mut reason = a.problems.into_iter().take(3).collect::<Vec<_>>().join("; ");
+        let mut reason = a
+            .problems
+            .into_iter()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("; ");
         if n > 3 {
             reason.push_str(&format!("; and {} more", n - 3));
         }
@@ -168,7 +184,11 @@ pub fn load_matching<M: Module>(module: M, tensors: &TensorMap) -> (M, Vec<Strin
 }
 
 /// Writes tensor groups (`prefix/name` keys) and string metadata to `path` atomically.
-pub fn save(path: &Path, groups: &[(&str, &TensorMap)], meta: HashMap<String, String>) -> Result<()> {
+pub fn save(
+    path: &Path,
+    groups: &[(&str, &TensorMap)],
+    meta: HashMap<String, String>,
+) -> Result<()> {
     let mut bytes: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
     for (prefix, map) in groups {
         for (k, t) in map.iter() {
@@ -185,8 +205,12 @@ pub fn save(path: &Path, groups: &[(&str, &TensorMap)], meta: HashMap<String, St
             )
         })
         .collect();
-    let out = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::Invalid(format!("{}: cannot serialise checkpoint: {e}", path.display())))?;
+    let out = safetensors::serialize(views, Some(meta)).map_err(|e| {
+        Error::Invalid(format!(
+            "{}: cannot serialise checkpoint: {e}",
+            path.display()
+        ))
+    })?;
     write_atomic(path, &out)
 }
 
@@ -214,7 +238,10 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let mut groups: HashMap<String, TensorMap> = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+            return Err(bad(format!(
+                "tensor `{name}` is {:?}, expected F32",
+                view.dtype()
+            )));
         }
         let data: Vec<f32> = view
             .data()

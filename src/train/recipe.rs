@@ -226,7 +226,11 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> std::result::Result<(), String> {
+fn set_path(
+    table: &mut toml::Table,
+    key: &str,
+    value: toml::Value,
+) -> std::result::Result<(), String> {
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().filter(|s| !s.is_empty()).ok_or("empty key")?;
     let mut t = table;
@@ -285,7 +289,11 @@ impl Recipe {
                 .strip_prefix("unknown field `")
                 .and_then(|r| r.split('`').next())
             {
-                key = if key == "." { name.to_string() } else { format!("{key}.{name}") };
+                key = if key == "." {
+                    name.to_string()
+                } else {
+                    format!("{key}.{name}")
+                };
             }
             let origin = overrides
                 .iter()
@@ -399,6 +407,9 @@ mod tests {
         let e = Recipe::resolve(None, &[Override::parse("model.name=resnet9000").unwrap()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("model.name") && e.contains("convnet_small"), "{e}");
+        assert!(
+            e.contains("model.name") && e.contains("convnet_small"),
+            "{e}"
+        );
     }
 }

@@ -11,7 +11,8 @@ use super::recipe::{ScheduleConfig, ScheduleKind};
 pub fn lr_at(cfg: &ScheduleConfig, peak: f64, step: usize, total: usize, per_epoch: usize) -> f64 {
     let warm = (cfg.warmup_epochs * per_epoch as f64).round() as usize;
     if step < warm {
-        let f = cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step as f64 / warm as f64;
+        let f =
+            cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step as f64 / warm as f64;
         return peak * f;
     }
     match cfg.kind {

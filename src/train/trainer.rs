@@ -82,7 +82,8 @@ pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
     }
     m.validate()?;
     if recipe.data.mean.is_none() || recipe.data.std.is_none() {
-        let (mean, std) = channel_stats(splits.train.as_ref(), m.in_channels, m.input_size, 10_000)?;
+        let (mean, std) =
+            channel_stats(splits.train.as_ref(), m.in_channels, m.input_size, 10_000)?;
         recipe.data.mean = Some(mean);
         recipe.data.std = Some(std);
     }
@@ -188,9 +189,15 @@ pub fn train(
     if opts.resume {
         let path = run.checkpoint("last");
         let ck = checkpoint::load(&path)?;
-        model = checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())?;
+        model =
+            checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())?;
         sgd.load_state(&ck.group("optim"), &eval_device);
-        let num = |k: &str| ck.meta.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let num = |k: &str| {
+            ck.meta
+                .get(k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         p = Progress {
             epochs_done: num("epoch") as usize,
             best_top1: num("best_val_top1"),
@@ -200,7 +207,11 @@ pub fn train(
         };
         history = run.read_metrics()?;
         history.truncate(p.epochs_done);
-        rep.message(&format!("resuming {} after epoch {}", run.path.display(), p.epochs_done));
+        rep.message(&format!(
+            "resuming {} after epoch {}",
+            run.path.display(),
+            p.epochs_done
+        ));
     }
 
     let train_loader = loader(&recipe, splits.train.clone(), true)?;
@@ -209,7 +220,7 @@ pub fn train(
     let total_steps = per_epoch * recipe.epochs;
     let peak = recipe.optim.scaled_lr(recipe.batch_size);
     let k = recipe.model.num_classes;
-    let params = model.num_params();
+    let params = crate::models::param_count(&model);
     rep.message(&format!(
         "{}: {params} parameters, input {}x{}x{}; {} train / {} {} images, {} classes; \
          lr {} x {}/{} = {peak}",
@@ -226,7 +237,10 @@ pub fn train(
         recipe.optim.base_batch_size,
     ));
 
-    let last_epoch = opts.stop_after_epoch.unwrap_or(recipe.epochs).min(recipe.epochs);
+    let last_epoch = opts
+        .stop_after_epoch
+        .unwrap_or(recipe.epochs)
+        .min(recipe.epochs);
     for epoch in p.epochs_done + 1..=last_epoch {
         let start = Instant::now();
         // Dropout masks come from the device generator; reseeding per epoch makes a resumed
@@ -266,7 +280,12 @@ pub fn train(
                     run: run.path.clone(),
                 });
             }
-            let host: Vec<f32> = logits.inner().into_data().convert::<f32>().try_to_vec().expect("f32");
+            let host: Vec<f32> = logits
+                .inner()
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec()
+                .expect("f32");
             correct += host
                 .chunks_exact(k)
                 .zip(&batch.labels)
@@ -280,7 +299,10 @@ pub fn train(
         let train_secs = start.elapsed().as_secs_f64();
         let eval_model = model.valid();
         let (report, skipped) = evaluate(&eval_model, &val_loader, &splits.classes, &eval_device)?;
-        p.skipped += skipped;
+        p.skipped += skipped.len();
+        for (src, why) in &skipped {
+            rep.message(&format!("skipped {src}: {why}"));
+        }
         let seconds = start.elapsed().as_secs_f64();
         let m = EpochMetrics {
             epoch,
@@ -310,7 +332,10 @@ pub fn train(
         rep.epoch_end(&m);
     }
 
-    let last = history.last().cloned().ok_or_else(|| Error::Invalid("no epoch was run".into()))?;
+    let last = history
+        .last()
+        .cloned()
+        .ok_or_else(|| Error::Invalid("no epoch was run".into()))?;
     let summary = Summary {
         model: recipe.model.name.to_string(),
         params,

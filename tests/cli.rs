@@ -1,0 +1,361 @@
+//! The `convlab` command end to end on tiny generated data: train one epoch on a subset, then
+//! evaluate and predict with the run folder; and the error paths a user meets.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use assert_cmd::Command;
+use common::*;
+
+fn convlab() -> Command {
+    let mut c = Command::cargo_bin("convlab").unwrap();
+    c.env("RAYON_NUM_THREADS", "2");
+    c
+}
+
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "command failed\nstdout:\n{out}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn fails(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "command should fail; stderr: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    err
+}
+
+const TINY: &[&str] = &[
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--set",
+    "data.limit_train=160",
+    "--set",
+    "data.limit_val=64",
+];
+
+fn train_tiny(out: &Path, extra: &[&str]) -> Output {
+    convlab()
+        .arg("train")
+        .args(TINY)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn train_eval_predict_on_builtin_subset() {
+    let d = tmp();
+    let run = d.path().join("run");
+    let out = ok(&train_tiny(&run, &[]));
+    assert!(out.contains("epoch   1/1"), "{out}");
+    for f in [
+        "recipe.toml",
+        "classes.json",
+        "metrics.jsonl",
+        "summary.json",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    assert!(run.join("checkpoints/last.safetensors").is_file());
+    assert!(run.join("checkpoints/best.safetensors").is_file());
+
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let mut keys: Vec<&str> = line
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "epoch",
+            "images_per_sec",
+            "lr",
+            "seconds",
+            "train_loss",
+            "train_top1",
+            "val_loss",
+            "val_top1",
+            "val_top5"
+        ]
+    );
+    let top1 = line["val_top1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    for k in [
+        "model",
+        "params",
+        "epochs",
+        "best_val_top1",
+        "final_val_top1",
+        "final_val_top5",
+        "seconds",
+    ] {
+        assert!(summary.get(k).is_some(), "summary lacks {k}");
+    }
+
+    // eval --json: top-5 >= top-1, the confusion matrix counts every evaluated image.
+    let o = convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let (t1, t5) = (v["top1"].as_f64().unwrap(), v["top5"].as_f64().unwrap());
+    assert!(t5 >= t1);
+    let total: u64 = v["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
+        .sum();
+    assert_eq!(total, 64);
+    assert_eq!(v["per_class"].as_array().unwrap().len(), 10);
+    assert!(v["per_class"][0]["class"].as_str().unwrap() == "T-shirt/top");
+    // The evaluation reproduces the last epoch's validation numbers exactly.
+    assert!((t1 - top1).abs() < 1e-9, "{t1} vs {top1}");
+
+    // Readable table.
+    let o = convlab()
+        .args(["eval", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let text = ok(&o);
+    assert!(
+        text.contains("confusion matrix") && text.contains("Ankle boot"),
+        "{text}"
+    );
+
+    // predict: top-5 names with probabilities for an image file.
+    let img = d.path().join("shoe.png");
+    image::GrayImage::from_fn(28, 28, |x, _| image::Luma([(x * 9) as u8]))
+        .save(&img)
+        .unwrap();
+    let rgb = d.path().join("big.jpg");
+    class_rgb(0, 120, 80, 1).save(&rgb).unwrap();
+    let o = convlab()
+        .args(["predict", "--json", "--run"])
+        .arg(&run)
+        .arg(&img)
+        .arg(&rgb)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let top = v[0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    let p: Vec<f64> = top
+        .iter()
+        .map(|g| g["probability"].as_f64().unwrap())
+        .collect();
+    assert!(p.windows(2).all(|w| w[0] >= w[1]) && p.iter().sum::<f64>() <= 1.0 + 1e-6);
+
+    let e = fails(
+        &convlab()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg(d.path().join("nope.png"))
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("nope.png"), "{e}");
+
+    // A checkpoint that does not fit the model: clear error naming the checkpoint.
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    std::fs::write(
+        run.join("recipe.toml"),
+        recipe.replace("name = \"convnet_small\"", "name = \"bench-vgg\""),
+    )
+    .unwrap();
+    let e = fails(
+        &convlab()
+            .args(["eval", "--run"])
+            .arg(&run)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        e.contains("best.safetensors") && e.contains("does not fit"),
+        "{e}"
+    );
+}
+
+#[test]
+fn image_folder_of_varied_photos_trains_and_evaluates() {
+    let d = tmp();
+    let data = d.path().join("photos");
+    write_image_folder(&data, &["red", "green", "blue"], 12);
+    std::fs::write(data.join("red/corrupt.jpg"), b"garbage").unwrap();
+    let run = d.path().join("run");
+    // Without --skip-bad-images the corrupt file stops training, by path, and no summary is
+    // written.
+    let o = convlab()
+        .args(["train", "--epochs", "1", "--batch-size", "8", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(e.contains("corrupt.jpg"), "{e}");
+    assert!(!run.join("summary.json").exists());
+
+    let o = convlab()
+        .args([
+            "train",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--skip-bad-images",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    assert!(
+        out.contains("skipped") && out.contains("corrupt.jpg"),
+        "{out}"
+    );
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(
+        recipe.contains("in_channels = 3") && recipe.contains("input_size = 28"),
+        "{recipe}"
+    );
+    let o = convlab()
+        .args(["eval", "--json", "--checkpoint", "last", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["per_class"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn cifar_and_idx_data_train() {
+    let d = tmp();
+    let cifar = d.path().join("cifar");
+    std::fs::create_dir_all(&cifar).unwrap();
+    write_cifar10(&cifar, 12);
+    let run = d.path().join("run");
+    let o = convlab()
+        .args(["train", "--epochs", "1", "--batch-size", "16", "--data"])
+        .arg(&cifar)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    ok(&o);
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(recipe.contains("input_size = 32") && recipe.contains("in_channels = 3"));
+
+    let idx = d.path().join("fashion");
+    std::fs::create_dir_all(&idx).unwrap();
+    write_idx(&idx, "train", 64, 28, true);
+    write_idx(&idx, "t10k", 32, 28, true);
+    let o = convlab()
+        .args([
+            "train",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--data-format",
+            "idx",
+            "--data",
+        ])
+        .arg(&idx)
+        .arg("--out")
+        .arg(d.path().join("run2"))
+        .output()
+        .unwrap();
+    ok(&o);
+}
+
+#[test]
+fn bad_input_gives_one_clear_error() {
+    let d = tmp();
+    let out = d.path().join("r");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--data".into(), "/definitely/not/here".into()],
+            "/definitely/not/here",
+        ),
+        (vec!["--model".into(), "resnet9000".into()], "convnet_small"),
+        (vec!["--set".into(), "optim.lrr=0.1".into()], "optim.lrr"),
+        (vec!["--set".into(), "epochs=\"ten\"".into()], "epochs"),
+        (vec!["--lr=-1".into()], "optim.lr"),
+        (vec!["--device".into(), "tpu".into()], "tpu"),
+    ];
+    for (args, needle) in cases {
+        let o = convlab()
+            .arg("train")
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let e = fails(&o);
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+    let recipe = d.path().join("bad.toml");
+    std::fs::write(&recipe, "[optim]\nmomentum = \"high\"\n").unwrap();
+    let e = fails(
+        &convlab()
+            .args(["train", "--recipe"])
+            .arg(&recipe)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        e.contains("optim.momentum") && e.contains("bad.toml"),
+        "{e}"
+    );
+    // A bad flag is clap's usage error (exit 2).
+    let o = convlab().args(["train", "--epochz", "3"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    // Not a run folder.
+    let e = fails(
+        &convlab()
+            .args(["eval", "--run"])
+            .arg(d.path())
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("recipe.toml"), "{e}");
+}
+
+#[test]
+fn writing_into_an_unwritable_place_fails_cleanly() {
+    let o = convlab()
+        .arg("train")
+        .args(TINY)
+        .args(["--out", "/proc/convlab-cannot-write-here"])
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(e.contains("/proc/convlab-cannot-write-here"), "{e}");
+}

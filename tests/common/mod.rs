@@ -1,0 +1,135 @@
+//! Tiny datasets written in the exact real on-disk formats.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+
+/// Writes IDX image + label files (`prefix-images-idx3-ubyte[.gz]`) with `n` images of
+/// `side x side`, pixel value depending on label so the data is learnable.
+pub fn write_idx(dir: &Path, prefix: &str, n: usize, side: usize, gz: bool) -> Vec<u8> {
+    let mut img = vec![0, 0, 8, 3];
+    img.extend((n as u32).to_be_bytes());
+    img.extend((side as u32).to_be_bytes());
+    img.extend((side as u32).to_be_bytes());
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend((n as u32).to_be_bytes());
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let l = (i % 10) as u8;
+        labels.push(l);
+        lab.push(l);
+        for p in 0..side * side {
+            img.push(((l as usize * 25 + p) % 256) as u8);
+        }
+    }
+    let ext = if gz { ".gz" } else { "" };
+    write(
+        &dir.join(format!("{prefix}-images-idx3-ubyte{ext}")),
+        &img,
+        gz,
+    );
+    write(
+        &dir.join(format!("{prefix}-labels-idx1-ubyte{ext}")),
+        &lab,
+        gz,
+    );
+    labels
+}
+
+fn write(path: &Path, bytes: &[u8], gz: bool) {
+    if gz {
+        let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+        e.write_all(bytes).unwrap();
+        std::fs::write(path, e.finish().unwrap()).unwrap();
+    } else {
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+/// One CIFAR record: `label_bytes` labels then R, G, B planes of 32x32.
+pub fn cifar_record(labels: &[u8], rgb: [u8; 3]) -> Vec<u8> {
+    let mut r = labels.to_vec();
+    for c in rgb {
+        r.extend(std::iter::repeat_n(c, 1024));
+    }
+    r
+}
+
+/// A CIFAR-10 directory with 5 train batches of `per_batch` records and a test batch.
+pub fn write_cifar10(dir: &Path, per_batch: usize) {
+    for b in 1..=5 {
+        let mut bytes = Vec::new();
+        for i in 0..per_batch {
+            let l = ((b + i) % 10) as u8;
+            bytes.extend(cifar_record(&[l], [l * 20, 255 - l * 20, 7]));
+        }
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), bytes).unwrap();
+    }
+    let mut bytes = Vec::new();
+    for i in 0..per_batch {
+        let l = (i % 10) as u8;
+        bytes.extend(cifar_record(&[l], [l * 20, 255 - l * 20, 7]));
+    }
+    std::fs::write(dir.join("test_batch.bin"), bytes).unwrap();
+}
+
+/// An image of `w x h` whose colour depends on `class` (learnable), with some noise.
+pub fn class_rgb(class: usize, w: u32, h: u32, seed: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let n = ((x * 7 + y * 13 + seed * 31) % 40) as u8;
+        match class % 3 {
+            0 => image::Rgb([200 + n / 2, 30 + n, 30]),
+            1 => image::Rgb([30, 200 + n / 2, 30 + n]),
+            _ => image::Rgb([30 + n, 30, 200 + n / 2]),
+        }
+    })
+}
+
+/// An ImageFolder `root/<class>/*.{png,jpg}` with `per_class` images in each of `classes`
+/// classes, of varied sizes and modes.
+pub fn write_image_folder(root: &Path, classes: &[&str], per_class: usize) {
+    for (c, name) in classes.iter().enumerate() {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..per_class {
+            let (w, h) = (20 + (i as u32 * 7) % 30, 18 + (i as u32 * 11) % 40);
+            let img = class_rgb(c, w, h, i as u32);
+            let path = d.join(format!("{i:03}.{}", if i % 2 == 0 { "png" } else { "jpg" }));
+            img.save(&path).unwrap();
+        }
+    }
+}
+
+/// Writes a PNG in palette (indexed) mode.
+pub fn write_palette_png(path: &Path, w: u32, h: u32) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w, h);
+    enc.set_color(png::ColorType::Indexed);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_palette(vec![255, 0, 0, 0, 255, 0, 0, 0, 255]);
+    let mut wr = enc.write_header().unwrap();
+    let data: Vec<u8> = (0..w * h).map(|i| (i % 3) as u8).collect();
+    wr.write_image_data(&data).unwrap();
+}
+
+/// Writes a CMYK JPEG.
+pub fn write_cmyk_jpeg(path: &Path, w: u16, h: u16) {
+    let data: Vec<u8> = (0..w as usize * h as usize)
+        .flat_map(|i| [(i % 200) as u8, 40, 90, 10])
+        .collect();
+    let enc = jpeg_encoder::Encoder::new_file(path, 90).unwrap();
+    enc.encode(&data, w, h, jpeg_encoder::ColorType::Cmyk)
+        .unwrap();
+}
+
+/// A temporary directory path helper.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn p(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
+    dir.path().join(rel)
+}

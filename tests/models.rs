@@ -1,0 +1,128 @@
+//! Runs over every registered model: output shape, no NaN, one backward pass reaches every
+//! trainable parameter, `with_classes`, named feature maps, and config round trip through TOML.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use convlab::models::{ModelConfig, ModelName};
+
+struct Trainable {
+    path: Vec<String>,
+    params: Vec<(String, burn::module::ParamId, usize)>,
+}
+
+impl ModuleVisitor for Trainable {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        if p.val().is_require_grad() {
+            self.params.push((self.path.join("."), p.id, D));
+        }
+    }
+}
+
+fn has_grad(g: &GradientsParams, id: burn::module::ParamId, rank: usize) -> bool {
+    match rank {
+        1 => g.get::<1>(id).is_some(),
+        2 => g.get::<2>(id).is_some(),
+        4 => g.get::<4>(id).is_some(),
+        r => panic!("unexpected rank {r}"),
+    }
+}
+
+#[test]
+fn every_registered_model() {
+    let device = Device::flex().autodiff();
+    device.seed(1);
+    for &name in ModelName::ALL {
+        let cfg = ModelConfig {
+            name,
+            num_classes: 7,
+            in_channels: 3,
+            input_size: name.default_input_size(),
+            ..Default::default()
+        };
+        let model = cfg.build(&device).unwrap();
+        assert_eq!(model.num_classes(), 7, "{name}");
+        let s = cfg.input_size;
+        let x = Tensor::<4>::random(
+            [2, 3, s, s],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let y = model.forward(x.clone());
+        assert_eq!(y.dims(), [2, 7], "{name}");
+        let host: Vec<f32> = y.clone().into_data().convert::<f32>().try_to_vec().unwrap();
+        assert!(
+            host.iter().all(|v| v.is_finite()),
+            "{name}: non-finite output"
+        );
+
+        let grads = GradientsParams::from_grads(y.sum().backward(), &model);
+        let mut v = Trainable {
+            path: vec![],
+            params: vec![],
+        };
+        model.visit(&mut v);
+        assert!(!v.params.is_empty());
+        for (path, id, rank) in &v.params {
+            assert!(
+                has_grad(&grads, *id, *rank),
+                "{name}: no gradient for {path}"
+            );
+        }
+
+        let maps = model.feature_maps(x.clone(), &[]).unwrap();
+        assert!(maps.len() >= 2, "{name}");
+        let last = maps
+            .iter()
+            .rev()
+            .find(|(n, _)| n.starts_with("conv") || n.starts_with("pool"))
+            .unwrap();
+        assert_eq!(last.1.dims(), model.forward_features(x.clone()).dims());
+        let e = model
+            .feature_maps(x.clone(), &["nope".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conv1"), "{e}");
+
+        let m42 = model.with_classes(42, &device);
+        assert_eq!(m42.forward(x).dims(), [2, 42]);
+        assert_eq!(m42.num_classes(), 42);
+
+        let text = toml::to_string(&cfg).unwrap();
+        let back: ModelConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, cfg);
+    }
+}
+
+#[test]
+fn unknown_model_lists_known_names() {
+    let e = ModelConfig::from_name("vgg9000").unwrap_err().to_string();
+    for &n in ModelName::ALL {
+        assert!(e.contains(n.as_str()), "{e}");
+    }
+}
+
+#[test]
+fn bench_vgg_matches_the_peer_network() {
+    // 64-64-M-128-128-M-256-256-M with BN, GAP, linear to 10 on 3x32x32:
+    // convs (no bias under BN): 9 * (3*64 + 64*64 + 64*128 + 128*128 + 128*256 + 256*256)
+    //   = 1,144,512
+    // BN (gamma, beta): 2*(64+64+128+128+256+256) = 1,792; linear 256*10 + 10 = 2,570.
+    let cfg = ModelConfig {
+        name: ModelName::BenchVgg,
+        num_classes: 10,
+        in_channels: 3,
+        input_size: 32,
+        ..Default::default()
+    };
+    let m = cfg.build(&Device::flex()).unwrap();
+    assert_eq!(convlab::models::param_count(&m), 1_144_512 + 1_792 + 2_570);
+    // Burn's num_params also counts the BN running mean and variance (another 1,792).
+    assert_eq!(m.num_params(), 1_144_512 + 1_792 + 2_570 + 1_792);
+}
