@@ -359,3 +359,49 @@ fn writing_into_an_unwritable_place_fails_cleanly() {
     let e = fails(&o);
     assert!(e.contains("/proc/convlab-cannot-write-here"), "{e}");
 }
+
+#[test]
+fn stop_and_resume_equals_an_uninterrupted_run() {
+    let d = tmp();
+    let args = [
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--set",
+        "data.limit_train=128",
+        "--set",
+        "data.limit_val=64",
+        "--set",
+        "model.dropout=0.3",
+        "--set",
+        "augment.crop_padding=2",
+    ];
+    let full = d.path().join("full");
+    ok(&convlab().arg("train").args(args).arg("--out").arg(&full).output().unwrap());
+    let part = d.path().join("part");
+    ok(&convlab()
+        .arg("train")
+        .args(args)
+        .args(["--stop-after-epoch", "1", "--out"])
+        .arg(&part)
+        .output()
+        .unwrap());
+    assert!(!part.join("summary.json").exists(), "a stopped run must not claim success");
+    ok(&convlab().arg("train").arg("--resume").arg(&part).output().unwrap());
+    let strip = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("seconds");
+                o.remove("images_per_sec");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&full), strip(&part));
+    assert!(part.join("summary.json").exists());
+}

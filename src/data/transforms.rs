@@ -28,7 +28,7 @@ pub struct Augment {
 impl Default for Augment {
     fn default() -> Self {
         Augment {
-            crop_padding: 2,
+            crop_padding: 0,
             hflip: 0.5,
         }
     }

@@ -18,7 +18,7 @@ use convnet::{ConvNet, ConvNetConfig, Plan, parse_plan};
 /// Every registered model, by its command-line name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ModelName {
-    /// Default: 5 conv3x3-BN-ReLU (32-32-M-64-64-M-128), GAP, linear. For 28-32 px input.
+    /// Default: 4 conv3x3-BN-ReLU (32-M-64-M-128-128), GAP, linear. For 28-32 px input.
     #[serde(rename = "convnet_small")]
     ConvnetSmall,
     /// The peer-comparison VGG: 64-64-M-128-128-M-256-256-M, BN, GAP, linear; 32x32 RGB.
@@ -72,7 +72,7 @@ impl ModelName {
     /// The default layer plan of a `convnet`-family model.
     pub fn plan(self) -> &'static str {
         match self {
-            ModelName::ConvnetSmall => "32,32,M,64,64,M,128",
+            ModelName::ConvnetSmall => "32,M,64,M,128,128",
             ModelName::BenchVgg => "64,64,M,128,128,M,256,256,M",
         }
     }

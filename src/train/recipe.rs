@@ -165,14 +165,16 @@ impl Default for Recipe {
     fn default() -> Self {
         Recipe {
             seed: 0,
-            epochs: 10,
-            batch_size: 128,
+            epochs: 15,
+            batch_size: 64,
             model: ModelConfig::default(),
             data: DataConfig::default(),
             augment: Augment::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
-            loss: LossConfig::default(),
+            loss: LossConfig {
+                label_smoothing: 0.1,
+            },
         }
     }
 }
@@ -387,6 +389,12 @@ mod tests {
         let text = r.to_toml().unwrap();
         std::fs::write(&f, text).unwrap();
         assert_eq!(Recipe::load_resolved(&f).unwrap(), r);
+    }
+
+    #[test]
+    fn shipped_default_recipe_is_the_built_in_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/default.toml");
+        assert_eq!(Recipe::resolve(Some(&path), &[]).unwrap(), Recipe::default());
     }
 
     #[test]
