@@ -378,7 +378,13 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
         "augment.crop_padding=2",
     ];
     let full = d.path().join("full");
-    ok(&convlab().arg("train").args(args).arg("--out").arg(&full).output().unwrap());
+    ok(&convlab()
+        .arg("train")
+        .args(args)
+        .arg("--out")
+        .arg(&full)
+        .output()
+        .unwrap());
     let part = d.path().join("part");
     ok(&convlab()
         .arg("train")
@@ -387,8 +393,16 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
         .arg(&part)
         .output()
         .unwrap());
-    assert!(!part.join("summary.json").exists(), "a stopped run must not claim success");
-    ok(&convlab().arg("train").arg("--resume").arg(&part).output().unwrap());
+    assert!(
+        !part.join("summary.json").exists(),
+        "a stopped run must not claim success"
+    );
+    ok(&convlab()
+        .arg("train")
+        .arg("--resume")
+        .arg(&part)
+        .output()
+        .unwrap());
     let strip = |p: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(p.join("metrics.jsonl"))
             .unwrap()

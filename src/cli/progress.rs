@@ -61,7 +61,7 @@ impl Reporter for Progress {
             None => {
                 // Plain output: a line at each quarter of the epoch, not one per batch.
                 let q = (self.batches / 4).max(1);
-                if done % q == 0 && done < self.batches {
+                if done.is_multiple_of(q) && done < self.batches {
                     println!(
                         "epoch {}/{} batch {done}/{} loss {loss:.4} {images_per_sec:.0} img/s",
                         self.epoch, self.epochs, self.batches

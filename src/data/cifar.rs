@@ -50,7 +50,7 @@ pub fn parse_records(
     path: &Path,
 ) -> Result<(Vec<u8>, Vec<usize>)> {
     let rec = label_bytes + 3072;
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         return Err(Error::BadData {
             path: path.to_path_buf(),
             reason: format!(

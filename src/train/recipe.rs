@@ -394,7 +394,10 @@ mod tests {
     #[test]
     fn shipped_default_recipe_is_the_built_in_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/default.toml");
-        assert_eq!(Recipe::resolve(Some(&path), &[]).unwrap(), Recipe::default());
+        assert_eq!(
+            Recipe::resolve(Some(&path), &[]).unwrap(),
+            Recipe::default()
+        );
     }
 
     #[test]

@@ -250,7 +250,6 @@ pub fn train(
         rep.epoch_start(epoch, recipe.epochs, per_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = peak;
-        let mut train_time = 0f64;
         for (i, batch) in train_loader.epoch(epoch - 1).enumerate() {
             let batch = batch?;
             p.skipped += batch.skipped.len();
@@ -260,7 +259,6 @@ pub fn train(
             if batch.is_empty() {
                 continue;
             }
-            let t0 = Instant::now();
             let step = (epoch - 1) * per_epoch + i;
             lr = lr_at(&recipe.schedule, peak, step, total_steps, per_epoch);
             let b = batch.len();
@@ -293,7 +291,6 @@ pub fn train(
                 .count();
             loss_sum += loss_v as f64 * b as f64;
             seen += b;
-            train_time += t0.elapsed().as_secs_f64();
             rep.batch(i + 1, loss_v, seen as f64 / start.elapsed().as_secs_f64());
         }
         let train_secs = start.elapsed().as_secs_f64();
@@ -315,7 +312,6 @@ pub fn train(
             images_per_sec: seen as f64 / train_secs.max(1e-9),
             seconds,
         };
-        let _ = train_time;
         p.epochs_done = epoch;
         p.seconds += seconds;
         let improved = m.val_top1 > p.best_top1;
