@@ -39,13 +39,9 @@ fn every_registered_model() {
     let device = Device::flex().autodiff();
     device.seed(1);
     for &name in ModelName::ALL {
-        let cfg = ModelConfig {
-            name,
-            num_classes: 7,
-            in_channels: 3,
-            input_size: name.default_input_size(),
-            ..Default::default()
-        };
+        // Full-size models at a small valid input keep the suite fast; their heads adapt.
+        let mut cfg = ModelConfig::for_model(name, 7, 3);
+        cfg.input_size = cfg.input_size.min(32);
         let model = cfg.build(&device).unwrap();
         assert_eq!(model.num_classes(), 7, "{name}");
         let s = cfg.input_size;
@@ -100,6 +96,27 @@ fn every_registered_model() {
     }
 }
 
+/// Parameter counts at 1000 classes and 3 input channels, from torchvision 0.2x:
+/// `sum(p.numel() for p in torchvision.models.<name>().parameters())`.
+#[test]
+fn parameter_counts_equal_torchvision() {
+    let expected = [
+        ("vgg11", 132_863_336),
+        ("vgg13", 133_047_848),
+        ("vgg16", 138_357_544),
+        ("vgg19", 143_667_240),
+        ("vgg11_bn", 132_868_840),
+        ("vgg16_bn", 138_365_992),
+        ("vgg19_bn", 143_678_248),
+    ];
+    let device = Device::flex();
+    for (name, want) in expected {
+        let cfg = ModelConfig::for_model(ModelName::from_name(name).unwrap(), 1000, 3);
+        let got = convlab::models::param_count(&cfg.build(&device).unwrap());
+        assert_eq!(got, want, "{name}");
+    }
+}
+
 #[test]
 fn unknown_model_lists_known_names() {
     let e = ModelConfig::from_name("vgg9000").unwrap_err().to_string();
@@ -114,13 +131,7 @@ fn bench_vgg_matches_the_peer_network() {
     // convs (no bias under BN): 9 * (3*64 + 64*64 + 64*128 + 128*128 + 128*256 + 256*256)
     //   = 1,144,512
     // BN (gamma, beta): 2*(64+64+128+128+256+256) = 1,792; linear 256*10 + 10 = 2,570.
-    let cfg = ModelConfig {
-        name: ModelName::BenchVgg,
-        num_classes: 10,
-        in_channels: 3,
-        input_size: 32,
-        ..Default::default()
-    };
+    let cfg = ModelConfig::for_model(ModelName::BenchVgg, 10, 3);
     let m = cfg.build(&Device::flex()).unwrap();
     assert_eq!(convlab::models::param_count(&m), 1_144_512 + 1_792 + 2_570);
     // Burn's num_params also counts the BN running mean and variance (another 1,792).

@@ -39,7 +39,7 @@ pub fn run(a: ModelsArgs) -> Result<()> {
         let model = cfg.build(&device)?;
         rows.push(Row {
             name: name.to_string(),
-            family: name.family().to_string(),
+            family: name.family().as_str().to_string(),
             params: convlab::models::param_count(&model),
             input_size: cfg.input_size,
             gflops: cfg.flops() / 1e9,

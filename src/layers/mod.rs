@@ -1,5 +1,7 @@
 //! Building blocks shared by the model families.
 
+pub mod trunk;
+
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
@@ -39,10 +41,25 @@ impl ConvBnAct {
         batch_norm: bool,
         device: &Device,
     ) -> Self {
+        Self::with_bias(cin, cout, k, stride, pad, batch_norm, !batch_norm, device)
+    }
+
+    /// As [`Self::new`], choosing the conv bias explicitly (torchvision's VGG-BN keeps it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_bias(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        batch_norm: bool,
+        bias: bool,
+        device: &Device,
+    ) -> Self {
         let conv = Conv2dConfig::new([cin, cout], [k, k])
             .with_stride([stride, stride])
             .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
-            .with_bias(!batch_norm)
+            .with_bias(bias)
             .init(device);
         ConvBnAct {
             conv,

@@ -7,37 +7,95 @@
 //! and [`Model::with_classes`] (a fresh head, for fine-tuning).
 
 pub mod convnet;
+mod model;
+pub mod vgg;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::layers::PoolKind;
-use convnet::{ConvNet, ConvNetConfig, Plan, parse_plan};
+use crate::layers::trunk::{Plan, parse_plan};
+use convnet::ConvNetConfig;
+pub use model::{Model, param_count};
+use vgg::VggConfig;
 
-/// Every registered model, by its command-line name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ModelName {
-    /// Default: 4 conv3x3-BN-ReLU (32-M-64-M-128-128), GAP, linear. For 28-32 px input.
-    #[serde(rename = "convnet_small")]
-    ConvnetSmall,
+/// Model families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    ConvNet,
+    Vgg,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::ConvNet => "convnet",
+            Family::Vgg => "vgg",
+        }
+    }
+}
+
+macro_rules! registry {
+    ($( $(#[$doc:meta])* $var:ident = $name:literal, $family:ident, $size:literal; )*) => {
+        /// Every registered model, by its command-line name.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum ModelName {
+            $( $(#[$doc])* #[serde(rename = $name)] $var, )*
+        }
+
+        impl ModelName {
+            /// All registered names, in listing order.
+            pub const ALL: &'static [ModelName] = &[$(ModelName::$var),*];
+
+            /// The command-line name.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ModelName::$var => $name),* }
+            }
+
+            /// The family the model belongs to.
+            pub fn family(self) -> Family {
+                match self { $(ModelName::$var => Family::$family),* }
+            }
+
+            /// Input side the model is designed for (pixels).
+            pub fn default_input_size(self) -> usize {
+                match self { $(ModelName::$var => $size),* }
+            }
+        }
+    };
+}
+
+registry! {
+    /// Default: conv3x3-BN-ReLU 32-M-64-M-128-128, GAP, linear. For 28-32 px input.
+    ConvnetSmall = "convnet_small", ConvNet, 28;
     /// The peer-comparison VGG: 64-64-M-128-128-M-256-256-M, BN, GAP, linear; 32x32 RGB.
-    #[serde(rename = "bench-vgg")]
-    BenchVgg,
+    BenchVgg = "bench-vgg", ConvNet, 32;
+    /// VGG configuration A (11 layers).
+    Vgg11 = "vgg11", Vgg, 224;
+    /// VGG A-LRN: A with local response normalisation after the first conv.
+    Vgg11Lrn = "vgg11_lrn", Vgg, 224;
+    /// VGG configuration B (13 layers).
+    Vgg13 = "vgg13", Vgg, 224;
+    /// VGG configuration C (16 layers, three 1x1 convs).
+    Vgg16C = "vgg16_c", Vgg, 224;
+    /// VGG configuration D (16 layers).
+    Vgg16 = "vgg16", Vgg, 224;
+    /// VGG configuration E (19 layers).
+    Vgg19 = "vgg19", Vgg, 224;
+    /// VGG A with batch norm (torchvision).
+    Vgg11Bn = "vgg11_bn", Vgg, 224;
+    /// VGG B with batch norm.
+    Vgg13Bn = "vgg13_bn", Vgg, 224;
+    /// VGG D with batch norm.
+    Vgg16Bn = "vgg16_bn", Vgg, 224;
+    /// VGG E with batch norm.
+    Vgg19Bn = "vgg19_bn", Vgg, 224;
+    /// VGG A scaled for 28-32 px input (see `vgg.rs`).
+    Vgg11Small = "vgg11_small", Vgg, 32;
 }
 
 impl ModelName {
-    /// All registered names, in listing order.
-    pub const ALL: &'static [ModelName] = &[ModelName::ConvnetSmall, ModelName::BenchVgg];
-
-    /// The command-line name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelName::ConvnetSmall => "convnet_small",
-            ModelName::BenchVgg => "bench-vgg",
-        }
-    }
-
     /// Looks a name up; an unknown one is an error listing the known names.
     pub fn from_name(name: &str) -> Result<Self> {
         Self::ALL
@@ -54,27 +112,33 @@ impl ModelName {
             })
     }
 
-    /// The family this model belongs to.
-    pub fn family(self) -> &'static str {
-        match self {
-            ModelName::ConvnetSmall | ModelName::BenchVgg => "convnet",
-        }
-    }
-
-    /// Input side the model is designed for.
-    pub fn default_input_size(self) -> usize {
-        match self {
-            ModelName::ConvnetSmall => 28,
-            ModelName::BenchVgg => 32,
-        }
-    }
-
-    /// The default layer plan of a `convnet`-family model.
+    /// The default layer plan of a plain (convnet or VGG) model.
     pub fn plan(self) -> &'static str {
+        use ModelName::*;
         match self {
-            ModelName::ConvnetSmall => "32,M,64,M,128,128",
-            ModelName::BenchVgg => "64,64,M,128,128,M,256,256,M",
+            ConvnetSmall => "32,M,64,M,128,128",
+            BenchVgg => "64,64,M,128,128,M,256,256,M",
+            Vgg11 | Vgg11Lrn | Vgg11Bn => vgg::VGG_A,
+            Vgg13 | Vgg13Bn => vgg::VGG_B,
+            Vgg16C => vgg::VGG_C,
+            Vgg16 | Vgg16Bn => vgg::VGG_D,
+            Vgg19 | Vgg19Bn => vgg::VGG_E,
+            Vgg11Small => vgg::VGG_A_SMALL,
         }
+    }
+
+    /// Whether the model has batch norm unless the recipe says otherwise.
+    pub fn default_batch_norm(self) -> bool {
+        use ModelName::*;
+        matches!(
+            self,
+            ConvnetSmall | BenchVgg | Vgg11Bn | Vgg13Bn | Vgg16Bn | Vgg19Bn | Vgg11Small
+        )
+    }
+
+    /// Whether the model is a small-input variant (trains on 28-32 px data in minutes).
+    pub fn is_small(self) -> bool {
+        self.default_input_size() <= 32
     }
 }
 
@@ -85,8 +149,9 @@ impl std::fmt::Display for ModelName {
 }
 
 /// The recipe's `[model]` section: a registered name plus the options every family takes.
-/// Zero in `num_classes`, `in_channels` or `input_size` means "take it from the data"; the
-/// resolved recipe in a run folder always holds the concrete values.
+/// Zero in `num_classes`, `in_channels` or `input_size` means "take it from the data"; absent
+/// options mean "the model's own". The resolved recipe in a run folder holds concrete values
+/// for the first three.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -100,12 +165,14 @@ pub struct ModelConfig {
     pub pool: PoolKind,
     /// Overlapping 3x3 stride-2 pooling (AlexNet) instead of plain 2x2 stride 2.
     pub overlapping_pool: bool,
-    /// Dropout probability before the classifier.
-    pub dropout: f64,
-    /// Batch norm after every convolution.
-    pub batch_norm: bool,
-    /// Layer plan of the `convnet` family in VGG notation (`"32,M,64,64,M,128"`: numbers are
-    /// 3x3 conv widths, `M` a pool); absent = the model's own. Ablations remove or widen
+    /// Dropout probability in the classifier (absent: the model's own, 0.5 for VGG).
+    pub dropout: Option<f64>,
+    /// Batch norm after every convolution (absent: the model's own).
+    pub batch_norm: Option<bool>,
+    /// Local response normalisation (absent: the model's own).
+    pub lrn: Option<bool>,
+    /// Layer plan of plain models in VGG notation (`"32,M,64,64,M,128"`: 3x3 conv widths,
+    /// `Nk1` a 1x1 conv, `M` a pool); absent = the model's own. Ablations remove or widen
     /// layers through it.
     pub plan: Option<String>,
 }
@@ -119,8 +186,9 @@ impl Default for ModelConfig {
             input_size: 0,
             pool: PoolKind::Max,
             overlapping_pool: false,
-            dropout: 0.0,
-            batch_norm: true,
+            dropout: None,
+            batch_norm: None,
+            lrn: None,
             plan: None,
         }
     }
@@ -135,9 +203,24 @@ impl ModelConfig {
         })
     }
 
+    /// A fully specified config for `name` with `classes` outputs at its default input size.
+    pub fn for_model(name: ModelName, classes: usize, in_channels: usize) -> Self {
+        ModelConfig {
+            name,
+            num_classes: classes,
+            in_channels,
+            input_size: name.default_input_size(),
+            ..Default::default()
+        }
+    }
+
     /// The layer plan in effect.
     pub fn plan(&self) -> &str {
         self.plan.as_deref().unwrap_or(self.name.plan())
+    }
+
+    fn batch_norm(&self) -> bool {
+        self.batch_norm.unwrap_or(self.name.default_batch_norm())
     }
 
     /// Checks the values make a buildable model.
@@ -159,11 +242,10 @@ impl ModelConfig {
                 format!("{} (must be 1 or 3)", self.in_channels),
             ));
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad(
-                "dropout",
-                format!("{} (must be in [0, 1))", self.dropout),
-            ));
+        if let Some(d) = self.dropout
+            && !(0.0..1.0).contains(&d)
+        {
+            return Err(bad("dropout", format!("{d} (must be in [0, 1))")));
         }
         let pools = parse_plan(self.plan())
             .map_err(|e| bad("plan", e))?
@@ -182,131 +264,42 @@ impl ModelConfig {
         Ok(())
     }
 
+    fn convnet(&self) -> ConvNetConfig {
+        ConvNetConfig::new(self.plan().to_string(), self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_batch_norm(self.batch_norm())
+            .with_pool(self.pool)
+            .with_pool_kernel(if self.overlapping_pool { 3 } else { 2 })
+            .with_dropout(self.dropout.unwrap_or(0.0))
+    }
+
+    fn vgg(&self) -> VggConfig {
+        let small = self.name == ModelName::Vgg11Small;
+        VggConfig::new(self.plan().to_string(), self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_batch_norm(self.batch_norm())
+            .with_lrn(self.lrn.unwrap_or(self.name == ModelName::Vgg11Lrn))
+            .with_pool(self.pool)
+            .with_pool_kernel(if self.overlapping_pool { 3 } else { 2 })
+            .with_dropout(self.dropout.unwrap_or(0.5))
+            .with_hidden(if small { 256 } else { 4096 })
+            .with_head_pool(if small { 1 } else { 7 })
+    }
+
     /// Builds the model with freshly initialised weights on `device`.
     pub fn build(&self, device: &Device) -> Result<Model> {
         self.validate()?;
-        let cfg = ConvNetConfig::new(self.plan().to_string(), self.num_classes)
-            .with_in_channels(self.in_channels)
-            .with_batch_norm(self.batch_norm)
-            .with_pool(self.pool)
-            .with_pool_kernel(if self.overlapping_pool { 3 } else { 2 })
-            .with_dropout(self.dropout);
-        Ok(Model::ConvNet(cfg.init(device)))
+        Ok(match self.name.family() {
+            Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
+            Family::Vgg => Model::Vgg(self.vgg().init(device)),
+        })
     }
 
     /// Multiply-adds x 2 of one forward pass at the configured input size, from layer shapes.
     pub fn flops(&self) -> f64 {
-        let plan = parse_plan(self.plan()).unwrap_or_default();
-        let (mut c, mut s, mut flops) = (self.in_channels.max(1), self.input_size, 0f64);
-        for p in plan {
-            match p {
-                Plan::Conv(w) => {
-                    flops += 2.0 * (c * w * 9 * s * s) as f64;
-                    c = w;
-                }
-                Plan::Pool => s /= 2,
-            }
-        }
-        flops + 2.0 * (c * self.num_classes.max(1)) as f64
-    }
-}
-
-/// Learnable parameters of a module, as PyTorch's `sum(p.numel() for p in m.parameters())`:
-/// batch-norm running statistics are buffers, not parameters, and are not counted.
-pub fn param_count<M: Module>(module: &M) -> usize {
-    struct Count {
-        path: Vec<String>,
-        n: usize,
-    }
-    impl burn::module::ModuleVisitor for Count {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
-            let last = self.path.last().map(String::as_str).unwrap_or("");
-            if last != "running_mean" && last != "running_var" {
-                self.n += p.lazy_shape().num_elements();
-            }
-        }
-    }
-    let mut c = Count {
-        path: Vec::new(),
-        n: 0,
-    };
-    module.visit(&mut c);
-    c.n
-}
-
-/// Any registered model.
-#[derive(Module, Debug)]
-pub enum Model {
-    ConvNet(ConvNet),
-}
-
-impl Model {
-    /// The last feature map.
-    ///
-    /// # Shapes
-    /// `[B, C, H, W]` -> `[B, C', h, w]`.
-    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        match self {
-            Model::ConvNet(m) => m.trunk(x, &mut |_, _| {}),
-        }
-    }
-
-    /// Features to logits.
-    ///
-    /// # Shapes
-    /// `[B, C', h, w]` -> `[B, K]`.
-    pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
-        match self {
-            Model::ConvNet(m) => m.forward_head(f),
-        }
-    }
-
-    /// Images to logits.
-    ///
-    /// # Shapes
-    /// `[B, C, H, W]` -> `[B, K]`.
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.forward_head(self.forward_features(x))
-    }
-
-    /// The named intermediate feature maps, in network order (all of them when `names` is
-    /// empty). An unknown name is an error listing the valid ones.
-    pub fn feature_maps(&self, x: Tensor<4>, names: &[String]) -> Result<Vec<(String, Tensor<4>)>> {
-        let mut all = Vec::new();
-        match self {
-            Model::ConvNet(m) => {
-                m.trunk(x, &mut |n, t| all.push((n, t.clone())));
-            }
-        }
-        if let Some(bad) = names.iter().find(|n| !all.iter().any(|(a, _)| a == *n)) {
-            let valid: Vec<&str> = all.iter().map(|(a, _)| a.as_str()).collect();
-            return Err(Error::Invalid(format!(
-                "unknown layer `{bad}`; valid layers: {}",
-                valid.join(", ")
-            )));
-        }
-        if !names.is_empty() {
-            all.retain(|(a, _)| names.contains(a));
-        }
-        Ok(all)
-    }
-
-    pub fn num_classes(&self) -> usize {
-        match self {
-            Model::ConvNet(m) => m.num_classes(),
-        }
-    }
-
-    /// The same model with a fresh `n`-way classifier.
-    pub fn with_classes(self, n: usize, device: &Device) -> Self {
-        match self {
-            Model::ConvNet(m) => Model::ConvNet(m.with_classes(n, device)),
+        match self.name.family() {
+            Family::ConvNet => self.convnet().flops(self.input_size),
+            Family::Vgg => self.vgg().flops(self.input_size),
         }
     }
 }

@@ -1,0 +1,168 @@
+//! A plain convolutional trunk described in VGG's notation: conv layers and pools in sequence.
+
+use burn::nn::{LocalResponseNorm, LocalResponseNormConfig};
+use burn::prelude::*;
+
+use super::{ConvBnAct, Pool, PoolKind};
+
+/// One element of a layer plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// A 3x3 convolution (padding 1) to this many channels.
+    Conv(usize),
+    /// A 1x1 convolution to this many channels (VGG configuration C).
+    Conv1x1(usize),
+    /// A pooling stage that halves the resolution.
+    Pool,
+}
+
+/// Parses plans such as `"64,M,128,M,256,256k1"` (VGG's notation: numbers are 3x3 conv
+/// widths, `Nk1` a 1x1 conv, `M` a pool).
+pub fn parse_plan(s: &str) -> Result<Vec<Plan>, String> {
+    s.split(',')
+        .map(str::trim)
+        .map(|t| {
+            if t == "M" || t == "m" {
+                return Ok(Plan::Pool);
+            }
+            let (num, one) = match t.strip_suffix("k1") {
+                Some(n) => (n, true),
+                None => (t, false),
+            };
+            match num.parse::<usize>() {
+                Ok(n) if n > 0 && one => Ok(Plan::Conv1x1(n)),
+                Ok(n) if n > 0 => Ok(Plan::Conv(n)),
+                _ => Err(format!("`{t}` is neither a channel count (N or Nk1) nor M")),
+            }
+        })
+        .collect()
+}
+
+/// How to build a [`Trunk`].
+#[derive(Clone, Debug)]
+pub struct TrunkSpec {
+    pub plan: Vec<Plan>,
+    pub in_channels: usize,
+    pub batch_norm: bool,
+    /// Conv bias even under batch norm (torchvision's VGG-BN keeps it).
+    pub conv_bias: bool,
+    pub pool: PoolKind,
+    /// 2 = plain 2x2/2 pooling, 3 = overlapping 3x3/2 (padded by 1 so sizes still halve).
+    pub pool_kernel: usize,
+    /// Local response normalisation after the first conv (VGG A-LRN).
+    pub lrn: bool,
+}
+
+/// Convs and pools in plan order.
+///
+/// # Shapes
+/// `[B, C_in, H, W]` -> `[B, C_last, H / 2^p, W / 2^p]` for `p` pools.
+#[derive(Module, Debug)]
+pub struct Trunk {
+    pub convs: Vec<ConvBnAct>,
+    pub pools: Vec<Pool>,
+    /// For each conv, how many pools follow it directly.
+    pub pools_after: Vec<usize>,
+    pub lrn: Option<LocalResponseNorm>,
+    pub out_channels: usize,
+}
+
+impl TrunkSpec {
+    pub fn init(&self, device: &Device) -> Trunk {
+        let mut convs = Vec::new();
+        let mut pools = Vec::new();
+        let mut pools_after = Vec::new();
+        let mut c = self.in_channels;
+        for p in &self.plan {
+            let (w, k) = match *p {
+                Plan::Conv(w) => (w, 3),
+                Plan::Conv1x1(w) => (w, 1),
+                Plan::Pool => {
+                    let pad = (self.pool_kernel - 1) / 2;
+                    pools.push(Pool::new(self.pool, self.pool_kernel, 2, pad));
+                    if let Some(last) = pools_after.last_mut() {
+                        *last += 1;
+                    }
+                    continue;
+                }
+            };
+            convs.push(ConvBnAct::with_bias(
+                c,
+                w,
+                k,
+                1,
+                k / 2,
+                self.batch_norm,
+                self.conv_bias || !self.batch_norm,
+                device,
+            ));
+            pools_after.push(0);
+            c = w;
+        }
+        Trunk {
+            convs,
+            pools,
+            pools_after,
+            // Krizhevsky et al. 2012: k = 2, n = 5, alpha = 1e-4, beta = 0.75.
+            lrn: self
+                .lrn
+                .then(|| LocalResponseNormConfig::new(5).with_k(2.0).init()),
+            out_channels: c,
+        }
+    }
+
+    /// Multiply-adds x 2 of the trunk on a `size x size` input; returns (flops, final size).
+    pub fn flops(&self, size: usize) -> (f64, usize) {
+        let (mut c, mut s, mut f) = (self.in_channels, size, 0f64);
+        for p in &self.plan {
+            match *p {
+                Plan::Conv(w) => {
+                    f += 2.0 * (c * w * 9 * s * s) as f64;
+                    c = w;
+                }
+                Plan::Conv1x1(w) => {
+                    f += 2.0 * (c * w * s * s) as f64;
+                    c = w;
+                }
+                Plan::Pool => s /= 2,
+            }
+        }
+        (f, s)
+    }
+}
+
+impl Trunk {
+    /// Runs the trunk, calling `tap` with each named map (`conv1`, ..., `pool1`, ...).
+    pub fn forward(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+        let mut pool_i = 0;
+        for (i, conv) in self.convs.iter().enumerate() {
+            x = conv.forward(x);
+            if i == 0
+                && let Some(lrn) = &self.lrn
+            {
+                x = lrn.forward(x);
+            }
+            tap(format!("conv{}", i + 1), &x);
+            for _ in 0..self.pools_after[i] {
+                x = self.pools[pool_i].forward(x);
+                pool_i += 1;
+                tap(format!("pool{pool_i}"), &x);
+            }
+        }
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_parsing() {
+        assert_eq!(
+            parse_plan("8, M,16,4k1").unwrap(),
+            vec![Plan::Conv(8), Plan::Pool, Plan::Conv(16), Plan::Conv1x1(4)]
+        );
+        assert!(parse_plan("8,X").unwrap_err().contains("`X`"));
+    }
+}

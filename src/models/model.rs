@@ -1,0 +1,113 @@
+//! [`Model`]: any registered model behind one interface.
+
+use burn::prelude::*;
+
+use super::convnet::ConvNet;
+use super::vgg::Vgg;
+use crate::error::{Error, Result};
+
+/// Any registered model.
+#[derive(Module, Debug)]
+pub enum Model {
+    ConvNet(ConvNet),
+    Vgg(Vgg),
+}
+
+impl Model {
+    /// Runs the feature extractor, calling `tap` with every named intermediate map.
+    fn features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+        match self {
+            Model::ConvNet(m) => m.trunk.forward(x, tap),
+            Model::Vgg(m) => m.trunk.forward(x, tap),
+        }
+    }
+
+    /// The last feature map.
+    ///
+    /// # Shapes
+    /// `[B, C, H, W]` -> `[B, C', h, w]`.
+    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        self.features_tapped(x, &mut |_, _| {})
+    }
+
+    /// Features to logits.
+    ///
+    /// # Shapes
+    /// `[B, C', h, w]` -> `[B, K]`.
+    pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
+        match self {
+            Model::ConvNet(m) => m.forward_head(f),
+            Model::Vgg(m) => m.forward_head(f),
+        }
+    }
+
+    /// Images to logits.
+    ///
+    /// # Shapes
+    /// `[B, C, H, W]` -> `[B, K]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward_head(self.forward_features(x))
+    }
+
+    /// The named intermediate feature maps, in network order (all of them when `names` is
+    /// empty). An unknown name is an error listing the valid ones.
+    pub fn feature_maps(&self, x: Tensor<4>, names: &[String]) -> Result<Vec<(String, Tensor<4>)>> {
+        let mut all = Vec::new();
+        self.features_tapped(x, &mut |n, t| all.push((n, t.clone())));
+        if let Some(bad) = names.iter().find(|n| !all.iter().any(|(a, _)| a == *n)) {
+            let valid: Vec<&str> = all.iter().map(|(a, _)| a.as_str()).collect();
+            return Err(Error::Invalid(format!(
+                "unknown layer `{bad}`; valid layers: {}",
+                valid.join(", ")
+            )));
+        }
+        if !names.is_empty() {
+            all.retain(|(a, _)| names.contains(a));
+        }
+        Ok(all)
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Model::ConvNet(m) => m.num_classes(),
+            Model::Vgg(m) => m.num_classes(),
+        }
+    }
+
+    /// The same model with a fresh `n`-way classifier.
+    pub fn with_classes(self, n: usize, device: &Device) -> Self {
+        match self {
+            Model::ConvNet(m) => Model::ConvNet(m.with_classes(n, device)),
+            Model::Vgg(m) => Model::Vgg(m.with_classes(n, device)),
+        }
+    }
+}
+
+/// Learnable parameters of a module, as PyTorch's `sum(p.numel() for p in m.parameters())`:
+/// batch-norm running statistics are buffers, not parameters, and are not counted.
+pub fn param_count<M: Module>(module: &M) -> usize {
+    struct Count {
+        path: Vec<String>,
+        n: usize,
+    }
+    impl burn::module::ModuleVisitor for Count {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+            let last = self.path.last().map(String::as_str).unwrap_or("");
+            if last != "running_mean" && last != "running_var" {
+                self.n += p.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut c = Count {
+        path: Vec::new(),
+        n: 0,
+    };
+    module.visit(&mut c);
+    c.n
+}

@@ -1,0 +1,136 @@
+//! VGG (Simonyan & Zisserman 2014, "Very Deep Convolutional Networks for Large-Scale Image
+//! Recognition"): stacks of 3x3 convolutions (two 3x3 layers see as far as one 5x5 with fewer
+//! parameters and one more non-linearity), five max-pool stages, and three fully connected
+//! layers (4096-4096-K) with dropout 0.5.
+//!
+//! Configurations, as the paper's table 1: A (`vgg11`), A-LRN (`vgg11_lrn`: LRN after the first
+//! conv), B (`vgg13`), C (`vgg16_c`: a 1x1 conv closing the last three blocks), D (`vgg16`),
+//! E (`vgg19`), and torchvision's `_bn` variants of A, B, D, E (BN after every conv, conv bias
+//! kept). Layouts follow torchvision (adaptive average pool to 7x7 before the classifier), so
+//! parameter counts equal torchvision's.
+//!
+//! `vgg11_small` keeps configuration A's design (stacked 3x3 convs, channels doubling per
+//! stage, three FC layers with dropout) for 28-32 px input: half the widths (32-64-128-256),
+//! four pool stages instead of five (32 px ends at 2x2, not 1x1 after a fifth), BN so it trains
+//! without the paper's shallow-to-deep initialisation, global pooling and 256-wide FC layers.
+
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn::tensor::module::adaptive_avg_pool2d;
+
+use crate::layers::PoolKind;
+use crate::layers::trunk::{Trunk, TrunkSpec, parse_plan};
+
+/// Configuration A (11 weight layers).
+pub const VGG_A: &str = "64,M,128,M,256,256,M,512,512,M,512,512,M";
+/// Configuration B (13).
+pub const VGG_B: &str = "64,64,M,128,128,M,256,256,M,512,512,M,512,512,M";
+/// Configuration C (16, three of them 1x1).
+pub const VGG_C: &str = "64,64,M,128,128,M,256,256,256k1,M,512,512,512k1,M,512,512,512k1,M";
+/// Configuration D (16).
+pub const VGG_D: &str = "64,64,M,128,128,M,256,256,256,M,512,512,512,M,512,512,512,M";
+/// Configuration E (19).
+pub const VGG_E: &str = "64,64,M,128,128,M,256,256,256,256,M,512,512,512,512,M,512,512,512,512,M";
+/// The small-input variant of A.
+pub const VGG_A_SMALL: &str = "32,M,64,M,128,128,M,256,256,M";
+
+/// Configuration of a [`Vgg`].
+#[derive(Config, Debug)]
+pub struct VggConfig {
+    pub plan: String,
+    pub num_classes: usize,
+    #[config(default = 3)]
+    pub in_channels: usize,
+    #[config(default = false)]
+    pub batch_norm: bool,
+    #[config(default = false)]
+    pub lrn: bool,
+    #[config(default = "PoolKind::Max")]
+    pub pool: PoolKind,
+    #[config(default = 2)]
+    pub pool_kernel: usize,
+    #[config(default = 0.5)]
+    pub dropout: f64,
+    /// Width of the two hidden FC layers.
+    #[config(default = 4096)]
+    pub hidden: usize,
+    /// Side of the adaptive average pool before the classifier (torchvision: 7).
+    #[config(default = 7)]
+    pub head_pool: usize,
+}
+
+/// A VGG network.
+///
+/// # Shapes
+/// `[B, 3, 224, 224]` -> features `[B, 512, 7, 7]` -> logits `[B, K]`.
+#[derive(Module, Debug)]
+pub struct Vgg {
+    pub trunk: Trunk,
+    pub head_pool: usize,
+    pub fc6: Linear,
+    pub fc7: Linear,
+    pub fc8: Linear,
+    pub dropout: Dropout,
+}
+
+impl VggConfig {
+    pub fn trunk_spec(&self) -> TrunkSpec {
+        TrunkSpec {
+            plan: parse_plan(&self.plan).expect("plan validated by the registry"),
+            in_channels: self.in_channels,
+            batch_norm: self.batch_norm,
+            conv_bias: true,
+            pool: self.pool,
+            pool_kernel: self.pool_kernel,
+            lrn: self.lrn,
+        }
+    }
+
+    pub fn init(&self, device: &Device) -> Vgg {
+        let trunk = self.trunk_spec().init(device);
+        let flat = trunk.out_channels * self.head_pool * self.head_pool;
+        Vgg {
+            fc6: LinearConfig::new(flat, self.hidden).init(device),
+            fc7: LinearConfig::new(self.hidden, self.hidden).init(device),
+            fc8: LinearConfig::new(self.hidden, self.num_classes).init(device),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            head_pool: self.head_pool,
+            trunk,
+        }
+    }
+
+    /// Multiply-adds x 2 per image at `size x size`.
+    pub fn flops(&self, size: usize) -> f64 {
+        let spec = self.trunk_spec();
+        let (f, _) = spec.flops(size);
+        let flat = spec.init_channels() * self.head_pool * self.head_pool;
+        f + 2.0
+            * (flat * self.hidden + self.hidden * self.hidden + self.hidden * self.num_classes)
+                as f64
+    }
+}
+
+impl Vgg {
+    /// # Shapes
+    /// `[B, C, h, w]` -> `[B, K]`.
+    pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
+        let p = self.head_pool;
+        let x = adaptive_avg_pool2d(f, [p, p]);
+        let [b, c, _, _] = x.dims();
+        let x = x.reshape([b, c * p * p]);
+        let x = self.dropout.forward(relu(self.fc6.forward(x)));
+        let x = self.dropout.forward(relu(self.fc7.forward(x)));
+        self.fc8.forward(x)
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.fc8.weight.val().dims()[1]
+    }
+
+    pub fn with_classes(mut self, n: usize, device: &Device) -> Self {
+        let h = self.fc8.weight.val().dims()[0];
+        self.fc8 = LinearConfig::new(h, n).init(device);
+        self
+    }
+}
