@@ -7,6 +7,8 @@ use super::vgg::Vgg;
 use crate::error::{Error, Result};
 
 /// Any registered model.
+// One model exists per run, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
     ConvNet(ConvNet),
