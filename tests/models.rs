@@ -74,17 +74,13 @@ fn every_registered_model() {
 
         let maps = model.feature_maps(x.clone(), &[]).unwrap();
         assert!(maps.len() >= 2, "{name}");
-        let last = maps
-            .iter()
-            .rev()
-            .find(|(n, _)| n.starts_with("conv") || n.starts_with("pool"))
-            .unwrap();
+        let last = maps.last().unwrap();
         assert_eq!(last.1.dims(), model.forward_features(x.clone()).dims());
         let e = model
             .feature_maps(x.clone(), &["nope".into()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("conv1"), "{e}");
+        assert!(e.contains(&maps[0].0), "{e}");
 
         let m42 = model.with_classes(42, &device);
         assert_eq!(m42.forward(x).dims(), [2, 42]);
@@ -108,6 +104,11 @@ fn parameter_counts_equal_torchvision() {
         ("vgg11_bn", 132_868_840),
         ("vgg16_bn", 138_365_992),
         ("vgg19_bn", 143_678_248),
+        ("resnet18", 11_689_512),
+        ("resnet34", 21_797_672),
+        ("resnet50", 25_557_032),
+        // timm's resnet50d (deep stem + average-pool shortcuts), the "Bag of Tricks" ResNet-D.
+        ("resnet50_d", 25_576_264),
     ];
     let device = Device::flex();
     for (name, want) in expected {
@@ -136,4 +137,22 @@ fn bench_vgg_matches_the_peer_network() {
     assert_eq!(convlab::models::param_count(&m), 1_144_512 + 1_792 + 2_570);
     // Burn's num_params also counts the BN running mean and variance (another 1,792).
     assert_eq!(m.num_params(), 1_144_512 + 1_792 + 2_570 + 1_792);
+}
+
+#[test]
+fn zero_gamma_zeroes_the_last_bn_of_every_block() {
+    let mut cfg = ModelConfig::for_model(ModelName::Resnet18Small, 10, 3);
+    cfg.zero_gamma = true;
+    let t = convlab::train::checkpoint::module_tensors(&cfg.build(&Device::flex()).unwrap());
+    let last: Vec<_> = t
+        .iter()
+        .filter(|(k, _)| k.ends_with("convs.1.bn.gamma"))
+        .collect();
+    assert_eq!(last.len(), 8);
+    assert!(last.iter().all(|(_, v)| v.data.iter().all(|&g| g == 0.0)));
+    let first: Vec<_> = t
+        .iter()
+        .filter(|(k, _)| k.ends_with("convs.0.bn.gamma"))
+        .collect();
+    assert!(first.iter().all(|(_, v)| v.data.iter().all(|&g| g == 1.0)));
 }

@@ -8,6 +8,7 @@
 
 pub mod convnet;
 mod model;
+pub mod resnet;
 pub mod vgg;
 
 use burn::prelude::*;
@@ -18,6 +19,7 @@ use crate::layers::PoolKind;
 use crate::layers::trunk::{Plan, parse_plan};
 use convnet::ConvNetConfig;
 pub use model::{Model, param_count};
+use resnet::ResNetConfig;
 use vgg::VggConfig;
 
 /// Model families.
@@ -25,6 +27,7 @@ use vgg::VggConfig;
 pub enum Family {
     ConvNet,
     Vgg,
+    ResNet,
 }
 
 impl Family {
@@ -32,6 +35,7 @@ impl Family {
         match self {
             Family::ConvNet => "convnet",
             Family::Vgg => "vgg",
+            Family::ResNet => "resnet",
         }
     }
 }
@@ -93,6 +97,16 @@ registry! {
     Vgg19Bn = "vgg19_bn", Vgg, 224;
     /// VGG A scaled for 28-32 px input (see `vgg.rs`).
     Vgg11Small = "vgg11_small", Vgg, 32;
+    /// ResNet-18 (basic blocks 2-2-2-2).
+    Resnet18 = "resnet18", ResNet, 224;
+    /// ResNet-34 (basic blocks 3-4-6-3).
+    Resnet34 = "resnet34", ResNet, 224;
+    /// ResNet-50 (bottlenecks 3-4-6-3), torchvision's ResNet-B layout.
+    Resnet50 = "resnet50", ResNet, 224;
+    /// ResNet-50-D of "Bag of Tricks": deep stem and average-pool shortcuts.
+    Resnet50D = "resnet50_d", ResNet, 224;
+    /// ResNet-18 scaled for 28-32 px input (see `resnet.rs`).
+    Resnet18Small = "resnet18_small", ResNet, 32;
 }
 
 impl ModelName {
@@ -112,7 +126,7 @@ impl ModelName {
             })
     }
 
-    /// The default layer plan of a plain (convnet or VGG) model.
+    /// The default layer plan of a plain (convnet or VGG) model; empty for other families.
     pub fn plan(self) -> &'static str {
         use ModelName::*;
         match self {
@@ -124,6 +138,7 @@ impl ModelName {
             Vgg16 | Vgg16Bn => vgg::VGG_D,
             Vgg19 | Vgg19Bn => vgg::VGG_E,
             Vgg11Small => vgg::VGG_A_SMALL,
+            Resnet18 | Resnet34 | Resnet50 | Resnet50D | Resnet18Small => "",
         }
     }
 
@@ -132,7 +147,18 @@ impl ModelName {
         use ModelName::*;
         matches!(
             self,
-            ConvnetSmall | BenchVgg | Vgg11Bn | Vgg13Bn | Vgg16Bn | Vgg19Bn | Vgg11Small
+            ConvnetSmall
+                | BenchVgg
+                | Vgg11Bn
+                | Vgg13Bn
+                | Vgg16Bn
+                | Vgg19Bn
+                | Vgg11Small
+                | Resnet18
+                | Resnet34
+                | Resnet50
+                | Resnet50D
+                | Resnet18Small
         )
     }
 
@@ -175,6 +201,8 @@ pub struct ModelConfig {
     /// `Nk1` a 1x1 conv, `M` a pool); absent = the model's own. Ablations remove or widen
     /// layers through it.
     pub plan: Option<String>,
+    /// ResNet: start every residual block as the identity (last BN scale 0).
+    pub zero_gamma: bool,
 }
 
 impl Default for ModelConfig {
@@ -190,6 +218,7 @@ impl Default for ModelConfig {
             batch_norm: None,
             lrn: None,
             plan: None,
+            zero_gamma: false,
         }
     }
 }
@@ -247,11 +276,28 @@ impl ModelConfig {
         {
             return Err(bad("dropout", format!("{d} (must be in [0, 1))")));
         }
-        let pools = parse_plan(self.plan())
-            .map_err(|e| bad("plan", e))?
-            .iter()
-            .filter(|p| **p == Plan::Pool)
-            .count();
+        let pools = match self.name.family() {
+            Family::ConvNet | Family::Vgg => parse_plan(self.plan())
+                .map_err(|e| bad("plan", e))?
+                .iter()
+                .filter(|p| **p == Plan::Pool)
+                .count(),
+            Family::ResNet => {
+                if self.plan.is_some() {
+                    return Err(bad(
+                        "plan",
+                        "only plain (convnet, vgg) models take a plan".into(),
+                    ));
+                }
+                if self.name.is_small() { 3 } else { 5 }
+            }
+        };
+        if self.batch_norm == Some(false) && self.name.family() == Family::ResNet {
+            return Err(bad(
+                "batch_norm",
+                "ResNets are built with batch norm".into(),
+            ));
+        }
         if self.input_size < (1 << pools) {
             return Err(bad(
                 "input_size",
@@ -286,12 +332,31 @@ impl ModelConfig {
             .with_head_pool(if small { 1 } else { 7 })
     }
 
+    fn resnet(&self) -> ResNetConfig {
+        use ModelName::*;
+        let (layers, bottleneck) = match self.name {
+            Resnet34 | Resnet50 | Resnet50D => ([3, 4, 6, 3], self.name != Resnet34),
+            _ => ([2, 2, 2, 2], false),
+        };
+        let mut c = ResNetConfig::new(layers, bottleneck, self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_zero_gamma(self.zero_gamma);
+        if self.name == Resnet50D {
+            c = c.with_stem("deep".into()).with_avg_down(true);
+        }
+        if self.name == Resnet18Small {
+            c = c.with_stem("cifar".into()).with_widths([16, 32, 64, 128]);
+        }
+        c
+    }
+
     /// Builds the model with freshly initialised weights on `device`.
     pub fn build(&self, device: &Device) -> Result<Model> {
         self.validate()?;
         Ok(match self.name.family() {
             Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
             Family::Vgg => Model::Vgg(self.vgg().init(device)),
+            Family::ResNet => Model::ResNet(self.resnet().init(device)),
         })
     }
 
@@ -300,6 +365,7 @@ impl ModelConfig {
         match self.name.family() {
             Family::ConvNet => self.convnet().flops(self.input_size),
             Family::Vgg => self.vgg().flops(self.input_size),
+            Family::ResNet => self.resnet().flops(self.input_size),
         }
     }
 }

@@ -3,6 +3,7 @@
 use burn::prelude::*;
 
 use super::convnet::ConvNet;
+use super::resnet::ResNet;
 use super::vgg::Vgg;
 use crate::error::{Error, Result};
 
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 pub enum Model {
     ConvNet(ConvNet),
     Vgg(Vgg),
+    ResNet(ResNet),
 }
 
 impl Model {
@@ -21,6 +23,7 @@ impl Model {
         match self {
             Model::ConvNet(m) => m.trunk.forward(x, tap),
             Model::Vgg(m) => m.trunk.forward(x, tap),
+            Model::ResNet(m) => m.features(x, tap),
         }
     }
 
@@ -40,6 +43,7 @@ impl Model {
         match self {
             Model::ConvNet(m) => m.forward_head(f),
             Model::Vgg(m) => m.forward_head(f),
+            Model::ResNet(m) => m.forward_head(f),
         }
     }
 
@@ -73,6 +77,7 @@ impl Model {
         match self {
             Model::ConvNet(m) => m.num_classes(),
             Model::Vgg(m) => m.num_classes(),
+            Model::ResNet(m) => m.num_classes(),
         }
     }
 
@@ -81,6 +86,7 @@ impl Model {
         match self {
             Model::ConvNet(m) => Model::ConvNet(m.with_classes(n, device)),
             Model::Vgg(m) => Model::Vgg(m.with_classes(n, device)),
+            Model::ResNet(m) => Model::ResNet(m.with_classes(n, device)),
         }
     }
 }

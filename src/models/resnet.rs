@@ -1,0 +1,287 @@
+//! ResNet (He et al. 2015, "Deep Residual Learning for Image Recognition"), in torchvision's
+//! layout, which is the "ResNet-B" of "Bag of Tricks for Image Classification" (He et al.
+//! 2019): the stride-2 of a bottleneck sits in its 3x3 conv, not its first 1x1.
+//!
+//! - `resnet18`, `resnet34`: basic blocks (two 3x3 convs), stages of [2,2,2,2] / [3,4,6,3].
+//! - `resnet50`: bottleneck blocks (1x1 reduce, 3x3, 1x1 expand x4), stages [3,4,6,3].
+//! - `resnet50_d`: Bag of Tricks' ResNet-D: the 7x7 stem replaced by three 3x3 convs
+//!   (32-32-64, the "C" tweak) and the downsampling shortcut made a 2x2 average pool followed
+//!   by a stride-1 1x1 conv (the "D" tweak), so the shortcut no longer ignores 3/4 of its input.
+//! - `resnet18_small`: for 28-32 px input, the CIFAR design of the ResNet paper (section 4.2):
+//!   a single 3x3 stride-1 stem conv without max pooling (a 7x7/2 conv and a pool would shrink
+//!   32 px to 8 px before the first block), and widths 16-32-64-128 instead of 64-512, keeping
+//!   resnet18's four stages of two basic blocks.
+//!
+//! `zero_gamma` initialises the last batch norm's scale in each block to zero, so every
+//! residual block starts as the identity (Goyal et al. 2017; a "Bag of Tricks" baseline trick).
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+use crate::layers::global_avg_pool;
+
+/// Configuration of a [`ResNet`].
+#[derive(Config, Debug)]
+pub struct ResNetConfig {
+    /// Blocks per stage.
+    pub layers: [usize; 4],
+    /// Bottleneck (ResNet-50 and deeper) or basic blocks.
+    pub bottleneck: bool,
+    pub num_classes: usize,
+    #[config(default = 3)]
+    pub in_channels: usize,
+    /// Widths of the four stages (before the bottleneck expansion).
+    #[config(default = "[64, 128, 256, 512]")]
+    pub widths: [usize; 4],
+    /// Stem: "imagenet" (7x7/2 conv + 3x3/2 max pool), "deep" (ResNet-C: three 3x3 convs +
+    /// max pool), or "cifar" (one 3x3/1 conv, no pool).
+    #[config(default = "String::from(\"imagenet\")")]
+    pub stem: String,
+    /// ResNet-D: average-pool then 1x1 conv on downsampling shortcuts.
+    #[config(default = false)]
+    pub avg_down: bool,
+    #[config(default = false)]
+    pub zero_gamma: bool,
+}
+
+/// Convolution + batch norm, no activation (the residual addition comes before the ReLU).
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(cin: usize, cout: usize, k: usize, stride: usize, device: &Device) -> Self {
+        let p = k / 2;
+        ConvBn {
+            conv: Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .with_bias(false)
+                .init(device),
+            bn: BatchNormConfig::new(cout).init(device),
+        }
+    }
+
+    fn zero_gamma(mut self) -> Self {
+        self.bn.gamma = self.bn.gamma.map(|g| g.zeros_like());
+        self
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.bn.forward(self.conv.forward(x))
+    }
+}
+
+/// The shortcut of a block that changes resolution or width.
+#[derive(Module, Debug)]
+pub struct Downsample {
+    pub pool: Option<AvgPool2d>,
+    pub proj: ConvBn,
+}
+
+impl Downsample {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = match &self.pool {
+            Some(p) => p.forward(x),
+            None => x,
+        };
+        self.proj.forward(x)
+    }
+}
+
+/// A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block.
+///
+/// # Shapes
+/// `[B, C_in, H, W]` -> `[B, C_out, H / s, W / s]`.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub convs: Vec<ConvBn>,
+    pub down: Option<Downsample>,
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let shortcut = match &self.down {
+            Some(d) => d.forward(x.clone()),
+            None => x.clone(),
+        };
+        let n = self.convs.len();
+        let mut y = x;
+        for (i, c) in self.convs.iter().enumerate() {
+            y = c.forward(y);
+            if i + 1 < n {
+                y = relu(y);
+            }
+        }
+        relu(y + shortcut)
+    }
+}
+
+/// A ResNet.
+///
+/// # Shapes
+/// `[B, 3, 224, 224]` -> stem `[B, 64, 56, 56]` -> layer4 `[B, 512 * e, 7, 7]` -> `[B, K]`
+/// (`e` = 4 for bottlenecks, else 1).
+#[derive(Module, Debug)]
+pub struct ResNet {
+    pub stem: Vec<ConvBn>,
+    pub stem_pool: Option<MaxPool2d>,
+    pub stages: Vec<Vec<Block>>,
+    pub fc: Linear,
+}
+
+impl ResNetConfig {
+    fn expansion(&self) -> usize {
+        if self.bottleneck { 4 } else { 1 }
+    }
+
+    pub fn init(&self, device: &Device) -> ResNet {
+        let c0 = self.widths[0];
+        let (stem, pool) = match self.stem.as_str() {
+            "deep" => (
+                vec![
+                    ConvBn::new(self.in_channels, c0 / 2, 3, 2, device),
+                    ConvBn::new(c0 / 2, c0 / 2, 3, 1, device),
+                    ConvBn::new(c0 / 2, c0, 3, 1, device),
+                ],
+                true,
+            ),
+            "cifar" => (vec![ConvBn::new(self.in_channels, c0, 3, 1, device)], false),
+            _ => (vec![ConvBn::new(self.in_channels, c0, 7, 2, device)], true),
+        };
+        let e = self.expansion();
+        let mut cin = c0;
+        let mut stages = Vec::new();
+        for (s, (&n, &w)) in self.layers.iter().zip(&self.widths).enumerate() {
+            let mut blocks = Vec::new();
+            for b in 0..n {
+                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let cout = w * e;
+                let down = (stride != 1 || cin != cout).then(|| Downsample {
+                    pool: (self.avg_down && stride != 1).then(|| {
+                        AvgPool2dConfig::new([2, 2])
+                            .with_strides([2, 2])
+                            .with_ceil_mode(true)
+                            .with_count_include_pad(false)
+                            .init()
+                    }),
+                    proj: ConvBn::new(cin, cout, 1, if self.avg_down { 1 } else { stride }, device),
+                });
+                let mut convs = if self.bottleneck {
+                    vec![
+                        ConvBn::new(cin, w, 1, 1, device),
+                        ConvBn::new(w, w, 3, stride, device),
+                        ConvBn::new(w, cout, 1, 1, device),
+                    ]
+                } else {
+                    vec![
+                        ConvBn::new(cin, w, 3, stride, device),
+                        ConvBn::new(w, w, 3, 1, device),
+                    ]
+                };
+                if self.zero_gamma {
+                    let last = convs.pop().expect("block has convs").zero_gamma();
+                    convs.push(last);
+                }
+                blocks.push(Block { convs, down });
+                cin = cout;
+            }
+            stages.push(blocks);
+        }
+        ResNet {
+            stem,
+            stem_pool: pool.then(|| {
+                MaxPool2dConfig::new([3, 3])
+                    .with_strides([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init()
+            }),
+            stages,
+            fc: LinearConfig::new(cin, self.num_classes).init(device),
+        }
+    }
+
+    /// Multiply-adds x 2 per image at `size x size` (convs and the classifier).
+    pub fn flops(&self, size: usize) -> f64 {
+        let conv =
+            |cin: usize, cout: usize, k: usize, s: usize| 2.0 * (cin * cout * k * k * s * s) as f64;
+        let c0 = self.widths[0];
+        let (mut f, mut s) = match self.stem.as_str() {
+            "deep" => {
+                let s = size.div_ceil(2);
+                (
+                    conv(self.in_channels, c0 / 2, 3, s)
+                        + conv(c0 / 2, c0 / 2, 3, s)
+                        + conv(c0 / 2, c0, 3, s),
+                    s.div_ceil(2),
+                )
+            }
+            "cifar" => (conv(self.in_channels, c0, 3, size), size),
+            _ => {
+                let s = size.div_ceil(2);
+                (conv(self.in_channels, c0, 7, s), s.div_ceil(2))
+            }
+        };
+        let e = self.expansion();
+        let mut cin = c0;
+        for (st, (&n, &w)) in self.layers.iter().zip(&self.widths).enumerate() {
+            for b in 0..n {
+                let stride = if st > 0 && b == 0 { 2 } else { 1 };
+                let so = s.div_ceil(stride);
+                let cout = w * e;
+                if stride != 1 || cin != cout {
+                    f += conv(cin, cout, 1, so);
+                }
+                f += if self.bottleneck {
+                    conv(cin, w, 1, s) + conv(w, w, 3, so) + conv(w, cout, 1, so)
+                } else {
+                    conv(cin, w, 3, so) + conv(w, w, 3, so)
+                };
+                cin = cout;
+                s = so;
+            }
+        }
+        f + 2.0 * (cin * self.num_classes) as f64
+    }
+}
+
+impl ResNet {
+    /// Runs stem and stages, calling `tap` with `stem`, `layer1` .. `layer4`.
+    pub fn features(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+        for c in &self.stem {
+            x = relu(c.forward(x));
+        }
+        if let Some(p) = &self.stem_pool {
+            x = p.forward(x);
+        }
+        tap("stem".into(), &x);
+        for (i, stage) in self.stages.iter().enumerate() {
+            for b in stage {
+                x = b.forward(x);
+            }
+            tap(format!("layer{}", i + 1), &x);
+        }
+        x
+    }
+
+    /// # Shapes
+    /// `[B, C, h, w]` -> `[B, K]`.
+    pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
+        self.fc.forward(global_avg_pool(f))
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.fc.weight.val().dims()[1]
+    }
+
+    pub fn with_classes(mut self, n: usize, device: &Device) -> Self {
+        let d = self.fc.weight.val().dims()[0];
+        self.fc = LinearConfig::new(d, n).init(device);
+        self
+    }
+}
