@@ -41,7 +41,7 @@ fn every_registered_model() {
     for &name in ModelName::ALL {
         // Full-size models at a small valid input keep the suite fast; their heads adapt.
         let mut cfg = ModelConfig::for_model(name, 7, 3);
-        cfg.input_size = cfg.input_size.min(32);
+        cfg.input_size = cfg.input_size.min(64);
         let model = cfg.build(&device).unwrap();
         assert_eq!(model.num_classes(), 7, "{name}");
         let s = cfg.input_size;
@@ -97,6 +97,7 @@ fn every_registered_model() {
 #[test]
 fn parameter_counts_equal_torchvision() {
     let expected = [
+        ("alexnet", 61_100_840),
         ("vgg11", 132_863_336),
         ("vgg13", 133_047_848),
         ("vgg16", 138_357_544),
@@ -155,4 +156,37 @@ fn zero_gamma_zeroes_the_last_bn_of_every_block() {
         .filter(|(k, _)| k.ends_with("convs.0.bn.gamma"))
         .collect();
     assert!(first.iter().all(|(_, v)| v.data.iter().all(|&g| g == 1.0)));
+}
+
+#[test]
+fn alexnet_paper_grouping_and_init() {
+    let cfg = ModelConfig::for_model(ModelName::AlexnetPaper, 1000, 3);
+    let m = cfg.build(&Device::flex()).unwrap();
+    // Grouped convs halve conv2/4/5's weights: conv1 3*96*121+96 = 34,944; conv2
+    // 48*256*25+256 = 307,456; conv3 256*384*9+384 = 885,120; conv4 192*384*9+384 = 663,936;
+    // conv5 192*256*9+256 = 442,624; fc6 9216*4096+4096 = 37,752,832; fc7 16,781,312;
+    // fc8 4,097,000. Total 60,965,224 (the paper's "60 million parameters").
+    assert_eq!(convlab::models::param_count(&m), 60_965_224);
+    let t = convlab::train::checkpoint::module_tensors(&m);
+    let all = |k: &str, v: f32| t[k].data.iter().all(|&x| x == v);
+    for (k, v) in [
+        ("AlexNet.convs.0.bias", 0.0),
+        ("AlexNet.convs.1.bias", 1.0),
+        ("AlexNet.convs.2.bias", 0.0),
+        ("AlexNet.convs.3.bias", 1.0),
+        ("AlexNet.convs.4.bias", 1.0),
+        ("AlexNet.fc6.bias", 1.0),
+        ("AlexNet.fc7.bias", 1.0),
+        ("AlexNet.fc8.bias", 0.0),
+    ] {
+        assert!(all(k, v), "{k} should be all {v}");
+    }
+    let w = &t["AlexNet.fc6.weight"].data;
+    let n = w.len() as f64;
+    let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let std = (w.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(
+        mean.abs() < 1e-4 && (std - 0.01).abs() < 2e-4,
+        "mean {mean} std {std}"
+    );
 }

@@ -6,10 +6,12 @@
 //! (named intermediate maps, for visualisation and per-layer analysis), [`Model::num_classes`]
 //! and [`Model::with_classes`] (a fresh head, for fine-tuning).
 
+pub mod alexnet;
 pub mod convnet;
 mod model;
 pub mod resnet;
 pub mod vgg;
+pub mod zfnet;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::layers::PoolKind;
 use crate::layers::trunk::{Plan, parse_plan};
+use alexnet::AlexNetConfig;
 use convnet::ConvNetConfig;
 pub use model::{Model, param_count};
 use resnet::ResNetConfig;
@@ -25,6 +28,8 @@ use vgg::VggConfig;
 /// Model families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
+    AlexNet,
+    ZfNet,
     ConvNet,
     Vgg,
     ResNet,
@@ -33,6 +38,8 @@ pub enum Family {
 impl Family {
     pub fn as_str(self) -> &'static str {
         match self {
+            Family::AlexNet => "alexnet",
+            Family::ZfNet => "zfnet",
             Family::ConvNet => "convnet",
             Family::Vgg => "vgg",
             Family::ResNet => "resnet",
@@ -75,6 +82,16 @@ registry! {
     ConvnetSmall = "convnet_small", ConvNet, 28;
     /// The peer-comparison VGG: 64-64-M-128-128-M-256-256-M, BN, GAP, linear; 32x32 RGB.
     BenchVgg = "bench-vgg", ConvNet, 32;
+    /// AlexNet, torchvision's single-tower layout.
+    Alexnet = "alexnet", AlexNet, 224;
+    /// AlexNet as in the paper: 96-256-384-384-256, LRN, grouped convs, paper init.
+    AlexnetPaper = "alexnet_paper", AlexNet, 224;
+    /// AlexNet scaled for 28-32 px input (see `alexnet.rs`).
+    AlexnetSmall = "alexnet_small", AlexNet, 32;
+    /// ZFNet: 7x7/2 first layer, 5x5/2 second.
+    Zfnet = "zfnet", ZfNet, 224;
+    /// ZFNet scaled for 28-32 px input (see `zfnet.rs`).
+    ZfnetSmall = "zfnet_small", ZfNet, 32;
     /// VGG configuration A (11 layers).
     Vgg11 = "vgg11", Vgg, 224;
     /// VGG A-LRN: A with local response normalisation after the first conv.
@@ -138,7 +155,7 @@ impl ModelName {
             Vgg16 | Vgg16Bn => vgg::VGG_D,
             Vgg19 | Vgg19Bn => vgg::VGG_E,
             Vgg11Small => vgg::VGG_A_SMALL,
-            Resnet18 | Resnet34 | Resnet50 | Resnet50D | Resnet18Small => "",
+            _ => "",
         }
     }
 
@@ -189,8 +206,9 @@ pub struct ModelConfig {
     pub input_size: usize,
     /// `max` or `avg` pooling.
     pub pool: PoolKind,
-    /// Overlapping 3x3 stride-2 pooling (AlexNet) instead of plain 2x2 stride 2.
-    pub overlapping_pool: bool,
+    /// Overlapping 3x3 stride-2 pooling (AlexNet) instead of plain 2x2 stride 2 (absent:
+    /// the model's own: overlapping for AlexNet and ZFNet, plain for the others).
+    pub overlapping_pool: Option<bool>,
     /// Dropout probability in the classifier (absent: the model's own, 0.5 for VGG).
     pub dropout: Option<f64>,
     /// Batch norm after every convolution (absent: the model's own).
@@ -213,7 +231,7 @@ impl Default for ModelConfig {
             in_channels: 0,
             input_size: 0,
             pool: PoolKind::Max,
-            overlapping_pool: false,
+            overlapping_pool: None,
             dropout: None,
             batch_norm: None,
             lrn: None,
@@ -277,6 +295,15 @@ impl ModelConfig {
             return Err(bad("dropout", format!("{d} (must be in [0, 1))")));
         }
         let pools = match self.name.family() {
+            Family::AlexNet | Family::ZfNet => {
+                if self.plan.is_some() {
+                    return Err(bad(
+                        "plan",
+                        "only plain (convnet, vgg) models take a plan".into(),
+                    ));
+                }
+                if self.name.is_small() { 4 } else { 6 }
+            }
             Family::ConvNet | Family::Vgg => parse_plan(self.plan())
                 .map_err(|e| bad("plan", e))?
                 .iter()
@@ -315,7 +342,11 @@ impl ModelConfig {
             .with_in_channels(self.in_channels)
             .with_batch_norm(self.batch_norm())
             .with_pool(self.pool)
-            .with_pool_kernel(if self.overlapping_pool { 3 } else { 2 })
+            .with_pool_kernel(if self.overlapping_pool == Some(true) {
+                3
+            } else {
+                2
+            })
             .with_dropout(self.dropout.unwrap_or(0.0))
     }
 
@@ -326,10 +357,43 @@ impl ModelConfig {
             .with_batch_norm(self.batch_norm())
             .with_lrn(self.lrn.unwrap_or(self.name == ModelName::Vgg11Lrn))
             .with_pool(self.pool)
-            .with_pool_kernel(if self.overlapping_pool { 3 } else { 2 })
+            .with_pool_kernel(if self.overlapping_pool == Some(true) {
+                3
+            } else {
+                2
+            })
             .with_dropout(self.dropout.unwrap_or(0.5))
             .with_hidden(if small { 256 } else { 4096 })
             .with_head_pool(if small { 1 } else { 7 })
+    }
+
+    fn alexnet(&self) -> AlexNetConfig {
+        use ModelName::*;
+        let k = self.num_classes;
+        let mut c = match self.name {
+            AlexnetPaper => alexnet::alexnet_paper(k),
+            AlexnetSmall => alexnet::alexnet_small(k),
+            Zfnet => zfnet::zfnet(k),
+            ZfnetSmall => zfnet::zfnet_small(k),
+            _ => alexnet::alexnet(k),
+        };
+        c.in_channels = self.in_channels;
+        c.pool = self.pool;
+        if let Some(o) = self.overlapping_pool {
+            c.overlapping = o;
+        }
+        if let Some(d) = self.dropout {
+            c.dropout = d;
+        }
+        if let Some(bn) = self.batch_norm {
+            c.batch_norm = bn;
+        }
+        match self.lrn {
+            Some(false) => c.lrn_after.clear(),
+            Some(true) if c.lrn_after.is_empty() => c.lrn_after = vec![0, 1],
+            _ => {}
+        }
+        c
     }
 
     fn resnet(&self) -> ResNetConfig {
@@ -354,6 +418,7 @@ impl ModelConfig {
     pub fn build(&self, device: &Device) -> Result<Model> {
         self.validate()?;
         Ok(match self.name.family() {
+            Family::AlexNet | Family::ZfNet => Model::AlexNet(self.alexnet().init(device)),
             Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
             Family::Vgg => Model::Vgg(self.vgg().init(device)),
             Family::ResNet => Model::ResNet(self.resnet().init(device)),
@@ -363,6 +428,7 @@ impl ModelConfig {
     /// Multiply-adds x 2 of one forward pass at the configured input size, from layer shapes.
     pub fn flops(&self) -> f64 {
         match self.name.family() {
+            Family::AlexNet | Family::ZfNet => self.alexnet().flops(self.input_size),
             Family::ConvNet => self.convnet().flops(self.input_size),
             Family::Vgg => self.vgg().flops(self.input_size),
             Family::ResNet => self.resnet().flops(self.input_size),

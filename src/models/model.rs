@@ -2,6 +2,7 @@
 
 use burn::prelude::*;
 
+use super::alexnet::AlexNet;
 use super::convnet::ConvNet;
 use super::resnet::ResNet;
 use super::vgg::Vgg;
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
+    AlexNet(AlexNet),
     ConvNet(ConvNet),
     Vgg(Vgg),
     ResNet(ResNet),
@@ -21,6 +23,7 @@ impl Model {
     /// Runs the feature extractor, calling `tap` with every named intermediate map.
     fn features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
         match self {
+            Model::AlexNet(m) => m.features(x, tap),
             Model::ConvNet(m) => m.trunk.forward(x, tap),
             Model::Vgg(m) => m.trunk.forward(x, tap),
             Model::ResNet(m) => m.features(x, tap),
@@ -41,6 +44,7 @@ impl Model {
     /// `[B, C', h, w]` -> `[B, K]`.
     pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
         match self {
+            Model::AlexNet(m) => m.forward_head(f),
             Model::ConvNet(m) => m.forward_head(f),
             Model::Vgg(m) => m.forward_head(f),
             Model::ResNet(m) => m.forward_head(f),
@@ -75,6 +79,7 @@ impl Model {
 
     pub fn num_classes(&self) -> usize {
         match self {
+            Model::AlexNet(m) => m.num_classes(),
             Model::ConvNet(m) => m.num_classes(),
             Model::Vgg(m) => m.num_classes(),
             Model::ResNet(m) => m.num_classes(),
@@ -84,6 +89,7 @@ impl Model {
     /// The same model with a fresh `n`-way classifier.
     pub fn with_classes(self, n: usize, device: &Device) -> Self {
         match self {
+            Model::AlexNet(m) => Model::AlexNet(m.with_classes(n, device)),
             Model::ConvNet(m) => Model::ConvNet(m.with_classes(n, device)),
             Model::Vgg(m) => Model::Vgg(m.with_classes(n, device)),
             Model::ResNet(m) => Model::ResNet(m.with_classes(n, device)),
