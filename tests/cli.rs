@@ -419,3 +419,71 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
     assert_eq!(strip(&full), strip(&part));
     assert!(part.join("summary.json").exists());
 }
+
+#[test]
+fn models_lists_every_model_with_exact_keys() {
+    let o = convlab().args(["models", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), convlab::models::ModelName::ALL.len());
+    for r in rows {
+        let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["family", "gflops", "input_size", "name", "params"]);
+    }
+    let get = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap().clone();
+    assert_eq!(get("resnet50")["params"], 25_557_032);
+    assert_eq!(get("alexnet")["params"], 61_100_840);
+    // torchvision reports 4.09 GMACs for resnet50 at 224 px.
+    let g = get("resnet50")["gflops"].as_f64().unwrap();
+    assert!((g - 8.18).abs() < 0.05, "{g}");
+    let text = ok(&convlab().arg("models").output().unwrap());
+    assert!(text.contains("googlenet_small") && text.contains("GFLOPs"));
+}
+
+#[test]
+fn every_small_variant_trains_from_the_cli() {
+    // One short epoch each on a subset of the built-in data: the loss must fall.
+    for name in [
+        "alexnet_small",
+        "zfnet_small",
+        "vgg11_small",
+        "googlenet_small",
+        "resnet18_small",
+    ] {
+        let d = tmp();
+        let run = d.path().join("run");
+        let o = convlab()
+            .args([
+                "train",
+                "--model",
+                name,
+                "--epochs",
+                "3",
+                "--batch-size",
+                "32",
+            ])
+            .args([
+                "--set",
+                "data.limit_train=256",
+                "--set",
+                "data.limit_val=64",
+                "--lr",
+                "0.1",
+            ])
+            .args(["--set", "model.input_size=28"])
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap();
+        ok(&o);
+        let m: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let first = m[0]["train_loss"].as_f64().unwrap();
+        let last = m[2]["train_loss"].as_f64().unwrap();
+        assert!(last < first, "{name}: train loss {first} -> {last}");
+    }
+}

@@ -58,7 +58,14 @@ fn every_registered_model() {
             "{name}: non-finite output"
         );
 
-        let grads = GradientsParams::from_grads(y.sum().backward(), &model);
+        // The training forward reaches the auxiliary heads too (GoogLeNet).
+        let out = model.forward_train(x.clone());
+        let mut total = out.logits.sum();
+        for a in out.aux {
+            assert_eq!(a.dims(), [2, 7], "{name} aux");
+            total = total + a.sum();
+        }
+        let grads = GradientsParams::from_grads(total.backward(), &model);
         let mut v = Trainable {
             path: vec![],
             params: vec![],
@@ -105,6 +112,7 @@ fn parameter_counts_equal_torchvision() {
         ("vgg11_bn", 132_868_840),
         ("vgg16_bn", 138_365_992),
         ("vgg19_bn", 143_678_248),
+        ("googlenet_tv", 6_624_904),
         ("resnet18", 11_689_512),
         ("resnet34", 21_797_672),
         ("resnet50", 25_557_032),

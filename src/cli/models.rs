@@ -25,17 +25,15 @@ pub fn run(a: ModelsArgs) -> Result<()> {
     let device = burn::prelude::Device::flex();
     let mut rows = Vec::new();
     for &name in ModelName::ALL {
-        let cfg = ModelConfig {
-            name,
-            num_classes: 10,
-            in_channels: if name == ModelName::ConvnetSmall {
-                1
-            } else {
-                3
-            },
-            input_size: name.default_input_size(),
-            ..Default::default()
+        // Full-size models at ImageNet's 1000 classes, small ones at 10 (their datasets');
+        // grey input only for the default model, whose built-in data is grey.
+        let classes = if name.is_small() { 10 } else { 1000 };
+        let channels = if name == ModelName::ConvnetSmall {
+            1
+        } else {
+            3
         };
+        let cfg = ModelConfig::for_model(name, classes, channels);
         let model = cfg.build(&device)?;
         rows.push(Row {
             name: name.to_string(),

@@ -8,6 +8,7 @@
 
 pub mod alexnet;
 pub mod convnet;
+pub mod googlenet;
 mod model;
 pub mod resnet;
 pub mod vgg;
@@ -21,7 +22,8 @@ use crate::layers::PoolKind;
 use crate::layers::trunk::{Plan, parse_plan};
 use alexnet::AlexNetConfig;
 use convnet::ConvNetConfig;
-pub use model::{Model, param_count};
+use googlenet::GoogLeNetConfig;
+pub use model::{Model, TrainOutput, param_count};
 use resnet::ResNetConfig;
 use vgg::VggConfig;
 
@@ -32,6 +34,7 @@ pub enum Family {
     ZfNet,
     ConvNet,
     Vgg,
+    GoogLeNet,
     ResNet,
 }
 
@@ -42,6 +45,7 @@ impl Family {
             Family::ZfNet => "zfnet",
             Family::ConvNet => "convnet",
             Family::Vgg => "vgg",
+            Family::GoogLeNet => "googlenet",
             Family::ResNet => "resnet",
         }
     }
@@ -114,6 +118,12 @@ registry! {
     Vgg19Bn = "vgg19_bn", Vgg, 224;
     /// VGG A scaled for 28-32 px input (see `vgg.rs`).
     Vgg11Small = "vgg11_small", Vgg, 32;
+    /// GoogLeNet (Inception v1) as in the paper, with auxiliary classifiers.
+    Googlenet = "googlenet", GoogLeNet, 224;
+    /// GoogLeNet in torchvision's layout (BN, 3x3 in the "5x5" branch).
+    GooglenetTv = "googlenet_tv", GoogLeNet, 224;
+    /// GoogLeNet scaled for 28-32 px input (see `googlenet.rs`).
+    GooglenetSmall = "googlenet_small", GoogLeNet, 32;
     /// ResNet-18 (basic blocks 2-2-2-2).
     Resnet18 = "resnet18", ResNet, 224;
     /// ResNet-34 (basic blocks 3-4-6-3).
@@ -171,6 +181,8 @@ impl ModelName {
                 | Vgg16Bn
                 | Vgg19Bn
                 | Vgg11Small
+                | GooglenetTv
+                | GooglenetSmall
                 | Resnet18
                 | Resnet34
                 | Resnet50
@@ -309,6 +321,15 @@ impl ModelConfig {
                 .iter()
                 .filter(|p| **p == Plan::Pool)
                 .count(),
+            Family::GoogLeNet => {
+                if self.plan.is_some() {
+                    return Err(bad(
+                        "plan",
+                        "only plain (convnet, vgg) models take a plan".into(),
+                    ));
+                }
+                if self.name.is_small() { 3 } else { 5 }
+            }
             Family::ResNet => {
                 if self.plan.is_some() {
                     return Err(bad(
@@ -396,6 +417,21 @@ impl ModelConfig {
         c
     }
 
+    fn googlenet(&self) -> GoogLeNetConfig {
+        use ModelName::*;
+        let paper = self.name == Googlenet;
+        let mut c = GoogLeNetConfig::new(self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_batch_norm(self.batch_norm())
+            .with_lrn(self.lrn.unwrap_or(paper))
+            .with_true_5x5(self.name != GooglenetTv)
+            .with_dropout(self.dropout.unwrap_or(if paper { 0.4 } else { 0.2 }));
+        if self.name == GooglenetSmall {
+            c = c.with_width_div(4).with_small_stem(true);
+        }
+        c
+    }
+
     fn resnet(&self) -> ResNetConfig {
         use ModelName::*;
         let (layers, bottleneck) = match self.name {
@@ -421,6 +457,7 @@ impl ModelConfig {
             Family::AlexNet | Family::ZfNet => Model::AlexNet(self.alexnet().init(device)),
             Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
             Family::Vgg => Model::Vgg(self.vgg().init(device)),
+            Family::GoogLeNet => Model::GoogLeNet(self.googlenet().init(device)),
             Family::ResNet => Model::ResNet(self.resnet().init(device)),
         })
     }
@@ -431,6 +468,7 @@ impl ModelConfig {
             Family::AlexNet | Family::ZfNet => self.alexnet().flops(self.input_size),
             Family::ConvNet => self.convnet().flops(self.input_size),
             Family::Vgg => self.vgg().flops(self.input_size),
+            Family::GoogLeNet => self.googlenet().flops(self.input_size),
             Family::ResNet => self.resnet().flops(self.input_size),
         }
     }

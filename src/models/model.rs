@@ -4,6 +4,7 @@ use burn::prelude::*;
 
 use super::alexnet::AlexNet;
 use super::convnet::ConvNet;
+use super::googlenet::GoogLeNet;
 use super::resnet::ResNet;
 use super::vgg::Vgg;
 use crate::error::{Error, Result};
@@ -16,7 +17,15 @@ pub enum Model {
     AlexNet(AlexNet),
     ConvNet(ConvNet),
     Vgg(Vgg),
+    GoogLeNet(GoogLeNet),
     ResNet(ResNet),
+}
+
+/// What a training step needs from a forward pass: the logits, and the auxiliary
+/// classifiers' logits where the model has them (GoogLeNet).
+pub struct TrainOutput {
+    pub logits: Tensor<2>,
+    pub aux: Vec<Tensor<2>>,
 }
 
 impl Model {
@@ -26,6 +35,7 @@ impl Model {
             Model::AlexNet(m) => m.features(x, tap),
             Model::ConvNet(m) => m.trunk.forward(x, tap),
             Model::Vgg(m) => m.trunk.forward(x, tap),
+            Model::GoogLeNet(m) => m.features(x, tap),
             Model::ResNet(m) => m.features(x, tap),
         }
     }
@@ -47,6 +57,7 @@ impl Model {
             Model::AlexNet(m) => m.forward_head(f),
             Model::ConvNet(m) => m.forward_head(f),
             Model::Vgg(m) => m.forward_head(f),
+            Model::GoogLeNet(m) => m.forward_head(f),
             Model::ResNet(m) => m.forward_head(f),
         }
     }
@@ -57,6 +68,21 @@ impl Model {
     /// `[B, C, H, W]` -> `[B, K]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         self.forward_head(self.forward_features(x))
+    }
+
+    /// The training forward pass: logits plus auxiliary logits (GoogLeNet's two heads; none
+    /// for the other families). Evaluation uses [`Self::forward`], which never runs them.
+    pub fn forward_train(&self, x: Tensor<4>) -> TrainOutput {
+        match self {
+            Model::GoogLeNet(m) => {
+                let (logits, aux) = m.forward_aux(x);
+                TrainOutput { logits, aux }
+            }
+            _ => TrainOutput {
+                logits: self.forward(x),
+                aux: Vec::new(),
+            },
+        }
     }
 
     /// The named intermediate feature maps, in network order (all of them when `names` is
@@ -82,6 +108,7 @@ impl Model {
             Model::AlexNet(m) => m.num_classes(),
             Model::ConvNet(m) => m.num_classes(),
             Model::Vgg(m) => m.num_classes(),
+            Model::GoogLeNet(m) => m.num_classes(),
             Model::ResNet(m) => m.num_classes(),
         }
     }
@@ -92,13 +119,16 @@ impl Model {
             Model::AlexNet(m) => Model::AlexNet(m.with_classes(n, device)),
             Model::ConvNet(m) => Model::ConvNet(m.with_classes(n, device)),
             Model::Vgg(m) => Model::Vgg(m.with_classes(n, device)),
+            Model::GoogLeNet(m) => Model::GoogLeNet(m.with_classes(n, device)),
             Model::ResNet(m) => Model::ResNet(m.with_classes(n, device)),
         }
     }
 }
 
 /// Learnable parameters of a module, as PyTorch's `sum(p.numel() for p in m.parameters())`:
-/// batch-norm running statistics are buffers, not parameters, and are not counted.
+/// batch-norm running statistics are buffers, not parameters, and are not counted; nor are
+/// training-only auxiliary classifiers (GoogLeNet's `aux`), as torchvision counts GoogLeNet
+/// with `aux_logits=False`.
 pub fn param_count<M: Module>(module: &M) -> usize {
     struct Count {
         path: Vec<String>,
@@ -113,7 +143,8 @@ pub fn param_count<M: Module>(module: &M) -> usize {
         }
         fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
             let last = self.path.last().map(String::as_str).unwrap_or("");
-            if last != "running_mean" && last != "running_var" {
+            let aux = self.path.iter().any(|p| p == "aux");
+            if last != "running_mean" && last != "running_var" && !aux {
                 self.n += p.lazy_shape().num_elements();
             }
         }

@@ -154,11 +154,22 @@ impl Default for ScheduleConfig {
 }
 
 /// `[loss]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
     /// Label smoothing epsilon (Szegedy et al. 2016).
     pub label_smoothing: f64,
+    /// Weight of each auxiliary classifier's loss (GoogLeNet: 0.3, Szegedy et al. 2014).
+    pub aux_weight: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig {
+            label_smoothing: 0.0,
+            aux_weight: 0.3,
+        }
+    }
 }
 
 impl Default for Recipe {
@@ -174,6 +185,7 @@ impl Default for Recipe {
             schedule: ScheduleConfig::default(),
             loss: LossConfig {
                 label_smoothing: 0.1,
+                ..LossConfig::default()
             },
         }
     }

@@ -265,8 +265,12 @@ pub fn train(
             let x = batch_tensor(&batch, device);
             let q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
             let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
-            let logits = model.forward(x);
-            let loss = soft_cross_entropy(logits.clone(), targets);
+            let out = model.forward_train(x);
+            let logits = out.logits;
+            let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
+            for aux in out.aux {
+                loss = loss + soft_cross_entropy(aux, targets.clone()) * recipe.loss.aux_weight;
+            }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = sgd.step(lr, model, grads);
             let loss_v = loss.into_scalar::<f32>();
