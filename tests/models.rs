@@ -198,3 +198,32 @@ fn alexnet_paper_grouping_and_init() {
         "mean {mean} std {std}"
     );
 }
+
+#[test]
+fn init_schemes_build_every_small_model() {
+    use convlab::models::Init;
+    let device = Device::flex();
+    for &name in ModelName::ALL.iter().filter(|n| n.is_small()) {
+        for init in [Init::Default, Init::Xavier, Init::Kaiming, Init::Paper] {
+            let mut cfg = ModelConfig::for_model(name, 10, 3);
+            cfg.init = Some(init);
+            let m = match cfg.build(&device) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Only families without a paper scheme may refuse, naming the field.
+                    assert_eq!(init, Init::Paper, "{name}: {e}");
+                    assert!(e.to_string().contains("model.init"), "{e}");
+                    continue;
+                }
+            };
+            let x = Tensor::<4>::ones([1, 3, 32, 32], &device);
+            let y: Vec<f32> = m
+                .forward(x)
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec()
+                .unwrap();
+            assert!(y.iter().all(|v| v.is_finite()), "{name} {init:?}");
+        }
+    }
+}

@@ -9,6 +9,7 @@
 pub mod alexnet;
 pub mod convnet;
 pub mod googlenet;
+pub mod init;
 mod model;
 pub mod resnet;
 pub mod vgg;
@@ -23,6 +24,7 @@ use crate::layers::trunk::{Plan, parse_plan};
 use alexnet::AlexNetConfig;
 use convnet::ConvNetConfig;
 use googlenet::GoogLeNetConfig;
+pub use init::Init;
 pub use model::{Model, TrainOutput, param_count};
 use resnet::ResNetConfig;
 use vgg::VggConfig;
@@ -233,6 +235,9 @@ pub struct ModelConfig {
     pub plan: Option<String>,
     /// ResNet: start every residual block as the identity (last BN scale 0).
     pub zero_gamma: bool,
+    /// Weight initialisation: `default`, `xavier`, `kaiming` or `paper` (absent: the model's
+    /// own, which is `paper` for `alexnet_paper` and `default` for the others).
+    pub init: Option<Init>,
 }
 
 impl Default for ModelConfig {
@@ -249,6 +254,7 @@ impl Default for ModelConfig {
             lrn: None,
             plan: None,
             zero_gamma: false,
+            init: None,
         }
     }
 }
@@ -346,6 +352,17 @@ impl ModelConfig {
                 "ResNets are built with batch norm".into(),
             ));
         }
+        if self.init == Some(Init::Paper)
+            && matches!(self.name.family(), Family::ConvNet | Family::GoogLeNet)
+        {
+            return Err(bad(
+                "init",
+                format!(
+                    "{} has no paper initialisation; use xavier or kaiming",
+                    self.name
+                ),
+            ));
+        }
         if self.input_size < (1 << pools) {
             return Err(bad(
                 "input_size",
@@ -400,6 +417,11 @@ impl ModelConfig {
         };
         c.in_channels = self.in_channels;
         c.pool = self.pool;
+        match self.init {
+            Some(Init::Paper) if self.name.family() == Family::AlexNet => c.paper_init = true,
+            Some(_) => c.paper_init = false,
+            None => {}
+        }
         if let Some(o) = self.overlapping_pool {
             c.overlapping = o;
         }
@@ -453,13 +475,31 @@ impl ModelConfig {
     /// Builds the model with freshly initialised weights on `device`.
     pub fn build(&self, device: &Device) -> Result<Model> {
         self.validate()?;
-        Ok(match self.name.family() {
+        let model = self.build_layers(device);
+        let family = self.name.family();
+        let scheme = match self.init {
+            None | Some(Init::Default) => None,
+            Some(Init::Xavier) => Some(init::Scheme::Xavier),
+            Some(Init::Kaiming) => Some(init::Scheme::Kaiming),
+            // AlexNet's paper rule is applied by its own config; ResNet's paper is He init.
+            Some(Init::Paper) if family == Family::AlexNet => None,
+            Some(Init::Paper) if family == Family::ResNet => Some(init::Scheme::Kaiming),
+            Some(Init::Paper) => Some(init::Scheme::Gaussian(0.01)),
+        };
+        Ok(match scheme {
+            Some(s) => init::apply(model, s),
+            None => model,
+        })
+    }
+
+    fn build_layers(&self, device: &Device) -> Model {
+        match self.name.family() {
             Family::AlexNet | Family::ZfNet => Model::AlexNet(self.alexnet().init(device)),
             Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
             Family::Vgg => Model::Vgg(self.vgg().init(device)),
             Family::GoogLeNet => Model::GoogLeNet(self.googlenet().init(device)),
             Family::ResNet => Model::ResNet(self.resnet().init(device)),
-        })
+        }
     }
 
     /// Multiply-adds x 2 of one forward pass at the configured input size, from layer shapes.
