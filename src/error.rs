@@ -22,7 +22,10 @@ pub enum Error {
         "{path}: unknown dataset format ({reason}); pass --data-format imagefolder|cifar10|cifar100|idx|builtin"
     )]
     UnknownFormat { path: PathBuf, reason: String },
-    #[error("recipe {origin}: key `{key}`: {reason}")]
+    #[error(
+        "recipe{}: key `{key}`: {reason}",
+        if origin.is_empty() { String::new() } else { format!(" {origin}") }
+    )]
     Recipe {
         origin: String,
         key: String,

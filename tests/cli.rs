@@ -320,6 +320,10 @@ fn bad_input_gives_one_clear_error() {
             .unwrap();
         let e = fails(&o);
         assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(
+            !out.exists(),
+            "{args:?}: a run that never started leaves no folder"
+        );
     }
     let recipe = d.path().join("bad.toml");
     std::fs::write(&recipe, "[optim]\nmomentum = \"high\"\n").unwrap();

@@ -98,11 +98,11 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
 pub fn run(a: TrainArgs) -> Result<()> {
     device::set_threads(a.runtime.threads)?;
     let dev = device::pick(&a.runtime.device)?.autodiff();
-    let (recipe, run, resume) = match &a.resume {
+    let (recipe, run, resume, created) = match &a.resume {
         Some(dir) => {
             let run = RunDir::open(dir)?;
             let recipe = Recipe::resolve(Some(&run.file(convlab::run::RECIPE)), &overrides(&a)?)?;
-            (recipe, run, true)
+            (recipe, run, true, false)
         }
         None => {
             let recipe = Recipe::resolve(a.recipe.as_deref(), &overrides(&a)?)?;
@@ -110,7 +110,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 .out
                 .clone()
                 .unwrap_or_else(|| default_run_path(recipe.model.name.as_str()));
-            (recipe, RunDir::create(&path)?, false)
+            let created = !path.exists();
+            (recipe, RunDir::create(&path)?, false, created)
         }
     };
     let opts = TrainOptions {
@@ -119,8 +120,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let mut progress = Progress::new();
     println!("run folder: {}", run.path.display());
-    let s = train(recipe, &run, &opts, &dev, &mut progress)
-        .with_context(|| format!("training in {} failed", run.path.display()))?;
+    let s = match train(recipe, &run, &opts, &dev, &mut progress) {
+        Ok(s) => s,
+        Err(e) => {
+            // A folder this command made and no epoch finished in holds nothing worth keeping.
+            if created && !run.file(convlab::run::METRICS).exists() {
+                let _ = std::fs::remove_dir_all(&run.path);
+                return Err(e).context("training failed before its first epoch");
+            }
+            return Err(e).with_context(|| format!("training in {} failed", run.path.display()));
+        }
+    };
     println!(
         "done: {} epochs in {:.1} s; final val top1 {:.2}% top5 {:.2}%, best top1 {:.2}% (epoch {}){}",
         s.epochs,

@@ -288,10 +288,21 @@ impl ModelConfig {
         self.batch_norm.unwrap_or(self.name.default_batch_norm())
     }
 
+    /// Checks the options that do not depend on the data (run before anything is written).
+    pub fn validate_options(&self) -> Result<()> {
+        let c = ModelConfig {
+            num_classes: 2,
+            in_channels: 3,
+            input_size: 1 << 16,
+            ..self.clone()
+        };
+        c.validate()
+    }
+
     /// Checks the values make a buildable model.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, reason: String| Error::Recipe {
-            origin: "resolved".into(),
+            origin: String::new(),
             key: format!("model.{key}"),
             reason,
         };
@@ -350,6 +361,27 @@ impl ModelConfig {
             return Err(bad(
                 "batch_norm",
                 "ResNets are built with batch norm".into(),
+            ));
+        }
+        let family = self.name.family();
+        if self.lrn == Some(true) && matches!(family, Family::ConvNet | Family::ResNet) {
+            return Err(bad("lrn", format!("{} has no LRN layers", self.name)));
+        }
+        if self.zero_gamma && family != Family::ResNet {
+            return Err(bad(
+                "zero_gamma",
+                format!("only ResNets have residual blocks, not {}", self.name),
+            ));
+        }
+        if (self.pool != PoolKind::Max || self.overlapping_pool.is_some())
+            && matches!(family, Family::ResNet | Family::GoogLeNet)
+        {
+            return Err(bad(
+                "pool",
+                format!(
+                    "{} keeps its own pooling; pool and overlapping_pool do not apply",
+                    self.name
+                ),
             ));
         }
         if self.init == Some(Init::Paper)

@@ -338,7 +338,7 @@ impl Recipe {
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, reason: &str| {
             Err(Error::Recipe {
-                origin: "resolved".into(),
+                origin: String::new(),
                 key: key.into(),
                 reason: reason.into(),
             })
@@ -370,7 +370,7 @@ impl Recipe {
         if self.schedule.warmup_epochs < 0.0 {
             return bad("schedule.warmup_epochs", "must be >= 0");
         }
-        Ok(())
+        self.model.validate_options()
     }
 
     pub fn to_toml(&self) -> Result<String> {

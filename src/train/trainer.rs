@@ -65,7 +65,7 @@ pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
     }
     if m.num_classes != splits.classes.len() {
         return Err(Error::Recipe {
-            origin: "resolved".into(),
+            origin: String::new(),
             key: "model.num_classes".into(),
             reason: format!(
                 "{} but the data has {} classes",
