@@ -13,7 +13,8 @@ use super::checkpoint::{self, module_tensors};
 use super::loss::{smoothed_targets, soft_cross_entropy};
 use super::optim::Sgd;
 use super::recipe::Recipe;
-use super::schedule::lr_at;
+use super::recipe::ScheduleKind;
+use super::schedule::{Plateau, lr_at};
 use crate::data::split::mix_seed;
 use crate::data::transforms::channel_stats;
 use crate::data::{Augment, Dataset, Loader, LoaderConfig, Splits, Transform, open};
@@ -133,6 +134,7 @@ pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -
 
 /// Resume state stored in a checkpoint's metadata.
 struct Progress {
+    plateau: Plateau,
     epochs_done: usize,
     best_top1: f64,
     best_epoch: usize,
@@ -153,6 +155,10 @@ fn save_checkpoint(
         ("best_epoch".to_string(), p.best_epoch.to_string()),
         ("images_skipped".to_string(), p.skipped.to_string()),
         ("seconds".to_string(), p.seconds.to_string()),
+        (
+            "plateau".to_string(),
+            serde_json::to_string(&p.plateau).expect("serialisable"),
+        ),
     ]);
     let weights = module_tensors(&model.valid());
     checkpoint::save(
@@ -179,6 +185,7 @@ pub fn train(
     let mut model = recipe.model.build(device)?;
     let mut sgd = Sgd::new(recipe.optim.clone());
     let mut p = Progress {
+        plateau: Plateau::default(),
         epochs_done: 0,
         best_top1: -1.0,
         best_epoch: 0,
@@ -199,6 +206,11 @@ pub fn train(
                 .unwrap_or(0.0)
         };
         p = Progress {
+            plateau: ck
+                .meta
+                .get("plateau")
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default(),
             epochs_done: num("epoch") as usize,
             best_top1: num("best_val_top1"),
             best_epoch: num("best_epoch") as usize,
@@ -260,7 +272,14 @@ pub fn train(
                 continue;
             }
             let step = (epoch - 1) * per_epoch + i;
-            lr = lr_at(&recipe.schedule, peak, step, total_steps, per_epoch);
+            lr = lr_at(
+                &recipe.schedule,
+                peak,
+                step,
+                total_steps,
+                per_epoch,
+                p.plateau.scale,
+            );
             let b = batch.len();
             let x = batch_tensor(&batch, device);
             let q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
@@ -318,6 +337,16 @@ pub fn train(
         };
         p.epochs_done = epoch;
         p.seconds += seconds;
+        if recipe.schedule.kind == ScheduleKind::Plateau
+            && p.plateau.observe(&recipe.schedule, m.val_loss, m.val_top1)
+        {
+            rep.message(&format!(
+                "no improvement for {} epochs: learning rate x {} (now {})",
+                recipe.schedule.patience + 1,
+                recipe.schedule.gamma,
+                (peak * p.plateau.scale).max(recipe.schedule.min_lr)
+            ));
+        }
         let improved = m.val_top1 > p.best_top1;
         if improved {
             p.best_top1 = m.val_top1;
