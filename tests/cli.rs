@@ -380,6 +380,16 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
         "model.dropout=0.3",
         "--set",
         "augment.crop_padding=2",
+        "--set",
+        "regularisation.ema_decay=0.9",
+        "--set",
+        "regularisation.grad_clip_norm=1.0",
+        "--set",
+        "schedule.kind=\"plateau\"",
+        "--set",
+        "schedule.patience=0",
+        "--set",
+        "checkpoint_every=1",
     ];
     let full = d.path().join("full");
     ok(&convlab()
@@ -422,6 +432,39 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
     };
     assert_eq!(strip(&full), strip(&part));
     assert!(part.join("summary.json").exists());
+    for e in 1..=3 {
+        assert!(
+            full.join(format!("checkpoints/epoch-{e}.safetensors"))
+                .is_file()
+        );
+    }
+}
+
+#[test]
+fn divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint() {
+    let d = tmp();
+    let run = d.path().join("run");
+    ok(&train_tiny(
+        &run,
+        &["--set", "epochs=3", "--stop-after-epoch", "1"],
+    ));
+    let before = std::fs::read(run.join("checkpoints/last.safetensors")).unwrap();
+    let o = convlab()
+        .args(["train", "--resume"])
+        .arg(&run)
+        .args(["--set", "optim.lr=1e30"])
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(
+        e.contains("diverged") && e.contains("last good checkpoint"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoints/last.safetensors")).unwrap(),
+        before
+    );
+    assert!(!run.join("summary.json").exists());
 }
 
 #[test]

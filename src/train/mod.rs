@@ -1,6 +1,7 @@
 //! Training: the recipe, the optimiser, the schedule, the losses, checkpoints and the loop.
 
 pub mod checkpoint;
+pub mod ema;
 pub mod loss;
 pub mod optim;
 pub mod recipe;

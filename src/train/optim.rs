@@ -39,15 +39,30 @@ impl Sgd {
         self.config.weight_decay > 0.0 && !(self.config.no_bias_decay && rank < 2)
     }
 
-    /// One update of every parameter that has a gradient.
-    pub fn step<M: Module>(&mut self, lr: f64, module: M, grads: GradientsParams) -> M {
+    /// One update of every parameter that has a gradient. With `clip_norm > 0` the gradients
+    /// are first scaled so their global L2 norm is at most `clip_norm` (Pascanu et al. 2013).
+    /// Returns the module and the gradient norm before clipping (0 when not computed).
+    pub fn step<M: Module>(
+        &mut self,
+        lr: f64,
+        module: M,
+        grads: GradientsParams,
+        clip_norm: f64,
+    ) -> (M, f64) {
+        let (scale, norm) = if clip_norm > 0.0 {
+            let norm = grad_norm(&module, &grads);
+            ((clip_norm / (norm + 1e-6)).min(1.0), norm)
+        } else {
+            (1.0, 0.0)
+        };
         let mut m = SgdMapper {
             sgd: self,
             grads,
             lr,
+            scale,
             path: Vec::new(),
         };
-        module.map(&mut m)
+        (module.map(&mut m), norm)
     }
 
     /// Momentum buffers, for checkpoints.
@@ -67,10 +82,35 @@ impl Sgd {
     }
 }
 
+/// Global L2 norm of all gradients of `module`'s parameters.
+pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    struct Norm<'a> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<1>>,
+    }
+    impl burn::module::ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(p.id) {
+                let s = g.square().sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut n = Norm { grads, sum: None };
+    module.visit(&mut n);
+    n.sum
+        .map_or(0.0, |s| (s.into_scalar::<f32>() as f64).sqrt())
+}
+
 struct SgdMapper<'a> {
     sgd: &'a mut Sgd,
     grads: GradientsParams,
     lr: f64,
+    /// Gradient multiplier from clipping.
+    scale: f64,
     path: Vec<String>,
 }
 
@@ -91,6 +131,9 @@ impl ModuleMapper for SgdMapper<'_> {
         let require_grad = tensor.is_require_grad();
         let w = tensor.inner().reshape([n]);
         let mut g = grad.reshape([n]);
+        if self.scale != 1.0 {
+            g = g * self.scale;
+        }
         let cfg = &self.sgd.config;
         if self.sgd.decays(D) {
             g = g + w.clone() * cfg.weight_decay;
@@ -116,5 +159,74 @@ impl ModuleMapper for SgdMapper<'_> {
             w = w.require_grad();
         }
         Param::from_mapped_value(id, w, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+
+    #[test]
+    fn no_bias_decay_skips_biases_and_batch_norm() {
+        let mut sgd = Sgd::new(OptimConfig {
+            no_bias_decay: true,
+            ..OptimConfig::default()
+        });
+        assert!(sgd.decays(2) && sgd.decays(4));
+        assert!(!sgd.decays(1));
+        sgd.config.no_bias_decay = false;
+        assert!(sgd.decays(1));
+    }
+
+    #[test]
+    fn sgd_nesterov_matches_pytorch_formula() {
+        // One weight w = 1 with gradient g = 2 each step, lr 0.1, momentum 0.9, wd 0.5, Nesterov:
+        // step 1: g' = 2 + 0.5 = 2.5, buf = 2.5, d = 2.5 + 0.9 * 2.5 = 4.75, w = 1 - 0.475 = 0.525
+        // step 2: g' = 2 + 0.2625 = 2.2625, buf = 2.25 + 2.2625 = 4.5125,
+        //         d = 2.2625 + 4.06125 = 6.32375, w = 0.525 - 0.632375 = -0.107375
+        let device = Device::flex().autodiff();
+        let mut fc = LinearConfig::new(1, 1).with_bias(false).init(&device);
+        fc.weight = fc.weight.map(|t| (t.zeros_like() + 1.0).require_grad());
+        let mut sgd = Sgd::new(OptimConfig {
+            weight_decay: 0.5,
+            ..OptimConfig::default()
+        });
+        for want in [0.525f32, -0.107375] {
+            let x = Tensor::<2>::from_data([[2.0f32]], &device);
+            let loss = fc.forward(x).sum(); // d loss / d w = 2
+            let grads = GradientsParams::from_grads(loss.backward(), &fc);
+            fc = sgd.step(0.1, fc, grads, 0.0).0;
+            let w = fc.weight.val().into_scalar::<f32>();
+            assert!((w - want).abs() < 1e-5, "{w} vs {want}");
+        }
+    }
+
+    #[test]
+    fn clipping_caps_the_global_norm() {
+        let device = Device::flex().autodiff();
+        let mut fc = LinearConfig::new(2, 1).with_bias(false).init(&device);
+        fc.weight = fc.weight.map(|t| t.zeros_like().require_grad());
+        let mut sgd = Sgd::new(OptimConfig {
+            momentum: 0.0,
+            weight_decay: 0.0,
+            ..OptimConfig::default()
+        });
+        // Gradient (3, 4): norm 5; clipped to 1 -> (0.6, 0.8); lr 1 -> w = (-0.6, -0.8).
+        let x = Tensor::<2>::from_data([[3.0f32, 4.0]], &device);
+        let grads = GradientsParams::from_grads(fc.forward(x).sum().backward(), &fc);
+        let (fc, norm) = sgd.step(1.0, fc, grads, 1.0);
+        assert!((norm - 5.0).abs() < 1e-5);
+        let w: Vec<f32> = fc
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap();
+        assert!(
+            (w[0] + 0.6).abs() < 1e-5 && (w[1] + 0.8).abs() < 1e-5,
+            "{w:?}"
+        );
     }
 }

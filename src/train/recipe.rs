@@ -26,6 +26,20 @@ pub struct Recipe {
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
     pub loss: LossConfig,
+    pub regularisation: RegularisationConfig,
+    /// Also keep `checkpoints/epoch-N` every this many epochs (0 = only last and best); the
+    /// visualisations of features across epochs read them.
+    pub checkpoint_every: usize,
+}
+
+/// `[regularisation]`: stability and averaging (dropout is a model option).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegularisationConfig {
+    /// Exponential moving average of the weights, decay per step (0 = off; 0.999 is usual).
+    pub ema_decay: f64,
+    /// Clip the global gradient L2 norm to this value (0 = off).
+    pub grad_clip_norm: f64,
 }
 
 /// `[data]`: where the images come from and how they are read.
@@ -220,6 +234,8 @@ impl Default for Recipe {
                 label_smoothing: 0.1,
                 ..LossConfig::default()
             },
+            regularisation: RegularisationConfig::default(),
+            checkpoint_every: 0,
         }
     }
 }
@@ -336,11 +352,11 @@ impl Recipe {
                 .strip_prefix("unknown field `")
                 .and_then(|r| r.split('`').next())
             {
-                key = if key == "." {
-                    name.to_string()
-                } else {
-                    format!("{key}.{name}")
-                };
+                if key == "." {
+                    key = name.to_string();
+                } else if !key.ends_with(&format!(".{name}")) && key != name {
+                    key = format!("{key}.{name}");
+                }
             }
             let origin = overrides
                 .iter()
@@ -403,6 +419,12 @@ impl Recipe {
         if self.schedule.warmup_epochs < 0.0 {
             return bad("schedule.warmup_epochs", "must be >= 0");
         }
+        if !(0.0..1.0).contains(&self.regularisation.ema_decay) {
+            return bad("regularisation.ema_decay", "must be in [0, 1)");
+        }
+        if self.regularisation.grad_clip_norm < 0.0 {
+            return bad("regularisation.grad_clip_norm", "must be >= 0");
+        }
         if !(self.schedule.gamma > 0.0 && self.schedule.gamma <= 1.0) {
             return bad("schedule.gamma", "must be in (0, 1]");
         }
@@ -454,7 +476,7 @@ mod tests {
         let f = dir.path().join("bad.toml");
         std::fs::write(&f, "[optim]\nlrr = 0.1\n").unwrap();
         let e = Recipe::resolve(Some(&f), &[]).unwrap_err().to_string();
-        assert!(e.contains("optim.lrr") && e.contains("bad.toml"), "{e}");
+        assert!(e.contains("`optim.lrr`") && e.contains("bad.toml"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use super::checkpoint::{self, module_tensors};
+use super::ema::Ema;
 use super::loss::{smoothed_targets, soft_cross_entropy};
 use super::optim::Sgd;
 use super::recipe::Recipe;
@@ -124,12 +125,19 @@ pub fn loader(recipe: &Recipe, data: Arc<dyn Dataset>, train: bool) -> Result<Lo
     )
 }
 
-/// Loads a run's model from a checkpoint (`best` or `last`) onto `device`.
+/// Loads a run's model from a checkpoint (`best`, `last` or `epoch-N`) onto `device`: its
+/// averaged (EMA) weights when the run kept them, else its weights.
 pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -> Result<Model> {
     let path = run.checkpoint(which);
     let ck = checkpoint::load(&path)?;
     let model = recipe.model.build(device)?;
-    checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())
+    let ema = ck.group("ema");
+    let group = if ema.is_empty() {
+        ck.group("model")
+    } else {
+        ema
+    };
+    checkpoint::load_module(model, &group, &path, recipe.model.name.as_str())
 }
 
 /// Resume state stored in a checkpoint's metadata.
@@ -147,6 +155,7 @@ fn save_checkpoint(
     which: &str,
     model: &Model,
     sgd: &Sgd,
+    ema: Option<&Ema>,
     p: &Progress,
 ) -> Result<()> {
     let meta = HashMap::from([
@@ -161,9 +170,14 @@ fn save_checkpoint(
         ),
     ]);
     let weights = module_tensors(&model.valid());
+    let averaged = ema.map(Ema::state).unwrap_or_default();
     checkpoint::save(
         &run.checkpoint(which),
-        &[("model", &weights), ("optim", &sgd.state())],
+        &[
+            ("model", &weights),
+            ("optim", &sgd.state()),
+            ("ema", &averaged),
+        ],
         meta,
     )
 }
@@ -184,6 +198,8 @@ pub fn train(
     device.seed(mix_seed(&[recipe.seed, 0xC0FFEE]));
     let mut model = recipe.model.build(device)?;
     let mut sgd = Sgd::new(recipe.optim.clone());
+    let reg = recipe.regularisation.clone();
+    let mut ema = (reg.ema_decay > 0.0).then(|| Ema::new(reg.ema_decay));
     let mut p = Progress {
         plateau: Plateau::default(),
         epochs_done: 0,
@@ -199,6 +215,9 @@ pub fn train(
         model =
             checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())?;
         sgd.load_state(&ck.group("optim"), &eval_device);
+        if let Some(e) = ema.as_mut() {
+            e.load_state(&ck.group("ema"), &eval_device);
+        }
         let num = |k: &str| {
             ck.meta
                 .get(k)
@@ -291,7 +310,10 @@ pub fn train(
                 loss = loss + soft_cross_entropy(aux, targets.clone()) * recipe.loss.aux_weight;
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = sgd.step(lr, model, grads);
+            model = sgd.step(lr, model, grads, reg.grad_clip_norm).0;
+            if let Some(e) = ema.as_mut() {
+                e.update(&model.valid());
+            }
             let loss_v = loss.into_scalar::<f32>();
             if !loss_v.is_finite() {
                 return Err(Error::Diverged {
@@ -317,7 +339,10 @@ pub fn train(
             rep.batch(i + 1, loss_v, seen as f64 / start.elapsed().as_secs_f64());
         }
         let train_secs = start.elapsed().as_secs_f64();
-        let eval_model = model.valid();
+        let eval_model = match &ema {
+            Some(e) => e.apply(model.valid()),
+            None => model.valid(),
+        };
         let (report, skipped) = evaluate(&eval_model, &val_loader, &splits.classes, &eval_device)?;
         p.skipped += skipped.len();
         for (src, why) in &skipped {
@@ -355,9 +380,19 @@ pub fn train(
         history.push(m.clone());
         run.write_metrics(&history)?;
         if improved {
-            save_checkpoint(run, "best", &model, &sgd, &p)?;
+            save_checkpoint(run, "best", &model, &sgd, ema.as_ref(), &p)?;
         }
-        save_checkpoint(run, "last", &model, &sgd, &p)?;
+        if recipe.checkpoint_every > 0 && epoch % recipe.checkpoint_every == 0 {
+            save_checkpoint(
+                run,
+                &format!("epoch-{epoch}"),
+                &model,
+                &sgd,
+                ema.as_ref(),
+                &p,
+            )?;
+        }
+        save_checkpoint(run, "last", &model, &sgd, ema.as_ref(), &p)?;
         rep.epoch_end(&m);
     }
 
