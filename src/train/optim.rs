@@ -165,7 +165,7 @@ impl ModuleMapper for SgdMapper<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::nn::{Linear, LinearConfig};
+    use burn::nn::LinearConfig;
 
     #[test]
     fn no_bias_decay_skips_biases_and_batch_norm() {
