@@ -534,3 +534,56 @@ fn every_small_variant_trains_from_the_cli() {
         assert!(last < first, "{name}: train loss {first} -> {last}");
     }
 }
+
+#[test]
+fn distillation_mixup_and_init_from_runs() {
+    let d = tmp();
+    let teacher = d.path().join("teacher");
+    ok(&train_tiny(&teacher, &[]));
+    // A student of another family, input size and channel count, with mixup and CutMix:
+    // the teacher gets the batch converted to its own 1x28x28 input and normalisation.
+    let student = d.path().join("student");
+    let out = ok(&train_tiny(
+        &student,
+        &[
+            "--model",
+            "vgg11_small",
+            "--set",
+            "model.in_channels=3",
+            "--set",
+            "model.input_size=32",
+            "--set",
+            &format!("distill.teacher=\"{}\"", teacher.display()),
+            "--set",
+            "loss.mixup_alpha=0.2",
+            "--set",
+            "loss.cutmix_alpha=1.0",
+        ],
+    ));
+    assert!(out.contains("distilling from"), "{out}");
+    // init_from copies every tensor of a run of the same model: 4 convs x (weight, BN gamma,
+    // beta, running mean, running var) + the classifier's weight and bias = 22.
+    let warm = d.path().join("warm");
+    let out = ok(&train_tiny(
+        &warm,
+        &["--set", &format!("init_from=\"{}\"", teacher.display())],
+    ));
+    assert!(out.contains("copied 22 of 22 tensors"), "{out}");
+    // A teacher with another number of classes is refused by name.
+    let data = d.path().join("photos");
+    write_image_folder(&data, &["a", "b"], 6);
+    let o = convlab()
+        .args(["train", "--epochs", "1", "--data"])
+        .arg(&data)
+        .args([
+            "--set",
+            &format!("distill.teacher=\"{}\"", teacher.display()),
+        ])
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(
+        e.contains("distill.teacher") && e.contains("10 classes"),
+        "{e}"
+    );
+}

@@ -227,3 +227,45 @@ fn init_schemes_build_every_small_model() {
         }
     }
 }
+
+#[test]
+fn init_from_copies_exactly_the_matching_tensors() {
+    // VGG's shallow-to-deep initialisation, on narrow versions of A and D: only layers whose
+    // tensors all agree in name and shape move (A's conv1 and its three FC layers; conv8's
+    // bias has the same shape in both but its weight does not, so it stays), the rest stay.
+    use convlab::train::checkpoint::{load_matching, module_tensors};
+    let device = Device::flex();
+    let mut a = ModelConfig::for_model(ModelName::Vgg11, 10, 3);
+    a.plan = Some("8,M,16,M,32,32,M,64,64,M,64,64,M".into());
+    let mut dd = ModelConfig::for_model(ModelName::Vgg16, 10, 3);
+    dd.plan = Some("8,8,M,16,16,M,32,32,32,M,64,64,64,M,64,64,64,M".into());
+    let src = module_tensors(&a.build(&device).unwrap());
+    let deep = dd.build(&device).unwrap();
+    let before = module_tensors(&deep);
+    let (deep, copied) = load_matching(deep, &src);
+    let after = module_tensors(&deep);
+    let mut want: Vec<String> = [
+        "Vgg.trunk.convs.0.conv.weight",
+        "Vgg.trunk.convs.0.conv.bias",
+        "Vgg.fc6.weight",
+        "Vgg.fc6.bias",
+        "Vgg.fc7.weight",
+        "Vgg.fc7.bias",
+        "Vgg.fc8.weight",
+        "Vgg.fc8.bias",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut got = copied.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    for (k, t) in &after {
+        if copied.contains(k) {
+            assert_eq!(t, &src[k], "{k} not copied");
+        } else {
+            assert_eq!(t, &before[k], "{k} changed");
+        }
+    }
+}

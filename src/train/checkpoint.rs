@@ -170,11 +170,29 @@ pub fn load_module<M: Module>(
     Ok(module)
 }
 
-/// Copies every tensor whose name and shape match; returns the module and the copied names.
+/// Copies every layer whose tensors all match by name and shape (a conv's weight and bias, a
+/// batch norm's four tensors); returns the module and the copied tensor names. A layer is the
+/// module path minus its last component, so a bias is never copied without its weight.
 pub fn load_matching<M: Module>(module: M, tensors: &TensorMap) -> (M, Vec<String>) {
+    let dest = module_tensors(&module);
+    let layer = |k: &str| {
+        k.rsplit_once('.')
+            .map_or(String::new(), |(l, _)| l.to_string())
+    };
+    let mut ok_layers: BTreeMap<String, bool> = BTreeMap::new();
+    for (k, t) in &dest {
+        let fits = tensors.get(k).is_some_and(|h| h.shape == t.shape);
+        let e = ok_layers.entry(layer(k)).or_insert(true);
+        *e = *e && fits;
+    }
+    let chosen: TensorMap = tensors
+        .iter()
+        .filter(|(k, _)| dest.contains_key(*k) && ok_layers.get(&layer(k)) == Some(&true))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut a = Apply {
         path: Vec::new(),
-        tensors,
+        tensors: &chosen,
         partial: true,
         copied: Vec::new(),
         problems: Vec::new(),

@@ -1,8 +1,10 @@
 //! Training: the recipe, the optimiser, the schedule, the losses, checkpoints and the loop.
 
 pub mod checkpoint;
+pub mod distill;
 pub mod ema;
 pub mod loss;
+pub mod mix;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;

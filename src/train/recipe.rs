@@ -27,9 +27,35 @@ pub struct Recipe {
     pub schedule: ScheduleConfig,
     pub loss: LossConfig,
     pub regularisation: RegularisationConfig,
+    pub distill: DistillConfig,
+    /// Start from a trained run: copy every tensor whose layer name and shape match from its
+    /// best checkpoint (VGG's shallow-to-deep initialisation); the rest keeps `model.init`.
+    pub init_from: Option<PathBuf>,
     /// Also keep `checkpoints/epoch-N` every this many epochs (0 = only last and best); the
     /// visualisations of features across epochs read them.
     pub checkpoint_every: usize,
+}
+
+/// `[distill]`: knowledge distillation from a trained run (Hinton et al. 2015).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// Run folder of the teacher; absent = no distillation.
+    pub teacher: Option<PathBuf>,
+    /// Softmax temperature T.
+    pub temperature: f64,
+    /// Weight of the distillation term.
+    pub alpha: f64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig {
+            teacher: None,
+            temperature: 4.0,
+            alpha: 0.5,
+        }
+    }
 }
 
 /// `[regularisation]`: stability and averaging (dropout is a model option).
@@ -208,6 +234,14 @@ pub struct LossConfig {
     pub label_smoothing: f64,
     /// Weight of each auxiliary classifier's loss (GoogLeNet: 0.3, Szegedy et al. 2014).
     pub aux_weight: f64,
+    /// Mixup's Beta(alpha, alpha) (0 = off; Zhang et al. 2018; "Bag of Tricks" uses 0.2).
+    pub mixup_alpha: f64,
+    /// CutMix's Beta(alpha, alpha) (0 = off; Yun et al. 2019 use 1.0).
+    pub cutmix_alpha: f64,
+    /// Probability that a batch is mixed.
+    pub mix_prob: f64,
+    /// No mixing in the last this many epochs.
+    pub mix_off_epochs: usize,
 }
 
 impl Default for LossConfig {
@@ -215,6 +249,10 @@ impl Default for LossConfig {
         LossConfig {
             label_smoothing: 0.0,
             aux_weight: 0.3,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            mix_prob: 1.0,
+            mix_off_epochs: 0,
         }
     }
 }
@@ -235,6 +273,8 @@ impl Default for Recipe {
                 ..LossConfig::default()
             },
             regularisation: RegularisationConfig::default(),
+            distill: DistillConfig::default(),
+            init_from: None,
             checkpoint_every: 0,
         }
     }
@@ -418,6 +458,15 @@ impl Recipe {
         }
         if self.schedule.warmup_epochs < 0.0 {
             return bad("schedule.warmup_epochs", "must be >= 0");
+        }
+        if self.loss.mixup_alpha < 0.0 || self.loss.cutmix_alpha < 0.0 {
+            return bad("loss.mixup_alpha", "alphas must be >= 0");
+        }
+        if !(0.0..=1.0).contains(&self.distill.alpha) || self.distill.temperature <= 0.0 {
+            return bad(
+                "distill.alpha",
+                "alpha must be in [0, 1] and temperature > 0",
+            );
         }
         if !(0.0..1.0).contains(&self.regularisation.ema_decay) {
             return bad("regularisation.ema_decay", "must be in [0, 1)");

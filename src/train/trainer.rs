@@ -10,8 +10,10 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use super::checkpoint::{self, module_tensors};
+use super::distill::{Teacher, kd_loss};
 use super::ema::Ema;
 use super::loss::{smoothed_targets, soft_cross_entropy};
+use super::mix::{self, MixSettings};
 use super::optim::Sgd;
 use super::recipe::Recipe;
 use super::recipe::ScheduleKind;
@@ -20,7 +22,7 @@ use crate::data::split::mix_seed;
 use crate::data::transforms::channel_stats;
 use crate::data::{Augment, Dataset, Loader, LoaderConfig, Splits, Transform, open};
 use crate::error::{Error, Result};
-use crate::eval::{batch_tensor, evaluate, metrics::argmax};
+use crate::eval::{evaluate, metrics::argmax};
 use crate::models::Model;
 use crate::run::{CLASSES, EpochMetrics, RunDir, SUMMARY, Summary};
 
@@ -209,6 +211,45 @@ pub fn train(
         seconds: 0.0,
     };
     let mut history = Vec::new();
+    if let (Some(src), false) = (&recipe.init_from, opts.resume) {
+        let from = RunDir::open(src)?;
+        let ck = checkpoint::load(&from.checkpoint("best"))?;
+        let tensors = ck.group("model");
+        let total = crate::train::checkpoint::module_tensors(&model.valid()).len();
+        let (m, copied) = checkpoint::load_matching(model, &tensors);
+        model = m;
+        rep.message(&format!(
+            "init_from {}: copied {} of {} tensors ({}); {} left as initialised",
+            src.display(),
+            copied.len(),
+            total,
+            copied.join(", "),
+            total - copied.len()
+        ));
+    }
+    let teacher = match &recipe.distill.teacher {
+        Some(dir) => {
+            let t = Teacher::load(dir, recipe.model.num_classes, &eval_device)?;
+            rep.message(&format!(
+                "distilling from {} ({}), T = {}, alpha = {}",
+                dir.display(),
+                t.recipe.model.name,
+                recipe.distill.temperature,
+                recipe.distill.alpha
+            ));
+            Some(t)
+        }
+        None => None,
+    };
+    let mix_settings = MixSettings {
+        mixup_alpha: recipe.loss.mixup_alpha,
+        cutmix_alpha: recipe.loss.cutmix_alpha,
+        prob: recipe.loss.mix_prob,
+    };
+    let (mean, std) = (
+        recipe.data.mean.clone().unwrap_or_default(),
+        recipe.data.std.clone().unwrap_or_default(),
+    );
     if opts.resume {
         let path = run.checkpoint("last");
         let ck = checkpoint::load(&path)?;
@@ -300,14 +341,30 @@ pub fn train(
                 p.plateau.scale,
             );
             let b = batch.len();
-            let x = batch_tensor(&batch, device);
-            let q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
+            let [c, side, _] = batch.sample_shape;
+            let mut images = batch.images.clone();
+            let mut q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
+            if epoch + recipe.loss.mix_off_epochs <= recipe.epochs {
+                let m = mix::draw(
+                    &mix_settings,
+                    mix_seed(&[recipe.seed, step as u64, 0x313]),
+                    side,
+                );
+                mix::apply(m, &mut images, &mut q, b, c, side, k);
+            }
+            let x = Tensor::<4>::from_data(TensorData::new(images, [b, c, side, side]), device);
             let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
-            let out = model.forward_train(x);
+            let out = model.forward_train(x.clone());
             let logits = out.logits;
             let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
             for aux in out.aux {
                 loss = loss + soft_cross_entropy(aux, targets.clone()) * recipe.loss.aux_weight;
+            }
+            if let Some(t) = &teacher {
+                let a = recipe.distill.alpha;
+                let tl = Tensor::from_inner(t.logits(x, &mean, &std));
+                loss =
+                    loss * (1.0 - a) + kd_loss(logits.clone(), tl, recipe.distill.temperature) * a;
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = sgd.step(lr, model, grads, reg.grad_clip_norm).0;
