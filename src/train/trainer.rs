@@ -211,7 +211,11 @@ pub fn train(
         seconds: 0.0,
     };
     let mut history = Vec::new();
-    if let (Some(src), false) = (&recipe.init_from, opts.resume) {
+    let init_from = recipe
+        .init_from
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty());
+    if let (Some(src), false) = (init_from, opts.resume) {
         let from = RunDir::open(src)?;
         let ck = checkpoint::load(&from.checkpoint("best"))?;
         let tensors = ck.group("model");
