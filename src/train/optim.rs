@@ -1,6 +1,6 @@
-//! Stochastic gradient descent with momentum, written out so that its state can be saved for an
-//! exact resume and so it matches PyTorch's `torch.optim.SGD` (dampening 0; Burn's defaults to
-//! 0.1).
+//! The optimisers, written out so that their state can be saved for an exact resume and so they
+//! match PyTorch's `torch.optim.SGD` (dampening 0; Burn's defaults to 0.1) and
+//! `torch.optim.AdamW`.
 //!
 //! Per parameter `w` with gradient `g`, learning rate `lr`, momentum `mu`, decay `wd`:
 //! ```text
@@ -8,6 +8,13 @@
 //! buf = g                (first step)  or  mu * buf + g
 //! d   = g + mu * buf     (Nesterov)    or  buf
 //! w   = w - lr * d
+//! ```
+//!
+//! AdamW (Loshchilov & Hutter 2019), step `t` from 1:
+//! ```text
+//! w   = w - lr * wd * w               (decoupled; skipped as above)
+//! m   = b1 * m + (1 - b1) * g,   v = b2 * v + (1 - b2) * g^2
+//! w   = w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 //! ```
 
 use std::collections::BTreeMap;
@@ -17,19 +24,22 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use super::checkpoint::{HostTensor, TensorMap};
-use super::recipe::OptimConfig;
+use super::recipe::{OptimConfig, OptimKind};
 
-/// SGD state: one momentum buffer per parameter, keyed by module path.
-pub struct Sgd {
+/// Optimiser state: buffers per parameter, keyed by module path (SGD: the momentum buffer;
+/// AdamW: `m.<path>` and `v.<path>`), and the step count.
+pub struct Optimizer {
     pub config: OptimConfig,
     buffers: BTreeMap<String, Tensor<1>>,
+    steps: u64,
 }
 
-impl Sgd {
+impl Optimizer {
     pub fn new(config: OptimConfig) -> Self {
-        Sgd {
+        Optimizer {
             config,
             buffers: BTreeMap::new(),
+            steps: 0,
         }
     }
 
@@ -55,6 +65,7 @@ impl Sgd {
         } else {
             (1.0, 0.0)
         };
+        self.steps += 1;
         let mut m = SgdMapper {
             sgd: self,
             grads,
@@ -65,18 +76,29 @@ impl Sgd {
         (module.map(&mut m), norm)
     }
 
-    /// Momentum buffers, for checkpoints.
+    /// Buffers and step count, for checkpoints.
     pub fn state(&self) -> TensorMap {
-        self.buffers
+        let mut m: TensorMap = self
+            .buffers
             .iter()
             .map(|(k, t)| (k.clone(), HostTensor::from_tensor(t)))
-            .collect()
+            .collect();
+        m.insert(
+            "#steps".into(),
+            HostTensor {
+                shape: vec![1],
+                data: vec![self.steps as f32],
+            },
+        );
+        m
     }
 
-    /// Restores buffers saved by [`Self::state`].
+    /// Restores what [`Self::state`] saved.
     pub fn load_state(&mut self, state: &TensorMap, device: &Device) {
+        self.steps = state.get("#steps").map_or(0, |h| h.data[0] as u64);
         self.buffers = state
             .iter()
+            .filter(|(k, _)| *k != "#steps")
             .map(|(k, h)| (k.clone(), h.to_tensor::<1>(device)))
             .collect();
     }
@@ -106,7 +128,7 @@ pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
 }
 
 struct SgdMapper<'a> {
-    sgd: &'a mut Sgd,
+    sgd: &'a mut Optimizer,
     grads: GradientsParams,
     lr: f64,
     /// Gradient multiplier from clipping.
@@ -135,6 +157,34 @@ impl ModuleMapper for SgdMapper<'_> {
             g = g * self.scale;
         }
         let cfg = &self.sgd.config;
+        if cfg.kind == OptimKind::Adamw {
+            let key = self.path.join(".");
+            let [b1, b2] = cfg.betas;
+            let t = self.sgd.steps as i32;
+            let mut w = w;
+            if self.sgd.decays(D) {
+                w = w.clone() - w * (self.lr * cfg.weight_decay);
+            }
+            let (mk, vk) = (format!("m.{key}"), format!("v.{key}"));
+            let m = match self.sgd.buffers.remove(&mk) {
+                Some(m) => m * b1 + g.clone() * (1.0 - b1),
+                None => g.clone() * (1.0 - b1),
+            };
+            let v = match self.sgd.buffers.remove(&vk) {
+                Some(v) => v * b2 + g.clone().square() * (1.0 - b2),
+                None => g.square() * (1.0 - b2),
+            };
+            let mhat = m.clone() / (1.0 - b1.powi(t));
+            let vhat = v.clone() / (1.0 - b2.powi(t));
+            let w = w - mhat / (vhat.sqrt() + cfg.eps) * self.lr;
+            self.sgd.buffers.insert(mk, m);
+            self.sgd.buffers.insert(vk, v);
+            let mut w = Tensor::from_inner(w.reshape(dims));
+            if require_grad {
+                w = w.require_grad();
+            }
+            return Param::from_mapped_value(id, w, mapper);
+        }
         if self.sgd.decays(D) {
             g = g + w.clone() * cfg.weight_decay;
         }
@@ -169,7 +219,7 @@ mod tests {
 
     #[test]
     fn no_bias_decay_skips_biases_and_batch_norm() {
-        let mut sgd = Sgd::new(OptimConfig {
+        let mut sgd = Optimizer::new(OptimConfig {
             no_bias_decay: true,
             ..OptimConfig::default()
         });
@@ -188,7 +238,7 @@ mod tests {
         let device = Device::flex().autodiff();
         let mut fc = LinearConfig::new(1, 1).with_bias(false).init(&device);
         fc.weight = fc.weight.map(|t| (t.zeros_like() + 1.0).require_grad());
-        let mut sgd = Sgd::new(OptimConfig {
+        let mut sgd = Optimizer::new(OptimConfig {
             weight_decay: 0.5,
             ..OptimConfig::default()
         });
@@ -203,11 +253,35 @@ mod tests {
     }
 
     #[test]
+    fn adamw_matches_the_formula() {
+        // w = 1, g = 2 each step, lr 0.1, wd 0.5, betas (0.9, 0.999), eps 1e-8:
+        // step 1: w = 1 - 0.05 = 0.95; m = 0.2, v = 0.004; mhat = 2, vhat = 4; w -= 0.1 * 1
+        //   -> 0.85. step 2: w = 0.85 - 0.0425 = 0.8075; m = 0.38, v = 0.007996;
+        //   mhat = 2, vhat = 4 -> w = 0.7075.
+        let device = Device::flex().autodiff();
+        let mut fc = LinearConfig::new(1, 1).with_bias(false).init(&device);
+        fc.weight = fc.weight.map(|t| (t.zeros_like() + 1.0).require_grad());
+        let mut opt = Optimizer::new(OptimConfig {
+            kind: OptimKind::Adamw,
+            weight_decay: 0.5,
+            ..OptimConfig::default()
+        });
+        for want in [0.85f32, 0.7075] {
+            let x = Tensor::<2>::from_data([[2.0f32]], &device);
+            let grads = GradientsParams::from_grads(fc.forward(x).sum().backward(), &fc);
+            fc = opt.step(0.1, fc, grads, 0.0).0;
+            let w = fc.weight.val().into_scalar::<f32>();
+            assert!((w - want).abs() < 1e-5, "{w} vs {want}");
+        }
+        assert_eq!(opt.state()["#steps"].data, vec![2.0]);
+    }
+
+    #[test]
     fn clipping_caps_the_global_norm() {
         let device = Device::flex().autodiff();
         let mut fc = LinearConfig::new(2, 1).with_bias(false).init(&device);
         fc.weight = fc.weight.map(|t| t.zeros_like().require_grad());
-        let mut sgd = Sgd::new(OptimConfig {
+        let mut sgd = Optimizer::new(OptimConfig {
             momentum: 0.0,
             weight_decay: 0.0,
             ..OptimConfig::default()

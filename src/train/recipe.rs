@@ -122,10 +122,21 @@ impl DataConfig {
     }
 }
 
-/// `[optim]`: stochastic gradient descent with momentum.
+/// Optimiser kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    /// SGD with (Nesterov) momentum; L2 weight decay added to the gradient.
+    Sgd,
+    /// Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+    Adamw,
+}
+
+/// `[optim]`: SGD with momentum, or AdamW.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
+    pub kind: OptimKind,
     /// Learning rate at `base_batch_size`; the run uses `lr * batch_size / base_batch_size`
     /// (linear scaling, Goyal et al. 2017).
     pub lr: f64,
@@ -138,11 +149,17 @@ pub struct OptimConfig {
     pub weight_decay: f64,
     /// No decay on biases and batch-norm parameters ("Bag of Tricks", He et al. 2019).
     pub no_bias_decay: bool,
+    /// AdamW's moment decay rates and denominator epsilon.
+    pub betas: [f64; 2],
+    pub eps: f64,
 }
 
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
+            kind: OptimKind::Sgd,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
             lr: 0.2,
             base_batch_size: 256,
             momentum: 0.9,

@@ -14,7 +14,7 @@ use super::distill::{Teacher, kd_loss};
 use super::ema::Ema;
 use super::loss::{smoothed_targets, soft_cross_entropy};
 use super::mix::{self, MixSettings};
-use super::optim::Sgd;
+use super::optim::Optimizer;
 use super::recipe::Recipe;
 use super::recipe::ScheduleKind;
 use super::schedule::{Plateau, lr_at};
@@ -156,7 +156,7 @@ fn save_checkpoint(
     run: &RunDir,
     which: &str,
     model: &Model,
-    sgd: &Sgd,
+    sgd: &Optimizer,
     ema: Option<&Ema>,
     p: &Progress,
 ) -> Result<()> {
@@ -199,7 +199,7 @@ pub fn train(
 
     device.seed(mix_seed(&[recipe.seed, 0xC0FFEE]));
     let mut model = recipe.model.build(device)?;
-    let mut sgd = Sgd::new(recipe.optim.clone());
+    let mut sgd = Optimizer::new(recipe.optim.clone());
     let reg = recipe.regularisation.clone();
     let mut ema = (reg.ema_decay > 0.0).then(|| Ema::new(reg.ema_decay));
     let mut p = Progress {
