@@ -253,6 +253,34 @@ mod tests {
     }
 
     #[test]
+    fn weight_decay_reaches_exactly_conv_and_linear_weights() {
+        // Zero gradients, no momentum: a step changes exactly the decayed tensors (w -= lr*wd*w).
+        use crate::models::{ModelConfig, ModelName};
+        use crate::train::checkpoint::module_tensors;
+        let device = Device::flex().autodiff();
+        let model = ModelConfig::for_model(ModelName::ConvnetSmall, 10, 1)
+            .build(&device)
+            .unwrap();
+        let before = module_tensors(&model);
+        let x = Tensor::<4>::ones([2, 1, 28, 28], &device);
+        let loss = model.forward(x).sum() * 0.0;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut opt = Optimizer::new(OptimConfig {
+            momentum: 0.0,
+            weight_decay: 0.1,
+            no_bias_decay: true,
+            ..OptimConfig::default()
+        });
+        let after = module_tensors(&opt.step(1.0, model, grads, 0.0).0);
+        let changed: Vec<&String> = before.keys().filter(|k| before[*k] != after[*k]).collect();
+        assert!(!changed.is_empty());
+        for k in before.keys() {
+            let decayed = k.ends_with("conv.weight") || k.ends_with("fc.weight");
+            assert_eq!(changed.contains(&k), decayed, "{k}");
+        }
+    }
+
+    #[test]
     fn adamw_matches_the_formula() {
         // w = 1, g = 2 each step, lr 0.1, wd 0.5, betas (0.9, 0.999), eps 1e-8:
         // step 1: w = 1 - 0.05 = 0.95; m = 0.2, v = 0.004; mhat = 2, vhat = 4; w -= 0.1 * 1
