@@ -8,6 +8,7 @@
 //! - [`train`]: recipe, optimiser, schedule, losses, checkpoints, the training loop.
 //! - [`eval`]: metrics and evaluation; [`run`]: the run folder.
 
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;

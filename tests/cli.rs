@@ -587,3 +587,46 @@ fn distillation_mixup_and_init_from_runs() {
         "{e}"
     );
 }
+
+#[test]
+fn bench_reports_the_documented_keys() {
+    for what in ["train", "infer"] {
+        let o = convlab()
+            .args([
+                "bench",
+                what,
+                "--model",
+                "convnet_small",
+                "--input",
+                "1x28x28",
+            ])
+            .args(["--batch", "4", "--steps", "2", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "batch",
+                "device",
+                "gflops_per_sec",
+                "images_per_sec",
+                "input",
+                "model",
+                "ms_per_step",
+                "peak_rss_mb",
+                "threads"
+            ]
+        );
+        assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    let e = fails(
+        &convlab()
+            .args(["bench", "train", "--input", "3x32"])
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("CxHxW"), "{e}");
+}

@@ -1,5 +1,6 @@
 //! Subcommands. Each file holds one subcommand's arguments and its `run`.
 
+mod bench;
 mod device;
 mod eval;
 mod models;
@@ -31,6 +32,8 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// List the registered models.
     Models(models::ModelsArgs),
+    /// Measure training or inference throughput on random inputs.
+    Bench(bench::BenchArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -62,5 +65,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Models(a) => models::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
