@@ -630,3 +630,33 @@ fn bench_reports_the_documented_keys() {
     );
     assert!(e.contains("CxHxW"), "{e}");
 }
+
+#[test]
+fn data_stats_on_builtin_and_cifar() {
+    let o = convlab()
+        .args(["data", "stats", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["images"], 8000);
+    assert_eq!(v["classes"].as_array().unwrap().len(), 10);
+    assert_eq!(v["classes"][0]["val"], 200);
+    let m = v["mean"][0].as_f64().unwrap();
+    assert!((m - 0.2869).abs() < 1e-3, "{m}");
+    let g = &v["granularity"];
+    assert!(g["ratio"].as_f64().unwrap() > 0.0);
+    let d = tmp();
+    write_cifar10(d.path(), 6);
+    let o = convlab()
+        .args(["data", "stats", "--json"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["pca_eigenvalues"].as_array().unwrap().len(), 3);
+    assert_eq!(v["modes"]["rgb"], 30);
+    // The generator repeats records with the same label, so most are duplicates.
+    assert!(v["duplicates"].as_u64().unwrap() > 0);
+    let text = ok(&convlab().args(["data", "stats"]).output().unwrap());
+    assert!(text.contains("nearest class pairs"), "{text}");
+}

@@ -1,6 +1,7 @@
 //! Subcommands. Each file holds one subcommand's arguments and its `run`.
 
 mod bench;
+mod data;
 mod device;
 mod eval;
 mod models;
@@ -34,6 +35,8 @@ pub enum Command {
     Models(models::ModelsArgs),
     /// Measure training or inference throughput on random inputs.
     Bench(bench::BenchArgs),
+    /// Dataset tools.
+    Data(data::DataArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -66,5 +69,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Models(a) => models::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(a) => data::run(a),
     }
 }

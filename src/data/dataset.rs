@@ -53,6 +53,11 @@ pub trait Dataset: Send + Sync {
     fn image(&self, index: usize, channels: usize) -> Result<RawImage>;
     /// Where sample `index` comes from, for error messages (a path, or `file#record`).
     fn describe(&self, index: usize) -> String;
+    /// The stored colour mode of sample `index` (`grey`, `rgb`, `rgba`, `palette`, `cmyk`,
+    /// `grey16`, ...), where cheap to tell; `None` otherwise.
+    fn mode(&self, _index: usize) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Decoded images held in memory: what the IDX and CIFAR readers produce.
@@ -87,6 +92,9 @@ impl Dataset for InMemory {
     }
     fn describe(&self, index: usize) -> String {
         format!("{}#{}", self.source, index)
+    }
+    fn mode(&self, _index: usize) -> Option<&'static str> {
+        Some(if self.channels == 1 { "grey" } else { "rgb" })
     }
 }
 
@@ -123,6 +131,9 @@ impl Dataset for Subset {
     }
     fn describe(&self, index: usize) -> String {
         self.base.describe(self.indices[index])
+    }
+    fn mode(&self, index: usize) -> Option<&'static str> {
+        self.base.mode(self.indices[index])
     }
 }
 

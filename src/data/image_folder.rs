@@ -31,6 +31,29 @@ impl Dataset for ImageFolder {
     fn describe(&self, index: usize) -> String {
         self.files[index].display().to_string()
     }
+    fn mode(&self, index: usize) -> Option<&'static str> {
+        use image::ImageDecoder;
+        let dec = image::ImageReader::open(&self.files[index])
+            .ok()?
+            .with_guessed_format()
+            .ok()?
+            .into_decoder()
+            .ok()?;
+        Some(match dec.original_color_type() {
+            image::ExtendedColorType::L1
+            | image::ExtendedColorType::L2
+            | image::ExtendedColorType::L4
+            | image::ExtendedColorType::L8 => "grey",
+            image::ExtendedColorType::L16 => "grey16",
+            image::ExtendedColorType::La8 | image::ExtendedColorType::La16 => "grey+alpha",
+            image::ExtendedColorType::Rgb8 => "rgb",
+            image::ExtendedColorType::Rgb16 => "rgb16",
+            image::ExtendedColorType::Rgba8 | image::ExtendedColorType::Rgba16 => "rgba",
+            image::ExtendedColorType::Cmyk8 => "cmyk",
+            image::ExtendedColorType::Unknown(_) => "palette",
+            _ => "other",
+        })
+    }
 }
 
 /// Decodes one image file of any supported mode into 8-bit grey or RGB.

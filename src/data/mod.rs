@@ -12,6 +12,7 @@ pub mod idx;
 pub mod image_folder;
 pub mod loader;
 pub mod split;
+pub mod stats;
 pub mod transforms;
 
 pub use dataset::{DataFormat, DataSpec, Dataset, InMemory, RawImage, Splits, Subset, open};
