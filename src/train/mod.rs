@@ -8,6 +8,7 @@ pub mod mix;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;
+mod state;
 pub mod trainer;
 
 pub use recipe::{Override, Recipe};

@@ -2,14 +2,13 @@
 //! the model, then for every epoch: train over shuffled augmented batches with a per-step
 //! learning rate, evaluate on the held-out split, append the metrics, save checkpoints.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use super::checkpoint::{self, module_tensors};
+use super::checkpoint;
 use super::distill::{Teacher, kd_loss};
 use super::ema::Ema;
 use super::loss::{smoothed_targets, soft_cross_entropy};
@@ -17,7 +16,8 @@ use super::mix::{self, MixSettings};
 use super::optim::Optimizer;
 use super::recipe::Recipe;
 use super::recipe::ScheduleKind;
-use super::schedule::{Plateau, lr_at};
+use super::schedule::lr_at;
+use super::state::{Progress, apply_init_from, restore, save_checkpoint};
 use crate::data::split::mix_seed;
 use crate::data::transforms::channel_stats;
 use crate::data::{Augment, Dataset, Loader, LoaderConfig, Splits, Transform, open};
@@ -142,48 +142,6 @@ pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -
     checkpoint::load_module(model, &group, &path, recipe.model.name.as_str())
 }
 
-/// Resume state stored in a checkpoint's metadata.
-struct Progress {
-    plateau: Plateau,
-    epochs_done: usize,
-    best_top1: f64,
-    best_epoch: usize,
-    skipped: usize,
-    seconds: f64,
-}
-
-fn save_checkpoint(
-    run: &RunDir,
-    which: &str,
-    model: &Model,
-    sgd: &Optimizer,
-    ema: Option<&Ema>,
-    p: &Progress,
-) -> Result<()> {
-    let meta = HashMap::from([
-        ("epoch".to_string(), p.epochs_done.to_string()),
-        ("best_val_top1".to_string(), p.best_top1.to_string()),
-        ("best_epoch".to_string(), p.best_epoch.to_string()),
-        ("images_skipped".to_string(), p.skipped.to_string()),
-        ("seconds".to_string(), p.seconds.to_string()),
-        (
-            "plateau".to_string(),
-            serde_json::to_string(&p.plateau).expect("serialisable"),
-        ),
-    ]);
-    let weights = module_tensors(&model.valid());
-    let averaged = ema.map(Ema::state).unwrap_or_default();
-    checkpoint::save(
-        &run.checkpoint(which),
-        &[
-            ("model", &weights),
-            ("optim", &sgd.state()),
-            ("ema", &averaged),
-        ],
-        meta,
-    )
-}
-
 /// Trains `recipe` into the run folder `run` on `device` (an autodiff device).
 pub fn train(
     mut recipe: Recipe,
@@ -202,34 +160,10 @@ pub fn train(
     let mut sgd = Optimizer::new(recipe.optim.clone());
     let reg = recipe.regularisation.clone();
     let mut ema = (reg.ema_decay > 0.0).then(|| Ema::new(reg.ema_decay));
-    let mut p = Progress {
-        plateau: Plateau::default(),
-        epochs_done: 0,
-        best_top1: -1.0,
-        best_epoch: 0,
-        skipped: 0,
-        seconds: 0.0,
-    };
+    let mut p = Progress::default();
     let mut history = Vec::new();
-    let init_from = recipe
-        .init_from
-        .as_ref()
-        .filter(|p| !p.as_os_str().is_empty());
-    if let (Some(src), false) = (init_from, opts.resume) {
-        let from = RunDir::open(src)?;
-        let ck = checkpoint::load(&from.checkpoint("best"))?;
-        let tensors = ck.group("model");
-        let total = crate::train::checkpoint::module_tensors(&model.valid()).len();
-        let (m, copied) = checkpoint::load_matching(model, &tensors);
-        model = m;
-        rep.message(&format!(
-            "init_from {}: copied {} of {} tensors ({}); {} left as initialised",
-            src.display(),
-            copied.len(),
-            total,
-            copied.join(", "),
-            total - copied.len()
-        ));
+    if !opts.resume {
+        model = apply_init_from(&recipe, model, rep)?;
     }
     let teacher = match &recipe.distill.teacher {
         Some(dir) => {
@@ -255,34 +189,7 @@ pub fn train(
         recipe.data.std.clone().unwrap_or_default(),
     );
     if opts.resume {
-        let path = run.checkpoint("last");
-        let ck = checkpoint::load(&path)?;
-        model =
-            checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())?;
-        sgd.load_state(&ck.group("optim"), &eval_device);
-        if let Some(e) = ema.as_mut() {
-            e.load_state(&ck.group("ema"), &eval_device);
-        }
-        let num = |k: &str| {
-            ck.meta
-                .get(k)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        p = Progress {
-            plateau: ck
-                .meta
-                .get("plateau")
-                .and_then(|v| serde_json::from_str(v).ok())
-                .unwrap_or_default(),
-            epochs_done: num("epoch") as usize,
-            best_top1: num("best_val_top1"),
-            best_epoch: num("best_epoch") as usize,
-            skipped: num("images_skipped") as usize,
-            seconds: num("seconds"),
-        };
-        history = run.read_metrics()?;
-        history.truncate(p.epochs_done);
+        (model, p, history) = restore(run, &recipe, model, &mut sgd, ema.as_mut(), &eval_device)?;
         rep.message(&format!(
             "resuming {} after epoch {}",
             run.path.display(),

@@ -1,0 +1,356 @@
+//! The recipe's `[model]` section and how it becomes a model of each family.
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::alexnet::{self, AlexNetConfig};
+use super::convnet::ConvNetConfig;
+use super::googlenet::GoogLeNetConfig;
+use super::init::{self, Init};
+use super::resnet::ResNetConfig;
+use super::vgg::VggConfig;
+use super::{Family, Model, ModelName, zfnet};
+use crate::error::{Error, Result};
+use crate::layers::PoolKind;
+use crate::layers::trunk::{Plan, parse_plan};
+
+/// The recipe's `[model]` section: a registered name plus the options every family takes.
+/// Zero in `num_classes`, `in_channels` or `input_size` means "take it from the data"; absent
+/// options mean "the model's own". The resolved recipe in a run folder holds concrete values
+/// for the first three.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub name: ModelName,
+    pub num_classes: usize,
+    /// 1 (grey) or 3 (RGB); images are converted to this.
+    pub in_channels: usize,
+    /// Side of the square input in pixels.
+    pub input_size: usize,
+    /// `max` or `avg` pooling.
+    pub pool: PoolKind,
+    /// Overlapping 3x3 stride-2 pooling (AlexNet) instead of plain 2x2 stride 2 (absent:
+    /// the model's own: overlapping for AlexNet and ZFNet, plain for the others).
+    pub overlapping_pool: Option<bool>,
+    /// Dropout probability in the classifier (absent: the model's own, 0.5 for VGG).
+    pub dropout: Option<f64>,
+    /// Batch norm after every convolution (absent: the model's own).
+    pub batch_norm: Option<bool>,
+    /// Local response normalisation (absent: the model's own).
+    pub lrn: Option<bool>,
+    /// Layer plan of plain models in VGG notation (`"32,M,64,64,M,128"`: 3x3 conv widths,
+    /// `Nk1` a 1x1 conv, `M` a pool); absent = the model's own. Ablations remove or widen
+    /// layers through it.
+    pub plan: Option<String>,
+    /// ResNet: start every residual block as the identity (last BN scale 0).
+    pub zero_gamma: bool,
+    /// Weight initialisation: `default`, `xavier`, `kaiming` or `paper` (absent: the model's
+    /// own, which is `paper` for `alexnet_paper` and `default` for the others).
+    pub init: Option<Init>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            name: ModelName::ConvnetSmall,
+            num_classes: 0,
+            in_channels: 0,
+            input_size: 0,
+            pool: PoolKind::Max,
+            overlapping_pool: None,
+            dropout: None,
+            batch_norm: None,
+            lrn: None,
+            plan: None,
+            zero_gamma: false,
+            init: None,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The default configuration of a registered model, by name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(ModelConfig {
+            name: ModelName::from_name(name)?,
+            ..Default::default()
+        })
+    }
+
+    /// A fully specified config for `name` with `classes` outputs at its default input size.
+    pub fn for_model(name: ModelName, classes: usize, in_channels: usize) -> Self {
+        ModelConfig {
+            name,
+            num_classes: classes,
+            in_channels,
+            input_size: name.default_input_size(),
+            ..Default::default()
+        }
+    }
+
+    /// The layer plan in effect.
+    pub fn plan(&self) -> &str {
+        self.plan.as_deref().unwrap_or(self.name.plan())
+    }
+
+    fn batch_norm(&self) -> bool {
+        self.batch_norm.unwrap_or(self.name.default_batch_norm())
+    }
+
+    /// Checks the options that do not depend on the data (run before anything is written).
+    pub fn validate_options(&self) -> Result<()> {
+        let c = ModelConfig {
+            num_classes: 2,
+            in_channels: 3,
+            input_size: 1 << 16,
+            ..self.clone()
+        };
+        c.validate()
+    }
+
+    /// Checks the values make a buildable model.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| Error::Recipe {
+            origin: String::new(),
+            key: format!("model.{key}"),
+            reason,
+        };
+        if self.num_classes < 2 {
+            return Err(bad(
+                "num_classes",
+                format!("{} (need at least 2)", self.num_classes),
+            ));
+        }
+        if ![1, 3].contains(&self.in_channels) {
+            return Err(bad(
+                "in_channels",
+                format!("{} (must be 1 or 3)", self.in_channels),
+            ));
+        }
+        if let Some(d) = self.dropout
+            && !(0.0..1.0).contains(&d)
+        {
+            return Err(bad("dropout", format!("{d} (must be in [0, 1))")));
+        }
+        let pools = match self.name.family() {
+            Family::AlexNet | Family::ZfNet => {
+                if self.plan.is_some() {
+                    return Err(bad(
+                        "plan",
+                        "only plain (convnet, vgg) models take a plan".into(),
+                    ));
+                }
+                if self.name.is_small() { 4 } else { 6 }
+            }
+            Family::ConvNet | Family::Vgg => parse_plan(self.plan())
+                .map_err(|e| bad("plan", e))?
+                .iter()
+                .filter(|p| **p == Plan::Pool)
+                .count(),
+            Family::GoogLeNet => {
+                if self.plan.is_some() {
+                    return Err(bad(
+                        "plan",
+                        "only plain (convnet, vgg) models take a plan".into(),
+                    ));
+                }
+                if self.name.is_small() { 3 } else { 5 }
+            }
+            Family::ResNet => {
+                if self.plan.is_some() {
+                    return Err(bad(
+                        "plan",
+                        "only plain (convnet, vgg) models take a plan".into(),
+                    ));
+                }
+                if self.name.is_small() { 3 } else { 5 }
+            }
+        };
+        if self.batch_norm == Some(false) && self.name.family() == Family::ResNet {
+            return Err(bad(
+                "batch_norm",
+                "ResNets are built with batch norm".into(),
+            ));
+        }
+        let family = self.name.family();
+        if self.lrn == Some(true) && matches!(family, Family::ConvNet | Family::ResNet) {
+            return Err(bad("lrn", format!("{} has no LRN layers", self.name)));
+        }
+        if self.zero_gamma && family != Family::ResNet {
+            return Err(bad(
+                "zero_gamma",
+                format!("only ResNets have residual blocks, not {}", self.name),
+            ));
+        }
+        if (self.pool != PoolKind::Max || self.overlapping_pool.is_some())
+            && matches!(family, Family::ResNet | Family::GoogLeNet)
+        {
+            return Err(bad(
+                "pool",
+                format!(
+                    "{} keeps its own pooling; pool and overlapping_pool do not apply",
+                    self.name
+                ),
+            ));
+        }
+        if self.init == Some(Init::Paper)
+            && matches!(self.name.family(), Family::ConvNet | Family::GoogLeNet)
+        {
+            return Err(bad(
+                "init",
+                format!(
+                    "{} has no paper initialisation; use xavier or kaiming",
+                    self.name
+                ),
+            ));
+        }
+        if self.input_size < (1 << pools) {
+            return Err(bad(
+                "input_size",
+                format!(
+                    "{} is too small for {} pooling stages",
+                    self.input_size, pools
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn convnet(&self) -> ConvNetConfig {
+        ConvNetConfig::new(self.plan().to_string(), self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_batch_norm(self.batch_norm())
+            .with_pool(self.pool)
+            .with_pool_kernel(if self.overlapping_pool == Some(true) {
+                3
+            } else {
+                2
+            })
+            .with_dropout(self.dropout.unwrap_or(0.0))
+    }
+
+    fn vgg(&self) -> VggConfig {
+        let small = self.name == ModelName::Vgg11Small;
+        VggConfig::new(self.plan().to_string(), self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_batch_norm(self.batch_norm())
+            .with_lrn(self.lrn.unwrap_or(self.name == ModelName::Vgg11Lrn))
+            .with_pool(self.pool)
+            .with_pool_kernel(if self.overlapping_pool == Some(true) {
+                3
+            } else {
+                2
+            })
+            .with_dropout(self.dropout.unwrap_or(0.5))
+            .with_hidden(if small { 256 } else { 4096 })
+            .with_head_pool(if small { 1 } else { 7 })
+    }
+
+    fn alexnet(&self) -> AlexNetConfig {
+        use ModelName::*;
+        let k = self.num_classes;
+        let mut c = match self.name {
+            AlexnetPaper => alexnet::alexnet_paper(k),
+            AlexnetSmall => alexnet::alexnet_small(k),
+            Zfnet => zfnet::zfnet(k),
+            ZfnetSmall => zfnet::zfnet_small(k),
+            _ => alexnet::alexnet(k),
+        };
+        c.in_channels = self.in_channels;
+        c.pool = self.pool;
+        match self.init {
+            Some(Init::Paper) if self.name.family() == Family::AlexNet => c.paper_init = true,
+            Some(_) => c.paper_init = false,
+            None => {}
+        }
+        if let Some(o) = self.overlapping_pool {
+            c.overlapping = o;
+        }
+        if let Some(d) = self.dropout {
+            c.dropout = d;
+        }
+        if let Some(bn) = self.batch_norm {
+            c.batch_norm = bn;
+        }
+        match self.lrn {
+            Some(false) => c.lrn_after.clear(),
+            Some(true) if c.lrn_after.is_empty() => c.lrn_after = vec![0, 1],
+            _ => {}
+        }
+        c
+    }
+
+    fn googlenet(&self) -> GoogLeNetConfig {
+        use ModelName::*;
+        let paper = self.name == Googlenet;
+        let mut c = GoogLeNetConfig::new(self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_batch_norm(self.batch_norm())
+            .with_lrn(self.lrn.unwrap_or(paper))
+            .with_true_5x5(self.name != GooglenetTv)
+            .with_dropout(self.dropout.unwrap_or(if paper { 0.4 } else { 0.2 }));
+        if self.name == GooglenetSmall {
+            c = c.with_width_div(4).with_small_stem(true);
+        }
+        c
+    }
+
+    fn resnet(&self) -> ResNetConfig {
+        use ModelName::*;
+        let (layers, bottleneck) = match self.name {
+            Resnet34 | Resnet50 | Resnet50D => ([3, 4, 6, 3], self.name != Resnet34),
+            _ => ([2, 2, 2, 2], false),
+        };
+        let mut c = ResNetConfig::new(layers, bottleneck, self.num_classes)
+            .with_in_channels(self.in_channels)
+            .with_zero_gamma(self.zero_gamma);
+        if self.name == Resnet50D {
+            c = c.with_stem("deep".into()).with_avg_down(true);
+        }
+        if self.name == Resnet18Small {
+            c = c.with_stem("cifar".into()).with_widths([16, 32, 64, 128]);
+        }
+        c
+    }
+
+    /// Builds the model with freshly initialised weights on `device`.
+    pub fn build(&self, device: &Device) -> Result<Model> {
+        self.validate()?;
+        let model = self.build_layers(device);
+        let family = self.name.family();
+        let scheme = match self.init {
+            None | Some(Init::Default) => None,
+            Some(Init::Xavier) => Some(init::Scheme::Xavier),
+            Some(Init::Kaiming) => Some(init::Scheme::Kaiming),
+            // AlexNet's paper rule is applied by its own config; ResNet's paper is He init.
+            Some(Init::Paper) if family == Family::AlexNet => None,
+            Some(Init::Paper) if family == Family::ResNet => Some(init::Scheme::Kaiming),
+            Some(Init::Paper) => Some(init::Scheme::Gaussian(0.01)),
+        };
+        Ok(match scheme {
+            Some(s) => init::apply(model, s),
+            None => model,
+        })
+    }
+
+    fn build_layers(&self, device: &Device) -> Model {
+        match self.name.family() {
+            Family::AlexNet | Family::ZfNet => Model::AlexNet(self.alexnet().init(device)),
+            Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
+            Family::Vgg => Model::Vgg(self.vgg().init(device)),
+            Family::GoogLeNet => Model::GoogLeNet(self.googlenet().init(device)),
+            Family::ResNet => Model::ResNet(self.resnet().init(device)),
+        }
+    }
+
+    /// Multiply-adds x 2 of one forward pass at the configured input size, from layer shapes.
+    pub fn flops(&self) -> f64 {
+        match self.name.family() {
+            Family::AlexNet | Family::ZfNet => self.alexnet().flops(self.input_size),
+            Family::ConvNet => self.convnet().flops(self.input_size),
+            Family::Vgg => self.vgg().flops(self.input_size),
+            Family::GoogLeNet => self.googlenet().flops(self.input_size),
+            Family::ResNet => self.resnet().flops(self.input_size),
+        }
+    }
+}
