@@ -660,3 +660,54 @@ fn data_stats_on_builtin_and_cifar() {
     let text = ok(&convlab().args(["data", "stats"]).output().unwrap());
     assert!(text.contains("nearest class pairs"), "{text}");
 }
+
+#[test]
+fn ensemble_of_identical_members_equals_the_member() {
+    let d = tmp();
+    let a = d.path().join("a");
+    ok(&train_tiny(&a, &[]));
+    let single: serde_json::Value = serde_json::from_str(&ok(&convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(&a)
+        .output()
+        .unwrap()))
+    .unwrap();
+    let o = convlab()
+        .args(["ensemble", "--json"])
+        .arg(&a)
+        .arg(&a)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["count"], 64);
+    assert_eq!(v["members"].as_array().unwrap().len(), 2);
+    let t1 = v["top1"].as_f64().unwrap();
+    assert!((t1 - single["top1"].as_f64().unwrap()).abs() < 1e-12);
+    assert!((t1 - v["best_member_top1"].as_f64().unwrap()).abs() < 1e-12);
+    // A member of another architecture and input size joins through its own transform.
+    let b = d.path().join("b");
+    ok(&train_tiny(
+        &b,
+        &["--model", "resnet18_small", "--set", "model.input_size=32"],
+    ));
+    let o = convlab()
+        .args(["ensemble", "--weights", "2,1"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let text = ok(&o);
+    assert!(
+        text.contains("ensemble:") && text.contains("resnet18_small"),
+        "{text}"
+    );
+    let e = fails(
+        &convlab()
+            .args(["ensemble", "--weights", "1"])
+            .arg(&a)
+            .arg(&b)
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("1 weights for 2 runs"), "{e}");
+}

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use convlab::data::{DataFormat, DataSpec, open, stats};
 
 #[derive(Args, Debug)]
-pub struct DataArgs {
+pub struct DataCmdArgs {
     #[command(subcommand)]
     pub command: DataCommand,
 }
@@ -32,7 +32,7 @@ pub struct StatsArgs {
     pub json: bool,
 }
 
-pub fn run(a: DataArgs) -> Result<()> {
+pub fn run(a: DataCmdArgs) -> Result<()> {
     let DataCommand::Stats(a) = a.command;
     let splits = open(&DataSpec {
         path: a.data.clone(),

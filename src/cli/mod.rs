@@ -3,6 +3,7 @@
 mod bench;
 mod data;
 mod device;
+mod ensemble;
 mod eval;
 mod models;
 mod predict;
@@ -36,7 +37,9 @@ pub enum Command {
     /// Measure training or inference throughput on random inputs.
     Bench(bench::BenchArgs),
     /// Dataset tools.
-    Data(data::DataArgs),
+    Data(data::DataCmdArgs),
+    /// Average the softmax outputs of several runs and compare with each member.
+    Ensemble(ensemble::EnsembleArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -70,5 +73,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Models(a) => models::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(a) => data::run(a),
+        Command::Ensemble(a) => ensemble::run(a),
     }
 }

@@ -1,5 +1,6 @@
 //! Evaluation: run a model over a loader and summarise its predictions.
 
+pub mod ensemble;
 pub mod metrics;
 
 use burn::prelude::*;

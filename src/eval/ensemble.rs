@@ -1,0 +1,136 @@
+//! Model fusion: average the softmax outputs of several runs (optionally weighted) over the same
+//! images. Members may be different architectures with different input sizes, channel counts
+//! and normalisations: each sees the images through its own run's transform.
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use serde::Serialize;
+
+use super::batch_tensor;
+use super::metrics::Accumulator;
+use crate::data::{Dataset, open};
+use crate::error::{Error, Result};
+use crate::models::Model;
+use crate::run::RunDir;
+use crate::train::recipe::DataConfig;
+use crate::train::trainer::{load_model, loader};
+
+/// One member's accuracy on its own.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberReport {
+    pub run: String,
+    pub model: String,
+    pub weight: f64,
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// What `convlab ensemble` prints. Accuracies are fractions in [0, 1].
+#[derive(Clone, Debug, Serialize)]
+pub struct EnsembleReport {
+    pub count: usize,
+    pub members: Vec<MemberReport>,
+    pub best_member_top1: f64,
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// Softmax probabilities of `model` over every image of `data` in order, `[N * K]`.
+fn probabilities(
+    model: &Model,
+    data: std::sync::Arc<dyn Dataset>,
+    recipe: &crate::train::Recipe,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let mut r = recipe.clone();
+    r.data.skip_bad_images = false;
+    let l = loader(&r, data, false)?;
+    let mut out = Vec::new();
+    for batch in l.epoch(0) {
+        let batch = batch?;
+        let p = softmax(model.forward(batch_tensor(&batch, device)), 1);
+        out.extend(
+            p.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32"),
+        );
+    }
+    Ok(out)
+}
+
+/// Evaluates each run in `runs` and their weighted average on the held-out split of `data`
+/// (default: the first run's data).
+pub fn ensemble(
+    runs: &[PathBuf],
+    weights: Option<&[f64]>,
+    data: Option<DataConfig>,
+    device: &Device,
+) -> Result<EnsembleReport> {
+    if runs.is_empty() {
+        return Err(Error::Invalid("an ensemble needs at least one run".into()));
+    }
+    if let Some(w) = weights
+        && w.len() != runs.len()
+    {
+        return Err(Error::Invalid(format!(
+            "{} weights for {} runs",
+            w.len(),
+            runs.len()
+        )));
+    }
+    let first = RunDir::open(&runs[0])?.read_recipe()?;
+    let data_cfg = data.unwrap_or(first.data.clone());
+    let splits = open(&data_cfg.spec(first.seed))?;
+    let k = splits.classes.len();
+    let n = splits.val.len();
+    let labels: Vec<usize> = (0..n).map(|i| splits.val.label(i)).collect();
+    let mut sum = vec![0f64; n * k];
+    let mut members = Vec::new();
+    let total_w: f64 = weights.map_or(runs.len() as f64, |w| w.iter().sum());
+    for (m, dir) in runs.iter().enumerate() {
+        let run = RunDir::open(dir)?;
+        let recipe = run.read_recipe()?;
+        if recipe.model.num_classes != k {
+            return Err(Error::BadRun {
+                path: dir.clone(),
+                reason: format!(
+                    "predicts {} classes, the data has {k}",
+                    recipe.model.num_classes
+                ),
+            });
+        }
+        let model = load_model(&run, &recipe, "best", device)?;
+        let p = probabilities(&model, splits.val.clone(), &recipe, device)?;
+        let w = weights.map_or(1.0, |w| w[m]);
+        let mut acc = Accumulator::new(k);
+        acc.add(
+            &p.iter().map(|v| v.max(1e-12).ln()).collect::<Vec<_>>(),
+            &labels,
+        );
+        let r = acc.finish(&splits.classes);
+        for (s, v) in sum.iter_mut().zip(&p) {
+            *s += w * *v as f64 / total_w;
+        }
+        members.push(MemberReport {
+            run: dir.display().to_string(),
+            model: recipe.model.name.to_string(),
+            weight: w,
+            top1: r.top1,
+            top5: r.top5,
+        });
+    }
+    let mut acc = Accumulator::new(k);
+    let logp: Vec<f32> = sum.iter().map(|v| (v.max(1e-12)).ln() as f32).collect();
+    acc.add(&logp, &labels);
+    let r = acc.finish(&splits.classes);
+    Ok(EnsembleReport {
+        count: n,
+        best_member_top1: members.iter().map(|m| m.top1).fold(0.0, f64::max),
+        members,
+        top1: r.top1,
+        top5: r.top5,
+    })
+}
