@@ -234,7 +234,7 @@ pub fn train(
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = peak;
         for (i, batch) in train_loader.epoch(epoch - 1).enumerate() {
-            let batch = batch?;
+            let mut batch = batch?;
             p.skipped += batch.skipped.len();
             for (src, why) in &batch.skipped {
                 rep.message(&format!("skipped {src}: {why}"));
@@ -253,7 +253,7 @@ pub fn train(
             );
             let b = batch.len();
             let [c, side, _] = batch.sample_shape;
-            let mut images = batch.images.clone();
+            let mut images = std::mem::take(&mut batch.images);
             let mut q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
             if epoch + recipe.loss.mix_off_epochs <= recipe.epochs {
                 let m = mix::draw(
