@@ -94,11 +94,6 @@ impl Loader {
         }
     }
 
-    /// The dataset this loader reads.
-    pub fn dataset(&self) -> &Arc<dyn Dataset> {
-        &self.data
-    }
-
     /// The order of samples in `epoch`: a seeded permutation when training, else `0..n`.
     pub fn order(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.data.len()).collect();

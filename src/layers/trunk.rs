@@ -111,6 +111,18 @@ impl TrunkSpec {
         }
     }
 
+    /// Channels of the last conv (what the trunk outputs), without building it.
+    pub fn out_channels(&self) -> usize {
+        self.plan
+            .iter()
+            .rev()
+            .find_map(|p| match *p {
+                Plan::Conv(w) | Plan::Conv1x1(w) => Some(w),
+                Plan::Pool => None,
+            })
+            .unwrap_or(self.in_channels)
+    }
+
     /// Multiply-adds x 2 of the trunk on a `size x size` input; returns (flops, final size).
     pub fn flops(&self, size: usize) -> (f64, usize) {
         let (mut c, mut s, mut f) = (self.in_channels, size, 0f64);

@@ -69,24 +69,9 @@ impl ConvNetConfig {
 
     /// Multiply-adds x 2 per image at `size x size`.
     pub fn flops(&self, size: usize) -> f64 {
-        let (f, _) = self.trunk_spec().flops(size);
-        let c = self.trunk_spec().init_channels();
-        f + 2.0 * (c * self.num_classes) as f64
-    }
-}
-
-impl TrunkSpec {
-    /// Channels of the last conv.
-    pub fn init_channels(&self) -> usize {
-        use crate::layers::trunk::Plan;
-        self.plan
-            .iter()
-            .rev()
-            .find_map(|p| match *p {
-                Plan::Conv(w) | Plan::Conv1x1(w) => Some(w),
-                Plan::Pool => None,
-            })
-            .unwrap_or(self.in_channels)
+        let spec = self.trunk_spec();
+        let (f, _) = spec.flops(size);
+        f + 2.0 * (spec.out_channels() * self.num_classes) as f64
     }
 }
 

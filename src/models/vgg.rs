@@ -104,7 +104,7 @@ impl VggConfig {
     pub fn flops(&self, size: usize) -> f64 {
         let spec = self.trunk_spec();
         let (f, _) = spec.flops(size);
-        let flat = spec.init_channels() * self.head_pool * self.head_pool;
+        let flat = spec.out_channels() * self.head_pool * self.head_pool;
         f + 2.0
             * (flat * self.hidden + self.hidden * self.hidden + self.hidden * self.num_classes)
                 as f64
