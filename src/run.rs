@@ -22,6 +22,8 @@ pub const RECIPE: &str = "recipe.toml";
 pub const CLASSES: &str = "classes.json";
 pub const METRICS: &str = "metrics.jsonl";
 pub const SUMMARY: &str = "summary.json";
+/// Normalisation statistics (mean, std, RGB PCA) the run trained with.
+pub const STATS: &str = "stats.json";
 pub const CHECKPOINTS: &str = "checkpoints";
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).

@@ -14,6 +14,17 @@ pub enum What {
     Train,
     /// Forward only, eval mode.
     Infer,
+    /// The data loader alone: decode + augment + batch (`--data`, `--transform`, `--workers`).
+    Data,
+}
+
+/// Training transforms of the loader benchmark, each the same as `bench/torchvision_loader.py`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Preset {
+    /// Fit to --size, 4 px zero-padded random crop, horizontal flip, normalise (CIFAR).
+    Cifar,
+    /// Random-resized-crop to --size (8-100% area, 3/4-4/3 ratio), flip, normalise (ImageNet).
+    Imagenet,
 }
 
 #[derive(Args, Debug)]
@@ -36,6 +47,21 @@ pub struct BenchArgs {
     pub device: String,
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
+    /// `bench data`: dataset (ImageFolder, CIFAR binary, IDX; default: built-in).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// `bench data`: the training transform.
+    #[arg(long, value_enum, default_value = "cifar")]
+    pub transform: Preset,
+    /// `bench data`: output side in pixels (default 32 for cifar, 224 for imagenet).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// `bench data`: decode/augment threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// `bench data`: images to load (default: the whole training split).
+    #[arg(long)]
+    pub images: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -66,7 +92,126 @@ fn parse_input(s: &str) -> Result<(usize, usize)> {
     }
 }
 
+#[derive(Serialize)]
+struct DataReport {
+    data: String,
+    transform: String,
+    size: usize,
+    workers: usize,
+    batch: usize,
+    images: usize,
+    seconds: f64,
+    images_per_sec: f64,
+    images_per_sec_per_worker: f64,
+    peak_rss_mb: Option<f64>,
+}
+
+fn run_data(a: &BenchArgs) -> Result<()> {
+    use convlab::data::transforms::{Augment, CropMode, Mode, Transform};
+    use convlab::data::{DataSpec, Loader, LoaderConfig, Subset, open};
+    use std::sync::Arc;
+    let splits = open(&DataSpec {
+        path: a.data.clone(),
+        format: None,
+        val_fraction: 0.0,
+        seed: 0,
+        limit_train: None,
+        limit_val: None,
+    })?;
+    let (augment, default_size) = match a.transform {
+        Preset::Cifar => (
+            Augment {
+                crop: CropMode::Pad,
+                crop_padding: 4,
+                ..Augment::default()
+            },
+            32,
+        ),
+        Preset::Imagenet => (
+            Augment {
+                crop: CropMode::Resized,
+                ..Augment::default()
+            },
+            224,
+        ),
+    };
+    let size = a.size.unwrap_or(default_size);
+    let c = splits.channels;
+    let t = Transform {
+        channels: c,
+        size,
+        mean: vec![0.5; c],
+        std: vec![0.25; c],
+        pca: None,
+        mode: Mode::Train(augment),
+    };
+    let mut data = splits.train.clone();
+    if let Some(n) = a.images.filter(|&n| n < data.len()) {
+        data = Arc::new(Subset {
+            base: data,
+            indices: (0..n).collect(),
+        });
+    }
+    let cfg = LoaderConfig {
+        batch_size: a.batch,
+        train: true,
+        drop_last: false,
+        workers: a.workers,
+        prefetch: 4,
+        seed: 0,
+        skip_bad: false,
+    };
+    let loader = Loader::new(data.clone(), t, cfg)?;
+    let t0 = std::time::Instant::now();
+    let mut images = 0;
+    let mut checksum = 0f64;
+    for b in loader.epoch(0) {
+        let b = b?;
+        images += b.len();
+        checksum += b.images[0] as f64;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    std::hint::black_box(checksum);
+    let r = DataReport {
+        data: a
+            .data
+            .as_ref()
+            .map_or("built-in".into(), |p| p.display().to_string()),
+        transform: format!("{:?}", a.transform).to_lowercase(),
+        size,
+        workers: a.workers,
+        batch: a.batch,
+        images,
+        seconds,
+        images_per_sec: images as f64 / seconds,
+        images_per_sec_per_worker: images as f64 / seconds / a.workers.max(1) as f64,
+        peak_rss_mb: bench::peak_rss_mb(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "loader {} {} at {} px, {} workers, batch {}: {} images in {:.2} s = {:.0} img/s \
+             ({:.0} per worker), peak RSS {}",
+            r.data,
+            r.transform,
+            r.size,
+            r.workers,
+            r.batch,
+            r.images,
+            r.seconds,
+            r.images_per_sec,
+            r.images_per_sec_per_worker,
+            r.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0} MB"))
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
+    if matches!(a.what, What::Data) {
+        return run_data(&a);
+    }
     device::set_threads(a.threads)?;
     let (c, s) = parse_input(&a.input)?;
     let mut cfg = ModelConfig::for_model(ModelName::from_name(&a.model)?, a.classes, c);
@@ -74,7 +219,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let base = device::pick(&a.device)?;
     let (mode, dev) = match a.what {
         What::Train => (Mode::Train, base.autodiff()),
-        What::Infer => (Mode::Infer, base),
+        What::Infer | What::Data => (Mode::Infer, base),
     };
     let t = bench::run(&cfg, mode, a.batch, 3, a.steps.max(1), &dev)?;
     let (ips, slowest, fastest) = t.images_per_sec();

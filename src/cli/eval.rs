@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::data::open;
-use convlab::eval::evaluate;
+use convlab::eval::tta::{Tta, evaluate_tta};
 use convlab::run::RunDir;
-use convlab::train::trainer::{load_model, loader};
+use convlab::train::trainer::load_model;
+use serde::Serialize;
 
 use super::{DataArgs, RuntimeArgs, device};
 
@@ -36,11 +37,31 @@ pub struct EvalArgs {
     pub data: DataArgs,
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint: Which,
+    /// Test-time augmentation: center (one crop), flip (+ mirror), ten-crop (corners, centre
+    /// and their mirrors), multi-scale (whole image at each of --scales, and mirrors).
+    /// Default: the recipe's `eval.tta`. The single-crop result is reported beside it.
+    #[arg(long, value_parser = parse_tta)]
+    pub tta: Option<Tta>,
+    /// Shorter sides in pixels for multi-scale, e.g. `28,32,36` (sets `eval.scales`).
+    #[arg(long, value_delimiter = ',')]
+    pub scales: Option<Vec<usize>>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+fn parse_tta(s: &str) -> std::result::Result<Tta, String> {
+    s.parse().map_err(|e: convlab::Error| e.to_string())
+}
+
+/// `--json` output: the report's keys, plus what test-time augmentation gained.
+#[derive(Serialize)]
+struct Json<'a> {
+    #[serde(flatten)]
+    report: &'a convlab::eval::EvalReport,
+    tta: &'a convlab::eval::tta::TtaSummary,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -62,11 +83,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
             classes.len()
         );
     }
+    if let Some(s) = a.scales {
+        recipe.eval.scales = s;
+        recipe.eval.validate()?;
+    }
+    let tta = a.tta.unwrap_or(recipe.eval.tta);
     let model = load_model(&run, &recipe, a.checkpoint.as_str(), &dev)?;
-    let val = loader(&recipe, splits.val.clone(), false)?;
-    let (report, skipped) = evaluate(&model, &val, &classes, &dev)?;
+    let convlab::eval::tta::TtaResult {
+        report,
+        summary,
+        skipped,
+    } = evaluate_tta(&model, &recipe, splits.val.clone(), &classes, tta, &dev)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let j = Json {
+            report: &report,
+            tta: &summary,
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
     println!(
@@ -81,6 +114,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
             String::new()
         }
     );
+    if tta != Tta::Center {
+        println!(
+            "single crop: top1 {:.2}%  top5 {:.2}%",
+            100.0 * summary.single_top1,
+            100.0 * summary.single_top5
+        );
+        println!(
+            "{} ({} views): top1 {:.2}%  top5 {:.2}%  gain {:+.2} points top-1",
+            summary.mode,
+            summary.views,
+            100.0 * summary.top1,
+            100.0 * summary.top5,
+            100.0 * summary.gain_top1
+        );
+    }
     println!(
         "top1 {:.2}%  top5 {:.2}%  loss {:.4}\n",
         100.0 * report.top1,

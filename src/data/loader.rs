@@ -207,7 +207,7 @@ impl Drop for EpochIter {
 mod tests {
     use super::*;
     use crate::data::dataset::InMemory;
-    use crate::data::transforms::Augment;
+    use crate::data::transforms::{Augment, CropMode, Mode};
 
     fn tiny(n: usize) -> Arc<dyn Dataset> {
         Arc::new(InMemory {
@@ -226,10 +226,13 @@ mod tests {
             size: 4,
             mean: vec![0.5],
             std: vec![0.25],
-            augment: Augment {
+            pca: None,
+            mode: Mode::Train(Augment {
+                crop: CropMode::Pad,
                 crop_padding: 1,
                 hflip: 0.5,
-            },
+                ..Augment::none()
+            }),
         };
         let cfg = LoaderConfig {
             batch_size: 5,

@@ -6,15 +6,18 @@
 //! slice, and [`loader`] does that for whole batches on worker threads behind a bounded queue.
 
 pub mod builtin;
+pub mod cache;
 pub mod cifar;
 pub mod dataset;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
+pub mod norm;
 pub mod split;
 pub mod stats;
 pub mod transforms;
 
+pub use cache::Cached;
 pub use dataset::{DataFormat, DataSpec, Dataset, InMemory, RawImage, Splits, Subset, open};
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use transforms::{Augment, Transform};

@@ -5,17 +5,15 @@
 use std::path::PathBuf;
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use serde::Serialize;
 
-use super::batch_tensor;
 use super::metrics::Accumulator;
 use crate::data::{Dataset, open};
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::run::RunDir;
 use crate::train::recipe::DataConfig;
-use crate::train::trainer::{load_model, loader};
+use crate::train::trainer::load_model;
 
 /// One member's accuracy on its own.
 #[derive(Clone, Debug, Serialize)]
@@ -37,7 +35,8 @@ pub struct EnsembleReport {
     pub top5: f64,
 }
 
-/// Softmax probabilities of `model` over every image of `data` in order, `[N * K]`.
+/// Softmax probabilities of `model` over every image of `data` in order, `[N * K]`, averaged
+/// over the run's own test-time views (`eval.tta` in its recipe).
 fn probabilities(
     model: &Model,
     data: std::sync::Arc<dyn Dataset>,
@@ -46,19 +45,8 @@ fn probabilities(
 ) -> Result<Vec<f32>> {
     let mut r = recipe.clone();
     r.data.skip_bad_images = false;
-    let l = loader(&r, data, false)?;
-    let mut out = Vec::new();
-    for batch in l.epoch(0) {
-        let batch = batch?;
-        let p = softmax(model.forward(batch_tensor(&batch, device)), 1);
-        out.extend(
-            p.into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("f32"),
-        );
-    }
-    Ok(out)
+    let views = r.eval.views(r.eval.tta, r.model.input_size);
+    Ok(super::tta::probabilities(model, &r, data, &views, device)?.probs)
 }
 
 /// Evaluates each run in `runs` and their weighted average on the held-out split of `data`

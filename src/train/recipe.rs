@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::transforms::Pca;
 use crate::data::{Augment, DataFormat, DataSpec};
 use crate::error::{Error, Result};
+use crate::eval::tta::EvalConfig;
 use crate::models::ModelConfig;
 
 /// Everything that defines a training run.
@@ -23,6 +25,7 @@ pub struct Recipe {
     pub model: ModelConfig,
     pub data: DataConfig,
     pub augment: Augment,
+    pub eval: EvalConfig,
     pub optim: OptimConfig,
     pub schedule: ScheduleConfig,
     pub loss: LossConfig,
@@ -87,9 +90,26 @@ pub struct DataConfig {
     pub workers: usize,
     /// Batches decoded ahead of the training step.
     pub prefetch: usize,
+    /// Keep decoded images in memory up to this many MiB (0 = off: stream from disk, holding
+    /// only the batches in flight).
+    pub cache_mb: usize,
+    /// `standard`: `(v - mean) / std`; `mean`: subtract the mean only (VGG, AlexNet).
+    pub normalize: Normalize,
     /// Per-channel mean and std of the training images in [0, 1]; computed when absent.
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
+    /// Principal components of the training set's RGB pixels (PCA lighting); computed when
+    /// absent and the data is RGB.
+    pub pca: Option<Pca>,
+}
+
+/// How pixels are normalised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    #[default]
+    Standard,
+    Mean,
 }
 
 impl Default for DataConfig {
@@ -103,8 +123,11 @@ impl Default for DataConfig {
             skip_bad_images: false,
             workers: 2,
             prefetch: 4,
+            cache_mb: 0,
+            normalize: Normalize::Standard,
             mean: None,
             std: None,
+            pca: None,
         }
     }
 }
@@ -283,6 +306,7 @@ impl Default for Recipe {
             model: ModelConfig::default(),
             data: DataConfig::default(),
             augment: Augment::default(),
+            eval: EvalConfig::default(),
             optim: OptimConfig::default(),
             schedule: ScheduleConfig::default(),
             loss: LossConfig {
@@ -470,9 +494,8 @@ impl Recipe {
         if !(0.0..1.0).contains(&self.loss.label_smoothing) {
             return bad("loss.label_smoothing", "must be in [0, 1)");
         }
-        if !(0.0..=1.0).contains(&self.augment.hflip) {
-            return bad("augment.hflip", "must be a probability in [0, 1]");
-        }
+        self.augment.validate()?;
+        self.eval.validate()?;
         if self.schedule.warmup_epochs < 0.0 {
             return bad("schedule.warmup_epochs", "must be >= 0");
         }

@@ -14,17 +14,18 @@ use super::ema::Ema;
 use super::loss::{smoothed_targets, soft_cross_entropy};
 use super::mix::{self, MixSettings};
 use super::optim::Optimizer;
-use super::recipe::Recipe;
 use super::recipe::ScheduleKind;
+use super::recipe::{Normalize, Recipe};
 use super::schedule::lr_at;
 use super::state::{Progress, apply_init_from, restore, save_checkpoint};
+use crate::data::norm::{self, NormStats};
 use crate::data::split::mix_seed;
-use crate::data::transforms::channel_stats;
-use crate::data::{Augment, Dataset, Loader, LoaderConfig, Splits, Transform, open};
+use crate::data::transforms::{Mode, View};
+use crate::data::{Cached, Dataset, Loader, LoaderConfig, Splits, Transform, open};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, metrics::argmax};
 use crate::models::Model;
-use crate::run::{CLASSES, EpochMetrics, RunDir, SUMMARY, Summary};
+use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
 
 /// Where training reports progress; the CLI draws bars, tests stay quiet.
 pub trait Reporter {
@@ -85,36 +86,97 @@ pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
         m.input_size = splits.native_size.unwrap_or(m.name.default_input_size());
     }
     m.validate()?;
-    if recipe.data.mean.is_none() || recipe.data.std.is_none() {
-        let (mean, std) =
-            channel_stats(splits.train.as_ref(), m.in_channels, m.input_size, 10_000)?;
-        recipe.data.mean = Some(mean);
-        recipe.data.std = Some(std);
+    let rgb = m.in_channels == 3;
+    let d = &mut recipe.data;
+    if d.mean.is_none() || d.std.is_none() || (rgb && d.pca.is_none()) {
+        let s = norm::cached(
+            splits.train.as_ref(),
+            m.in_channels,
+            m.input_size,
+            STATS_IMAGES,
+        )?;
+        d.mean.get_or_insert(s.mean);
+        d.std.get_or_insert(s.std);
+        if d.pca.is_none() {
+            d.pca = s.pca;
+        }
+    }
+    if d.normalize == Normalize::Mean {
+        d.std = Some(vec![1.0; m.in_channels]);
     }
     Ok(splits)
 }
 
-/// The transform of a resolved recipe (`train` adds its augmentation).
-pub fn transform(recipe: &Recipe, train: bool) -> Transform {
+/// Training images the normalisation statistics are computed over (evenly spaced): 10,000
+/// pin the channel means to about 1e-4.
+pub const STATS_IMAGES: usize = 10_000;
+
+/// The normalisation statistics a resolved recipe uses (what `stats.json` in a run holds).
+pub fn norm_stats(recipe: &Recipe) -> NormStats {
     let c = recipe.model.in_channels;
-    Transform {
-        channels: c,
-        size: recipe.model.input_size,
+    NormStats {
         mean: recipe.data.mean.clone().unwrap_or_else(|| vec![0.5; c]),
         std: recipe.data.std.clone().unwrap_or_else(|| vec![0.5; c]),
-        augment: if train {
-            recipe.augment.clone()
-        } else {
-            Augment::none()
-        },
+        pca: recipe.data.pca.clone(),
+        images: 0,
+    }
+}
+
+/// The transform of a resolved recipe (`train` adds its augmentation).
+pub fn transform(recipe: &Recipe, train: bool) -> Transform {
+    let mode = if train {
+        Mode::Train(recipe.augment.clone())
+    } else {
+        Mode::Eval(recipe.eval.single())
+    };
+    with_mode(recipe, recipe.model.input_size, mode)
+}
+
+fn with_mode(recipe: &Recipe, size: usize, mode: Mode) -> Transform {
+    let s = norm_stats(recipe);
+    Transform {
+        channels: recipe.model.in_channels,
+        size,
+        mean: s.mean,
+        std: s.std,
+        pca: s.pca,
+        mode,
     }
 }
 
 /// A loader over `data` with the recipe's settings.
 pub fn loader(recipe: &Recipe, data: Arc<dyn Dataset>, train: bool) -> Result<Loader> {
+    loader_with(recipe, data, transform(recipe, train), train)
+}
+
+/// An evaluation loader feeding one fixed view at input size `size` (test-time augmentation).
+pub fn view_loader(
+    recipe: &Recipe,
+    data: Arc<dyn Dataset>,
+    size: usize,
+    view: View,
+) -> Result<Loader> {
+    loader_with(
+        recipe,
+        data,
+        with_mode(recipe, size, Mode::Eval(view)),
+        false,
+    )
+}
+
+fn loader_with(
+    recipe: &Recipe,
+    data: Arc<dyn Dataset>,
+    transform: Transform,
+    train: bool,
+) -> Result<Loader> {
+    let data: Arc<dyn Dataset> = match recipe.data.cache_mb {
+        0 => data,
+        mb => Arc::new(Cached::new(data, recipe.model.in_channels, mb << 20)),
+    };
     Loader::new(
         data,
-        transform(recipe, train),
+        transform,
         LoaderConfig {
             batch_size: recipe.batch_size,
             train,
@@ -153,6 +215,7 @@ pub fn train(
     let splits = prepare(&mut recipe)?;
     run.write_recipe(&recipe)?;
     run.write_json(CLASSES, &splits.classes)?;
+    run.write_json(STATS, &norm_stats(&recipe))?;
     let eval_device = device.clone().without_autodiff();
 
     device.seed(mix_seed(&[recipe.seed, 0xC0FFEE]));
