@@ -12,6 +12,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod layers;
 pub mod models;
 pub mod run;

@@ -62,8 +62,10 @@ pub fn decode_file(path: &Path, channels: usize) -> Result<RawImage> {
         path: path.to_path_buf(),
         reason,
     };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+    // One read of the whole file: small images (CIFAR's are ~1 KB) would otherwise cost more
+    // in buffered-read system calls than in decoding.
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
     let img = reader.decode().map_err(|e| bad(e.to_string()))?;

@@ -295,17 +295,31 @@ impl Transform {
     ) {
         let (s, c) = (self.size, self.channels);
         let hw = s * s;
+        // Source column of each output column (None = zero padding), computed once per image.
+        let cols: Vec<Option<usize>> = (0..s)
+            .map(|x| pad_index(if hflip { s - 1 - x } else { x } as isize + dx, s, reflect))
+            .collect();
+        let plain = !hflip && dx == 0;
         for y in 0..s {
             let yy = if vflip { s - 1 - y } else { y } as isize + dy;
-            let sy = pad_index(yy, s, reflect);
-            for x in 0..s {
-                let xx = if hflip { s - 1 - x } else { x } as isize + dx;
-                let src = sy.zip(pad_index(xx, s, reflect));
+            let row_out = y * s;
+            let Some(sy) = pad_index(yy, s, reflect) else {
                 for ch in 0..c {
-                    out[ch * hw + y * s + x] = match src {
-                        Some((sy, sx)) => img.pixels[(sy * s + sx) * c + ch] as f32 / 255.0,
-                        None => 0.0,
-                    };
+                    out[ch * hw + row_out..ch * hw + row_out + s].fill(0.0);
+                }
+                continue;
+            };
+            let row = &img.pixels[sy * s * c..(sy + 1) * s * c];
+            for ch in 0..c {
+                let dst = &mut out[ch * hw + row_out..ch * hw + row_out + s];
+                if plain {
+                    for (d, px) in dst.iter_mut().zip(row.chunks_exact(c)) {
+                        *d = px[ch] as f32 * (1.0 / 255.0);
+                    }
+                } else {
+                    for (d, col) in dst.iter_mut().zip(&cols) {
+                        *d = col.map_or(0.0, |sx| row[sx * c + ch] as f32 * (1.0 / 255.0));
+                    }
                 }
             }
         }
