@@ -5,6 +5,7 @@ mod data;
 mod device;
 mod ensemble;
 mod eval;
+mod experiment;
 mod models;
 mod predict;
 mod progress;
@@ -40,6 +41,8 @@ pub enum Command {
     Data(data::DataCmdArgs),
     /// Average the softmax outputs of several runs and compare with each member.
     Ensemble(ensemble::EnsembleArgs),
+    /// Run an ablation grid (variants x seeds) and tabulate mean +- std per variant.
+    Experiment(experiment::ExperimentArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -74,5 +77,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Data(a) => data::run(a),
         Command::Ensemble(a) => ensemble::run(a),
+        Command::Experiment(a) => experiment::run(a),
     }
 }

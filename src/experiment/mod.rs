@@ -40,9 +40,13 @@ use crate::train::trainer::{Quiet, TrainOptions, train};
 #[serde(deny_unknown_fields)]
 pub struct Variant {
     pub name: String,
-    /// Recipe overrides, dotted keys (`"model.pool" = "avg"`) or nested tables.
+    /// Recipe overrides, dotted keys (`"model.pool" = "avg"`) or nested tables. In string
+    /// values `{out}` stands for the experiment's output folder, so a variant can name another
+    /// variant's cell (a distillation teacher, a shallow net to initialise from).
     #[serde(default)]
     pub set: toml::Table,
+    /// Seeds of this variant (default: the experiment's); a teacher needs only one.
+    pub seeds: Option<Vec<u64>>,
 }
 
 /// An experiment file.
@@ -111,7 +115,13 @@ fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) 
 pub fn slug(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     s.trim_matches('_').to_string()
 }
@@ -182,8 +192,10 @@ impl Experiment {
         })
     }
 
-    /// The overrides of a variant: the common `set`, the variant's `set`, then the seed.
-    pub fn overrides(&self, v: &Variant, seed: u64) -> Vec<Override> {
+    /// The overrides of a variant: the common `set`, the variant's `set`, then the seed;
+    /// `{out}` in string values becomes `out`.
+    pub fn overrides(&self, v: &Variant, seed: u64, out: &Path) -> Vec<Override> {
+        let dir = out;
         let mut out = Vec::new();
         let mut pairs = Vec::new();
         flatten("", &self.set, &mut pairs);
@@ -203,6 +215,11 @@ impl Experiment {
             });
         }
         out.push(Override::flag("seed", seed as i64, "experiment seed"));
+        for o in &mut out {
+            if let toml::Value::String(text) = &o.value {
+                o.value = toml::Value::String(text.replace("{out}", &dir.display().to_string()));
+            }
+        }
         out
     }
 
@@ -212,8 +229,8 @@ impl Experiment {
         let base = self.base_path();
         let mut cells = Vec::new();
         for v in &self.variants {
-            for &seed in &self.seeds {
-                let recipe = Recipe::resolve(base.as_deref(), &self.overrides(v, seed))?;
+            for &seed in v.seeds.as_ref().unwrap_or(&self.seeds) {
+                let recipe = Recipe::resolve(base.as_deref(), &self.overrides(v, seed, out))?;
                 cells.push(Cell {
                     variant: v.name.clone(),
                     seed,
@@ -368,10 +385,22 @@ mod tests {
             [[variant]]
             name = "avg pool"
             set = { "model.pool" = "avg", model = { dropout = 0.2 }, epochs = 5 }
+            [[variant]]
+            name = "student"
+            seeds = [7]
+            set = { "distill.teacher" = "{out}/cells/max-s3" }
         "#);
         let cells = e.cells(Path::new("out")).unwrap();
-        assert_eq!(cells.len(), 4);
-        let names: Vec<_> = cells.iter().map(|c| c.dir.display().to_string()).collect();
+        assert_eq!(cells.len(), 5);
+        assert_eq!(cells[4].seed, 7);
+        assert_eq!(
+            cells[4].recipe.distill.teacher.as_deref(),
+            Some(Path::new("out/cells/max-s3"))
+        );
+        let names: Vec<_> = cells[..4]
+            .iter()
+            .map(|c| c.dir.display().to_string())
+            .collect();
         assert_eq!(
             names,
             [
@@ -403,7 +432,10 @@ mod tests {
             assert!(err.contains(needle), "{err}");
         };
         bad("variant = []", "at least one");
-        bad("[[variant]]\nname = \"a\"\n[[variant]]\nname = \"a\"", "repeated");
+        bad(
+            "[[variant]]\nname = \"a\"\n[[variant]]\nname = \"a\"",
+            "repeated",
+        );
         bad("baseline = \"b\"\n[[variant]]\nname = \"a\"", "`b` is not");
         bad(
             "[[variant]]\nname = \"a\"\nset = { \"model.pool\" = \"median\" }",

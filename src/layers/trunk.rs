@@ -10,14 +10,15 @@ use super::{ConvBnAct, Pool, PoolKind};
 pub enum Plan {
     /// A 3x3 convolution (padding 1) to this many channels.
     Conv(usize),
-    /// A 1x1 convolution to this many channels (VGG configuration C).
-    Conv1x1(usize),
+    /// A `k x k` convolution (odd `k`, padding `k / 2`) to this many channels: `Nk1` is VGG
+    /// configuration C's 1x1, `Nk5` / `Nk7` the single large kernels VGG argues against.
+    ConvK(usize, usize),
     /// A pooling stage that halves the resolution.
     Pool,
 }
 
 /// Parses plans such as `"64,M,128,M,256,256k1"` (VGG's notation: numbers are 3x3 conv
-/// widths, `Nk1` a 1x1 conv, `M` a pool).
+/// widths, `NkK` a K x K conv with odd K, `M` a pool).
 pub fn parse_plan(s: &str) -> Result<Vec<Plan>, String> {
     s.split(',')
         .map(str::trim)
@@ -25,14 +26,16 @@ pub fn parse_plan(s: &str) -> Result<Vec<Plan>, String> {
             if t == "M" || t == "m" {
                 return Ok(Plan::Pool);
             }
-            let (num, one) = match t.strip_suffix("k1") {
-                Some(n) => (n, true),
-                None => (t, false),
-            };
-            match num.parse::<usize>() {
-                Ok(n) if n > 0 && one => Ok(Plan::Conv1x1(n)),
-                Ok(n) if n > 0 => Ok(Plan::Conv(n)),
-                _ => Err(format!("`{t}` is neither a channel count (N or Nk1) nor M")),
+            let bad = || format!("`{t}` is neither a channel count (N, or NkK with odd K) nor M");
+            match t.split_once('k') {
+                Some((n, k)) => match (n.parse::<usize>(), k.parse::<usize>()) {
+                    (Ok(n), Ok(k)) if n > 0 && k % 2 == 1 => Ok(Plan::ConvK(n, k)),
+                    _ => Err(bad()),
+                },
+                None => match t.parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(Plan::Conv(n)),
+                    _ => Err(bad()),
+                },
             }
         })
         .collect()
@@ -76,7 +79,7 @@ impl TrunkSpec {
         for p in &self.plan {
             let (w, k) = match *p {
                 Plan::Conv(w) => (w, 3),
-                Plan::Conv1x1(w) => (w, 1),
+                Plan::ConvK(w, k) => (w, k),
                 Plan::Pool => {
                     let pad = (self.pool_kernel - 1) / 2;
                     pools.push(Pool::new(self.pool, self.pool_kernel, 2, pad));
@@ -117,7 +120,7 @@ impl TrunkSpec {
             .iter()
             .rev()
             .find_map(|p| match *p {
-                Plan::Conv(w) | Plan::Conv1x1(w) => Some(w),
+                Plan::Conv(w) | Plan::ConvK(w, _) => Some(w),
                 Plan::Pool => None,
             })
             .unwrap_or(self.in_channels)
@@ -132,8 +135,8 @@ impl TrunkSpec {
                     f += 2.0 * (c * w * 9 * s * s) as f64;
                     c = w;
                 }
-                Plan::Conv1x1(w) => {
-                    f += 2.0 * (c * w * s * s) as f64;
+                Plan::ConvK(w, k) => {
+                    f += 2.0 * (c * w * k * k * s * s) as f64;
                     c = w;
                 }
                 Plan::Pool => s /= 2,
@@ -172,9 +175,16 @@ mod tests {
     #[test]
     fn plan_parsing() {
         assert_eq!(
-            parse_plan("8, M,16,4k1").unwrap(),
-            vec![Plan::Conv(8), Plan::Pool, Plan::Conv(16), Plan::Conv1x1(4)]
+            parse_plan("8, M,16,4k1,6k7").unwrap(),
+            vec![
+                Plan::Conv(8),
+                Plan::Pool,
+                Plan::Conv(16),
+                Plan::ConvK(4, 1),
+                Plan::ConvK(6, 7)
+            ]
         );
         assert!(parse_plan("8,X").unwrap_err().contains("`X`"));
+        assert!(parse_plan("8k4").is_err());
     }
 }

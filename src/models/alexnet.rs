@@ -43,7 +43,7 @@ pub struct AlexNetConfig {
     /// Side of the adaptive average pool before the classifier.
     #[config(default = 6)]
     pub head_pool: usize,
-    /// Width of the two hidden FC layers.
+    /// Width of the two hidden FC layers; 0 removes them (pooled features -> classifier).
     #[config(default = 4096)]
     pub hidden: usize,
     #[config(default = 0.5)]
@@ -74,8 +74,9 @@ pub struct AlexNet {
     pub lrns: Vec<Option<LocalResponseNorm>>,
     pub pools: Vec<Option<Pool>>,
     pub head_pool: usize,
-    pub fc6: Linear,
-    pub fc7: Linear,
+    /// The hidden FC layers (absent when the config's `hidden` is 0: ZFNet's ablation).
+    pub fc6: Option<Linear>,
+    pub fc7: Option<Linear>,
     pub fc8: Linear,
     pub dropout: Dropout,
 }
@@ -156,9 +157,13 @@ impl AlexNetConfig {
             lrns,
             pools,
             head_pool: self.head_pool,
-            fc6: linear(flat, self.hidden, 1.0),
-            fc7: linear(self.hidden, self.hidden, 1.0),
-            fc8: linear(self.hidden, self.num_classes, 0.0),
+            fc6: (self.hidden > 0).then(|| linear(flat, self.hidden, 1.0)),
+            fc7: (self.hidden > 0).then(|| linear(self.hidden, self.hidden, 1.0)),
+            fc8: linear(
+                if self.hidden > 0 { self.hidden } else { flat },
+                self.num_classes,
+                0.0,
+            ),
             dropout: DropoutConfig::new(self.dropout).init(),
         }
     }
@@ -176,9 +181,13 @@ impl AlexNetConfig {
             c = out;
         }
         let flat = self.out_channels() * self.head_pool * self.head_pool;
+        let h = self.hidden;
         f + 2.0
-            * (flat * self.hidden + self.hidden * self.hidden + self.hidden * self.num_classes)
-                as f64
+            * if h > 0 {
+                flat * h + h * h + h * self.num_classes
+            } else {
+                flat * self.num_classes
+            } as f64
     }
 }
 
@@ -212,9 +221,14 @@ impl AlexNet {
         let x = adaptive_avg_pool2d(f, [p, p]);
         let [b, c, _, _] = x.dims();
         let x = x.reshape([b, c * p * p]);
-        let x = relu(self.fc6.forward(self.dropout.forward(x)));
-        let x = relu(self.fc7.forward(self.dropout.forward(x)));
-        self.fc8.forward(x)
+        match (&self.fc6, &self.fc7) {
+            (Some(fc6), Some(fc7)) => {
+                let x = relu(fc6.forward(self.dropout.forward(x)));
+                let x = relu(fc7.forward(self.dropout.forward(x)));
+                self.fc8.forward(x)
+            }
+            _ => self.fc8.forward(self.dropout.forward(x)),
+        }
     }
 
     pub fn num_classes(&self) -> usize {

@@ -47,6 +47,14 @@ pub struct ModelConfig {
     /// Weight initialisation: `default`, `xavier`, `kaiming` or `paper` (absent: the model's
     /// own, which is `paper` for `alexnet_paper` and `default` for the others).
     pub init: Option<Init>,
+    /// AlexNet/ZFNet: width of the two hidden FC layers; 0 removes them (ZFNet's ablation,
+    /// section 5.1). Absent: the model's own (4096; 512 for the small variants).
+    pub hidden: Option<usize>,
+    /// AlexNet/ZFNet: output channels of each conv, replacing the model's own (same count).
+    pub conv_widths: Option<Vec<usize>>,
+    /// AlexNet/ZFNet: convs to remove, by layer number (`[3, 4]` = conv3 and conv4); a removed
+    /// conv's pooling moves to the conv before it.
+    pub remove_convs: Option<Vec<usize>>,
 }
 
 impl Default for ModelConfig {
@@ -64,6 +72,9 @@ impl Default for ModelConfig {
             plan: None,
             zero_gamma: false,
             init: None,
+            hidden: None,
+            conv_widths: None,
+            remove_convs: None,
         }
     }
 }
@@ -132,6 +143,21 @@ impl ModelConfig {
         {
             return Err(bad("dropout", format!("{d} (must be in [0, 1))")));
         }
+        let alex = matches!(self.name.family(), Family::AlexNet | Family::ZfNet);
+        if !alex {
+            for (key, set) in [
+                ("hidden", self.hidden.is_some()),
+                ("conv_widths", self.conv_widths.is_some()),
+                ("remove_convs", self.remove_convs.is_some()),
+            ] {
+                if set {
+                    return Err(bad(
+                        key,
+                        format!("only AlexNet and ZFNet models take it, not {}", self.name),
+                    ));
+                }
+            }
+        }
         let pools = match self.name.family() {
             Family::AlexNet | Family::ZfNet => {
                 if self.plan.is_some() {
@@ -140,6 +166,7 @@ impl ModelConfig {
                         "only plain (convnet, vgg) models take a plan".into(),
                     ));
                 }
+                self.alexnet_layers().map_err(|(k, e)| bad(k, e))?;
                 if self.name.is_small() { 4 } else { 6 }
             }
             Family::ConvNet | Family::Vgg => parse_plan(self.plan())
@@ -258,6 +285,11 @@ impl ModelConfig {
         };
         c.in_channels = self.in_channels;
         c.pool = self.pool;
+        if let Some(h) = self.hidden {
+            c.hidden = h;
+        }
+        (c.convs, c.pool_after, c.lrn_after) =
+            self.alexnet_layers().expect("validated before building");
         match self.init {
             Some(Init::Paper) if self.name.family() == Family::AlexNet => c.paper_init = true,
             Some(_) => c.paper_init = false,
@@ -278,6 +310,80 @@ impl ModelConfig {
             _ => {}
         }
         c
+    }
+
+    /// AlexNet/ZFNet conv stack after `conv_widths` and `remove_convs`: (convs, pool_after,
+    /// lrn_after), or the offending key and why.
+    #[allow(clippy::type_complexity)]
+    fn alexnet_layers(
+        &self,
+    ) -> std::result::Result<(Vec<[usize; 5]>, Vec<usize>, Vec<usize>), (&'static str, String)>
+    {
+        use ModelName::*;
+        let k = self.num_classes;
+        let base = match self.name {
+            AlexnetPaper => alexnet::alexnet_paper(k),
+            AlexnetSmall => alexnet::alexnet_small(k),
+            Zfnet => zfnet::zfnet(k),
+            ZfnetSmall => zfnet::zfnet_small(k),
+            _ => alexnet::alexnet(k),
+        };
+        let mut convs = base.convs.clone();
+        let n = convs.len();
+        if let Some(w) = &self.conv_widths {
+            if w.len() != n || w.contains(&0) {
+                return Err((
+                    "conv_widths",
+                    format!("{} has {n} convs; give {n} widths > 0", self.name),
+                ));
+            }
+            for (c, &w) in convs.iter_mut().zip(w) {
+                if w % c[4] != 0 {
+                    return Err((
+                        "conv_widths",
+                        format!("{w} is not divisible by the conv's groups"),
+                    ));
+                }
+                c[0] = w;
+            }
+        }
+        let remove = self.remove_convs.clone().unwrap_or_default();
+        if let Some(&bad) = remove.iter().find(|&&i| i < 2 || i > n) {
+            return Err((
+                "remove_convs",
+                format!("conv{bad} cannot be removed (conv2..conv{n} can)"),
+            ));
+        }
+        let (mut kept, mut pools, mut lrns) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, c) in convs.into_iter().enumerate() {
+            let pooled = base.pool_after.contains(&i);
+            if remove.contains(&(i + 1)) {
+                // Keep the resolution schedule: the pool moves to the previous kept conv.
+                if pooled && !pools.contains(&(kept.len() - 1)) {
+                    pools.push(kept.len() - 1);
+                }
+                continue;
+            }
+            if pooled {
+                pools.push(kept.len());
+            }
+            if base.lrn_after.contains(&i) {
+                lrns.push(kept.len());
+            }
+            kept.push(c);
+        }
+        // A conv's groups must divide its (possibly new) input width.
+        let mut cin = self.in_channels.max(1);
+        for c in &kept {
+            if cin % c[4] != 0 {
+                return Err((
+                    "remove_convs",
+                    format!("a grouped conv would get {cin} input channels"),
+                ));
+            }
+            cin = c[0];
+        }
+        Ok((kept, pools, lrns))
     }
 
     fn googlenet(&self) -> GoogLeNetConfig {
