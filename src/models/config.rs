@@ -338,7 +338,7 @@ impl ModelConfig {
                 ));
             }
             for (c, &w) in convs.iter_mut().zip(w) {
-                if w % c[4] != 0 {
+                if !w.is_multiple_of(c[4]) {
                     return Err((
                         "conv_widths",
                         format!("{w} is not divisible by the conv's groups"),
@@ -375,7 +375,7 @@ impl ModelConfig {
         // A conv's groups must divide its (possibly new) input width.
         let mut cin = self.in_channels.max(1);
         for c in &kept {
-            if cin % c[4] != 0 {
+            if !cin.is_multiple_of(c[4]) {
                 return Err((
                     "remove_convs",
                     format!("a grouped conv would get {cin} input channels"),
