@@ -17,5 +17,6 @@ pub mod layers;
 pub mod models;
 pub mod run;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};

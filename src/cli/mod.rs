@@ -10,6 +10,7 @@ mod models;
 mod predict;
 mod progress;
 mod train;
+mod viz;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,9 @@ pub enum Command {
     Ensemble(ensemble::EnsembleArgs),
     /// Run an ablation grid (variants x seeds) and tabulate mean +- std per variant.
     Experiment(experiment::ExperimentArgs),
+    /// Pictures of a trained run: filters, activations, top patches, deconv, saliency,
+    /// Grad-CAM, occlusion, evolution (PNG files).
+    Viz(viz::VizArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -78,5 +82,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(a) => data::run(a),
         Command::Ensemble(a) => ensemble::run(a),
         Command::Experiment(a) => experiment::run(a),
+        Command::Viz(a) => viz::run(a),
     }
 }

@@ -2,6 +2,11 @@
 
 pub mod trunk;
 
+/// A hook into a forward pass: called with each named intermediate map (`conv1`, `pool2`,
+/// `layer3`, ...) and returning the map the network continues with (usually the same one;
+/// Grad-CAM adds a zero leaf to read the gradient there, deconvnet records it).
+pub type Tap<'a> = dyn FnMut(String, Tensor<4>) -> Tensor<4> + 'a;
+
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};

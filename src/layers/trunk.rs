@@ -148,7 +148,7 @@ impl TrunkSpec {
 
 impl Trunk {
     /// Runs the trunk, calling `tap` with each named map (`conv1`, ..., `pool1`, ...).
-    pub fn forward(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+    pub fn forward(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let mut pool_i = 0;
         for (i, conv) in self.convs.iter().enumerate() {
             x = conv.forward(x);
@@ -157,11 +157,11 @@ impl Trunk {
             {
                 x = lrn.forward(x);
             }
-            tap(format!("conv{}", i + 1), &x);
+            x = tap(format!("conv{}", i + 1), x);
             for _ in 0..self.pools_after[i] {
                 x = self.pools[pool_i].forward(x);
                 pool_i += 1;
-                tap(format!("pool{pool_i}"), &x);
+                x = tap(format!("pool{pool_i}"), x);
             }
         }
         x

@@ -193,7 +193,7 @@ impl AlexNetConfig {
 
 impl AlexNet {
     /// Runs the convolutional part, calling `tap` with `conv1`.. and `pool1`..
-    pub fn features(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+    pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let mut p = 0;
         for i in 0..self.convs.len() {
             x = self.convs[i].forward(x);
@@ -204,11 +204,11 @@ impl AlexNet {
             if let Some(lrn) = &self.lrns[i] {
                 x = lrn.forward(x);
             }
-            tap(format!("conv{}", i + 1), &x);
+            x = tap(format!("conv{}", i + 1), x);
             if let Some(pool) = &self.pools[i] {
                 x = pool.forward(x);
                 p += 1;
-                tap(format!("pool{p}"), &x);
+                x = tap(format!("pool{p}"), x);
             }
         }
         x

@@ -273,13 +273,13 @@ impl GoogLeNet {
     fn run(
         &self,
         mut x: Tensor<4>,
-        tap: &mut dyn FnMut(String, &Tensor<4>),
+        tap: &mut crate::layers::Tap,
         aux_taps: &mut Vec<Tensor<4>>,
     ) -> Tensor<4> {
         let small = self.pools.len() == 3;
         for (i, c) in self.stem.iter().enumerate() {
             x = c.forward(x);
-            tap(format!("conv{}", i + 1), &x);
+            x = tap(format!("conv{}", i + 1), x);
             if i == 0 && !small {
                 x = self.pools[0].forward(x);
                 if let Some(l) = &self.lrn {
@@ -294,7 +294,7 @@ impl GoogLeNet {
         x = self.pools[p0].forward(x);
         for (i, b) in self.blocks.iter().enumerate() {
             x = b.forward(x);
-            tap(format!("inception{}", NAMES[i]), &x);
+            x = tap(format!("inception{}", NAMES[i]), x);
             if i == 2 || i == 5 {
                 aux_taps.push(x.clone());
             }
@@ -308,14 +308,14 @@ impl GoogLeNet {
         x
     }
 
-    pub fn features(&self, x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+    pub fn features(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         self.run(x, tap, &mut Vec::new())
     }
 
     /// Training forward: the logits and the auxiliary classifiers' logits.
     pub fn forward_aux(&self, x: Tensor<4>) -> (Tensor<2>, Vec<Tensor<2>>) {
         let mut taps = Vec::new();
-        let f = self.run(x, &mut |_, _| {}, &mut taps);
+        let f = self.run(x, &mut |_, x| x, &mut taps);
         let aux = self
             .aux
             .iter()

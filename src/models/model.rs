@@ -29,8 +29,8 @@ pub struct TrainOutput {
 }
 
 impl Model {
-    /// Runs the feature extractor, calling `tap` with every named intermediate map.
-    fn features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+    /// Runs the feature extractor, passing every named intermediate map through `tap`.
+    pub fn features_tapped(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         match self {
             Model::AlexNet(m) => m.features(x, tap),
             Model::ConvNet(m) => m.trunk.forward(x, tap),
@@ -45,7 +45,7 @@ impl Model {
     /// # Shapes
     /// `[B, C, H, W]` -> `[B, C', h, w]`.
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        self.features_tapped(x, &mut |_, _| {})
+        self.features_tapped(x, &mut |_, x| x)
     }
 
     /// Features to logits.
@@ -60,6 +60,11 @@ impl Model {
             Model::GoogLeNet(m) => m.forward_head(f),
             Model::ResNet(m) => m.forward_head(f),
         }
+    }
+
+    /// Images to logits, passing every named intermediate map through `tap`.
+    pub fn forward_tapped(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<2> {
+        self.forward_head(self.features_tapped(x, tap))
     }
 
     /// Images to logits.
@@ -89,7 +94,10 @@ impl Model {
     /// empty). An unknown name is an error listing the valid ones.
     pub fn feature_maps(&self, x: Tensor<4>, names: &[String]) -> Result<Vec<(String, Tensor<4>)>> {
         let mut all = Vec::new();
-        self.features_tapped(x, &mut |n, t| all.push((n, t.clone())));
+        self.features_tapped(x, &mut |n, t| {
+            all.push((n, t.clone()));
+            t
+        });
         if let Some(bad) = names.iter().find(|n| !all.iter().any(|(a, _)| a == *n)) {
             let valid: Vec<&str> = all.iter().map(|(a, _)| a.as_str()).collect();
             return Err(Error::Invalid(format!(

@@ -252,19 +252,19 @@ impl ResNetConfig {
 
 impl ResNet {
     /// Runs stem and stages, calling `tap` with `stem`, `layer1` .. `layer4`.
-    pub fn features(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(String, &Tensor<4>)) -> Tensor<4> {
+    pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         for c in &self.stem {
             x = relu(c.forward(x));
         }
         if let Some(p) = &self.stem_pool {
             x = p.forward(x);
         }
-        tap("stem".into(), &x);
+        x = tap("stem".into(), x);
         for (i, stage) in self.stages.iter().enumerate() {
             for b in stage {
                 x = b.forward(x);
             }
-            tap(format!("layer{}", i + 1), &x);
+            x = tap(format!("layer{}", i + 1), x);
         }
         x
     }

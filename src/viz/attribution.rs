@@ -1,0 +1,371 @@
+//! Which pixels matter: saliency (Simonyan et al. 2014), guided backpropagation (Springenberg
+//! et al. 2015), the ZFNet deconvnet (Zeiler & Fergus 2014, section 2.1), Grad-CAM (Selvaraju
+//! et al. 2017) and the occlusion experiment (Zeiler & Fergus, section 4.2).
+//!
+//! The model must be on an autodiff device and frozen (`Module::freeze`): batch norm then uses
+//! its running statistics, dropout is off, and only the input (or a probe) carries gradients.
+//!
+//! Deconvnet and guided backpropagation differ from the gradient only at the ReLUs, so for the
+//! sequential families (AlexNet, ZFNet, VGG, the plain convnets) they are computed layer by
+//! layer: each conv, batch norm, LRN and pool is inverted by its own vector-Jacobian product
+//! (for max pooling that is exactly the deconvnet's unpooling with the recorded switches; for a
+//! conv, the transposed filters), and the ReLU rule is applied in between. ResNet and GoogLeNet
+//! branch and merge, which a layer list cannot describe; for them these two fall back to the
+//! plain gradient, and the result says so.
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, LocalResponseNorm};
+use burn::prelude::*;
+use burn::tensor::activation::{relu, softmax};
+
+use crate::error::{Error, Result};
+use crate::layers::Pool;
+use crate::models::Model;
+
+/// One step of a sequential network.
+enum Op<'a> {
+    Conv(&'a Conv2d),
+    Bn(&'a BatchNorm),
+    Lrn(&'a LocalResponseNorm),
+    Relu,
+    Pool(&'a Pool),
+    /// A named map (`conv3`, `pool2`): where projections can start.
+    Tap(String),
+}
+
+impl Op<'_> {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Op::Conv(c) => c.forward(x),
+            Op::Bn(b) => b.forward(x),
+            Op::Lrn(l) => l.forward(x),
+            Op::Relu => relu(x),
+            Op::Pool(p) => p.forward(x),
+            Op::Tap(_) => x,
+        }
+    }
+}
+
+/// The layer list of a sequential model, or `None` for branching ones.
+fn sequential(model: &Model) -> Option<Vec<Op<'_>>> {
+    let mut ops = Vec::new();
+    match model {
+        Model::AlexNet(m) => {
+            let mut p = 0;
+            for i in 0..m.convs.len() {
+                ops.push(Op::Conv(&m.convs[i]));
+                if let Some(b) = &m.bns[i] {
+                    ops.push(Op::Bn(b));
+                }
+                ops.push(Op::Relu);
+                if let Some(l) = &m.lrns[i] {
+                    ops.push(Op::Lrn(l));
+                }
+                ops.push(Op::Tap(format!("conv{}", i + 1)));
+                if let Some(pool) = &m.pools[i] {
+                    p += 1;
+                    ops.push(Op::Pool(pool));
+                    ops.push(Op::Tap(format!("pool{p}")));
+                }
+            }
+        }
+        Model::ConvNet(_) | Model::Vgg(_) => {
+            let t = match model {
+                Model::ConvNet(m) => &m.trunk,
+                Model::Vgg(m) => &m.trunk,
+                _ => unreachable!(),
+            };
+            let mut pool_i = 0;
+            for (i, c) in t.convs.iter().enumerate() {
+                ops.push(Op::Conv(&c.conv));
+                if let Some(b) = &c.bn {
+                    ops.push(Op::Bn(b));
+                }
+                ops.push(Op::Relu);
+                if i == 0
+                    && let Some(l) = &t.lrn
+                {
+                    ops.push(Op::Lrn(l));
+                }
+                ops.push(Op::Tap(format!("conv{}", i + 1)));
+                for _ in 0..t.pools_after[i] {
+                    ops.push(Op::Pool(&t.pools[pool_i]));
+                    pool_i += 1;
+                    ops.push(Op::Tap(format!("pool{pool_i}")));
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(ops)
+}
+
+/// `J^T g` of `op` at `x`: the signal `g` at the op's output carried back to its input.
+fn vjp(op: &Op, x: &Tensor<4>, g: Tensor<4>) -> Tensor<4> {
+    let x = x.clone().detach().require_grad();
+    let y = op.forward(x.clone());
+    let grads = (y * g.detach()).sum().backward();
+    Tensor::from_inner(x.grad(&grads).expect("input requires grad"))
+}
+
+/// How a backward projection passes a ReLU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReluRule {
+    /// The gradient: pass where the forward input was positive.
+    Gradient,
+    /// Zeiler & Fergus' deconvnet: rectify the signal itself.
+    Deconv,
+    /// Guided backpropagation: both.
+    Guided,
+}
+
+/// A projection to pixel space, `[C, H, W]` values, and whether the requested rule was used
+/// (false: the model branches, the plain gradient was computed instead).
+pub struct Projection {
+    pub values: Vec<f32>,
+    pub exact_rule: bool,
+}
+
+/// Projects one activation of layer `layer` back to the input: the strongest activation of
+/// `channel` (default: the channel with the strongest activation), all others zeroed, as the
+/// deconvnet does. Returns the projection and the channel used.
+pub fn project_activation(
+    model: &Model,
+    x: Tensor<4>,
+    layer: &str,
+    channel: Option<usize>,
+    rule: ReluRule,
+) -> Result<(Projection, usize)> {
+    let maps = model.feature_maps(x.clone(), &[layer.to_string()])?;
+    let a = maps[0].1.clone().inner();
+    let [_, c, h, w] = a.dims();
+    let values = super::host(Tensor::<4>::from_inner(a));
+    let ch = match channel {
+        Some(k) => {
+            super::check_channel(layer, k, c)?;
+            k
+        }
+        None => (0..c)
+            .max_by(|&i, &j| {
+                let m = |k: usize| {
+                    values[k * h * w..(k + 1) * h * w]
+                        .iter()
+                        .copied()
+                        .fold(f32::MIN, f32::max)
+                };
+                m(i).total_cmp(&m(j))
+            })
+            .unwrap_or(0),
+    };
+    // The signal: only the strongest activation of the channel, at its value.
+    let plane = &values[ch * h * w..(ch + 1) * h * w];
+    let (pos, &v) = plane
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .expect("non-empty map");
+    let mut sig = vec![0f32; c * h * w];
+    sig[ch * h * w + pos] = v.max(1e-6);
+    let device = x.device();
+    let g = Tensor::<4>::from_data(TensorData::new(sig, [1, c, h, w]), &device);
+    let projection = match sequential(model) {
+        Some(ops) => backward_through(&ops, x, layer, g, rule)?,
+        None => Projection {
+            values: gradient_of(model, x, layer, g)?,
+            exact_rule: rule == ReluRule::Gradient,
+        },
+    };
+    Ok((projection, ch))
+}
+
+/// Runs `ops` forward to the tap `layer`, recording each op's input, then carries `g` back.
+fn backward_through(
+    ops: &[Op],
+    x: Tensor<4>,
+    layer: &str,
+    g: Tensor<4>,
+    rule: ReluRule,
+) -> Result<Projection> {
+    let mut inputs = Vec::new();
+    let mut cur = x.detach();
+    let mut end = None;
+    for (i, op) in ops.iter().enumerate() {
+        if let Op::Tap(name) = op
+            && name == layer
+        {
+            end = Some(i);
+            break;
+        }
+        inputs.push(cur.clone());
+        cur = op.forward(cur).detach();
+    }
+    let end = end.ok_or_else(|| Error::Invalid(format!("unknown layer `{layer}`")))?;
+    let mut sig = g.detach();
+    for i in (0..end).rev() {
+        let x_in = &inputs[i];
+        sig = match (&ops[i], rule) {
+            (Op::Tap(_), _) => sig,
+            (Op::Relu, ReluRule::Gradient) => sig * x_in.clone().greater_elem(0.0).float(),
+            (Op::Relu, ReluRule::Deconv) => relu(sig),
+            (Op::Relu, ReluRule::Guided) => relu(sig) * x_in.clone().greater_elem(0.0).float(),
+            (op, _) => vjp(op, x_in, sig),
+        };
+    }
+    Ok(Projection {
+        values: super::host(sig),
+        exact_rule: true,
+    })
+}
+
+/// `d <layer(x), g> / dx` by autodiff through the whole model, probing `layer` with a zero
+/// tensor so its gradient equals the signal's.
+fn gradient_of(model: &Model, x: Tensor<4>, layer: &str, g: Tensor<4>) -> Result<Vec<f32>> {
+    let x = x.detach().require_grad();
+    let mut at = None;
+    let _ = model.features_tapped(x.clone(), &mut |name, t| {
+        if name == layer {
+            at = Some(t.clone());
+        }
+        t
+    });
+    let a = at.ok_or_else(|| Error::Invalid(format!("unknown layer `{layer}`")))?;
+    let grads = (a * g.detach()).sum().backward();
+    Ok(super::host(Tensor::<4>::from_inner(
+        x.grad(&grads).expect("input requires grad"),
+    )))
+}
+
+/// Gradient of the class score (logit) `class` w.r.t. the input (`[C, H, W]`), or with
+/// `guided` guided backpropagation (sequential models; otherwise the gradient, flagged).
+pub fn saliency(model: &Model, x: Tensor<4>, class: usize, guided: bool) -> Result<Projection> {
+    let k = model.num_classes();
+    if class >= k {
+        return Err(Error::Invalid(format!(
+            "class {class} does not exist (the model has classes 0..{})",
+            k - 1
+        )));
+    }
+    let device = x.device();
+    let mut onehot = vec![0f32; k];
+    onehot[class] = 1.0;
+    let g = Tensor::<2>::from_data(TensorData::new(onehot, [1, k]), &device);
+    if guided && let Some(ops) = sequential(model) {
+        // Through the head by autodiff (its ReLUs follow the gradient rule), then guided
+        // through the convolutional part.
+        let last = ops
+            .iter()
+            .rev()
+            .find_map(|o| match o {
+                Op::Tap(n) => Some(n.clone()),
+                _ => None,
+            })
+            .expect("a tap");
+        let f = model.forward_features(x.clone()).detach().require_grad();
+        let grads = (model.forward_head(f.clone()) * g).sum().backward();
+        let gf = Tensor::<4>::from_inner(f.grad(&grads).expect("probe"));
+        return backward_through(&ops, x, &last, gf, ReluRule::Guided);
+    }
+    let x = x.detach().require_grad();
+    let grads = (model.forward(x.clone()) * g).sum().backward();
+    Ok(Projection {
+        values: super::host(Tensor::<4>::from_inner(
+            x.grad(&grads).expect("input requires grad"),
+        )),
+        exact_rule: !guided,
+    })
+}
+
+/// Grad-CAM at `layer`: `relu(sum_c mean_hw(dy_class / dA_c) * A_c)`, an `h x w` map.
+pub fn grad_cam(
+    model: &Model,
+    x: Tensor<4>,
+    layer: &str,
+    class: usize,
+) -> Result<(Vec<f32>, usize, usize)> {
+    // An unknown layer: the error lists the valid ones.
+    model.feature_maps(x.clone().detach(), &[layer.to_string()])?;
+    let mut probe = None;
+    let mut act = None;
+    let logits = model.forward_tapped(x.detach(), &mut |name, t| {
+        if name == layer {
+            let z = t.zeros_like().detach().require_grad();
+            probe = Some(z.clone());
+            act = Some(t.clone().inner());
+            t + z
+        } else {
+            t
+        }
+    });
+    let (Some(z), Some(a)) = (probe, act) else {
+        return Err(Error::Invalid(format!("unknown layer `{layer}`")));
+    };
+    let k = logits.dims()[1];
+    if class >= k {
+        return Err(Error::Invalid(format!(
+            "class {class} does not exist (the model has classes 0..{})",
+            k - 1
+        )));
+    }
+    let score = logits.slice([0..1, class..class + 1]).sum();
+    let grads = score.backward();
+    let gz = z.grad(&grads).expect("probe requires grad");
+    let [_, _, h, w] = a.dims();
+    let weights = gz.mean_dim(3).mean_dim(2); // [1, C, 1, 1]
+    let cam = Tensor::<4>::from_inner((a * weights).sum_dim(1)); // [1, 1, h, w]
+    Ok((super::host(relu(cam)), w, h))
+}
+
+/// The occlusion experiment: a grey (dataset-mean) `patch x patch` square slid with `stride`
+/// over the input; for each position the probability of `class` and the most probable class.
+/// Returns `(probabilities, argmax classes, columns, rows)`.
+pub fn occlusion(
+    model: &Model,
+    x: Tensor<4>,
+    class: usize,
+    patch: usize,
+    stride: usize,
+) -> Result<(Vec<f32>, Vec<usize>, usize, usize)> {
+    let [_, c, h, w] = x.dims();
+    if patch == 0 || stride == 0 || patch > h.min(w) {
+        return Err(Error::Invalid(format!(
+            "--patch must be in 1..={} and --stride >= 1",
+            h.min(w)
+        )));
+    }
+    let k = model.num_classes();
+    if class >= k {
+        return Err(Error::Invalid(format!(
+            "class {class} does not exist (0..{})",
+            k - 1
+        )));
+    }
+    let base = super::host(x.clone());
+    let device = x.device().without_autodiff();
+    let eval = model.valid();
+    let (nx, ny) = ((w - patch) / stride + 1, (h - patch) / stride + 1);
+    let positions: Vec<(usize, usize)> = (0..ny)
+        .flat_map(|j| (0..nx).map(move |i| (i * stride, j * stride)))
+        .collect();
+    let mut probs = Vec::new();
+    let mut classes = Vec::new();
+    for chunk in positions.chunks(64) {
+        let mut buf = Vec::with_capacity(chunk.len() * base.len());
+        for &(x0, y0) in chunk {
+            let mut img = base.clone();
+            for ch in 0..c {
+                for y in y0..y0 + patch {
+                    // 0 after normalisation = the training mean: a grey square.
+                    img[ch * h * w + y * w + x0..ch * h * w + y * w + x0 + patch].fill(0.0);
+                }
+            }
+            buf.extend(img);
+        }
+        let batch = Tensor::<4>::from_data(TensorData::new(buf, [chunk.len(), c, h, w]), &device);
+        let p = super::host(softmax(eval.forward(batch), 1));
+        for row in p.chunks_exact(k) {
+            probs.push(row[class]);
+            classes.push(crate::eval::metrics::argmax(row));
+        }
+    }
+    Ok((probs, classes, nx, ny))
+}
