@@ -365,10 +365,9 @@ pub fn run(a: VizArgs) -> Result<()> {
 fn last_layer(cx: &Ctx) -> Result<String> {
     let s = cx.recipe.model.input_size;
     let x = burn::prelude::Tensor::<4>::zeros([1, cx.recipe.model.in_channels, s, s], &cx.device);
-    Ok(cx
-        .model
+    cx.model
         .feature_maps(x, &[])?
         .last()
         .map(|(n, _)| n.clone())
-        .context("the model names no layers")?)
+        .context("the model names no layers")
 }
