@@ -15,6 +15,7 @@ pub mod eval;
 pub mod experiment;
 pub mod layers;
 pub mod models;
+pub mod report;
 pub mod run;
 pub mod train;
 pub mod viz;

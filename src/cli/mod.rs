@@ -1,5 +1,6 @@
 //! Subcommands. Each file holds one subcommand's arguments and its `run`.
 
+mod analyze;
 mod bench;
 mod data;
 mod device;
@@ -47,6 +48,11 @@ pub enum Command {
     /// Pictures of a trained run: filters, activations, top patches, deconv, saliency,
     /// Grad-CAM, occlusion, evolution (PNG files).
     Viz(viz::VizArgs),
+    /// Class separation per layer (intra/inter-class variance, nearest-centroid accuracy)
+    /// and the most confused class pairs.
+    Analyze(analyze::AnalyzeArgs),
+    /// Write one self-contained HTML report of a run.
+    Report(analyze::ReportArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -83,5 +89,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ensemble(a) => ensemble::run(a),
         Command::Experiment(a) => experiment::run(a),
         Command::Viz(a) => viz::run(a),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Report(a) => analyze::report(a),
     }
 }

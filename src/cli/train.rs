@@ -47,6 +47,9 @@ pub struct TrainArgs {
     /// End cleanly after this epoch; the schedule still spans all epochs.
     #[arg(long)]
     pub stop_after_epoch: Option<usize>,
+    /// Write RUN/report.html (`convlab report`) when training finishes.
+    #[arg(long)]
+    pub report: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -145,6 +148,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             String::new()
         }
     );
+    if a.report {
+        let path = convlab::report::write_report(&run, None, &dev)?;
+        println!("report: {}", path.display());
+    }
     println!("run folder: {}", run.path.display());
     Ok(())
 }

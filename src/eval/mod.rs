@@ -2,6 +2,7 @@
 
 pub mod ensemble;
 pub mod metrics;
+pub mod separation;
 pub mod tta;
 
 use burn::prelude::*;

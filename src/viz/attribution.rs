@@ -369,3 +369,122 @@ pub fn occlusion(
     }
     Ok((probs, classes, nx, ny))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::convnet::ConvNetConfig;
+    use burn::module::{Module, Param};
+
+    /// A 1-channel net with known weights: conv1 = identity 3x3 kernel (centre 1), no bias, no
+    /// BN, ReLU, global average pool, linear to 2 classes with weights (+1, -1), no bias. So
+    /// logit_0 = mean(relu(x)) = -logit_1.
+    fn tiny(device: &Device) -> Model {
+        let mut m = ConvNetConfig::new("1".into(), 2)
+            .with_in_channels(1)
+            .with_batch_norm(false)
+            .init(device);
+        let mut k = vec![0f32; 9];
+        k[4] = 1.0;
+        m.trunk.convs[0].conv.weight =
+            Param::from_tensor(Tensor::from_data(TensorData::new(k, [1, 1, 3, 3]), device));
+        m.trunk.convs[0].conv.bias = None;
+        m.fc.weight = Param::from_tensor(Tensor::from_data(
+            TensorData::new(vec![1f32, -1.0], [1, 2]),
+            device,
+        ));
+        m.fc.bias = None;
+        Model::ConvNet(m).freeze()
+    }
+
+    fn image(values: Vec<f32>, s: usize, device: &Device) -> Tensor<4> {
+        Tensor::from_data(TensorData::new(values, [1, 1, s, s]), device)
+    }
+
+    #[test]
+    fn deconv_of_an_identity_net_is_the_strongest_pixel() {
+        let dev = Device::flex().autodiff();
+        let model = tiny(&dev);
+        // 4x4 input with its largest value at (2, 1) and some negatives.
+        let v = vec![
+            0.1, -0.5, 0.2, 0.0, //
+            0.3, 0.4, -0.2, 0.1, //
+            0.0, 0.9, 0.5, -0.3, //
+            0.2, 0.0, 0.1, 0.6,
+        ];
+        let (p, ch) =
+            project_activation(&model, image(v, 4, &dev), "conv1", None, ReluRule::Deconv).unwrap();
+        assert!(p.exact_rule);
+        assert_eq!(ch, 0);
+        let mut want = vec![0f32; 16];
+        want[2 * 4 + 1] = 0.9;
+        for (a, b) in p.values.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{:?}", p.values);
+        }
+    }
+
+    #[test]
+    fn saliency_of_an_identity_net_is_the_relu_mask_over_pixels() {
+        let dev = Device::flex().autodiff();
+        let model = tiny(&dev);
+        let v: Vec<f32> = (0..9)
+            .map(|i| if i % 2 == 0 { 0.5 } else { -0.5 })
+            .collect();
+        let g = saliency(&model, image(v.clone(), 3, &dev), 0, false).unwrap();
+        // d mean(relu(x)) / dx_p = [x_p > 0] / 9.
+        for (gi, xi) in g.values.iter().zip(&v) {
+            let want = if *xi > 0.0 { 1.0 / 9.0 } else { 0.0 };
+            assert!((gi - want).abs() < 1e-6, "{:?}", g.values);
+        }
+        // For class 1 the sign flips; guided backprop keeps only positive signal: all zero.
+        let g1 = saliency(&model, image(v.clone(), 3, &dev), 1, false).unwrap();
+        assert!((g1.values[0] + 1.0 / 9.0).abs() < 1e-6);
+        let guided = saliency(&model, image(v, 3, &dev), 1, true).unwrap();
+        assert!(guided.exact_rule);
+        assert!(
+            guided.values.iter().all(|&x| x == 0.0),
+            "{:?}",
+            guided.values
+        );
+    }
+
+    #[test]
+    fn occluding_the_decisive_region_lowers_the_class_probability() {
+        let dev = Device::flex().autodiff();
+        let model = tiny(&dev);
+        // 8x8 image, bright 2x2 square in the top-left corner, zero elsewhere: class 0's
+        // evidence is all in that corner.
+        let mut v = vec![0f32; 64];
+        for (y, x) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            v[y * 8 + x] = 4.0;
+        }
+        let (probs, classes, nx, ny) = occlusion(&model, image(v, 8, &dev), 0, 2, 2).unwrap();
+        assert_eq!((nx, ny), (4, 4));
+        assert_eq!(probs.len(), 16);
+        // Covering the square: logit 0, p = 0.5; anywhere else p = sigmoid(2 * 16 / 64).
+        assert!((probs[0] - 0.5).abs() < 1e-5, "{probs:?}");
+        let rest = 1.0 / (1.0 + (-2.0f32 * 0.25).exp());
+        assert!(
+            probs[1..].iter().all(|p| (p - rest).abs() < 1e-5),
+            "{probs:?}"
+        );
+        assert!(probs[0] < probs[15]);
+        assert!(classes.iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn grad_cam_points_at_the_evidence() {
+        let dev = Device::flex().autodiff();
+        let model = tiny(&dev);
+        let mut v = vec![0f32; 16];
+        v[5] = 1.0;
+        v[10] = 0.5;
+        let (cam, w, h) = grad_cam(&model, image(v, 4, &dev), "conv1", 0).unwrap();
+        assert_eq!((w, h), (4, 4));
+        // weights = 1/16 for the one channel: cam = relu(x) / 16.
+        assert!((cam[5] - 1.0 / 16.0).abs() < 1e-6 && (cam[10] - 0.5 / 16.0).abs() < 1e-6);
+        assert_eq!(cam.iter().filter(|&&c| c > 0.0).count(), 2);
+        let e = grad_cam(&model, image(vec![0.0; 16], 4, &dev), "conv9", 0).unwrap_err();
+        assert!(e.to_string().contains("valid layers: conv1"), "{e}");
+    }
+}
