@@ -37,7 +37,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
     let recipe = run.read_recipe()?;
     let classes = run.read_classes()?;
     let mut spec = recipe.data.spec(recipe.seed);
-    spec.limit_val = Some(a.images);
+    // The run's own limit, capped.
+    spec.limit_val = Some(spec.limit_val.map_or(a.images, |l| l.min(a.images)));
     let splits = open(&spec)?;
     let model = load_model(&run, &recipe, a.checkpoint.as_str(), &dev)?.valid();
     let size = recipe.model.input_size;

@@ -201,7 +201,8 @@ pub fn run(a: VizArgs) -> Result<()> {
             images,
         } => {
             let mut spec = cx.recipe.data.spec(cx.recipe.seed);
-            spec.limit_val = Some(images);
+            // The run's own limit, capped.
+            spec.limit_val = Some(spec.limit_val.map_or(images, |l| l.min(images)));
             let splits = open(&spec)?;
             let layer = match layer {
                 Some(l) => l,
