@@ -49,6 +49,13 @@ fn probabilities(
     Ok(super::tta::probabilities(model, &r, data, &views, device)?.probs)
 }
 
+/// Adds `weight * p` into the running fusion `sum` (softmax averaging, AlexNet section 6).
+pub fn accumulate(sum: &mut [f64], p: &[f32], weight: f64) {
+    for (s, v) in sum.iter_mut().zip(p) {
+        *s += weight * *v as f64;
+    }
+}
+
 /// Evaluates each run in `runs` and their weighted average on the held-out split of `data`
 /// (default: the first run's data).
 pub fn ensemble(
@@ -99,9 +106,7 @@ pub fn ensemble(
             &labels,
         );
         let r = acc.finish(&splits.classes);
-        for (s, v) in sum.iter_mut().zip(&p) {
-            *s += w * *v as f64 / total_w;
-        }
+        accumulate(&mut sum, &p, w / total_w);
         members.push(MemberReport {
             run: dir.display().to_string(),
             model: recipe.model.name.to_string(),
@@ -121,4 +126,47 @@ pub fn ensemble(
         top1: r.top1,
         top5: r.top5,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Top-1 of `[N * K]` scores against labels.
+    fn top1(p: &[f64], labels: &[usize], k: usize) -> f64 {
+        let hits = p
+            .chunks_exact(k)
+            .zip(labels)
+            .filter(|(row, l)| {
+                let f: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+                crate::eval::metrics::argmax(&f) == **l
+            })
+            .count();
+        hits as f64 / labels.len() as f64
+    }
+
+    #[test]
+    fn complementary_members_fuse_into_a_better_ensemble() {
+        // Four samples, two classes, all of class 0. Member A is confidently right on the first
+        // two and narrowly wrong on the last two; member B the other way round. Each alone:
+        // 50%. Averaged: every sample leans to class 0, 100%.
+        let labels = [0, 0, 0, 0];
+        let a = [0.9f32, 0.1, 0.9, 0.1, 0.45, 0.55, 0.45, 0.55];
+        let b = [0.45f32, 0.55, 0.45, 0.55, 0.9, 0.1, 0.9, 0.1];
+        let widen = |p: &[f32]| p.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        assert_eq!(top1(&widen(&a), &labels, 2), 0.5);
+        assert_eq!(top1(&widen(&b), &labels, 2), 0.5);
+        let mut sum = vec![0f64; 8];
+        accumulate(&mut sum, &a, 0.5);
+        accumulate(&mut sum, &b, 0.5);
+        assert_eq!(top1(&sum, &labels, 2), 1.0);
+        assert!((sum[0] - 0.675).abs() < 1e-6);
+        // An ensemble of identical members is the member.
+        let mut same = vec![0f64; 8];
+        accumulate(&mut same, &a, 0.5);
+        accumulate(&mut same, &a, 0.5);
+        for (s, v) in same.iter().zip(&a) {
+            assert!((s - *v as f64).abs() < 1e-7);
+        }
+    }
 }
