@@ -102,17 +102,21 @@ pub fn run(a: ExperimentArgs) -> Result<()> {
             let _ = writeln!(
                 extra,
                 "\n## Ensembles of `{name}` (softmax averaged over the first k seeds)\n\n\
-                 | members | top-1 % | top-5 % | best member top-1 % | gain over best member |\n\
-                 |---|---|---|---|---|"
+                 | members | top-1 % | top-5 % | mean member top-1 % | best member top-1 % | \
+                 gain over mean member | gain over best member |\n\
+                 |---|---|---|---|---|---|---|"
             );
             for k in 1..=members.len() {
                 let r = ensemble(&members[..k], None, None, &devices[0])?;
+                let mean = r.members.iter().map(|m| m.top1).sum::<f64>() / k as f64;
                 let _ = writeln!(
                     extra,
-                    "| {k} | {:.2} | {:.2} | {:.2} | {:+.2} |",
+                    "| {k} | {:.2} | {:.2} | {:.2} | {:.2} | {:+.2} | {:+.2} |",
                     100.0 * r.top1,
                     100.0 * r.top5,
+                    100.0 * mean,
                     100.0 * r.best_member_top1,
+                    100.0 * (r.top1 - mean),
                     100.0 * (r.top1 - r.best_member_top1)
                 );
             }
