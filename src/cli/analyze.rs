@@ -18,7 +18,7 @@ use super::{RuntimeArgs, device};
 pub struct AnalyzeArgs {
     /// Run folder written by `convlab train`.
     pub run: PathBuf,
-    /// Validation images used (the first ones of the split).
+    /// Validation images used (a stratified subset of the split).
     #[arg(long, default_value_t = MAX_IMAGES)]
     pub images: usize,
     #[arg(long, value_enum, default_value = "best")]

@@ -21,8 +21,8 @@ use crate::train::trainer::{load_model, view_loader};
 use crate::viz::{self, attribution, maps};
 use charts::{BLUE_, GREEN_, ORANGE_, RED_, Series, line_chart};
 
-/// Images used for the analysis and the dataset statistics (evenly the first ones of the
-/// validation split): enough for stable means, bounded for big datasets.
+/// Images used for the analysis and the dataset statistics (a stratified subset of the
+/// split): enough for stable means, bounded for big datasets.
 pub const MAX_IMAGES: usize = 2000;
 
 /// HTML-escapes text.
@@ -53,13 +53,18 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
+/// At most `n` samples, stratified by class (folders list images class by class, so the
+/// first `n` would be a few classes only).
 fn first(data: Arc<dyn Dataset>, n: usize) -> Arc<dyn Dataset> {
     if data.len() <= n {
         return data;
     }
+    let labels = crate::data::dataset::labels_of(data.as_ref());
+    let mut indices = crate::data::split::stratified_subset(&labels, n, 0);
+    indices.sort_unstable();
     Arc::new(Subset {
         base: data,
-        indices: (0..n).collect(),
+        indices,
     })
 }
 
