@@ -6,34 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use assert_cmd::Command;
 use common::*;
-
-fn convlab() -> Command {
-    let mut c = Command::cargo_bin("convlab").unwrap();
-    c.env("RAYON_NUM_THREADS", "2");
-    c
-}
-
-fn ok(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "command failed\nstdout:\n{out}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
-fn fails(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "command should fail; stderr: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    err
-}
 
 const TINY: &[&str] = &[
     "--epochs",

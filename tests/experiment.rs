@@ -3,14 +3,7 @@
 
 mod common;
 
-use assert_cmd::Command;
 use common::*;
-
-fn convlab() -> Command {
-    let mut c = Command::cargo_bin("convlab").unwrap();
-    c.env("RAYON_NUM_THREADS", "2");
-    c
-}
 
 fn run(exp: &std::path::Path, out: &std::path::Path) -> String {
     let o = convlab()
@@ -20,13 +13,7 @@ fn run(exp: &std::path::Path, out: &std::path::Path) -> String {
         .arg(out)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
+    ok(&o)
 }
 
 #[test]

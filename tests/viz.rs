@@ -4,26 +4,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use assert_cmd::Command;
 use common::*;
-
-fn convlab() -> Command {
-    let mut c = Command::cargo_bin("convlab").unwrap();
-    c.env("RAYON_NUM_THREADS", "2");
-    c
-}
-
-fn ok(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "command failed\nstdout:\n{out}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
 
 fn train(run: &Path, model: &str, extra: &[&str]) {
     ok(&convlab()

@@ -133,3 +133,32 @@ pub fn tmp() -> tempfile::TempDir {
 pub fn p(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
     dir.path().join(rel)
 }
+
+/// The `convlab` binary with 2 compute threads (what CI has).
+pub fn convlab() -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("convlab").unwrap();
+    c.env("RAYON_NUM_THREADS", "2");
+    c
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(o: &std::process::Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "command failed\nstdout:\n{out}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// Asserts a clean failure (no panic) and returns stderr.
+pub fn fails(o: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "command should fail; stderr: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    err
+}
