@@ -8,13 +8,7 @@ cd "$(dirname "$0")/.."
 T=${1:-2}
 MODEL=${2:-bench-vgg}
 INPUT=${3:-3x32x32}
-VENV=${TORCH_VENV:-target/torchvenv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.9.0 torchvision==0.24.0
-fi
-cargo build --release -q
-BIN=target/release/convlab
+source bench/setup.sh
 PY="$VENV/bin/python bench/pytorch_peer.py"
 gemm=$($PY gemm --size 2048 --threads $T)
 peak=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['gflops_per_sec'])" "$gemm")

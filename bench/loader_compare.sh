@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-2}
 N=${2:-20000}
-VENV=${TORCH_VENV:-target/torchvenv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.9.0 torchvision==0.24.0
-fi
-cargo build --release -q
-BIN=target/release/convlab
+source bench/setup.sh
 row() { # name, convlab json, torch json
   python3 - "$1" "$2" "$3" <<'PY'
 import json, sys

@@ -334,7 +334,9 @@ pub fn run(a: VizArgs) -> Result<()> {
             cx.write(&format!("occlusion-class{k}.png"), &img)?;
         }
         What::Evolution { layer } => {
-            let mut epochs: Vec<usize> = std::fs::read_dir(cx.run.path.join("checkpoints"))?
+            let dir = cx.run.path.join("checkpoints");
+            let mut epochs: Vec<usize> = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot list {}", dir.display()))?
                 .filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let n = e.file_name().to_string_lossy().to_string();

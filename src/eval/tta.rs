@@ -203,25 +203,36 @@ pub fn probabilities(
     views: &[(usize, View)],
     device: &Device,
 ) -> Result<Probs> {
-    let n = data.len();
-    let mut mean = Probs {
-        probs: vec![0f32; n * recipe.model.num_classes],
-        seen: vec![true; n],
-        skipped: Vec::new(),
-    };
-    let w = 1.0 / views.len().max(1) as f32;
-    for (v, &view) in views.iter().enumerate() {
-        let p = view_probabilities(model, recipe, data.clone(), view, device)?;
-        if v == 0 {
-            mean.skipped = p.skipped;
+    let parts = views
+        .iter()
+        .map(|&v| view_probabilities(model, recipe, data.clone(), v, device));
+    average(parts)
+}
+
+/// The mean of per-view probabilities; `skipped` comes from the first view (the same files
+/// fail in every view).
+fn average(parts: impl ExactSizeIterator<Item = Result<Probs>>) -> Result<Probs> {
+    let w = 1.0 / parts.len().max(1) as f32;
+    let mut mean: Option<Probs> = None;
+    for p in parts {
+        let p = p?;
+        match &mut mean {
+            None => {
+                mean = Some(Probs {
+                    probs: p.probs.iter().map(|v| v * w).collect(),
+                    ..p
+                })
+            }
+            Some(m) => {
+                m.probs
+                    .iter_mut()
+                    .zip(&p.probs)
+                    .for_each(|(a, b)| *a += b * w);
+                m.seen.iter_mut().zip(&p.seen).for_each(|(a, b)| *a &= b);
+            }
         }
-        mean.probs
-            .iter_mut()
-            .zip(&p.probs)
-            .for_each(|(a, b)| *a += b * w);
-        mean.seen.iter_mut().zip(&p.seen).for_each(|(a, b)| *a &= b);
     }
-    Ok(mean)
+    Ok(mean.expect("at least one view"))
 }
 
 /// Scores the seen samples' probabilities.
@@ -275,8 +286,15 @@ pub fn evaluate_tta(
     let report = if views == [single_view] {
         single.clone()
     } else {
-        let p = probabilities(model, recipe, data.clone(), &views, device)?;
-        score(&p, data.as_ref(), classes)
+        // The single crop is usually one of the views: reuse it rather than run it again.
+        let parts = views.iter().map(|&v| {
+            if v == single_view {
+                Ok(single_p.clone())
+            } else {
+                view_probabilities(model, recipe, data.clone(), v, device)
+            }
+        });
+        score(&average(parts)?, data.as_ref(), classes)
     };
     let summary = TtaSummary {
         mode: tta.as_str().into(),

@@ -55,7 +55,7 @@ fn pct(x: f64) -> String {
 
 /// At most `n` samples, stratified by class (folders list images class by class, so the
 /// first `n` would be a few classes only).
-fn first(data: Arc<dyn Dataset>, n: usize) -> Arc<dyn Dataset> {
+fn stratified(data: Arc<dyn Dataset>, n: usize) -> Arc<dyn Dataset> {
     if data.len() <= n {
         return data;
     }
@@ -79,7 +79,7 @@ pub fn write_report(run: &RunDir, out: Option<&Path>, device: &Device) -> Result
     let eval = model.valid();
     let plain = device.clone().without_autodiff();
     let splits = open(&recipe.data.spec(recipe.seed))?;
-    let val = first(splits.val.clone(), MAX_IMAGES);
+    let val = stratified(splits.val.clone(), MAX_IMAGES);
     let size = recipe.model.input_size;
 
     let probs = view_probabilities(
@@ -98,7 +98,7 @@ pub fn write_report(run: &RunDir, out: Option<&Path>, device: &Device) -> Result
         &plain,
     )?;
     let data_stats = stats::compute(
-        first(splits.train.clone(), MAX_IMAGES).as_ref(),
+        stratified(splits.train.clone(), MAX_IMAGES).as_ref(),
         splits.val.as_ref(),
         &splits.classes,
         recipe.model.in_channels,

@@ -295,11 +295,16 @@ impl Transform {
     ) {
         let (s, c) = (self.size, self.channels);
         let hw = s * s;
-        // Source column of each output column (None = zero padding), computed once per image.
-        let cols: Vec<Option<usize>> = (0..s)
-            .map(|x| pad_index(if hflip { s - 1 - x } else { x } as isize + dx, s, reflect))
-            .collect();
         let plain = !hflip && dx == 0;
+        // Source column of each output column (None = zero padding); only shifted or mirrored
+        // rows need it, so the common case allocates nothing.
+        let cols: Vec<Option<usize>> = if plain {
+            Vec::new()
+        } else {
+            (0..s)
+                .map(|x| pad_index(if hflip { s - 1 - x } else { x } as isize + dx, s, reflect))
+                .collect()
+        };
         for y in 0..s {
             let yy = if vflip { s - 1 - y } else { y } as isize + dy;
             let row_out = y * s;
