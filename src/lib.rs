@@ -13,6 +13,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod kernels;
 pub mod layers;
 pub mod models;
 pub mod report;

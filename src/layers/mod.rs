@@ -73,7 +73,7 @@ impl ConvBnAct {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.conv.forward(x);
+        let x = crate::kernels::conv2d(&self.conv, x);
         let x = match &self.bn {
             Some(bn) => bn.forward(x),
             None => x,

@@ -196,7 +196,7 @@ impl AlexNet {
     pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let mut p = 0;
         for i in 0..self.convs.len() {
-            x = self.convs[i].forward(x);
+            x = crate::kernels::conv2d(&self.convs[i], x);
             if let Some(bn) = &self.bns[i] {
                 x = bn.forward(x);
             }

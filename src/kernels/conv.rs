@@ -1,0 +1,491 @@
+//! 2-D convolution as im2col + GEMM on plain `f32` slices (NCHW), forward and backward.
+//!
+//! This is Caffe's formulation (Jia et al., 2014, "Caffe: Convolutional Architecture for Fast
+//! Feature Embedding"), chosen because every product it asks for is a well-shaped GEMM:
+//!
+//! - forward, per image: `Y[C_out, P] = W[C_out, K] · col(X)[K, P]`
+//! - weight gradient:    `dW[C_out, K] += dY[C_out, P] · col(X)[K, P]ᵀ`
+//! - input gradient:     `dcol[K, P] = Wᵀ[K, C_out] · dY[C_out, P]`, then col2im into `dX`
+//!
+//! with `K = C_in · kh · kw` and `P = H_out · W_out`. Burn-flex 0.22.1 computes the weight gradient
+//! as a convolution with the batch as channels, which becomes a GEMM with `N = kh · kw` (9 for a
+//! 3x3): a skinny product that runs at a fraction of the machine's rate (profiled with `perf`:
+//! 24% of a `bench-vgg` training step in gemm's `x1x6` edge kernel). Here all three products have
+//! `M, N, K` in the hundreds.
+//!
+//! The GEMM is the `gemm` crate (the one burn-flex already links; 85-92 GFLOP/s on one core of
+//! this machine for the shapes above, about its FMA peak). Work is split over images, one
+//! contiguous block of images per thread, so each GEMM runs single-threaded on a private column
+//! buffer and partial weight gradients are summed in a fixed order: the same thread count gives
+//! bit-identical results.
+//!
+//! # Shapes
+//! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
+//! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
+
+use rayon::prelude::*;
+
+/// Largest column buffer per thread, in floats (4 MiB): big enough that the GEMM's `N` is in
+/// the hundreds, small enough to stay near the L2/L3 caches for 224 px inputs.
+const COL_BUDGET: usize = 1 << 20;
+
+/// The geometry of one convolution (no groups, no dilation, symmetric padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+}
+
+impl ConvGeom {
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad[0] - self.kh) / self.stride[0] + 1
+    }
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad[1] - self.kw) / self.stride[1] + 1
+    }
+    /// Rows of the column matrix: `C_in · kh · kw`.
+    pub fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+    /// Output positions per image.
+    pub fn p(&self) -> usize {
+        self.ho() * self.wo()
+    }
+    fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    fn out_len(&self) -> usize {
+        self.cout * self.p()
+    }
+    /// A 1x1 stride-1 unpadded convolution reads the image itself as its column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0, 0]
+    }
+    /// Output rows per column tile.
+    fn tile_rows(&self) -> usize {
+        (COL_BUDGET / (self.k() * self.wo()).max(1)).clamp(1, self.ho())
+    }
+}
+
+/// `[start, end)` of output columns `o` whose input column `o·s + j - p` lies in `[0, len)`.
+fn valid_range(len: usize, out: usize, s: usize, j: usize, p: usize) -> (usize, usize) {
+    let lo = if p > j { (p - j).div_ceil(s) } else { 0 };
+    let hi = if len + p > j {
+        (len + p - j).div_ceil(s).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Fills `col` (`[K, rows · W_out]`) with the patches of output rows `oy0..oy1` of one image.
+fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32]) {
+    let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.pad;
+    for c in 0..g.cin {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let r = (c * g.kh + i) * g.kw + j;
+                let dst = &mut col[r * n..(r + 1) * n];
+                let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
+                for oy in oy0..oy1 {
+                    let d = &mut dst[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
+                    let iy = (oy * sh + i) as isize - ph as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        d.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    d[..lo].fill(0.0);
+                    d[hi..].fill(0.0);
+                    if sw == 1 {
+                        d[lo..hi].copy_from_slice(&src[lo + j - pw..hi + j - pw]);
+                    } else {
+                        for (ox, v) in d[lo..hi].iter_mut().enumerate() {
+                            *v = src[(lo + ox) * sw + j - pw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` into `dx`.
+fn col2im(dcol: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32]) {
+    let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.pad;
+    for c in 0..g.cin {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let r = (c * g.kh + i) * g.kw + j;
+                let src = &dcol[r * n..(r + 1) * n];
+                let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
+                for oy in oy0..oy1 {
+                    let iy = (oy * sh + i) as isize - ph as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let s = &src[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
+                    let d = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    if sw == 1 {
+                        for (a, b) in d[lo + j - pw..hi + j - pw].iter_mut().zip(&s[lo..hi]) {
+                            *a += b;
+                        }
+                    } else {
+                        for ox in lo..hi {
+                            d[ox * sw + j - pw] += s[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]`, every operand given by (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds the raw-pointer call below: the last element each operand's strides reach.
+    assert!(dst.len() > (m - 1) * dst_rs + (n - 1));
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every strided access inside the three slices, and `dst`
+    // is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Contiguous blocks of images, one per thread; fixed for a given batch and thread count.
+fn image_blocks(batch: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = rayon::current_num_threads().clamp(1, batch.max(1));
+    (0..parts)
+        .map(|t| t * batch / parts..(t + 1) * batch / parts)
+        .collect()
+}
+
+/// Threads each GEMM may use: all of them when there are fewer images than threads.
+fn gemm_threads(batch: usize) -> usize {
+    if batch < rayon::current_num_threads() {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// Forward convolution. Returns `y` (`[B, C_out, H_out, W_out]`, contiguous).
+pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
+    let (k, p, cout) = (g.k(), g.p(), g.cout);
+    let mut y = vec![0.0f32; g.batch * g.out_len()];
+    let threads = gemm_threads(g.batch);
+    let rows = g.tile_rows();
+    y.par_chunks_mut(g.out_len().max(1))
+        .zip(x.par_chunks(g.in_len().max(1)))
+        .for_each_init(Vec::new, |col, (yn, xn)| {
+            if g.is_pointwise() {
+                gemm(cout, p, k, yn, p, false, w, k, 1, xn, p, 1, threads);
+            } else {
+                for oy0 in (0..g.ho()).step_by(rows) {
+                    let oy1 = (oy0 + rows).min(g.ho());
+                    let n = (oy1 - oy0) * g.wo();
+                    col.resize(k * n, 0.0);
+                    im2col(xn, g, oy0, oy1, col);
+                    let dst = &mut yn[oy0 * g.wo()..];
+                    gemm(cout, n, k, dst, p, false, w, k, 1, col, n, 1, threads);
+                }
+            }
+            if let Some(b) = bias {
+                for (row, &bo) in yn.chunks_mut(p).zip(b) {
+                    row.iter_mut().for_each(|v| *v += bo);
+                }
+            }
+        });
+    y
+}
+
+/// Gradients of [`conv2d_forward`] given the output gradient `dy`: `(dx, dw, db)`, each only when
+/// asked for.
+pub fn conv2d_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    need: [bool; 3],
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.out_len(),
+        "conv2d output-gradient length"
+    );
+    let (k, p, cout, in_len, out_len) = (g.k(), g.p(), g.cout, g.in_len(), g.out_len());
+    let [need_dx, need_dw, need_db] = need;
+    let threads = gemm_threads(g.batch);
+    let rows = g.tile_rows();
+    let mut dx = need_dx.then(|| vec![0.0f32; x.len()]);
+    let blocks = image_blocks(g.batch);
+    // Each block of images gets its own slice of dx and returns its partial dW and db.
+    let mut dx_parts: Vec<Option<&mut [f32]>> = match dx.as_mut() {
+        Some(d) => {
+            let mut rest = d.as_mut_slice();
+            blocks
+                .iter()
+                .map(|r| {
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * in_len);
+                    rest = tail;
+                    Some(head)
+                })
+                .collect()
+        }
+        None => blocks.iter().map(|_| None).collect(),
+    };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = blocks
+        .par_iter()
+        .zip(dx_parts.par_iter_mut())
+        .map(|(range, dx_block)| {
+            let mut dw = if need_dw {
+                vec![0.0f32; cout * k]
+            } else {
+                Vec::new()
+            };
+            let mut db = vec![0.0f32; if need_db { cout } else { 0 }];
+            let (mut col, mut dcol) = (Vec::new(), Vec::new());
+            for (i, n) in range.clone().enumerate() {
+                let xn = &x[n * in_len..(n + 1) * in_len];
+                let dyn_ = &dy[n * out_len..(n + 1) * out_len];
+                if need_db {
+                    for (acc, row) in db.iter_mut().zip(dyn_.chunks(p)) {
+                        *acc += row.iter().sum::<f32>();
+                    }
+                }
+                let dxn = dx_block
+                    .as_deref_mut()
+                    .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
+                if g.is_pointwise() {
+                    if need_dw {
+                        gemm(cout, k, p, &mut dw, k, true, dyn_, p, 1, xn, 1, p, threads);
+                    }
+                    if let Some(dxn) = dxn {
+                        gemm(k, p, cout, dxn, p, false, w, 1, k, dyn_, p, 1, threads);
+                    }
+                    continue;
+                }
+                let mut dxn = dxn;
+                for oy0 in (0..g.ho()).step_by(rows) {
+                    let oy1 = (oy0 + rows).min(g.ho());
+                    let nn = (oy1 - oy0) * g.wo();
+                    let dy_tile = &dyn_[oy0 * g.wo()..];
+                    if need_dw {
+                        col.resize(k * nn, 0.0);
+                        im2col(xn, g, oy0, oy1, &mut col);
+                        gemm(
+                            cout, k, nn, &mut dw, k, true, dy_tile, p, 1, &col, 1, nn, threads,
+                        );
+                    }
+                    if let Some(d) = dxn.as_deref_mut() {
+                        dcol.resize(k * nn, 0.0);
+                        gemm(
+                            k, nn, cout, &mut dcol, nn, false, w, 1, k, dy_tile, p, 1, threads,
+                        );
+                        col2im(&dcol, g, oy0, oy1, d);
+                    }
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let sum = |pick: fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
+        let mut acc = pick(&partials[0]).clone();
+        for part in &partials[1..] {
+            acc.iter_mut().zip(pick(part)).for_each(|(a, b)| *a += b);
+        }
+        acc
+    };
+    let dw = need_dw.then(|| sum(|t| &t.0));
+    let db = need_db.then(|| sum(|t| &t.1));
+    (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one multiply-add at a time.
+    fn naive(x: &[f32], w: &[f32], b: &[f32], g: &ConvGeom) -> Vec<f32> {
+        let (ho, wo) = (g.ho(), g.wo());
+        let mut y = vec![0.0; g.batch * g.cout * ho * wo];
+        for n in 0..g.batch {
+            for o in 0..g.cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = b[o];
+                        for c in 0..g.cin {
+                            for i in 0..g.kh {
+                                for j in 0..g.kw {
+                                    let iy = (oy * g.stride[0] + i) as isize - g.pad[0] as isize;
+                                    let ix = (ox * g.stride[1] + j) as isize - g.pad[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    s += x
+                                        [((n * g.cin + c) * g.h + iy as usize) * g.w + ix as usize]
+                                        * w[((o * g.cin + c) * g.kh + i) * g.kw + j];
+                                }
+                            }
+                        }
+                        y[((n * g.cout + o) * ho + oy) * wo + ox] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn geoms() -> Vec<ConvGeom> {
+        let g = |batch, cin, h, w, cout, k: [usize; 2], s, p| ConvGeom {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh: k[0],
+            kw: k[1],
+            stride: [s, s],
+            pad: [p, p],
+        };
+        vec![
+            g(3, 2, 7, 6, 4, [3, 3], 1, 1),
+            g(2, 3, 9, 9, 5, [5, 5], 2, 2),
+            g(2, 3, 11, 11, 2, [11, 11], 4, 2),
+            g(3, 4, 5, 5, 3, [1, 1], 1, 0),
+            g(1, 2, 8, 7, 3, [1, 1], 2, 0),
+            g(2, 1, 6, 6, 2, [7, 7], 2, 3),
+            g(1, 2, 4, 4, 2, [3, 2], 1, 1),
+        ]
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for g in geoms() {
+            let x = data(g.batch * g.in_len(), 1);
+            let w = data(g.cout * g.k(), 2);
+            let b = data(g.cout, 3);
+            let got = conv2d_forward(&x, &w, Some(&b), &g);
+            let want = naive(&x, &w, &b, &g);
+            for (a, e) in got.iter().zip(&want) {
+                assert!((a - e).abs() < 1e-4, "{g:?}: {a} vs {e}");
+            }
+        }
+    }
+
+    /// The backward pass is the adjoint of the forward one: `<dy, conv(x)> = <dconv(dy), x>` for
+    /// the input and likewise for the weights, so each gradient is checked against the forward
+    /// pass with no second implementation of convolution.
+    #[test]
+    fn backward_is_the_adjoint_of_forward() {
+        for g in geoms() {
+            let x = data(g.batch * g.in_len(), 4);
+            let w = data(g.cout * g.k(), 5);
+            let dy = data(g.batch * g.out_len(), 6);
+            let (dx, dw, db) = conv2d_backward(&x, &w, &dy, &g, [true, true, true]);
+            let (dx, dw, db) = (dx.unwrap(), dw.unwrap(), db.unwrap());
+            let dot =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            let y = conv2d_forward(&x, &w, None, &g);
+            // Linear in x and in w separately: <dy, y> = <dx, x> = <dw, w>.
+            let lhs = dot(&dy, &y);
+            assert!(
+                (lhs - dot(&dx, &x)).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{g:?} dx"
+            );
+            assert!(
+                (lhs - dot(&dw, &w)).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{g:?} dw"
+            );
+            let ones = vec![1.0; g.cout];
+            let yb = conv2d_forward(&vec![0.0; x.len()], &w, Some(&ones), &g);
+            assert!((dot(&dy, &yb) - db.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn valid_range_is_exact() {
+        for (len, s, j, p) in [(7, 1, 0, 1), (7, 2, 4, 2), (5, 3, 0, 0), (4, 1, 6, 3)] {
+            let out = (len + 2 * p - 7.min(len + 2 * p)) / s + 1;
+            let (lo, hi) = valid_range(len, out, s, j, p);
+            for o in 0..out {
+                let i = (o * s + j) as isize - p as isize;
+                assert_eq!(
+                    (lo..hi).contains(&o),
+                    i >= 0 && i < len as isize,
+                    "{len} {s} {j} {p} {o}"
+                );
+            }
+        }
+    }
+}
