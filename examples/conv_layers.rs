@@ -46,6 +46,21 @@ fn main() {
         }
         let b = t.elapsed().as_secs_f64() / reps as f64;
         let bfl = if cin == 3 { flops } else { 2.0 * flops };
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(conv2d_backward(&x, &w, &y, &g, [false, true, false]));
+        }
+        let bw = t.elapsed().as_secs_f64() / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(conv2d_backward(&x, &w, &y, &g, [true, false, false]));
+        }
+        let bx = t.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "   dW only {:6.1} ms, dx only {:6.1} ms",
+            bw * 1e3,
+            bx * 1e3
+        );
         println!(
             "{cin:>3}->{cout:<3} {hw:>2}px  fwd {:6.1} ms {:5.1} GF/s   bwd {:6.1} ms {:5.1} GF/s",
             f * 1e3,

@@ -6,6 +6,8 @@
 //! through `Dispatch` (`Tensor::into_dispatch` / `Tensor::from_dispatch`).
 
 use super::conv::{ConvGeom, conv2d_backward, conv2d_forward};
+use super::norm::{NormGeom, affine, backward as norm_backward, batch_stats, scale_shift};
+use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -179,6 +181,272 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
                 prep.finish(state, y())
             }
             OpsKind::UnTracked(prep) => prep.finish(y()),
+        }
+    }
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormBackend: Backend {
+    /// Training-mode batch norm (batch statistics), then a ReLU when `relu`: returns the output
+    /// and the batch mean and biased variance (`[C]`, not differentiated).
+    fn bn_act_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+#[backend_extension(Flex)]
+pub trait BatchNormInferBackend: Backend {
+    /// Inference-mode batch norm with the given statistics, then a ReLU when `relu`.
+    fn bn_act_infer(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+fn norm_geom(x: &FlexTensor) -> NormGeom {
+    let dims = x.shape().to_vec();
+    NormGeom {
+        batch: dims[0],
+        channels: dims[1],
+        positions: dims[2..].iter().product(),
+    }
+}
+
+fn vector(values: Vec<f32>) -> FlexTensor {
+    let n = values.len();
+    FlexTensor::from_data(TensorData::new(values, [n]))
+}
+
+/// The training forward pass on flex tensors: `(y, mean, variance)`.
+fn bn_train(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    eps: f64,
+    relu: bool,
+) -> (FlexTensor, Vec<f32>, Vec<f32>) {
+    let g = norm_geom(x);
+    let xv = values(x);
+    let (mean, var) = batch_stats(&xv, &g);
+    let (scale, shift) = affine(&values(gamma), &values(beta), &mean, &var, eps);
+    let y = scale_shift(&xv, &scale, &shift, relu, &g);
+    (
+        FlexTensor::from_data(TensorData::new(y, x.shape())),
+        mean,
+        var,
+    )
+}
+
+impl BatchNormBackend for Flex {
+    fn bn_act_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (y, mean, var) = bn_train(&x, &gamma, &beta, epsilon, relu);
+        (y, vector(mean), vector(var))
+    }
+}
+
+impl BatchNormInferBackend for Flex {
+    fn bn_act_infer(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> FlexTensor {
+        let g = norm_geom(&x);
+        let (scale, shift) = affine(
+            &values(&gamma),
+            &values(&beta),
+            &values(&mean),
+            &values(&variance),
+            epsilon,
+        );
+        let y = scale_shift(&values(&x), &scale, &shift, relu, &g);
+        FlexTensor::from_data(TensorData::new(y, x.shape()))
+    }
+}
+
+#[derive(Debug)]
+struct BnActTrain;
+
+/// The input node, γ and β, the batch statistics, ε and whether a ReLU followed.
+type BnState = (
+    NodeId,
+    FlexTensor,
+    FlexTensor,
+    Vec<f32>,
+    Vec<f32>,
+    f64,
+    bool,
+);
+
+impl Backward<Flex, 3> for BnActTrain {
+    type State = BnState;
+    fn backward(self, ops: Ops<BnState, 3>, grads: &mut Gradients, cp: &mut Checkpointer) {
+        let (x_id, gamma, beta, mean, var, eps, relu) = ops.state;
+        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
+        let x: FlexTensor = cp.retrieve_node_output(x_id);
+        let g = norm_geom(&x);
+        let (dx, dgamma, dbeta) = norm_backward(
+            &values(&x),
+            &values(&dy),
+            &values(&gamma),
+            &values(&beta),
+            &mean,
+            &var,
+            eps,
+            relu,
+            &g,
+        );
+        let shapes = [x.shape(), gamma.shape(), beta.shape()];
+        for ((parent, grad), shape) in ops.parents.iter().zip([dx, dgamma, dbeta]).zip(shapes) {
+            if let Some(node) = parent {
+                grads
+                    .register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(grad, shape)));
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
+    fn bn_act_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, mean, var) = bn_train(
+            x.primitive(),
+            gamma.primitive(),
+            beta.primitive(),
+            epsilon,
+            relu,
+        );
+        let stats = (
+            FloatTensor::<Self>::new(vector(mean.clone())),
+            FloatTensor::<Self>::new(vector(var.clone())),
+        );
+        let y = match BnActTrain
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (
+                    prep.checkpoint(&x),
+                    gamma.primitive().clone(),
+                    beta.primitive().clone(),
+                    mean,
+                    var,
+                    epsilon,
+                    relu,
+                );
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, stats.0, stats.1)
+    }
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait MaxPoolBackend: Backend {
+    /// Max pooling of `[B, C, H, W]` to `[B, C, out[0], out[1]]` (sizes worked out by the caller).
+    fn max_pool(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        ceil: bool,
+    ) -> FloatTensor<Self>;
+}
+
+fn pool_geom(
+    x: &FlexTensor,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad: [usize; 2],
+    ceil: bool,
+) -> PoolGeom {
+    let [b, c, h, w] = x.shape().dims();
+    PoolGeom::new(b * c, [h, w], kernel, stride, pad, ceil)
+}
+
+fn pool_output(y: Vec<f32>, x: &FlexTensor, g: &PoolGeom) -> FlexTensor {
+    let [b, c, _, _] = x.shape().dims();
+    FlexTensor::from_data(TensorData::new(y, [b, c, g.ho, g.wo]))
+}
+
+impl MaxPoolBackend for Flex {
+    fn max_pool(
+        x: FlexTensor,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        ceil: bool,
+    ) -> FlexTensor {
+        let g = pool_geom(&x, kernel, stride, padding, ceil);
+        let (y, _) = max_pool_forward(&values(&x), &g, false);
+        pool_output(y, &x, &g)
+    }
+}
+
+#[derive(Debug)]
+struct MaxPoolOp;
+
+impl Backward<Flex, 1> for MaxPoolOp {
+    /// The switches, the input's shape and the geometry.
+    type State = (Vec<u32>, burn::tensor::Shape, PoolGeom);
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (switches, shape, g) = ops.state;
+        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = &ops.parents[0] {
+            let dx = max_pool_backward(&values(&dy), &switches, &g);
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> MaxPoolBackend for Autodiff<Flex, C> {
+    fn max_pool(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        ceil: bool,
+    ) -> FloatTensor<Self> {
+        let g = pool_geom(x.primitive(), kernel, stride, padding, ceil);
+        match MaxPoolOp
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, switches) = max_pool_forward(&values(x.primitive()), &g, true);
+                let y = pool_output(y, x.primitive(), &g);
+                prep.finish((switches, x.primitive().shape(), g), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, _) = max_pool_forward(&values(x.primitive()), &g, false);
+                prep.finish(pool_output(y, x.primitive(), &g))
+            }
         }
     }
 }

@@ -1,40 +1,49 @@
 //! Compute kernels convlab adds to Burn through its backend-extension mechanism.
 //!
-//! Model code stays backend-independent: it calls [`conv2d`], which takes the fast path when the
+//! Model code stays backend-independent: it calls [`conv2d`] and [`batch_norm`], which take the fast path when the
 //! tensor lives on burn-flex (with or without autodiff) and the convolution is one the kernel
-//! covers (f32, no groups, no dilation, symmetric padding), and Burn's own `conv2d` otherwise
+//! covers (f32; for convolutions no groups, no dilation, symmetric padding), and Burn's own otherwise
 //! (libtorch, CUDA, wgpu, and the cases the kernel does not cover).
 //!
-//! `CONVLAB_KERNELS=burn` in the environment turns the fast path off, for comparing the two
+//! `CONVLAB_KERNELS=burn` in the environment turns the fast paths off, for comparing the two
 //! (`convlab bench` prints which one ran).
 
 pub mod conv;
 #[cfg(feature = "flex")]
 mod flex;
+pub mod norm;
+pub mod pool;
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::DType;
+use burn::tensor::activation;
 use std::sync::OnceLock;
 
-/// Which convolution implementation [`conv2d`] uses on burn-flex.
+/// Which implementation the layers in this module use on burn-flex.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvKernel {
-    /// convlab's im2col + GEMM kernel ([`conv`]) with its own backward pass.
-    Gemm,
-    /// Burn's built-in convolution.
+pub enum Kernels {
+    /// convlab's kernels ([`conv`], [`norm`]) with their own backward passes.
+    Convlab,
+    /// Burn's built-in operations.
     Burn,
 }
 
-/// The kernel chosen for this process: `CONVLAB_KERNELS=burn` selects Burn's, anything else
+/// The kernels chosen for this process: `CONVLAB_KERNELS=burn` selects Burn's, anything else
 /// (or nothing) convlab's.
-pub fn conv_kernel() -> ConvKernel {
-    static CHOICE: OnceLock<ConvKernel> = OnceLock::new();
+pub fn kernels() -> Kernels {
+    static CHOICE: OnceLock<Kernels> = OnceLock::new();
     *CHOICE.get_or_init(|| match std::env::var("CONVLAB_KERNELS").as_deref() {
-        Ok("burn") => ConvKernel::Burn,
-        _ => ConvKernel::Gemm,
+        Ok("burn") => Kernels::Burn,
+        _ => Kernels::Convlab,
     })
+}
+
+/// Whether convlab's kernels apply to `x`: f32 on burn-flex, and not switched off.
+fn fast_path(x: &Tensor<4>) -> bool {
+    kernels() == Kernels::Convlab && x.dtype() == DType::F32 && on_flex(x)
 }
 
 /// Whether `x` is on a burn-flex device (directly or under autodiff).
@@ -68,11 +77,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         PaddingConfig2d::Explicit(t, l, b, r) if t == b && l == r => Some([t, l]),
         _ => None,
     };
-    let gemm_ok = conv_kernel() == ConvKernel::Gemm
-        && conv.groups == 1
-        && conv.dilation == [1, 1]
-        && x.dtype() == DType::F32
-        && on_flex(&x);
+    let gemm_ok = conv.groups == 1 && conv.dilation == [1, 1] && fast_path(&x);
     match padding {
         Some(padding) if gemm_ok => gemm_conv2d(
             x,
@@ -121,6 +126,160 @@ pub fn gemm_conv2d(
     _padding: [usize; 2],
 ) -> Tensor<4> {
     unreachable!("the GEMM convolution is only routed to on burn-flex")
+}
+
+/// `bn.forward(x)` followed by a ReLU when `relu`, as one fused pass where the fast path applies.
+///
+/// Same semantics as Burn's `BatchNorm::forward`: batch statistics (and a momentum update of the
+/// running ones) when the device tracks gradients and the layer is not frozen, running statistics
+/// otherwise.
+///
+/// # Shapes
+/// `[B, C, H, W]` -> `[B, C, H, W]`.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+    let training = x.device().is_autodiff() && bn.training.is_enabled();
+    // A frozen layer on an autodiff device (the visualisations' input gradients) keeps Burn's
+    // differentiable path; only plain inference uses the fused inference kernel.
+    if !fast_path(&x) || (x.device().is_autodiff() && !training) {
+        let y = bn.forward(x);
+        return if relu { activation::relu(y) } else { y };
+    }
+    let device = x.device();
+    if training {
+        let (y, mean, var) = bn_act_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon, relu);
+        let m = bn.momentum;
+        let running_mean = bn.running_mean.value_sync().to_device(&device);
+        let running_var = bn.running_var.value_sync().to_device(&device);
+        bn.running_mean
+            .update((running_mean.mul_scalar(1.0 - m) + mean.detach().mul_scalar(m)).detach());
+        bn.running_var
+            .update((running_var.mul_scalar(1.0 - m) + var.detach().mul_scalar(m)).detach());
+        y
+    } else {
+        bn_act_infer(
+            x,
+            bn.gamma.val(),
+            bn.beta.val(),
+            bn.running_mean.value().to_device(&device),
+            bn.running_var.value().to_device(&device),
+            bn.epsilon,
+            relu,
+        )
+    }
+}
+
+#[cfg(feature = "flex")]
+fn bn_act_train(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+    relu: bool,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    use burn::backend::Dispatch;
+    use flex::BatchNormBackend;
+    let (y, mean, var) = <Dispatch as BatchNormBackend>::bn_act_train(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+        relu,
+    );
+    (
+        Tensor::from_dispatch(y),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(var),
+    )
+}
+
+#[cfg(feature = "flex")]
+fn bn_act_infer(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    epsilon: f64,
+    relu: bool,
+) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    use flex::BatchNormInferBackend;
+    Tensor::from_dispatch(<Dispatch as BatchNormInferBackend>::bn_act_infer(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        mean.into_dispatch(),
+        var.into_dispatch(),
+        epsilon,
+        relu,
+    ))
+}
+
+#[cfg(not(feature = "flex"))]
+fn bn_act_train(
+    _: Tensor<4>,
+    _: Tensor<1>,
+    _: Tensor<1>,
+    _: f64,
+    _: bool,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    unreachable!("the fused batch norm is only routed to on burn-flex")
+}
+
+#[cfg(not(feature = "flex"))]
+#[allow(clippy::too_many_arguments)]
+fn bn_act_infer(
+    _: Tensor<4>,
+    _: Tensor<1>,
+    _: Tensor<1>,
+    _: Tensor<1>,
+    _: Tensor<1>,
+    _: f64,
+    _: bool,
+) -> Tensor<4> {
+    unreachable!("the fused batch norm is only routed to on burn-flex")
+}
+
+/// `pool.forward(x)`, on the fast kernel where it applies (no dilation, symmetric padding).
+///
+/// # Shapes
+/// `[B, C, H, W]` -> `[B, C, H_out, W_out]`.
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let padding = match pool.padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(t, l, b, r) if t == b && l == r => Some([t, l]),
+        _ => None,
+    };
+    match padding {
+        Some(padding) if pool.dilation == [1, 1] && fast_path(&x) => {
+            fast_max_pool(x, pool.kernel_size, pool.stride, padding, pool.ceil_mode)
+        }
+        _ => pool.forward(x),
+    }
+}
+
+#[cfg(feature = "flex")]
+fn fast_max_pool(
+    x: Tensor<4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    ceil: bool,
+) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    use flex::MaxPoolBackend;
+    Tensor::from_dispatch(<Dispatch as MaxPoolBackend>::max_pool(
+        x.into_dispatch(),
+        kernel,
+        stride,
+        padding,
+        ceil,
+    ))
+}
+
+#[cfg(not(feature = "flex"))]
+fn fast_max_pool(_: Tensor<4>, _: [usize; 2], _: [usize; 2], _: [usize; 2], _: bool) -> Tensor<4> {
+    unreachable!("the max pooling kernel is only routed to on burn-flex")
 }
 
 #[cfg(all(test, feature = "flex"))]

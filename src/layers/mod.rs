@@ -74,11 +74,10 @@ impl ConvBnAct {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = crate::kernels::conv2d(&self.conv, x);
-        let x = match &self.bn {
-            Some(bn) => bn.forward(x),
-            None => x,
-        };
-        relu(x)
+        match &self.bn {
+            Some(bn) => crate::kernels::batch_norm(bn, x, true),
+            None => relu(x),
+        }
     }
 }
 
@@ -121,7 +120,7 @@ impl Pool {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match (&self.max, &self.avg) {
-            (Some(p), _) => p.forward(x),
+            (Some(p), _) => crate::kernels::max_pool2d(p, x),
             (_, Some(p)) => p.forward(x),
             _ => x,
         }

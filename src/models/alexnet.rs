@@ -197,10 +197,10 @@ impl AlexNet {
         let mut p = 0;
         for i in 0..self.convs.len() {
             x = crate::kernels::conv2d(&self.convs[i], x);
-            if let Some(bn) = &self.bns[i] {
-                x = bn.forward(x);
-            }
-            x = relu(x);
+            x = match &self.bns[i] {
+                Some(bn) => crate::kernels::batch_norm(bn, x, true),
+                None => relu(x),
+            };
             if let Some(lrn) = &self.lrns[i] {
                 x = lrn.forward(x);
             }

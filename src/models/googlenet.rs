@@ -95,7 +95,9 @@ impl Inception {
         let a = self.b1.forward(x.clone());
         let b = self.b2.forward(self.b2_reduce.forward(x.clone()));
         let c = self.b3.forward(self.b3_reduce.forward(x.clone()));
-        let d = self.b4.forward(self.b4_pool.forward(x));
+        let d = self
+            .b4
+            .forward(crate::kernels::max_pool2d(&self.b4_pool, x));
         Tensor::cat(vec![a, b, c, d], 1)
     }
 }
@@ -281,7 +283,7 @@ impl GoogLeNet {
             x = c.forward(x);
             x = tap(format!("conv{}", i + 1), x);
             if i == 0 && !small {
-                x = self.pools[0].forward(x);
+                x = crate::kernels::max_pool2d(&self.pools[0], x);
                 if let Some(l) = &self.lrn {
                     x = l.forward(x);
                 }
@@ -291,7 +293,7 @@ impl GoogLeNet {
             x = l.forward(x);
         }
         let p0 = if small { 0 } else { 1 };
-        x = self.pools[p0].forward(x);
+        x = crate::kernels::max_pool2d(&self.pools[p0], x);
         for (i, b) in self.blocks.iter().enumerate() {
             x = b.forward(x);
             x = tap(format!("inception{}", NAMES[i]), x);
@@ -299,10 +301,10 @@ impl GoogLeNet {
                 aux_taps.push(x.clone());
             }
             if i == 1 {
-                x = self.pools[p0 + 1].forward(x);
+                x = crate::kernels::max_pool2d(&self.pools[p0 + 1], x);
             }
             if i == 6 {
-                x = self.pools[p0 + 2].forward(x);
+                x = crate::kernels::max_pool2d(&self.pools[p0 + 2], x);
             }
         }
         x

@@ -72,8 +72,9 @@ impl ConvBn {
         self
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(crate::kernels::conv2d(&self.conv, x))
+    /// Convolution and batch norm, then a ReLU when `relu` (fused with the batch norm).
+    fn forward(&self, x: Tensor<4>, relu: bool) -> Tensor<4> {
+        crate::kernels::batch_norm(&self.bn, crate::kernels::conv2d(&self.conv, x), relu)
     }
 }
 
@@ -90,7 +91,7 @@ impl Downsample {
             Some(p) => p.forward(x),
             None => x,
         };
-        self.proj.forward(x)
+        self.proj.forward(x, false)
     }
 }
 
@@ -113,10 +114,7 @@ impl Block {
         let n = self.convs.len();
         let mut y = x;
         for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward(y);
-            if i + 1 < n {
-                y = relu(y);
-            }
+            y = c.forward(y, i + 1 < n);
         }
         relu(y + shortcut)
     }
@@ -254,10 +252,10 @@ impl ResNet {
     /// Runs stem and stages, calling `tap` with `stem`, `layer1` .. `layer4`.
     pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         for c in &self.stem {
-            x = relu(c.forward(x));
+            x = c.forward(x, true);
         }
         if let Some(p) = &self.stem_pool {
-            x = p.forward(x);
+            x = crate::kernels::max_pool2d(p, x);
         }
         x = tap("stem".into(), x);
         for (i, stage) in self.stages.iter().enumerate() {

@@ -1,0 +1,263 @@
+//! Batch normalisation fused with the ReLU that follows it, on plain `f32` slices (NCHW).
+//!
+//! Ioffe & Szegedy (2015), "Batch Normalization": `y = relu(γ · (x - μ) / √(σ² + ε) + β)` with
+//! the batch's mean and biased variance per channel in training and the running ones in
+//! inference. Burn 0.22.1 composes this from about ten whole-tensor operations (two of them
+//! transposes) and the ReLU adds one more; here the forward pass reads the input twice (statistics,
+//! then output) and the backward pass reads input and gradient twice, writing each result once.
+//!
+//! Statistics are accumulated in `f64`, per channel, one channel per task, and the elementwise
+//! passes go one image per task: the results do not depend on the thread count.
+//!
+//! # Shapes
+//! `x, y, dy, dx: [B, C, P]` (any spatial size `P`), `γ, β, μ, σ²: [C]`.
+
+use rayon::prelude::*;
+
+/// Tensor sizes: images, channels, positions per channel and image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormGeom {
+    pub batch: usize,
+    pub channels: usize,
+    pub positions: usize,
+}
+
+impl NormGeom {
+    fn len(&self) -> usize {
+        self.batch * self.channels * self.positions
+    }
+    /// The rows of channel `c`, one per image.
+    fn rows<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let (cp, p) = (self.channels * self.positions, self.positions);
+        (0..self.batch).map(move |n| &x[n * cp + c * p..n * cp + (c + 1) * p])
+    }
+}
+
+/// Lanes of the partial sums below: sixteen independent accumulators let the compiler use
+/// vector adds (a single running `f32` sum is one dependent add per element).
+const LANES: usize = 16;
+
+/// `Σ f(a_i, b_i)` over two equally long rows, in [`LANES`] partial sums (a fixed order, so the
+/// result is the same on every run).
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(xa[l], xb[l]);
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Per-channel mean and biased variance of `x`.
+pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), g.len(), "batch norm input length");
+    let count = (g.batch * g.positions).max(1) as f64;
+    (0..g.channels)
+        .into_par_iter()
+        .map(|c| {
+            let sum: f64 = g.rows(x, c).map(|r| lane_sum(r, r, |v, _| v) as f64).sum();
+            let mean = sum / count;
+            let m = mean as f32;
+            let sq: f64 = g
+                .rows(x, c)
+                .map(|r| lane_sum(r, r, |v, _| (v - m) * (v - m)) as f64)
+                .sum();
+            (mean as f32, (sq / count) as f32)
+        })
+        .unzip()
+}
+
+/// `y = act(x · scale[c] + shift[c])`: the whole forward pass once the statistics are known.
+pub fn scale_shift(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, g: &NormGeom) -> Vec<f32> {
+    assert_eq!(x.len(), g.len(), "batch norm input length");
+    let mut y = vec![0.0f32; x.len()];
+    let (cp, p) = (g.channels * g.positions, g.positions.max(1));
+    y.par_chunks_mut(cp.max(1))
+        .zip(x.par_chunks(cp.max(1)))
+        .for_each(|(yn, xn)| {
+            for ((yc, xc), (&a, &b)) in yn
+                .chunks_mut(p)
+                .zip(xn.chunks(p))
+                .zip(scale.iter().zip(shift))
+            {
+                if relu {
+                    yc.iter_mut()
+                        .zip(xc)
+                        .for_each(|(y, &x)| *y = (x * a + b).max(0.0));
+                } else {
+                    yc.iter_mut().zip(xc).for_each(|(y, &x)| *y = x * a + b);
+                }
+            }
+        });
+    y
+}
+
+/// The per-channel `scale = γ / √(σ² + ε)` and `shift = β - μ · scale` of the forward pass.
+pub fn affine(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(var)
+        .map(|(&g, &v)| g / ((v as f64 + eps).sqrt() as f32))
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((&b, &m), &s)| b - m * s)
+        .collect();
+    (scale, shift)
+}
+
+/// Gradients of the training-mode forward pass (batch statistics) given `dy`: `(dx, dγ, dβ)`.
+///
+/// With `g = dy · [pre-activation > 0]` (or `dy` without the ReLU) and `x̂ = (x - μ) / √(σ² + ε)`:
+/// `dβ = Σ g`, `dγ = Σ g · x̂`, `dx = γ / √(σ² + ε) · (g - dβ / N - x̂ · dγ / N)`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+    relu: bool,
+    g: &NormGeom,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(dy.len(), g.len(), "batch norm gradient length");
+    let (scale, shift) = affine(gamma, beta, mean, var, eps);
+    let inv_std: Vec<f32> = var
+        .iter()
+        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+        .collect();
+    // The ReLU passes the gradient where the forward pass's pre-activation was positive; it is
+    // recomputed with the forward pass's own expression, so the mask is the same bit for bit.
+    let gate = |x: f32, dy: f32, a: f32, b: f32| {
+        if !relu || x * a + b > 0.0 { dy } else { 0.0 }
+    };
+    let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..g.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
+                sg += lane_sum(xr, dr, |xv, dv| gate(xv, dv, a, b)) as f64;
+                sgx += lane_sum(xr, dr, |xv, dv| gate(xv, dv, a, b) * (xv - m) * s) as f64;
+            }
+            (sg as f32, sgx as f32)
+        })
+        .unzip();
+    let count = (g.batch * g.positions).max(1) as f32;
+    let mut dx = vec![0.0f32; x.len()];
+    let (cp, p) = (g.channels * g.positions, g.positions.max(1));
+    dx.par_chunks_mut(cp.max(1))
+        .zip(x.par_chunks(cp.max(1)).zip(dy.par_chunks(cp.max(1))))
+        .for_each(|(dxn, (xn, dyn_))| {
+            let rows = dxn.chunks_mut(p).zip(xn.chunks(p).zip(dyn_.chunks(p)));
+            for (c, (dxc, (xc, dc))) in rows.enumerate() {
+                let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
+                let (mb, mg, k) = (dbeta[c] / count, dgamma[c] / count, gamma[c] * s);
+                for ((d, &xv), &dv) in dxc.iter_mut().zip(xc).zip(dc) {
+                    *d = k * (gate(xv, dv, a, b) - mb - (xv - m) * s * mg);
+                }
+            }
+        });
+    (dx, dgamma, dbeta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 250.0 - 2.0)
+            .collect()
+    }
+
+    #[test]
+    fn statistics_match_a_direct_computation() {
+        let g = NormGeom {
+            batch: 3,
+            channels: 2,
+            positions: 5,
+        };
+        let x = data(30, 7);
+        let (mean, var) = batch_stats(&x, &g);
+        for c in 0..2 {
+            let vals: Vec<f32> = (0..3)
+                .flat_map(|n| x[n * 10 + c * 5..n * 10 + c * 5 + 5].to_vec())
+                .collect();
+            let m = vals.iter().sum::<f32>() / 15.0;
+            let v = vals.iter().map(|a| (a - m) * (a - m)).sum::<f32>() / 15.0;
+            assert!((mean[c] - m).abs() < 1e-5 && (var[c] - v).abs() < 1e-5);
+        }
+    }
+
+    /// Finite differences of `L = Σ dy · y(x, γ, β)` against the analytic gradients, through the
+    /// batch statistics and the ReLU (in f64-free f32, so a loose tolerance).
+    #[test]
+    fn gradients_match_finite_differences() {
+        let g = NormGeom {
+            batch: 2,
+            channels: 3,
+            positions: 4,
+        };
+        let x = data(g.len(), 3);
+        let dy = data(g.len(), 9);
+        let gamma = vec![1.5, -0.7, 0.9];
+        let beta = vec![0.2, 0.1, -0.3];
+        let eps = 1e-5;
+        for relu in [false, true] {
+            let loss = |x: &[f32], gamma: &[f32], beta: &[f32]| -> f64 {
+                let (m, v) = batch_stats(x, &g);
+                let (s, t) = affine(gamma, beta, &m, &v, eps);
+                let y = scale_shift(x, &s, &t, relu, &g);
+                y.iter().zip(&dy).map(|(a, b)| (a * b) as f64).sum()
+            };
+            let (m, v) = batch_stats(&x, &g);
+            let (dx, dgamma, dbeta) = backward(&x, &dy, &gamma, &beta, &m, &v, eps, relu, &g);
+            let h = 1e-2f32;
+            for i in [0, 5, 11, 17, 23] {
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[i] += h;
+                xm[i] -= h;
+                let num = (loss(&xp, &gamma, &beta) - loss(&xm, &gamma, &beta)) / (2.0 * h as f64);
+                assert!(
+                    (num - dx[i] as f64).abs() < 2e-2,
+                    "relu {relu} dx[{i}]: {num} vs {}",
+                    dx[i]
+                );
+            }
+            for c in 0..3 {
+                let (mut gp, mut gm) = (gamma.clone(), gamma.clone());
+                gp[c] += h;
+                gm[c] -= h;
+                let num = (loss(&x, &gp, &beta) - loss(&x, &gm, &beta)) / (2.0 * h as f64);
+                assert!(
+                    (num - dgamma[c] as f64).abs() < 2e-2,
+                    "relu {relu} dgamma[{c}]"
+                );
+                let (mut bp, mut bm) = (beta.clone(), beta.clone());
+                bp[c] += h;
+                bm[c] -= h;
+                let num = (loss(&x, &gamma, &bp) - loss(&x, &gamma, &bm)) / (2.0 * h as f64);
+                assert!(
+                    (num - dbeta[c] as f64).abs() < 2e-2,
+                    "relu {relu} dbeta[{c}]"
+                );
+            }
+        }
+    }
+}
