@@ -23,6 +23,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
+use super::simd::add_row;
 use rayon::prelude::*;
 
 /// Largest column buffer per thread, in floats (4 MiB): big enough that the GEMM's `N` is in
@@ -140,9 +141,7 @@ fn col2im(dcol: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32]) {
                     let s = &src[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
                     let d = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                     if sw == 1 {
-                        for (a, b) in d[lo + j - pw..hi + j - pw].iter_mut().zip(&s[lo..hi]) {
-                            *a += b;
-                        }
+                        add_row(&mut d[lo + j - pw..hi + j - pw], &s[lo..hi]);
                     } else {
                         for ox in lo..hi {
                             d[ox * sw + j - pw] += s[ox];

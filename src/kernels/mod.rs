@@ -13,6 +13,7 @@ pub mod conv;
 mod flex;
 pub mod norm;
 pub mod pool;
+mod simd;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;

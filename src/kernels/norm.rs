@@ -12,6 +12,7 @@
 //! # Shapes
 //! `x, y, dy, dx: [B, C, P]` (any spatial size `P`), `γ, β, μ, σ²: [C]`.
 
+use super::simd::{affine_row, bn_dx_row, gated_sums, row_sq_dev, row_sum};
 use rayon::prelude::*;
 
 /// Tensor sizes: images, channels, positions per channel and image.
@@ -33,26 +34,6 @@ impl NormGeom {
     }
 }
 
-/// Lanes of the partial sums below: sixteen independent accumulators let the compiler use
-/// vector adds (a single running `f32` sum is one dependent add per element).
-const LANES: usize = 16;
-
-/// `Σ f(a_i, b_i)` over two equally long rows, in [`LANES`] partial sums (a fixed order, so the
-/// result is the same on every run).
-#[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += f(xa[l], xb[l]);
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Per-channel mean and biased variance of `x`.
 pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len(), "batch norm input length");
@@ -60,13 +41,10 @@ pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
     (0..g.channels)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = g.rows(x, c).map(|r| lane_sum(r, r, |v, _| v) as f64).sum();
+            let sum: f64 = g.rows(x, c).map(|r| row_sum(r) as f64).sum();
             let mean = sum / count;
             let m = mean as f32;
-            let sq: f64 = g
-                .rows(x, c)
-                .map(|r| lane_sum(r, r, |v, _| (v - m) * (v - m)) as f64)
-                .sum();
+            let sq: f64 = g.rows(x, c).map(|r| row_sq_dev(r, m) as f64).sum();
             (mean as f32, (sq / count) as f32)
         })
         .unzip()
@@ -80,18 +58,9 @@ pub fn scale_shift(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, g: &Norm
     y.par_chunks_mut(cp.max(1))
         .zip(x.par_chunks(cp.max(1)))
         .for_each(|(yn, xn)| {
-            for ((yc, xc), (&a, &b)) in yn
-                .chunks_mut(p)
-                .zip(xn.chunks(p))
-                .zip(scale.iter().zip(shift))
-            {
-                if relu {
-                    yc.iter_mut()
-                        .zip(xc)
-                        .for_each(|(y, &x)| *y = (x * a + b).max(0.0));
-                } else {
-                    yc.iter_mut().zip(xc).for_each(|(y, &x)| *y = x * a + b);
-                }
+            let rows = yn.chunks_mut(p).zip(xn.chunks(p));
+            for ((yc, xc), (&a, &b)) in rows.zip(scale.iter().zip(shift)) {
+                affine_row(yc, xc, a, b, relu);
             }
         });
     y
@@ -143,17 +112,15 @@ pub fn backward(
         .collect();
     // The ReLU passes the gradient where the forward pass's pre-activation was positive; it is
     // recomputed with the forward pass's own expression, so the mask is the same bit for bit.
-    let gate = |x: f32, dy: f32, a: f32, b: f32| {
-        if !relu || x * a + b > 0.0 { dy } else { 0.0 }
-    };
     let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..g.channels)
         .into_par_iter()
         .map(|c| {
             let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
             for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
-                sg += lane_sum(xr, dr, |xv, dv| gate(xv, dv, a, b)) as f64;
-                sgx += lane_sum(xr, dr, |xv, dv| gate(xv, dv, a, b) * (xv - m) * s) as f64;
+                let (u, v) = gated_sums(xr, dr, a, b, m, s, relu);
+                sg += u as f64;
+                sgx += v as f64;
             }
             (sg as f32, sgx as f32)
         })
@@ -168,9 +135,7 @@ pub fn backward(
             for (c, (dxc, (xc, dc))) in rows.enumerate() {
                 let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
                 let (mb, mg, k) = (dbeta[c] / count, dgamma[c] / count, gamma[c] * s);
-                for ((d, &xv), &dv) in dxc.iter_mut().zip(xc).zip(dc) {
-                    *d = k * (gate(xv, dv, a, b) - mb - (xv - m) * s * mg);
-                }
+                bn_dx_row(dxc, xc, dc, [a, b, m, s], [mb, mg, k], relu);
             }
         });
     (dx, dgamma, dbeta)

@@ -1,0 +1,153 @@
+//! The elementwise inner loops of the kernels, compiled three times (AVX-512, AVX2 + FMA, and
+//! the baseline) and picked at run time, so they vectorise on the machine they run on without
+//! building convlab for one CPU.
+//!
+//! Sums use [`LANES`] independent partial sums in a fixed order: the compiler may vectorise them
+//! (a single running sum is one dependent add per element) but never reorder them, so every
+//! instruction set gives the same bits.
+
+/// Partial sums per reduction.
+const LANES: usize = 16;
+
+/// Defines `pub fn $name` that runs its body compiled for the best instruction set present.
+macro_rules! dispatched {
+    ($(#[doc = $doc:literal])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[doc = $doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the features v4 is compiled for were detected just above.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above, for v3's features.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// `Σ f(a_i, b_i)` in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(xa[l], xb[l]);
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+dispatched! {
+    /// `Σ r_i`.
+    pub fn row_sum(r: &[f32]) -> f32 {
+        lane_sum(r, r, |v, _| v)
+    }
+}
+
+dispatched! {
+    /// `Σ (r_i - m)²`.
+    pub fn row_sq_dev(r: &[f32], m: f32) -> f32 {
+        lane_sum(r, r, |v, _| (v - m) * (v - m))
+    }
+}
+
+dispatched! {
+    /// `y = x · a + b`, then `max(·, 0)` when `relu`.
+    pub fn affine_row(y: &mut [f32], x: &[f32], a: f32, b: f32, relu: bool) {
+        if relu {
+            y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x * a + b).max(0.0));
+        } else {
+            y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * a + b);
+        }
+    }
+}
+
+dispatched! {
+    /// `(Σ g_i, Σ g_i · (x_i - m) · s)` with `g = dy`, gated by `x · a + b > 0` when `relu`.
+    pub fn gated_sums(x: &[f32], dy: &[f32], a: f32, b: f32, m: f32, s: f32, relu: bool) -> (f32, f32) {
+        if relu {
+            let gate = |x: f32, d: f32| if x * a + b > 0.0 { d } else { 0.0 };
+            (
+                lane_sum(x, dy, gate),
+                lane_sum(x, dy, |x, d| gate(x, d) * (x - m) * s),
+            )
+        } else {
+            (lane_sum(x, dy, |_, d| d), lane_sum(x, dy, |x, d| d * (x - m) * s))
+        }
+    }
+}
+
+dispatched! {
+    /// `dx = k · (g - mb - (x - m) · s · mg)`, `g` as in [`gated_sums`].
+    pub fn bn_dx_row(
+        dx: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        abms: [f32; 4],
+        mbgk: [f32; 3],
+        relu: bool,
+    ) {
+        let ([a, b, m, s], [mb, mg, k]) = (abms, mbgk);
+        let it = dx.iter_mut().zip(x).zip(dy);
+        if relu {
+            it.for_each(|((d, &x), &g)| {
+                let g = if x * a + b > 0.0 { g } else { 0.0 };
+                *d = k * (g - mb - (x - m) * s * mg);
+            });
+        } else {
+            it.for_each(|((d, &x), &g)| *d = k * (g - mb - (x - m) * s * mg));
+        }
+    }
+}
+
+dispatched! {
+    /// `d += s`.
+    pub fn add_row(d: &mut [f32], s: &[f32]) {
+        d.iter_mut().zip(s).for_each(|(a, &b)| *a += b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_match_the_obvious_loop() {
+        let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let dy: Vec<f32> = (0..37).map(|i| (i % 5) as f32 - 2.0).collect();
+        assert_eq!(row_sum(&x), x.iter().sum::<f32>());
+        let sq: f32 = x.iter().map(|v| (v - 1.0) * (v - 1.0)).sum();
+        assert!((row_sq_dev(&x, 1.0) - sq).abs() < 1e-3);
+        let (g, gx) = gated_sums(&x, &dy, 2.0, -1.0, 0.5, 0.25, true);
+        let (mut g0, mut gx0) = (0.0, 0.0);
+        for (&xv, &d) in x.iter().zip(&dy) {
+            if xv * 2.0 - 1.0 > 0.0 {
+                g0 += d;
+                gx0 += d * (xv - 0.5) * 0.25;
+            }
+        }
+        assert!((g - g0).abs() < 1e-4 && (gx - gx0).abs() < 1e-4);
+    }
+}
