@@ -1,34 +1,63 @@
 #!/usr/bin/env bash
-# convlab vs PyTorch on this machine, in one run: training and inference throughput of the
-# same networks with the same thread count, plus the fp32 SGEMM peak, as one Markdown table.
-#   bench/compare.sh [THREADS] [MODEL] [INPUT]
+# convlab vs PyTorch on this machine, in one run: training and inference throughput and peak
+# memory of the same networks with the same thread count, the fp32 SGEMM peak, and the scaling
+# from 1 to N threads, as Markdown tables.
+#   bench/compare.sh [THREADS] [MODELS...]        (default: 2 bench-vgg resnet18_small)
 # PyTorch comes from a throwaway venv in target/torchvenv (or $TORCH_VENV), never from convlab.
+# "convlab (Burn ops)" is the same binary with CONVLAB_KERNELS=burn: Burn 0.22.1's own
+# convolution, batch norm and pooling instead of convlab's kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-2}
-MODEL=${2:-bench-vgg}
-INPUT=${3:-3x32x32}
+shift || true
+MODELS=${*:-bench-vgg resnet18_small}
+INPUT=3x32x32
 source bench/setup.sh
 PY="$VENV/bin/python bench/pytorch_peer.py"
-gemm=$($PY gemm --size 2048 --threads $T)
+gemm=$($PY gemm --size 2048 --threads "$T")
 peak=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['gflops_per_sec'])" "$gemm")
-flops=$($BIN models --json | python3 -c "
+echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs;" \
+  "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+echo "fp32 SGEMM 2048^3 (PyTorch/oneDNN, $T threads): $(printf %.0f "$peak") GFLOP/s"
+echo
+echo "| model, $INPUT, $T threads | batch | convlab (Burn ops) img/s | convlab img/s | PyTorch fp32 img/s | PyTorch bf16+CL img/s | convlab / PyTorch fp32 | peak RSS convlab / PyTorch MB | convlab GFLOP/s (% of SGEMM peak) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for MODEL in $MODELS; do
+  flops=$($BIN models --json | python3 -c "
 import json,sys
 for m in json.load(sys.stdin):
     if m['name']=='$MODEL': print(m['gflops']*1e9)")
-echo "fp32 SGEMM 2048^3 (PyTorch/oneDNN, $T threads): $(printf %.0f "$peak") GFLOP/s"
-echo
-echo "| $MODEL $INPUT, $T threads | batch | convlab img/s | PyTorch fp32 img/s | PyTorch bf16+CL img/s | convlab / PyTorch fp32 | convlab GFLOP/s (% of SGEMM peak) |"
-echo "|---|---|---|---|---|---|---|"
-for what in train infer; do
-  B=64; [ $what = infer ] && B=256
-  c=$($BIN bench $what --model $MODEL --input $INPUT --batch $B --threads $T --json)
-  p32=$($PY $what --model $MODEL --input $INPUT --batch $B --threads $T --flops "$flops")
-  p16=$($PY $what --model $MODEL --input $INPUT --batch $B --threads $T --flops "$flops" --precision bf16)
-  python3 - "$what" "$B" "$c" "$p32" "$p16" "$peak" <<'PY'
+  for what in train infer; do
+    B=64; [ $what = infer ] && B=256
+    args=(bench $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --json)
+    cb=$(CONVLAB_KERNELS=burn $BIN "${args[@]}")
+    c=$($BIN "${args[@]}")
+    p32=$($PY $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --flops "$flops")
+    p16=$($PY $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --flops "$flops" --precision bf16)
+    python3 - "$MODEL $what" "$B" "$cb" "$c" "$p32" "$p16" "$peak" <<'PY'
 import json, sys
-what, b, c, p32, p16, peak = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:6]), float(sys.argv[6])
-print(f"| {what} | {b} | {c['images_per_sec']:.0f} | {p32['images_per_sec']:.0f} | {p16['images_per_sec']:.0f} | "
-      f"{c['images_per_sec'] / p32['images_per_sec']:.2f}x | {c['gflops_per_sec']:.0f} ({100 * c['gflops_per_sec'] / peak:.0f}%) |")
+name, b = sys.argv[1], sys.argv[2]
+cb, c, p32, p16 = map(json.loads, sys.argv[3:7])
+peak = float(sys.argv[7])
+print(f"| {name} | {b} | {cb['images_per_sec']:.0f} | {c['images_per_sec']:.0f} | {p32['images_per_sec']:.0f} | "
+      f"{p16['images_per_sec']:.0f} | {c['images_per_sec'] / p32['images_per_sec']:.2f}x | "
+      f"{c['peak_rss_mb']:.0f} / {p32['peak_rss_mb']:.0f} | "
+      f"{c['gflops_per_sec']:.0f} ({100 * c['gflops_per_sec'] / peak:.0f}%) |")
+PY
+  done
+done
+echo
+echo "| training, batch 64 | convlab 1 thread img/s | convlab $T threads img/s | scaling | PyTorch 1 thread | PyTorch $T threads | scaling |"
+echo "|---|---|---|---|---|---|---|"
+for MODEL in $MODELS; do
+  c1=$($BIN bench train --model "$MODEL" --input $INPUT --batch 64 --threads 1 --json)
+  cn=$($BIN bench train --model "$MODEL" --input $INPUT --batch 64 --threads "$T" --json)
+  p1=$($PY train --model "$MODEL" --input $INPUT --batch 64 --threads 1)
+  pn=$($PY train --model "$MODEL" --input $INPUT --batch 64 --threads "$T")
+  python3 - "$MODEL" "$c1" "$cn" "$p1" "$pn" <<'PY'
+import json, sys
+name = sys.argv[1]
+c1, cn, p1, pn = (json.loads(a)["images_per_sec"] for a in sys.argv[2:6])
+print(f"| {name} | {c1:.0f} | {cn:.0f} | {cn / c1:.2f}x | {p1:.0f} | {pn:.0f} | {pn / p1:.2f}x |")
 PY
 done

@@ -34,9 +34,40 @@ def bench_vgg(c, classes):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet18_small(c, classes):
+    """convlab's resnet18_small: the ResNet paper's CIFAR design (3x3 stem, no pool) with
+    resnet18's four stages of two basic blocks at widths 16-32-64-128."""
+    layers = [nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+    cin = 16
+    for i, w in enumerate([16, 32, 64, 128]):
+        for j in range(2):
+            layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+            cin = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
 def build(name, c, classes):
     if name == "bench-vgg":
         return bench_vgg(c, classes)
+    if name == "resnet18_small":
+        return resnet18_small(c, classes)
     import torchvision.models as tvm
     m = getattr(tvm, name)(num_classes=classes)
     if c != 3:

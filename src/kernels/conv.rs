@@ -23,12 +23,16 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
-use super::simd::add_row;
+use super::simd::dispatched;
 use rayon::prelude::*;
 
 /// Largest column buffer per thread, in floats (4 MiB): big enough that the GEMM's `N` is in
 /// the hundreds, small enough to stay near the L2/L3 caches for 224 px inputs.
+#[cfg(not(test))]
 const COL_BUDGET: usize = 1 << 20;
+/// Tiny in tests, so that they cover images split into several tiles.
+#[cfg(test)]
+const COL_BUDGET: usize = 64;
 
 /// The geometry of one convolution (no groups, no dilation, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,33 +90,99 @@ fn valid_range(len: usize, out: usize, s: usize, j: usize, p: usize) -> (usize, 
     (lo.min(hi), hi)
 }
 
-/// Fills `col` (`[K, rows · W_out]`) with the patches of output rows `oy0..oy1` of one image.
-fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32]) {
-    let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
-    let [sh, sw] = g.stride;
+/// For a stride-1 convolution whose output rows are as long as its input rows (a "same" 3x3
+/// with padding 1, say), the column row of kernel tap `(i, j)` over output rows `oy0..oy1` is
+/// the input plane shifted by one offset: one long copy, plus zeros in the columns that wrapped
+/// around from the neighbouring row. Returns, for that tap, the valid output rows `a..b`, the
+/// plane offset of output row `a`'s first element, and the valid columns `lo..hi`.
+fn shifted_tap(g: &ConvGeom, oy0: usize, oy1: usize, i: usize, j: usize) -> Option<Shift> {
+    if g.stride != [1, 1] || g.wo() != g.w {
+        return None;
+    }
     let [ph, pw] = g.pad;
-    for c in 0..g.cin {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let r = (c * g.kh + i) * g.kw + j;
-                let dst = &mut col[r * n..(r + 1) * n];
-                let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
-                for oy in oy0..oy1 {
-                    let d = &mut dst[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
-                    let iy = (oy * sh + i) as isize - ph as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        d.fill(0.0);
+    let a = oy0.max(ph.saturating_sub(i));
+    let b = oy1.min((g.h + ph).saturating_sub(i));
+    let (lo, hi) = valid_range(g.w, g.wo(), 1, j, pw);
+    let start =
+        (a.min(b) + i) as isize * g.w as isize - (ph * g.w) as isize + j as isize - pw as isize;
+    Some(Shift {
+        a: a.min(b),
+        b,
+        start,
+        lo,
+        hi,
+    })
+}
+
+struct Shift {
+    a: usize,
+    b: usize,
+    start: isize,
+    lo: usize,
+    hi: usize,
+}
+
+impl Shift {
+    /// The part of the `(b - a) · W` long run that falls inside the plane: run positions and
+    /// the plane index of the first.
+    fn clip(&self, w: usize, plane_len: usize) -> (usize, usize, usize) {
+        let len = (self.b - self.a) * w;
+        let k_lo = (-self.start).max(0) as usize;
+        let k_hi = (plane_len as isize - self.start).clamp(0, len as isize) as usize;
+        if k_lo >= k_hi {
+            return (0, 0, 0);
+        }
+        (k_lo, k_hi, (self.start + k_lo as isize) as usize)
+    }
+    /// Zeroes the wrapped columns of rows `a..b` in `run` (which starts at row `a`).
+    fn zero_wrapped(&self, run: &mut [f32], w: usize) {
+        for row in run.chunks_mut(w) {
+            row[..self.lo].iter_mut().for_each(|v| *v = 0.0);
+            row[self.hi..].iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+}
+
+dispatched! {
+    /// Fills `col` (`[K, rows · W_out]`) with the patches of output rows `oy0..oy1` of one image.
+    fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32]) {
+        let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
+        let [sh, sw] = g.stride;
+        let [ph, pw] = g.pad;
+        let plane_len = g.h * g.w;
+        for c in 0..g.cin {
+            let plane = &x[c * plane_len..(c + 1) * plane_len];
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let r = (c * g.kh + i) * g.kw + j;
+                    let dst = &mut col[r * n..(r + 1) * n];
+                    if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
+                        let (ra, rb) = ((sh.a - oy0) * wo, (sh.b - oy0) * wo);
+                        dst[..ra].iter_mut().for_each(|v| *v = 0.0);
+                        dst[rb..].iter_mut().for_each(|v| *v = 0.0);
+                        let run = &mut dst[ra..rb];
+                        let (k_lo, k_hi, p0) = sh.clip(g.w, plane_len);
+                        run[k_lo..k_hi].copy_from_slice(&plane[p0..p0 + (k_hi - k_lo)]);
+                        sh.zero_wrapped(run, g.w);
                         continue;
                     }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    d[..lo].fill(0.0);
-                    d[hi..].fill(0.0);
-                    if sw == 1 {
-                        d[lo..hi].copy_from_slice(&src[lo + j - pw..hi + j - pw]);
-                    } else {
-                        for (ox, v) in d[lo..hi].iter_mut().enumerate() {
-                            *v = src[(lo + ox) * sw + j - pw];
+                    let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
+                    for oy in oy0..oy1 {
+                        let d = &mut dst[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
+                        let iy = (oy * sh + i) as isize - ph as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            d.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        d[..lo].fill(0.0);
+                        d[hi..].fill(0.0);
+                        if sw == 1 {
+                            d[lo..hi].copy_from_slice(&src[lo + j - pw..hi + j - pw]);
+                        } else {
+                            for (ox, v) in d[lo..hi].iter_mut().enumerate() {
+                                *v = src[(lo + ox) * sw + j - pw];
+                            }
                         }
                     }
                 }
@@ -121,36 +191,52 @@ fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32]) {
     }
 }
 
-/// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` into `dx`.
-fn col2im(dcol: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32]) {
-    let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
-    let [sh, sw] = g.stride;
-    let [ph, pw] = g.pad;
-    for c in 0..g.cin {
-        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let r = (c * g.kh + i) * g.kw + j;
-                let src = &dcol[r * n..(r + 1) * n];
-                let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
-                for oy in oy0..oy1 {
-                    let iy = (oy * sh + i) as isize - ph as isize;
-                    if iy < 0 || iy >= g.h as isize {
+dispatched! {
+    /// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` into `dx`
+    /// (`dcol` is scratch: its entries for padding positions are zeroed on the way).
+    fn col2im(dcol: &mut [f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32]) {
+        let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
+        let [sh, sw] = g.stride;
+        let [ph, pw] = g.pad;
+        let plane_len = g.h * g.w;
+        for c in 0..g.cin {
+            let plane = &mut dx[c * plane_len..(c + 1) * plane_len];
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let r = (c * g.kh + i) * g.kw + j;
+                    let src = &mut dcol[r * n..(r + 1) * n];
+                    if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
+                        let run = &mut src[(sh.a - oy0) * wo..(sh.b - oy0) * wo];
+                        sh.zero_wrapped(run, g.w);
+                        let (k_lo, k_hi, p0) = sh.clip(g.w, plane_len);
+                        add_row_inline(&mut plane[p0..p0 + (k_hi - k_lo)], &run[k_lo..k_hi]);
                         continue;
                     }
-                    let s = &src[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
-                    let d = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    if sw == 1 {
-                        add_row(&mut d[lo + j - pw..hi + j - pw], &s[lo..hi]);
-                    } else {
-                        for ox in lo..hi {
-                            d[ox * sw + j - pw] += s[ox];
+                    let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
+                    for oy in oy0..oy1 {
+                        let iy = (oy * sh + i) as isize - ph as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let s = &src[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
+                        let d = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        if sw == 1 {
+                            add_row_inline(&mut d[lo + j - pw..hi + j - pw], &s[lo..hi]);
+                        } else {
+                            for ox in lo..hi {
+                                d[ox * sw + j - pw] += s[ox];
+                            }
                         }
                     }
                 }
             }
         }
     }
+}
+
+#[inline(always)]
+fn add_row_inline(d: &mut [f32], s: &[f32]) {
+    d.iter_mut().zip(s).for_each(|(a, &b)| *a += b);
 }
 
 /// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]`, every operand given by (row, column) strides.
@@ -348,7 +434,7 @@ pub fn conv2d_backward(
                         gemm(
                             k, nn, cout, &mut dcol, nn, false, w, 1, k, dy_tile, p, 1, threads,
                         );
-                        col2im(&dcol, g, oy0, oy1, d);
+                        col2im(&mut dcol, g, oy0, oy1, d);
                     }
                 }
             }

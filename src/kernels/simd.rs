@@ -11,10 +11,10 @@ const LANES: usize = 16;
 
 /// Defines `pub fn $name` that runs its body compiled for the best instruction set present.
 macro_rules! dispatched {
-    ($(#[doc = $doc:literal])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[doc = $doc:literal])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[doc = $doc])*
         #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn imp($($arg: $ty),*) $(-> $ret)? $body
@@ -43,6 +43,8 @@ macro_rules! dispatched {
         }
     };
 }
+
+pub(crate) use dispatched;
 
 /// `Σ f(a_i, b_i)` in [`LANES`] partial sums.
 #[inline(always)]
@@ -119,13 +121,6 @@ dispatched! {
         } else {
             it.for_each(|((d, &x), &g)| *d = k * (g - mb - (x - m) * s * mg));
         }
-    }
-}
-
-dispatched! {
-    /// `d += s`.
-    pub fn add_row(d: &mut [f32], s: &[f32]) {
-        d.iter_mut().zip(s).for_each(|(a, &b)| *a += b);
     }
 }
 
