@@ -5,7 +5,9 @@
 #   bench/compare.sh [THREADS] [MODELS...]        (default: 2 bench-vgg resnet18_small)
 # PyTorch comes from a throwaway venv in target/torchvenv (or $TORCH_VENV), never from convlab.
 # "convlab (Burn ops)" is the same binary with CONVLAB_KERNELS=burn: Burn 0.22.1's own
-# convolution, batch norm and pooling instead of convlab's kernels.
+# convolution, batch norm and pooling instead of convlab's kernels. With TCH_BIN set to a
+# convlab built with `--features tch` (README, "Other backends"), a column for `--device tch`
+# (Burn on libtorch, the same kernels as PyTorch) is added.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-2}
@@ -20,8 +22,11 @@ echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xarg
   "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 echo "fp32 SGEMM 2048^3 (PyTorch/oneDNN, $T threads): $(printf %.0f "$peak") GFLOP/s"
 echo
-echo "| model, $INPUT, $T threads | batch | convlab (Burn ops) img/s | convlab img/s | PyTorch fp32 img/s | PyTorch bf16+CL img/s | convlab / PyTorch fp32 | peak RSS convlab / PyTorch MB | convlab GFLOP/s (% of SGEMM peak) |"
-echo "|---|---|---|---|---|---|---|---|---|"
+TCH_BIN=${TCH_BIN:-}
+tch_head=""; tch_rule=""
+if [ -n "$TCH_BIN" ]; then tch_head=" convlab tch img/s (/ PyTorch fp32) |"; tch_rule="---|"; fi
+echo "| model, $INPUT, $T threads | batch | convlab (Burn ops) img/s | convlab img/s | PyTorch fp32 img/s | PyTorch bf16+CL img/s | convlab / PyTorch fp32 | peak RSS convlab / PyTorch MB | convlab GFLOP/s (% of SGEMM peak) |$tch_head"
+echo "|---|---|---|---|---|---|---|---|---|$tch_rule"
 for MODEL in $MODELS; do
   flops=$($BIN models --json | python3 -c "
 import json,sys
@@ -34,15 +39,20 @@ for m in json.load(sys.stdin):
     c=$($BIN "${args[@]}")
     p32=$($PY $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --flops "$flops")
     p16=$($PY $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --flops "$flops" --precision bf16)
-    python3 - "$MODEL $what" "$B" "$cb" "$c" "$p32" "$p16" "$peak" <<'PY'
+    ct='{}'
+    if [ -n "$TCH_BIN" ]; then ct=$("$TCH_BIN" "${args[@]}" --device tch); fi
+    python3 - "$MODEL $what" "$B" "$cb" "$c" "$p32" "$p16" "$peak" "$ct" <<'PY'
 import json, sys
 name, b = sys.argv[1], sys.argv[2]
 cb, c, p32, p16 = map(json.loads, sys.argv[3:7])
 peak = float(sys.argv[7])
+ct = json.loads(sys.argv[8])
+tch = (f" {ct['images_per_sec']:.0f} ({ct['images_per_sec'] / p32['images_per_sec']:.2f}x) |"
+       if ct else "")
 print(f"| {name} | {b} | {cb['images_per_sec']:.0f} | {c['images_per_sec']:.0f} | {p32['images_per_sec']:.0f} | "
       f"{p16['images_per_sec']:.0f} | {c['images_per_sec'] / p32['images_per_sec']:.2f}x | "
       f"{c['peak_rss_mb']:.0f} / {p32['peak_rss_mb']:.0f} | "
-      f"{c['gflops_per_sec']:.0f} ({100 * c['gflops_per_sec'] / peak:.0f}%) |")
+      f"{c['gflops_per_sec']:.0f} ({100 * c['gflops_per_sec'] / peak:.0f}%) |{tch}")
 PY
   done
 done

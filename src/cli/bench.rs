@@ -74,6 +74,11 @@ struct Report {
     batch: usize,
     threads: usize,
     device: String,
+    /// `convlab` (convlab's CPU kernels, on burn-flex) or `backend` (the backend's own ops:
+    /// another device, or `CONVLAB_KERNELS=burn`);
+    /// in the text line only, the JSON keys being the issue's contract.
+    #[serde(skip)]
+    kernels: String,
     images_per_sec: f64,
     ms_per_step: f64,
     peak_rss_mb: Option<f64>,
@@ -235,18 +240,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ms_per_step: 1e3 * t.median(),
         peak_rss_mb: bench::peak_rss_mb(),
         gflops_per_sec: flops / t.median() / 1e9,
+        kernels: match (convlab::kernels::kernels(), a.device.as_str()) {
+            (convlab::kernels::Kernels::Convlab, "cpu" | "flex") => "convlab",
+            _ => "backend",
+        }
+        .into(),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} {:?} {} batch {} on {} ({} threads): {:.1} img/s median (slowest step {:.1}, \
-             fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
+            "{} {:?} {} batch {} on {} ({} kernels, {} threads): {:.1} img/s median (slowest \
+             step {:.1}, fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
             r.model,
             a.what,
             r.input,
             r.batch,
             r.device,
+            r.kernels,
             r.threads,
             ips,
             slowest,

@@ -35,9 +35,13 @@ pub fn pick(name: &str) -> Result<Device> {
         "cuda" => Ok(Device::cuda(index)),
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(Device::wgpu(Default::default())),
+        // Burn 0.22 marks burn-tch deprecated; it stays here because it runs PyTorch's own
+        // kernels, the fair peer for the CPU comparison (BENCHMARKS.md).
         #[cfg(feature = "tch")]
+        #[allow(deprecated)]
         "tch" => Ok(Device::libtorch()),
         #[cfg(feature = "tch")]
+        #[allow(deprecated)]
         "tch-cuda" => Ok(Device::libtorch_cuda(index)),
         _ => bail!(
             "--device {name}: unknown or not compiled in; this build has: {}",

@@ -70,7 +70,29 @@ pub fn max_pool_forward(x: &[f32], g: &PoolGeom, switches: bool) -> (Vec<f32>, V
     assert_eq!(x.len(), g.planes * in_len, "max pool input length");
     let mut y = vec![0.0f32; g.planes * out_len];
     let mut idx = vec![0u32; if switches { y.len() } else { 0 }];
+    let pairs = g.kernel == [2, 2] && g.stride == [2, 2] && g.pad == [0, 0];
     let plane = |xp: &[f32], yp: &mut [f32], mut ip: Option<&mut [u32]>| {
+        if pairs && 2 * g.ho <= g.h && 2 * g.wo <= g.w {
+            // The plain 2x2/2 pooling of VGG and friends: no window arithmetic, the four
+            // candidates in the general loop's order, so the same winner.
+            for oy in 0..g.ho {
+                let (r0, r1) = (2 * oy * g.w, (2 * oy + 1) * g.w);
+                for ox in 0..g.wo {
+                    let cands = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
+                    let (mut best, mut at) = (xp[cands[0]], cands[0]);
+                    for &c in &cands[1..] {
+                        if !best.is_nan() && (xp[c] > best || xp[c].is_nan()) {
+                            (best, at) = (xp[c], c);
+                        }
+                    }
+                    yp[oy * g.wo + ox] = best;
+                    if let Some(ip) = ip.as_deref_mut() {
+                        ip[oy * g.wo + ox] = at as u32;
+                    }
+                }
+            }
+            return;
+        }
         for oy in 0..g.ho {
             let (y0, y1) = PoolGeom::window(oy, g.kernel[0], g.stride[0], g.pad[0], g.h);
             for ox in 0..g.wo {
@@ -140,6 +162,38 @@ mod tests {
         assert_eq!(out_len(14, 3, 2, 0, true), 7);
         assert_eq!(out_len(7, 2, 2, 0, true), 4);
         assert_eq!(out_len(7, 2, 2, 0, false), 3);
+    }
+
+    /// The 2x2/2 shortcut picks the same winners as a plain first-maximum-wins window loop,
+    /// ties included (the data repeats values).
+    #[test]
+    fn pairs_shortcut_matches_the_window_loop() {
+        let x: Vec<f32> = (0..2 * 6 * 8).map(|i| ((i * 7919) % 13) as f32).collect();
+        let g = PoolGeom::new(2, [6, 8], [2, 2], [2, 2], [0, 0], false);
+        assert_eq!(max_pool_forward(&x, &g, true), general_loop(&x, &g));
+    }
+
+    /// A 2x2/2 window loop written out.
+    fn general_loop(x: &[f32], g: &PoolGeom) -> (Vec<f32>, Vec<u32>) {
+        let (mut y, mut idx) = (Vec::new(), Vec::new());
+        for p in 0..g.planes {
+            let xp = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    let (mut best, mut at) = (f32::NEG_INFINITY, 0);
+                    for iy in 2 * oy..2 * oy + 2 {
+                        for ix in 2 * ox..2 * ox + 2 {
+                            if xp[iy * g.w + ix] > best {
+                                (best, at) = (xp[iy * g.w + ix], iy * g.w + ix);
+                            }
+                        }
+                    }
+                    y.push(best);
+                    idx.push(at as u32);
+                }
+            }
+        }
+        (y, idx)
     }
 
     #[test]
