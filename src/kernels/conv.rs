@@ -346,6 +346,9 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
     y
 }
 
+/// `(dx, dw, db)`, each present when it was asked for.
+pub type ConvGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// Gradients of [`conv2d_forward`] given the output gradient `dy`: `(dx, dw, db)`, each only when
 /// asked for.
 pub fn conv2d_backward(
@@ -354,7 +357,7 @@ pub fn conv2d_backward(
     dy: &[f32],
     g: &ConvGeom,
     need: [bool; 3],
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> ConvGrads {
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
     assert_eq!(
         dy.len(),
@@ -441,7 +444,8 @@ pub fn conv2d_backward(
             (dwt, db)
         })
         .collect();
-    let sum = |pick: fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
+    type Partial = (Vec<f32>, Vec<f32>);
+    let sum = |pick: fn(&Partial) -> &Vec<f32>| {
         let mut acc = pick(&partials[0]).clone();
         for part in &partials[1..] {
             acc.iter_mut().zip(pick(part)).for_each(|(a, b)| *a += b);
