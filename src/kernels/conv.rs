@@ -575,6 +575,30 @@ mod tests {
         }
     }
 
+    /// Same inputs and thread count, same bits (the weight gradient is the one summed across
+    /// threads); and 1 vs 3 threads agree to rounding.
+    #[test]
+    fn backward_is_deterministic_for_a_thread_count() {
+        let g = geoms()[0];
+        let g = ConvGeom { batch: 7, ..g };
+        let x = data(g.batch * g.in_len(), 11);
+        let w = data(g.cout * g.k(), 12);
+        let dy = data(g.batch * g.out_len(), 13);
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| conv2d_backward(&x, &w, &dy, &g, [true, true, true]))
+        };
+        let (a, b) = (run(3), run(3));
+        assert_eq!(a, b);
+        let one = run(1);
+        for (p, q) in one.1.unwrap().iter().zip(a.1.as_ref().unwrap()) {
+            assert!((p - q).abs() < 1e-4);
+        }
+    }
+
     #[test]
     fn valid_range_is_exact() {
         for (len, s, j, p) in [(7, 1, 0, 1), (7, 2, 4, 2), (5, 3, 0, 0), (4, 1, 6, 3)] {
