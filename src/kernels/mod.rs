@@ -353,6 +353,108 @@ mod tests {
         }
     }
 
+    fn max_rel_diff1(a: Tensor<1>, b: Tensor<1>) -> f32 {
+        max_rel_diff(a.reshape([1, 1, 1, -1]), b.reshape([1, 1, 1, -1]))
+    }
+
+    /// The fused batch norm (+ ReLU) against Burn's `BatchNorm::forward` (+ `relu`): training
+    /// output, the three gradients and the running statistics it leaves behind; then inference
+    /// on a plain device with those statistics.
+    #[test]
+    fn fused_batch_norm_matches_burn() {
+        use burn::nn::BatchNormConfig;
+        let device = Device::flex().autodiff();
+        for relu in [true, false] {
+            let x = Tensor::<4>::random([4, 3, 5, 6], Distribution::Normal(0.5, 2.0), &device);
+            let dy = Tensor::<4>::random([4, 3, 5, 6], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fast: bool| {
+                let mut bn = BatchNormConfig::new(3).init(&device);
+                bn.gamma = burn::module::Param::from_tensor(Tensor::from_floats(
+                    [1.3, -0.7, 0.4],
+                    &device,
+                ));
+                let x = x.clone().require_grad();
+                let y = if fast {
+                    batch_norm(&bn, x.clone(), relu)
+                } else {
+                    let y = bn.forward(x.clone());
+                    if relu { activation::relu(y) } else { y }
+                };
+                let grads = (y.clone() * dy.clone()).sum().backward();
+                let gx = x.grad(&grads).unwrap();
+                let gg = bn.gamma.val().grad(&grads).unwrap();
+                let gb = bn.beta.val().grad(&grads).unwrap();
+                (y.inner(), gx, gg, gb, bn)
+            };
+            let (y1, gx1, gg1, gb1, bn1) = run(true);
+            let (y0, gx0, gg0, gb0, bn0) = run(false);
+            assert!(max_rel_diff(y1, y0) < 1e-4, "relu {relu}: output");
+            assert!(max_rel_diff(gx1, gx0) < 1e-4, "relu {relu}: input gradient");
+            assert!(
+                max_rel_diff1(gg1, gg0) < 1e-4,
+                "relu {relu}: gamma gradient"
+            );
+            assert!(max_rel_diff1(gb1, gb0) < 1e-4, "relu {relu}: beta gradient");
+            let stats = |bn: &BatchNorm| (bn.running_mean.value(), bn.running_var.value());
+            let ((m1, v1), (m0, v0)) = (stats(&bn1), stats(&bn0));
+            assert!(max_rel_diff1(m1, m0) < 1e-4 && max_rel_diff1(v1, v0) < 1e-4);
+            // Inference: plain device, running statistics.
+            let plain = Device::flex();
+            let bn = bn0.valid();
+            let xi = x.clone().inner().to_device(&plain);
+            let want = bn.forward(xi.clone());
+            let want = if relu { activation::relu(want) } else { want };
+            assert!(
+                max_rel_diff(batch_norm(&bn, xi, relu), want) < 1e-4,
+                "relu {relu}: infer"
+            );
+        }
+    }
+
+    /// The max-pool kernel against Burn's: AlexNet's overlapping 3/2, VGG's 2/2, ResNet's
+    /// padded 3/2/1 and GoogLeNet's ceil mode; output and input gradient.
+    #[test]
+    fn max_pool_matches_burn() {
+        use burn::nn::pool::MaxPool2dConfig;
+        let device = Device::flex().autodiff();
+        for (k, s, p, ceil, hw) in [
+            (3, 2, 0, false, 13),
+            (2, 2, 0, false, 8),
+            (3, 2, 1, false, 9),
+            (3, 2, 0, true, 14),
+        ] {
+            let pool = MaxPool2dConfig::new([k, k])
+                .with_strides([s, s])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .with_ceil_mode(ceil)
+                .init();
+            let x = Tensor::<4>::random([2, 3, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fast: bool| {
+                let x = x.clone().require_grad();
+                let y = if fast {
+                    max_pool2d(&pool, x.clone())
+                } else {
+                    pool.forward(x.clone())
+                };
+                // d/dy of sum(y * (y + 1), y held constant): distinct per output.
+                let grads = (y.clone() * y.clone().detach().add_scalar(1.0))
+                    .sum()
+                    .backward();
+                (y.inner(), x.grad(&grads).unwrap())
+            };
+            let ((y1, g1), (y0, g0)) = (run(true), run(false));
+            assert_eq!(y1.dims(), y0.dims(), "k{k} s{s} p{p} ceil {ceil}");
+            assert!(
+                max_rel_diff(y1, y0) < 1e-6,
+                "k{k} s{s} p{p} ceil {ceil}: output"
+            );
+            assert!(
+                max_rel_diff(g1, g0) < 1e-6,
+                "k{k} s{s} p{p} ceil {ceil}: gradient"
+            );
+        }
+    }
+
     /// Without autodiff the same op runs on the plain backend.
     #[test]
     fn gemm_conv_runs_without_autodiff() {
