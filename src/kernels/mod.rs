@@ -67,17 +67,23 @@ fn on_flex(x: &Tensor<4>) -> bool {
     }
 }
 
+/// `[rows, columns]` of padding when it is the same on both sides; `None` for asymmetric or
+/// `Same` padding (which depends on the input size), left to Burn.
+fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
+    // Explicit is (top, left, bottom, right).
+    match *padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(t, l, b, r) if t == b && l == r => Some([t, l]),
+        _ => None,
+    }
+}
+
 /// `conv.forward(x)`, on the fast kernel where it applies.
 ///
 /// # Shapes
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    // Explicit is (top, left, bottom, right); `Same` goes to Burn, which works out its sides.
-    let padding = match conv.padding {
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(t, l, b, r) if t == b && l == r => Some([t, l]),
-        _ => None,
-    };
+    let padding = symmetric_padding(&conv.padding);
     let gemm_ok = conv.groups == 1 && conv.dilation == [1, 1] && fast_path(&x);
     match padding {
         Some(padding) if gemm_ok => gemm_conv2d(
@@ -246,11 +252,7 @@ fn bn_act_infer(
 /// # Shapes
 /// `[B, C, H, W]` -> `[B, C, H_out, W_out]`.
 pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
-    let padding = match pool.padding {
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(t, l, b, r) if t == b && l == r => Some([t, l]),
-        _ => None,
-    };
+    let padding = symmetric_padding(&pool.padding);
     match padding {
         Some(padding) if pool.dilation == [1, 1] && fast_path(&x) => {
             fast_max_pool(x, pool.kernel_size, pool.stride, padding, pool.ceil_mode)
