@@ -612,6 +612,33 @@ fn bench_reports_the_documented_keys() {
     assert!(e.contains("CxHxW"), "{e}");
 }
 
+/// A misspelt kernel switch stops the command instead of quietly running the default kernels.
+#[test]
+fn bad_kernel_switch_is_an_error() {
+    let e = fails(
+        &convlab()
+            .env("CONVLAB_KERNELS", "torch")
+            .args(["models"])
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("CONVLAB_KERNELS=torch"), "{e}");
+    let o = convlab()
+        .env("CONVLAB_KERNELS", "burn")
+        .args([
+            "bench",
+            "infer",
+            "--model",
+            "convnet_small",
+            "--input",
+            "1x28x28",
+        ])
+        .args(["--batch", "2", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(ok(&o).contains("backend kernels"));
+}
+
 #[test]
 fn data_stats_on_builtin_and_cifar() {
     let o = convlab()

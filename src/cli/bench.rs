@@ -240,9 +240,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ms_per_step: 1e3 * t.median(),
         peak_rss_mb: bench::peak_rss_mb(),
         gflops_per_sec: flops / t.median() / 1e9,
-        kernels: match (convlab::kernels::kernels(), a.device.as_str()) {
-            (convlab::kernels::Kernels::Convlab, "cpu" | "flex") => "convlab",
-            _ => "backend",
+        kernels: if convlab::kernels::active_on(&dev) {
+            "convlab"
+        } else {
+            "backend"
         }
         .into(),
     };

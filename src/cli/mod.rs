@@ -79,6 +79,9 @@ pub struct DataArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // Checked before any work: a misspelt value would otherwise quietly run the default kernels.
+    convlab::kernels::parse_kernels(std::env::var("CONVLAB_KERNELS").ok().as_deref())
+        .map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),

@@ -32,27 +32,44 @@ pub enum Kernels {
     Burn,
 }
 
-/// The kernels chosen for this process: `CONVLAB_KERNELS=burn` selects Burn's, anything else
-/// (or nothing) convlab's.
+/// Reads a `CONVLAB_KERNELS` value: unset or empty or `convlab` selects convlab's kernels,
+/// `burn` Burn's ops; anything else is an error naming the variable (the binary checks it at
+/// start, so a typo does not silently measure the wrong thing).
+pub fn parse_kernels(value: Option<&str>) -> Result<Kernels, String> {
+    match value {
+        None | Some("") | Some("convlab") => Ok(Kernels::Convlab),
+        Some("burn") => Ok(Kernels::Burn),
+        Some(other) => Err(format!(
+            "CONVLAB_KERNELS={other}: expected `convlab` (the default) or `burn`"
+        )),
+    }
+}
+
+/// The kernels chosen for this process by `CONVLAB_KERNELS` ([`parse_kernels`]; an invalid
+/// value counts as unset here, the binary having rejected it already).
 pub fn kernels() -> Kernels {
     static CHOICE: OnceLock<Kernels> = OnceLock::new();
-    *CHOICE.get_or_init(|| match std::env::var("CONVLAB_KERNELS").as_deref() {
-        Ok("burn") => Kernels::Burn,
-        _ => Kernels::Convlab,
+    *CHOICE.get_or_init(|| {
+        parse_kernels(std::env::var("CONVLAB_KERNELS").ok().as_deref()).unwrap_or(Kernels::Convlab)
     })
+}
+
+/// Whether convlab's kernels run for float32 tensors on `device`: a burn-flex device (with or
+/// without autodiff) and the kernels not switched off.
+pub fn active_on(device: &Device) -> bool {
+    kernels() == Kernels::Convlab && is_flex(device)
 }
 
 /// Whether convlab's kernels apply to `x`: f32 on burn-flex, and not switched off.
 fn fast_path(x: &Tensor<4>) -> bool {
-    kernels() == Kernels::Convlab && x.dtype() == DType::F32 && on_flex(x)
+    x.dtype() == DType::F32 && active_on(&x.device())
 }
 
-/// Whether `x` is on a burn-flex device (directly or under autodiff).
-fn on_flex(x: &Tensor<4>) -> bool {
+/// Whether `device` is burn-flex (directly or under autodiff).
+fn is_flex(device: &Device) -> bool {
     #[cfg(feature = "flex")]
     {
         use burn::backend::DispatchDevice;
-        let device = x.device();
         match device.as_dispatch() {
             DispatchDevice::Flex(_) => true,
             DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
@@ -62,7 +79,7 @@ fn on_flex(x: &Tensor<4>) -> bool {
     }
     #[cfg(not(feature = "flex"))]
     {
-        let _ = x;
+        let _ = device;
         false
     }
 }
@@ -455,6 +472,15 @@ mod tests {
                 "k{k} s{s} p{p} ceil {ceil}: gradient"
             );
         }
+    }
+
+    #[test]
+    fn kernel_choice_parses_and_rejects_typos() {
+        assert_eq!(parse_kernels(None), Ok(Kernels::Convlab));
+        assert_eq!(parse_kernels(Some("convlab")), Ok(Kernels::Convlab));
+        assert_eq!(parse_kernels(Some("burn")), Ok(Kernels::Burn));
+        let e = parse_kernels(Some("Burn")).unwrap_err();
+        assert!(e.contains("CONVLAB_KERNELS=Burn"), "{e}");
     }
 
     /// Without autodiff the same op runs on the plain backend.
