@@ -13,8 +13,9 @@
 //! 24% of a `bench-vgg` training step in gemm's `x1x6` edge kernel). Here all three products have
 //! `M, N, K` in the hundreds.
 //!
-//! The GEMM is the `gemm` crate (the one burn-flex already links; 85-92 GFLOP/s on one core of
-//! this machine for the shapes above, about its FMA peak). Work is split over images, one
+//! The GEMM is the `gemm` crate (the one burn-flex already links; 88-105 GFLOP/s on one core of
+//! this machine for the 64-256 channel layers of `bench-vgg`, forward and backward:
+//! `cargo run --release --example conv_layers 1`). Work is split over images, one
 //! contiguous block of images per thread, so each GEMM runs single-threaded on a private column
 //! buffer and partial weight gradients are summed in a fixed order: the same thread count gives
 //! bit-identical results.
@@ -397,12 +398,25 @@ pub fn conv2d_backward(
         }
         None => blocks.iter().map(|_| None).collect(),
     };
+    // The weight gradient is accumulated transposed, `[K, C_out]`, when K >= C_out: for the
+    // 64 -> 64 channel 32 px layer that took its weight gradient from 85.7 to 32.0 ms per batch
+    // of 64, while the first layer (K = 27) is faster as `[C_out, K]`
+    // (`cargo run --release --example conv_layers`, before and after).
+    let transposed = k >= cout;
+    // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long).
+    let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], n: usize| {
+        if transposed {
+            gemm(
+                k, cout, n, dw, cout, true, col, n, 1, dy_tile, 1, p, threads,
+            );
+        } else {
+            gemm(cout, k, n, dw, k, true, dy_tile, p, 1, col, 1, n, threads);
+        }
+    };
     let partials: Vec<(Vec<f32>, Vec<f32>)> = blocks
         .par_iter()
         .zip(dx_parts.par_iter_mut())
         .map(|(range, dx_block)| {
-            // Accumulated transposed, `[K, C_out]`: the GEMM runs at 75 GFLOP/s on one core in
-            // that layout against 47 for `[C_out, K]` (measured, 64 -> 64 channels at 32 px).
             let mut dwt = if need_dw {
                 vec![0.0f32; k * cout]
             } else {
@@ -423,9 +437,7 @@ pub fn conv2d_backward(
                     .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
                 if g.is_pointwise() {
                     if need_dw {
-                        gemm(
-                            k, cout, p, &mut dwt, cout, true, xn, p, 1, dyn_, 1, p, threads,
-                        );
+                        add_weight_grad(&mut dwt, xn, dyn_, p);
                     }
                     if let Some(dxn) = dxn {
                         gemm(k, p, cout, dxn, p, false, w, 1, k, dyn_, p, 1, threads);
@@ -440,9 +452,7 @@ pub fn conv2d_backward(
                     if need_dw {
                         col.resize(k * nn, 0.0);
                         im2col(xn, g, oy0, oy1, &mut col);
-                        gemm(
-                            k, cout, nn, &mut dwt, cout, true, &col, nn, 1, dy_tile, 1, p, threads,
-                        );
+                        add_weight_grad(&mut dwt, &col, dy_tile, nn);
                     }
                     if let Some(d) = dxn.as_deref_mut() {
                         dcol.resize(k * nn, 0.0);
@@ -466,6 +476,9 @@ pub fn conv2d_backward(
     };
     let dw = need_dw.then(|| {
         let dwt = sum(|t| &t.0);
+        if !transposed {
+            return dwt;
+        }
         let mut dw = vec![0.0f32; cout * k];
         for (r, row) in dwt.chunks(cout).enumerate() {
             for (o, &v) in row.iter().enumerate() {
@@ -540,6 +553,7 @@ mod tests {
             g(1, 2, 8, 7, 3, [1, 1], 2, 0),
             g(2, 1, 6, 6, 2, [7, 7], 2, 3),
             g(1, 2, 4, 4, 2, [3, 2], 1, 1),
+            g(2, 2, 5, 5, 6, [1, 1], 1, 0),
         ]
     }
 
