@@ -1,10 +1,15 @@
 //! Times convlab's im2col + GEMM convolution kernels on the layers of `bench-vgg` (batch 64):
-//! `cargo run --release --example conv_layers [THREADS]`.
+//! `cargo run --release --example conv_layers [THREADS] [fp32|bf16]`.
 use convlab::kernels::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use std::time::Instant;
 
 fn main() {
     let threads: usize = std::env::args().nth(1).map_or(2, |s| s.parse().unwrap());
+    let precision: convlab::kernels::Precision = std::env::args()
+        .nth(2)
+        .map_or(Ok(Default::default()), |s| s.parse())
+        .unwrap();
+    println!("{threads} threads, {precision}");
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -29,6 +34,7 @@ fn main() {
             kw: 3,
             stride: [1, 1],
             pad: [1, 1],
+            precision,
         };
         let x = vec![0.5f32; 64 * cin * hw * hw];
         let w = vec![0.01f32; cout * cin * 9];

@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::bench::{self, Mode};
+use convlab::kernels::Precision;
 use convlab::models::{ModelConfig, ModelName};
 use serde::Serialize;
 
@@ -62,6 +63,10 @@ pub struct BenchArgs {
     /// `bench data`: images to load (default: the whole training split).
     #[arg(long)]
     pub images: Option<usize>,
+    /// Arithmetic of the convolutions (`bf16` needs AVX512-BF16 and burn-flex; else it says so
+    /// and measures fp32).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    pub precision: String,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +84,9 @@ struct Report {
     /// in the text line only, the JSON keys being the issue's contract.
     #[serde(skip)]
     kernels: String,
+    /// The precision that ran (text line only, as above).
+    #[serde(skip)]
+    precision: Precision,
     images_per_sec: f64,
     ms_per_step: f64,
     peak_rss_mb: Option<f64>,
@@ -226,7 +234,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Train => (Mode::Train, base.autodiff()),
         What::Infer | What::Data => (Mode::Infer, base),
     };
-    let t = bench::run(&cfg, mode, a.batch, 3, a.steps.max(1), &dev)?;
+    let asked: Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
+    let precision = convlab::kernels::supported_precision(asked, &dev).unwrap_or_else(|why| {
+        eprintln!("--precision {asked}: {why}");
+        Precision::Fp32
+    });
+    let t = convlab::kernels::with_precision(precision, || {
+        bench::run(&cfg, mode, a.batch, 3, a.steps.max(1), &dev)
+    })?;
     let (ips, slowest, fastest) = t.images_per_sec();
     // A backward pass costs about twice the forward pass.
     let flops = cfg.flops() * a.batch as f64 * if mode == Mode::Train { 3.0 } else { 1.0 };
@@ -246,12 +261,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "backend"
         }
         .into(),
+        precision,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} {:?} {} batch {} on {} ({} kernels, {} threads): {:.1} img/s median (slowest \
+            "{} {:?} {} batch {} on {} ({} kernels, {}, {} threads): {:.1} img/s median (slowest \
              step {:.1}, fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
             r.model,
             a.what,
@@ -259,6 +275,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.batch,
             r.device,
             r.kernels,
+            r.precision,
             r.threads,
             ips,
             slowest,

@@ -32,6 +32,10 @@ pub struct TrainArgs {
     pub lr: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Arithmetic of the convolutions: fp32, or bf16 (needs AVX512-BF16; f32 weights and
+    /// optimiser state).
+    #[arg(long, value_parser = ["fp32", "bf16"])]
+    pub precision: Option<String>,
     /// Run folder (default: runs/<model>-<timestamp>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -84,6 +88,9 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
     }
     if let Some(v) = a.seed {
         o.push(Override::flag("seed", v as i64, "--seed"));
+    }
+    if let Some(v) = &a.precision {
+        o.push(Override::flag("precision", v.as_str(), "--precision"));
     }
     if a.skip_bad_images {
         o.push(Override::flag(

@@ -47,6 +47,8 @@ pub struct ConvGeom {
     pub kw: usize,
     pub stride: [usize; 2],
     pub pad: [usize; 2],
+    /// The arithmetic of the three GEMMs (f32, or bf16 products summed in f32).
+    pub precision: super::Precision,
 }
 
 impl ConvGeom {
@@ -252,9 +254,89 @@ fn add_row_inline(d: &mut [f32], s: &[f32]) {
     d.iter_mut().zip(s).for_each(|(a, &b)| *a += b);
 }
 
-/// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]`, every operand given by (row, column) strides.
+/// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]` in `precision`, every operand given by (row,
+/// column) strides.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
+    precision: super::Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    let f = match precision {
+        super::Precision::Fp32 => gemm_f32,
+        super::Precision::Bf16 => super::bf16::gemm,
+    };
+    f(
+        m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, threads,
+    )
+}
+
+/// A left operand used for every image of a batch (the weights, or their transpose), prepared
+/// once: in bf16 it is rounded and packed once instead of once per image.
+enum Lhs<'a> {
+    F32 {
+        m: usize,
+        k: usize,
+        data: &'a [f32],
+        rs: usize,
+        cs: usize,
+    },
+    Bf16(super::bf16::PackedLhs),
+}
+
+impl<'a> Lhs<'a> {
+    fn new(
+        precision: super::Precision,
+        m: usize,
+        k: usize,
+        data: &'a [f32],
+        rs: usize,
+        cs: usize,
+    ) -> Self {
+        match precision {
+            super::Precision::Fp32 => Lhs::F32 { m, k, data, rs, cs },
+            super::Precision::Bf16 => Lhs::Bf16(super::bf16::PackedLhs::new(m, k, data, rs, cs)),
+        }
+    }
+
+    /// `dst[m, n] (+)= self · rhs[k, n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mul(
+        &self,
+        n: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        rhs: &[f32],
+        rhs_rs: usize,
+        rhs_cs: usize,
+        threads: usize,
+    ) {
+        match *self {
+            Lhs::F32 { m, k, data, rs, cs } => gemm_f32(
+                m, n, k, dst, dst_rs, accumulate, data, rs, cs, rhs, rhs_rs, rhs_cs, threads,
+            ),
+            Lhs::Bf16(ref a) => super::bf16::gemm_packed(
+                a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads,
+            ),
+        }
+    }
+}
+
+/// The f32 GEMM: the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
@@ -335,11 +417,12 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
     let mut y = vec![0.0f32; g.batch * g.out_len()];
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
+    let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
     y.par_chunks_mut(g.out_len().max(1))
         .zip(x.par_chunks(g.in_len().max(1)))
         .for_each_init(Vec::new, |col, (yn, xn)| {
             if g.is_pointwise() {
-                gemm(cout, p, k, yn, p, false, w, k, 1, xn, p, 1, threads);
+                lhs.mul(p, yn, p, false, xn, p, 1, threads);
             } else {
                 for oy0 in (0..g.ho()).step_by(rows) {
                     let oy1 = (oy0 + rows).min(g.ho());
@@ -347,7 +430,7 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
                     col.resize(k * n, 0.0);
                     im2col(xn, g, oy0, oy1, col);
                     let dst = &mut yn[oy0 * g.wo()..];
-                    gemm(cout, n, k, dst, p, false, w, k, 1, col, n, 1, threads);
+                    lhs.mul(n, dst, p, false, col, n, 1, threads);
                 }
             }
             if let Some(b) = bias {
@@ -403,14 +486,44 @@ pub fn conv2d_backward(
     // of 64, while the first layer (K = 27) is faster as `[C_out, K]`
     // (`cargo run --release --example conv_layers`, before and after).
     let transposed = k >= cout;
+    // `Wᵀ [K, C_out]`, the left operand of the input gradient.
+    let wt = need_dx.then(|| Lhs::new(g.precision, k, cout, w, 1, k));
     // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long).
     let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], n: usize| {
         if transposed {
             gemm(
-                k, cout, n, dw, cout, true, col, n, 1, dy_tile, 1, p, threads,
+                g.precision,
+                k,
+                cout,
+                n,
+                dw,
+                cout,
+                true,
+                col,
+                n,
+                1,
+                dy_tile,
+                1,
+                p,
+                threads,
             );
         } else {
-            gemm(cout, k, n, dw, k, true, dy_tile, p, 1, col, 1, n, threads);
+            gemm(
+                g.precision,
+                cout,
+                k,
+                n,
+                dw,
+                k,
+                true,
+                dy_tile,
+                p,
+                1,
+                col,
+                1,
+                n,
+                threads,
+            );
         }
     };
     let partials: Vec<(Vec<f32>, Vec<f32>)> = blocks
@@ -440,7 +553,9 @@ pub fn conv2d_backward(
                         add_weight_grad(&mut dwt, xn, dyn_, p);
                     }
                     if let Some(dxn) = dxn {
-                        gemm(k, p, cout, dxn, p, false, w, 1, k, dyn_, p, 1, threads);
+                        wt.as_ref()
+                            .unwrap()
+                            .mul(p, dxn, p, false, dyn_, p, 1, threads);
                     }
                     continue;
                 }
@@ -456,9 +571,8 @@ pub fn conv2d_backward(
                     }
                     if let Some(d) = dxn.as_deref_mut() {
                         dcol.resize(k * nn, 0.0);
-                        gemm(
-                            k, nn, cout, &mut dcol, nn, false, w, 1, k, dy_tile, p, 1, threads,
-                        );
+                        let wt = wt.as_ref().unwrap();
+                        wt.mul(nn, &mut dcol, nn, false, dy_tile, p, 1, threads);
                         col2im(&mut dcol, g, oy0, oy1, d);
                     }
                 }
@@ -544,6 +658,7 @@ mod tests {
             kw: k[1],
             stride: [s, s],
             pad: [p, p],
+            precision: crate::kernels::Precision::Fp32,
         };
         vec![
             g(3, 2, 7, 6, 4, [3, 3], 1, 1),
@@ -555,6 +670,60 @@ mod tests {
             g(1, 2, 4, 4, 2, [3, 2], 1, 1),
             g(2, 2, 5, 5, 6, [1, 1], 1, 0),
         ]
+    }
+
+    /// bf16 convolutions are the f32 ones on bf16-rounded operands (bias and sums stay f32), in
+    /// all three products.
+    #[test]
+    fn bf16_matches_f32_on_rounded_operands() {
+        use crate::kernels::{Precision, bf16};
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let rounded = |v: &[f32]| v.iter().map(|&x| bf16::round(x)).collect::<Vec<_>>();
+        for g32 in geoms() {
+            let g16 = ConvGeom {
+                precision: Precision::Bf16,
+                ..g32
+            };
+            let x = data(g32.batch * g32.in_len(), 1);
+            let w = data(g32.cout * g32.k(), 2);
+            let b = data(g32.cout, 3);
+            let dy = data(g32.batch * g32.out_len(), 4);
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                assert_eq!(got.len(), want.len());
+                for (a, e) in got.iter().zip(want) {
+                    assert!(
+                        (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "{what} {g32:?}: {a} vs {e}"
+                    );
+                }
+            };
+            let (xr, wr, dyr) = (rounded(&x), rounded(&w), rounded(&dy));
+            close(
+                &conv2d_forward(&x, &w, Some(&b), &g16),
+                &conv2d_forward(&xr, &wr, Some(&b), &g32),
+                "forward",
+            );
+            let got = conv2d_backward(&x, &w, &dy, &g16, [true; 3]);
+            let want = conv2d_backward(&xr, &wr, &dyr, &g32, [true; 3]);
+            close(got.0.as_ref().unwrap(), want.0.as_ref().unwrap(), "dx");
+            close(got.1.as_ref().unwrap(), want.1.as_ref().unwrap(), "dw");
+            // The bias gradient is a plain f32 sum of the unrounded output gradient.
+            close(
+                got.2.as_ref().unwrap(),
+                &conv2d_backward(&x, &w, &dy, &g32, [false, false, true])
+                    .2
+                    .unwrap(),
+                "db",
+            );
+            // And the rounding is real: the result differs from f32 on the raw operands.
+            assert_ne!(
+                conv2d_forward(&x, &w, None, &g16),
+                conv2d_forward(&x, &w, None, &g32)
+            );
+        }
     }
 
     #[test]

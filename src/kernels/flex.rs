@@ -50,6 +50,7 @@ fn geom(x: &FlexTensor, w: &FlexTensor, stride: [usize; 2], padding: [usize; 2])
         kw,
         stride,
         pad: padding,
+        precision: super::precision(),
     }
 }
 

@@ -8,6 +8,7 @@
 //! `CONVLAB_KERNELS=burn` in the environment turns the fast paths off, for comparing the two
 //! (`convlab bench` prints which one ran).
 
+pub mod bf16;
 pub mod conv;
 #[cfg(feature = "flex")]
 mod flex;
@@ -82,6 +83,93 @@ fn is_flex(device: &Device) -> bool {
         let _ = device;
         false
     }
+}
+
+/// The arithmetic convolutions use: the recipe field `precision`.
+///
+/// With `bf16`, convolutions (forward and both gradients) multiply bf16-rounded operands and
+/// sum in f32 ([`bf16`]); weights, optimiser state, batch-norm statistics, the loss and every
+/// other operation stay f32, as with PyTorch's `torch.autocast(dtype=torch.bfloat16)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// IEEE single precision throughout.
+    #[default]
+    Fp32,
+    /// bfloat16 products, f32 sums and state.
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "unknown precision `{other}`: expected `fp32` or `bf16`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether `precision` can run on `device`: `Ok` with the precision that will run, or `Err`
+/// with the reason it falls back to fp32 (for the caller to print).
+pub fn supported_precision(precision: Precision, device: &Device) -> Result<Precision, String> {
+    match precision {
+        Precision::Fp32 => Ok(Precision::Fp32),
+        Precision::Bf16 if !active_on(device) => Err(
+            "bf16 convolutions are convlab kernels on burn-flex; this device computes in fp32"
+                .to_string(),
+        ),
+        Precision::Bf16 if !bf16::available() => {
+            Err("this CPU has no AVX512-BF16 instructions; computing in fp32".to_string())
+        }
+        Precision::Bf16 => Ok(Precision::Bf16),
+    }
+}
+
+thread_local! {
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::Fp32) };
+}
+
+/// The precision convolutions on this thread use (fp32 unless inside [`with_precision`]).
+pub fn precision() -> Precision {
+    PRECISION.with(|p| p.get())
+}
+
+/// Runs `f` with convolutions on this thread computed in `precision` (falling back to fp32
+/// where [`supported_precision`] says it cannot run; the caller reports that). Backward passes
+/// use the precision their forward pass ran with.
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|p| p.set(self.0));
+        }
+    }
+    let effective = if precision == Precision::Bf16 && !bf16::available() {
+        Precision::Fp32
+    } else {
+        precision
+    };
+    let _restore = Restore(PRECISION.with(|p| p.replace(effective)));
+    f()
 }
 
 /// `[rows, columns]` of padding when it is the same on both sides; `None` for asymmetric or

@@ -37,6 +37,10 @@ pub struct Recipe {
     /// Also keep `checkpoints/epoch-N` every this many epochs (0 = only last and best); the
     /// visualisations of features across epochs read them.
     pub checkpoint_every: usize,
+    /// `fp32`, or `bf16`: convolutions multiply in bfloat16 (summing in f32) while weights,
+    /// optimiser state, batch-norm statistics and the loss stay f32. Needs AVX512-BF16 on
+    /// burn-flex; elsewhere training says so and runs in fp32.
+    pub precision: crate::kernels::Precision,
 }
 
 /// `[distill]`: knowledge distillation from a trained run (Hinton et al. 2015).
@@ -317,6 +321,7 @@ impl Default for Recipe {
             distill: DistillConfig::default(),
             init_from: None,
             checkpoint_every: 0,
+            precision: crate::kernels::Precision::Fp32,
         }
     }
 }

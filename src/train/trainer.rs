@@ -24,6 +24,7 @@ use crate::data::transforms::{Mode, View};
 use crate::data::{Cached, Dataset, Loader, LoaderConfig, Splits, Transform, open};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, metrics::argmax};
+use crate::kernels;
 use crate::models::Model;
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
 
@@ -283,6 +284,19 @@ pub fn train(
         recipe.optim.base_batch_size,
     ));
 
+    let precision = match kernels::supported_precision(recipe.precision, device) {
+        Ok(p) => p,
+        Err(why) => {
+            rep.message(&format!("precision = \"{}\": {why}", recipe.precision));
+            kernels::Precision::Fp32
+        }
+    };
+    if precision != kernels::Precision::Fp32 {
+        rep.message(&format!(
+            "convolutions in {precision}, weights and optimiser in fp32"
+        ));
+    }
+
     let last_epoch = opts
         .stop_after_epoch
         .unwrap_or(recipe.epochs)
@@ -328,19 +342,23 @@ pub fn train(
             }
             let x = Tensor::<4>::from_data(TensorData::new(images, [b, c, side, side]), device);
             let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
-            let out = model.forward_train(x.clone());
-            let logits = out.logits;
-            let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
-            for aux in out.aux {
-                loss = loss + soft_cross_entropy(aux, targets.clone()) * recipe.loss.aux_weight;
-            }
-            if let Some(t) = &teacher {
-                let a = recipe.distill.alpha;
-                let tl = Tensor::from_inner(t.logits(x, &mean, &std));
-                loss =
-                    loss * (1.0 - a) + kd_loss(logits.clone(), tl, recipe.distill.temperature) * a;
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            // Forward and backward in the recipe's precision; the update below stays f32.
+            let (loss, logits, grads) = kernels::with_precision(precision, || {
+                let out = model.forward_train(x.clone());
+                let logits = out.logits;
+                let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
+                for aux in out.aux {
+                    loss = loss + soft_cross_entropy(aux, targets.clone()) * recipe.loss.aux_weight;
+                }
+                if let Some(t) = &teacher {
+                    let a = recipe.distill.alpha;
+                    let tl = Tensor::from_inner(t.logits(x, &mean, &std));
+                    loss = loss * (1.0 - a)
+                        + kd_loss(logits.clone(), tl, recipe.distill.temperature) * a;
+                }
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                (loss, logits, grads)
+            });
             model = sgd.step(lr, model, grads, reg.grad_clip_norm).0;
             if let Some(e) = ema.as_mut() {
                 e.update(&model.valid());
@@ -374,7 +392,9 @@ pub fn train(
             Some(e) => e.apply(model.valid()),
             None => model.valid(),
         };
-        let (report, skipped) = evaluate(&eval_model, &val_loader, &splits.classes, &eval_device)?;
+        let (report, skipped) = kernels::with_precision(precision, || {
+            evaluate(&eval_model, &val_loader, &splits.classes, &eval_device)
+        })?;
         p.skipped += skipped.len();
         for (src, why) in &skipped {
             rep.message(&format!("skipped {src}: {why}"));

@@ -1,0 +1,534 @@
+//! A bfloat16 GEMM for CPUs with AVX512-BF16: operands rounded to bf16, products summed in f32.
+//!
+//! bf16 keeps f32's 8-bit exponent and 7 of its 23 mantissa bits (Kalamkar et al., 2019, "A
+//! Study of BFLOAT16 for Deep Learning Training"): convolutions computed this way train to the
+//! same accuracy as f32 when weights, optimiser state, batch-norm statistics and the loss stay
+//! in f32, which is what convlab's `precision = "bf16"` does. The speed comes from `VDPBF16PS`,
+//! which does two multiply-adds per f32 lane where an FMA does one; the `gemm` crate (used for
+//! f32) has no bf16 kernel, so this is one in the GotoBLAS shape (Goto & van de Geijn, 2008,
+//! "Anatomy of High-Performance Matrix Multiplication"):
+//!
+//! - `B` (`K x N`) is packed once per `KC` rows into panels of [`WIDE`] columns (and of
+//!   [`NARROW`] for the last few), each `K` pair of a column in one 32-bit word (the
+//!   instruction's operand layout); a panel stays in L1 while
+//! - `A` (`M x K`), rounded and packed once ([`PackedLhs`]; in L2), streams past it, and
+//! - a microkernel keeps a tile of `C` in 16 or 24 of the 32 vector registers: 6 x 64 for wide
+//!   panels, 16 x 16 for narrow ones, so a 4x4 feature map (16 positions per image) wastes no
+//!   work on padding (the 6 x 64 tile alone made `resnet18_small` slower in bf16 than in f32).
+//!
+//! Rounding is to nearest even, as PyTorch's autocast and the hardware's `VCVTNE2PS2BF16` do.
+//! Accumulation is in f32 in a fixed order, so results are deterministic.
+
+/// Columns of a wide `B` panel (four 16-lane vectors), multiplied by [`WIDE_ROWS`] rows of `A`
+/// at a time: the best of 6 x 64, 8 x 32, 12 x 32 and 8 x 48 on the layers of `bench-vgg`
+/// (`cargo run --release --example conv_layers 1 bf16`: 157, 159, 141 and 130 GFLOP/s).
+const WIDE: usize = 64;
+const WIDE_ROWS: usize = 6;
+/// Columns of a narrow panel (one vector), for the last `N % WIDE` columns, by
+/// [`NARROW_ROWS`] rows.
+const NARROW: usize = 16;
+const NARROW_ROWS: usize = 16;
+/// Packed rows of `A` are padded to a multiple of both tile heights.
+const ROW_PAD: usize = 48;
+/// Rows of `B` (columns of `A`) packed at a time: a `KC x WIDE` panel is 32 KiB, this CPU's L1
+/// data cache (128 and 192 were slower).
+#[cfg(not(test))]
+const KC: usize = 256;
+/// Small in tests, so that they cover several `K` blocks and an odd last one.
+#[cfg(test)]
+const KC: usize = 10;
+
+/// Whether this CPU has the instructions the kernel needs (AVX-512 F and BF16).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as the upper 16 bits of an f32. NaN stays a
+/// (quiet) NaN.
+#[inline(always)]
+pub fn round_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    if x.is_nan() { 0x7fc0 } else { rounded }
+}
+
+/// `x` rounded to bf16 and back: the value the kernel multiplies.
+pub fn round(x: f32) -> f32 {
+    f32::from_bits(round_bits(x) << 16)
+}
+
+/// Two values as one packed pair, the first in the low half.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    round_bits(lo) | (round_bits(hi) << 16)
+}
+
+/// A strided read-only matrix: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// Rounds `src` to bf16 into `dst` in order: consecutive pairs of `src` become the words of
+/// `dst` (`dst` holds `src.len().div_ceil(2)` words, the last one's upper half zero if odd).
+#[inline(always)]
+fn round_into(src: &[f32], dst: &mut [u32]) {
+    let halves: &mut [u16] = bytemuck::cast_slice_mut(dst);
+    for (h, &x) in halves.iter_mut().zip(src) {
+        *h = round_bits(x) as u16;
+    }
+    halves[src.len()..].fill(0);
+}
+
+/// The left operand rounded and packed once, reused by every product with it (a convolution's
+/// weights, for every image of the batch).
+///
+/// Layout: for each `KC` block of columns, the rows (padded with zeros to a multiple of
+/// [`ROW_PAD`]) one after another, each `kp = kc.div_ceil(2)` pair words long:
+/// `(a[i, k0 + 2p], a[i, k0 + 2p + 1])`, zero past the last column.
+pub struct PackedLhs {
+    m: usize,
+    k: usize,
+    words: Vec<u32>,
+}
+
+impl PackedLhs {
+    /// Packs the `m x k` matrix `lhs[i * rs + j * cs]`.
+    ///
+    /// # Panics
+    /// When `lhs` is too short for the shape and strides.
+    pub fn new(m: usize, k: usize, lhs: &[f32], rs: usize, cs: usize) -> Self {
+        if m > 0 && k > 0 {
+            assert!(lhs.len() > (m - 1) * rs + (k - 1) * cs);
+        }
+        let mut words = vec![0u32; m.next_multiple_of(ROW_PAD) * k.div_ceil(KC) * KC.div_ceil(2)];
+        let a = View { data: lhs, rs, cs };
+        #[inline(always)]
+        fn pack_all(a: View, m: usize, k: usize, words: &mut [u32]) {
+            let rows = m.next_multiple_of(ROW_PAD);
+            for (b, k0) in (0..k).step_by(KC).enumerate() {
+                let kc = KC.min(k - k0);
+                let block = &mut words[b * rows * KC.div_ceil(2)..][..rows * kc.div_ceil(2)];
+                pack_a(a, m, k0, kc, block);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn pack_avx512(a: View, m: usize, k: usize, words: &mut [u32]) {
+            pack_all(a, m, k, words)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the features `pack_avx512` is compiled for were detected just above.
+            unsafe { pack_avx512(a, m, k, &mut words) };
+            return PackedLhs { m, k, words };
+        }
+        pack_all(a, m, k, &mut words);
+        PackedLhs { m, k, words }
+    }
+
+    /// The packed rows of the `b`-th `KC` block.
+    fn block(&self, b: usize) -> &[u32] {
+        let kp = KC.min(self.k - b * KC).div_ceil(2);
+        let rows = self.m.next_multiple_of(ROW_PAD);
+        &self.words[b * rows * KC.div_ceil(2)..][..rows * kp]
+    }
+}
+
+/// Rows `0..rows`, columns `k0..k0 + kc` of `a`, as rows of pair words (zero rows past `rows`).
+#[inline(always)]
+fn pack_a(a: View, rows: usize, k0: usize, kc: usize, out: &mut [u32]) {
+    let kp = kc.div_ceil(2);
+    let mut run = vec![0.0f32; kc];
+    for (i, dst) in out.chunks_mut(kp).enumerate() {
+        if i >= rows {
+            dst.fill(0);
+        } else if a.cs == 1 {
+            round_into(&a.data[i * a.rs + k0..][..kc], dst);
+        } else {
+            run.iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v = a.data[i * a.rs + (k0 + j) * a.cs]);
+            round_into(&run, dst);
+        }
+    }
+}
+
+/// Rows `k0..k0 + kc`, columns `j0..j0 + cols` of `b` as one panel `width` columns wide:
+/// `out[p · width + j] = (b[k0 + 2p, j0 + j], b[k0 + 2p + 1, j0 + j])`, zero past the edges.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pack_panel(
+    b: View,
+    j0: usize,
+    cols: usize,
+    width: usize,
+    k0: usize,
+    kc: usize,
+    out: &mut [u32],
+    run: &mut Vec<u32>,
+) {
+    let kp = kc.div_ceil(2);
+    if b.cs == 1 {
+        // Rows contiguous: two rows interleaved, a loop the compiler vectorises.
+        for p in 0..kp {
+            let dst = &mut out[p * width..(p + 1) * width];
+            let lo = &b.data[(k0 + 2 * p) * b.rs + j0..][..cols];
+            if 2 * p + 1 < kc {
+                let hi = &b.data[(k0 + 2 * p + 1) * b.rs + j0..][..cols];
+                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d = pair(l, h);
+                }
+            } else {
+                for (d, &l) in dst.iter_mut().zip(lo) {
+                    *d = pair(l, 0.0);
+                }
+            }
+            dst[cols..].fill(0);
+        }
+    } else if b.rs == 1 {
+        // Columns contiguous (a transposed operand): round each column in order, then spread
+        // its words over the panel's rows.
+        run.resize(kp, 0);
+        for j in 0..width {
+            if j < cols {
+                round_into(&b.data[(j0 + j) * b.cs + k0..][..kc], run);
+                for (p, &w) in run.iter().enumerate() {
+                    out[p * width + j] = w;
+                }
+            } else {
+                (0..kp).for_each(|p| out[p * width + j] = 0);
+            }
+        }
+    } else {
+        for p in 0..kp {
+            for j in 0..width {
+                let at = |kk: usize| {
+                    if j < cols && kk < kc {
+                        b.data[(k0 + kk) * b.rs + (j0 + j) * b.cs]
+                    } else {
+                        0.0
+                    }
+                };
+                out[p * width + j] = pair(at(2 * p), at(2 * p + 1));
+            }
+        }
+    }
+}
+
+/// The panels `B`'s `n` columns are cut into: `(first column, columns, width)`, wide ones first.
+fn panels(n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let wide = n / WIDE;
+    let rest = n - wide * WIDE;
+    (0..wide)
+        .map(|p| (p * WIDE, WIDE, WIDE))
+        .chain((0..rest.div_ceil(NARROW)).map(move |p| {
+            let j0 = wide * WIDE + p * NARROW;
+            (j0, NARROW.min(n - j0), NARROW)
+        }))
+}
+
+/// `C[rows, cols] += A · B_panel` over `kp` packed pairs: `a` points at the first of `R` rows,
+/// `kp` words apart; `b` at a panel `16 · V` columns wide; `c` at the tile's first element, rows
+/// `c_rs` apart.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; `a` holds `R` rows of `kp` words, `b` `kp · 16 · V` words;
+/// `c` is valid for `rows <= R` rows of `cols <= 16 · V` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn microkernel<const R: usize, const V: usize>(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    // SAFETY (whole body): the caller's contract bounds every pointer offset below.
+    unsafe {
+        for p in 0..kp {
+            let bp = b.add(p * 16 * V);
+            let bv: [__m512bh; V] = std::array::from_fn(|v| {
+                std::mem::transmute(_mm512_loadu_si512(bp.add(16 * v).cast()))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * kp + p) as i32));
+                for v in 0..V {
+                    row[v] = _mm512_dpbf16_ps(row[v], av, bv[v]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(rows) {
+            let cr = c.add(r * c_rs);
+            for (v, &sum) in row.iter().enumerate() {
+                let left = cols.saturating_sub(16 * v).min(16);
+                if left == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if left == 16 { !0 } else { (1u16 << left) - 1 };
+                let old = _mm512_maskz_loadu_ps(mask, cr.add(16 * v));
+                _mm512_mask_storeu_ps(cr.add(16 * v), mask, _mm512_add_ps(old, sum));
+            }
+        }
+    }
+}
+
+/// `dst[rows, n] += A[rows, k] · B` for the rows `rows` of `a` (`dst` starting at the first).
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16 ([`available`]); `b` and `dst` cover the `k x n` and
+/// `rows x n` elements they are indexed with (checked by [`gemm_packed`]); `rows.start` is a
+/// multiple of [`ROW_PAD`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn gemm_block(
+    a: &PackedLhs,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    b: View,
+) {
+    let mut bp = vec![0u32; n.next_multiple_of(NARROW) * KC.div_ceil(2)];
+    let mut run = Vec::new();
+    for (blk, k0) in (0..a.k).step_by(KC).enumerate() {
+        let kc = KC.min(a.k - k0);
+        let kp = kc.div_ceil(2);
+        let mut at = 0;
+        for (j0, cols, width) in panels(n) {
+            pack_panel(
+                b,
+                j0,
+                cols,
+                width,
+                k0,
+                kc,
+                &mut bp[at..at + kp * width],
+                &mut run,
+            );
+            at += kp * width;
+        }
+        let ap = a.block(blk);
+        let mut at = 0;
+        for (j0, cols, width) in panels(n) {
+            let tile = if width == WIDE {
+                WIDE_ROWS
+            } else {
+                NARROW_ROWS
+            };
+            for i in rows.clone().step_by(tile) {
+                let (i0, r) = (i - rows.start, tile.min(rows.end - i));
+                // SAFETY: packed rows are padded to a multiple of both tile heights, so `tile`
+                // rows of `kp` words exist from row `i`; the panel holds `kp · width` words; the
+                // tile at (i0, j0) has `r` rows `dst_rs` apart of `cols` elements, inside `dst`
+                // (checked by `gemm_packed`).
+                unsafe {
+                    let (pa, pb) = (ap.as_ptr().add(i * kp), bp.as_ptr().add(at));
+                    let pc = dst.as_mut_ptr().add(i0 * dst_rs + j0);
+                    if width == WIDE {
+                        microkernel::<WIDE_ROWS, 4>(kp, pa, pb, pc, dst_rs, r, cols);
+                    } else {
+                        microkernel::<NARROW_ROWS, 1>(kp, pa, pb, pc, dst_rs, r, cols);
+                    }
+                }
+            }
+            at += kp * width;
+        }
+    }
+}
+
+/// `dst[m, n] (+)= A · rhs[k, n]` for a packed `A` (`m x k`), `rhs` given by (row, column)
+/// strides. With `threads > 1` the rows of `dst` are split over the rayon pool.
+///
+/// # Panics
+/// When [`available`] is false, or an operand is too short for its shape and strides.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_packed(
+    a: &PackedLhs,
+    n: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    assert!(available(), "the bf16 GEMM needs AVX512-BF16");
+    let (m, k) = (a.m, a.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() > (m - 1) * dst_rs + (n - 1));
+    if !accumulate {
+        dst.chunks_mut(dst_rs)
+            .take(m)
+            .for_each(|row| row[..n].fill(0.0));
+    }
+    if k == 0 {
+        return;
+    }
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let b = View {
+        data: rhs,
+        rs: rhs_rs,
+        cs: rhs_cs,
+    };
+    // Rows per thread: a multiple of ROW_PAD, so every thread's tiles start on packed rows.
+    let per = m.div_ceil(threads.max(1)).next_multiple_of(ROW_PAD);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use rayon::prelude::*;
+        let run = |(t, part): (usize, &mut [f32])| {
+            let range = t * per..((t + 1) * per).min(m);
+            // SAFETY: `available()` was asserted above; the asserts bound every index the
+            // block reads (all of rhs) and writes (`part`, from the first row of `range`).
+            unsafe { gemm_block(a, range, n, part, dst_rs, b) }
+        };
+        if per >= m {
+            run((0, dst));
+        } else {
+            dst.par_chunks_mut(per * dst_rs)
+                .take(m.div_ceil(per))
+                .enumerate()
+                .for_each(run);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (b, per, dst_rs);
+}
+
+/// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]` with `lhs` and `rhs` rounded to bf16, every
+/// operand given by (row, column) strides; the same contract as the f32 GEMM in
+/// [`super::conv`]. Packs `lhs` for this one product; [`PackedLhs`] and [`gemm_packed`] reuse it.
+///
+/// # Panics
+/// When [`available`] is false, or an operand is too short for its shape and strides.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    let a = PackedLhs::new(m, k, lhs, lhs_rs, lhs_cs);
+    gemm_packed(&a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round(1.0), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(round(1.0 + 1.0 / 256.0), 1.0);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even).
+        assert_eq!(round(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+        assert_eq!(round(-2.5), -2.5);
+        assert!(round(f32::NAN).is_nan());
+        assert_eq!(round(f32::INFINITY), f32::INFINITY);
+        assert!((round(0.1) - 0.1).abs() < 0.1 / 128.0);
+    }
+
+    /// Every shape class: edges in M and N, odd K, several K blocks, strided operands on both
+    /// sides, accumulation and threads; against f64 sums of the bf16-rounded operands.
+    #[test]
+    fn gemm_matches_the_rounded_definition() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (8, 32, 2),
+            (9, 33, 3),
+            (17, 70, 21),
+            (64, 40, 27),
+            (3, 5, 0),
+            (20, 16, 7),
+            (100, 130, 33),
+        ] {
+            for transposed in [false, true] {
+                for accumulate in [false, true] {
+                    for threads in [1, 3] {
+                        let a = data(m * k, 1);
+                        let b = data(k * n, 2);
+                        // lhs [m, k] row-major, or stored as its transpose [k, m].
+                        let (lrs, lcs) = if transposed { (1, m) } else { (k, 1) };
+                        let (rrs, rcs) = if transposed { (1, k) } else { (n, 1) };
+                        let dst_rs = n + 3;
+                        let init = data(m * dst_rs, 3);
+                        let mut dst = init.clone();
+                        gemm(
+                            m, n, k, &mut dst, dst_rs, accumulate, &a, lrs, lcs, &b, rrs, rcs,
+                            threads,
+                        );
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut want: f64 = if accumulate {
+                                    init[i * dst_rs + j] as f64
+                                } else {
+                                    0.0
+                                };
+                                for kk in 0..k {
+                                    want += round(a[i * lrs + kk * lcs]) as f64
+                                        * round(b[kk * rrs + j * rcs]) as f64;
+                                }
+                                let got = dst[i * dst_rs + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * (1.0 + k as f64),
+                                    "m={m} n={n} k={k} t={transposed} acc={accumulate}: [{i},{j}] {got} vs {want}"
+                                );
+                            }
+                            // Padding between rows is left alone.
+                            for j in n..dst_rs {
+                                assert_eq!(dst[i * dst_rs + j], init[i * dst_rs + j]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
