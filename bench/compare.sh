@@ -7,7 +7,8 @@
 # "convlab (Burn ops)" is the same binary with CONVLAB_KERNELS=burn: Burn 0.22.1's own
 # convolution, batch norm and pooling instead of convlab's kernels. With TCH_BIN set to a
 # convlab built with `--features tch` (README, "Other backends"), a column for `--device tch`
-# (Burn on libtorch, the same kernels as PyTorch) is added.
+# (Burn on libtorch, the same kernels as PyTorch) is added. "convlab bf16" is `--precision bf16`
+# (bf16 convolutions, needs AVX512-BF16), against PyTorch's bf16 autocast + channels-last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-2}
@@ -25,8 +26,8 @@ echo
 TCH_BIN=${TCH_BIN:-}
 tch_head=""; tch_rule=""
 if [ -n "$TCH_BIN" ]; then tch_head=" convlab tch img/s (/ PyTorch fp32) |"; tch_rule="---|"; fi
-echo "| model, $INPUT, $T threads | batch | convlab (Burn ops) img/s | convlab img/s | PyTorch fp32 img/s | PyTorch bf16+CL img/s | convlab / PyTorch fp32 | peak RSS convlab / PyTorch MB | convlab GFLOP/s (% of SGEMM peak) |$tch_head"
-echo "|---|---|---|---|---|---|---|---|---|$tch_rule"
+echo "| model, $INPUT, $T threads | batch | convlab (Burn ops) img/s | convlab fp32 img/s | PyTorch fp32 img/s | convlab / PyTorch fp32 | convlab bf16 img/s | PyTorch bf16+CL img/s | convlab bf16 / PyTorch bf16+CL | peak RSS convlab / PyTorch MB | convlab fp32 GFLOP/s (% of SGEMM peak) |$tch_head"
+echo "|---|---|---|---|---|---|---|---|---|---|---|$tch_rule"
 for MODEL in $MODELS; do
   flops=$($BIN models --json | python3 -c "
 import json,sys
@@ -37,20 +38,23 @@ for m in json.load(sys.stdin):
     args=(bench $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --json)
     cb=$(CONVLAB_KERNELS=burn $BIN "${args[@]}")
     c=$($BIN "${args[@]}")
+    c16=$($BIN "${args[@]}" --precision bf16)
     p32=$($PY $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --flops "$flops")
     p16=$($PY $what --model "$MODEL" --input $INPUT --batch $B --threads "$T" --flops "$flops" --precision bf16)
     ct='{}'
     if [ -n "$TCH_BIN" ]; then ct=$("$TCH_BIN" "${args[@]}" --device tch); fi
-    python3 - "$MODEL $what" "$B" "$cb" "$c" "$p32" "$p16" "$peak" "$ct" <<'PY'
+    python3 - "$MODEL $what" "$B" "$cb" "$c" "$p32" "$p16" "$peak" "$ct" "$c16" <<'PY'
 import json, sys
 name, b = sys.argv[1], sys.argv[2]
 cb, c, p32, p16 = map(json.loads, sys.argv[3:7])
 peak = float(sys.argv[7])
 ct = json.loads(sys.argv[8])
+c16 = json.loads(sys.argv[9])
 tch = (f" {ct['images_per_sec']:.0f} ({ct['images_per_sec'] / p32['images_per_sec']:.2f}x) |"
        if ct else "")
 print(f"| {name} | {b} | {cb['images_per_sec']:.0f} | {c['images_per_sec']:.0f} | {p32['images_per_sec']:.0f} | "
-      f"{p16['images_per_sec']:.0f} | {c['images_per_sec'] / p32['images_per_sec']:.2f}x | "
+      f"{c['images_per_sec'] / p32['images_per_sec']:.2f}x | {c16['images_per_sec']:.0f} | "
+      f"{p16['images_per_sec']:.0f} | {c16['images_per_sec'] / p16['images_per_sec']:.2f}x | "
       f"{c['peak_rss_mb']:.0f} / {p32['peak_rss_mb']:.0f} | "
       f"{c['gflops_per_sec']:.0f} ({100 * c['gflops_per_sec'] / peak:.0f}%) |{tch}")
 PY

@@ -639,6 +639,63 @@ fn bad_kernel_switch_is_an_error() {
     assert!(ok(&o).contains("backend kernels"));
 }
 
+/// `--precision bf16` trains in bf16 where the CPU can (and says so), or says why it runs fp32;
+/// either way the run's recipe records what was asked.
+#[test]
+fn precision_flag_trains_and_benches() {
+    let d = tmp();
+    let run = d.path().join("run");
+    let out = ok(&train_tiny(&run, &["--precision", "bf16"]));
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(recipe.contains("precision = \"bf16\""), "{recipe}");
+    if convlab::kernels::bf16::available() {
+        assert!(out.contains("convolutions in bf16"), "{out}");
+    } else {
+        assert!(out.contains("no AVX512-BF16"), "{out}");
+    }
+    let o = convlab()
+        .args([
+            "bench",
+            "train",
+            "--model",
+            "convnet_small",
+            "--input",
+            "1x28x28",
+        ])
+        .args(["--batch", "4", "--steps", "1", "--precision", "bf16"])
+        .output()
+        .unwrap();
+    let text = ok(&o);
+    let ran = if convlab::kernels::bf16::available() {
+        "bf16"
+    } else {
+        "fp32"
+    };
+    assert!(text.contains(&format!("convlab kernels, {ran}")), "{text}");
+    // Burn's own ops have no bf16 path: the fallback is announced, not silent.
+    let o = convlab()
+        .env("CONVLAB_KERNELS", "burn")
+        .args([
+            "bench",
+            "infer",
+            "--model",
+            "convnet_small",
+            "--input",
+            "1x28x28",
+        ])
+        .args(["--batch", "2", "--steps", "1", "--precision", "bf16"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--precision bf16") && err.contains("fp32"),
+        "{err}"
+    );
+    let e = fails(&train_tiny(&d.path().join("bad"), &["--precision", "fp16"]));
+    assert!(e.contains("--precision"), "{e}");
+}
+
 #[test]
 fn data_stats_on_builtin_and_cifar() {
     let o = convlab()

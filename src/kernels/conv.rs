@@ -25,6 +25,7 @@
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
 use super::simd::dispatched;
+use super::winograd;
 use rayon::prelude::*;
 
 /// Largest column buffer per thread, in floats (4 MiB): big enough that the GEMM's `N` is in
@@ -336,7 +337,7 @@ impl<'a> Lhs<'a> {
 
 /// The f32 GEMM: the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(
+pub(super) fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
@@ -409,8 +410,19 @@ fn gemm_threads(batch: usize) -> usize {
     }
 }
 
-/// Forward convolution. Returns `y` (`[B, C_out, H_out, W_out]`, contiguous).
+/// Forward convolution. Returns `y` (`[B, C_out, H_out, W_out]`, contiguous). 3x3 stride-1
+/// layers with enough channels go through Winograd's F(2x2, 3x3) ([`super::winograd`]), the
+/// rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    if winograd::applies(g) {
+        let u = winograd::transform_weights(w, g.cout, g.cin, false);
+        return winograd::forward(x, &u, bias, g);
+    }
+    im2col_forward(x, w, bias, g)
+}
+
+/// [`conv2d_forward`] by im2col + GEMM, whatever the geometry.
+pub fn im2col_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
     assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
     let (k, p, cout) = (g.k(), g.p(), g.cout);
@@ -446,8 +458,27 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
 pub type ConvGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// Gradients of [`conv2d_forward`] given the output gradient `dy`: `(dx, dw, db)`, each only when
-/// asked for.
+/// asked for. The input gradient of a Winograd-eligible layer is a Winograd convolution of `dy`
+/// with the rotated kernel; the weight and bias gradients are im2col + GEMM.
 pub fn conv2d_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    need: [bool; 3],
+) -> ConvGrads {
+    if need[0] && winograd::applies(g) {
+        let gi = winograd::input_grad_geom(g);
+        let ut = winograd::transform_weights(w, g.cout, g.cin, true);
+        let dx = winograd::forward(dy, &ut, None, &gi);
+        let (_, dw, db) = im2col_backward(x, w, dy, g, [false, need[1], need[2]]);
+        return (Some(dx), dw, db);
+    }
+    im2col_backward(x, w, dy, g, need)
+}
+
+/// [`conv2d_backward`] by im2col + GEMM, whatever the geometry.
+pub fn im2col_backward(
     x: &[f32],
     w: &[f32],
     dy: &[f32],

@@ -15,6 +15,7 @@ mod flex;
 pub mod norm;
 pub mod pool;
 mod simd;
+pub mod winograd;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
@@ -415,6 +416,8 @@ mod tests {
             (6, 4, 7, 1, 1, 0, true),
             (5, 3, 8, 1, 2, 0, false),
             (2, 4, 10, 7, 2, 3, true),
+            // Winograd's F(2x2, 3x3) forward and input gradient.
+            (32, 40, 9, 3, 1, 1, true),
         ] {
             let x = Tensor::<4>::random([3, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<4>::random([cout, cin, k, k], Distribution::Normal(0.0, 0.3), &device);
@@ -458,6 +461,67 @@ mod tests {
                 assert!(max_rel_diff(a, b) < 1e-4, "{case}: bias gradient");
             }
         }
+    }
+
+    /// `with_precision(Bf16)` reaches the kernel through Burn's autodiff: the output and all
+    /// gradients move by bf16 rounding (not more), and the backward pass keeps the precision of
+    /// its forward pass even when it runs outside the scope.
+    #[test]
+    fn bf16_scope_reaches_the_kernel_and_its_backward() {
+        if !bf16::available() {
+            assert_eq!(
+                with_precision(Precision::Bf16, precision),
+                Precision::Fp32,
+                "without AVX512-BF16 the scope falls back to fp32"
+            );
+            return;
+        }
+        let device = Device::flex().autodiff();
+        let x = Tensor::<4>::random([2, 8, 10, 10], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<4>::random([16, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+        let run = |p: Precision, backward_inside: bool| {
+            let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+            let (y, loss) = with_precision(p, || {
+                let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1]);
+                (y.clone(), (y.clone() * y).sum())
+            });
+            let grads = if backward_inside {
+                with_precision(p, || loss.backward())
+            } else {
+                loss.backward()
+            };
+            (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+        };
+        let (y32, gx32, gw32) = run(Precision::Fp32, true);
+        let (y16, gx16, gw16) = run(Precision::Bf16, true);
+        let (_, gx16b, gw16b) = run(Precision::Bf16, false);
+        assert_eq!(precision(), Precision::Fp32, "the scope restores fp32");
+        for (a, b, what) in [
+            (y16, y32, "output"),
+            (gx16.clone(), gx32, "dx"),
+            (gw16.clone(), gw32, "dw"),
+        ] {
+            let d = max_rel_diff(a, b);
+            assert!(d > 0.0 && d < 3e-2, "{what}: bf16 vs fp32 differ by {d}");
+        }
+        assert_eq!(max_rel_diff(gx16, gx16b), 0.0);
+        assert_eq!(max_rel_diff(gw16, gw16b), 0.0);
+    }
+
+    #[test]
+    fn precision_parses_and_falls_back_off_flex() {
+        assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("fp16"));
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        assert_eq!(
+            supported_precision(Precision::Fp32, &Device::flex()),
+            Ok(Precision::Fp32)
+        );
+        let bf16_here = supported_precision(Precision::Bf16, &Device::flex().autodiff());
+        assert_eq!(
+            bf16_here.is_ok(),
+            bf16::available() && kernels() == Kernels::Convlab
+        );
     }
 
     fn max_rel_diff1(a: Tensor<1>, b: Tensor<1>) -> f32 {

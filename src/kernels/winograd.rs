@@ -1,0 +1,436 @@
+//! 3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016,
+//! "Fast Algorithms for Convolutional Neural Networks"): each 2x2 block of outputs comes from a
+//! 4x4 block of input with 16 multiplies per channel pair instead of 36, so the GEMM work of a
+//! 3x3 layer drops 2.25x, at the price of cheap add-only transforms:
+//!
+//! ```text
+//! Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A        Bᵀ = | 1  0 -1  0 |   G = | 1    0    0  |   Aᵀ = | 1 1  1  0 |
+//!                                              | 0  1  1  0 |       | 1/2  1/2  1/2|        | 0 1 -1 -1 |
+//!                                              | 0 -1  1  0 |       | 1/2 -1/2  1/2|
+//!                                              | 0  1  0 -1 |       | 0    0    1  |
+//! ```
+//!
+//! Summed over input channels, the elementwise product becomes 16 GEMMs, one per position ξ of
+//! the 4x4 transformed tile: `M[ξ] (C_out x T) = U[ξ] (C_out x C_in) · V[ξ] (C_in x T)` over the
+//! `T` tiles of a group of images. The input gradient of a stride-1 convolution is itself a
+//! stride-1 convolution of the output gradient (kernel rotated 180°, channels swapped, padding
+//! `2 - p`), so it runs through the same code; the weight gradient stays im2col + GEMM.
+//!
+//! F(2x2, 3x3) keeps f32 accuracy (its transforms have entries 0, ±1/2, ±1: rounding errors are
+//! of the order of the direct method's, Lavin & Gray table 4); the tests bound the difference
+//! from the definition at 1e-4.
+//!
+//! # Shapes
+//! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
+
+use super::conv::ConvGeom;
+use super::simd::dispatched;
+use rayon::prelude::*;
+
+/// Tiles per group of images (the GEMMs' `N`): small enough that a group's transformed input
+/// and output stay in the per-core L2 cache when both cores run. `conv_layers 2` totals for
+/// bench-vgg's layers: 16: 258 ms, 32: 276, 64: 252, 128: 267, 256: 269, 512: 289 (noisy, ±5%).
+const GROUP_TILES: usize = 64;
+
+/// Whether a convolution goes through Winograd: 3x3, stride 1, padding at most 2 (else the
+/// output would need input tiles entirely outside the image), f32, at least 32 channels in and
+/// out and an output of at least 8x8. The transforms cost per channel and per tile what the
+/// GEMMs save per channel pair, so narrow layers and tiny maps lose: with 16 channels allowed,
+/// `resnet18_small` (widths 16-128) trained at 405-419 img/s against 535 with im2col; with
+/// these limits at 559-564 (`convlab bench train --model resnet18_small --threads 2`).
+pub fn applies(g: &ConvGeom) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.stride == [1, 1]
+        && g.pad[0] == g.pad[1]
+        && g.pad[0] <= 2
+        && g.cin >= 32
+        && g.cout >= 32
+        && g.ho() >= 8
+        && g.wo() >= 8
+        && g.precision == super::Precision::Fp32
+}
+
+/// `U[ξ][o][c] = (G g_oc Gᵀ)[ξ]` for `w: [C_out, C_in, 3, 3]`; with `for_input_grad`, of the
+/// rotated, channel-swapped kernel (`U[ξ][c][o]` from `g_oc` turned 180°).
+pub fn transform_weights(w: &[f32], cout: usize, cin: usize, for_input_grad: bool) -> Vec<f32> {
+    let (rows, cols) = if for_input_grad {
+        (cin, cout)
+    } else {
+        (cout, cin)
+    };
+    let mut u = vec![0.0f32; 16 * rows * cols];
+    for o in 0..cout {
+        for c in 0..cin {
+            let k = &w[(o * cin + c) * 9..][..9];
+            let at = |i: usize, j: usize| {
+                if for_input_grad {
+                    k[(2 - i) * 3 + (2 - j)]
+                } else {
+                    k[i * 3 + j]
+                }
+            };
+            // G g: 4x3, then (G g) Gᵀ: 4x4.
+            let col = |j: usize| {
+                let (a, b, c2) = (at(0, j), at(1, j), at(2, j));
+                [a, 0.5 * (a + b + c2), 0.5 * (a - b + c2), c2]
+            };
+            let gcols = [col(0), col(1), col(2)];
+            let gg: [[f32; 3]; 4] =
+                std::array::from_fn(|i| [gcols[0][i], gcols[1][i], gcols[2][i]]);
+            let (r, s) = if for_input_grad { (c, o) } else { (o, c) };
+            for (i, row) in gg.iter().enumerate() {
+                let t = [
+                    row[0],
+                    0.5 * (row[0] + row[1] + row[2]),
+                    0.5 * (row[0] - row[1] + row[2]),
+                    row[2],
+                ];
+                for (j, &v) in t.iter().enumerate() {
+                    u[((i * 4 + j) * rows + r) * cols + s] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+dispatched! {
+    /// `Bᵀ d B` for every tile of one channel plane (`h x w`, padding `pad`), written to
+    /// `v[ξ · plane_stride + t0 + ty · tw + tx]`; `scratch` holds [`scratch_len`] floats.
+    fn input_transform(
+        plane: &[f32],
+        h: usize,
+        w: usize,
+        pad: usize,
+        th: usize,
+        tw: usize,
+        v: &mut [f32],
+        plane_stride: usize,
+        t0: usize,
+        scratch: &mut [f32],
+    ) {
+        // The horizontal transform `d B` of every padded row, each computed once although
+        // neighbouring tiles share two rows, stored as hrows[b][r % 2][(r / 2) · tw + tx]: then
+        // the rows a tile row needs, 2ty .. 2ty + 3, are the flat runs at `ty · tw` and
+        // `(ty + 1) · tw` of the even and odd halves, so the vertical transform is a few long
+        // loops per plane instead of many `tw`-long ones (loop overhead was most of its cost).
+        let rows = 2 * th + 2;
+        let half = (th + 1) * tw;
+        let (hrows, rest) = scratch.split_at_mut(8 * half);
+        let (padded, rest) = rest.split_at_mut(2 * tw + 2);
+        let (ev, od) = rest.split_at_mut(tw + 1);
+        let od = &mut od[..tw + 1];
+        for r in 0..rows {
+            let at = (r / 2) * tw;
+            // The four outputs of row r: hrows[b][r % 2][at..at + tw], disjoint for each b.
+            let mut outs = hrows.chunks_mut(half).skip(r % 2).step_by(2).map(|c| &mut c[at..at + tw]);
+            let (h0, h1, h2, h3) = (
+                outs.next().unwrap(),
+                outs.next().unwrap(),
+                outs.next().unwrap(),
+                outs.next().unwrap(),
+            );
+            let src_row = r as isize - pad as isize;
+            if src_row < 0 || src_row as usize >= h {
+                for o in [h0, h1, h2, h3] {
+                    o.fill(0.0);
+                }
+                continue;
+            }
+            let src = &plane[src_row as usize * w..(src_row as usize + 1) * w];
+            // padded[j] = row[j - pad], zero outside; split into even and odd columns so that
+            // the loop below is contiguous.
+            let n = w.min(2 * tw + 2 - pad);
+            padded[..pad].fill(0.0);
+            padded[pad..pad + n].copy_from_slice(&src[..n]);
+            padded[pad + n..].fill(0.0);
+            for ((e, o), pair) in ev.iter_mut().zip(od.iter_mut()).zip(padded.chunks_exact(2)) {
+                *e = pair[0];
+                *o = pair[1];
+            }
+            let (e0, e1, o0, o1) = (&ev[..tw], &ev[1..], &od[..tw], &od[1..]);
+            for (x, (((a, b), c), d)) in h0.iter_mut().zip(h1).zip(h2).zip(h3).enumerate() {
+                let (ea, eb, oa, ob) = (e0[x], e1[x], o0[x], o1[x]);
+                *a = ea - eb;
+                *b = oa + eb;
+                *c = eb - oa;
+                *d = oa - ob;
+            }
+        }
+        // The vertical transform `Bᵀ (d B)`: for tile t = ty · tw + tx, rows 2ty, 2ty + 1,
+        // 2ty + 2, 2ty + 3 are even[t], odd[t], even[t + tw], odd[t + tw].
+        let n = th * tw;
+        for b in 0..4 {
+            let even = &hrows[2 * b * half..][..half];
+            let odd = &hrows[(2 * b + 1) * half..][..half];
+            let (r0, r1, r2, r3) = (&even[..n], &odd[..n], &even[tw..tw + n], &odd[tw..tw + n]);
+            let dst = |a: usize| (a * 4 + b) * plane_stride + t0;
+            for (d, (x, y)) in v[dst(0)..][..n].iter_mut().zip(r0.iter().zip(r2)) {
+                *d = x - y;
+            }
+            for (d, (x, y)) in v[dst(1)..][..n].iter_mut().zip(r1.iter().zip(r2)) {
+                *d = x + y;
+            }
+            for (d, (x, y)) in v[dst(2)..][..n].iter_mut().zip(r2.iter().zip(r1)) {
+                *d = x - y;
+            }
+            for (d, (x, y)) in v[dst(3)..][..n].iter_mut().zip(r1.iter().zip(r3)) {
+                *d = x - y;
+            }
+        }
+    }
+}
+
+/// Scratch floats [`input_transform`] and [`output_transform`] need for `th x tw` tiles.
+fn scratch_len(th: usize, tw: usize) -> usize {
+    (8 * (th + 1) * tw + 4 * tw + 4).max(10 * th * tw)
+}
+
+dispatched! {
+    /// `Aᵀ m A` (+ bias) for every tile of one output channel: reads
+    /// `m[ξ · plane_stride + t0 + ty · tw + tx]`, writes the `ho x wo` plane `y`; `s` is scratch
+    /// ([`scratch_len`]).
+    fn output_transform(
+        m: &[f32],
+        plane_stride: usize,
+        t0: usize,
+        th: usize,
+        tw: usize,
+        ho: usize,
+        wo: usize,
+        bias: f32,
+        y: &mut [f32],
+        s: &mut [f32],
+    ) {
+        // Flat over all tiles, as in `input_transform`: the two rows of `Aᵀ m` (four columns
+        // each), then the even and odd output columns of each output row parity, then one
+        // interleaving pass per output row.
+        let n = th * tw;
+        let q = |xi: usize| &m[xi * plane_stride + t0..][..n];
+        let (r0, rest) = s.split_at_mut(4 * n);
+        let (r1, rest) = rest.split_at_mut(4 * n);
+        let (ye, yo) = rest.split_at_mut(n);
+        let yo = &mut yo[..n];
+        for b in 0..4 {
+            let (m0, m1, m2, m3) = (q(b), q(4 + b), q(8 + b), q(12 + b));
+            let (a, c) = (&mut r0[b * n..(b + 1) * n], &mut r1[b * n..(b + 1) * n]);
+            for (x, (a, c)) in a.iter_mut().zip(c.iter_mut()).enumerate() {
+                let (v0, v1, v2, v3) = (m0[x], m1[x], m2[x], m3[x]);
+                *a = v0 + v1 + v2;
+                *c = v1 - v2 - v3;
+            }
+        }
+        for i in 0..2 {
+            let r: &[f32] = if i == 0 { r0 } else { r1 };
+            let (c0, c1, c2, c3) = (&r[..n], &r[n..2 * n], &r[2 * n..3 * n], &r[3 * n..4 * n]);
+            for (x, (e, o)) in ye.iter_mut().zip(yo.iter_mut()).enumerate() {
+                let (v0, v1, v2, v3) = (c0[x], c1[x], c2[x], c3[x]);
+                *e = v0 + v1 + v2 + bias;
+                *o = v1 - v2 - v3 + bias;
+            }
+            for ty in 0..th {
+                let oy = 2 * ty + i;
+                if oy >= ho {
+                    break;
+                }
+                let (e, o) = (&ye[ty * tw..][..tw], &yo[ty * tw..][..tw]);
+                let row = &mut y[oy * wo..(oy + 1) * wo];
+                let (pairs, last) = row.split_at_mut(wo / 2 * 2);
+                for ((out, &e), &o) in pairs.chunks_exact_mut(2).zip(e).zip(o) {
+                    out[0] = e;
+                    out[1] = o;
+                }
+                if let Some(out) = last.first_mut() {
+                    *out = e[wo / 2];
+                }
+            }
+        }
+    }
+}
+
+/// The convolution `y = conv(x, w) (+ bias)` of [`applies`]-able geometry `g`, with the weights
+/// already transformed ([`transform_weights`] with `for_input_grad = false`; for an input
+/// gradient pass the output gradient as `x`, the transformed rotated weights as `u` and the
+/// geometry of that convolution, see [`input_grad_geom`]).
+pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
+    let (ho, wo) = (g.ho(), g.wo());
+    let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+    let tiles = th * tw;
+    let (in_len, out_len) = (cin * h * w, cout * ho * wo);
+    assert_eq!(x.len(), g.batch * in_len, "winograd input length");
+    assert_eq!(u.len(), 16 * cout * cin, "winograd weight length");
+    let mut y = vec![0.0f32; g.batch * out_len];
+    let group = (GROUP_TILES / tiles).max(1);
+    let parts = rayon::current_num_threads().clamp(1, g.batch.max(1));
+    let per = g.batch.div_ceil(parts).max(1);
+    y.par_chunks_mut(per * out_len)
+        .zip(x.par_chunks(per * in_len))
+        .for_each(|(yb, xb)| {
+            let images = xb.len() / in_len.max(1);
+            let mut v = vec![0.0f32; 16 * cin * group * tiles];
+            let mut m = vec![0.0f32; 16 * cout * group * tiles];
+            let mut scratch = vec![0.0f32; scratch_len(th, tw)];
+            for first in (0..images).step_by(group) {
+                let count = group.min(images - first);
+                let t_all = count * tiles;
+                for i in 0..count {
+                    let xn = &xb[(first + i) * in_len..][..in_len];
+                    for c in 0..cin {
+                        input_transform(
+                            &xn[c * h * w..][..h * w],
+                            h,
+                            w,
+                            pad,
+                            th,
+                            tw,
+                            &mut v[c * t_all..],
+                            cin * t_all,
+                            i * tiles,
+                            &mut scratch,
+                        );
+                    }
+                }
+                for xi in 0..16 {
+                    super::conv::gemm_f32(
+                        cout,
+                        t_all,
+                        cin,
+                        &mut m[xi * cout * t_all..],
+                        t_all,
+                        false,
+                        &u[xi * cout * cin..],
+                        cin,
+                        1,
+                        &v[xi * cin * t_all..],
+                        t_all,
+                        1,
+                        1,
+                    );
+                }
+                for i in 0..count {
+                    let yn = &mut yb[(first + i) * out_len..][..out_len];
+                    for o in 0..cout {
+                        output_transform(
+                            &m[o * t_all..],
+                            cout * t_all,
+                            i * tiles,
+                            th,
+                            tw,
+                            ho,
+                            wo,
+                            bias.map_or(0.0, |b| b[o]),
+                            &mut yn[o * ho * wo..][..ho * wo],
+                            &mut scratch,
+                        );
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// The geometry of the convolution that computes `g`'s input gradient from its output
+/// gradient: `C_out` channels in, `C_in` out, padding `2 - p`, output `H x W`.
+pub fn input_grad_geom(g: &ConvGeom) -> ConvGeom {
+    ConvGeom {
+        cin: g.cout,
+        cout: g.cin,
+        h: g.ho(),
+        w: g.wo(),
+        pad: [2 - g.pad[0], 2 - g.pad[1]],
+        ..*g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::conv::{im2col_backward, im2col_forward};
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn geom(batch: usize, cin: usize, cout: usize, h: usize, w: usize, pad: usize) -> ConvGeom {
+        ConvGeom {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [pad, pad],
+            precision: crate::kernels::Precision::Fp32,
+        }
+    }
+
+    fn close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                "{what}[{i}]: {a} vs {e}"
+            );
+        }
+    }
+
+    /// Forward and input gradient against the im2col kernel (itself tested against the
+    /// definition), over odd and even sizes, every padding, tiles spanning image groups.
+    #[test]
+    fn matches_im2col_forward_and_input_gradient() {
+        for g in [
+            geom(3, 16, 16, 8, 8, 1),
+            geom(2, 17, 19, 7, 9, 1),
+            geom(5, 16, 18, 5, 6, 0),
+            geom(2, 16, 16, 3, 4, 2),
+            geom(40, 16, 16, 2, 2, 1),
+            geom(1, 20, 16, 1, 1, 1),
+            geom(2, 32, 40, 8, 8, 1),
+        ] {
+            // `forward` is exact for every size; `applies` only says where it is faster.
+            let x = data(g.batch * g.cin * g.h * g.w, 1);
+            let w = data(g.cout * g.cin * 9, 2);
+            let b = data(g.cout, 3);
+            let u = transform_weights(&w, g.cout, g.cin, false);
+            close(
+                &forward(&x, &u, Some(&b), &g),
+                &im2col_forward(&x, &w, Some(&b), &g),
+                &format!("forward {g:?}"),
+            );
+            let dy = data(g.batch * g.cout * g.ho() * g.wo(), 4);
+            let gi = input_grad_geom(&g);
+            let ut = transform_weights(&w, g.cout, g.cin, true);
+            let want = im2col_backward(&x, &w, &dy, &g, [true, false, false])
+                .0
+                .unwrap();
+            close(&forward(&dy, &ut, None, &gi), &want, &format!("dx {g:?}"));
+        }
+    }
+
+    #[test]
+    fn applies_only_where_it_is_exact_and_worth_it() {
+        assert!(!applies(&geom(1, 3, 64, 32, 32, 1)), "RGB first layer");
+        assert!(!applies(&geom(1, 16, 16, 32, 32, 1)), "narrow");
+        assert!(!applies(&geom(1, 128, 128, 4, 4, 1)), "tiny map");
+        assert!(!applies(&ConvGeom {
+            stride: [2, 2],
+            ..geom(1, 64, 64, 8, 8, 1)
+        }));
+        assert!(!applies(&ConvGeom {
+            kh: 5,
+            kw: 5,
+            ..geom(1, 64, 64, 8, 8, 1)
+        }));
+        assert!(!applies(&ConvGeom {
+            precision: crate::kernels::Precision::Bf16,
+            ..geom(1, 64, 64, 8, 8, 1)
+        }));
+        assert!(applies(&geom(1, 64, 64, 8, 8, 1)));
+    }
+}
