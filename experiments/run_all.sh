@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
-for e in ${@:-ensemble pooling kernels tricks regularisation depth init}; do
+for e in ${@:-ensemble pooling kernels tricks regularisation depth init precision}; do
   ./target/release/convlab experiment experiments/$e.toml --out experiments/results/$e --threads 2
 done
