@@ -653,6 +653,21 @@ fn precision_flag_trains_and_benches() {
     } else {
         assert!(out.contains("no AVX512-BF16"), "{out}");
     }
+    // eval reads the precision back from the run and gives the top-1 training's last
+    // validation gave (the same views, precision and weights).
+    let o = convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let (t1, want) = (
+        v["top1"].as_f64().unwrap(),
+        summary["final_val_top1"].as_f64().unwrap(),
+    );
+    assert!((t1 - want).abs() < 1e-9, "{t1} vs {want}");
     let o = convlab()
         .args([
             "bench",

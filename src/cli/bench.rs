@@ -235,10 +235,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Infer | What::Data => (Mode::Infer, base),
     };
     let asked: Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
-    let precision = convlab::kernels::supported_precision(asked, &dev).unwrap_or_else(|why| {
-        eprintln!("--precision {asked}: {why}");
-        Precision::Fp32
-    });
+    let precision = device::precision(asked, &dev, &format!("--precision {asked}"));
     let t = convlab::kernels::with_precision(precision, || {
         bench::run(&cfg, mode, a.batch, 3, a.steps.max(1), &dev)
     })?;

@@ -66,3 +66,16 @@ fn available() -> Vec<&'static str> {
     }
     v
 }
+
+/// The precision a run's recipe asks for, as it can run on `dev`: fp32 with the reason on
+/// stderr when bf16 cannot (`what` names the setting, e.g. `precision = "bf16"`).
+pub fn precision(
+    asked: convlab::kernels::Precision,
+    dev: &Device,
+    what: &str,
+) -> convlab::kernels::Precision {
+    convlab::kernels::supported_precision(asked, dev).unwrap_or_else(|why| {
+        eprintln!("{what}: {why}");
+        convlab::kernels::Precision::Fp32
+    })
+}

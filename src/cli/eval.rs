@@ -93,7 +93,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         report,
         summary,
         skipped,
-    } = evaluate_tta(&model, &recipe, splits.val.clone(), &classes, tta, &dev)?;
+    } = {
+        // The run's precision, as validation during training used it.
+        let p = device::precision(recipe.precision, &dev, "the run's precision");
+        convlab::kernels::with_precision(p, || {
+            evaluate_tta(&model, &recipe, splits.val.clone(), &classes, tta, &dev)
+        })?
+    };
     if a.json {
         let j = Json {
             report: &report,

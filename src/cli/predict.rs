@@ -64,7 +64,9 @@ pub fn run(a: PredictArgs) -> Result<()> {
         TensorData::new(input, [a.images.len(), t.channels, t.size, t.size]),
         &dev,
     );
-    let probs: Vec<f32> = softmax(model.forward(x), 1)
+    let p = device::precision(recipe.precision, &dev, "the run's precision");
+    let logits = convlab::kernels::with_precision(p, || model.forward(x));
+    let probs: Vec<f32> = softmax(logits, 1)
         .into_data()
         .convert::<f32>()
         .try_to_vec()
