@@ -307,7 +307,38 @@ unsafe fn gemm_block(
     dst_rs: usize,
     b: View,
 ) {
-    let mut bp = vec![0u32; n.next_multiple_of(NARROW) * KC.div_ceil(2)];
+    thread_local! {
+        /// The packed `B` panels, kept per thread: a fresh zeroed buffer per call (half a MiB
+        /// for a 32 px image) was a memset in every GEMM, and `pack_panel` writes every word
+        /// it hands to the microkernel.
+        static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PANELS.with_borrow_mut(|bp| {
+        let need = n.next_multiple_of(NARROW) * KC.div_ceil(2);
+        if bp.len() < need {
+            bp.resize(need, 0);
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { gemm_block_with(a, rows, n, dst, dst_rs, b, bp) }
+    })
+}
+
+/// [`gemm_block`] with its panel buffer (at least `n` rounded up to [`NARROW`] times `KC / 2`
+/// words).
+///
+/// # Safety
+/// As [`gemm_block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn gemm_block_with(
+    a: &PackedLhs,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    b: View,
+    bp: &mut [u32],
+) {
     let mut run = Vec::new();
     for (blk, k0) in (0..a.k).step_by(KC).enumerate() {
         let kc = KC.min(a.k - k0);
