@@ -38,6 +38,15 @@ const KC: usize = 256;
 #[cfg(test)]
 const KC: usize = 10;
 
+thread_local! {
+    /// Packed `B` panels, kept per thread: a fresh zeroed buffer per call (half a MiB for a
+    /// 32 px image) was a memset in every GEMM, and `pack_panel` writes every word it hands
+    /// to the microkernel.
+    static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The storage of the `A` that [`gemm`] packs for one product, kept for the next one.
+    static LHS_WORDS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Whether this CPU has the instructions the kernel needs (AVX-512 F and BF16).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -108,10 +117,19 @@ impl PackedLhs {
     /// # Panics
     /// When `lhs` is too short for the shape and strides.
     pub fn new(m: usize, k: usize, lhs: &[f32], rs: usize, cs: usize) -> Self {
+        Self::new_in(Vec::new(), m, k, lhs, rs, cs)
+    }
+
+    /// As [`Self::new`], in `words`' allocation (grown, never cleared: packing writes every
+    /// word a product reads).
+    fn new_in(mut words: Vec<u32>, m: usize, k: usize, lhs: &[f32], rs: usize, cs: usize) -> Self {
         if m > 0 && k > 0 {
             assert!(lhs.len() > (m - 1) * rs + (k - 1) * cs);
         }
-        let mut words = vec![0u32; m.next_multiple_of(ROW_PAD) * k.div_ceil(KC) * KC.div_ceil(2)];
+        let need = m.next_multiple_of(ROW_PAD) * k.div_ceil(KC) * KC.div_ceil(2);
+        if words.len() < need {
+            words.resize(need, 0);
+        }
         let a = View { data: lhs, rs, cs };
         #[inline(always)]
         fn pack_all(a: View, m: usize, k: usize, words: &mut [u32]) {
@@ -291,7 +309,8 @@ unsafe fn microkernel<const R: usize, const V: usize>(
     }
 }
 
-/// `dst[rows, n] += A[rows, k] · B` for the rows `rows` of `a` (`dst` starting at the first).
+/// `dst[rows, n] += A[rows, k] · B` for the rows `rows` of `a` (`dst` starting at the first),
+/// packing `B` into `bp` (at least `n` rounded up to [`NARROW`] times `KC / 2` words).
 ///
 /// # Safety
 /// The CPU has AVX-512 F and BF16 ([`available`]); `b` and `dst` cover the `k x n` and
@@ -300,37 +319,6 @@ unsafe fn microkernel<const R: usize, const V: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn gemm_block(
-    a: &PackedLhs,
-    rows: std::ops::Range<usize>,
-    n: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    b: View,
-) {
-    thread_local! {
-        /// The packed `B` panels, kept per thread: a fresh zeroed buffer per call (half a MiB
-        /// for a 32 px image) was a memset in every GEMM, and `pack_panel` writes every word
-        /// it hands to the microkernel.
-        static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    PANELS.with_borrow_mut(|bp| {
-        let need = n.next_multiple_of(NARROW) * KC.div_ceil(2);
-        if bp.len() < need {
-            bp.resize(need, 0);
-        }
-        // SAFETY: forwarded from this function's contract.
-        unsafe { gemm_block_with(a, rows, n, dst, dst_rs, b, bp) }
-    })
-}
-
-/// [`gemm_block`] with its panel buffer (at least `n` rounded up to [`NARROW`] times `KC / 2`
-/// words).
-///
-/// # Safety
-/// As [`gemm_block`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn gemm_block_with(
     a: &PackedLhs,
     rows: std::ops::Range<usize>,
     n: usize,
@@ -430,9 +418,16 @@ pub fn gemm_packed(
         use rayon::prelude::*;
         let run = |(t, part): (usize, &mut [f32])| {
             let range = t * per..((t + 1) * per).min(m);
-            // SAFETY: `available()` was asserted above; the asserts bound every index the
-            // block reads (all of rhs) and writes (`part`, from the first row of `range`).
-            unsafe { gemm_block(a, range, n, part, dst_rs, b) }
+            PANELS.with_borrow_mut(|bp| {
+                let need = n.next_multiple_of(NARROW) * KC.div_ceil(2);
+                if bp.len() < need {
+                    bp.resize(need, 0);
+                }
+                // SAFETY: `available()` was asserted above; the asserts bound every index the
+                // block reads (all of rhs) and writes (`part`, from the first row of `range`);
+                // `bp` holds `need` words.
+                unsafe { gemm_block(a, range, n, part, dst_rs, b, bp) }
+            })
         };
         if per >= m {
             run((0, dst));
@@ -469,8 +464,10 @@ pub fn gemm(
     rhs_cs: usize,
     threads: usize,
 ) {
-    let a = PackedLhs::new(m, k, lhs, lhs_rs, lhs_cs);
+    // The weight gradient packs a new `A` (the column matrix) per image: reuse its storage.
+    let a = PackedLhs::new_in(LHS_WORDS.take(), m, k, lhs, lhs_rs, lhs_cs);
     gemm_packed(&a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads);
+    LHS_WORDS.set(a.words);
 }
 
 #[cfg(test)]
