@@ -1,7 +1,65 @@
-//! Times convlab's im2col + GEMM convolution kernels on the layers of `bench-vgg` (batch 64):
+//! Times convlab's convolution kernels on the layers of `bench-vgg` (batch 64), after one
+//! core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` where the CPU has it):
 //! `cargo run --release --example conv_layers [THREADS] [fp32|bf16]`.
 use convlab::kernels::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use std::time::Instant;
+
+/// GFLOP/s of one core running 12 independent accumulator chains of the instruction (enough to
+/// hide its latency), operands in registers: the ceiling a GEMM kernel can approach.
+#[cfg(target_arch = "x86_64")]
+fn peaks() {
+    use std::arch::x86_64::*;
+    const N: usize = 50_000_000;
+    #[target_feature(enable = "avx512f,fma")]
+    fn fma() -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 12];
+        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999));
+        for _ in 0..N {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn dpbf16() -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 12];
+        // SAFETY: same-size bit casts of plain vectors.
+        let (a, b): (__m512bh, __m512bh) = unsafe {
+            (
+                std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute(_mm512_set1_epi32(0x0001_0001)),
+            )
+        };
+        for _ in 0..N {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+    if !(std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("fma"))
+    {
+        return;
+    }
+    let time = |f: &dyn Fn() -> f32, flops_per_op: f64| {
+        let t = Instant::now();
+        std::hint::black_box(f());
+        (N * 12) as f64 * flops_per_op / t.elapsed().as_secs_f64() / 1e9
+    };
+    // SAFETY: AVX-512 F and FMA were detected above, BF16 by `available()` before its use.
+    println!(
+        "one core: f32 FMA {:.0} GFLOP/s",
+        time(&|| unsafe { fma() }, 32.0)
+    );
+    if convlab::kernels::bf16::available() {
+        println!(
+            "one core: bf16 VDPBF16PS {:.0} GFLOP/s",
+            time(&|| unsafe { dpbf16() }, 64.0)
+        );
+    }
+}
 
 fn main() {
     let threads: usize = std::env::args().nth(1).map_or(2, |s| s.parse().unwrap());
@@ -9,6 +67,8 @@ fn main() {
         .nth(2)
         .map_or(Ok(Default::default()), |s| s.parse())
         .unwrap();
+    #[cfg(target_arch = "x86_64")]
+    peaks();
     println!("{threads} threads, {precision}");
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
