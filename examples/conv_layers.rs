@@ -27,8 +27,8 @@ fn peaks() {
         // SAFETY: same-size bit casts of plain vectors.
         let (a, b): (__m512bh, __m512bh) = unsafe {
             (
-                std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)),
-                std::mem::transmute(_mm512_set1_epi32(0x0001_0001)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x0001_0001)),
             )
         };
         for _ in 0..N {
