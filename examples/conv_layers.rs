@@ -1,6 +1,6 @@
-//! Times convlab's convolution kernels on the layers of `bench-vgg` (batch 64), after one
-//! core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` where the CPU has it):
-//! `cargo run --release --example conv_layers [THREADS] [fp32|bf16]`.
+//! Times convlab's convolution kernels on the layers of `bench-vgg` or `resnet18_small` (batch
+//! 64), after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` where the CPU has it):
+//! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [bench-vgg|resnet18_small]`.
 use convlab::kernels::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use std::time::Instant;
 
@@ -61,43 +61,70 @@ fn peaks() {
     }
 }
 
+/// `(C_in, C_out, input px, kernel, stride, how many such layers)` of a network's convolutions.
+type Layer = (usize, usize, usize, usize, usize, usize);
+
+fn layers(net: &str) -> Vec<Layer> {
+    match net {
+        "bench-vgg" => vec![
+            (3, 64, 32, 3, 1, 1),
+            (64, 64, 32, 3, 1, 1),
+            (64, 128, 16, 3, 1, 1),
+            (128, 128, 16, 3, 1, 1),
+            (128, 256, 8, 3, 1, 1),
+            (256, 256, 8, 3, 1, 1),
+        ],
+        // The CIFAR stem, four stages of two basic blocks (16-32-64-128 channels), and the
+        // 1x1 stride-2 shortcuts.
+        "resnet18_small" => vec![
+            (3, 16, 32, 3, 1, 1),
+            (16, 16, 32, 3, 1, 4),
+            (16, 32, 32, 3, 2, 1),
+            (16, 32, 32, 1, 2, 1),
+            (32, 32, 16, 3, 1, 3),
+            (32, 64, 16, 3, 2, 1),
+            (32, 64, 16, 1, 2, 1),
+            (64, 64, 8, 3, 1, 3),
+            (64, 128, 8, 3, 2, 1),
+            (64, 128, 8, 1, 2, 1),
+            (128, 128, 4, 3, 1, 3),
+        ],
+        other => panic!("unknown net `{other}`: bench-vgg or resnet18_small"),
+    }
+}
+
 fn main() {
-    let threads: usize = std::env::args().nth(1).map_or(2, |s| s.parse().unwrap());
-    let precision: convlab::kernels::Precision = std::env::args()
-        .nth(2)
+    let mut args = std::env::args().skip(1);
+    let threads: usize = args.next().map_or(2, |s| s.parse().unwrap());
+    let precision: convlab::kernels::Precision = args
+        .next()
         .map_or(Ok(Default::default()), |s| s.parse())
         .unwrap();
+    let net = args.next().unwrap_or_else(|| "bench-vgg".into());
     #[cfg(target_arch = "x86_64")]
     peaks();
-    println!("{threads} threads, {precision}");
+    println!("{net}, batch 64, {threads} threads, {precision}; times are per layer");
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
         .unwrap();
-    let layers = [
-        (3, 64, 32),
-        (64, 64, 32),
-        (64, 128, 16),
-        (128, 128, 16),
-        (128, 256, 8),
-        (256, 256, 8),
-    ];
     let (mut tf, mut tb, mut fl) = (0.0, 0.0, 0.0);
-    for (cin, cout, hw) in layers {
+    for (cin, cout, hw, kernel, stride, count) in layers(&net) {
+        let pad = kernel / 2;
         let g = ConvGeom {
             batch: 64,
             cin,
             h: hw,
             w: hw,
             cout,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            pad: [1, 1],
+            kh: kernel,
+            kw: kernel,
+            stride: [stride, stride],
+            pad: [pad, pad],
             precision,
         };
         let x = vec![0.5f32; 64 * cin * hw * hw];
-        let w = vec![0.01f32; cout * cin * 9];
+        let w = vec![0.01f32; cout * g.k()];
         let flops = 2.0 * (64 * cout * g.k() * g.p()) as f64;
         let y = conv2d_forward(&x, &w, None, &g);
         let reps = 5;
@@ -123,20 +150,18 @@ fn main() {
         }
         let bx = t.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "   dW only {:6.1} ms, dx only {:6.1} ms",
-            bw * 1e3,
-            bx * 1e3
-        );
-        println!(
-            "{cin:>3}->{cout:<3} {hw:>2}px  fwd {:6.1} ms {:5.1} GF/s   bwd {:6.1} ms {:5.1} GF/s",
+            "{cin:>3}->{cout:<3} {hw:>2}px {kernel}x{kernel}/{stride} x{count}  fwd {:6.1} ms {:5.1} GF/s   bwd {:6.1} ms {:5.1} GF/s   (dW only {:6.1} ms, dx only {:6.1} ms)",
             f * 1e3,
             flops / f / 1e9,
             b * 1e3,
-            bfl / b / 1e9
+            bfl / b / 1e9,
+            bw * 1e3,
+            bx * 1e3
         );
-        tf += f;
-        tb += b;
-        fl += flops + bfl;
+        let n = count as f64;
+        tf += f * n;
+        tb += b * n;
+        fl += (flops + bfl) * n;
     }
     println!(
         "total fwd {:.1} ms, bwd {:.1} ms, {:.1} GF/s",

@@ -25,7 +25,7 @@
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
 use super::simd::dispatched;
-use super::winograd;
+use super::{direct, winograd};
 use rayon::prelude::*;
 
 /// Largest column buffer per thread, in floats (4 MiB): big enough that the GEMM's `N` is in
@@ -104,8 +104,10 @@ fn shifted_tap(g: &ConvGeom, oy0: usize, oy1: usize, i: usize, j: usize) -> Opti
         return None;
     }
     let [ph, pw] = g.pad;
+    // A tap below the image for every row of the tile (a 5x5 with padding 2 near the bottom)
+    // has no valid rows: `a = b = oy0`.
+    let b = oy1.min((g.h + ph).saturating_sub(i)).max(oy0);
     let a = oy0.max(ph.saturating_sub(i));
-    let b = oy1.min((g.h + ph).saturating_sub(i));
     let (lo, hi) = valid_range(g.w, g.wo(), 1, j, pw);
     let start =
         (a.min(b) + i) as isize * g.w as isize - (ph * g.w) as isize + j as isize - pw as isize;
@@ -258,7 +260,7 @@ fn add_row_inline(d: &mut [f32], s: &[f32]) {
 /// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]` in `precision`, every operand given by (row,
 /// column) strides.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     precision: super::Precision,
     m: usize,
     n: usize,
@@ -285,7 +287,7 @@ fn gemm(
 
 /// A left operand used for every image of a batch (the weights, or their transpose), prepared
 /// once: in bf16 it is rounded and packed once instead of once per image.
-enum Lhs<'a> {
+pub(super) enum Lhs<'a> {
     F32 {
         m: usize,
         k: usize,
@@ -297,7 +299,7 @@ enum Lhs<'a> {
 }
 
 impl<'a> Lhs<'a> {
-    fn new(
+    pub(super) fn new(
         precision: super::Precision,
         m: usize,
         k: usize,
@@ -313,7 +315,7 @@ impl<'a> Lhs<'a> {
 
     /// `dst[m, n] (+)= self · rhs[k, n]`.
     #[allow(clippy::too_many_arguments)]
-    fn mul(
+    pub(super) fn mul(
         &self,
         n: usize,
         dst: &mut [f32],
@@ -394,15 +396,25 @@ pub(super) fn gemm_f32(
 }
 
 /// Contiguous blocks of images, one per thread; fixed for a given batch and thread count.
-fn image_blocks(batch: usize) -> Vec<std::ops::Range<usize>> {
+pub(super) fn image_blocks(batch: usize) -> Vec<std::ops::Range<usize>> {
     let parts = rayon::current_num_threads().clamp(1, batch.max(1));
     (0..parts)
         .map(|t| t * batch / parts..(t + 1) * batch / parts)
         .collect()
 }
 
+/// The elementwise sum of per-block partial gradients, added in block order (so a thread count
+/// gives the same bits every run).
+pub(super) fn sum_in_order<'a>(mut parts: impl Iterator<Item = &'a Vec<f32>>) -> Vec<f32> {
+    let mut acc = parts.next().cloned().unwrap_or_default();
+    for part in parts {
+        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    acc
+}
+
 /// Threads each GEMM may use: all of them when there are fewer images than threads.
-fn gemm_threads(batch: usize) -> usize {
+pub(super) fn gemm_threads(batch: usize) -> usize {
     if batch < rayon::current_num_threads() {
         rayon::current_num_threads()
     } else {
@@ -411,12 +423,16 @@ fn gemm_threads(batch: usize) -> usize {
 }
 
 /// Forward convolution. Returns `y` (`[B, C_out, H_out, W_out]`, contiguous). 3x3 stride-1
-/// layers with enough channels go through Winograd's F(2x2, 3x3) ([`super::winograd`]), the
-/// rest through im2col + GEMM.
+/// layers with enough channels go through Winograd's F(2x2, 3x3) ([`super::winograd`]), other
+/// stride-1 layers of 16 or more output channels through the direct kernels
+/// ([`super::direct`]), the rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     if winograd::applies(g) {
         let u = winograd::transform_weights(w, g.cout, g.cin, false);
         return winograd::forward(x, &u, bias, g);
+    }
+    if direct::applies(g) {
+        return direct::forward(x, w, bias, g);
     }
     im2col_forward(x, w, bias, g)
 }
@@ -459,7 +475,8 @@ pub type ConvGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// Gradients of [`conv2d_forward`] given the output gradient `dy`: `(dx, dw, db)`, each only when
 /// asked for. The input gradient of a Winograd-eligible layer is a Winograd convolution of `dy`
-/// with the rotated kernel; the weight and bias gradients are im2col + GEMM.
+/// with the rotated kernel; the rest come from the direct kernels ([`super::direct`]) or
+/// im2col + GEMM, whichever was faster for such a layer.
 pub fn conv2d_backward(
     x: &[f32],
     w: &[f32],
@@ -467,14 +484,50 @@ pub fn conv2d_backward(
     g: &ConvGeom,
     need: [bool; 3],
 ) -> ConvGrads {
-    if need[0] && winograd::applies(g) {
-        let gi = winograd::input_grad_geom(g);
-        let ut = winograd::transform_weights(w, g.cout, g.cin, true);
-        let dx = winograd::forward(dy, &ut, None, &gi);
-        let (_, dw, db) = im2col_backward(x, w, dy, g, [false, need[1], need[2]]);
-        return (Some(dx), dw, db);
-    }
-    im2col_backward(x, w, dy, g, need)
+    // The input gradient from Winograd where it applies, else from the direct kernels if they
+    // take this layer and it has 16 input channels or more, else from im2col. The weight and
+    // bias gradients from the direct kernels where they apply, except on Winograd layers
+    // narrower than 32 px, where im2col's was faster (bench-vgg's 16 px layers: 24.7 vs 30.8
+    // ms for 128 -> 128, 12.4-14.4 vs 16 ms for 64 -> 128; at 32 px 64 -> 64 direct won, 26.3
+    // vs 29.5-33 ms: `cargo run --release --example conv_layers 2 fp32 bench-vgg`).
+    let winograd = winograd::applies(g);
+    let direct = direct::applies(g) && (!winograd || g.wo() >= 32);
+    let dx_by = if !need[0] {
+        None
+    } else if winograd {
+        Some(DxBy::Winograd)
+    } else if direct && g.cin >= 16 {
+        Some(DxBy::Direct)
+    } else {
+        Some(DxBy::Im2col)
+    };
+    let rest = [false, need[1], need[2]];
+    let (_, dw, db) = if direct {
+        direct::backward(x, w, dy, g, rest)
+    } else {
+        im2col_backward(x, w, dy, g, rest)
+    };
+    let dx = dx_by.map(|by| match by {
+        DxBy::Winograd => {
+            let gi = winograd::input_grad_geom(g);
+            let ut = winograd::transform_weights(w, g.cout, g.cin, true);
+            winograd::forward(dy, &ut, None, &gi)
+        }
+        DxBy::Direct => direct::backward(x, w, dy, g, [true, false, false])
+            .0
+            .unwrap(),
+        DxBy::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
+            .0
+            .unwrap(),
+    });
+    (dx, dw, db)
+}
+
+/// Which kernel computes an input gradient.
+enum DxBy {
+    Winograd,
+    Direct,
+    Im2col,
 }
 
 /// [`conv2d_backward`] by im2col + GEMM, whatever the geometry.
@@ -611,16 +664,8 @@ pub fn im2col_backward(
             (dwt, db)
         })
         .collect();
-    type Partial = (Vec<f32>, Vec<f32>);
-    let sum = |pick: fn(&Partial) -> &Vec<f32>| {
-        let mut acc = pick(&partials[0]).clone();
-        for part in &partials[1..] {
-            acc.iter_mut().zip(pick(part)).for_each(|(a, b)| *a += b);
-        }
-        acc
-    };
     let dw = need_dw.then(|| {
-        let dwt = sum(|t| &t.0);
+        let dwt = sum_in_order(partials.iter().map(|t| &t.0));
         if !transposed {
             return dwt;
         }
@@ -632,7 +677,7 @@ pub fn im2col_backward(
         }
         dw
     });
-    let db = need_db.then(|| sum(|t| &t.1));
+    let db = need_db.then(|| sum_in_order(partials.iter().map(|t| &t.1)));
     (dx, dw, db)
 }
 
@@ -700,6 +745,15 @@ mod tests {
             g(2, 1, 6, 6, 2, [7, 7], 2, 3),
             g(1, 2, 4, 4, 2, [3, 2], 1, 1),
             g(2, 2, 5, 5, 6, [1, 1], 1, 0),
+            // Stride 1, output as wide as the input: the shifted-plane copy, with taps that
+            // miss every row of the last one-row tiles.
+            g(2, 2, 9, 8, 3, [5, 5], 1, 2),
+            // The direct kernels where AVX-512 is present: an RGB stem (input gradient from
+            // im2col), a 16-channel layer (all three), and a Winograd layer 32 wide (weight
+            // gradient from them).
+            g(2, 3, 5, 16, 16, [3, 3], 1, 1),
+            g(2, 16, 4, 17, 16, [3, 3], 1, 1),
+            g(1, 32, 8, 32, 32, [3, 3], 1, 1),
         ]
     }
 
@@ -713,7 +767,9 @@ mod tests {
             return;
         }
         let rounded = |v: &[f32]| v.iter().map(|&x| bf16::round(x)).collect::<Vec<_>>();
-        for g32 in geoms() {
+        // Winograd rounds its transformed operands to bf16, not the raw ones: its bf16 path is
+        // checked against its f32 one within bf16 rounding in `winograd`'s tests.
+        for g32 in geoms().into_iter().filter(|g| !winograd::applies(g)) {
             let g16 = ConvGeom {
                 precision: Precision::Bf16,
                 ..g32

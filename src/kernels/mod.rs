@@ -10,6 +10,7 @@
 
 pub mod bf16;
 pub mod conv;
+pub mod direct;
 #[cfg(feature = "flex")]
 mod flex;
 pub mod norm;

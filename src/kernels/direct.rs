@@ -1,0 +1,543 @@
+//! Stride-1 convolution computed directly on a zero-padded copy of each image, with
+//! register-tiled kernels of its own: no im2col buffer and no GEMM packing.
+//!
+//! In an image padded to `[C, H_p, W_p]`, output position `n = y·W_p + x` of kernel tap
+//! `(c, i, j)` reads input `n + off(c, i, j)` with `off = c·H_p·W_p + i·W_p + j`: for every
+//! tap, consecutive positions read consecutive floats. So the convolution is a GEMM whose
+//! right operand `X[k][n] = xp[off(k) + n]` is never built: the kernels load 16 positions at
+//! a time straight from the padded image through a table of `K = C·kh·kw` offsets (the
+//! "indirect" convolution of Dukhan 2019, "The Indirect Convolution Algorithm", with the
+//! table indexed by tap instead of by pixel):
+//!
+//! - forward:         `Y[o][n] = Σ_k W[o][k] · X[k][n]` (weights broadcast, positions in the
+//!   vector lanes: 8 output channels x 48 positions per register tile)
+//! - weight gradient: `dW[o][k] += Σ_n dY[o][n] · X[k][n]` (4 x 6 `(o, k)` pairs per tile,
+//!   each a 16-lane partial sum over positions, reduced at the end)
+//! - input gradient:  the forward convolution of `dY` with the kernel turned 180° and its
+//!   channels swapped (stride 1 makes the transposed convolution an ordinary one).
+//!
+//! Positions run over `H_out` rows of `W_p` (not `W_out`) columns, so `W_p - W_out` columns
+//! per row are computed and dropped: 6% extra work at 32 px. In return the 9x copy of im2col
+//! becomes a 1x copy (the padding), and nothing is packed or transposed. That is what slows
+//! im2col + the `gemm` crate on narrow layers: with 16 output channels its products have
+//! `M = 16`, one vector, and the column buffer's writes and reads cost as much as the
+//! multiplies. Two other formulations were measured first and were no faster than im2col on
+//! the 16-channel layers of resnet18_small: channels-last images through the `gemm` crate
+//! (its packing and `16 x 6` edge kernel), and channels-last with output channels in the lanes
+//! (one broadcast per multiply-add).
+//!
+//! # Shapes
+//! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `y: [B, C_out, H_out, W_out]` (NCHW, as
+//! everywhere in [`super::conv`]); internally `[C, H_p, W_p]` per image, `H_p = H + 2·ph`.
+
+use super::conv::{ConvGeom, ConvGrads, image_blocks, sum_in_order};
+use rayon::prelude::*;
+
+/// Floats per vector (one AVX-512 register).
+const LANES: usize = 16;
+
+/// Whether the register-tiled kernels can run: they are written for AVX-512 (32 registers of 16
+/// floats). Elsewhere [`applies`] says no and im2col runs; the portable versions exist so the
+/// tests check the same arithmetic on any machine.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this path computes `g` (forward, and both gradients): an AVX-512 CPU, f32, stride
+/// 1, a kernel wider than one pixel, at least 16 output channels, and outputs at least 16 wide
+/// (the dropped columns cost `2·pw / W_out`; at 4 px the 128-channel layers of resnet18_small
+/// ran 2.5x slower than im2col). The caller tries Winograd first (as fast on 32-channel 16 px
+/// layers, faster on wider ones), and takes the input gradient of layers with fewer than 16
+/// input channels from im2col (its outputs would fill a fraction of a register tile; RGB
+/// stems need none). Measured with `cargo run --release --example conv_layers 2 fp32
+/// resnet18_small` (and `bench-vgg`): the 16-channel 32 px layers of resnet18_small went from
+/// 4.6-5.0 to 3.7-4.0 ms forward and 4.3-4.5 to 3.4-3.6 ms input gradient per batch of 64 on
+/// one thread, the RGB stems' weight gradient from 4.0-5.5 to 2.0-2.4 ms (bench-vgg) and
+/// 1.1-1.6 to 0.4 ms (resnet18_small).
+pub fn applies(g: &ConvGeom) -> bool {
+    available()
+        && g.precision == super::Precision::Fp32
+        && g.stride == [1, 1]
+        && g.kh * g.kw > 1
+        && g.cin > 0
+        && g.cout >= 16
+        && g.pad[0] < g.kh
+        && g.pad[1] < g.kw
+        && g.wo() >= 16
+}
+
+/// Where one geometry's operands live in the padded image.
+struct Layout {
+    hp: usize,
+    wp: usize,
+    /// Positions computed, `H_out · W_p`, rounded up to whole vectors: the row length of the
+    /// outputs.
+    np: usize,
+    /// Floats of the padded image, with the slack the dropped columns and the last vector read.
+    len: usize,
+    /// `off(c, i, j)` in the weights' order `[C_in, kh, kw]`.
+    offs: Vec<usize>,
+}
+
+impl Layout {
+    fn new(g: &ConvGeom) -> Self {
+        let (hp, wp) = (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]);
+        let n = g.ho() * wp;
+        let np = n.div_ceil(LANES) * LANES;
+        let mut offs = Vec::with_capacity(g.k());
+        for c in 0..g.cin {
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    offs.push(c * hp * wp + i * wp + j);
+                }
+            }
+        }
+        // The last tap of the last channel reads up to `off + np - 1`.
+        let len = g.cin * hp * wp + g.kw - 1 + np - n;
+        Layout {
+            hp,
+            wp,
+            np,
+            len,
+            offs,
+        }
+    }
+
+    /// The zero-padded copy of one image `[C, H, W]`.
+    fn pad(&self, x: &[f32], g: &ConvGeom, xp: &mut Vec<f32>) {
+        let [ph, pw] = g.pad;
+        xp.clear();
+        xp.resize(self.len, 0.0);
+        for (c, plane) in x.chunks(g.h * g.w).enumerate() {
+            for (y, row) in plane.chunks(g.w).enumerate() {
+                let at = c * self.hp * self.wp + (y + ph) * self.wp + pw;
+                xp[at..at + g.w].copy_from_slice(row);
+            }
+        }
+    }
+}
+
+/// `Y[o][n0..n0+16V] = Σ_k W[o·ldw + k] · X[off_k + n0..]` for `R` output channels.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `w` holds `R` rows of `offs.len()` weights `ldw` apart, `x + off_k`
+/// `16·V` floats for every offset, `y` `R` rows of `16·V` floats `ldy` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn forward_tile<const R: usize, const V: usize>(
+    offs: &[usize],
+    w: *const f32,
+    ldw: usize,
+    x: *const f32,
+    y: *mut f32,
+    ldy: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    // SAFETY (whole body): the caller's contract bounds every offset below.
+    unsafe {
+        for (k, &off) in offs.iter().enumerate() {
+            let xk = x.add(off);
+            let xv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(xk.add(v * LANES)));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*w.add(r * ldw + k));
+                for v in 0..V {
+                    row[v] = _mm512_fmadd_ps(a, xv[v], row[v]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &sum) in row.iter().enumerate() {
+                _mm512_storeu_ps(y.add(r * ldy + v * LANES), sum);
+            }
+        }
+    }
+}
+
+/// `dW[o][k] += Σ_n dY[o][n] · X[off_k + n]` for `R` channels `o` and `T` taps `k`, over `nv`
+/// vectors of positions.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `dy` holds `R` rows of `16·nv` floats `ldd` apart, `x + off_k`
+/// `16·nv` floats for each of the `T` offsets, `dw` `R` rows of `T` floats `ldw` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn weight_grad_tile<const R: usize, const T: usize>(
+    nv: usize,
+    dy: *const f32,
+    ldd: usize,
+    x: *const f32,
+    offs: &[usize],
+    dw: *mut f32,
+    ldw: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    // SAFETY (whole body): the caller's contract bounds every offset below.
+    unsafe {
+        let xs: [*const f32; T] = std::array::from_fn(|t| x.add(offs[t]));
+        for v in 0..nv {
+            let xv: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(xs[t].add(v * LANES)));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let dv = _mm512_loadu_ps(dy.add(r * ldd + v * LANES));
+                for t in 0..T {
+                    row[t] = _mm512_fmadd_ps(dv, xv[t], row[t]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (t, &sum) in row.iter().enumerate() {
+                *dw.add(r * ldw + t) += _mm512_reduce_add_ps(sum);
+            }
+        }
+    }
+}
+
+/// `Y[o][0..np] = Σ_k W[o][k] · X[off_k + n]` for every output channel: `y` is `[C_out, np]`.
+fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f32], simd: bool) {
+    let (k, np) = (lay.offs.len(), lay.np);
+    assert_eq!(w.len(), cout * k, "weights");
+    assert_eq!(y.len(), cout * np, "output");
+    assert!(
+        xp.len() >= lay.offs.iter().max().map_or(0, |m| m + np),
+        "padded image"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd && available() {
+        let (w, x, y) = (w.as_ptr(), xp.as_ptr(), y.as_mut_ptr());
+        let offs = &lay.offs[..];
+        // Positions outside, channels inside: the 48-position slice of every tap (`K · 48`
+        // floats) stays in L1 while all the channels use it.
+        let mut n0 = 0;
+        while n0 < np {
+            let wide = np - n0 >= 3 * LANES;
+            let mut o = 0;
+            // SAFETY: AVX-512 F was detected; the asserts above bound every row `< C_out`,
+            // tap `< K` and position `< np` the tiles touch.
+            unsafe {
+                let (xn, yn) = (x.add(n0), y.add(n0));
+                while o < cout {
+                    let (wo, yo) = (w.add(o * k), yn.add(o * np));
+                    match (cout - o >= 8, wide) {
+                        (true, true) => forward_tile::<8, 3>(offs, wo, k, xn, yo, np),
+                        (true, false) => forward_tile::<8, 1>(offs, wo, k, xn, yo, np),
+                        (false, true) => forward_tile::<1, 3>(offs, wo, k, xn, yo, np),
+                        (false, false) => forward_tile::<1, 1>(offs, wo, k, xn, yo, np),
+                    }
+                    o += if cout - o >= 8 { 8 } else { 1 };
+                }
+            }
+            n0 += if wide { 3 * LANES } else { LANES };
+        }
+        return;
+    }
+    for (wrow, yrow) in w.chunks(k).zip(y.chunks_mut(np)) {
+        yrow.fill(0.0);
+        for (&a, &off) in wrow.iter().zip(&lay.offs) {
+            for (d, &xv) in yrow.iter_mut().zip(&xp[off..off + np]) {
+                *d = a.mul_add(xv, *d);
+            }
+        }
+    }
+}
+
+/// `dW[o][k] += Σ_n dY[o][n] · X[off_k + n]`: `dy` is `[C_out, np]`, zero where no output is.
+fn weight_grad_product(
+    cout: usize,
+    dy: &[f32],
+    xp: &[f32],
+    lay: &Layout,
+    dw: &mut [f32],
+    simd: bool,
+) {
+    let (k, np) = (lay.offs.len(), lay.np);
+    assert_eq!(dy.len(), cout * np, "output gradient");
+    assert_eq!(dw.len(), cout * k, "weight gradient");
+    assert!(
+        xp.len() >= lay.offs.iter().max().map_or(0, |m| m + np),
+        "padded image"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd && available() {
+        let (d, x, g) = (dy.as_ptr(), xp.as_ptr(), dw.as_mut_ptr());
+        let nv = np / LANES;
+        let mut o = 0;
+        while o < cout {
+            let r = if cout - o >= 4 { 4 } else { 1 };
+            let mut t = 0;
+            while t < k {
+                let offs = &lay.offs[t..];
+                // SAFETY: AVX-512 F was detected; the asserts above bound every row `< C_out`,
+                // tap `< K` and position `< np` the tiles touch.
+                unsafe {
+                    let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
+                    match (r, k - t >= 4) {
+                        (4, true) => weight_grad_tile::<4, 4>(nv, dyo, np, x, offs, dwo, k),
+                        (4, false) => weight_grad_tile::<4, 1>(nv, dyo, np, x, offs, dwo, k),
+                        (_, true) => weight_grad_tile::<1, 4>(nv, dyo, np, x, offs, dwo, k),
+                        (_, false) => weight_grad_tile::<1, 1>(nv, dyo, np, x, offs, dwo, k),
+                    }
+                }
+                t += if k - t >= 4 { 4 } else { 1 };
+            }
+            o += r;
+        }
+        return;
+    }
+    for (drow, grow) in dy.chunks(np).zip(dw.chunks_mut(k)) {
+        for (gv, &off) in grow.iter_mut().zip(&lay.offs) {
+            *gv += drow
+                .iter()
+                .zip(&xp[off..off + np])
+                .fold(0.0f32, |s, (&a, &b)| a.mul_add(b, s));
+        }
+    }
+}
+
+/// Forward convolution (`y`, contiguous NCHW).
+///
+/// (The input gradient calls it with geometries `applies` may refuse for speed: it computes any
+/// stride-1 convolution with padding smaller than its kernel.)
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    forward_with(x, w, bias, g, true)
+}
+
+fn forward_with(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, simd: bool) -> Vec<f32> {
+    assert!(
+        g.stride == [1, 1] && g.pad[0] < g.kh && g.pad[1] < g.kw,
+        "direct convolution of {g:?}"
+    );
+    assert_eq!(x.len(), g.batch * g.cin * g.h * g.w, "conv2d input length");
+    assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
+    let lay = Layout::new(g);
+    let (ho, wo) = (g.ho(), g.wo());
+    let out_len = g.cout * ho * wo;
+    let mut y = vec![0.0f32; g.batch * out_len];
+    y.par_chunks_mut(out_len.max(1))
+        .zip(x.par_chunks((g.cin * g.h * g.w).max(1)))
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(xp, acc), (yn, xn)| {
+                lay.pad(xn, g, xp);
+                acc.resize(g.cout * lay.np, 0.0);
+                forward_product(g.cout, w, xp, &lay, acc, simd);
+                for (o, (dst, src)) in yn.chunks_mut(ho * wo).zip(acc.chunks(lay.np)).enumerate() {
+                    let b = bias.map_or(0.0, |b| b[o]);
+                    for (d, s) in dst.chunks_mut(wo).zip(src.chunks(lay.wp)) {
+                        d.iter_mut().zip(s).for_each(|(d, &s)| *d = s + b);
+                    }
+                }
+            },
+        );
+    y
+}
+
+/// The geometry of the input gradient as a forward convolution of `dY`.
+fn input_grad_geom(g: &ConvGeom) -> ConvGeom {
+    ConvGeom {
+        cin: g.cout,
+        cout: g.cin,
+        h: g.ho(),
+        w: g.wo(),
+        pad: [g.kh - 1 - g.pad[0], g.kw - 1 - g.pad[1]],
+        ..*g
+    }
+}
+
+/// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient.
+fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut out = vec![0.0f32; w.len()];
+    for o in 0..g.cout {
+        for c in 0..g.cin {
+            for t in 0..taps {
+                out[(c * g.cout + o) * taps + taps - 1 - t] = w[(o * g.cin + c) * taps + t];
+            }
+        }
+    }
+    out
+}
+
+/// Gradients of [`forward`] given `dy`: `(dx, dw, db)`, each when asked for. Images are split in
+/// contiguous blocks, one per thread, and the partial weight gradients summed in block order,
+/// so a thread count gives bit-identical results.
+pub fn backward(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeom, need: [bool; 3]) -> ConvGrads {
+    backward_with(x, w, dy, g, need, true)
+}
+
+fn backward_with(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    need: [bool; 3],
+    simd: bool,
+) -> ConvGrads {
+    assert!(
+        g.stride == [1, 1] && g.pad[0] < g.kh && g.pad[1] < g.kw,
+        "direct convolution of {g:?}"
+    );
+    let [need_dx, need_dw, need_db] = need;
+    let dx = need_dx.then(|| forward_with(dy, &rotated(w, g), None, &input_grad_geom(g), simd));
+    if !need_dw && !need_db {
+        return (dx, None, None);
+    }
+    let lay = Layout::new(g);
+    let (ho, wo, cout) = (g.ho(), g.wo(), g.cout);
+    let (in_len, out_len) = (g.cin * g.h * g.w, cout * ho * wo);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = image_blocks(g.batch)
+        .into_par_iter()
+        .map(|range| {
+            let mut dw = vec![0.0f32; if need_dw { cout * g.k() } else { 0 }];
+            let mut db = vec![0.0f32; if need_db { cout } else { 0 }];
+            // dY over the product's positions; the dropped columns and the tail stay zero.
+            let (mut xp, mut dyp) = (Vec::new(), vec![0.0f32; cout * lay.np]);
+            for img in range {
+                let dyn_ = &dy[img * out_len..(img + 1) * out_len];
+                if need_db {
+                    for (acc, plane) in db.iter_mut().zip(dyn_.chunks(ho * wo)) {
+                        *acc += plane.iter().sum::<f32>();
+                    }
+                }
+                if !need_dw {
+                    continue;
+                }
+                for (dst, src) in dyp.chunks_mut(lay.np).zip(dyn_.chunks(ho * wo)) {
+                    for (d, s) in dst.chunks_mut(lay.wp).zip(src.chunks(wo)) {
+                        d[..wo].copy_from_slice(s);
+                    }
+                }
+                lay.pad(&x[img * in_len..(img + 1) * in_len], g, &mut xp);
+                weight_grad_product(cout, &dyp, &xp, &lay, &mut dw, simd);
+            }
+            (dw, db)
+        })
+        .collect();
+    let dw = need_dw.then(|| sum_in_order(partials.iter().map(|p| &p.0)));
+    let db = need_db.then(|| sum_in_order(partials.iter().map(|p| &p.1)));
+    (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Precision;
+    use crate::kernels::conv::{im2col_backward, im2col_forward};
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn geom(
+        batch: usize,
+        cin: usize,
+        cout: usize,
+        h: usize,
+        w: usize,
+        k: [usize; 2],
+        pad: [usize; 2],
+    ) -> ConvGeom {
+        ConvGeom {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh: k[0],
+            kw: k[1],
+            stride: [1, 1],
+            pad,
+            precision: Precision::Fp32,
+        }
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * scale, "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// Against im2col + GEMM (itself tested against the definition) on odd and even sizes,
+    /// paddings 0 to kernel-1, non-square kernels, channel counts that leave partial register
+    /// tiles, and more images than threads; the AVX-512 kernels and the portable loops both.
+    #[test]
+    fn matches_im2col_forward_and_backward() {
+        for g in [
+            geom(3, 16, 16, 8, 16, [3, 3], [1, 1]),
+            geom(2, 16, 32, 7, 19, [3, 3], [0, 0]),
+            geom(5, 17, 19, 6, 15, [3, 3], [2, 2]),
+            geom(2, 20, 13, 9, 17, [5, 5], [2, 2]),
+            geom(1, 3, 64, 5, 17, [1, 3], [0, 1]),
+        ] {
+            let x = data(g.batch * g.cin * g.h * g.w, 1);
+            let w = data(g.cout * g.k(), 2);
+            let b = data(g.cout, 3);
+            let ey = im2col_forward(&x, &w, Some(&b), &g);
+            let dy = data(ey.len(), 4);
+            let (ex, ew, eb) = im2col_backward(&x, &w, &dy, &g, [true, true, true]);
+            for simd in [true, false] {
+                let what = |t: &str| format!("{t} of {g:?}, simd {simd}");
+                let y = forward_with(&x, &w, Some(&b), &g, simd);
+                assert_close(&y, &ey, &what("y"));
+                let (dx, dw, db) = backward_with(&x, &w, &dy, &g, [true, true, true], simd);
+                assert_close(&dx.unwrap(), ex.as_ref().unwrap(), &what("dx"));
+                assert_close(&dw.unwrap(), ew.as_ref().unwrap(), &what("dw"));
+                assert_close(&db.unwrap(), eb.as_ref().unwrap(), &what("db"));
+                let (dx, dw, db) = backward_with(&x, &w, &dy, &g, [false, true, false], simd);
+                assert!(dx.is_none() && db.is_none() && dw.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn applies_to_f32_stride_one_layers_of_sixteen_output_channels_or_more() {
+        assert_eq!(
+            applies(&geom(1, 16, 16, 32, 32, [3, 3], [1, 1])),
+            available()
+        );
+        assert_eq!(
+            applies(&geom(1, 3, 16, 32, 32, [3, 3], [1, 1])),
+            available()
+        );
+        assert!(!applies(&geom(1, 16, 8, 32, 32, [3, 3], [1, 1])));
+        assert!(!applies(&geom(1, 16, 16, 32, 32, [1, 1], [0, 0])));
+        assert!(!applies(&geom(1, 16, 16, 8, 8, [3, 3], [1, 1])));
+        let bf16 = ConvGeom {
+            precision: Precision::Bf16,
+            ..geom(1, 16, 16, 32, 32, [3, 3], [1, 1])
+        };
+        assert!(!applies(&bf16));
+        let strided = ConvGeom {
+            stride: [2, 2],
+            ..geom(1, 16, 16, 32, 32, [3, 3], [1, 1])
+        };
+        assert!(!applies(&strided));
+    }
+
+    /// The forward tiles sum in the portable loop's order, one fused multiply-add per term:
+    /// the same bits.
+    #[test]
+    fn simd_forward_equals_the_portable_sums() {
+        let g = geom(1, 5, 19, 9, 21, [3, 3], [1, 1]);
+        let lay = Layout::new(&g);
+        let mut xp = Vec::new();
+        lay.pad(&data(g.cin * g.h * g.w, 8), &g, &mut xp);
+        let w = data(g.cout * g.k(), 9);
+        let (mut a, mut b) = (vec![1.0; g.cout * lay.np], vec![2.0; g.cout * lay.np]);
+        forward_product(g.cout, &w, &xp, &lay, &mut a, true);
+        forward_product(g.cout, &w, &xp, &lay, &mut b, false);
+        assert_eq!(a, b);
+    }
+}
