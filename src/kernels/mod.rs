@@ -419,6 +419,10 @@ mod tests {
             (2, 4, 10, 7, 2, 3, true),
             // Winograd's F(2x2, 3x3) forward and input gradient.
             (32, 40, 9, 3, 1, 1, true),
+            // The direct kernels (on AVX-512 CPUs): all three products of a 16-channel layer,
+            // and an RGB stem (input gradient from im2col).
+            (16, 16, 17, 3, 1, 1, false),
+            (3, 16, 16, 3, 1, 1, true),
         ] {
             let x = Tensor::<4>::random([3, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<4>::random([cout, cin, k, k], Distribution::Normal(0.0, 0.3), &device);
