@@ -53,6 +53,24 @@ pub struct ConvGeom {
 }
 
 impl ConvGeom {
+    /// The geometry of the convolution that computes this stride-1 convolution's input
+    /// gradient from its output gradient (with the kernel turned 180° and the channels
+    /// swapped): `C_out` channels in, `C_in` out, padding `k - 1 - p`, output `H x W`.
+    pub fn input_grad(&self) -> ConvGeom {
+        assert_eq!(
+            self.stride,
+            [1, 1],
+            "input gradient as a convolution of {self:?}"
+        );
+        ConvGeom {
+            cin: self.cout,
+            cout: self.cin,
+            h: self.ho(),
+            w: self.wo(),
+            pad: [self.kh - 1 - self.pad[0], self.kw - 1 - self.pad[1]],
+            ..*self
+        }
+    }
     pub fn ho(&self) -> usize {
         (self.h + 2 * self.pad[0] - self.kh) / self.stride[0] + 1
     }
@@ -509,7 +527,7 @@ pub fn conv2d_backward(
     };
     let dx = dx_by.map(|by| match by {
         DxBy::Winograd => {
-            let gi = winograd::input_grad_geom(g);
+            let gi = g.input_grad();
             let ut = winograd::transform_weights(w, g.cout, g.cin, true);
             winograd::forward(dy, &ut, None, &gi)
         }
@@ -681,8 +699,17 @@ pub fn im2col_backward(
     (dx, dw, db)
 }
 
+/// Deterministic test values in [-1, 1), different for each seed.
+#[cfg(test)]
+pub(super) fn test_data(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_data as data;
     use super::*;
 
     /// The definition, one multiply-add at a time.
@@ -715,12 +742,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
     }
 
     fn geoms() -> Vec<ConvGeom> {

@@ -343,18 +343,6 @@ fn forward_with(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, simd: 
     y
 }
 
-/// The geometry of the input gradient as a forward convolution of `dY`.
-fn input_grad_geom(g: &ConvGeom) -> ConvGeom {
-    ConvGeom {
-        cin: g.cout,
-        cout: g.cin,
-        h: g.ho(),
-        w: g.wo(),
-        pad: [g.kh - 1 - g.pad[0], g.kw - 1 - g.pad[1]],
-        ..*g
-    }
-}
-
 /// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient.
 fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
     let taps = g.kh * g.kw;
@@ -389,7 +377,7 @@ fn backward_with(
         "direct convolution of {g:?}"
     );
     let [need_dx, need_dw, need_db] = need;
-    let dx = need_dx.then(|| forward_with(dy, &rotated(w, g), None, &input_grad_geom(g), simd));
+    let dx = need_dx.then(|| forward_with(dy, &rotated(w, g), None, &g.input_grad(), simd));
     if !need_dw && !need_db {
         return (dx, None, None);
     }
@@ -433,13 +421,7 @@ fn backward_with(
 mod tests {
     use super::*;
     use crate::kernels::Precision;
-    use crate::kernels::conv::{im2col_backward, im2col_forward};
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::conv::{im2col_backward, im2col_forward, test_data as data};
 
     #[allow(clippy::too_many_arguments)]
     fn geom(

@@ -262,7 +262,7 @@ dispatched! {
 /// The convolution `y = conv(x, w) (+ bias)` of [`applies`]-able geometry `g`, with the weights
 /// already transformed ([`transform_weights`] with `for_input_grad = false`; for an input
 /// gradient pass the output gradient as `x`, the transformed rotated weights as `u` and the
-/// geometry of that convolution, see [`input_grad_geom`]).
+/// geometry of that convolution, see [`ConvGeom::input_grad`]).
 pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
     let (ho, wo) = (g.ho(), g.wo());
@@ -354,29 +354,10 @@ pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<
     y
 }
 
-/// The geometry of the convolution that computes `g`'s input gradient from its output
-/// gradient: `C_out` channels in, `C_in` out, padding `2 - p`, output `H x W`.
-pub fn input_grad_geom(g: &ConvGeom) -> ConvGeom {
-    ConvGeom {
-        cin: g.cout,
-        cout: g.cin,
-        h: g.ho(),
-        w: g.wo(),
-        pad: [2 - g.pad[0], 2 - g.pad[1]],
-        ..*g
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::conv::{im2col_backward, im2col_forward};
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::kernels::conv::{im2col_backward, im2col_forward, test_data as data};
 
     fn geom(batch: usize, cin: usize, cout: usize, h: usize, w: usize, pad: usize) -> ConvGeom {
         ConvGeom {
@@ -427,7 +408,7 @@ mod tests {
                 &format!("forward {g:?}"),
             );
             let dy = data(g.batch * g.cout * g.ho() * g.wo(), 4);
-            let gi = input_grad_geom(&g);
+            let gi = g.input_grad();
             let ut = transform_weights(&w, g.cout, g.cin, true);
             let want = im2col_backward(&x, &w, &dy, &g, [true, false, false])
                 .0
