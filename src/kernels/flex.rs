@@ -8,6 +8,7 @@
 use super::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use super::norm::{NormGeom, affine, backward as norm_backward, batch_stats, scale_shift};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
+use super::simd;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -448,6 +449,75 @@ impl<C: CheckpointStrategy> MaxPoolBackend for Autodiff<Flex, C> {
                 let (y, _) = max_pool_forward(&values(x.primitive()), &g, false);
                 prep.finish(pool_output(y, x.primitive(), &g))
             }
+        }
+    }
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait AddReluBackend: Backend {
+    /// `relu(a + b)` elementwise, `a` and `b` of one shape: a residual block's output.
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Elements per parallel chunk: large enough that a chunk outweighs scheduling it.
+const CHUNK: usize = 1 << 14;
+
+fn add_relu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    use rayon::prelude::*;
+    let (av, bv) = (values(a), values(b));
+    assert_eq!(
+        av.len(),
+        bv.len(),
+        "add_relu: shapes {:?} and {:?}",
+        a.shape(),
+        b.shape()
+    );
+    let mut y = vec![0.0f32; av.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| simd::add_relu_row(y, a, b));
+    FlexTensor::from_data(TensorData::new(y, a.shape()))
+}
+
+impl AddReluBackend for Flex {
+    fn add_relu(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        add_relu(&a, &b)
+    }
+}
+
+#[derive(Debug)]
+struct AddRelu;
+
+impl Backward<Flex, 2> for AddRelu {
+    /// The output (shared storage, not a copy): the ReLU's gate.
+    type State = FlexTensor;
+    fn backward(self, ops: Ops<FlexTensor, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        use rayon::prelude::*;
+        let y = ops.state;
+        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
+        let (yv, dyv) = (values(&y), values(&dy));
+        let mut dx = vec![0.0f32; yv.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(dyv.par_chunks(CHUNK).zip(yv.par_chunks(CHUNK)))
+            .for_each(|(dx, (dy, y))| simd::relu_grad_row(dx, dy, y));
+        // Both summands get the same gradient: one buffer, shared.
+        let dx = FlexTensor::from_data(TensorData::new(dx, y.shape()));
+        for node in ops.parents.iter().flatten() {
+            grads.register::<Flex>(node.id, dx.clone());
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = add_relu(a.primitive(), b.primitive());
+        match AddRelu
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
 }

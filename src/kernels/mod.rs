@@ -392,6 +392,36 @@ fn fast_max_pool(_: Tensor<4>, _: [usize; 2], _: [usize; 2], _: [usize; 2], _: b
     unreachable!("the max pooling kernel is only routed to on burn-flex")
 }
 
+/// `relu(a + b)`: the end of a residual block (a shortcut added to the block's output, then
+/// a ReLU). On burn-flex one parallel pass forward and one backward (the gradient through the
+/// ReLU, shared by both summands) instead of Burn's add and ReLU and their two backward steps,
+/// which run on the calling thread.
+///
+/// # Shapes
+/// `a`, `b`: `[B, C, H, W]` (the same) -> `[B, C, H, W]`.
+pub fn add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    if fast_path(&a) && b.dtype() == DType::F32 && a.dims() == b.dims() {
+        fast_add_relu(a, b)
+    } else {
+        activation::relu(a + b)
+    }
+}
+
+#[cfg(feature = "flex")]
+fn fast_add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    use flex::AddReluBackend;
+    Tensor::from_dispatch(<Dispatch as AddReluBackend>::add_relu(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
+#[cfg(not(feature = "flex"))]
+fn fast_add_relu(_: Tensor<4>, _: Tensor<4>) -> Tensor<4> {
+    unreachable!("the fused add + ReLU is only routed to on burn-flex")
+}
+
 #[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
@@ -464,6 +494,43 @@ mod tests {
             assert_eq!(gb1.is_some(), gb0.is_some(), "{case}");
             if let (Some(a), Some(b)) = (gb1, gb0) {
                 assert!(max_rel_diff(a, b) < 1e-4, "{case}: bias gradient");
+            }
+        }
+    }
+
+    /// The fused residual add + ReLU and Burn's `relu(a + b)` give the same output and the same
+    /// gradient to each summand (also when only one of them is tracked).
+    #[test]
+    fn add_relu_matches_burn() {
+        let device = Device::flex().autodiff();
+        let shape = [3, 5, 7, 9];
+        let a = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let dy = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        for track_b in [true, false] {
+            let run = |fast: bool| {
+                let a = a.clone().require_grad();
+                let b = if track_b {
+                    b.clone().require_grad()
+                } else {
+                    b.clone()
+                };
+                let y = if fast {
+                    add_relu(a.clone(), b.clone())
+                } else {
+                    activation::relu(a.clone() + b.clone())
+                };
+                let grads = (y.clone() * dy.clone()).sum().backward();
+                (y.inner(), a.grad(&grads).unwrap(), b.grad(&grads))
+            };
+            let (y1, ga1, gb1) = run(true);
+            let (y0, ga0, gb0) = run(false);
+            assert!(max_rel_diff(y1, y0) < 1e-6, "output");
+            assert!(max_rel_diff(ga1, ga0) < 1e-6, "gradient of a");
+            assert_eq!(gb1.is_some(), track_b);
+            assert_eq!(gb0.is_some(), track_b);
+            if let (Some(g1), Some(g0)) = (gb1, gb0) {
+                assert!(max_rel_diff(g1, g0) < 1e-6, "gradient of b");
             }
         }
     }

@@ -124,6 +124,25 @@ dispatched! {
     }
 }
 
+dispatched! {
+    /// `y = relu(a + b)`, NaN kept (as Burn's `relu`: only `<= 0` becomes 0).
+    pub fn add_relu_row(y: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            let s = a + b;
+            *y = if s <= 0.0 { 0.0 } else { s };
+        }
+    }
+}
+
+dispatched! {
+    /// `dx = dy` where `y > 0`, else 0: the gradient through a ReLU from its output.
+    pub fn relu_grad_row(dx: &mut [f32], dy: &[f32], y: &[f32]) {
+        for ((d, &g), &y) in dx.iter_mut().zip(dy).zip(y) {
+            *d = if y > 0.0 { g } else { 0.0 };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +163,25 @@ mod tests {
             }
         }
         assert!((g - g0).abs() < 1e-4 && (gx - gx0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn add_relu_and_its_gradient_match_the_obvious_loop() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 9.0).collect();
+        let mut b: Vec<f32> = (0..37).map(|i| (i % 5) as f32 - 2.0).collect();
+        b[3] = f32::NAN;
+        let mut y = vec![0.0; 37];
+        add_relu_row(&mut y, &a, &b);
+        let mut dx = vec![7.0; 37];
+        relu_grad_row(&mut dx, &b, &y);
+        for i in 0..37 {
+            let s = a[i] + b[i];
+            if i == 3 {
+                assert!(y[i].is_nan() && dx[i] == 0.0);
+                continue;
+            }
+            assert_eq!(y[i], s.max(0.0));
+            assert_eq!(dx[i], if s > 0.0 { b[i] } else { 0.0 });
+        }
     }
 }

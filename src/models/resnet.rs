@@ -19,7 +19,6 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 
 use crate::layers::global_avg_pool;
 
@@ -116,7 +115,7 @@ impl Block {
         for (i, c) in self.convs.iter().enumerate() {
             y = c.forward(y, i + 1 < n);
         }
-        relu(y + shortcut)
+        crate::kernels::add_relu(y, shortcut)
     }
 }
 
