@@ -110,11 +110,16 @@ impl Layout {
         }
     }
 
-    /// The zero-padded copy of one image `[C, H, W]`.
+    /// The zero-padded copy of one image `[C, H, W]` into `xp`, a buffer used only with this
+    /// layout: every image writes the same interior positions, so the border and the slack
+    /// stay zero from the first call and are not cleared again (a whole-buffer clear per image
+    /// was 14 MB of memset per layer and step for resnet18_small's 16-channel layers).
     fn pad(&self, x: &[f32], g: &ConvGeom, xp: &mut Vec<f32>) {
         let [ph, pw] = g.pad;
-        xp.clear();
-        xp.resize(self.len, 0.0);
+        if xp.len() != self.len {
+            xp.clear();
+            xp.resize(self.len, 0.0);
+        }
         for (c, plane) in x.chunks(g.h * g.w).enumerate() {
             for (y, row) in plane.chunks(g.w).enumerate() {
                 let at = c * self.hp * self.wp + (y + ph) * self.wp + pw;
