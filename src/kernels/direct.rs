@@ -329,6 +329,7 @@ fn forward_with(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, simd: 
     let (ho, wo) = (g.ho(), g.wo());
     let out_len = g.cout * ho * wo;
     let mut y = vec![0.0f32; g.batch * out_len];
+    let split = g.batch < rayon::current_num_threads();
     y.par_chunks_mut(out_len.max(1))
         .zip(x.par_chunks((g.cin * g.h * g.w).max(1)))
         .for_each_init(
@@ -336,7 +337,16 @@ fn forward_with(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, simd: 
             |(xp, acc), (yn, xn)| {
                 lay.pad(xn, g, xp);
                 acc.resize(g.cout * lay.np, 0.0);
-                forward_product(g.cout, w, xp, &lay, acc, simd);
+                if split {
+                    // Fewer images than threads (a single-image prediction): the threads
+                    // take blocks of 8 output channels instead, each summing exactly as alone.
+                    let k = g.k();
+                    acc.par_chunks_mut(8 * lay.np)
+                        .zip(w.par_chunks(8 * k))
+                        .for_each(|(a, wc)| forward_product(wc.len() / k, wc, xp, &lay, a, simd));
+                } else {
+                    forward_product(g.cout, w, xp, &lay, acc, simd);
+                }
                 for (o, (dst, src)) in yn.chunks_mut(ho * wo).zip(acc.chunks(lay.np)).enumerate() {
                     let b = bias.map_or(0.0, |b| b[o]);
                     for (d, s) in dst.chunks_mut(wo).zip(src.chunks(lay.wp)) {
@@ -389,6 +399,7 @@ fn backward_with(
     let lay = Layout::new(g);
     let (ho, wo, cout) = (g.ho(), g.wo(), g.cout);
     let (in_len, out_len) = (g.cin * g.h * g.w, cout * ho * wo);
+    let split = g.batch < rayon::current_num_threads();
     let partials: Vec<(Vec<f32>, Vec<f32>)> = image_blocks(g.batch)
         .into_par_iter()
         .map(|range| {
@@ -412,7 +423,17 @@ fn backward_with(
                     }
                 }
                 lay.pad(&x[img * in_len..(img + 1) * in_len], g, &mut xp);
-                weight_grad_product(cout, &dyp, &xp, &lay, &mut dw, simd);
+                if split {
+                    // Fewer images than threads: blocks of 4 output channels per thread.
+                    let k = g.k();
+                    dw.par_chunks_mut(4 * k)
+                        .zip(dyp.par_chunks(4 * lay.np))
+                        .for_each(|(d, dyc)| {
+                            weight_grad_product(d.len() / k, dyc, &xp, &lay, d, simd)
+                        });
+                } else {
+                    weight_grad_product(cout, &dyp, &xp, &lay, &mut dw, simd);
+                }
             }
             (dw, db)
         })
@@ -530,5 +551,26 @@ mod tests {
         forward_product(g.cout, &w, &xp, &lay, &mut a, true);
         forward_product(g.cout, &w, &xp, &lay, &mut b, false);
         assert_eq!(a, b);
+    }
+
+    /// A single image split over threads by output channels gives the bits of one thread.
+    #[test]
+    fn one_image_split_over_threads_sums_as_one_thread() {
+        let g = geom(1, 16, 24, 6, 17, [3, 3], [1, 1]);
+        let x = data(g.cin * g.h * g.w, 10);
+        let w = data(g.cout * g.k(), 11);
+        let dy = data(g.cout * g.ho() * g.wo(), 12);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = forward_with(&x, &w, None, &g, true);
+                let (_, dw, _) = backward_with(&x, &w, &dy, &g, [false, true, false], true);
+                (y, dw.unwrap())
+            })
+        };
+        assert_eq!(run(1), run(3));
     }
 }
