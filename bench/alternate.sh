@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-5}
 T=${2:-2}
-shift 2 || true
+shift $(($# < 2 ? $# : 2))
 MODELS=${*:-bench-vgg resnet18_small}
 INPUT=3x32x32
 source bench/setup.sh

@@ -127,28 +127,26 @@ fn main() {
         let w = vec![0.01f32; cout * g.k()];
         let flops = 2.0 * (64 * cout * g.k() * g.p()) as f64;
         let y = conv2d_forward(&x, &w, None, &g);
-        let reps = 5;
-        let t = Instant::now();
-        for _ in 0..reps {
+        // Seconds per call, the mean of 5.
+        let time = |f: &dyn Fn()| {
+            let t = Instant::now();
+            for _ in 0..5 {
+                f();
+            }
+            t.elapsed().as_secs_f64() / 5.0
+        };
+        let backward = |need: [bool; 3]| {
+            time(&|| {
+                std::hint::black_box(conv2d_backward(&x, &w, &y, &g, need));
+            })
+        };
+        let f = time(&|| {
             std::hint::black_box(conv2d_forward(&x, &w, None, &g));
-        }
-        let f = t.elapsed().as_secs_f64() / reps as f64;
-        let t = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(conv2d_backward(&x, &w, &y, &g, [cin != 3, true, false]));
-        }
-        let b = t.elapsed().as_secs_f64() / reps as f64;
+        });
+        let b = backward([cin != 3, true, false]);
         let bfl = if cin == 3 { flops } else { 2.0 * flops };
-        let t = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(conv2d_backward(&x, &w, &y, &g, [false, true, false]));
-        }
-        let bw = t.elapsed().as_secs_f64() / reps as f64;
-        let t = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(conv2d_backward(&x, &w, &y, &g, [true, false, false]));
-        }
-        let bx = t.elapsed().as_secs_f64() / reps as f64;
+        let bw = backward([false, true, false]);
+        let bx = backward([true, false, false]);
         println!(
             "{cin:>3}->{cout:<3} {hw:>2}px {kernel}x{kernel}/{stride} x{count}  fwd {:6.1} ms {:5.1} GF/s   bwd {:6.1} ms {:5.1} GF/s   (dW only {:6.1} ms, dx only {:6.1} ms)",
             f * 1e3,

@@ -80,7 +80,8 @@ struct Layout {
     /// Positions computed, `H_out · W_p`, rounded up to whole vectors: the row length of the
     /// outputs.
     np: usize,
-    /// Floats of the padded image, with the slack the dropped columns and the last vector read.
+    /// Floats of the padded image, with the slack the dropped columns and the last vector read:
+    /// the largest offset plus `np`, all that the products may touch.
     len: usize,
     /// `off(c, i, j)` in the weights' order `[C_in, kh, kw]`.
     offs: Vec<usize>,
@@ -214,10 +215,7 @@ fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f3
     let (k, np) = (lay.offs.len(), lay.np);
     assert_eq!(w.len(), cout * k, "weights");
     assert_eq!(y.len(), cout * np, "output");
-    assert!(
-        xp.len() >= lay.offs.iter().max().map_or(0, |m| m + np),
-        "padded image"
-    );
+    assert!(xp.len() >= lay.len, "padded image");
     #[cfg(target_arch = "x86_64")]
     if simd && available() {
         let (w, x, y) = (w.as_ptr(), xp.as_ptr(), y.as_mut_ptr());
@@ -269,10 +267,7 @@ fn weight_grad_product(
     let (k, np) = (lay.offs.len(), lay.np);
     assert_eq!(dy.len(), cout * np, "output gradient");
     assert_eq!(dw.len(), cout * k, "weight gradient");
-    assert!(
-        xp.len() >= lay.offs.iter().max().map_or(0, |m| m + np),
-        "padded image"
-    );
+    assert!(xp.len() >= lay.len, "padded image");
     #[cfg(target_arch = "x86_64")]
     if simd && available() {
         let (d, x, g) = (dy.as_ptr(), xp.as_ptr(), dw.as_mut_ptr());
