@@ -79,8 +79,8 @@ struct Report {
     batch: usize,
     threads: usize,
     device: String,
-    /// `convlab` (convlab's CPU kernels, on burn-flex) or `backend` (the backend's own ops:
-    /// another device, or `CONVLAB_KERNELS=burn`);
+    /// `convlab` (convlab's CPU kernels on burn-flex, libtorch's backward kernels on tch) or
+    /// `backend` (the backend's own ops: another device, or `CONVLAB_KERNELS=burn`);
     /// in the text line only, the JSON keys being the contract.
     #[serde(skip)]
     kernels: String,
@@ -252,7 +252,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ms_per_step: 1e3 * t.median(),
         peak_rss_mb: bench::peak_rss_mb(),
         gflops_per_sec: flops / t.median() / 1e9,
-        kernels: if convlab::kernels::active_on(&dev) {
+        kernels: if convlab::kernels::extended_on(&dev) {
             "convlab"
         } else {
             "backend"

@@ -3,7 +3,9 @@
 //! Model code stays backend-independent: it calls [`conv2d`] and [`batch_norm`], which take the fast path when the
 //! tensor lives on burn-flex (with or without autodiff) and the convolution is one the kernel
 //! covers (f32; for convolutions no groups, no dilation, symmetric padding), and Burn's own otherwise
-//! (libtorch, CUDA, wgpu, and the cases the kernel does not cover).
+//! (CUDA, wgpu, and the cases the kernel does not cover). On libtorch (`--features tch`),
+//! convolutions and training batch norm run libtorch's own backward kernels ([`torch`]) where
+//! Burn would compose them from other ops.
 //!
 //! `CONVLAB_KERNELS=burn` in the environment turns the fast paths off, for comparing the two
 //! (`convlab bench` prints which one ran).
@@ -16,6 +18,8 @@ mod flex;
 pub mod norm;
 pub mod pool;
 mod simd;
+#[cfg(feature = "tch")]
+mod torch;
 pub mod winograd;
 
 use burn::nn::conv::Conv2d;
@@ -63,9 +67,39 @@ pub fn active_on(device: &Device) -> bool {
     kernels() == Kernels::Convlab && is_flex(device)
 }
 
+/// Whether convlab's kernels run on `device`: [`active_on`], or libtorch's backward kernels
+/// through [`torch`] on a `tch` device.
+pub fn extended_on(device: &Device) -> bool {
+    active_on(device) || (kernels() == Kernels::Convlab && is_tch(device))
+}
+
 /// Whether convlab's kernels apply to `x`: f32 on burn-flex, and not switched off.
 fn fast_path(x: &Tensor<4>) -> bool {
     x.dtype() == DType::F32 && active_on(&x.device())
+}
+
+/// Whether the libtorch extension applies to `x`: f32 on libtorch, and not switched off.
+fn torch_path(x: &Tensor<4>) -> bool {
+    x.dtype() == DType::F32 && kernels() == Kernels::Convlab && is_tch(&x.device())
+}
+
+/// Whether `device` is libtorch (directly or under autodiff).
+fn is_tch(device: &Device) -> bool {
+    #[cfg(feature = "tch")]
+    {
+        use burn::backend::DispatchDevice;
+        match device.as_dispatch() {
+            DispatchDevice::LibTorch(_) => true,
+            DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::LibTorch(_)),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = device;
+        false
+    }
 }
 
 /// Whether `device` is burn-flex (directly or under autodiff).
@@ -191,17 +225,52 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let padding = symmetric_padding(&conv.padding);
-    let gemm_ok = conv.groups == 1 && conv.dilation == [1, 1] && fast_path(&x);
+    let plain = conv.groups == 1 && conv.dilation == [1, 1];
+    let bias = || conv.bias.as_ref().map(|b| b.val());
     match padding {
-        Some(padding) if gemm_ok => gemm_conv2d(
-            x,
-            conv.weight.val(),
-            conv.bias.as_ref().map(|b| b.val()),
-            conv.stride,
-            padding,
-        ),
+        Some(padding) if plain && fast_path(&x) => {
+            gemm_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
+        }
+        Some(padding) if plain && torch_path(&x) => {
+            torch_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
+        }
         _ => conv.forward(x),
     }
+}
+
+/// A convolution on libtorch whose backward pass is libtorch's `convolution_backward`.
+#[cfg(feature = "tch")]
+fn torch_conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    use torch::TorchKernelsBackend;
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        Some(b) => <Dispatch as TorchKernelsBackend>::torch_conv2d_bias(
+            x,
+            weight,
+            b.into_dispatch(),
+            stride,
+            padding,
+        ),
+        None => <Dispatch as TorchKernelsBackend>::torch_conv2d(x, weight, stride, padding),
+    })
+}
+
+#[cfg(not(feature = "tch"))]
+fn torch_conv2d(
+    _: Tensor<4>,
+    _: Tensor<4>,
+    _: Option<Tensor<1>>,
+    _: [usize; 2],
+    _: [usize; 2],
+) -> Tensor<4> {
+    unreachable!("the libtorch convolution is only routed to on libtorch")
 }
 
 /// convlab's im2col + GEMM convolution on a burn-flex tensor, differentiable.
@@ -252,15 +321,21 @@ pub fn gemm_conv2d(
 /// `[B, C, H, W]` -> `[B, C, H, W]`.
 pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
     let training = x.device().is_autodiff() && bn.training.is_enabled();
+    let torch_training = training && torch_path(&x);
     // A frozen layer on an autodiff device (the visualisations' input gradients) keeps Burn's
     // differentiable path; only plain inference uses the fused inference kernel.
-    if !fast_path(&x) || (x.device().is_autodiff() && !training) {
+    if !torch_training && (!fast_path(&x) || (x.device().is_autodiff() && !training)) {
         let y = bn.forward(x);
         return if relu { activation::relu(y) } else { y };
     }
     let device = x.device();
     if training {
-        let (y, mean, var) = bn_act_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon, relu);
+        let train = if torch_training {
+            torch_bn_act_train
+        } else {
+            bn_act_train
+        };
+        let (y, mean, var) = train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon, relu);
         let m = bn.momentum;
         let running_mean = bn.running_mean.value_sync().to_device(&device);
         let running_var = bn.running_var.value_sync().to_device(&device);
@@ -304,6 +379,41 @@ fn bn_act_train(
         Tensor::from_dispatch(mean),
         Tensor::from_dispatch(var),
     )
+}
+
+#[cfg(feature = "tch")]
+fn torch_bn_act_train(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+    relu: bool,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    use burn::backend::Dispatch;
+    use torch::TorchKernelsBackend;
+    let (y, mean, var) = <Dispatch as TorchKernelsBackend>::torch_bn_act_train(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+        relu,
+    );
+    (
+        Tensor::from_dispatch(y),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(var),
+    )
+}
+
+#[cfg(not(feature = "tch"))]
+fn torch_bn_act_train(
+    _: Tensor<4>,
+    _: Tensor<1>,
+    _: Tensor<1>,
+    _: f64,
+    _: bool,
+) -> (Tensor<4>, Tensor<1>, Tensor<1>) {
+    unreachable!("the libtorch batch norm is only routed to on libtorch")
 }
 
 #[cfg(feature = "flex")]
