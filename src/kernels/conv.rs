@@ -36,33 +36,6 @@ const COL_BUDGET: usize = 1 << 20;
 #[cfg(test)]
 const COL_BUDGET: usize = 64;
 
-/// Positions (columns) a GEMM should get at least. A layer whose output plane is smaller
-/// (resnet18_small's 8 px and 4 px stages: 64 and 16 positions) puts several images side by
-/// side in one column buffer, so its GEMMs are `[C_out, K] x [K, G·P]` instead of G thin ones
-/// whose every call re-reads and re-writes the whole `K x C_out` weight-gradient accumulator.
-#[cfg(not(test))]
-const GROUP_N: usize = 256;
-/// Small in tests, so that they cover grouped and ungrouped layers.
-#[cfg(test)]
-const GROUP_N: usize = 32;
-
-/// Largest column buffer of a group of images, in floats (4 MiB).
-const GROUP_BUDGET: usize = 1 << 20;
-
-/// Images per GEMM: 1, or enough images of a small output plane for [`GROUP_N`] columns, at
-/// most `cap` and within [`GROUP_BUDGET`].
-fn group_size(g: &ConvGeom, cap: usize) -> usize {
-    let (k, p) = (g.k(), g.p());
-    if p == 0 || p >= GROUP_N {
-        return 1;
-    }
-    GROUP_N
-        .div_ceil(p)
-        .min(cap)
-        .min(GROUP_BUDGET / (k * p).max(1))
-        .max(1)
-}
-
 /// The geometry of one convolution (no groups, no dilation, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
@@ -207,9 +180,8 @@ impl Shift {
 }
 
 dispatched! {
-    /// Fills `col` (`[K, rows · W_out]`, rows `ld` apart) with the patches of output rows
-    /// `oy0..oy1` of one image.
-    fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32], ld: usize) {
+    /// Fills `col` (`[K, rows · W_out]`) with the patches of output rows `oy0..oy1` of one image.
+    fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32]) {
         let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
         let [sh, sw] = g.stride;
         let [ph, pw] = g.pad;
@@ -219,7 +191,7 @@ dispatched! {
             for i in 0..g.kh {
                 for j in 0..g.kw {
                     let r = (c * g.kh + i) * g.kw + j;
-                    let dst = &mut col[r * ld..r * ld + n];
+                    let dst = &mut col[r * n..(r + 1) * n];
                     if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
                         let (ra, rb) = ((sh.a - oy0) * wo, (sh.b - oy0) * wo);
                         dst[..ra].iter_mut().for_each(|v| *v = 0.0);
@@ -256,10 +228,9 @@ dispatched! {
 }
 
 dispatched! {
-    /// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` (rows `ld`
-    /// apart in `dcol`) into `dx` (`dcol` is scratch: its entries for padding positions are
-    /// zeroed on the way).
-    fn col2im(dcol: &mut [f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32], ld: usize) {
+    /// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` into `dx`
+    /// (`dcol` is scratch: its entries for padding positions are zeroed on the way).
+    fn col2im(dcol: &mut [f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32]) {
         let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
         let [sh, sw] = g.stride;
         let [ph, pw] = g.pad;
@@ -269,7 +240,7 @@ dispatched! {
             for i in 0..g.kh {
                 for j in 0..g.kw {
                     let r = (c * g.kh + i) * g.kw + j;
-                    let src = &mut dcol[r * ld..r * ld + n];
+                    let src = &mut dcol[r * n..(r + 1) * n];
                     if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
                         let run = &mut src[(sh.a - oy0) * wo..(sh.b - oy0) * wo];
                         sh.zero_wrapped(run, g.w);
@@ -493,34 +464,6 @@ pub fn im2col_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
     let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
-    let group = group_size(g, g.batch.div_ceil(rayon::current_num_threads()));
-    if group > 1 {
-        let (in_len, out_len) = (g.in_len(), g.out_len());
-        y.par_chunks_mut(group * out_len)
-            .zip(x.par_chunks(group * in_len))
-            .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(col, yg), (ys, xs)| {
-                    // `col [K, G·P]`: image b's patches in columns b·P..(b+1)·P.
-                    let n = xs.len() / in_len * p;
-                    col.resize(k * n, 0.0);
-                    for (b, xn) in xs.chunks(in_len).enumerate() {
-                        im2col(xn, g, 0, g.ho(), &mut col[b * p..], n);
-                    }
-                    yg.resize(cout * n, 0.0);
-                    lhs.mul(n, yg, n, false, col, n, 1, threads);
-                    for (b, yn) in ys.chunks_mut(out_len).enumerate() {
-                        for (o, row) in yn.chunks_mut(p).enumerate() {
-                            row.copy_from_slice(&yg[o * n + b * p..o * n + (b + 1) * p]);
-                            if let Some(bias) = bias {
-                                row.iter_mut().for_each(|v| *v += bias[o]);
-                            }
-                        }
-                    }
-                },
-            );
-        return y;
-    }
     y.par_chunks_mut(g.out_len().max(1))
         .zip(x.par_chunks(g.in_len().max(1)))
         .for_each_init(Vec::new, |col, (yn, xn)| {
@@ -531,7 +474,7 @@ pub fn im2col_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
                     let oy1 = (oy0 + rows).min(g.ho());
                     let n = (oy1 - oy0) * g.wo();
                     col.resize(k * n, 0.0);
-                    im2col(xn, g, oy0, oy1, col, n);
+                    im2col(xn, g, oy0, oy1, col);
                     let dst = &mut yn[oy0 * g.wo()..];
                     lhs.mul(n, dst, p, false, col, n, 1, threads);
                 }
@@ -647,9 +590,8 @@ pub fn im2col_backward(
     let transposed = k >= cout;
     // `Wᵀ [K, C_out]`, the left operand of the input gradient.
     let wt = need_dx.then(|| Lhs::new(g.precision, k, cout, w, 1, k));
-    // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long,
-    // `dY` rows `dy_rs` apart).
-    let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], dy_rs: usize, n: usize| {
+    // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long).
+    let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], n: usize| {
         if transposed {
             gemm(
                 g.precision,
@@ -664,7 +606,7 @@ pub fn im2col_backward(
                 1,
                 dy_tile,
                 1,
-                dy_rs,
+                p,
                 threads,
             );
         } else {
@@ -677,7 +619,7 @@ pub fn im2col_backward(
                 k,
                 true,
                 dy_tile,
-                dy_rs,
+                p,
                 1,
                 col,
                 1,
@@ -697,44 +639,6 @@ pub fn im2col_backward(
             };
             let mut db = vec![0.0f32; if need_db { cout } else { 0 }];
             let (mut col, mut dcol) = (Vec::new(), Vec::new());
-            let group = group_size(g, range.len());
-            if group > 1 {
-                let mut dyg = Vec::new();
-                for first in range.clone().step_by(group) {
-                    let imgs = group.min(range.end - first);
-                    let n = imgs * p;
-                    // `dY [C_out, G·P]`, image b in columns b·P..(b+1)·P like `col`.
-                    dyg.resize(cout * n, 0.0);
-                    for b in 0..imgs {
-                        let dyn_ = &dy[(first + b) * out_len..(first + b + 1) * out_len];
-                        for (o, row) in dyn_.chunks(p).enumerate() {
-                            dyg[o * n + b * p..o * n + (b + 1) * p].copy_from_slice(row);
-                            if need_db {
-                                db[o] += row.iter().sum::<f32>();
-                            }
-                        }
-                    }
-                    if need_dw {
-                        col.resize(k * n, 0.0);
-                        for b in 0..imgs {
-                            let xn = &x[(first + b) * in_len..(first + b + 1) * in_len];
-                            im2col(xn, g, 0, g.ho(), &mut col[b * p..], n);
-                        }
-                        add_weight_grad(&mut dwt, &col, &dyg, n, n);
-                    }
-                    if let Some(d) = dx_block.as_deref_mut() {
-                        dcol.resize(k * n, 0.0);
-                        let wt = wt.as_ref().unwrap();
-                        wt.mul(n, &mut dcol, n, false, &dyg, n, 1, threads);
-                        let i0 = first - range.start;
-                        for b in 0..imgs {
-                            let dxn = &mut d[(i0 + b) * in_len..(i0 + b + 1) * in_len];
-                            col2im(&mut dcol[b * p..], g, 0, g.ho(), dxn, n);
-                        }
-                    }
-                }
-                return (dwt, db);
-            }
             for (i, n) in range.clone().enumerate() {
                 let xn = &x[n * in_len..(n + 1) * in_len];
                 let dyn_ = &dy[n * out_len..(n + 1) * out_len];
@@ -748,7 +652,7 @@ pub fn im2col_backward(
                     .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
                 if g.is_pointwise() {
                     if need_dw {
-                        add_weight_grad(&mut dwt, xn, dyn_, p, p);
+                        add_weight_grad(&mut dwt, xn, dyn_, p);
                     }
                     if let Some(dxn) = dxn {
                         wt.as_ref()
@@ -764,14 +668,14 @@ pub fn im2col_backward(
                     let dy_tile = &dyn_[oy0 * g.wo()..];
                     if need_dw {
                         col.resize(k * nn, 0.0);
-                        im2col(xn, g, oy0, oy1, &mut col, nn);
-                        add_weight_grad(&mut dwt, &col, dy_tile, p, nn);
+                        im2col(xn, g, oy0, oy1, &mut col);
+                        add_weight_grad(&mut dwt, &col, dy_tile, nn);
                     }
                     if let Some(d) = dxn.as_deref_mut() {
                         dcol.resize(k * nn, 0.0);
                         let wt = wt.as_ref().unwrap();
                         wt.mul(nn, &mut dcol, nn, false, dy_tile, p, 1, threads);
-                        col2im(&mut dcol, g, oy0, oy1, d, nn);
+                        col2im(&mut dcol, g, oy0, oy1, d);
                     }
                 }
             }
@@ -871,10 +775,6 @@ mod tests {
             g(2, 3, 5, 16, 16, [3, 3], 1, 1),
             g(2, 16, 4, 17, 16, [3, 3], 1, 1),
             g(1, 32, 8, 32, 32, [3, 3], 1, 1),
-            // Small output planes: several images per GEMM (`group_size`), with a partial last
-            // group; a stride-2 layer and a "same" 3x3 at 4 px.
-            g(5, 3, 6, 6, 4, [3, 3], 2, 1),
-            g(4, 8, 4, 4, 16, [3, 3], 1, 1),
         ]
     }
 
