@@ -8,6 +8,7 @@
 //! # Shapes
 //! `x: [B, C, H, W]` -> `y: [B, C, H_out, W_out]`, the sizes given by [`PoolGeom::new`].
 
+use super::simd::max_pool2_row;
 use rayon::prelude::*;
 
 /// Sizes of one pooling: planes (`B · C`), input and output sides, window, stride, padding.
@@ -75,21 +76,14 @@ pub fn max_pool_forward(x: &[f32], g: &PoolGeom, switches: bool) -> (Vec<f32>, V
         if pairs && 2 * g.ho <= g.h && 2 * g.wo <= g.w {
             // The plain 2x2/2 pooling of VGG and friends: no window arithmetic, the four
             // candidates in the general loop's order, so the same winner.
-            for oy in 0..g.ho {
+            for (oy, yr) in yp.chunks_mut(g.wo).enumerate() {
                 let (r0, r1) = (2 * oy * g.w, (2 * oy + 1) * g.w);
-                for ox in 0..g.wo {
-                    let cands = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
-                    let (mut best, mut at) = (xp[cands[0]], cands[0]);
-                    for &c in &cands[1..] {
-                        if !best.is_nan() && (xp[c] > best || xp[c].is_nan()) {
-                            (best, at) = (xp[c], c);
-                        }
-                    }
-                    yp[oy * g.wo + ox] = best;
-                    if let Some(ip) = ip.as_deref_mut() {
-                        ip[oy * g.wo + ox] = at as u32;
-                    }
-                }
+                let ir = match ip.as_deref_mut() {
+                    Some(ip) => &mut ip[oy * g.wo..(oy + 1) * g.wo],
+                    None => &mut [][..],
+                };
+                let (x0, x1) = (&xp[r0..r0 + g.w], &xp[r1..r1 + g.w]);
+                max_pool2_row(yr, ir, x0, x1, r0 as u32, r1 as u32);
             }
             return;
         }
@@ -164,13 +158,28 @@ mod tests {
         assert_eq!(out_len(7, 2, 2, 0, false), 3);
     }
 
-    /// The 2x2/2 shortcut picks the same winners as a plain first-maximum-wins window loop,
-    /// ties included (the data repeats values).
+    /// The 2x2/2 shortcut (vectorised rows) picks the same winners as a plain
+    /// first-maximum-wins window loop, ties, NaNs and odd sizes included, with and without
+    /// switches; rows of 20 outputs run the vector body, not just its tail.
     #[test]
     fn pairs_shortcut_matches_the_window_loop() {
-        let x: Vec<f32> = (0..2 * 6 * 8).map(|i| ((i * 7919) % 13) as f32).collect();
-        let g = PoolGeom::new(2, [6, 8], [2, 2], [2, 2], [0, 0], false);
-        assert_eq!(max_pool_forward(&x, &g, true), general_loop(&x, &g));
+        for (h, w) in [(6, 8), (7, 41), (4, 40)] {
+            let mut x: Vec<f32> = (0..2 * h * w).map(|i| ((i * 7919) % 13) as f32).collect();
+            let n = x.len();
+            for i in [5, 6, 7, 90, 91, n - 1] {
+                x[i % n] = f32::NAN;
+            }
+            let g = PoolGeom::new(2, [h, w], [2, 2], [2, 2], [0, 0], false);
+            let (y, idx) = max_pool_forward(&x, &g, true);
+            let (y0, idx0) = general_loop(&x, &g);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&y), &idx), (bits(&y0), &idx0), "{h}x{w}");
+            assert_eq!(
+                bits(&max_pool_forward(&x, &g, false).0),
+                bits(&y0),
+                "{h}x{w}"
+            );
+        }
     }
 
     /// A 2x2/2 window loop written out.
@@ -183,8 +192,9 @@ mod tests {
                     let (mut best, mut at) = (f32::NEG_INFINITY, 0);
                     for iy in 2 * oy..2 * oy + 2 {
                         for ix in 2 * ox..2 * ox + 2 {
-                            if xp[iy * g.w + ix] > best {
-                                (best, at) = (xp[iy * g.w + ix], iy * g.w + ix);
+                            let v = xp[iy * g.w + ix];
+                            if !best.is_nan() && (v > best || v.is_nan()) {
+                                (best, at) = (v, iy * g.w + ix);
                             }
                         }
                     }

@@ -143,6 +143,46 @@ dispatched! {
     }
 }
 
+/// Takes `v` over `best` (and its offset `vi` over `at`) when `best` is not NaN and `v` is
+/// larger or NaN: the first maximum wins and the first NaN propagates, as PyTorch's max pool.
+/// Branch-free, so a row of windows vectorises.
+#[inline(always)]
+fn pool_take(best: &mut f32, at: &mut u32, v: f32, vi: u32) {
+    #[allow(clippy::eq_op)] // `best == best` is "not NaN"
+    let take = best == best && !(v <= *best);
+    *best = if take { v } else { *best };
+    *at = if take { vi } else { *at };
+}
+
+dispatched! {
+    /// One output row of 2x2 stride-2 max pooling: `y[o]` is the first maximum of
+    /// `r0[2o], r0[2o+1], r1[2o], r1[2o+1]` in that order, `at[o]` (when `at` is not empty) its
+    /// offset in the plane, `r0` and `r1` starting at plane offsets `o0` and `o1`.
+    pub fn max_pool2_row(y: &mut [f32], at: &mut [u32], r0: &[f32], r1: &[f32], o0: u32, o1: u32) {
+        let n = y.len();
+        let (r0, r1) = (&r0[..2 * n], &r1[..2 * n]);
+        if at.is_empty() {
+            for (o, y) in y.iter_mut().enumerate() {
+                let (mut best, mut i) = (r0[2 * o], 0);
+                pool_take(&mut best, &mut i, r0[2 * o + 1], 0);
+                pool_take(&mut best, &mut i, r1[2 * o], 0);
+                pool_take(&mut best, &mut i, r1[2 * o + 1], 0);
+                *y = best;
+            }
+            return;
+        }
+        let at = &mut at[..n];
+        for (o, (y, at)) in y.iter_mut().zip(at).enumerate() {
+            let (c0, c1) = (o0 + 2 * o as u32, o1 + 2 * o as u32);
+            let (mut best, mut i) = (r0[2 * o], c0);
+            pool_take(&mut best, &mut i, r0[2 * o + 1], c0 + 1);
+            pool_take(&mut best, &mut i, r1[2 * o], c1);
+            pool_take(&mut best, &mut i, r1[2 * o + 1], c1 + 1);
+            (*y, *at) = (best, i);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
