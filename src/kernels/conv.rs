@@ -445,18 +445,42 @@ pub(super) fn gemm_threads(batch: usize) -> usize {
 /// stride-1 layers of 16 or more output channels through the direct kernels
 /// ([`super::direct`]), the rest through im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    conv2d_forward_act(x, w, bias, g, false)
+}
+
+/// [`conv2d_forward`], then `max(·, 0)` when `relu`: applied to each image's output by the
+/// thread that computed it, while it is still in cache (inference with batch norm folded into
+/// the weights, [`super::conv_bn`]).
+pub fn conv2d_forward_act(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
     if winograd::applies(g) {
         let u = winograd::transform_weights(w, g.cout, g.cin, false);
-        return winograd::forward(x, &u, bias, g);
+        return winograd::forward_act(x, &u, bias, g, relu);
     }
     if direct::applies(g) {
-        return direct::forward(x, w, bias, g);
+        return direct::forward_act(x, w, bias, g, relu);
     }
-    im2col_forward(x, w, bias, g)
+    im2col_forward_act(x, w, bias, g, relu)
 }
 
 /// [`conv2d_forward`] by im2col + GEMM, whatever the geometry.
 pub fn im2col_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    im2col_forward_act(x, w, bias, g, false)
+}
+
+/// [`im2col_forward`], then `max(·, 0)` on each image's output when `relu`.
+fn im2col_forward_act(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
     assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
     let (k, p, cout) = (g.k(), g.p(), g.cout);
@@ -483,6 +507,9 @@ pub fn im2col_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
                 for (row, &bo) in yn.chunks_mut(p).zip(b) {
                     row.iter_mut().for_each(|v| *v += bo);
                 }
+            }
+            if relu {
+                super::simd::relu_row(yn);
             }
         });
     y

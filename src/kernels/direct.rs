@@ -31,6 +31,7 @@
 //! everywhere in [`super::conv`]); internally `[C, H_p, W_p]` per image, `H_p = H + 2·ph`.
 
 use super::conv::{ConvGeom, ConvGrads, image_blocks, sum_in_order};
+use super::simd::relu_row;
 use rayon::prelude::*;
 
 /// Floats per vector (one AVX-512 register).
@@ -310,10 +311,28 @@ fn weight_grad_product(
 /// (The input gradient calls it with geometries `applies` may refuse for speed: it computes any
 /// stride-1 convolution with padding smaller than its kernel.)
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
-    forward_with(x, w, bias, g, true)
+    forward_with(x, w, bias, g, true, false)
 }
 
-fn forward_with(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, simd: bool) -> Vec<f32> {
+/// [`forward`], then `max(·, 0)` on each image's output when `relu`, while it is in cache.
+pub fn forward_act(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
+    forward_with(x, w, bias, g, true, relu)
+}
+
+fn forward_with(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    simd: bool,
+    relu: bool,
+) -> Vec<f32> {
     assert!(
         g.stride == [1, 1] && g.pad[0] < g.kh && g.pad[1] < g.kw,
         "direct convolution of {g:?}"
@@ -347,6 +366,9 @@ fn forward_with(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, simd: 
                     for (d, s) in dst.chunks_mut(wo).zip(src.chunks(lay.wp)) {
                         d.iter_mut().zip(s).for_each(|(d, &s)| *d = s + b);
                     }
+                }
+                if relu {
+                    relu_row(yn);
                 }
             },
         );
@@ -387,7 +409,7 @@ fn backward_with(
         "direct convolution of {g:?}"
     );
     let [need_dx, need_dw, need_db] = need;
-    let dx = need_dx.then(|| forward_with(dy, &rotated(w, g), None, &g.input_grad(), simd));
+    let dx = need_dx.then(|| forward_with(dy, &rotated(w, g), None, &g.input_grad(), simd, false));
     if !need_dw && !need_db {
         return (dx, None, None);
     }
@@ -496,7 +518,7 @@ mod tests {
             let (ex, ew, eb) = im2col_backward(&x, &w, &dy, &g, [true, true, true]);
             for simd in [true, false] {
                 let what = |t: &str| format!("{t} of {g:?}, simd {simd}");
-                let y = forward_with(&x, &w, Some(&b), &g, simd);
+                let y = forward_with(&x, &w, Some(&b), &g, simd, false);
                 assert_close(&y, &ey, &what("y"));
                 let (dx, dw, db) = backward_with(&x, &w, &dy, &g, [true, true, true], simd);
                 assert_close(&dx.unwrap(), ex.as_ref().unwrap(), &what("dx"));
@@ -561,7 +583,7 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
-                let y = forward_with(&x, &w, None, &g, true);
+                let y = forward_with(&x, &w, None, &g, true, false);
                 let (_, dw, _) = backward_with(&x, &w, &dy, &g, [false, true, false], true);
                 (y, dw.unwrap())
             })

@@ -5,7 +5,7 @@
 //! execution backend (`Flex`) and for `Autodiff<Flex>`, reached from backend-independent code
 //! through `Dispatch` (`Tensor::into_dispatch` / `Tensor::from_dispatch`).
 
-use super::conv::{ConvGeom, conv2d_backward, conv2d_forward};
+use super::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_forward_act};
 use super::norm::{NormGeom, affine, backward as norm_backward, batch_stats, scale_shift};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
 use super::simd;
@@ -36,6 +36,36 @@ pub trait GemmConvBackend: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
+}
+
+#[backend_extension(Flex)]
+pub trait ConvActInferBackend: Backend {
+    /// Inference only: the convolution with a bias per output channel, then a ReLU when
+    /// `relu`, in one pass over the output ([`super::conv_bn`] folds a batch norm into
+    /// `weight` and `bias`).
+    fn conv_bias_act_infer(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+impl ConvActInferBackend for Flex {
+    fn conv_bias_act_infer(
+        x: FlexTensor,
+        w: FlexTensor,
+        b: FlexTensor,
+        stride: [usize; 2],
+        pad: [usize; 2],
+        relu: bool,
+    ) -> FlexTensor {
+        let g = geom(&x, &w, stride, pad);
+        let y = conv2d_forward_act(&values(&x), &values(&w), Some(&values(&b)), &g, relu);
+        FlexTensor::from_data(TensorData::new(y, [g.batch, g.cout, g.ho(), g.wo()]))
+    }
 }
 
 fn geom(x: &FlexTensor, w: &FlexTensor, stride: [usize; 2], padding: [usize; 2]) -> ConvGeom {

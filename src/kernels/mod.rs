@@ -311,6 +311,72 @@ pub fn gemm_conv2d(
     unreachable!("the GEMM convolution is only routed to on burn-flex")
 }
 
+/// `bn.forward(conv.forward(x))`, then a ReLU when `relu`.
+///
+/// In inference on burn-flex (no gradients tracked) the batch norm is folded into the
+/// convolution (`w' = w · γ/√(σ²+ε)` per output channel, `b' = β + (b - μ) · γ/√(σ²+ε)`, the
+/// standard inference fusion) and the ReLU applied to each image's output as it is computed,
+/// so the activation is written once instead of three times. Everywhere else (training, other
+/// backends, frozen layers whose input gradient is wanted) it is [`conv2d`] then
+/// [`batch_norm`].
+///
+/// # Shapes
+/// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
+pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+    let padding = symmetric_padding(&conv.padding);
+    let plain = conv.groups == 1 && conv.dilation == [1, 1];
+    match padding {
+        Some(padding) if plain && fast_path(&x) && !x.device().is_autodiff() => {
+            let device = x.device();
+            let mean = bn.running_mean.value().to_device(&device);
+            let var = bn.running_var.value().to_device(&device);
+            let scale = bn.gamma.val() * var.add_scalar(bn.epsilon).sqrt().recip();
+            let shift = match &conv.bias {
+                Some(b) => b.val() - mean,
+                None => mean.neg(),
+            } * scale.clone()
+                + bn.beta.val();
+            let cout = scale.dims()[0];
+            let weight = conv.weight.val() * scale.reshape([cout, 1, 1, 1]);
+            conv_bias_act_infer(x, weight, shift, conv.stride, padding, relu)
+        }
+        _ => batch_norm(bn, conv2d(conv, x), relu),
+    }
+}
+
+#[cfg(feature = "flex")]
+fn conv_bias_act_infer(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    relu: bool,
+) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    use flex::ConvActInferBackend;
+    Tensor::from_dispatch(<Dispatch as ConvActInferBackend>::conv_bias_act_infer(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        stride,
+        padding,
+        relu,
+    ))
+}
+
+#[cfg(not(feature = "flex"))]
+fn conv_bias_act_infer(
+    _: Tensor<4>,
+    _: Tensor<4>,
+    _: Tensor<1>,
+    _: [usize; 2],
+    _: [usize; 2],
+    _: bool,
+) -> Tensor<4> {
+    unreachable!("the folded convolution is only routed to on burn-flex")
+}
+
 /// `bn.forward(x)` followed by a ReLU when `relu`, as one fused pass where the fast path applies.
 ///
 /// Same semantics as Burn's `BatchNorm::forward`: batch statistics (and a momentum update of the
@@ -761,6 +827,49 @@ mod tests {
                 max_rel_diff(batch_norm(&bn, xi, relu), want) < 1e-4,
                 "relu {relu}: infer"
             );
+        }
+    }
+
+    /// Inference's folded convolution + batch norm (+ ReLU) against Burn's convolution then
+    /// batch norm then ReLU, on each kernel's geometry (Winograd, direct, im2col with stride
+    /// 2, pointwise), with and without a convolution bias; and the training path unchanged.
+    #[test]
+    fn folded_conv_bn_matches_burn_in_inference() {
+        use burn::nn::BatchNormConfig;
+        use burn::nn::PaddingConfig2d;
+        use burn::nn::conv::Conv2dConfig;
+        let device = Device::flex();
+        for (cin, cout, hw, k, s, p, bias) in [
+            (32, 40, 9, 3, 1, 1, false),
+            (16, 16, 17, 3, 1, 1, true),
+            (3, 16, 16, 3, 1, 1, false),
+            (8, 12, 11, 3, 2, 1, true),
+            (6, 10, 8, 1, 2, 0, false),
+        ] {
+            let conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([s, s])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .with_bias(bias)
+                .init(&device);
+            let mut bn = BatchNormConfig::new(cout).init(&device);
+            let stat = |mean: f64, sd: f64| {
+                Tensor::<1>::random([cout], Distribution::Normal(mean, sd), &device)
+            };
+            bn.gamma = burn::module::Param::from_tensor(stat(1.0, 0.5));
+            bn.beta = burn::module::Param::from_tensor(stat(0.0, 0.5));
+            bn.running_mean = burn::module::RunningState::new(stat(0.2, 0.5));
+            bn.running_var = burn::module::RunningState::new(stat(0.0, 1.0).abs() + 0.1);
+            let x = Tensor::<4>::random([3, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+            for relu in [true, false] {
+                let want = bn.forward(conv.forward(x.clone()));
+                let want = if relu { activation::relu(want) } else { want };
+                let got = conv_bn(&conv, &bn, x.clone(), relu);
+                let d = max_rel_diff(got, want);
+                assert!(
+                    d < 1e-4,
+                    "{cin}->{cout} {hw}px {k}x{k}/{s} bias {bias} relu {relu}: {d}"
+                );
+            }
         }
     }
 

@@ -143,13 +143,21 @@ dispatched! {
     }
 }
 
+dispatched! {
+    /// `y = max(y, 0)` in place (NaN becomes 0, as [`affine_row`]'s ReLU): the epilogue of an
+    /// inference convolution with its batch norm folded in.
+    pub fn relu_row(y: &mut [f32]) {
+        y.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+}
+
 /// Takes `v` over `best` (and its offset `vi` over `at`) when `best` is not NaN and `v` is
 /// larger or NaN: the first maximum wins and the first NaN propagates, as PyTorch's max pool.
 /// Branch-free, so a row of windows vectorises.
 #[inline(always)]
 fn pool_take(best: &mut f32, at: &mut u32, v: f32, vi: u32) {
-    #[allow(clippy::eq_op)] // `best == best` is "not NaN"
-    let take = best == best && !(v <= *best);
+    // `&` and `|`, not `&&` and `||`: no short circuit, so no branch.
+    let take = !best.is_nan() & ((v > *best) | v.is_nan());
     *best = if take { v } else { *best };
     *at = if take { vi } else { *at };
 }

@@ -25,7 +25,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
 use super::conv::ConvGeom;
-use super::simd::dispatched;
+use super::simd::{dispatched, relu_row};
 use rayon::prelude::*;
 
 /// Tiles per group of images (the GEMMs' `N`): small enough that a group's transformed input
@@ -264,6 +264,17 @@ dispatched! {
 /// gradient pass the output gradient as `x`, the transformed rotated weights as `u` and the
 /// geometry of that convolution, see [`ConvGeom::input_grad`]).
 pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+    forward_act(x, u, bias, g, false)
+}
+
+/// [`forward`], then `max(·, 0)` on each image's output when `relu`, while it is in cache.
+pub fn forward_act(
+    x: &[f32],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
     let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
     let (ho, wo) = (g.ho(), g.wo());
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
@@ -347,6 +358,9 @@ pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<
                             &mut yn[o * ho * wo..][..ho * wo],
                             &mut scratch,
                         );
+                    }
+                    if relu {
+                        relu_row(yn);
                     }
                 }
             }

@@ -73,10 +73,9 @@ impl ConvBnAct {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = crate::kernels::conv2d(&self.conv, x);
         match &self.bn {
-            Some(bn) => crate::kernels::batch_norm(bn, x, true),
-            None => relu(x),
+            Some(bn) => crate::kernels::conv_bn(&self.conv, bn, x, true),
+            None => relu(crate::kernels::conv2d(&self.conv, x)),
         }
     }
 }

@@ -196,10 +196,9 @@ impl AlexNet {
     pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let mut p = 0;
         for i in 0..self.convs.len() {
-            x = crate::kernels::conv2d(&self.convs[i], x);
             x = match &self.bns[i] {
-                Some(bn) => crate::kernels::batch_norm(bn, x, true),
-                None => relu(x),
+                Some(bn) => crate::kernels::conv_bn(&self.convs[i], bn, x, true),
+                None => relu(crate::kernels::conv2d(&self.convs[i], x)),
             };
             if let Some(lrn) = &self.lrns[i] {
                 x = lrn.forward(x);
