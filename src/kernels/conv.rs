@@ -24,6 +24,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
+use super::buf::par_zeroed_with;
 use super::simd::dispatched;
 use super::{direct, winograd};
 use rayon::prelude::*;
@@ -484,13 +485,16 @@ fn im2col_forward_act(
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
     assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
     let (k, p, cout) = (g.k(), g.p(), g.cout);
-    let mut y = vec![0.0f32; g.batch * g.out_len()];
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
     let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
-    y.par_chunks_mut(g.out_len().max(1))
-        .zip(x.par_chunks(g.in_len().max(1)))
-        .for_each_init(Vec::new, |col, (yn, xn)| {
+    let inputs = x.par_chunks(g.in_len().max(1));
+    par_zeroed_with(
+        g.batch * g.out_len(),
+        g.out_len(),
+        inputs,
+        Vec::new,
+        |col, yn, xn| {
             if g.is_pointwise() {
                 lhs.mul(p, yn, p, false, xn, p, 1, threads);
             } else {
@@ -511,8 +515,8 @@ fn im2col_forward_act(
             if relu {
                 super::simd::relu_row(yn);
             }
-        });
-    y
+        },
+    )
 }
 
 /// `(dx, dw, db)`, each present when it was asked for.

@@ -30,6 +30,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `y: [B, C_out, H_out, W_out]` (NCHW, as
 //! everywhere in [`super::conv`]); internally `[C, H_p, W_p]` per image, `H_p = H + 2·ph`.
 
+use super::buf::par_zeroed_with;
 use super::conv::{ConvGeom, ConvGrads, image_blocks, sum_in_order};
 use super::simd::relu_row;
 use rayon::prelude::*;
@@ -342,37 +343,36 @@ fn forward_with(
     let lay = Layout::new(g);
     let (ho, wo) = (g.ho(), g.wo());
     let out_len = g.cout * ho * wo;
-    let mut y = vec![0.0f32; g.batch * out_len];
     let split = g.batch < rayon::current_num_threads();
-    y.par_chunks_mut(out_len.max(1))
-        .zip(x.par_chunks((g.cin * g.h * g.w).max(1)))
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(xp, acc), (yn, xn)| {
-                lay.pad(xn, g, xp);
-                acc.resize(g.cout * lay.np, 0.0);
-                if split {
-                    // Fewer images than threads (a single-image prediction): the threads
-                    // take blocks of 8 output channels instead, each summing exactly as alone.
-                    let k = g.k();
-                    acc.par_chunks_mut(8 * lay.np)
-                        .zip(w.par_chunks(8 * k))
-                        .for_each(|(a, wc)| forward_product(wc.len() / k, wc, xp, &lay, a, simd));
-                } else {
-                    forward_product(g.cout, w, xp, &lay, acc, simd);
+    par_zeroed_with(
+        g.batch * out_len,
+        out_len,
+        x.par_chunks((g.cin * g.h * g.w).max(1)),
+        || (Vec::new(), Vec::new()),
+        |(xp, acc), yn, xn| {
+            lay.pad(xn, g, xp);
+            acc.resize(g.cout * lay.np, 0.0);
+            if split {
+                // Fewer images than threads (a single-image prediction): the threads
+                // take blocks of 8 output channels instead, each summing exactly as alone.
+                let k = g.k();
+                acc.par_chunks_mut(8 * lay.np)
+                    .zip(w.par_chunks(8 * k))
+                    .for_each(|(a, wc)| forward_product(wc.len() / k, wc, xp, &lay, a, simd));
+            } else {
+                forward_product(g.cout, w, xp, &lay, acc, simd);
+            }
+            for (o, (dst, src)) in yn.chunks_mut(ho * wo).zip(acc.chunks(lay.np)).enumerate() {
+                let b = bias.map_or(0.0, |b| b[o]);
+                for (d, s) in dst.chunks_mut(wo).zip(src.chunks(lay.wp)) {
+                    d.iter_mut().zip(s).for_each(|(d, &s)| *d = s + b);
                 }
-                for (o, (dst, src)) in yn.chunks_mut(ho * wo).zip(acc.chunks(lay.np)).enumerate() {
-                    let b = bias.map_or(0.0, |b| b[o]);
-                    for (d, s) in dst.chunks_mut(wo).zip(src.chunks(lay.wp)) {
-                        d.iter_mut().zip(s).for_each(|(d, &s)| *d = s + b);
-                    }
-                }
-                if relu {
-                    relu_row(yn);
-                }
-            },
-        );
-    y
+            }
+            if relu {
+                relu_row(yn);
+            }
+        },
+    )
 }
 
 /// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient.

@@ -5,6 +5,7 @@
 //! execution backend (`Flex`) and for `Autodiff<Flex>`, reached from backend-independent code
 //! through `Dispatch` (`Tensor::into_dispatch` / `Tensor::from_dispatch`).
 
+use super::buf::par_zeroed;
 use super::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_forward_act};
 use super::norm::{NormGeom, affine, backward as norm_backward, batch_stats, scale_shift};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
@@ -502,10 +503,10 @@ fn add_relu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
         a.shape(),
         b.shape()
     );
-    let mut y = vec![0.0f32; av.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
-        .for_each(|(y, (a, b))| simd::add_relu_row(y, a, b));
+    let inputs = av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK));
+    let y = par_zeroed(av.len(), CHUNK, inputs, |y, (a, b)| {
+        simd::add_relu_row(y, a, b)
+    });
     FlexTensor::from_data(TensorData::new(y, a.shape()))
 }
 
@@ -526,10 +527,10 @@ impl Backward<Flex, 2> for AddRelu {
         let y = ops.state;
         let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
         let (yv, dyv) = (values(&y), values(&dy));
-        let mut dx = vec![0.0f32; yv.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(dyv.par_chunks(CHUNK).zip(yv.par_chunks(CHUNK)))
-            .for_each(|(dx, (dy, y))| simd::relu_grad_row(dx, dy, y));
+        let inputs = dyv.par_chunks(CHUNK).zip(yv.par_chunks(CHUNK));
+        let dx = par_zeroed(yv.len(), CHUNK, inputs, |dx, (dy, y)| {
+            simd::relu_grad_row(dx, dy, y)
+        });
         // Both summands get the same gradient: one buffer, shared.
         let dx = FlexTensor::from_data(TensorData::new(dx, y.shape()));
         for node in ops.parents.iter().flatten() {

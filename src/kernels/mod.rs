@@ -11,6 +11,7 @@
 //! (`convlab bench` prints which one ran).
 
 pub mod bf16;
+mod buf;
 pub mod conv;
 pub mod direct;
 #[cfg(feature = "flex")]

@@ -12,6 +12,7 @@
 //! # Shapes
 //! `x, y, dy, dx: [B, C, P]` (any spatial size `P`), `γ, β, μ, σ²: [C]`.
 
+use super::buf::par_zeroed;
 use super::simd::{affine_row, bn_dx_row, gated_sums, row_sq_dev, row_sum};
 use rayon::prelude::*;
 
@@ -53,17 +54,13 @@ pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
 /// `y = act(x · scale[c] + shift[c])`: the whole forward pass once the statistics are known.
 pub fn scale_shift(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, g: &NormGeom) -> Vec<f32> {
     assert_eq!(x.len(), g.len(), "batch norm input length");
-    let mut y = vec![0.0f32; x.len()];
     let (cp, p) = (g.channels * g.positions, g.positions.max(1));
-    y.par_chunks_mut(cp.max(1))
-        .zip(x.par_chunks(cp.max(1)))
-        .for_each(|(yn, xn)| {
-            let rows = yn.chunks_mut(p).zip(xn.chunks(p));
-            for ((yc, xc), (&a, &b)) in rows.zip(scale.iter().zip(shift)) {
-                affine_row(yc, xc, a, b, relu);
-            }
-        });
-    y
+    par_zeroed(x.len(), cp, x.par_chunks(cp.max(1)), |yn, xn| {
+        let rows = yn.chunks_mut(p).zip(xn.chunks(p));
+        for ((yc, xc), (&a, &b)) in rows.zip(scale.iter().zip(shift)) {
+            affine_row(yc, xc, a, b, relu);
+        }
+    })
 }
 
 /// The per-channel `scale = γ / √(σ² + ε)` and `shift = β - μ · scale` of the forward pass.
@@ -126,18 +123,16 @@ pub fn backward(
         })
         .unzip();
     let count = (g.batch * g.positions).max(1) as f32;
-    let mut dx = vec![0.0f32; x.len()];
     let (cp, p) = (g.channels * g.positions, g.positions.max(1));
-    dx.par_chunks_mut(cp.max(1))
-        .zip(x.par_chunks(cp.max(1)).zip(dy.par_chunks(cp.max(1))))
-        .for_each(|(dxn, (xn, dyn_))| {
-            let rows = dxn.chunks_mut(p).zip(xn.chunks(p).zip(dyn_.chunks(p)));
-            for (c, (dxc, (xc, dc))) in rows.enumerate() {
-                let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
-                let (mb, mg, k) = (dbeta[c] / count, dgamma[c] / count, gamma[c] * s);
-                bn_dx_row(dxc, xc, dc, [a, b, m, s], [mb, mg, k], relu);
-            }
-        });
+    let inputs = x.par_chunks(cp.max(1)).zip(dy.par_chunks(cp.max(1)));
+    let dx = par_zeroed(x.len(), cp, inputs, |dxn, (xn, dyn_)| {
+        let rows = dxn.chunks_mut(p).zip(xn.chunks(p).zip(dyn_.chunks(p)));
+        for (c, (dxc, (xc, dc))) in rows.enumerate() {
+            let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
+            let (mb, mg, k) = (dbeta[c] / count, dgamma[c] / count, gamma[c] * s);
+            bn_dx_row(dxc, xc, dc, [a, b, m, s], [mb, mg, k], relu);
+        }
+    });
     (dx, dgamma, dbeta)
 }
 

@@ -8,6 +8,7 @@
 //! # Shapes
 //! `x: [B, C, H, W]` -> `y: [B, C, H_out, W_out]`, the sizes given by [`PoolGeom::new`].
 
+use super::buf::par_zeroed;
 use super::simd::max_pool2_row;
 use rayon::prelude::*;
 
@@ -129,18 +130,14 @@ pub fn max_pool_forward(x: &[f32], g: &PoolGeom, switches: bool) -> (Vec<f32>, V
 pub fn max_pool_backward(dy: &[f32], switches: &[u32], g: &PoolGeom) -> Vec<f32> {
     let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
     assert_eq!(dy.len(), g.planes * out_len, "max pool gradient length");
-    let mut dx = vec![0.0f32; g.planes * in_len];
-    dx.par_chunks_mut(in_len.max(1))
-        .zip(
-            dy.par_chunks(out_len.max(1))
-                .zip(switches.par_chunks(out_len.max(1))),
-        )
-        .for_each(|(dxp, (dyp, ip))| {
-            for (&d, &i) in dyp.iter().zip(ip) {
-                dxp[i as usize] += d;
-            }
-        });
-    dx
+    let inputs = dy
+        .par_chunks(out_len.max(1))
+        .zip(switches.par_chunks(out_len.max(1)));
+    par_zeroed(g.planes * in_len, in_len, inputs, |dxp, (dyp, ip)| {
+        for (&d, &i) in dyp.iter().zip(ip) {
+            dxp[i as usize] += d;
+        }
+    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
+use super::buf::par_zeroed;
 use super::conv::ConvGeom;
 use super::simd::{dispatched, relu_row};
 use rayon::prelude::*;
@@ -282,7 +283,6 @@ pub fn forward_act(
     let (in_len, out_len) = (cin * h * w, cout * ho * wo);
     assert_eq!(x.len(), g.batch * in_len, "winograd input length");
     assert_eq!(u.len(), 16 * cout * cin, "winograd weight length");
-    let mut y = vec![0.0f32; g.batch * out_len];
     let group = (GROUP_TILES / tiles).max(1);
     // In bf16 the 16 transformed weight matrices are rounded and packed once per call.
     let packed = (g.precision == super::Precision::Bf16).then(|| {
@@ -293,79 +293,77 @@ pub fn forward_act(
     });
     let parts = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per = g.batch.div_ceil(parts).max(1);
-    y.par_chunks_mut(per * out_len)
-        .zip(x.par_chunks(per * in_len))
-        .for_each(|(yb, xb)| {
-            let images = xb.len() / in_len.max(1);
-            let mut v = vec![0.0f32; 16 * cin * group * tiles];
-            let mut m = vec![0.0f32; 16 * cout * group * tiles];
-            let mut scratch = vec![0.0f32; scratch_len(th, tw)];
-            for first in (0..images).step_by(group) {
-                let count = group.min(images - first);
-                let t_all = count * tiles;
-                for i in 0..count {
-                    let xn = &xb[(first + i) * in_len..][..in_len];
-                    for c in 0..cin {
-                        input_transform(
-                            &xn[c * h * w..][..h * w],
-                            h,
-                            w,
-                            pad,
-                            th,
-                            tw,
-                            &mut v[c * t_all..],
-                            cin * t_all,
-                            i * tiles,
-                            &mut scratch,
-                        );
-                    }
-                }
-                for xi in 0..16 {
-                    let (mx, vx) = (&mut m[xi * cout * t_all..], &v[xi * cin * t_all..]);
-                    match &packed {
-                        Some(p) => super::bf16::gemm_packed(
-                            &p[xi], t_all, mx, t_all, false, vx, t_all, 1, 1,
-                        ),
-                        None => super::conv::gemm_f32(
-                            cout,
-                            t_all,
-                            cin,
-                            mx,
-                            t_all,
-                            false,
-                            &u[xi * cout * cin..],
-                            cin,
-                            1,
-                            vx,
-                            t_all,
-                            1,
-                            1,
-                        ),
-                    }
-                }
-                for i in 0..count {
-                    let yn = &mut yb[(first + i) * out_len..][..out_len];
-                    for o in 0..cout {
-                        output_transform(
-                            &m[o * t_all..],
-                            cout * t_all,
-                            i * tiles,
-                            th,
-                            tw,
-                            ho,
-                            wo,
-                            bias.map_or(0.0, |b| b[o]),
-                            &mut yn[o * ho * wo..][..ho * wo],
-                            &mut scratch,
-                        );
-                    }
-                    if relu {
-                        relu_row(yn);
-                    }
+    let inputs = x.par_chunks((per * in_len).max(1));
+    par_zeroed(g.batch * out_len, per * out_len, inputs, |yb, xb| {
+        let images = xb.len() / in_len.max(1);
+        let mut v = vec![0.0f32; 16 * cin * group * tiles];
+        let mut m = vec![0.0f32; 16 * cout * group * tiles];
+        let mut scratch = vec![0.0f32; scratch_len(th, tw)];
+        for first in (0..images).step_by(group) {
+            let count = group.min(images - first);
+            let t_all = count * tiles;
+            for i in 0..count {
+                let xn = &xb[(first + i) * in_len..][..in_len];
+                for c in 0..cin {
+                    input_transform(
+                        &xn[c * h * w..][..h * w],
+                        h,
+                        w,
+                        pad,
+                        th,
+                        tw,
+                        &mut v[c * t_all..],
+                        cin * t_all,
+                        i * tiles,
+                        &mut scratch,
+                    );
                 }
             }
-        });
-    y
+            for xi in 0..16 {
+                let (mx, vx) = (&mut m[xi * cout * t_all..], &v[xi * cin * t_all..]);
+                match &packed {
+                    Some(p) => {
+                        super::bf16::gemm_packed(&p[xi], t_all, mx, t_all, false, vx, t_all, 1, 1)
+                    }
+                    None => super::conv::gemm_f32(
+                        cout,
+                        t_all,
+                        cin,
+                        mx,
+                        t_all,
+                        false,
+                        &u[xi * cout * cin..],
+                        cin,
+                        1,
+                        vx,
+                        t_all,
+                        1,
+                        1,
+                    ),
+                }
+            }
+            for i in 0..count {
+                let yn = &mut yb[(first + i) * out_len..][..out_len];
+                for o in 0..cout {
+                    output_transform(
+                        &m[o * t_all..],
+                        cout * t_all,
+                        i * tiles,
+                        th,
+                        tw,
+                        ho,
+                        wo,
+                        bias.map_or(0.0, |b| b[o]),
+                        &mut yn[o * ho * wo..][..ho * wo],
+                        &mut scratch,
+                    );
+                }
+                if relu {
+                    relu_row(yn);
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]
