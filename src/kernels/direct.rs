@@ -45,6 +45,7 @@ const LANES: usize = 16;
 /// check the same arithmetic on any machine (they are slower than im2col, so without AVX2
 /// [`applies`] says no).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     Avx512,
     Avx2,
