@@ -81,8 +81,8 @@ pub fn available() -> bool {
     Isa::best() != Isa::Portable
 }
 
-/// Whether this path computes `g` (forward, and both gradients): an AVX-512 or AVX2 CPU, f32, stride
-/// 1, a kernel wider than one pixel, at least 16 output channels, and outputs at least 16 wide
+/// Whether this path computes `g` (forward, and both gradients): an AVX-512 or AVX2 CPU, f32,
+/// stride 1, a kernel wider than one pixel, at least 16 output channels, and outputs 16+ wide
 /// (the dropped columns cost `2·pw / W_out`; at 4 px the 128-channel layers of resnet18_small
 /// ran 2.5x slower than im2col). The caller tries Winograd first (as fast on 32-channel 16 px
 /// layers, faster on wider ones), and takes the input gradient of layers with fewer than 16
