@@ -359,7 +359,8 @@ fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f3
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             // 16 registers: 6 channels x 16 positions is 12 accumulators, 2 inputs and the
-            // broadcast weight.
+            // broadcast weight. 4 x 24 (also 12 accumulators, 3 inputs) ran the 16-channel
+            // 32 px layer's forward in 12.6 ms against 7.7-8.4 (`conv_layers 1`, Zen 3).
             for n0 in (0..np).step_by(LANES) {
                 let mut o = 0;
                 // SAFETY: AVX2 and FMA were detected (`Isa::best`); the asserts above bound
