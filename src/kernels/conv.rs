@@ -37,6 +37,18 @@ const COL_BUDGET: usize = 1 << 20;
 #[cfg(test)]
 const COL_BUDGET: usize = 64;
 
+/// Output positions that small-output images are grouped to, side by side in one GEMM
+/// ([`ConvGeom::images_per_gemm`]).
+#[cfg(not(test))]
+const GROUP_N: usize = 128;
+#[cfg(not(test))]
+const GROUP_COL: usize = COL_BUDGET;
+/// Small in tests, so that they cover groups of two and an odd last group.
+#[cfg(test)]
+const GROUP_N: usize = 8;
+#[cfg(test)]
+const GROUP_COL: usize = 256;
+
 /// The geometry of one convolution (no groups, no dilation, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
@@ -95,6 +107,23 @@ impl ConvGeom {
     /// A 1x1 stride-1 unpadded convolution reads the image itself as its column matrix.
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0, 0]
+    }
+    /// Images whose column matrices go side by side into one GEMM (1: one image, or part of
+    /// one, per GEMM). An image of 16 output positions (resnet18_small's 4 px layers) makes
+    /// GEMMs with `N = 16` per image: the `gemm` crate runs its one-vector edge kernel on them,
+    /// and the weight gradient re-reads and re-writes all of `dW` (590 KB for 128 -> 128)
+    /// every 16 positions. Grouped to [`GROUP_N`] positions, the products have full tiles
+    /// and `dW` is touched once per group. Pointwise layers read the image in place and
+    /// are left alone.
+    fn images_per_gemm(&self) -> usize {
+        let (p, k) = (self.p(), self.k());
+        if self.is_pointwise() || p == 0 || 2 * p > GROUP_N || 2 * k * p > GROUP_COL {
+            return 1;
+        }
+        (GROUP_N / p)
+            .min(GROUP_COL / (k * p))
+            .min(self.batch)
+            .max(1)
     }
     /// Output rows per column tile.
     fn tile_rows(&self) -> usize {
@@ -181,8 +210,9 @@ impl Shift {
 }
 
 dispatched! {
-    /// Fills `col` (`[K, rows · W_out]`) with the patches of output rows `oy0..oy1` of one image.
-    fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32]) {
+    /// Fills `col` (`K` rows of `rows · W_out` floats, `ld` apart) with the patches of output
+    /// rows `oy0..oy1` of one image.
+    fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32], ld: usize) {
         let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
         let [sh, sw] = g.stride;
         let [ph, pw] = g.pad;
@@ -192,7 +222,7 @@ dispatched! {
             for i in 0..g.kh {
                 for j in 0..g.kw {
                     let r = (c * g.kh + i) * g.kw + j;
-                    let dst = &mut col[r * n..(r + 1) * n];
+                    let dst = &mut col[r * ld..r * ld + n];
                     if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
                         let (ra, rb) = ((sh.a - oy0) * wo, (sh.b - oy0) * wo);
                         dst[..ra].iter_mut().for_each(|v| *v = 0.0);
@@ -229,9 +259,10 @@ dispatched! {
 }
 
 dispatched! {
-    /// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` into `dx`
-    /// (`dcol` is scratch: its entries for padding positions are zeroed on the way).
-    fn col2im(dcol: &mut [f32], g: &ConvGeom, oy0: usize, oy1: usize, dx: &mut [f32]) {
+    /// The transpose of [`im2col`]: adds the column gradients of rows `oy0..oy1` (rows `ld`
+    /// apart) into `dx` (`dcol` is scratch: its entries for padding positions are zeroed on
+    /// the way).
+    fn col2im(dcol: &mut [f32], g: &ConvGeom, oy0: usize, oy1: usize, ld: usize, dx: &mut [f32]) {
         let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
         let [sh, sw] = g.stride;
         let [ph, pw] = g.pad;
@@ -241,7 +272,7 @@ dispatched! {
             for i in 0..g.kh {
                 for j in 0..g.kw {
                     let r = (c * g.kh + i) * g.kw + j;
-                    let src = &mut dcol[r * n..(r + 1) * n];
+                    let src = &mut dcol[r * ld..r * ld + n];
                     if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
                         let run = &mut src[(sh.a - oy0) * wo..(sh.b - oy0) * wo];
                         sh.zero_wrapped(run, g.w);
@@ -488,6 +519,36 @@ fn im2col_forward_act(
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
     let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
+    let group = g.images_per_gemm();
+    if group > 1 {
+        let (in_len, out_len, ho) = (g.in_len(), g.out_len(), g.ho());
+        return par_zeroed_with(
+            g.batch * out_len,
+            group * out_len,
+            x.par_chunks(group * in_len),
+            || (Vec::new(), Vec::new()),
+            |(col, prod), yc, xc| {
+                // `col: [K, images · P]`, image `i` in columns `i·P..`; `prod: [C_out, images · P]`.
+                let n = xc.len() / in_len * p;
+                col.resize(k * n, 0.0);
+                for (i, xn) in xc.chunks(in_len).enumerate() {
+                    im2col(xn, g, 0, ho, &mut col[i * p..], n);
+                }
+                prod.resize(cout * n, 0.0);
+                lhs.mul(n, prod, n, false, col, n, 1, threads);
+                for (i, yn) in yc.chunks_mut(out_len).enumerate() {
+                    for (o, row) in yn.chunks_mut(p).enumerate() {
+                        let b = bias.map_or(0.0, |b| b[o]);
+                        let src = &prod[o * n + i * p..][..p];
+                        row.iter_mut().zip(src).for_each(|(d, &s)| *d = s + b);
+                    }
+                    if relu {
+                        super::simd::relu_row(yn);
+                    }
+                }
+            },
+        );
+    }
     let inputs = x.par_chunks(g.in_len().max(1));
     par_zeroed_with(
         g.batch * g.out_len(),
@@ -502,7 +563,7 @@ fn im2col_forward_act(
                     let oy1 = (oy0 + rows).min(g.ho());
                     let n = (oy1 - oy0) * g.wo();
                     col.resize(k * n, 0.0);
-                    im2col(xn, g, oy0, oy1, col);
+                    im2col(xn, g, oy0, oy1, col, n);
                     let dst = &mut yn[oy0 * g.wo()..];
                     lhs.mul(n, dst, p, false, col, n, 1, threads);
                 }
@@ -599,6 +660,7 @@ pub fn im2col_backward(
     let rows = g.tile_rows();
     let mut dx = need_dx.then(|| vec![0.0f32; x.len()]);
     let blocks = image_blocks(g.batch);
+    let group = g.images_per_gemm();
     // Each block of images gets its own slice of dx and returns its partial dW and db.
     let mut dx_parts: Vec<Option<&mut [f32]>> = match dx.as_mut() {
         Some(d) => {
@@ -621,8 +683,9 @@ pub fn im2col_backward(
     let transposed = k >= cout;
     // `Wᵀ [K, C_out]`, the left operand of the input gradient.
     let wt = need_dx.then(|| Lhs::new(g.precision, k, cout, w, 1, k));
-    // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long).
-    let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], n: usize| {
+    // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long,
+    // `dY` rows `ld` apart).
+    let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], n: usize, ld: usize| {
         if transposed {
             gemm(
                 g.precision,
@@ -637,7 +700,7 @@ pub fn im2col_backward(
                 1,
                 dy_tile,
                 1,
-                p,
+                ld,
                 threads,
             );
         } else {
@@ -650,7 +713,7 @@ pub fn im2col_backward(
                 k,
                 true,
                 dy_tile,
-                p,
+                ld,
                 1,
                 col,
                 1,
@@ -670,6 +733,46 @@ pub fn im2col_backward(
             };
             let mut db = vec![0.0f32; if need_db { cout } else { 0 }];
             let (mut col, mut dcol) = (Vec::new(), Vec::new());
+            if group > 1 {
+                // `group` images at a time: `dY` gathered to `[C_out, images · P]`, and `col`
+                // / `dcol` `[K, images · P]`, image `i` in columns `i·P..`.
+                let mut dyg = Vec::new();
+                for first in range.clone().step_by(group) {
+                    let images = group.min(range.end - first);
+                    let n = images * p;
+                    dyg.resize(cout * n, 0.0);
+                    for i in 0..images {
+                        let dyn_ = &dy[(first + i) * out_len..][..out_len];
+                        for (o, row) in dyn_.chunks(p).enumerate() {
+                            dyg[o * n + i * p..][..p].copy_from_slice(row);
+                            if need_db {
+                                db[o] += row.iter().sum::<f32>();
+                            }
+                        }
+                    }
+                    if need_dw {
+                        col.resize(k * n, 0.0);
+                        for i in 0..images {
+                            let xn = &x[(first + i) * in_len..][..in_len];
+                            im2col(xn, g, 0, g.ho(), &mut col[i * p..], n);
+                        }
+                        add_weight_grad(&mut dwt, &col, &dyg, n, n);
+                    }
+                    if let Some(d) = dx_block.as_deref_mut() {
+                        dcol.resize(k * n, 0.0);
+                        let wt = wt.as_ref().unwrap();
+                        wt.mul(n, &mut dcol, n, false, &dyg, n, 1, threads);
+                        let at = first - range.start;
+                        for (i, dxn) in d[at * in_len..][..images * in_len]
+                            .chunks_mut(in_len)
+                            .enumerate()
+                        {
+                            col2im(&mut dcol[i * p..], g, 0, g.ho(), n, dxn);
+                        }
+                    }
+                }
+                return (dwt, db);
+            }
             for (i, n) in range.clone().enumerate() {
                 let xn = &x[n * in_len..(n + 1) * in_len];
                 let dyn_ = &dy[n * out_len..(n + 1) * out_len];
@@ -683,7 +786,7 @@ pub fn im2col_backward(
                     .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
                 if g.is_pointwise() {
                     if need_dw {
-                        add_weight_grad(&mut dwt, xn, dyn_, p);
+                        add_weight_grad(&mut dwt, xn, dyn_, p, p);
                     }
                     if let Some(dxn) = dxn {
                         wt.as_ref()
@@ -699,14 +802,14 @@ pub fn im2col_backward(
                     let dy_tile = &dyn_[oy0 * g.wo()..];
                     if need_dw {
                         col.resize(k * nn, 0.0);
-                        im2col(xn, g, oy0, oy1, &mut col);
-                        add_weight_grad(&mut dwt, &col, dy_tile, nn);
+                        im2col(xn, g, oy0, oy1, &mut col, nn);
+                        add_weight_grad(&mut dwt, &col, dy_tile, nn, p);
                     }
                     if let Some(d) = dxn.as_deref_mut() {
                         dcol.resize(k * nn, 0.0);
                         let wt = wt.as_ref().unwrap();
                         wt.mul(nn, &mut dcol, nn, false, dy_tile, p, 1, threads);
-                        col2im(&mut dcol, g, oy0, oy1, d);
+                        col2im(&mut dcol, g, oy0, oy1, nn, d);
                     }
                 }
             }
@@ -806,7 +909,17 @@ mod tests {
             g(2, 3, 5, 16, 16, [3, 3], 1, 1),
             g(2, 16, 4, 17, 16, [3, 3], 1, 1),
             g(1, 32, 8, 32, 32, [3, 3], 1, 1),
+            // Small outputs, several images per GEMM (checked in `small_outputs_are_grouped`):
+            // groups of two and an odd last one, stride 1 and 2.
+            g(7, 1, 2, 2, 2, [3, 3], 1, 1),
+            g(5, 2, 4, 4, 3, [3, 3], 2, 1),
         ]
+    }
+
+    #[test]
+    fn small_outputs_are_grouped() {
+        let grouped: Vec<usize> = geoms().iter().map(|g| g.images_per_gemm()).collect();
+        assert_eq!(grouped.iter().filter(|&&n| n > 1).count(), 2, "{grouped:?}");
     }
 
     /// bf16 convolutions are the f32 ones on bf16-rounded operands (bias and sums stay f32), in
