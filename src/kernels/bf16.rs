@@ -76,7 +76,7 @@ pub fn round(x: f32) -> f32 {
 
 /// Two values as one packed pair, the first in the low half.
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(super) fn pair(lo: f32, hi: f32) -> u32 {
     round_bits(lo) | (round_bits(hi) << 16)
 }
 

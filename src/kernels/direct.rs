@@ -94,9 +94,12 @@ pub fn available() -> bool {
 /// 1.1-1.6 to 0.4 ms (resnet18_small). With the AVX2 tiles on an AMD EPYC Zen 3 (no AVX-512,
 /// 2026-12-01, same command): the 16-channel layer 12.7 -> 7.7 ms forward, 23.7 -> 13.6 ms
 /// backward; the stem's backward 3.4 -> 2.0 ms.
+///
+/// In bf16 the forward product (and so the input gradient) runs on channel pairs with
+/// `VDPBF16PS` ([`Pairs`]); the weight gradient here is f32 only, so the caller takes bf16
+/// ones from im2col + the bf16 GEMM.
 pub fn applies(g: &ConvGeom) -> bool {
     available()
-        && g.precision == super::Precision::Fp32
         && g.stride == [1, 1]
         && g.kh * g.kw > 1
         && g.cin > 0
@@ -163,6 +166,70 @@ impl Layout {
     }
 }
 
+/// bf16 operands for `VDPBF16PS`, which multiplies pairs of bf16 in each 32-bit lane: the
+/// padded image with channels `2c` and `2c + 1` in the low and high halves of one word per
+/// position (`[⌈C/2⌉, H_p, W_p]` words), the weights likewise in channel pairs. A tap `(c, i, j)`
+/// of the f32 kernels becomes a tap `(c/2, i, j)` of pairs, so the same tiles, offsets and
+/// output layout apply with half the taps, each doing two multiply-adds per lane.
+struct Pairs {
+    /// The layout of the paired image: [`Layout`] of a geometry with `⌈C/2⌉` channels.
+    lay: Layout,
+    /// `[C_out, ⌈C/2⌉ · kh · kw]` weight pairs, bf16-rounded (the odd last channel paired
+    /// with zero).
+    w: Vec<u32>,
+}
+
+impl Pairs {
+    fn new(w: &[f32], g: &ConvGeom) -> Self {
+        let pairs = g.cin.div_ceil(2);
+        let lay = Layout::new(&ConvGeom { cin: pairs, ..*g });
+        let taps = g.kh * g.kw;
+        let mut wq = vec![0u32; g.cout * pairs * taps];
+        for (o, dst) in wq.chunks_mut(pairs * taps).enumerate() {
+            let wo = &w[o * g.cin * taps..][..g.cin * taps];
+            for (cp, d) in dst.chunks_mut(taps).enumerate() {
+                let lo = &wo[2 * cp * taps..][..taps];
+                let hi = wo.get((2 * cp + 1) * taps..(2 * cp + 2) * taps);
+                for (t, word) in d.iter_mut().enumerate() {
+                    *word = super::bf16::pair(lo[t], hi.map_or(0.0, |h| h[t]));
+                }
+            }
+        }
+        Pairs { lay, w: wq }
+    }
+
+    /// [`Layout::pad`] for the paired image: every interior word rewritten, the border and
+    /// slack zero from the first call.
+    fn pad(&self, x: &[f32], g: &ConvGeom, xq: &mut Vec<u32>) {
+        let (lay, [ph, pw], plane) = (&self.lay, g.pad, g.h * g.w);
+        if xq.len() != lay.len {
+            xq.clear();
+            xq.resize(lay.len, 0);
+        }
+        for cp in 0..g.cin.div_ceil(2) {
+            let lo = &x[2 * cp * plane..][..plane];
+            let hi = x.get((2 * cp + 1) * plane..(2 * cp + 2) * plane);
+            for y in 0..g.h {
+                let at = cp * lay.hp * lay.wp + (y + ph) * lay.wp + pw;
+                let (dst, l) = (&mut xq[at..at + g.w], &lo[y * g.w..][..g.w]);
+                match hi {
+                    Some(h) => {
+                        let h = &h[y * g.w..][..g.w];
+                        for ((d, &a), &b) in dst.iter_mut().zip(l).zip(h) {
+                            *d = super::bf16::pair(a, b);
+                        }
+                    }
+                    None => {
+                        for (d, &a) in dst.iter_mut().zip(l) {
+                            *d = super::bf16::pair(a, 0.0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `Y[o][n0..n0+16V] = Σ_k W[o·ldw + k] · X[off_k + n0..]` for `R` output channels.
 ///
 /// # Safety
@@ -196,6 +263,86 @@ unsafe fn forward_tile<const R: usize, const V: usize>(
             for (v, &sum) in row.iter().enumerate() {
                 _mm512_storeu_ps(y.add(r * ldy + v * LANES), sum);
             }
+        }
+    }
+}
+
+/// [`forward_tile`] on channel pairs: `w` and `x` hold bf16 pairs ([`Pairs`]), each step two
+/// multiply-adds per lane, summed in f32.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; as [`forward_tile`], in 32-bit words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn forward_tile_bf16<const R: usize, const V: usize>(
+    offs: &[usize],
+    w: *const u32,
+    ldw: usize,
+    x: *const u32,
+    y: *mut f32,
+    ldy: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
+    // `__m512i` are the same 64 bytes.
+    unsafe {
+        for (k, &off) in offs.iter().enumerate() {
+            let xk = x.add(off);
+            let xv: [__m512bh; V] = std::array::from_fn(|v| {
+                std::mem::transmute(_mm512_loadu_si512(xk.add(v * LANES).cast()))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*w.add(r * ldw + k) as i32));
+                for v in 0..V {
+                    row[v] = _mm512_dpbf16_ps(row[v], a, xv[v]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &sum) in row.iter().enumerate() {
+                _mm512_storeu_ps(y.add(r * ldy + v * LANES), sum);
+            }
+        }
+    }
+}
+
+/// [`forward_product`] on channel pairs (AVX-512 BF16): `w` is `[C_out, K/2]` pairs, `xq` the
+/// paired image, `y` `[C_out, np]`.
+fn forward_product_bf16(cout: usize, w: &[u32], xq: &[u32], lay: &Layout, y: &mut [f32]) {
+    let (k, np) = (lay.offs.len(), lay.np);
+    assert!(
+        super::bf16::available(),
+        "bf16 direct convolution needs AVX512-BF16"
+    );
+    assert_eq!(w.len(), cout * k, "weights");
+    assert_eq!(y.len(), cout * np, "output");
+    assert!(xq.len() >= lay.len, "padded image");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (wp, x, yp, offs) = (w.as_ptr(), xq.as_ptr(), y.as_mut_ptr(), &lay.offs[..]);
+        // The AVX-512 f32 loop's order and tiles (8 channels x 48 positions).
+        let mut n0 = 0;
+        while n0 < np {
+            let wide = np - n0 >= 3 * LANES;
+            let mut o = 0;
+            // SAFETY: AVX-512 F and BF16 were asserted above; the asserts bound every row
+            // `< C_out`, tap `< K/2` and position `< np` the tiles touch.
+            unsafe {
+                let (xn, yn) = (x.add(n0), yp.add(n0));
+                while o < cout {
+                    let (wo, yo) = (wp.add(o * k), yn.add(o * np));
+                    match (cout - o >= 8, wide) {
+                        (true, true) => forward_tile_bf16::<8, 3>(offs, wo, k, xn, yo, np),
+                        (true, false) => forward_tile_bf16::<8, 1>(offs, wo, k, xn, yo, np),
+                        (false, true) => forward_tile_bf16::<1, 3>(offs, wo, k, xn, yo, np),
+                        (false, false) => forward_tile_bf16::<1, 1>(offs, wo, k, xn, yo, np),
+                    }
+                    o += if cout - o >= 8 { 8 } else { 1 };
+                }
+            }
+            n0 += if wide { 3 * LANES } else { LANES };
         }
     }
 }
@@ -522,15 +669,29 @@ fn forward_with(
     let (ho, wo) = (g.ho(), g.wo());
     let out_len = g.cout * ho * wo;
     let split = g.batch < rayon::current_num_threads();
+    // bf16 products where the CPU has them (the AVX-512 tiles, on channel pairs).
+    let pairs =
+        (g.precision == super::Precision::Bf16 && isa == Isa::Avx512 && super::bf16::available())
+            .then(|| Pairs::new(w, g));
     par_zeroed_with(
         g.batch * out_len,
         out_len,
         x.par_chunks((g.cin * g.h * g.w).max(1)),
-        || (Vec::new(), Vec::new()),
-        |(xp, acc), yn, xn| {
-            lay.pad(xn, g, xp);
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(xp, acc, xq), yn, xn| {
             acc.resize(g.cout * lay.np, 0.0);
-            if split {
+            if let Some(pq) = &pairs {
+                pq.pad(xn, g, xq);
+                let k = pq.lay.offs.len();
+                if split {
+                    acc.par_chunks_mut(8 * lay.np)
+                        .zip(pq.w.par_chunks(8 * k))
+                        .for_each(|(a, wc)| forward_product_bf16(wc.len() / k, wc, xq, &pq.lay, a));
+                } else {
+                    forward_product_bf16(g.cout, &pq.w, xq, &pq.lay, acc);
+                }
+            } else if split {
+                lay.pad(xn, g, xp);
                 // Fewer images than threads (a single-image prediction): the threads
                 // take blocks of 8 output channels instead, each summing exactly as alone.
                 let k = g.k();
@@ -538,6 +699,7 @@ fn forward_with(
                     .zip(w.par_chunks(8 * k))
                     .for_each(|(a, wc)| forward_product(wc.len() / k, wc, xp, &lay, a, isa));
             } else {
+                lay.pad(xn, g, xp);
                 forward_product(g.cout, w, xp, &lay, acc, isa);
             }
             for (o, (dst, src)) in yn.chunks_mut(ho * wo).zip(acc.chunks(lay.np)).enumerate() {
@@ -709,6 +871,50 @@ mod tests {
         }
     }
 
+    /// In bf16, the forward product and the input gradient are the f32 ones on bf16-rounded
+    /// operands (up to the order of the f32 sums), with odd channel counts (a channel paired
+    /// with zero) and fewer images than threads; the weight gradient here is f32's.
+    #[test]
+    fn bf16_matches_f32_on_rounded_operands() {
+        use crate::kernels::bf16::{available, round};
+        if !available() || Isa::best() != Isa::Avx512 {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let rounded = |v: &[f32]| v.iter().map(|&x| round(x)).collect::<Vec<_>>();
+        for g in [
+            geom(3, 16, 16, 8, 16, [3, 3], [1, 1]),
+            geom(5, 17, 19, 6, 15, [3, 3], [2, 2]),
+            geom(1, 3, 64, 5, 17, [1, 3], [0, 1]),
+        ] {
+            let g16 = ConvGeom {
+                precision: Precision::Bf16,
+                ..g
+            };
+            let x = data(g.batch * g.cin * g.h * g.w, 1);
+            let w = data(g.cout * g.k(), 2);
+            let b = data(g.cout, 3);
+            let y = forward_with(&x, &w, Some(&b), &g16, Isa::Avx512, false);
+            let ey = forward_with(&rounded(&x), &rounded(&w), Some(&b), &g, Isa::Avx512, false);
+            assert_close(&y, &ey, &format!("y of {g:?}"));
+            let y32 = forward_with(&x, &w, Some(&b), &g, Isa::Avx512, false);
+            assert!(y != y32, "bf16 rounds the operands of {g:?}");
+            let dy = data(ey.len(), 4);
+            let (dx, dw, _) = backward_with(&x, &w, &dy, &g16, [true, true, false], Isa::Avx512);
+            let (ex, _, _) = backward_with(
+                &x,
+                &rounded(&w),
+                &rounded(&dy),
+                &g,
+                [true, false, false],
+                Isa::Avx512,
+            );
+            assert_close(&dx.unwrap(), &ex.unwrap(), &format!("dx of {g:?}"));
+            let (_, ew, _) = backward_with(&x, &w, &dy, &g, [false, true, false], Isa::Avx512);
+            assert_eq!(dw, ew, "dw of {g:?}");
+        }
+    }
+
     #[test]
     fn applies_to_f32_stride_one_layers_of_sixteen_output_channels_or_more() {
         assert_eq!(
@@ -726,7 +932,7 @@ mod tests {
             precision: Precision::Bf16,
             ..geom(1, 16, 16, 32, 32, [3, 3], [1, 1])
         };
-        assert!(!applies(&bf16));
+        assert_eq!(applies(&bf16), available());
         let strided = ConvGeom {
             stride: [2, 2],
             ..geom(1, 16, 16, 32, 32, [3, 3], [1, 1])
