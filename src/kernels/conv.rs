@@ -600,10 +600,12 @@ pub fn conv2d_backward(
     // narrower than 32 px, where im2col's was faster (bench-vgg's 16 px layers: 24.7 vs 30.8
     // ms for 128 -> 128, 12.4-14.4 vs 16 ms for 64 -> 128; at 32 px 64 -> 64 direct won, 26.3
     // vs 29.5-33 ms: `cargo run --release --example conv_layers 2 fp32 bench-vgg`).
-    // The direct weight gradient is f32 only: in bf16 it comes from im2col + the bf16 GEMM.
+    // In bf16, im2col's weight gradient (on the bf16 GEMM) also wins at 32 px: 15.3 vs 18.7 ms
+    // for bench-vgg's 64 -> 64 layer (`conv_layers 1 bf16 bench-vgg`).
     let winograd = winograd::applies(g);
     let direct_dx = direct::applies(g);
-    let direct = direct_dx && g.precision == super::Precision::Fp32 && (!winograd || g.wo() >= 32);
+    let direct =
+        direct_dx && (!winograd || (g.wo() >= 32 && g.precision == super::Precision::Fp32));
     let dx_by = if !need[0] {
         None
     } else if winograd {

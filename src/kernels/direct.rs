@@ -33,7 +33,7 @@
 
 use super::buf::par_zeroed_with;
 use super::conv::{ConvGeom, ConvGrads, image_blocks, sum_in_order};
-use super::simd::relu_row;
+use super::simd::{dispatched, relu_row};
 use rayon::prelude::*;
 
 /// Floats per vector of positions: one AVX-512 register, two AVX2 ones. Rows of the product are
@@ -95,9 +95,9 @@ pub fn available() -> bool {
 /// 2026-12-01, same command): the 16-channel layer 12.7 -> 7.7 ms forward, 23.7 -> 13.6 ms
 /// backward; the stem's backward 3.4 -> 2.0 ms.
 ///
-/// In bf16 the forward product (and so the input gradient) runs on channel pairs with
-/// `VDPBF16PS` ([`Pairs`]); the weight gradient here is f32 only, so the caller takes bf16
-/// ones from im2col + the bf16 GEMM.
+/// In bf16 the products run on `VDPBF16PS`: the forward one (and so the input gradient) on
+/// pairs of channels ([`Pairs`]), the weight gradient on pairs of positions
+/// ([`PositionPairs`]).
 pub fn applies(g: &ConvGeom) -> bool {
     available()
         && g.stride == [1, 1]
@@ -162,6 +162,15 @@ impl Layout {
                 let at = c * self.hp * self.wp + (y + ph) * self.wp + pw;
                 xp[at..at + g.w].copy_from_slice(row);
             }
+        }
+    }
+}
+
+dispatched! {
+    /// `dst[i]` = `src[i]` rounded to bf16 (to nearest even), as its upper 16 bits.
+    fn round_halves(src: &[f32], dst: &mut [u16]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = super::bf16::round_bits(x) as u16;
         }
     }
 }
@@ -344,6 +353,129 @@ fn forward_product_bf16(cout: usize, w: &[u32], xq: &[u32], lay: &Layout, y: &mu
             }
             n0 += if wide { 3 * LANES } else { LANES };
         }
+    }
+}
+
+/// [`weight_grad_tile`] on pairs of positions: `dy` rows and each tap's `x` hold bf16 pairs
+/// `(n, n + 1)` for even `n`, `nv` vectors of 16 words (32 positions).
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; `dy` holds `R` rows of `16·nv` words `ldd` apart, each
+/// `x[t]` `16·nv` words, `dw` `R` rows of `T` floats `ldw` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn weight_grad_tile_bf16<const R: usize, const T: usize>(
+    nv: usize,
+    dy: *const u32,
+    ldd: usize,
+    x: &[*const u32],
+    dw: *mut f32,
+    ldw: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
+    // `__m512i` are the same 64 bytes.
+    unsafe {
+        for v in 0..nv {
+            let xv: [__m512bh; T] = std::array::from_fn(|t| {
+                std::mem::transmute(_mm512_loadu_si512(x[t].add(v * LANES).cast()))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let dv: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(dy.add(r * ldd + v * LANES).cast()));
+                for t in 0..T {
+                    row[t] = _mm512_dpbf16_ps(row[t], dv, xv[t]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (t, &sum) in row.iter().enumerate() {
+                *dw.add(r * ldw + t) += _mm512_reduce_add_ps(sum);
+            }
+        }
+    }
+}
+
+/// The bf16 operands of one image's weight gradient, paired along positions: `dY` and the
+/// padded image rounded to bf16, one 16-bit half per float. The 32-bit word at half `i` is the
+/// pair `(v[i], v[i + 1])`, so a tap's run `X[off + n]` for even `n` is read as words from half
+/// `off`, whichever its parity (unaligned loads).
+#[derive(Default)]
+struct PositionPairs {
+    /// `[C_out, row]` halves: `dY` over the product's positions, zero past `np`.
+    dy: Vec<u16>,
+    /// The padded image, then zeros for the last vector's extra positions.
+    x: Vec<u16>,
+}
+
+impl PositionPairs {
+    /// Halves per `dY` row: `np` rounded up to whole vectors of 32 positions.
+    fn row(lay: &Layout) -> usize {
+        lay.np.next_multiple_of(2 * LANES)
+    }
+
+    /// Rounds `dyp` (`[C_out, np]`) and the padded image `xp` to bf16.
+    fn fill(&mut self, dyp: &[f32], xp: &[f32], lay: &Layout) {
+        let row = Self::row(lay);
+        self.dy.resize(dyp.len() / lay.np * row, 0);
+        for (d, s) in self.dy.chunks_mut(row).zip(dyp.chunks(lay.np)) {
+            round_halves(s, &mut d[..lay.np]);
+        }
+        // Each tap reads `row` halves from its offset, up to `row - np` past `lay.len`.
+        self.x.resize(lay.len + row - lay.np + 2, 0);
+        round_halves(&xp[..lay.len], &mut self.x[..lay.len]);
+    }
+
+    /// `dW[o][k] += Σ_n dY[o][n] · X[off_k + n]` for every channel and tap (AVX-512 BF16).
+    fn weight_grad(&self, cout: usize, lay: &Layout, dw: &mut [f32]) {
+        let (k, row) = (lay.offs.len(), Self::row(lay));
+        assert!(
+            super::bf16::available(),
+            "bf16 direct convolution needs AVX512-BF16"
+        );
+        assert_eq!(dw.len(), cout * k, "weight gradient");
+        assert_eq!(self.dy.len(), cout * row, "output gradient");
+        let need = lay.offs.iter().max().map_or(0, |&o| o + row);
+        assert!(self.x.len() >= need, "paired image");
+        let taps: Vec<*const u32> = lay
+            .offs
+            .iter()
+            .map(|&off| self.x[off..].as_ptr().cast())
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        {
+            // In words: `row / 2` per `dY` row, 16 per vector.
+            let (nv, d, g) = (
+                row / (2 * LANES),
+                self.dy.as_ptr().cast::<u32>(),
+                dw.as_mut_ptr(),
+            );
+            let row = row / 2;
+            let mut o = 0;
+            while o < cout {
+                let r = if cout - o >= 4 { 4 } else { 1 };
+                let mut t = 0;
+                while t < k {
+                    let xs = &taps[t..];
+                    // SAFETY: AVX-512 F and BF16 were asserted above; the asserts bound every
+                    // row `< C_out`, tap `< K` and word `< row` (from each tap's start) read.
+                    unsafe {
+                        let (dyo, dwo) = (d.add(o * row), g.add(o * k + t));
+                        match (r, k - t >= 4) {
+                            (4, true) => weight_grad_tile_bf16::<4, 4>(nv, dyo, row, xs, dwo, k),
+                            (4, false) => weight_grad_tile_bf16::<4, 1>(nv, dyo, row, xs, dwo, k),
+                            (_, true) => weight_grad_tile_bf16::<1, 4>(nv, dyo, row, xs, dwo, k),
+                            (_, false) => weight_grad_tile_bf16::<1, 1>(nv, dyo, row, xs, dwo, k),
+                        }
+                    }
+                    t += if k - t >= 4 { 4 } else { 1 };
+                }
+                o += r;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = taps;
     }
 }
 
@@ -757,9 +889,12 @@ fn backward_with(
     let (ho, wo, cout) = (g.ho(), g.wo(), g.cout);
     let (in_len, out_len) = (g.cin * g.h * g.w, cout * ho * wo);
     let split = g.batch < rayon::current_num_threads();
+    let pairs =
+        g.precision == super::Precision::Bf16 && isa == Isa::Avx512 && super::bf16::available();
     let partials: Vec<(Vec<f32>, Vec<f32>)> = image_blocks(g.batch)
         .into_par_iter()
         .map(|range| {
+            let mut pp = PositionPairs::default();
             let mut dw = vec![0.0f32; if need_dw { cout * g.k() } else { 0 }];
             let mut db = vec![0.0f32; if need_db { cout } else { 0 }];
             // dY over the product's positions; the dropped columns and the tail stay zero.
@@ -780,7 +915,10 @@ fn backward_with(
                     }
                 }
                 lay.pad(&x[img * in_len..(img + 1) * in_len], g, &mut xp);
-                if split {
+                if pairs {
+                    pp.fill(&dyp, &xp, &lay);
+                    pp.weight_grad(cout, &lay, &mut dw);
+                } else if split {
                     // Fewer images than threads: blocks of 4 output channels per thread.
                     let k = g.k();
                     dw.par_chunks_mut(4 * k)
@@ -873,7 +1011,8 @@ mod tests {
 
     /// In bf16, the forward product and the input gradient are the f32 ones on bf16-rounded
     /// operands (up to the order of the f32 sums), with odd channel counts (a channel paired
-    /// with zero) and fewer images than threads; the weight gradient here is f32's.
+    /// with zero), odd output widths (runs that start on odd floats) and fewer images than
+    /// threads; so is the weight gradient (on pairs of positions).
     #[test]
     fn bf16_matches_f32_on_rounded_operands() {
         use crate::kernels::bf16::{available, round};
@@ -900,18 +1039,14 @@ mod tests {
             let y32 = forward_with(&x, &w, Some(&b), &g, Isa::Avx512, false);
             assert!(y != y32, "bf16 rounds the operands of {g:?}");
             let dy = data(ey.len(), 4);
-            let (dx, dw, _) = backward_with(&x, &w, &dy, &g16, [true, true, false], Isa::Avx512);
-            let (ex, _, _) = backward_with(
-                &x,
-                &rounded(&w),
-                &rounded(&dy),
-                &g,
-                [true, false, false],
-                Isa::Avx512,
-            );
+            let (dx, dw, db) = backward_with(&x, &w, &dy, &g16, [true, true, true], Isa::Avx512);
+            let (xr, wr, dyr) = (rounded(&x), rounded(&w), rounded(&dy));
+            let (ex, ew, _) = backward_with(&xr, &wr, &dyr, &g, [true; 3], Isa::Avx512);
             assert_close(&dx.unwrap(), &ex.unwrap(), &format!("dx of {g:?}"));
-            let (_, ew, _) = backward_with(&x, &w, &dy, &g, [false, true, false], Isa::Avx512);
-            assert_eq!(dw, ew, "dw of {g:?}");
+            assert_close(&dw.unwrap(), &ew.unwrap(), &format!("dw of {g:?}"));
+            // The bias gradient is a plain f32 sum of the unrounded output gradient.
+            let (_, _, eb) = backward_with(&x, &w, &dy, &g, [false, false, true], Isa::Avx512);
+            assert_eq!(db, eb, "db of {g:?}");
         }
     }
 
