@@ -175,6 +175,24 @@ dispatched! {
     }
 }
 
+dispatched! {
+    /// `dst[i]` = the bf16 pair `(lo[i], hi[i])` (`hi` zero when absent).
+    fn pair_row(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+        match hi {
+            Some(h) => {
+                for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(h) {
+                    *d = super::bf16::pair(a, b);
+                }
+            }
+            None => {
+                for (d, &a) in dst.iter_mut().zip(lo) {
+                    *d = super::bf16::pair(a, 0.0);
+                }
+            }
+        }
+    }
+}
+
 /// bf16 operands for `VDPBF16PS`, which multiplies pairs of bf16 in each 32-bit lane: the
 /// padded image with channels `2c` and `2c + 1` in the low and high halves of one word per
 /// position (`[⌈C/2⌉, H_p, W_p]` words), the weights likewise in channel pairs. A tap `(c, i, j)`
@@ -221,19 +239,7 @@ impl Pairs {
             for y in 0..g.h {
                 let at = cp * lay.hp * lay.wp + (y + ph) * lay.wp + pw;
                 let (dst, l) = (&mut xq[at..at + g.w], &lo[y * g.w..][..g.w]);
-                match hi {
-                    Some(h) => {
-                        let h = &h[y * g.w..][..g.w];
-                        for ((d, &a), &b) in dst.iter_mut().zip(l).zip(h) {
-                            *d = super::bf16::pair(a, b);
-                        }
-                    }
-                    None => {
-                        for (d, &a) in dst.iter_mut().zip(l) {
-                            *d = super::bf16::pair(a, 0.0);
-                        }
-                    }
-                }
+                pair_row(l, hi.map(|h| &h[y * g.w..][..g.w]), dst);
             }
         }
     }
