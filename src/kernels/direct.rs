@@ -27,6 +27,13 @@
 //! (its packing and `16 x 6` edge kernel), and channels-last with output channels in the lanes
 //! (one broadcast per multiply-add).
 //!
+//! With `precision = "bf16"` on a CPU with AVX512-BF16 the same products run on `VDPBF16PS`,
+//! which multiplies a pair of bf16 per 32-bit lane: the forward product on pairs of input
+//! channels (weights and padded image both paired, [`Pairs`]), the weight gradient on pairs of
+//! consecutive positions ([`PositionPairs`]); sums stay f32. On resnet18_small's 16-channel
+//! 32 px layers (one thread, `conv_layers 1 bf16`, Zen 5) that took forward 2.3 -> 1.3 ms,
+//! input gradient 2.0 -> 1.0 and weight gradient 1.9 -> 1.3 against im2col + the bf16 GEMM.
+//!
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `y: [B, C_out, H_out, W_out]` (NCHW, as
 //! everywhere in [`super::conv`]); internally `[C, H_p, W_p]` per image, `H_p = H + 2·ph`.
