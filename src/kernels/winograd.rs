@@ -40,6 +40,12 @@ const GROUP_TILES: usize = 64;
 /// GEMMs save per channel pair, so narrow layers and tiny maps lose: with 16 channels allowed,
 /// `resnet18_small` (widths 16-128) trained at 405-419 img/s against 535 with im2col; with
 /// these limits at 559-564 (`convlab bench train --model resnet18_small --threads 2`).
+///
+/// In bf16, layers of fewer than 64 input channels that the direct kernels take go to them
+/// instead: on `VDPBF16PS` they beat Winograd's bf16 GEMMs plus f32 transforms there
+/// (resnet18_small's 32 -> 32 16 px layers, one thread: forward 1.6 -> 1.0 ms, backward
+/// 2.8 -> 2.2 ms; +7% bf16 training in four alternated pairs, Zen 5), while at 64 channels
+/// Winograd still wins (bench-vgg's 64 -> 128 16 px: 5.5 against 6.0 ms forward).
 pub fn applies(g: &ConvGeom) -> bool {
     g.kh == 3
         && g.kw == 3
@@ -48,6 +54,7 @@ pub fn applies(g: &ConvGeom) -> bool {
         && g.pad[0] <= 2
         && g.cin >= 32
         && g.cout >= 32
+        && (g.precision == super::Precision::Fp32 || g.cin >= 64 || !super::direct::applies(g))
         && g.ho() >= 8
         && g.wo() >= 8
 }
@@ -477,5 +484,19 @@ mod tests {
             ..geom(1, 64, 64, 8, 8, 1)
         }));
         assert!(applies(&geom(1, 64, 64, 8, 8, 1)));
+        // In bf16, 32-channel layers go to the direct kernels where those take them.
+        let bf16 = |g: ConvGeom| ConvGeom {
+            precision: crate::kernels::Precision::Bf16,
+            ..g
+        };
+        assert_eq!(
+            applies(&bf16(geom(1, 32, 32, 16, 16, 1))),
+            !super::super::direct::applies(&bf16(geom(1, 32, 32, 16, 16, 1)))
+        );
+        assert!(
+            applies(&bf16(geom(1, 32, 32, 8, 8, 1))),
+            "too narrow for direct"
+        );
+        assert!(applies(&bf16(geom(1, 64, 64, 16, 16, 1))));
     }
 }
