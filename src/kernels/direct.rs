@@ -289,6 +289,46 @@ unsafe fn forward_tile<const R: usize, const V: usize>(
     }
 }
 
+/// The AVX-512 forward products' loop order: positions outside in blocks of 48 (16 for the
+/// last few), so a block's slice of every tap stays in L1 while all the channels use it;
+/// channels inside, 8 at a time (then 1). Calls `tile(o, n0, eight, wide)` per register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn forward_blocks(cout: usize, np: usize, mut tile: impl FnMut(usize, usize, bool, bool)) {
+    let mut n0 = 0;
+    while n0 < np {
+        let wide = np - n0 >= 3 * LANES;
+        let mut o = 0;
+        while o < cout {
+            let eight = cout - o >= 8;
+            tile(o, n0, eight, wide);
+            o += if eight { 8 } else { 1 };
+        }
+        n0 += if wide { 3 * LANES } else { LANES };
+    }
+}
+
+/// The weight-gradient products' loop order: `rows` channels (then 1) by 4 taps (then 1).
+/// Calls `tile(o, t, full_rows, four_taps)` per register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn weight_grad_blocks(
+    cout: usize,
+    k: usize,
+    rows: usize,
+    mut tile: impl FnMut(usize, usize, bool, bool),
+) {
+    let mut o = 0;
+    while o < cout {
+        let full = cout - o >= rows;
+        let mut t = 0;
+        while t < k {
+            let four = k - t >= 4;
+            tile(o, t, full, four);
+            t += if four { 4 } else { 1 };
+        }
+        o += if full { rows } else { 1 };
+    }
+}
+
 /// [`forward_tile`] on channel pairs: `w` and `x` hold bf16 pairs ([`Pairs`]), each step two
 /// multiply-adds per lane, summed in f32.
 ///
@@ -345,27 +385,19 @@ fn forward_product_bf16(cout: usize, w: &[u32], xq: &[u32], lay: &Layout, y: &mu
     {
         let (wp, x, yp, offs) = (w.as_ptr(), xq.as_ptr(), y.as_mut_ptr(), &lay.offs[..]);
         // The AVX-512 f32 loop's order and tiles (8 channels x 48 positions).
-        let mut n0 = 0;
-        while n0 < np {
-            let wide = np - n0 >= 3 * LANES;
-            let mut o = 0;
+        forward_blocks(cout, np, |o, n0, eight, wide| {
             // SAFETY: AVX-512 F and BF16 were asserted above; the asserts bound every row
             // `< C_out`, tap `< K/2` and position `< np` the tiles touch.
             unsafe {
-                let (xn, yn) = (x.add(n0), yp.add(n0));
-                while o < cout {
-                    let (wo, yo) = (wp.add(o * k), yn.add(o * np));
-                    match (cout - o >= 8, wide) {
-                        (true, true) => forward_tile_bf16::<8, 3>(offs, wo, k, xn, yo, np),
-                        (true, false) => forward_tile_bf16::<8, 1>(offs, wo, k, xn, yo, np),
-                        (false, true) => forward_tile_bf16::<1, 3>(offs, wo, k, xn, yo, np),
-                        (false, false) => forward_tile_bf16::<1, 1>(offs, wo, k, xn, yo, np),
-                    }
-                    o += if cout - o >= 8 { 8 } else { 1 };
+                let (xn, wo, yo) = (x.add(n0), wp.add(o * k), yp.add(o * np + n0));
+                match (eight, wide) {
+                    (true, true) => forward_tile_bf16::<8, 3>(offs, wo, k, xn, yo, np),
+                    (true, false) => forward_tile_bf16::<8, 1>(offs, wo, k, xn, yo, np),
+                    (false, true) => forward_tile_bf16::<1, 3>(offs, wo, k, xn, yo, np),
+                    (false, false) => forward_tile_bf16::<1, 1>(offs, wo, k, xn, yo, np),
                 }
             }
-            n0 += if wide { 3 * LANES } else { LANES };
-        }
+        });
     }
 }
 
@@ -465,27 +497,20 @@ impl PositionPairs {
                 dw.as_mut_ptr(),
             );
             let row = row / 2;
-            let mut o = 0;
-            while o < cout {
-                let r = if cout - o >= 4 { 4 } else { 1 };
-                let mut t = 0;
-                while t < k {
-                    let xs = &taps[t..];
-                    // SAFETY: AVX-512 F and BF16 were asserted above; the asserts bound every
-                    // row `< C_out`, tap `< K` and word `< row` (from each tap's start) read.
-                    unsafe {
-                        let (dyo, dwo) = (d.add(o * row), g.add(o * k + t));
-                        match (r, k - t >= 4) {
-                            (4, true) => weight_grad_tile_bf16::<4, 4>(nv, dyo, row, xs, dwo, k),
-                            (4, false) => weight_grad_tile_bf16::<4, 1>(nv, dyo, row, xs, dwo, k),
-                            (_, true) => weight_grad_tile_bf16::<1, 4>(nv, dyo, row, xs, dwo, k),
-                            (_, false) => weight_grad_tile_bf16::<1, 1>(nv, dyo, row, xs, dwo, k),
-                        }
+            weight_grad_blocks(cout, k, 4, |o, t, full, four| {
+                let xs = &taps[t..];
+                // SAFETY: AVX-512 F and BF16 were asserted above; the asserts bound every row
+                // `< C_out`, tap `< K` and word `< row` (from each tap's start) read.
+                unsafe {
+                    let (dyo, dwo) = (d.add(o * row), g.add(o * k + t));
+                    match (full, four) {
+                        (true, true) => weight_grad_tile_bf16::<4, 4>(nv, dyo, row, xs, dwo, k),
+                        (true, false) => weight_grad_tile_bf16::<4, 1>(nv, dyo, row, xs, dwo, k),
+                        (false, true) => weight_grad_tile_bf16::<1, 4>(nv, dyo, row, xs, dwo, k),
+                        (false, false) => weight_grad_tile_bf16::<1, 1>(nv, dyo, row, xs, dwo, k),
                     }
-                    t += if k - t >= 4 { 4 } else { 1 };
                 }
-                o += r;
-            }
+            });
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = taps;
@@ -624,29 +649,19 @@ fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f3
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            // Positions outside, channels inside: the 48-position slice of every tap (`K · 48`
-            // floats) stays in L1 while all the channels use it.
-            let mut n0 = 0;
-            while n0 < np {
-                let wide = np - n0 >= 3 * LANES;
-                let mut o = 0;
+            forward_blocks(cout, np, |o, n0, eight, wide| {
                 // SAFETY: AVX-512 F and VL were detected (`Isa::best`); the asserts above bound
                 // every row `< C_out`, tap `< K` and position `< np` the tiles touch.
                 unsafe {
-                    let (xn, yn) = (x.add(n0), yp.add(n0));
-                    while o < cout {
-                        let (wo, yo) = (wp.add(o * k), yn.add(o * np));
-                        match (cout - o >= 8, wide) {
-                            (true, true) => forward_tile::<8, 3>(offs, wo, k, xn, yo, np),
-                            (true, false) => forward_tile::<8, 1>(offs, wo, k, xn, yo, np),
-                            (false, true) => forward_tile::<1, 3>(offs, wo, k, xn, yo, np),
-                            (false, false) => forward_tile::<1, 1>(offs, wo, k, xn, yo, np),
-                        }
-                        o += if cout - o >= 8 { 8 } else { 1 };
+                    let (xn, wo, yo) = (x.add(n0), wp.add(o * k), yp.add(o * np + n0));
+                    match (eight, wide) {
+                        (true, true) => forward_tile::<8, 3>(offs, wo, k, xn, yo, np),
+                        (true, false) => forward_tile::<8, 1>(offs, wo, k, xn, yo, np),
+                        (false, true) => forward_tile::<1, 3>(offs, wo, k, xn, yo, np),
+                        (false, false) => forward_tile::<1, 1>(offs, wo, k, xn, yo, np),
                     }
                 }
-                n0 += if wide { 3 * LANES } else { LANES };
-            }
+            });
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
@@ -707,62 +722,46 @@ fn weight_grad_product(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             let nv = np / LANES;
-            let mut o = 0;
-            while o < cout {
-                let r = if cout - o >= 4 { 4 } else { 1 };
-                let mut t = 0;
-                while t < k {
-                    let offs = &lay.offs[t..];
-                    // SAFETY: AVX-512 F and VL were detected; the asserts above bound every
-                    // row `< C_out`, tap `< K` and position `< np` the tiles touch.
-                    unsafe {
-                        let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
-                        match (r, k - t >= 4) {
-                            (4, true) => weight_grad_tile::<4, 4>(nv, dyo, np, x, offs, dwo, k),
-                            (4, false) => weight_grad_tile::<4, 1>(nv, dyo, np, x, offs, dwo, k),
-                            (_, true) => weight_grad_tile::<1, 4>(nv, dyo, np, x, offs, dwo, k),
-                            (_, false) => weight_grad_tile::<1, 1>(nv, dyo, np, x, offs, dwo, k),
-                        }
+            weight_grad_blocks(cout, k, 4, |o, t, full, four| {
+                let offs = &lay.offs[t..];
+                // SAFETY: AVX-512 F and VL were detected; the asserts above bound every row
+                // `< C_out`, tap `< K` and position `< np` the tiles touch.
+                unsafe {
+                    let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
+                    match (full, four) {
+                        (true, true) => weight_grad_tile::<4, 4>(nv, dyo, np, x, offs, dwo, k),
+                        (true, false) => weight_grad_tile::<4, 1>(nv, dyo, np, x, offs, dwo, k),
+                        (false, true) => weight_grad_tile::<1, 4>(nv, dyo, np, x, offs, dwo, k),
+                        (false, false) => weight_grad_tile::<1, 1>(nv, dyo, np, x, offs, dwo, k),
                     }
-                    t += if k - t >= 4 { 4 } else { 1 };
                 }
-                o += r;
-            }
+            });
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             // 2 channels x 4 taps: 8 accumulators, 4 inputs and one output gradient of the 16
             // registers (3 x 4 would spill).
             let nv = np / 8;
-            let mut o = 0;
-            while o < cout {
-                let r = if cout - o >= 2 { 2 } else { 1 };
-                let mut t = 0;
-                while t < k {
-                    let offs = &lay.offs[t..];
-                    // SAFETY: AVX2 and FMA were detected; the asserts above bound every row
-                    // `< C_out`, tap `< K` and position `< np` the tiles touch.
-                    unsafe {
-                        let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
-                        match (r, k - t >= 4) {
-                            (2, true) => {
-                                weight_grad_tile_avx2::<2, 4>(nv, dyo, np, x, offs, dwo, k)
-                            }
-                            (2, false) => {
-                                weight_grad_tile_avx2::<2, 1>(nv, dyo, np, x, offs, dwo, k)
-                            }
-                            (_, true) => {
-                                weight_grad_tile_avx2::<1, 4>(nv, dyo, np, x, offs, dwo, k)
-                            }
-                            (_, false) => {
-                                weight_grad_tile_avx2::<1, 1>(nv, dyo, np, x, offs, dwo, k)
-                            }
+            weight_grad_blocks(cout, k, 2, |o, t, full, four| {
+                let offs = &lay.offs[t..];
+                // SAFETY: AVX2 and FMA were detected; the asserts above bound every row
+                // `< C_out`, tap `< K` and position `< np` the tiles touch.
+                unsafe {
+                    let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
+                    match (full, four) {
+                        (true, true) => weight_grad_tile_avx2::<2, 4>(nv, dyo, np, x, offs, dwo, k),
+                        (true, false) => {
+                            weight_grad_tile_avx2::<2, 1>(nv, dyo, np, x, offs, dwo, k)
+                        }
+                        (false, true) => {
+                            weight_grad_tile_avx2::<1, 4>(nv, dyo, np, x, offs, dwo, k)
+                        }
+                        (false, false) => {
+                            weight_grad_tile_avx2::<1, 1>(nv, dyo, np, x, offs, dwo, k)
                         }
                     }
-                    t += if k - t >= 4 { 4 } else { 1 };
                 }
-                o += r;
-            }
+            });
         }
         _ => {
             for (drow, grow) in dy.chunks(np).zip(dw.chunks_mut(k)) {
