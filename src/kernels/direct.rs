@@ -88,6 +88,12 @@ pub fn available() -> bool {
     Isa::best() != Isa::Portable
 }
 
+/// Whether the AVX-512 tiles run here (the widest; Winograd gives 32-channel layers to them,
+/// [`super::winograd::applies`]).
+pub fn wide() -> bool {
+    Isa::best() == Isa::Avx512
+}
+
 /// Whether this path computes `g` (forward, and both gradients): an AVX-512 or AVX2 CPU, f32,
 /// stride 1, a kernel wider than one pixel, at least 16 output channels, and outputs 16+ wide
 /// (the dropped columns cost `2·pw / W_out`; at 4 px the 128-channel layers of resnet18_small

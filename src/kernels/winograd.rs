@@ -41,11 +41,13 @@ const GROUP_TILES: usize = 64;
 /// `resnet18_small` (widths 16-128) trained at 405-419 img/s against 535 with im2col; with
 /// these limits at 559-564 (`convlab bench train --model resnet18_small --threads 2`).
 ///
-/// In bf16, layers of fewer than 64 input channels that the direct kernels take go to them
-/// instead: on `VDPBF16PS` they beat Winograd's bf16 GEMMs plus f32 transforms there
-/// (resnet18_small's 32 -> 32 16 px layers, one thread: forward 1.6 -> 1.0 ms, backward
-/// 2.8 -> 2.2 ms; +7% bf16 training in four alternated pairs, Zen 5), while at 64 channels
-/// Winograd still wins (bench-vgg's 64 -> 128 16 px: 5.5 against 6.0 ms forward).
+/// Layers of fewer than 64 input channels that the direct kernels take go to them instead in
+/// bf16, and in f32 where their AVX-512 tiles run: on `VDPBF16PS` they beat Winograd's bf16
+/// GEMMs plus f32 transforms (resnet18_small's 32 -> 32 16 px layers, one thread: forward
+/// 1.6 -> 1.0 ms, backward 2.8 -> 2.2 ms; +7% bf16 training in four alternated pairs, Zen 5),
+/// in f32 by less (1.9 -> 1.7 and 3.6 -> 3.4 ms, +1.7% training in five pairs; the AVX2 tiles
+/// were not measured against Winograd there, so they keep it). At 64 channels Winograd still
+/// wins (bench-vgg's 64 -> 128 16 px in bf16: 5.5 against 6.0 ms forward).
 pub fn applies(g: &ConvGeom) -> bool {
     g.kh == 3
         && g.kw == 3
@@ -54,7 +56,9 @@ pub fn applies(g: &ConvGeom) -> bool {
         && g.pad[0] <= 2
         && g.cin >= 32
         && g.cout >= 32
-        && (g.precision == super::Precision::Fp32 || g.cin >= 64 || !super::direct::applies(g))
+        && (g.cin >= 64
+            || !super::direct::applies(g)
+            || (g.precision == super::Precision::Fp32 && !super::direct::wide()))
         && g.ho() >= 8
         && g.wo() >= 8
 }
@@ -484,7 +488,13 @@ mod tests {
             ..geom(1, 64, 64, 8, 8, 1)
         }));
         assert!(applies(&geom(1, 64, 64, 8, 8, 1)));
-        // In bf16, 32-channel layers go to the direct kernels where those take them.
+        // 32-channel layers go to the direct kernels where those take them: in bf16, and in
+        // f32 with the AVX-512 tiles.
+        let direct = |g: &ConvGeom| super::super::direct::applies(g);
+        assert_eq!(
+            applies(&geom(1, 32, 32, 16, 16, 1)),
+            !(direct(&geom(1, 32, 32, 16, 16, 1)) && super::super::direct::wide())
+        );
         let bf16 = |g: ConvGeom| ConvGeom {
             precision: crate::kernels::Precision::Bf16,
             ..g
