@@ -94,7 +94,7 @@ pub fn wide() -> bool {
     Isa::best() == Isa::Avx512
 }
 
-/// Whether this path computes `g` (forward, and both gradients): an AVX-512 or AVX2 CPU, f32,
+/// Whether this path computes `g` (forward, and both gradients): an AVX-512 or AVX2 CPU,
 /// stride 1, a kernel wider than one pixel, at least 16 output channels, and outputs 16+ wide
 /// (the dropped columns cost `2·pw / W_out`; at 4 px the 128-channel layers of resnet18_small
 /// ran 2.5x slower than im2col). The caller tries Winograd first (as fast on 32-channel 16 px
@@ -407,30 +407,33 @@ fn forward_product_bf16(cout: usize, w: &[u32], xq: &[u32], lay: &Layout, y: &mu
     }
 }
 
-/// [`weight_grad_tile`] on pairs of positions: `dy` rows and each tap's `x` hold bf16 pairs
-/// `(n, n + 1)` for even `n`, `nv` vectors of 16 words (32 positions).
+/// [`weight_grad_tile`] on pairs of positions: `dy` rows hold bf16 pairs `(n, n + 1)` for even
+/// `n`, and so does `x` (bf16 halves) read as words from each tap's offset; `nv` vectors of 16
+/// words (32 positions).
 ///
 /// # Safety
-/// The CPU has AVX-512 F and BF16; `dy` holds `R` rows of `16·nv` words `ldd` apart, each
-/// `x[t]` `16·nv` words, `dw` `R` rows of `T` floats `ldw` apart.
+/// The CPU has AVX-512 F and BF16; `dy` holds `R` rows of `16·nv` words `ldd` apart, `x + off_t`
+/// `32·nv` halves for each of the `T` offsets, `dw` `R` rows of `T` floats `ldw` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn weight_grad_tile_bf16<const R: usize, const T: usize>(
     nv: usize,
     dy: *const u32,
     ldd: usize,
-    x: &[*const u32],
+    x: *const u16,
+    offs: &[usize],
     dw: *mut f32,
     ldw: usize,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
-    // `__m512i` are the same 64 bytes.
+    // `__m512i` are the same 64 bytes; the loads are unaligned.
     unsafe {
+        let xs: [*const u16; T] = std::array::from_fn(|t| x.add(offs[t]));
         for v in 0..nv {
             let xv: [__m512bh; T] = std::array::from_fn(|t| {
-                std::mem::transmute(_mm512_loadu_si512(x[t].add(v * LANES).cast()))
+                std::mem::transmute(_mm512_loadu_si512(xs[t].add(2 * v * LANES).cast()))
             });
             for (r, row) in acc.iter_mut().enumerate() {
                 let dv: __m512bh =
@@ -489,37 +492,39 @@ impl PositionPairs {
         assert_eq!(self.dy.len(), cout * row, "output gradient");
         let need = lay.offs.iter().max().map_or(0, |&o| o + row);
         assert!(self.x.len() >= need, "paired image");
-        let taps: Vec<*const u32> = lay
-            .offs
-            .iter()
-            .map(|&off| self.x[off..].as_ptr().cast())
-            .collect();
         #[cfg(target_arch = "x86_64")]
         {
             // In words: `row / 2` per `dY` row, 16 per vector.
-            let (nv, d, g) = (
+            let (nv, d, x, g) = (
                 row / (2 * LANES),
                 self.dy.as_ptr().cast::<u32>(),
+                self.x.as_ptr(),
                 dw.as_mut_ptr(),
             );
             let row = row / 2;
             weight_grad_blocks(cout, k, 4, |o, t, full, four| {
-                let xs = &taps[t..];
+                let offs = &lay.offs[t..];
                 // SAFETY: AVX-512 F and BF16 were asserted above; the asserts bound every row
                 // `< C_out`, tap `< K` and word `< row` (from each tap's start) read.
                 unsafe {
                     let (dyo, dwo) = (d.add(o * row), g.add(o * k + t));
                     match (full, four) {
-                        (true, true) => weight_grad_tile_bf16::<4, 4>(nv, dyo, row, xs, dwo, k),
-                        (true, false) => weight_grad_tile_bf16::<4, 1>(nv, dyo, row, xs, dwo, k),
-                        (false, true) => weight_grad_tile_bf16::<1, 4>(nv, dyo, row, xs, dwo, k),
-                        (false, false) => weight_grad_tile_bf16::<1, 1>(nv, dyo, row, xs, dwo, k),
+                        (true, true) => {
+                            weight_grad_tile_bf16::<4, 4>(nv, dyo, row, x, offs, dwo, k)
+                        }
+                        (true, false) => {
+                            weight_grad_tile_bf16::<4, 1>(nv, dyo, row, x, offs, dwo, k)
+                        }
+                        (false, true) => {
+                            weight_grad_tile_bf16::<1, 4>(nv, dyo, row, x, offs, dwo, k)
+                        }
+                        (false, false) => {
+                            weight_grad_tile_bf16::<1, 1>(nv, dyo, row, x, offs, dwo, k)
+                        }
                     }
                 }
             });
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = taps;
     }
 }
 
