@@ -6,12 +6,10 @@ use std::path::PathBuf;
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The OS error is part of the message and deliberately not a `source`: `{:#}` in the
+    // binary would print it a second time.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: no such file or directory")]
     Missing { path: PathBuf },
     #[error("{path}: cannot decode image: {reason}")]
@@ -42,14 +40,23 @@ pub enum Error {
     #[error("{path}: not a convlab run folder ({reason})")]
     BadRun { path: PathBuf, reason: String },
     #[error(
-        "training diverged at epoch {epoch}, step {step}: loss is {loss}; the last good checkpoint is kept in {run}"
+        "training diverged at epoch {epoch}, step {step}: loss is {loss}; {}",
+        match kept {
+            Some(p) => format!("the last good checkpoint is kept in {}", p.display()),
+            None => "no epoch had finished, so there is no good checkpoint to keep (try a lower --lr)".into(),
+        }
     )]
     Diverged {
         epoch: usize,
         step: usize,
         loss: f32,
-        run: PathBuf,
+        /// The checkpoint that stays valid, if an epoch had finished.
+        kept: Option<PathBuf>,
     },
+    #[error(
+        "{path}: the run folder is in use by {holder} (a training or experiment writing it); wait for it to end or pick another folder"
+    )]
+    Locked { path: PathBuf, holder: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -64,7 +71,7 @@ impl Error {
         if source.kind() == std::io::ErrorKind::NotFound {
             Error::Missing { path }
         } else {
-            Error::Io { path, source }
+            Error::Io { path, err: source }
         }
     }
 }

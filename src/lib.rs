@@ -7,6 +7,7 @@
 //! - [`models`]: the model registry and families; [`layers`]: shared blocks.
 //! - [`train`]: recipe, optimiser, schedule, losses, checkpoints, the training loop.
 //! - [`eval`]: metrics and evaluation; [`run`]: the run folder.
+//! - [`limits`]: the bounds on every user-given size, checked before allocating.
 
 pub mod bench;
 pub mod data;
@@ -15,6 +16,7 @@ pub mod eval;
 pub mod experiment;
 pub mod kernels;
 pub mod layers;
+pub mod limits;
 pub mod models;
 pub mod report;
 pub mod run;

@@ -61,7 +61,9 @@ fn train_eval_predict_on_builtin_subset() {
         [
             "epoch",
             "images_per_sec",
+            "images_skipped",
             "lr",
+            "peak_rss_mb",
             "seconds",
             "train_loss",
             "train_top1",
@@ -407,6 +409,7 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
                 let o = v.as_object_mut().unwrap();
                 o.remove("seconds");
                 o.remove("images_per_sec");
+                o.remove("peak_rss_mb");
                 v
             })
             .collect()

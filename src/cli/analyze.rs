@@ -19,7 +19,7 @@ pub struct AnalyzeArgs {
     /// Run folder written by `convlab train`.
     pub run: PathBuf,
     /// Validation images used (a stratified subset of the split).
-    #[arg(long, default_value_t = MAX_IMAGES)]
+    #[arg(long, default_value_t = MAX_IMAGES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000000))]
     pub images: usize,
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint: Which,

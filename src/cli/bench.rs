@@ -37,16 +37,16 @@ pub struct BenchArgs {
     /// Input as CxHxW (H = W).
     #[arg(long, default_value = "3x32x32")]
     pub input: String,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     pub batch: usize,
     /// Timed steps (after 3 warm-up steps).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000000))]
     pub steps: usize,
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub classes: usize,
     /// `bench data`: dataset (ImageFolder, CIFAR binary, IDX; default: built-in).
     #[arg(long)]
@@ -55,13 +55,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "cifar")]
     pub transform: Preset,
     /// `bench data`: output side in pixels (default 32 for cifar, 224 for imagenet).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub size: Option<usize>,
     /// `bench data`: decode/augment threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub workers: usize,
     /// `bench data`: images to load (default: the whole training split).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000000))]
     pub images: Option<usize>,
     /// Arithmetic of the convolutions (`bf16` needs AVX512-BF16 and burn-flex; else it says so
     /// and measures fp32).
@@ -100,6 +100,10 @@ fn parse_input(s: &str) -> Result<(usize, usize)> {
         .collect::<Result<_, _>>()
         .map_err(|_| anyhow::anyhow!("--input {s}: expected CxHxW, e.g. 3x32x32"))?;
     match parts.as_slice() {
+        [_, h, _] if *h == 0 || *h > convlab::limits::MAX_IMAGE_SIDE => bail!(
+            "--input {s}: sides must be 1 to {} px",
+            convlab::limits::MAX_IMAGE_SIDE
+        ),
         [c, h, w] if h == w && (*c == 1 || *c == 3) => Ok((*c, *h)),
         _ => bail!("--input {s}: expected CxHxW with C 1 or 3 and H = W"),
     }

@@ -25,7 +25,7 @@ pub struct StatsArgs {
     #[arg(long, value_enum)]
     pub data_format: Option<DataFormat>,
     /// Side to fit photos to for the pixel statistics (default: the data's own, else 32).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub size: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]

@@ -6,8 +6,12 @@ use burn::prelude::Device;
 /// Sets the compute thread count (must run before any parallel work starts).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
+        if n == 0 || n > convlab::limits::MAX_THREADS {
+            bail!(
+                "--threads {n}: must be between 1 and {} (this machine has {} cores)",
+                convlab::limits::MAX_THREADS,
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            );
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

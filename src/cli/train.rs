@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use convlab::run::{RunDir, default_run_path};
 use convlab::train::{Override, Recipe, TrainOptions, train};
@@ -36,9 +36,13 @@ pub struct TrainArgs {
     /// optimiser state).
     #[arg(long, value_parser = ["fp32", "bf16"])]
     pub precision: Option<String>,
-    /// Run folder (default: runs/<model>-<timestamp>).
+    /// Run folder (default: runs/<model>-<timestamp>, made unique).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the run already in --out (its checkpoints, metrics and summary are deleted).
+    /// Without it, training into a folder that holds a run is refused.
+    #[arg(long, requires = "out")]
+    pub overwrite: bool,
     /// Any recipe field, e.g. --set optim.momentum=0.8 --set data.limit_train=500.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
@@ -56,6 +60,12 @@ pub struct TrainArgs {
     pub report: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+/// A flag's value as a TOML integer (a signed 64-bit number): larger values are an error
+/// naming the flag, not a silent wrap to a negative number.
+fn int(flag: &str, v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| anyhow::anyhow!("{flag} {v}: too large (at most {})", i64::MAX))
 }
 
 fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
@@ -78,16 +88,24 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
         o.push(Override::flag("data.val_fraction", v, "--val-fraction"));
     }
     if let Some(v) = a.epochs {
-        o.push(Override::flag("epochs", v as i64, "--epochs"));
+        o.push(Override::flag(
+            "epochs",
+            int("--epochs", v as u64)?,
+            "--epochs",
+        ));
     }
     if let Some(v) = a.batch_size {
-        o.push(Override::flag("batch_size", v as i64, "--batch-size"));
+        o.push(Override::flag(
+            "batch_size",
+            int("--batch-size", v as u64)?,
+            "--batch-size",
+        ));
     }
     if let Some(v) = a.lr {
         o.push(Override::flag("optim.lr", v, "--lr"));
     }
     if let Some(v) = a.seed {
-        o.push(Override::flag("seed", v as i64, "--seed"));
+        o.push(Override::flag("seed", int("--seed", v)?, "--seed"));
     }
     if let Some(v) = &a.precision {
         o.push(Override::flag("precision", v.as_str(), "--precision"));
@@ -110,18 +128,55 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let dev = device::pick(&a.runtime.device)?.autodiff();
     let (recipe, run, resume, created) = match &a.resume {
         Some(dir) => {
-            let run = RunDir::open(dir)?;
-            let recipe = Recipe::resolve(Some(&run.file(convlab::run::RECIPE)), &overrides(&a)?)?;
+            let run = RunDir::open(dir)?.lock()?;
+            let over = overrides(&a)?;
+            let recipe = Recipe::resolve(Some(&run.file(convlab::run::RECIPE)), &over)?;
+            if !over.is_empty() {
+                let list: Vec<String> = over
+                    .iter()
+                    .map(|o| format!("{} = {} ({})", o.key, o.value, o.origin))
+                    .collect();
+                eprintln!(
+                    "resuming with {}: for this invocation only; {} keeps the run's recipe, so a \
+                     later --resume without them goes back to it",
+                    list.join(", "),
+                    run.file(convlab::run::RECIPE).display()
+                );
+            }
             (recipe, run, true, false)
         }
         None => {
             let recipe = Recipe::resolve(a.recipe.as_deref(), &overrides(&a)?)?;
-            let path = a
-                .out
-                .clone()
-                .unwrap_or_else(|| default_run_path(recipe.model.name.as_str()));
-            let created = !path.exists();
-            (recipe, RunDir::create(&path)?, false, created)
+            let (run, created) = match &a.out {
+                Some(path) => {
+                    let created = !path.exists();
+                    let run = RunDir::create(path)?.lock()?;
+                    let existing = run.existing_run_files();
+                    if !existing.is_empty() {
+                        if !a.overwrite {
+                            bail!(
+                                "{} already holds a run ({}); pass --resume {} to continue it, \
+                                 --overwrite to replace it, or another --out",
+                                path.display(),
+                                existing.join(", "),
+                                path.display()
+                            );
+                        }
+                        eprintln!(
+                            "--overwrite: deleting the run in {} ({})",
+                            path.display(),
+                            existing.join(", ")
+                        );
+                        run.clear()?;
+                    }
+                    (run, created)
+                }
+                None => (
+                    RunDir::create_unique(&default_run_path(recipe.model.name.as_str()))?.lock()?,
+                    true,
+                ),
+            };
+            (recipe, run, false, created)
         }
     };
     let opts = TrainOptions {
@@ -136,7 +191,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             // A folder this command made and no epoch finished in holds nothing worth keeping.
             if created && !run.file(convlab::run::METRICS).exists() {
                 let _ = std::fs::remove_dir_all(&run.path);
-                return Err(e).context("training failed before its first epoch");
+                return Err(e).with_context(|| {
+                    format!(
+                        "training failed before its first epoch; removed the run folder {} it \
+                         had made",
+                        run.path.display()
+                    )
+                });
             }
             return Err(e).with_context(|| format!("training in {} failed", run.path.display()));
         }

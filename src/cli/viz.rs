@@ -54,13 +54,13 @@ pub enum What {
         #[arg(long)]
         layer: Option<String>,
         /// Images per channel.
-        #[arg(long, default_value_t = 9)]
+        #[arg(long, default_value_t = 9, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
         k: usize,
         /// Channels shown (one row each).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16384))]
         channels: usize,
         /// Validation images searched.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 500, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000000))]
         images: usize,
     },
     /// ZFNet deconvnet projection of a layer's strongest activation back to pixels.
@@ -96,9 +96,9 @@ pub enum What {
         #[arg(long)]
         image: PathBuf,
         /// Side of the grey square in input pixels (default: a quarter of the input).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         patch: Option<usize>,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         stride: usize,
         /// Class whose probability is mapped (default: the predicted class).
         #[arg(long)]

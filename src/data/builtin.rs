@@ -34,6 +34,7 @@ pub fn open() -> Result<Splits> {
         native_size: Some(28),
         format: DataFormat::Builtin,
         val_name: "val".into(),
+        warnings: Vec::new(),
     })
 }
 

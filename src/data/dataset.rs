@@ -186,6 +186,9 @@ pub struct Splits {
     pub format: DataFormat,
     /// `"val"` or `"test"`: what the held-out split is.
     pub val_name: String,
+    /// What the reader noticed but did not refuse (symlink cycles skipped, files reached twice,
+    /// images in both splits); the trainer prints them.
+    pub warnings: Vec<String>,
 }
 
 /// Detects the format of `path` from its contents.
@@ -207,8 +210,11 @@ pub fn detect(path: &Path) -> Result<DataFormat> {
     if super::cifar::find_dir(path, super::cifar::CIFAR100_FILES).is_some() {
         return Ok(DataFormat::Cifar100);
     }
-    if super::idx::find_files(path).is_ok() {
-        return Ok(DataFormat::Idx);
+    match super::idx::find_files(path) {
+        Ok(_) => return Ok(DataFormat::Idx),
+        // Some IDX files but not all four: say which are missing rather than "no format".
+        Err(e) if has_any_idx(path) => return Err(e),
+        Err(_) => {}
     }
     let has_subdirs = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
@@ -220,6 +226,13 @@ pub fn detect(path: &Path) -> Result<DataFormat> {
     Err(Error::UnknownFormat {
         path: path.to_path_buf(),
         reason: "no class sub-folders, CIFAR .bin files or IDX files found".into(),
+    })
+}
+
+fn has_any_idx(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("-idx"))
     })
 }
 

@@ -28,20 +28,49 @@ pub const FASHION_CLASSES: [&str; 10] = [
 
 /// Reads a whole file, un-gzipping it when it starts with the gzip magic.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let raw = read_bounded(path)?;
     decompress_if_gz(raw, path)
+}
+
+/// Reads a whole data file, refusing one larger than [`crate::limits::MAX_DATA_FILE_BYTES`]
+/// before reading it.
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    let max = crate::limits::MAX_DATA_FILE_BYTES;
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > max {
+        return Err(Error::BadData {
+            path: path.to_path_buf(),
+            reason: format!("{len} bytes; data files are read whole, at most {max} bytes"),
+        });
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
 /// Un-gzips `raw` if it starts with the gzip magic; `path` is only used in the error message.
 pub fn decompress_if_gz(raw: Vec<u8>, path: &Path) -> Result<Vec<u8>> {
+    decompress_bounded(raw, path, crate::limits::MAX_DATA_FILE_BYTES)
+}
+
+/// [`decompress_if_gz`] with the output bound `max` in bytes: a few KB of gzip can claim
+/// gigabytes (a "zip bomb"), so decoding stops one byte past `max`.
+fn decompress_bounded(raw: Vec<u8>, path: &Path, max: u64) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(max + 1)
             .read_to_end(&mut out)
             .map_err(|e| Error::BadData {
                 path: path.to_path_buf(),
                 reason: format!("corrupt gzip stream: {e}"),
             })?;
+        if out.len() as u64 > max {
+            return Err(Error::BadData {
+                path: path.to_path_buf(),
+                reason: format!("decompresses to more than {max} bytes"),
+            });
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -72,7 +101,16 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize, V
         be_u32(bytes, 8) as usize,
         be_u32(bytes, 12) as usize,
     );
-    let need = 16 + n * rows * cols;
+    if rows == 0 || cols == 0 || rows > 4096 || cols > 4096 {
+        return Err(bad(format!(
+            "header says images of {rows}x{cols}; IDX images must be 1 to 4096 px a side"
+        )));
+    }
+    // Checked: three 32-bit header fields can multiply past usize.
+    let need = n
+        .checked_mul(rows * cols)
+        .and_then(|p| p.checked_add(16))
+        .unwrap_or(usize::MAX);
     if bytes.len() != need {
         return Err(bad(format!(
             "header says {n} images of {rows}x{cols} ({need} bytes) but the file has {} bytes",
@@ -177,12 +215,50 @@ pub fn open(dir: &Path) -> Result<Splits> {
     let [ti, tl, vi, vl] = find_files(dir)?;
     let train = read_pair(&ti, &tl)?;
     let val = read_pair(&vi, &vl)?;
+    if train.width != val.width || train.height != val.height {
+        return Err(Error::BadData {
+            path: vi.clone(),
+            reason: format!(
+                "images are {}x{} but the training images in {} are {}x{}",
+                val.height,
+                val.width,
+                ti.display(),
+                train.height,
+                train.width
+            ),
+        });
+    }
     let n_classes = train
         .labels
         .iter()
         .chain(&val.labels)
         .max()
         .map_or(0, |m| m + 1);
+    // Labels are class indices 0..K-1; one stray byte (255) would otherwise make a 256-class
+    // model whose classes 10..254 have no image.
+    let mut seen = vec![false; n_classes];
+    for &l in &train.labels {
+        seen[l] = true;
+    }
+    let empty: Vec<usize> = (0..n_classes).filter(|&c| !seen[c]).collect();
+    if !empty.is_empty() {
+        let (file, max) = if train.labels.iter().max() == Some(&(n_classes - 1)) {
+            (&tl, n_classes - 1)
+        } else {
+            (&vl, n_classes - 1)
+        };
+        let shown: Vec<String> = empty.iter().take(8).map(|c| c.to_string()).collect();
+        return Err(Error::BadData {
+            path: file.clone(),
+            reason: format!(
+                "labels run up to {max}, but {} of the classes 0..{max} have no training image \
+                 ({}{}); IDX labels must be the class indices 0..K-1",
+                empty.len(),
+                shown.join(", "),
+                if empty.len() > 8 { ", ..." } else { "" }
+            ),
+        });
+    }
     let fashion = dir.to_string_lossy().to_lowercase().contains("fashion");
     let classes = (0..n_classes)
         .map(|c| {
@@ -202,12 +278,53 @@ pub fn open(dir: &Path) -> Result<Splits> {
         native_size: Some(size),
         format: DataFormat::Idx,
         val_name: "test".into(),
+        warnings: Vec::new(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gzip_output_is_bounded() {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&vec![0u8; 1 << 20]).unwrap();
+        let gz = e.finish().unwrap();
+        assert!(gz.len() < 4096);
+        let p = Path::new("bomb.gz");
+        let err = decompress_bounded(gz.clone(), p, 1 << 16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bomb.gz") && err.contains("more than 65536 bytes"),
+            "{err}"
+        );
+        assert_eq!(decompress_bounded(gz, p, 1 << 20).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn huge_headers_are_refused_before_allocating() {
+        let p = Path::new("x");
+        let mut b = vec![0, 0, 8, 3];
+        b.extend(u32::MAX.to_be_bytes());
+        b.extend(4096u32.to_be_bytes());
+        b.extend(4096u32.to_be_bytes());
+        assert!(
+            parse_images(&b, p)
+                .unwrap_err()
+                .to_string()
+                .contains("bytes")
+        );
+        b[8..12].copy_from_slice(&70_000u32.to_be_bytes());
+        assert!(
+            parse_images(&b, p)
+                .unwrap_err()
+                .to_string()
+                .contains("4096 px")
+        );
+    }
 
     #[test]
     fn rejects_wrong_magic_and_length() {

@@ -65,9 +65,15 @@ pub fn decode_file(path: &Path, channels: usize) -> Result<RawImage> {
     // One read of the whole file: small images (CIFAR's are ~1 KB) would otherwise cost more
     // in buffered-read system calls than in decoding.
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
+    // A header may claim any size; the decoder refuses past these before allocating.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(crate::limits::MAX_DECODED_SIDE);
+    limits.max_image_height = Some(crate::limits::MAX_DECODED_SIDE);
+    limits.max_alloc = Some(crate::limits::MAX_DECODED_BYTES);
+    reader.limits(limits);
     let img = reader.decode().map_err(|e| bad(e.to_string()))?;
     if img.width() == 0 || img.height() == 0 {
         return Err(bad("image has zero size".into()));
@@ -101,27 +107,93 @@ pub fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Scans `dir` with the given class list; every image under `dir/<class>/` (recursively).
-pub fn scan(dir: &Path, classes: &[String]) -> Result<ImageFolder> {
+/// Symlinked folders are followed once: a folder reached again (a cycle such as `cat/loop ->
+/// .`, or two links to one folder) and a file reached twice are skipped and reported in
+/// `warnings`. An empty class folder is an error, as in torchvision, not a phantom class.
+pub fn scan(dir: &Path, classes: &[String], warnings: &mut Vec<String>) -> Result<ImageFolder> {
+    use std::collections::HashSet;
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let mut files = Vec::new();
     let mut labels = Vec::new();
+    let mut seen_dirs: HashSet<PathBuf> = HashSet::new();
+    let mut seen_files: HashSet<PathBuf> = HashSet::new();
+    let (mut cycles, mut twice) = (Vec::new(), 0usize);
     for (c, name) in classes.iter().enumerate() {
         let cdir = dir.join(name);
         if !cdir.is_dir() {
             continue;
         }
-        let mut stack = vec![cdir];
+        let before = files.len();
+        let mut stack = vec![cdir.clone()];
         while let Some(d) = stack.pop() {
+            if !seen_dirs.insert(canon(&d)) {
+                cycles.push(d.display().to_string());
+                continue;
+            }
             for p in sorted_entries(&d)? {
                 if p.is_dir() {
                     stack.push(p);
                 } else if is_image(&p) {
+                    if !seen_files.insert(canon(&p)) {
+                        twice += 1;
+                        continue;
+                    }
+                    if files.len() >= crate::limits::MAX_FOLDER_FILES {
+                        return Err(Error::BadData {
+                            path: dir.to_path_buf(),
+                            reason: format!(
+                                "more than {} images; that is the limit of one ImageFolder",
+                                crate::limits::MAX_FOLDER_FILES
+                            ),
+                        });
+                    }
                     files.push(p);
                     labels.push(c);
                 }
             }
         }
+        if files.len() == before {
+            return Err(Error::BadData {
+                path: cdir,
+                reason: format!(
+                    "class folder `{name}` holds no images ({} files); remove it or add images",
+                    IMAGE_EXTENSIONS.join("/")
+                ),
+            });
+        }
+    }
+    if !cycles.is_empty() {
+        warnings.push(format!(
+            "{}: {} folder(s) reached again through symlinks were read once only ({}{})",
+            dir.display(),
+            cycles.len(),
+            cycles
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if cycles.len() > 3 { ", ..." } else { "" }
+        ));
+    }
+    if twice > 0 {
+        warnings.push(format!(
+            "{}: {twice} image file(s) reached twice (symlinks) were counted once",
+            dir.display()
+        ));
     }
     Ok(ImageFolder { files, labels })
+}
+
+/// Images that are the same file in both splits (by canonical path), for a warning.
+fn shared_files(a: &ImageFolder, b: &ImageFolder) -> Vec<PathBuf> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let set: std::collections::HashSet<PathBuf> = a.files.iter().map(|p| canon(p)).collect();
+    b.files
+        .iter()
+        .filter(|p| set.contains(&canon(p)))
+        .cloned()
+        .collect()
 }
 
 fn names(dirs: &[PathBuf]) -> Vec<String> {
@@ -154,6 +226,7 @@ fn check(dir: &Path, set: &ImageFolder, classes: &[String]) -> Result<()> {
 
 /// Opens an ImageFolder root, pre-split or not.
 pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
+    let mut warnings = Vec::new();
     let val_dir = ["val", "test"]
         .into_iter()
         .map(|n| (n, root.join(n)))
@@ -162,7 +235,7 @@ pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
         match (root.join("train"), val_dir) {
             (t, Some((vname, v))) if t.is_dir() => {
                 let classes = names(&class_dirs(&t)?);
-                let train = scan(&t, &classes)?;
+                let train = scan(&t, &classes, &mut warnings)?;
                 check(&t, &train, &classes)?;
                 let extra: Vec<String> = names(&class_dirs(&v)?)
                     .into_iter()
@@ -174,13 +247,24 @@ pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
                         reason: format!("classes not in train/: {}", extra.join(", ")),
                     });
                 }
-                let val = scan(&v, &classes)?;
+                let val = scan(&v, &classes, &mut warnings)?;
                 check(&v, &val, &classes)?;
+                let both = shared_files(&train, &val);
+                if !both.is_empty() {
+                    warnings.push(format!(
+                        "{} image(s) are in both {} and {} (e.g. {}): validation accuracy \
+                         overstates what the model learned",
+                        both.len(),
+                        t.display(),
+                        v.display(),
+                        both[0].display()
+                    ));
+                }
                 (Arc::new(train), Arc::new(val), classes, vname.to_string())
             }
             _ => {
                 let classes = names(&class_dirs(root)?);
-                let all = scan(root, &classes)?;
+                let all = scan(root, &classes, &mut warnings)?;
                 check(root, &all, &classes)?;
                 let (t, v) = split_one(Arc::new(all), spec.val_fraction, spec.seed);
                 (t, v, classes, "val".to_string())
@@ -194,5 +278,6 @@ pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
         native_size: None,
         format: DataFormat::Imagefolder,
         val_name,
+        warnings,
     })
 }

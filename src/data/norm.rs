@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::dataset::Dataset;
 use super::stats::eigh3;
 use super::transforms::{Pca, fit};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What the normalisation and PCA lighting need.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,18 +31,35 @@ pub struct NormStats {
     pub images: usize,
 }
 
-/// Computes the statistics directly (no cache).
-pub fn compute(data: &dyn Dataset, channels: usize, size: usize, max: usize) -> Result<NormStats> {
+/// Computes the statistics directly (no cache). With `skip_bad`, images that cannot be read
+/// (undecodable, unreadable) are left out instead of failing, as the loader skips them.
+pub fn compute(
+    data: &dyn Dataset,
+    channels: usize,
+    size: usize,
+    max: usize,
+    skip_bad: bool,
+) -> Result<NormStats> {
     let n = data.len();
     let step = n.div_ceil(max.max(1)).max(1);
     let picks: Vec<usize> = (0..n).step_by(step).collect();
     // Sums of v and of v_i * v_j over every pixel (f64: 10^8 terms).
-    let zero = || (vec![0f64; channels], vec![0f64; channels * channels]);
-    let (sum, cross) = picks
+    let zero = || {
+        (
+            vec![0f64; channels],
+            vec![0f64; channels * channels],
+            0usize,
+        )
+    };
+    let (sum, cross, used) = picks
         .par_iter()
-        .map(|&i| -> Result<(Vec<f64>, Vec<f64>)> {
-            let img = fit(data.image(i, channels)?, size);
-            let (mut s, mut x) = zero();
+        .map(|&i| -> Result<(Vec<f64>, Vec<f64>, usize)> {
+            let img = match data.image(i, channels) {
+                Ok(img) => fit(img, size),
+                Err(Error::BadImage { .. } | Error::Io { .. }) if skip_bad => return Ok(zero()),
+                Err(e) => return Err(e),
+            };
+            let (mut s, mut x, _) = zero();
             for px in img.pixels.chunks_exact(channels) {
                 for a in 0..channels {
                     let va = px[a] as f64 / 255.0;
@@ -52,13 +69,20 @@ pub fn compute(data: &dyn Dataset, channels: usize, size: usize, max: usize) -> 
                     }
                 }
             }
-            Ok((s, x))
+            Ok((s, x, 1))
         })
         .try_reduce(zero, |a, b| {
             let add = |p: Vec<f64>, q: Vec<f64>| p.iter().zip(&q).map(|(u, v)| u + v).collect();
-            Ok((add(a.0, b.0), add(a.1, b.1)))
+            Ok((add(a.0, b.0), add(a.1, b.1), a.2 + b.2))
         })?;
-    let count = (picks.len() * size * size).max(1) as f64;
+    if used == 0 && !picks.is_empty() {
+        return Err(Error::Invalid(format!(
+            "none of the {} training images sampled for the normalisation statistics could be \
+             read (all skipped as bad images)",
+            picks.len()
+        )));
+    }
+    let count = (used * size * size).max(1) as f64;
     let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
     let cov = |a: usize, b: usize| cross[a * channels + b] / count - mean[a] * mean[b];
     let std = (0..channels)
@@ -76,7 +100,7 @@ pub fn compute(data: &dyn Dataset, channels: usize, size: usize, max: usize) -> 
         mean: mean.iter().map(|&m| m as f32).collect(),
         std,
         pca,
-        images: picks.len(),
+        images: used,
     })
 }
 
@@ -107,7 +131,13 @@ pub fn fingerprint(data: &dyn Dataset, channels: usize, size: usize, max: usize)
 
 /// [`compute`] through the on-disk cache. A cache that cannot be read or written is ignored
 /// (the statistics are recomputed), never an error.
-pub fn cached(data: &dyn Dataset, channels: usize, size: usize, max: usize) -> Result<NormStats> {
+pub fn cached(
+    data: &dyn Dataset,
+    channels: usize,
+    size: usize,
+    max: usize,
+    skip_bad: bool,
+) -> Result<NormStats> {
     let file = cache_dir().map(|d| {
         d.join("stats").join(format!(
             "{:016x}.json",
@@ -120,7 +150,7 @@ pub fn cached(data: &dyn Dataset, channels: usize, size: usize, max: usize) -> R
     {
         return Ok(s);
     }
-    let stats = compute(data, channels, size, max)?;
+    let stats = compute(data, channels, size, max, skip_bad)?;
     if let Some(f) = &file
         && let Some(dir) = f.parent()
         && std::fs::create_dir_all(dir).is_ok()
@@ -152,7 +182,7 @@ mod tests {
     #[test]
     fn statistics_equal_a_direct_computation() {
         let d = data();
-        let s = compute(&d, 3, 2, 100).unwrap();
+        let s = compute(&d, 3, 2, 100, false).unwrap();
         for c in 0..3 {
             let v: Vec<f64> = d
                 .pixels
@@ -183,12 +213,12 @@ mod tests {
         // SAFETY: tests in this binary that read CONVLAB_CACHE_DIR all set it to a temp folder.
         unsafe { std::env::set_var("CONVLAB_CACHE_DIR", dir.path()) };
         let d = data();
-        let a = cached(&d, 3, 2, 100).unwrap();
+        let a = cached(&d, 3, 2, 100, false).unwrap();
         let files: Vec<_> = std::fs::read_dir(dir.path().join("stats"))
             .unwrap()
             .collect();
         assert_eq!(files.len(), 1);
-        let b = cached(&d, 3, 2, 100).unwrap();
+        let b = cached(&d, 3, 2, 100, false).unwrap();
         assert_eq!(a, b);
     }
 }

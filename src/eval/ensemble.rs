@@ -76,6 +76,24 @@ pub fn ensemble(
             runs.len()
         )));
     }
+    if let Some(w) = weights {
+        if let Some((i, x)) = w
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x >= 0.0))
+        {
+            return Err(Error::Invalid(format!(
+                "--weights: weight {} (of {}) is {x}; weights must be finite and >= 0",
+                i + 1,
+                runs[i].display()
+            )));
+        }
+        if w.iter().sum::<f64>() <= 0.0 {
+            return Err(Error::Invalid(
+                "--weights: all weights are 0; at least one member must count".into(),
+            ));
+        }
+    }
     let first = RunDir::open(&runs[0])?.read_recipe()?;
     let data_cfg = data.unwrap_or(first.data.clone());
     let splits = open(&data_cfg.spec(first.seed))?;
@@ -89,13 +107,16 @@ pub fn ensemble(
         let run = RunDir::open(dir)?;
         let recipe = run.read_recipe()?;
         if recipe.model.num_classes != k {
-            return Err(Error::BadRun {
-                path: dir.clone(),
-                reason: format!(
-                    "predicts {} classes, the data has {k}",
-                    recipe.model.num_classes
-                ),
-            });
+            return Err(Error::Invalid(format!(
+                "{}: this member predicts {} classes but the ensemble's data ({}) has {k}; \
+                 every member must be trained on the same classes",
+                dir.display(),
+                recipe.model.num_classes,
+                data_cfg
+                    .path
+                    .as_ref()
+                    .map_or("the built-in dataset".into(), |p| p.display().to_string())
+            )));
         }
         let model = load_model(&run, &recipe, "best", device)?;
         let p = probabilities(&model, splits.val.clone(), &recipe, device)?;

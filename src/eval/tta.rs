@@ -83,12 +83,24 @@ pub struct EvalConfig {
 
 impl EvalConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.scales.contains(&0) {
-            return Err(Error::Recipe {
+        use crate::limits::{MAX_IMAGE_SIDE, MAX_SCALES};
+        let bad = |reason: String| {
+            Err(Error::Recipe {
                 origin: String::new(),
                 key: "eval.scales".into(),
-                reason: "scales are image sides in pixels, > 0".into(),
-            });
+                reason,
+            })
+        };
+        if let Some(&s) = self.scales.iter().find(|&&s| s == 0 || s > MAX_IMAGE_SIDE) {
+            return bad(format!(
+                "{s}: scales are image sides in pixels, 1 to {MAX_IMAGE_SIDE}"
+            ));
+        }
+        if self.scales.len() > MAX_SCALES {
+            return bad(format!(
+                "{} scales (at most {MAX_SCALES})",
+                self.scales.len()
+            ));
         }
         Ok(())
     }

@@ -258,10 +258,15 @@ impl Cell {
 
     /// Trains the cell to completion (resuming it if it was interrupted) on `device`.
     pub fn run(&self, device: &Device) -> Result<Summary> {
+        if let CellState::Done(s) = self.state() {
+            return Ok(*s);
+        }
+        // Locked before its state is read again: another `experiment` on the same grid may be
+        // training this cell right now, and then this one must not touch it.
+        let run = RunDir::create(&self.dir)?.lock()?;
         match self.state() {
             CellState::Done(s) => Ok(*s),
             CellState::Partial => {
-                let run = RunDir::open(&self.dir)?;
                 let recipe = Recipe::resolve(Some(&run.file(crate::run::RECIPE)), &[])?;
                 let opts = TrainOptions {
                     resume: true,
@@ -270,11 +275,8 @@ impl Cell {
                 train(recipe, &run, &opts, device, &mut Quiet)
             }
             CellState::Fresh => {
-                if self.dir.exists() {
-                    // Nothing complete in it (killed before its first epoch): start over.
-                    std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-                }
-                let run = RunDir::create(&self.dir)?;
+                // Nothing complete in it (killed before its first epoch): start over.
+                run.clear()?;
                 let opts = TrainOptions {
                     resume: false,
                     stop_after_epoch: None,

@@ -113,7 +113,12 @@ impl ModelConfig {
         let c = ModelConfig {
             num_classes: 2,
             in_channels: 3,
-            input_size: 1 << 16,
+            // A size the recipe sets is checked now, before any folder is made.
+            input_size: if self.input_size == 0 {
+                crate::limits::MAX_IMAGE_SIDE
+            } else {
+                self.input_size
+            },
             ..self.clone()
         };
         c.validate()
@@ -231,12 +236,113 @@ impl ModelConfig {
                 ),
             ));
         }
+        if self.num_classes > crate::limits::MAX_CLASSES {
+            return Err(bad(
+                "num_classes",
+                format!(
+                    "{} (at most {})",
+                    self.num_classes,
+                    crate::limits::MAX_CLASSES
+                ),
+            ));
+        }
+        if self.input_size > crate::limits::MAX_IMAGE_SIDE {
+            return Err(bad(
+                "input_size",
+                format!(
+                    "{} px (at most {})",
+                    self.input_size,
+                    crate::limits::MAX_IMAGE_SIDE
+                ),
+            ));
+        }
+        self.check_sizes().map_err(|(k, e)| bad(k, e))?;
         if self.input_size < (1 << pools) {
             return Err(bad(
                 "input_size",
                 format!(
                     "{} is too small for {} pooling stages",
                     self.input_size, pools
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Widths, depth and parameter count within [`crate::limits`], checked before a model is
+    /// built so a typo like `plan = "99999999999"` is an error, not an allocation abort. The
+    /// count is an upper estimate over the convs and FC layers a user can resize.
+    fn check_sizes(&self) -> std::result::Result<(), (&'static str, String)> {
+        use crate::limits::{MAX_PARAMS, MAX_PLAN_LAYERS, MAX_WIDTH};
+        let wide = |key: &'static str, n: usize| {
+            if n > MAX_WIDTH {
+                Err((
+                    key,
+                    format!("a width of {n} channels (at most {MAX_WIDTH})"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let k = self.num_classes as f64;
+        let mut c = self.in_channels as f64;
+        let mut params = 0.0;
+        match self.name.family() {
+            Family::ConvNet | Family::Vgg => {
+                let plan = parse_plan(self.plan()).map_err(|e| ("plan", e))?;
+                if plan.len() > MAX_PLAN_LAYERS {
+                    return Err((
+                        "plan",
+                        format!("{} layers (at most {MAX_PLAN_LAYERS})", plan.len()),
+                    ));
+                }
+                for p in &plan {
+                    let (n, ks) = match *p {
+                        Plan::Conv(n) => (n, 3),
+                        Plan::ConvK(n, ks) => (n, ks),
+                        Plan::Pool => continue,
+                    };
+                    wide("plan", n)?;
+                    if ks > 31 {
+                        return Err(("plan", format!("a {ks}x{ks} kernel (at most 31)")));
+                    }
+                    params += c * n as f64 * (ks * ks) as f64;
+                    c = n as f64;
+                }
+                params += if self.name.family() == Family::Vgg {
+                    let h = 4096.0;
+                    c * 49.0 * h + h * h + h * k
+                } else {
+                    c * k
+                };
+            }
+            Family::AlexNet | Family::ZfNet => {
+                if let Some(h) = self.hidden {
+                    wide("hidden", h)?;
+                }
+                for &w in self.conv_widths.iter().flatten() {
+                    wide("conv_widths", w)?;
+                }
+                let (convs, _, _) = self.alexnet_layers()?;
+                for [n, ks, _, _, g] in convs {
+                    params += c * n as f64 * (ks * ks) as f64 / g.max(1) as f64;
+                    c = n as f64;
+                }
+                let h = self.hidden.unwrap_or(4096) as f64;
+                params += c * 36.0 * h + h * h + h.max(c * 36.0) * k;
+            }
+            Family::GoogLeNet | Family::ResNet => {}
+        }
+        if params > MAX_PARAMS {
+            return Err((
+                if matches!(self.name.family(), Family::ConvNet | Family::Vgg) {
+                    "plan"
+                } else {
+                    "conv_widths"
+                },
+                format!(
+                    "about {:.3e} parameters; the limit is {MAX_PARAMS:.0e} (2 GB of weights)",
+                    params
                 ),
             ));
         }

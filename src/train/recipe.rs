@@ -447,7 +447,11 @@ impl Recipe {
             let origin = overrides
                 .iter()
                 .rev()
-                .find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
+                .find(|o| {
+                    o.key == key
+                        || key.starts_with(&format!("{}.", o.key))
+                        || o.key.starts_with(&format!("{key}."))
+                })
                 .map(|o| o.origin.clone())
                 .or_else(|| {
                     (file.is_some() && has_path(&file_table, &key))
@@ -478,11 +482,36 @@ impl Recipe {
                 reason: reason.into(),
             })
         };
-        if self.epochs == 0 {
-            return bad("epochs", "must be at least 1");
+        use crate::limits::{MAX_BATCH, MAX_EPOCHS, MAX_WORKERS};
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) {
+            return bad(
+                "epochs",
+                &format!("{} (must be 1 to {MAX_EPOCHS})", self.epochs),
+            );
         }
-        if self.batch_size == 0 {
-            return bad("batch_size", "must be at least 1");
+        if !(1..=MAX_BATCH).contains(&self.batch_size) {
+            return bad(
+                "batch_size",
+                &format!("{} (must be 1 to {MAX_BATCH})", self.batch_size),
+            );
+        }
+        if self.data.prefetch > 1024 {
+            return bad(
+                "data.prefetch",
+                &format!("{} batches (at most 1024)", self.data.prefetch),
+            );
+        }
+        if self.data.cache_mb > 1 << 20 {
+            return bad(
+                "data.cache_mb",
+                &format!("{} MB (at most 1048576, 1 TB)", self.data.cache_mb),
+            );
+        }
+        if self.data.workers > MAX_WORKERS {
+            return bad(
+                "data.workers",
+                &format!("{} (at most {MAX_WORKERS})", self.data.workers),
+            );
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad("optim.lr", "must be a positive number");

@@ -10,7 +10,7 @@ use super::optim::Optimizer;
 use super::recipe::Recipe;
 use super::schedule::Plateau;
 use super::trainer::Reporter;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::run::{EpochMetrics, RunDir};
 use burn::prelude::*;
@@ -89,23 +89,45 @@ pub(crate) fn restore(
     if let Some(e) = ema {
         e.load_state(&ck.group("ema"), device);
     }
-    let num = |k: &str| {
-        ck.meta
-            .get(k)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    // A damaged or foreign value must fail loudly: read as 0 it would silently restart the run
+    // at epoch 0. Keys other than `epoch` may be absent in checkpoints of older versions.
+    let bad = |k: &str, why: String| Error::CheckpointMismatch {
+        path: path.clone(),
+        model: recipe.model.name.to_string(),
+        reason: format!("resume metadata `{k}`: {why}"),
+    };
+    let num = |k: &str, required: bool| -> Result<f64> {
+        match ck.meta.get(k) {
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|x| !x.is_nan())
+                .ok_or_else(|| bad(k, format!("`{v}` is not a number"))),
+            None if required => Err(bad(
+                k,
+                "missing; is this a convlab training checkpoint?".into(),
+            )),
+            None => Ok(0.0),
+        }
+    };
+    let count = |k: &str, required: bool| -> Result<usize> {
+        let x = num(k, required)?;
+        if x < 0.0 || x.fract() != 0.0 || x > 1e15 {
+            return Err(bad(k, format!("`{x}` is not a count")));
+        }
+        Ok(x as usize)
+    };
+    let plateau = match ck.meta.get("plateau") {
+        Some(v) => serde_json::from_str(v).map_err(|e| bad("plateau", e.to_string()))?,
+        None => Default::default(),
     };
     let p = Progress {
-        plateau: ck
-            .meta
-            .get("plateau")
-            .and_then(|v| serde_json::from_str(v).ok())
-            .unwrap_or_default(),
-        epochs_done: num("epoch") as usize,
-        best_top1: num("best_val_top1"),
-        best_epoch: num("best_epoch") as usize,
-        skipped: num("images_skipped") as usize,
-        seconds: num("seconds"),
+        plateau,
+        epochs_done: count("epoch", true)?,
+        best_top1: num("best_val_top1", false)?,
+        best_epoch: count("best_epoch", false)?,
+        skipped: count("images_skipped", false)?,
+        seconds: num("seconds", false)?,
     };
     let mut history = run.read_metrics()?;
     history.truncate(p.epochs_done);

@@ -95,6 +95,7 @@ pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
             m.in_channels,
             m.input_size,
             STATS_IMAGES,
+            d.skip_bad_images,
         )?;
         d.mean.get_or_insert(s.mean);
         d.std.get_or_insert(s.std);
@@ -213,10 +214,34 @@ pub fn train(
     device: &Device,
     rep: &mut dyn Reporter,
 ) -> Result<Summary> {
+    // One writer per folder: a caller that has not locked the folder gets it locked here.
+    let run = &run.clone().lock()?;
+    let ck_dir = run.path.join(crate::run::CHECKPOINTS);
+    std::fs::create_dir_all(&ck_dir).map_err(|e| Error::io(&ck_dir, e))?;
     let splits = prepare(&mut recipe)?;
-    run.write_recipe(&recipe)?;
-    run.write_json(CLASSES, &splits.classes)?;
-    run.write_json(STATS, &norm_stats(&recipe))?;
+    for w in &splits.warnings {
+        rep.message(&format!("warning: {w}"));
+    }
+    // A run killed before its first checkpoint has nothing to resume from: it starts over.
+    let resume = opts.resume && run.checkpoint("last").is_file();
+    if opts.resume && !resume {
+        rep.message(&format!(
+            "{} has no complete epoch (no {}): starting it from epoch 1",
+            run.path.display(),
+            run.checkpoint("last").display()
+        ));
+    }
+    // On resume recipe.toml keeps the run's own recipe: overrides given with --resume apply to
+    // this invocation only, so a later plain --resume does not repeat them unseen.
+    if !resume || !run.file(crate::run::RECIPE).is_file() {
+        run.write_recipe(&recipe)?;
+    }
+    if !resume || !run.file(CLASSES).is_file() {
+        run.write_json(CLASSES, &splits.classes)?;
+    }
+    if !resume || !run.file(STATS).is_file() {
+        run.write_json(STATS, &norm_stats(&recipe))?;
+    }
     let eval_device = device.clone().without_autodiff();
 
     device.seed(mix_seed(&[recipe.seed, 0xC0FFEE]));
@@ -226,7 +251,7 @@ pub fn train(
     let mut ema = (reg.ema_decay > 0.0).then(|| Ema::new(reg.ema_decay));
     let mut p = Progress::default();
     let mut history = Vec::new();
-    if !opts.resume {
+    if !resume {
         model = apply_init_from(&recipe, model, rep)?;
     }
     let teacher = match &recipe.distill.teacher {
@@ -252,7 +277,7 @@ pub fn train(
         recipe.data.mean.clone().unwrap_or_default(),
         recipe.data.std.clone().unwrap_or_default(),
     );
-    if opts.resume {
+    if resume {
         (model, p, history) = restore(run, &recipe, model, &mut sgd, ema.as_mut(), &eval_device)?;
         rep.message(&format!(
             "resuming {} after epoch {}",
@@ -303,6 +328,7 @@ pub fn train(
         .min(recipe.epochs);
     for epoch in p.epochs_done + 1..=last_epoch {
         let start = Instant::now();
+        let skipped_before = p.skipped;
         // Dropout masks come from the device generator; reseeding per epoch makes a resumed
         // run draw exactly what an uninterrupted one would.
         device.seed(mix_seed(&[recipe.seed, epoch as u64, 0xD0]));
@@ -369,7 +395,7 @@ pub fn train(
                     epoch,
                     step,
                     loss: loss_v,
-                    run: run.path.clone(),
+                    kept: (p.epochs_done > 0).then(|| run.checkpoint("last")),
                 });
             }
             let host: Vec<f32> = logits
@@ -410,6 +436,8 @@ pub fn train(
             lr,
             images_per_sec: seen as f64 / train_secs.max(1e-9),
             seconds,
+            peak_rss_mb: crate::run::peak_rss_mb(),
+            images_skipped: p.skipped - skipped_before,
         };
         p.epochs_done = epoch;
         p.seconds += seconds;
