@@ -50,6 +50,8 @@ pub type TensorMap = BTreeMap<String, HostTensor>;
 struct Collect {
     path: Vec<String>,
     out: TensorMap,
+    /// Copy the values too (else only the shapes, with empty data).
+    data: bool,
 }
 
 impl ModuleVisitor for Collect {
@@ -60,8 +62,15 @@ impl ModuleVisitor for Collect {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out
-            .insert(self.path.join("."), HostTensor::from_tensor(&param.val()));
+        let t = if self.data {
+            HostTensor::from_tensor(&param.val())
+        } else {
+            HostTensor {
+                shape: param.val().dims().to_vec(),
+                data: Vec::new(),
+            }
+        };
+        self.out.insert(self.path.join("."), t);
     }
 }
 
@@ -71,9 +80,21 @@ pub fn module_tensors<M: Module>(module: &M) -> TensorMap {
     let mut c = Collect {
         path: Vec::new(),
         out: TensorMap::new(),
+        data: true,
     };
     module.visit(&mut c);
     c.out
+}
+
+/// The shape of every float tensor of `module` by path, without copying any values.
+pub fn module_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    let mut c = Collect {
+        path: Vec::new(),
+        out: TensorMap::new(),
+        data: false,
+    };
+    module.visit(&mut c);
+    c.out.into_iter().map(|(k, t)| (k, t.shape)).collect()
 }
 
 struct Apply<'a> {
@@ -83,6 +104,8 @@ struct Apply<'a> {
     partial: bool,
     copied: Vec<String>,
     problems: Vec<String>,
+    /// Keys that may be missing without a problem.
+    optional: &'a dyn Fn(&str) -> bool,
 }
 
 impl ModuleMapper for Apply<'_> {
@@ -116,7 +139,7 @@ impl ModuleMapper for Apply<'_> {
                 tensor
             }
             None => {
-                if !self.partial {
+                if !self.partial && !(self.optional)(&key) {
                     self.problems
                         .push(format!("`{key}` is missing from the checkpoint"));
                 }
@@ -135,12 +158,25 @@ pub fn load_module<M: Module>(
     path: &Path,
     model: &str,
 ) -> Result<M> {
+    load_module_except(module, tensors, path, model, &|_| false)
+}
+
+/// [`load_module`], except that tensors for which `optional` holds may be absent (they keep
+/// their values): an imported layout without GoogLeNet's auxiliary heads.
+pub fn load_module_except<M: Module>(
+    module: M,
+    tensors: &TensorMap,
+    path: &Path,
+    model: &str,
+    optional: &dyn Fn(&str) -> bool,
+) -> Result<M> {
     let mut a = Apply {
         path: Vec::new(),
         tensors,
         partial: false,
         copied: Vec::new(),
         problems: Vec::new(),
+        optional,
     };
     let module = module.map(&mut a);
     let extra: Vec<&String> = tensors.keys().filter(|k| !a.copied.contains(k)).collect();
@@ -196,6 +232,7 @@ pub fn load_matching<M: Module>(module: M, tensors: &TensorMap) -> (M, Vec<Strin
         partial: true,
         copied: Vec::new(),
         problems: Vec::new(),
+        optional: &|_| true,
     };
     let module = module.map(&mut a);
     (module, a.copied)
