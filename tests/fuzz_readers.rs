@@ -327,3 +327,22 @@ fn checkpoints_and_run_folder_files_never_panic() {
         },
     );
 }
+
+#[test]
+fn weight_imports_never_panic() {
+    let d = tmp();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop");
+    for file in [
+        "small_zip.pth",
+        "small_legacy.pth",
+        "small.safetensors",
+        "small_nested.pth",
+    ] {
+        let base = std::fs::read(fixtures.join(file)).unwrap();
+        let path = d.path().join(file);
+        fuzz(file, &base, 400, |b| {
+            std::fs::write(&path, b).unwrap();
+            let _ = convlab::interop::read_state_dict(&path);
+        });
+    }
+}

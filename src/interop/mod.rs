@@ -51,10 +51,14 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
         f.read(&mut head).map_err(|e| Error::io(path, e))?
     };
     let head = &head[..n];
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     let max = crate::limits::MAX_DATA_FILE_BYTES;
     if len > max {
-        return Err(bad(format!("{len} bytes; weights files are at most {max} bytes")));
+        return Err(bad(format!(
+            "{len} bytes; weights files are at most {max} bytes"
+        )));
     }
     let (format, tensors) = if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
         let format = if head.starts_with(b"PK") {
@@ -80,10 +84,22 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
     })
 }
 
-/// Strips a nesting key every tensor shares (`state_dict.`, `module.`, ...), repeatedly.
+/// Keeps only the state dict when a checkpoint holds more (`{"state_dict": ..., "optimizer":
+/// ...}`), then strips a nesting key every tensor shares (`module.`, ...), repeatedly.
 fn unnest(mut t: TensorMap) -> TensorMap {
+    if let Some(p) = NESTS[..3]
+        .iter()
+        .find(|p| t.keys().any(|k| k.starts_with(&format!("{p}."))))
+    {
+        let prefix = format!("{p}.");
+        t.retain(|k, _| k.starts_with(&prefix));
+    }
     loop {
-        let first = t.keys().next().and_then(|k| k.split_once('.')).map(|(p, _)| p.to_string());
+        let first = t
+            .keys()
+            .next()
+            .and_then(|k| k.split_once('.'))
+            .map(|(p, _)| p.to_string());
         match first {
             Some(p)
                 if NESTS.contains(&p.as_str())
@@ -107,13 +123,23 @@ fn read_pytorch(path: &Path) -> Result<TensorMap> {
     };
     // `torch.save(model)` pickles the module object itself; convlab wants its state dict.
     // Only a nested dict at the root counts as one.
+    // A state dict is a flat dict of tensors (`conv1.weight`), possibly under a nesting key;
+    // the reader shows a pickled module as dicts of its submodules (`{"0": {"weight": ..}}`).
     let root = PytorchReader::read_pickle_data(path, None)
         .map_err(|e| bad(format!("not a readable PyTorch file: {e}")))?;
-    if let PickleValue::Unsupported(what) = &root {
-        return Err(bad(format!(
-            "holds a pickled `{what}` object, not a state dict; save `model.state_dict()` \
-             instead of the whole module"
-        )));
+    let whole_module = match &root {
+        PickleValue::Dict(d) => {
+            !d.keys().any(|k| NESTS.contains(&k.as_str()))
+                && d.values().any(|v| matches!(v, PickleValue::Dict(_)))
+        }
+        _ => true,
+    };
+    if whole_module {
+        return Err(bad(
+            "holds a pickled module object, not a state dict; save `model.state_dict()` \
+             (torch.save(model.state_dict(), path)) instead of the whole module"
+                .into(),
+        ));
     }
     let reader =
         PytorchReader::new(path).map_err(|e| bad(format!("not a readable PyTorch file: {e}")))?;
@@ -137,7 +163,10 @@ fn read_pytorch(path: &Path) -> Result<TensorMap> {
                 _ => return None,
             })
         };
-        let is_float = matches!(t.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16);
+        let is_float = matches!(
+            t.dtype(),
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16
+        );
         if !is_float {
             if name.ends_with("num_batches_tracked") {
                 continue;
@@ -147,9 +176,7 @@ fn read_pytorch(path: &Path) -> Result<TensorMap> {
                 t.dtype()
             )));
         }
-        let bytes = t
-            .read()
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let bytes = t.read().map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
         let data = to_f32(bytes).expect("float dtype");
         out.insert(
             name,
@@ -223,7 +250,11 @@ fn read_safetensors(path: &Path) -> Result<TensorMap> {
 /// torchvision's (timm's plain ResNets use torchvision's names).
 pub fn detect_naming(sd: &StateDict) -> Naming {
     const CONVLAB: &[&str] = &["ResNet.", "Vgg.", "AlexNet.", "GoogLeNet.", "ConvNet."];
-    if sd.tensors.keys().any(|k| CONVLAB.iter().any(|p| k.starts_with(p))) {
+    if sd
+        .tensors
+        .keys()
+        .any(|k| CONVLAB.iter().any(|p| k.starts_with(p)))
+    {
         Naming::Convlab
     } else if sd.tensors.contains_key("conv1.0.weight") {
         Naming::Timm
@@ -285,7 +316,10 @@ pub fn to_convlab(
             t
         };
         if &t.shape != shape {
-            shapes.push(format!("`{fk}` is {:?}, the model needs {:?}", t.shape, shape));
+            shapes.push(format!(
+                "`{fk}` is {:?}, the model needs {:?}",
+                t.shape, shape
+            ));
             continue;
         }
         out.insert(key.clone(), t);
@@ -297,7 +331,10 @@ pub fn to_convlab(
         .collect();
     let mut problems = Vec::new();
     if !shapes.is_empty() {
-        problems.push(format!("wrong shapes: {}", shapes[..shapes.len().min(4)].join("; ")));
+        problems.push(format!(
+            "wrong shapes: {}",
+            shapes[..shapes.len().min(4)].join("; ")
+        ));
     }
     if !missing.is_empty() {
         problems.push(format!("missing keys: {}", list(&missing)));
@@ -332,7 +369,12 @@ fn transpose(t: HostTensor) -> HostTensor {
 
 /// The output count of the state dict's classifier, read from the tensor that maps to the
 /// model's classifier bias (found as the tensors whose shape follows the class count).
-pub fn source_classes(cfg: &ModelConfig, naming: Naming, sd: &StateDict, device: &Device) -> Result<usize> {
+pub fn source_classes(
+    cfg: &ModelConfig,
+    naming: Naming,
+    sd: &StateDict,
+    device: &Device,
+) -> Result<usize> {
     let two = ModelConfig {
         num_classes: 2,
         ..cfg.clone()
@@ -435,10 +477,21 @@ mod tests {
 
     #[test]
     fn nesting_keys_are_stripped() {
-        let t = |k: &str| (k.to_string(), HostTensor { shape: vec![1], data: vec![0.] });
-        let m: TensorMap = [t("state_dict.module.fc.weight"), t("state_dict.module.fc.bias")]
-            .into_iter()
-            .collect();
+        let t = |k: &str| {
+            (
+                k.to_string(),
+                HostTensor {
+                    shape: vec![1],
+                    data: vec![0.],
+                },
+            )
+        };
+        let m: TensorMap = [
+            t("state_dict.module.fc.weight"),
+            t("state_dict.module.fc.bias"),
+        ]
+        .into_iter()
+        .collect();
         let keys: Vec<String> = unnest(m).into_keys().collect();
         assert_eq!(keys, ["fc.bias", "fc.weight"]);
         let m: TensorMap = [t("model.a"), t("other.b")].into_iter().collect();

@@ -13,7 +13,9 @@
 use crate::models::{Family, ModelName};
 
 /// A naming of state-dict keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Naming {
     /// torchvision's `state_dict()` keys.
@@ -175,7 +177,10 @@ fn vgg(model: ModelName, p: &[&str]) -> Option<String> {
 fn alexnet(p: &[&str]) -> Option<String> {
     const AT: [usize; 5] = [0, 3, 6, 8, 10];
     match p {
-        ["convs", i, t] => Some(format!("features.{}.{t}", AT.get(i.parse::<usize>().ok()?)?)),
+        ["convs", i, t] => Some(format!(
+            "features.{}.{t}",
+            AT.get(i.parse::<usize>().ok()?)?
+        )),
         ["fc6", t] => Some(format!("classifier.1.{t}")),
         ["fc7", t] => Some(format!("classifier.4.{t}")),
         ["fc8", t] => Some(format!("classifier.6.{t}")),
@@ -211,7 +216,11 @@ fn googlenet(p: &[&str]) -> Option<String> {
                 "b4" => "branch4.1",
                 _ => return None,
             };
-            conv_bn(tail, &format!("{block}.{b}.conv"), &format!("{block}.{b}.bn"))
+            conv_bn(
+                tail,
+                &format!("{block}.{b}.conv"),
+                &format!("{block}.{b}.bn"),
+            )
         }
         ["fc", t] => Some(format!("fc.{t}")),
         _ => None,
@@ -234,8 +243,14 @@ mod tests {
         use ModelName::*;
         let tv = Naming::Torchvision;
         let k = |m, n, key| foreign_key(m, n, key);
-        assert_eq!(k(Resnet18, tv, "ResNet.stem.0.conv.weight").unwrap(), "conv1.weight");
-        assert_eq!(k(Resnet18, tv, "ResNet.stem.0.bn.gamma").unwrap(), "bn1.weight");
+        assert_eq!(
+            k(Resnet18, tv, "ResNet.stem.0.conv.weight").unwrap(),
+            "conv1.weight"
+        );
+        assert_eq!(
+            k(Resnet18, tv, "ResNet.stem.0.bn.gamma").unwrap(),
+            "bn1.weight"
+        );
         assert_eq!(
             k(Resnet50, tv, "ResNet.stages.2.3.convs.2.bn.running_var").unwrap(),
             "layer3.3.bn3.running_var"
@@ -245,8 +260,14 @@ mod tests {
             "layer2.0.downsample.1.bias"
         );
         let timm = Naming::Timm;
-        assert_eq!(k(Resnet50D, timm, "ResNet.stem.1.bn.gamma").unwrap(), "conv1.4.weight");
-        assert_eq!(k(Resnet50D, timm, "ResNet.stem.2.bn.gamma").unwrap(), "bn1.weight");
+        assert_eq!(
+            k(Resnet50D, timm, "ResNet.stem.1.bn.gamma").unwrap(),
+            "conv1.4.weight"
+        );
+        assert_eq!(
+            k(Resnet50D, timm, "ResNet.stem.2.bn.gamma").unwrap(),
+            "bn1.weight"
+        );
         assert_eq!(
             k(Resnet50D, timm, "ResNet.stages.0.0.down.proj.conv.weight").unwrap(),
             "layer1.0.downsample.1.weight"
@@ -256,10 +277,22 @@ mod tests {
             k(Vgg16Bn, tv, "Vgg.trunk.convs.2.conv.weight").unwrap(),
             "features.7.weight"
         );
-        assert_eq!(k(Vgg16Bn, tv, "Vgg.trunk.convs.2.bn.gamma").unwrap(), "features.8.weight");
-        assert_eq!(k(Vgg16, tv, "Vgg.trunk.convs.2.conv.bias").unwrap(), "features.5.bias");
-        assert_eq!(k(Vgg16, tv, "Vgg.fc8.weight").unwrap(), "classifier.6.weight");
-        assert_eq!(k(Alexnet, tv, "AlexNet.convs.4.weight").unwrap(), "features.10.weight");
+        assert_eq!(
+            k(Vgg16Bn, tv, "Vgg.trunk.convs.2.bn.gamma").unwrap(),
+            "features.8.weight"
+        );
+        assert_eq!(
+            k(Vgg16, tv, "Vgg.trunk.convs.2.conv.bias").unwrap(),
+            "features.5.bias"
+        );
+        assert_eq!(
+            k(Vgg16, tv, "Vgg.fc8.weight").unwrap(),
+            "classifier.6.weight"
+        );
+        assert_eq!(
+            k(Alexnet, tv, "AlexNet.convs.4.weight").unwrap(),
+            "features.10.weight"
+        );
         assert_eq!(
             k(GooglenetTv, tv, "GoogLeNet.blocks.8.b4.bn.running_mean").unwrap(),
             "inception5b.branch4.1.bn.running_mean"

@@ -500,6 +500,8 @@ impl ModelConfig {
             .with_batch_norm(self.batch_norm())
             .with_lrn(self.lrn.unwrap_or(paper))
             .with_true_5x5(self.name != GooglenetTv)
+            // torchvision's BasicConv2d: BatchNorm2d(eps=0.001), which its weights expect.
+            .with_bn_eps(if self.name == GooglenetTv { 1e-3 } else { 1e-5 })
             .with_dropout(self.dropout.unwrap_or(if paper { 0.4 } else { 0.2 }));
         if self.name == GooglenetSmall {
             c = c.with_width_div(4).with_small_stem(true);

@@ -73,6 +73,9 @@ pub struct GoogLeNetConfig {
     /// Small-input stem: one 3x3 stride-1 conv and a single pool.
     #[config(default = false)]
     pub small_stem: bool,
+    /// Batch-norm epsilon (torchvision's GoogLeNet uses 1e-3).
+    #[config(default = 1e-5)]
+    pub bn_eps: f64,
 }
 
 /// One Inception module.
@@ -169,7 +172,13 @@ impl GoogLeNetConfig {
 
     pub fn init(&self, device: &Device) -> GoogLeNet {
         let bn = self.batch_norm;
-        let conv = |i, o, k, s, p| ConvBnAct::new(i, o, k, s, p, bn, device);
+        let conv = |i, o, k, s, p| {
+            let mut c = ConvBnAct::new(i, o, k, s, p, bn, device);
+            if let Some(b) = c.bn.as_mut() {
+                b.epsilon = self.bn_eps;
+            }
+            c
+        };
         let stem = self
             .stem_plan()
             .into_iter()
