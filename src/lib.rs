@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod layers;
 pub mod limits;
 pub mod models;
+pub mod params;
 pub mod report;
 pub mod run;
 pub mod train;

@@ -103,6 +103,10 @@ pub struct Summary {
     pub final_val_loss: f64,
     pub seconds: f64,
     pub images_skipped: usize,
+    /// For a run made by `convlab import`: the weights file it came from (then `epochs` is 0
+    /// and the accuracies are unmeasured, 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_from: Option<String>,
 }
 
 /// A run folder on disk.

@@ -7,6 +7,7 @@ mod device;
 mod ensemble;
 mod eval;
 mod experiment;
+mod import;
 mod models;
 mod predict;
 mod progress;
@@ -53,6 +54,9 @@ pub enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Write one self-contained HTML report of a run.
     Report(analyze::ReportArgs),
+    /// Turn a PyTorch or safetensors state dict (torchvision, timm or convlab naming) into a
+    /// run folder that eval, predict, viz, report, ensemble and --pretrained read.
+    Import(import::ImportArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -94,5 +98,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Viz(a) => viz::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Report(a) => analyze::report(a),
+        Command::Import(a) => import::run(a),
     }
 }

@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// optimiser state).
     #[arg(long, value_parser = ["fp32", "bf16"])]
     pub precision: Option<String>,
+    /// Start from pretrained weights: a PyTorch `.pth`/`.pt` or `.safetensors` state dict
+    /// (torchvision, timm or convlab naming) or a run folder (sets `model.pretrained`).
+    #[arg(long, value_name = "PATH")]
+    pub pretrained: Option<PathBuf>,
     /// Run folder (default: runs/<model>-<timestamp>, made unique).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -83,6 +87,13 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
     if let Some(f) = a.data.data_format {
         let v = toml::Value::try_from(f)?;
         o.push(Override::flag("data.format", v, "--data-format"));
+    }
+    if let Some(p) = &a.pretrained {
+        o.push(Override::flag(
+            "model.pretrained",
+            p.display().to_string(),
+            "--pretrained",
+        ));
     }
     if let Some(v) = a.val_fraction {
         o.push(Override::flag("data.val_fraction", v, "--val-fraction"));

@@ -18,7 +18,7 @@ use burn::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelConfig};
-use crate::train::checkpoint::{self, HostTensor, TensorMap};
+use crate::params::{self as checkpoint, HostTensor, TensorMap};
 pub use naming::Naming;
 
 /// ImageNet's per-channel mean and std (RGB, pixels in [0, 1]): what torchvision's and timm's
@@ -129,7 +129,9 @@ fn read_pytorch(path: &Path) -> Result<TensorMap> {
         .map_err(|e| bad(format!("not a readable PyTorch file: {e}")))?;
     let whole_module = match &root {
         PickleValue::Dict(d) => {
+            // (`_metadata`, which `state_dict()` attaches, is a dict too.)
             !d.keys().any(|k| NESTS.contains(&k.as_str()))
+                && !d.values().any(|v| matches!(v, PickleValue::Unsupported(_)))
                 && d.values().any(|v| matches!(v, PickleValue::Dict(_)))
         }
         _ => true,
@@ -292,14 +294,7 @@ pub fn to_convlab(
         model: model.to_string(),
         reason,
     };
-    if !naming::supports(model, naming) {
-        return Err(Error::Invalid(format!(
-            "{}: {} naming has no model `{model}`; it has: {}",
-            sd.path.display(),
-            naming.as_str(),
-            naming::supported_models(naming).join(", ")
-        )));
-    }
+    check_supported(cfg, naming, &sd)?;
     let mut src = sd.tensors;
     let (mut out, mut missing, mut shapes) = (TensorMap::new(), Vec::new(), Vec::new());
     for (key, shape) in dest {
@@ -310,18 +305,21 @@ pub fn to_convlab(
             missing.push(fk);
             continue;
         };
-        let t = if naming != Naming::Convlab && naming::transposed(key, shape) {
-            transpose(t)
+        let flip = naming != Naming::Convlab && naming::transposed(key, shape);
+        let want: Vec<usize> = if flip {
+            shape.iter().rev().copied().collect()
         } else {
-            t
+            shape.clone()
         };
-        if &t.shape != shape {
+        // Shapes are reported in the file's own layout.
+        if t.shape != want {
             shapes.push(format!(
                 "`{fk}` is {:?}, the model needs {:?}",
-                t.shape, shape
+                t.shape, want
             ));
             continue;
         }
+        let t = if flip { transpose(t) } else { t };
         out.insert(key.clone(), t);
     }
     let unexpected: Vec<String> = src
@@ -375,6 +373,7 @@ pub fn source_classes(
     sd: &StateDict,
     device: &Device,
 ) -> Result<usize> {
+    check_supported(cfg, naming, sd)?;
     let two = ModelConfig {
         num_classes: 2,
         ..cfg.clone()
@@ -406,6 +405,21 @@ pub fn source_classes(
     }
 }
 
+/// An error naming the model when `naming` has no such model (e.g. torchvision has no
+/// `resnet18_small`).
+fn check_supported(cfg: &ModelConfig, naming: Naming, sd: &StateDict) -> Result<()> {
+    if naming::supports(cfg.name, naming) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{}: {} naming has no model `{}`; it has: {}",
+        sd.path.display(),
+        naming.as_str(),
+        cfg.name,
+        naming::supported_models(naming).join(", ")
+    )))
+}
+
 /// What [`load_weights`] did.
 pub struct Loaded {
     pub model: Model,
@@ -426,15 +440,6 @@ pub fn load_weights(
     device: &Device,
 ) -> Result<Loaded> {
     let naming = naming.unwrap_or_else(|| detect_naming(&sd));
-    if !naming::supports(cfg.name, naming) {
-        return Err(Error::Invalid(format!(
-            "{}: {} naming has no model `{}`; it has: {}",
-            sd.path.display(),
-            naming.as_str(),
-            cfg.name,
-            naming::supported_models(naming).join(", ")
-        )));
-    }
     let k = source_classes(cfg, naming, &sd, device)?;
     let src_cfg = ModelConfig {
         num_classes: k,

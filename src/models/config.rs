@@ -55,6 +55,11 @@ pub struct ModelConfig {
     /// AlexNet/ZFNet: convs to remove, by layer number (`[3, 4]` = conv3 and conv4); a removed
     /// conv's pooling moves to the conv before it.
     pub remove_convs: Option<Vec<usize>>,
+    /// Start from these weights: a PyTorch `.pth`/`.pt` or `.safetensors` state dict
+    /// (torchvision, timm or convlab naming, detected from the keys) or another run folder
+    /// (its best checkpoint). A classifier of another class count is re-initialised; every
+    /// other tensor must load.
+    pub pretrained: Option<std::path::PathBuf>,
 }
 
 impl Default for ModelConfig {
@@ -75,6 +80,7 @@ impl Default for ModelConfig {
             hidden: None,
             conv_widths: None,
             remove_convs: None,
+            pretrained: None,
         }
     }
 }

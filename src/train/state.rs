@@ -134,6 +134,40 @@ pub(crate) fn restore(
     Ok((model, p, history))
 }
 
+/// `model.pretrained`: the model with the weights of a state dict file or of another run's best
+/// checkpoint; a classifier of another class count is re-initialised and the message says so.
+pub(crate) fn apply_pretrained(
+    recipe: &Recipe,
+    model: Model,
+    device: &Device,
+    rep: &mut dyn Reporter,
+) -> Result<Model> {
+    let Some(p) = &recipe.model.pretrained else {
+        return Ok(model);
+    };
+    let src = super::trainer::pretrained_source(p)?;
+    let sd = crate::interop::read_state_dict(&src.weights)?;
+    let format = sd.format;
+    let l = crate::interop::load_weights(&recipe.model, sd, None, device)?;
+    let k = recipe.model.num_classes;
+    rep.message(&format!(
+        "pretrained {}: {} tensors ({format}, {} naming){}",
+        src.weights.display(),
+        l.tensors,
+        l.naming.as_str(),
+        if l.source_classes != k {
+            format!(
+                "; classifier re-initialised for {k} classes (the weights have {})",
+                l.source_classes
+            )
+        } else {
+            String::new()
+        }
+    ));
+    drop(model);
+    Ok(l.model)
+}
+
 /// `init_from`: copies every layer that matches from the best checkpoint of another run and
 /// reports what was copied (an empty path means none).
 pub(crate) fn apply_init_from(

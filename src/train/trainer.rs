@@ -17,7 +17,7 @@ use super::optim::Optimizer;
 use super::recipe::ScheduleKind;
 use super::recipe::{Normalize, Recipe};
 use super::schedule::lr_at;
-use super::state::{Progress, apply_init_from, restore, save_checkpoint};
+use super::state::{Progress, apply_init_from, apply_pretrained, restore, save_checkpoint};
 use crate::data::norm::{self, NormStats};
 use crate::data::split::mix_seed;
 use crate::data::transforms::{Mode, View};
@@ -65,6 +65,26 @@ pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
             splits.val.len()
         )));
     }
+    let source = match &recipe.model.pretrained {
+        Some(p) => Some(pretrained_source(p)?),
+        None => None,
+    };
+    let m = &mut recipe.model;
+    // Pretrained weights are used as they were trained: their channels, input size and
+    // normalisation, unless the recipe sets its own.
+    if let Some(s) = &source {
+        if m.in_channels == 0 {
+            m.in_channels = s.in_channels;
+        }
+        if m.input_size == 0 {
+            m.input_size = s.input_size.unwrap_or(m.name.default_input_size());
+        }
+        let d = &mut recipe.data;
+        if d.mean.is_none() && d.std.is_none() {
+            d.mean = Some(s.mean.clone());
+            d.std = Some(s.std.clone());
+        }
+    }
     let m = &mut recipe.model;
     if m.num_classes == 0 {
         m.num_classes = splits.classes.len();
@@ -107,6 +127,47 @@ pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
         d.std = Some(vec![1.0; m.in_channels]);
     }
     Ok(splits)
+}
+
+/// What pretrained weights were trained with (`model.pretrained`).
+pub struct PretrainedSource {
+    /// The weights file (a run folder's best checkpoint).
+    pub weights: std::path::PathBuf,
+    pub in_channels: usize,
+    /// `None` for a bare state dict: the model's own default (224 for the ImageNet models).
+    pub input_size: Option<usize>,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Reads what `model.pretrained` points at: a run folder (its recipe says how it was trained)
+/// or a state dict file (ImageNet's RGB statistics, as torchvision and timm train).
+pub fn pretrained_source(path: &std::path::Path) -> Result<PretrainedSource> {
+    use crate::interop::{IMAGENET_MEAN, IMAGENET_STD};
+    if path.is_dir() {
+        let run = RunDir::open(path)?;
+        let r = run.read_recipe()?;
+        let c = r.model.in_channels.max(1);
+        return Ok(PretrainedSource {
+            weights: run.checkpoint("best"),
+            in_channels: r.model.in_channels,
+            input_size: Some(r.model.input_size),
+            mean: r.data.mean.unwrap_or_else(|| vec![0.5; c]),
+            std: r.data.std.unwrap_or_else(|| vec![0.5; c]),
+        });
+    }
+    if !path.is_file() {
+        return Err(Error::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(PretrainedSource {
+        weights: path.to_path_buf(),
+        in_channels: 3,
+        input_size: None,
+        mean: IMAGENET_MEAN.to_vec(),
+        std: IMAGENET_STD.to_vec(),
+    })
 }
 
 /// Training images the normalisation statistics are computed over (evenly spaced): 10,000
@@ -252,6 +313,7 @@ pub fn train(
     let mut p = Progress::default();
     let mut history = Vec::new();
     if !resume {
+        model = apply_pretrained(&recipe, model, device, rep)?;
         model = apply_init_from(&recipe, model, rep)?;
     }
     let teacher = match &recipe.distill.teacher {
@@ -490,6 +552,7 @@ pub fn train(
         final_val_loss: last.val_loss,
         seconds: p.seconds,
         images_skipped: p.skipped,
+        imported_from: None,
     };
     if p.epochs_done == recipe.epochs {
         run.write_json(SUMMARY, &summary)?;

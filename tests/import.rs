@@ -1,0 +1,261 @@
+//! `convlab import` and `train --pretrained` end to end: a torchvision-named state dict (made
+//! here from the formula of tests/interop.rs and torchvision's key list in the fixtures) turns
+//! into a run folder that eval, predict and fine-tuning read; bad weights files are clear
+//! errors that write nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop")
+}
+
+/// torchvision resnet18 (7 classes) as a safetensors file in torchvision's naming, every
+/// tensor a smooth pseudo-random pattern.
+fn write_resnet18(path: &Path) {
+    let text = std::fs::read_to_string(fixtures().join("resnet18.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for kv in v["keys"].as_array().unwrap() {
+        let name = kv[0].as_str().unwrap();
+        if name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let shape: Vec<usize> = kv[1]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let n: usize = shape.iter().product();
+        let fan: usize = shape.iter().skip(1).product();
+        let vals: Vec<f32> = (0..n)
+            .map(|i| {
+                let u = ((i as f64) * 0.61 + name.len() as f64).sin();
+                if name.ends_with("running_var") {
+                    1.0 + 0.2 * u as f32
+                } else if shape.len() >= 2 {
+                    (u * (3.0 / fan as f64).sqrt()) as f32
+                } else if name.ends_with("weight") {
+                    1.0
+                } else {
+                    (0.05 * u) as f32
+                }
+            })
+            .collect();
+        data.push((
+            name.to_string(),
+            shape,
+            vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn import_eval_predict_and_finetune() {
+    let d = tmp();
+    let weights = d.path().join("resnet18_tv.safetensors");
+    write_resnet18(&weights);
+    let classes = d.path().join("classes.txt");
+    std::fs::write(&classes, "a\nb\nc\nd\ne\nf\ng\n").unwrap();
+    let run = d.path().join("imported");
+    let out = ok(&convlab()
+        .arg("import")
+        .arg(&weights)
+        .args(["--model", "resnet18", "--input-size", "32", "--out"])
+        .arg(&run)
+        .arg("--classes")
+        .arg(&classes)
+        .output()
+        .unwrap());
+    assert!(
+        out.contains("torchvision naming") && out.contains("7 classes"),
+        "{out}"
+    );
+    for f in ["recipe.toml", "classes.json", "stats.json", "summary.json"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    assert!(run.join("checkpoints/best.safetensors").is_file());
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(
+        recipe.contains("0.485") && recipe.contains("0.229"),
+        "ImageNet mean/std: {recipe}"
+    );
+    assert!(
+        recipe.contains("input_size = 32") && recipe.contains("resize = 37"),
+        "{recipe}"
+    );
+    let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    assert!(summary.contains("resnet18_tv.safetensors"), "{summary}");
+
+    // predict and eval read it like any run.
+    let img = d.path().join("x.png");
+    class_rgb(1, 40, 30, 2).save(&img).unwrap();
+    let out = ok(&convlab()
+        .args(["predict", "--json", "--run"])
+        .arg(&run)
+        .arg(&img)
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["top"].as_array().unwrap().len(), 5);
+    let photos = d.path().join("photos");
+    write_image_folder(&photos, &["a", "b", "c", "d", "e", "f", "g"], 3);
+    let out = ok(&convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(&run)
+        .arg("--data")
+        .arg(&photos)
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["count"].as_u64().unwrap() > 0);
+
+    // Fine-tune on 3 classes: the classifier is re-initialised, the rest loads; the input
+    // size and normalisation come from the source run.
+    let three = d.path().join("three");
+    write_image_folder(&three, &["x", "y", "z"], 8);
+    for (from, what) in [(&run, "run"), (&weights, "file")] {
+        let ft = d.path().join(format!("ft-{what}"));
+        let out = ok(&convlab()
+            .args([
+                "train",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--model",
+                "resnet18",
+            ])
+            .arg("--data")
+            .arg(&three)
+            .arg("--pretrained")
+            .arg(from)
+            .arg("--out")
+            .arg(&ft)
+            .output()
+            .unwrap());
+        assert!(
+            out.contains("classifier re-initialised for 3 classes (the weights have 7)"),
+            "{what}: {out}"
+        );
+        let r = std::fs::read_to_string(ft.join("recipe.toml")).unwrap();
+        assert!(r.contains("0.485"), "{what}: ImageNet statistics kept: {r}");
+        if what == "run" {
+            assert!(
+                r.contains("input_size = 32"),
+                "the source run's input size: {r}"
+            );
+        } else {
+            assert!(
+                r.contains("input_size = 224"),
+                "a file's model default: {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_weights_are_clear_errors_and_write_nothing() {
+    let d = tmp();
+    let weights = d.path().join("r18.safetensors");
+    write_resnet18(&weights);
+    let bytes = std::fs::read(&weights).unwrap();
+    let cut = d.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let wrong_lines = d.path().join("two.txt");
+    std::fs::write(&wrong_lines, "a\nb\n").unwrap();
+    let text = d.path().join("notes.pth");
+    std::fs::write(&text, "just some text, not weights").unwrap();
+    let whole = fixtures().join("whole_module.pth");
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec![
+                cut.display().to_string(),
+                "--model".into(),
+                "resnet18".into(),
+            ],
+            vec!["cut.safetensors"],
+        ),
+        (
+            vec![
+                weights.display().to_string(),
+                "--model".into(),
+                "resnet34".into(),
+            ],
+            vec!["resnet34", "missing keys", "layer1.2.conv1.weight"],
+        ),
+        (
+            vec![
+                weights.display().to_string(),
+                "--model".into(),
+                "resnet50".into(),
+            ],
+            vec!["resnet50", "wrong shapes", "[7, 512]"],
+        ),
+        (
+            vec![
+                weights.display().to_string(),
+                "--model".into(),
+                "vgg11_small".into(),
+            ],
+            vec!["vgg11_small", "torchvision naming has no model"],
+        ),
+        (
+            vec![
+                weights.display().to_string(),
+                "--model".into(),
+                "resnet18".into(),
+                "--classes".into(),
+                wrong_lines.display().to_string(),
+            ],
+            vec!["two.txt", "2 class names", "7 outputs"],
+        ),
+        (
+            vec![
+                text.display().to_string(),
+                "--model".into(),
+                "resnet18".into(),
+            ],
+            vec!["notes.pth", "not a PyTorch"],
+        ),
+        (
+            vec![
+                whole.display().to_string(),
+                "--model".into(),
+                "resnet18".into(),
+            ],
+            vec!["whole_module.pth", "state_dict()"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let out = d.path().join("out");
+        let o = convlab()
+            .arg("import")
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let e = fails(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        for n in needles {
+            assert!(e.contains(n), "{args:?}: `{n}` not in {e}");
+        }
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}
