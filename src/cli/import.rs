@@ -101,8 +101,10 @@ pub fn run(a: ImportArgs) -> Result<()> {
         ..probe
     };
     let loaded = interop::load_weights(&cfg, sd, Some(naming), &dev)?;
-    let mut recipe = Recipe::default();
-    recipe.model = cfg;
+    let mut recipe = Recipe {
+        model: cfg,
+        ..Recipe::default()
+    };
     recipe.data.mean = Some(mean.clone());
     recipe.data.std = Some(std.clone());
     // torchvision's evaluation transform: shorter side to 256/224 of the input, centre crop.
