@@ -81,6 +81,36 @@ pub fn module_tensors<M: Module>(module: &M) -> TensorMap {
     c.out
 }
 
+/// The ids of the float parameters whose module path satisfies `pick` (for Burn's
+/// `ParamGroup`: freezing part of a model).
+pub fn param_ids<M: Module>(module: &M, pick: impl Fn(&str) -> bool) -> Vec<burn::module::ParamId> {
+    struct Ids<F> {
+        path: Vec<String>,
+        pick: F,
+        out: Vec<burn::module::ParamId>,
+    }
+    impl<F: Fn(&str) -> bool> ModuleVisitor for Ids<F> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if (self.pick)(&self.path.join(".")) {
+                self.out.push(param.id);
+            }
+        }
+    }
+    let mut v = Ids {
+        path: Vec::new(),
+        pick,
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
 /// The shape of every float tensor of `module` by path, without copying any values.
 pub fn module_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
     let mut c = Collect {

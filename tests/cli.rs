@@ -185,7 +185,16 @@ fn image_folder_of_varied_photos_trains_and_evaluates() {
     // Without --skip-bad-images the corrupt file stops training, by path, and no summary is
     // written.
     let o = convlab()
-        .args(["train", "--epochs", "1", "--batch-size", "8", "--data"])
+        .args([
+            "train",
+            "--model",
+            "convnet_small",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ])
+        .arg("--data")
         .arg(&data)
         .arg("--out")
         .arg(&run)
@@ -198,6 +207,8 @@ fn image_folder_of_varied_photos_trains_and_evaluates() {
     let o = convlab()
         .args([
             "train",
+            "--model",
+            "convnet_small",
             "--epochs",
             "2",
             "--batch-size",
@@ -557,7 +568,14 @@ fn distillation_mixup_and_init_from_runs() {
     let data = d.path().join("photos");
     write_image_folder(&data, &["a", "b"], 6);
     let o = convlab()
-        .args(["train", "--epochs", "1", "--data"])
+        .args([
+            "train",
+            "--model",
+            "convnet_small",
+            "--epochs",
+            "1",
+            "--data",
+        ])
         .arg(&data)
         .args([
             "--set",

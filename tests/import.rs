@@ -259,3 +259,106 @@ fn bad_weights_are_clear_errors_and_write_nothing() {
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
 }
+
+/// A frozen backbone keeps every pretrained tensor (batch-norm statistics included) while the
+/// classifier learns; unfreezing at epoch 2 trains everything; stop + resume equals the
+/// uninterrupted run.
+#[test]
+fn frozen_backbone_and_exact_resume() {
+    let d = tmp();
+    let weights = d.path().join("r18.safetensors");
+    write_resnet18(&weights);
+    let src = d.path().join("src");
+    ok(&convlab()
+        .arg("import")
+        .arg(&weights)
+        .args(["--model", "resnet18", "--input-size", "32", "--out"])
+        .arg(&src)
+        .output()
+        .unwrap());
+    let photos = d.path().join("photos");
+    write_image_folder(&photos, &["x", "y", "z"], 8);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--recipe",
+            "recipes/finetune.toml",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--set",
+            "finetune.freeze=\"backbone\"",
+            "--set",
+            "finetune.unfreeze_epoch=2",
+            "--set",
+            "checkpoint_every=1",
+            "--pretrained",
+            src.to_str().unwrap(),
+            "--data",
+            photos.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let full = d.path().join("full");
+    let out = ok(&convlab()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args(&full))
+        .output()
+        .unwrap());
+    assert!(
+        out.contains("epoch 1: backbone frozen") && out.contains("epoch 2: every layer trains"),
+        "{out}"
+    );
+    let load = |p: PathBuf| convlab::train::checkpoint::load(&p).unwrap().group("model");
+    let before = load(src.join("checkpoints/best.safetensors"));
+    let e1 = load(full.join("checkpoints/epoch-1.safetensors"));
+    let e2 = load(full.join("checkpoints/epoch-2.safetensors"));
+    let mut frozen = 0;
+    for (k, t) in &e1 {
+        if k.starts_with("ResNet.fc.") {
+            continue;
+        }
+        assert_eq!(t, &before[k], "{k} changed while frozen");
+        frozen += 1;
+        if k.ends_with("conv.weight") || k.ends_with("running_mean") {
+            assert_ne!(t, &e2[k], "{k} did not train after unfreezing");
+        }
+    }
+    assert_eq!(frozen, 100);
+    assert_ne!(e1["ResNet.fc.bias"].data.len(), 0);
+    let part = d.path().join("part");
+    let mut a = args(&part);
+    a.extend(["--stop-after-epoch".to_string(), "1".to_string()]);
+    ok(&convlab()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(a)
+        .output()
+        .unwrap());
+    ok(&convlab()
+        .args(["train", "--resume"])
+        .arg(&part)
+        .output()
+        .unwrap());
+    let strip = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["seconds", "images_per_sec", "peak_rss_mb"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&full), strip(&part));
+    assert_eq!(
+        load(full.join("checkpoints/last.safetensors")),
+        load(part.join("checkpoints/last.safetensors"))
+    );
+}

@@ -55,6 +55,7 @@ fn every_shipped_recipe_runs() {
             "alexnet-paper.toml",
             "cifar10-fast.toml",
             "default.toml",
+            "finetune.toml",
             "googlenet-paper.toml",
             "resnet-bag-of-tricks.toml",
             "resnet-baseline.toml",

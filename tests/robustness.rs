@@ -327,7 +327,16 @@ fn symlink_loops_are_followed_once_and_duplicates_reported() {
     std::os::unix::fs::symlink(".", data.join("cat/loop")).unwrap();
     let run = d.path().join("run");
     let o = convlab()
-        .args(["train", "--epochs", "1", "--batch-size", "4", "--data"])
+        .args([
+            "train",
+            "--model",
+            "convnet_small",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ])
+        .arg("--data")
         .arg(&data)
         .arg("--out")
         .arg(&run)
@@ -473,7 +482,16 @@ fn messages_name_what_is_wrong() {
     write_image_folder(&folder, &["a", "b", "c"], 6);
     let three = d.path().join("three");
     ok(&convlab()
-        .args(["train", "--epochs", "1", "--batch-size", "4", "--data"])
+        .args([
+            "train",
+            "--model",
+            "convnet_small",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ])
+        .arg("--data")
         .arg(&folder)
         .arg("--out")
         .arg(&three)

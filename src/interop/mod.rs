@@ -499,7 +499,10 @@ mod tests {
         .collect();
         let keys: Vec<String> = unnest(m).into_keys().collect();
         assert_eq!(keys, ["fc.bias", "fc.weight"]);
-        let m: TensorMap = [t("model.a"), t("other.b")].into_iter().collect();
-        assert_eq!(unnest(m).len(), 2, "a prefix not shared by all keys stays");
+        // {"model": sd, "optimizer": ...}: only the state dict is kept.
+        let m: TensorMap = [t("model.a"), t("optimizer.b")].into_iter().collect();
+        assert_eq!(unnest(m).into_keys().collect::<Vec<_>>(), ["a"]);
+        let m: TensorMap = [t("layer.a"), t("other.b")].into_iter().collect();
+        assert_eq!(unnest(m).len(), 2, "a prefix that is no nesting key stays");
     }
 }

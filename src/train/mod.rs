@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod distill;
 pub mod ema;
+pub mod finetune;
 pub mod loss;
 pub mod mix;
 pub mod optim;

@@ -32,6 +32,8 @@ pub struct Optimizer {
     pub config: OptimConfig,
     buffers: BTreeMap<String, Tensor<1>>,
     steps: u64,
+    /// Discriminative learning rates: every parameter not in `head` steps at `lr * mult`.
+    backbone: Option<(f64, std::collections::BTreeSet<String>)>,
 }
 
 impl Optimizer {
@@ -40,7 +42,14 @@ impl Optimizer {
             config,
             buffers: BTreeMap::new(),
             steps: 0,
+            backbone: None,
         }
+    }
+
+    /// Parameters outside `head` (module paths) take `mult` times the learning rate.
+    pub fn with_backbone_lr(mut self, mult: f64, head: std::collections::BTreeSet<String>) -> Self {
+        self.backbone = (mult != 1.0).then_some((mult, head));
+        self
     }
 
     /// Whether the parameter at `path` with rank `rank` is decayed: with `no_bias_decay`, only
@@ -156,6 +165,10 @@ impl ModuleMapper for SgdMapper<'_> {
         if self.scale != 1.0 {
             g = g * self.scale;
         }
+        let lr = match &self.sgd.backbone {
+            Some((mult, head)) if !head.contains(&self.path.join(".")) => self.lr * mult,
+            _ => self.lr,
+        };
         let cfg = &self.sgd.config;
         if cfg.kind == OptimKind::Adamw {
             let key = self.path.join(".");
@@ -163,7 +176,7 @@ impl ModuleMapper for SgdMapper<'_> {
             let t = self.sgd.steps as i32;
             let mut w = w;
             if self.sgd.decays(D) {
-                w = w.clone() - w * (self.lr * cfg.weight_decay);
+                w = w.clone() - w * (lr * cfg.weight_decay);
             }
             let (mk, vk) = (format!("m.{key}"), format!("v.{key}"));
             let m = match self.sgd.buffers.remove(&mk) {
@@ -176,7 +189,7 @@ impl ModuleMapper for SgdMapper<'_> {
             };
             let mhat = m.clone() / (1.0 - b1.powi(t));
             let vhat = v.clone() / (1.0 - b2.powi(t));
-            let w = w - mhat / (vhat.sqrt() + cfg.eps) * self.lr;
+            let w = w - mhat / (vhat.sqrt() + cfg.eps) * lr;
             self.sgd.buffers.insert(mk, m);
             self.sgd.buffers.insert(vk, v);
             let mut w = Tensor::from_inner(w.reshape(dims));
@@ -204,7 +217,7 @@ impl ModuleMapper for SgdMapper<'_> {
         } else {
             g
         };
-        let mut w = Tensor::from_inner((w - d * self.lr).reshape(dims));
+        let mut w = Tensor::from_inner((w - d * lr).reshape(dims));
         if require_grad {
             w = w.require_grad();
         }

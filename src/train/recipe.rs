@@ -30,6 +30,8 @@ pub struct Recipe {
     pub schedule: ScheduleConfig,
     pub loss: LossConfig,
     pub regularisation: RegularisationConfig,
+    /// Fine-tuning from `model.pretrained`: frozen backbone, discriminative learning rates.
+    pub finetune: super::finetune::FinetuneConfig,
     pub distill: DistillConfig,
     /// Start from a trained run: copy every tensor whose layer name and shape match from its
     /// best checkpoint (VGG's shallow-to-deep initialisation); the rest keeps `model.init`.
@@ -318,6 +320,7 @@ impl Default for Recipe {
                 ..LossConfig::default()
             },
             regularisation: RegularisationConfig::default(),
+            finetune: Default::default(),
             distill: DistillConfig::default(),
             init_from: None,
             checkpoint_every: 0,
@@ -529,6 +532,7 @@ impl Recipe {
             return bad("loss.label_smoothing", "must be in [0, 1)");
         }
         self.augment.validate()?;
+        self.finetune.validate(self.epochs)?;
         self.eval.validate()?;
         if self.schedule.warmup_epochs < 0.0 {
             return bad("schedule.warmup_epochs", "must be >= 0");

@@ -316,6 +316,16 @@ pub fn train(
         model = apply_pretrained(&recipe, model, device, rep)?;
         model = apply_init_from(&recipe, model, rep)?;
     }
+    let ft = recipe.finetune.clone();
+    let head = if ft.active() {
+        let head = super::finetune::classifier_keys(&model, device);
+        if ft.backbone_lr_mult != 1.0 {
+            sgd = sgd.with_backbone_lr(ft.backbone_lr_mult, head.clone());
+        }
+        head
+    } else {
+        Default::default()
+    };
     let teacher = match &recipe.distill.teacher {
         Some(dir) => {
             let t = Teacher::load(dir, recipe.model.num_classes, &eval_device)?;
@@ -395,6 +405,22 @@ pub fn train(
         // run draw exactly what an uninterrupted one would.
         device.seed(mix_seed(&[recipe.seed, epoch as u64, 0xD0]));
         model = model.train();
+        if ft.freeze != super::finetune::Freeze::None {
+            // Derived from the epoch alone, so a resumed run freezes exactly as this one did.
+            let frozen = ft.frozen_at(epoch);
+            if epoch == p.epochs_done + 1 || frozen != ft.frozen_at(epoch - 1) {
+                rep.message(&if frozen {
+                    format!(
+                        "epoch {epoch}: backbone frozen (batch norm on running statistics), \
+                         training {}",
+                        head.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                } else {
+                    format!("epoch {epoch}: every layer trains")
+                });
+            }
+            model = super::finetune::set_backbone_frozen(model, &head, frozen);
+        }
         rep.epoch_start(epoch, recipe.epochs, per_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = peak;
