@@ -36,10 +36,13 @@ $BIN import $W/cifar_r18.pth --model resnet18 --out $W/imported --classes $W/cif
   --input-size 32 --mean $MEAN --std $STD
 echo "convlab top-1 on the same images: $($BIN eval --run $W/imported --data $W/cifar --json | python3 -c 'import json,sys; r=json.load(sys.stdin); print({"top1": r["top1"], "count": r["count"]})')"
 echo "== Flowers (4,317 photos, 5 classes, 64 px): fine-tuned from those weights vs from scratch, $FE epochs each"
+# Same recipe, augmentations, input size and epochs; from scratch gets the from-scratch
+# learning rate (0.1 per 256 images) and one rate for all layers.
 for how in pretrained scratch; do
   rm -rf $W/flowers-$how
-  extra=""; [ $how = pretrained ] && extra="--pretrained $W/imported"
-  $BIN train --data $D/flowers --model resnet18 --recipe recipes/finetune.toml --epochs $FE \
+  if [ $how = pretrained ]; then extra="--pretrained $W/imported"; else
+    extra="--set finetune.backbone_lr_mult=1.0"; fi
+  $BIN train --data $D/flowers --recipe recipes/finetune.toml --epochs $FE \
     --set model.input_size=64 --set 'data.mean=[0.491,0.482,0.447]' --set 'data.std=[0.247,0.243,0.261]' \
-    $extra --out $W/flowers-$how | grep -E "^done|pretrained" 
+    $extra --out $W/flowers-$how | grep -E "^done|^pretrained|^resnet18"
 done
