@@ -14,6 +14,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod helpers;
 pub mod interop;
 pub mod kernels;
 pub mod layers;

@@ -156,7 +156,7 @@ pub fn cached(
         && std::fs::create_dir_all(dir).is_ok()
     {
         let json = serde_json::to_string_pretty(&stats).expect("plain data");
-        let _ = crate::run::write_atomic(f, json.as_bytes());
+        let _ = crate::helpers::write_atomic(f, json.as_bytes());
     }
     Ok(stats)
 }

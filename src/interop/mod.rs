@@ -147,39 +147,20 @@ fn read_pytorch(path: &Path) -> Result<TensorMap> {
         PytorchReader::new(path).map_err(|e| bad(format!("not a readable PyTorch file: {e}")))?;
     let mut out = TensorMap::new();
     for (name, t) in reader.into_tensors() {
-        let to_f32 = |bytes: Vec<u8>| -> Option<Vec<f32>> {
-            Some(match t.dtype() {
-                DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes),
-                DType::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(&bytes)
-                    .into_iter()
-                    .map(|v| v as f32)
-                    .collect(),
-                DType::F16 => bytemuck::pod_collect_to_vec::<u8, u16>(&bytes)
-                    .into_iter()
-                    .map(|v| half::f16::from_bits(v).to_f32())
-                    .collect(),
-                DType::BF16 => bytemuck::pod_collect_to_vec::<u8, u16>(&bytes)
-                    .into_iter()
-                    .map(|v| half::bf16::from_bits(v).to_f32())
-                    .collect(),
-                _ => return None,
-            })
-        };
-        let is_float = matches!(
-            t.dtype(),
-            DType::F32 | DType::F64 | DType::F16 | DType::BF16
-        );
-        if !is_float {
-            if name.ends_with("num_batches_tracked") {
-                continue;
+        let kind = match t.dtype() {
+            DType::F32 => Float::F32,
+            DType::F64 => Float::F64,
+            DType::F16 => Float::F16,
+            DType::BF16 => Float::Bf16,
+            _ if name.ends_with("num_batches_tracked") => continue,
+            d => {
+                return Err(bad(format!(
+                    "tensor `{name}` is {d:?}; weights must be floating point"
+                )));
             }
-            return Err(bad(format!(
-                "tensor `{name}` is {:?}; weights must be floating point",
-                t.dtype()
-            )));
-        }
+        };
         let bytes = t.read().map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        let data = to_f32(bytes).expect("float dtype");
+        let data = kind.to_f32(&bytes);
         out.insert(
             name,
             HostTensor {
@@ -189,6 +170,36 @@ fn read_pytorch(path: &Path) -> Result<TensorMap> {
         );
     }
     Ok(out)
+}
+
+/// The floating-point element types a state dict may store.
+#[derive(Clone, Copy)]
+enum Float {
+    F32,
+    F64,
+    F16,
+    Bf16,
+}
+
+impl Float {
+    /// Little-endian bytes of this type to f32.
+    fn to_f32(self, b: &[u8]) -> Vec<f32> {
+        let halves = |f: fn(u16) -> f32| -> Vec<f32> {
+            bytemuck::pod_collect_to_vec::<u8, u16>(b)
+                .into_iter()
+                .map(f)
+                .collect()
+        };
+        match self {
+            Float::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(b),
+            Float::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(b)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+            Float::F16 => halves(|v| half::f16::from_bits(v).to_f32()),
+            Float::Bf16 => halves(|v| half::bf16::from_bits(v).to_f32()),
+        }
+    }
 }
 
 fn read_safetensors(path: &Path) -> Result<TensorMap> {
@@ -204,19 +215,10 @@ fn read_safetensors(path: &Path) -> Result<TensorMap> {
     for (name, view) in st.tensors() {
         let b = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(b),
-            Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(b)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, u16>(b)
-                .into_iter()
-                .map(|v| half::f16::from_bits(v).to_f32())
-                .collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, u16>(b)
-                .into_iter()
-                .map(|v| half::bf16::from_bits(v).to_f32())
-                .collect(),
+            Dtype::F32 => Float::F32.to_f32(b),
+            Dtype::F64 => Float::F64.to_f32(b),
+            Dtype::F16 => Float::F16.to_f32(b),
+            Dtype::BF16 => Float::Bf16.to_f32(b),
             _ if name.ends_with("num_batches_tracked") => continue,
             d => {
                 return Err(bad(format!(
