@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod layers;
 pub mod limits;
 pub mod models;
+pub mod onnx;
 pub mod params;
 pub mod report;
 pub mod run;

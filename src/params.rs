@@ -60,8 +60,9 @@ impl ModuleVisitor for Collect {
         let t = if self.data {
             HostTensor::from_tensor(&param.val())
         } else {
+            // The lazy shape: a module built for its shapes is never initialised.
             HostTensor {
-                shape: param.val().dims().to_vec(),
+                shape: param.lazy_shape().to_vec(),
                 data: Vec::new(),
             }
         };

@@ -362,3 +362,191 @@ fn frozen_backbone_and_exact_resume() {
         load(part.join("checkpoints/last.safetensors"))
     );
 }
+
+fn read_sample(path: &Path) -> (Vec<f32>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f = |k: &str| -> Vec<f32> {
+        st.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    (f("input"), f("logits"))
+}
+
+/// `convlab export`: an imported torchvision run goes out as `.pth` and `.safetensors` in
+/// torchvision's naming and comes back in with the same logits; ONNX and convlab's own naming
+/// from a trained run; and every bad request fails naming what is wrong, writing nothing.
+#[test]
+fn export_round_trips_and_refuses_bad_requests() {
+    let d = tmp();
+    let weights = d.path().join("resnet18_tv.safetensors");
+    write_resnet18(&weights);
+    let run = d.path().join("imported");
+    ok(&convlab()
+        .arg("import")
+        .arg(&weights)
+        .args(["--model", "resnet18", "--input-size", "32", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap());
+    let (_, want) = {
+        let out = d.path().join("orig.safetensors");
+        ok(&convlab()
+            .arg("export")
+            .arg(&run)
+            .args(["--format", "safetensors", "--sample", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap());
+        read_sample(&d.path().join("orig.safetensors.sample.safetensors"))
+    };
+    for ext in ["pth", "safetensors"] {
+        let out = d.path().join(format!("tv.{ext}"));
+        let text = ok(&convlab()
+            .arg("export")
+            .arg(&run)
+            .args(["--format", "torchvision", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap());
+        assert!(text.contains("torchvision naming"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.path().join(format!("tv.{ext}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["input_size"], serde_json::json!([3, 32, 32]));
+        assert_eq!(json["num_classes"], 7);
+        assert_eq!(json["torchvision"]["num_classes"], 7);
+        assert_eq!(json["resize"], 37);
+        assert!((json["mean"][0].as_f64().unwrap() - 0.485).abs() < 1e-6);
+        // Back in, the same model computes the same logits on the same input.
+        let back = d.path().join(format!("back-{ext}"));
+        ok(&convlab()
+            .arg("import")
+            .arg(&out)
+            .args(["--model", "resnet18", "--input-size", "32", "--out"])
+            .arg(&back)
+            .output()
+            .unwrap());
+        let again = d.path().join(format!("again-{ext}.onnx"));
+        ok(&convlab()
+            .arg("export")
+            .arg(&back)
+            .args(["--format", "onnx", "--sample", "--out"])
+            .arg(&again)
+            .output()
+            .unwrap());
+        let (_, got) = read_sample(
+            &d.path()
+                .join(format!("again-{ext}.onnx.sample.safetensors")),
+        );
+        assert_eq!(got, want, "via .{ext}");
+        let graph = convlab::onnx::decode(&std::fs::read(&again).unwrap()).unwrap();
+        assert_eq!(graph.opset_import[0].version, 17);
+    }
+
+    // Bad requests: each names the problem, exits 1, and leaves no file behind.
+    let not_run = d.path().join("empty");
+    std::fs::create_dir_all(&not_run).unwrap();
+    let pth = d.path().join("x.pth");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                not_run.display().to_string(),
+                "--format".into(),
+                "onnx".into(),
+                "--out".into(),
+                d.path().join("x.onnx").display().to_string(),
+            ],
+            "recipe.toml",
+        ),
+        (
+            vec![
+                run.display().to_string(),
+                "--format".into(),
+                "keras".into(),
+                "--out".into(),
+                pth.display().to_string(),
+            ],
+            "keras",
+        ),
+        (
+            vec![
+                run.display().to_string(),
+                "--format".into(),
+                "onnx".into(),
+                "--out".into(),
+                pth.display().to_string(),
+            ],
+            ".onnx",
+        ),
+        (
+            vec![
+                run.display().to_string(),
+                "--format".into(),
+                "timm".into(),
+                "--out".into(),
+                d.path().join("no/such/dir/x.pth").display().to_string(),
+            ],
+            "does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        let err = fails(&convlab().arg("export").args(&args).output().unwrap());
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!pth.exists() && !d.path().join("x.onnx").exists());
+
+    // A model torchvision does not have, from a trained run: named, nothing written; its
+    // ONNX and convlab-named exports work.
+    let small = d.path().join("small");
+    write_image_folder(&d.path().join("photos"), &["a", "b"], 4);
+    ok(&convlab()
+        .args([
+            "train",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--model",
+            "convnet_small",
+            "--data",
+        ])
+        .arg(d.path().join("photos"))
+        .arg("--out")
+        .arg(&small)
+        .output()
+        .unwrap());
+    let tv = d.path().join("small.pth");
+    let err = fails(
+        &convlab()
+            .arg("export")
+            .arg(&small)
+            .args(["--format", "torchvision", "--out"])
+            .arg(&tv)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("convnet_small") && err.contains("resnet18"),
+        "{err}"
+    );
+    assert!(!tv.exists() && !d.path().join("small.pth.json").exists());
+    let onnx = d.path().join("small.onnx");
+    ok(&convlab()
+        .arg("export")
+        .arg(&small)
+        .args(["--format", "onnx", "--out"])
+        .arg(&onnx)
+        .output()
+        .unwrap());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("small.onnx.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["classes"], serde_json::json!(["a", "b"]));
+    assert_eq!(json["onnx"]["input"], "input");
+}

@@ -7,6 +7,7 @@ mod device;
 mod ensemble;
 mod eval;
 mod experiment;
+mod export;
 mod import;
 mod models;
 mod predict;
@@ -57,6 +58,9 @@ pub enum Command {
     /// Turn a PyTorch or safetensors state dict (torchvision, timm or convlab naming) into a
     /// run folder that eval, predict, viz, report, ensemble and --pretrained read.
     Import(import::ImportArgs),
+    /// Write a run's model as a torchvision/timm/convlab state dict (.pth, .safetensors) or an
+    /// ONNX graph, with its preprocessing in FILE.json.
+    Export(export::ExportArgs),
 }
 
 /// Options shared by every command that runs a model.
@@ -99,5 +103,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Analyze(a) => analyze::run(a),
         Command::Report(a) => analyze::report(a),
         Command::Import(a) => import::run(a),
+        Command::Export(a) => export::run(a),
     }
 }

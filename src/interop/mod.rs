@@ -9,6 +9,7 @@
 //! not fit the model is an error listing the missing, unexpected and wrongly shaped keys; a
 //! wrong model for a file never half-loads.
 
+pub mod export;
 pub mod naming;
 
 use std::collections::BTreeMap;
@@ -60,15 +61,17 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
             "{len} bytes; weights files are at most {max} bytes"
         )));
     }
-    let (format, tensors) = if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
+    // safetensors first: its 8-byte header length may begin with 0x80, a pickle's first byte.
+    let safetensors = head.len() >= 9 && head[8] == b'{' && head[6..8] == [0, 0];
+    let (format, tensors) = if safetensors {
+        ("safetensors", read_safetensors(path)?)
+    } else if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
         let format = if head.starts_with(b"PK") {
             "pytorch-zip"
         } else {
             "pytorch-legacy"
         };
         (format, read_pytorch(path)?)
-    } else if head.len() >= 9 && head[8] == b'{' {
-        ("safetensors", read_safetensors(path)?)
     } else {
         return Err(bad(
             "not a PyTorch (.pth/.pt, zip or legacy pickle) or safetensors state dict".into(),
@@ -353,7 +356,7 @@ pub fn to_convlab(
 }
 
 /// `[a, b]` -> `[b, a]`.
-fn transpose(t: HostTensor) -> HostTensor {
+pub(crate) fn transpose(t: HostTensor) -> HostTensor {
     let [a, b] = [t.shape[0], t.shape[1]];
     let mut data = vec![0f32; t.data.len()];
     for i in 0..a {

@@ -227,6 +227,25 @@ fn googlenet(p: &[&str]) -> Option<String> {
     }
 }
 
+/// The key export writes for convlab's tensor `key`: [`foreign_key`], plus GoogLeNet's
+/// auxiliary classifiers (`aux.0.*` -> `aux1.*`), which import skips but torchvision's
+/// `googlenet(aux_logits=True)` (its default without weights) needs under `strict=True`.
+pub fn export_key(model: ModelName, naming: Naming, key: &str) -> Option<String> {
+    if let Some(k) = foreign_key(model, naming, key) {
+        return Some(k);
+    }
+    if naming != Naming::Torchvision || model.family() != Family::GoogLeNet {
+        return None;
+    }
+    let rest = key.strip_prefix("GoogLeNet.aux.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let n = i.parse::<usize>().ok()? + 1;
+    let rest = rest
+        .replace(".bn.gamma", ".bn.weight")
+        .replace(".bn.beta", ".bn.bias");
+    Some(format!("aux{n}.{rest}"))
+}
+
 /// Foreign keys a layout has that convlab does not read: BN's step counter and GoogLeNet's
 /// auxiliary classifiers (`aux1.*`, `aux2.*`; convlab keeps its own, freshly initialised).
 pub fn ignored(naming: Naming, key: &str) -> bool {
@@ -298,6 +317,14 @@ mod tests {
             "inception5b.branch4.1.bn.running_mean"
         );
         assert_eq!(k(GooglenetTv, tv, "GoogLeNet.aux.0.fc2.weight"), None);
+        assert_eq!(
+            export_key(GooglenetTv, tv, "GoogLeNet.aux.1.conv.bn.gamma").unwrap(),
+            "aux2.conv.bn.weight"
+        );
+        assert_eq!(
+            export_key(GooglenetTv, tv, "GoogLeNet.stem.0.conv.weight").unwrap(),
+            "conv1.conv.weight"
+        );
         assert!(transposed("ResNet.fc.weight", &[512, 10]));
         assert!(!transposed("ResNet.fc.bias", &[10]));
         assert!(supports(Resnet50D, timm) && !supports(Resnet50D, tv));

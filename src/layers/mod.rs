@@ -14,6 +14,13 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
+/// Local response normalisation as Krizhevsky et al. 2012 (section 3.3) set it: `k = 2`,
+/// `n = 5`, `alpha = 1e-4`, `beta = 0.75`. Every LRN in convlab is this one, and ONNX export
+/// reads its constants here (Burn's module keeps them private).
+pub fn paper_lrn() -> burn::nn::LocalResponseNormConfig {
+    burn::nn::LocalResponseNormConfig::new(5).with_k(2.0)
+}
+
 /// Max or average pooling (a recipe switch: `model.pool = "max" | "avg"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +85,11 @@ impl ConvBnAct {
             None => relu(crate::kernels::conv2d(&self.conv, x)),
         }
     }
+
+    /// The ONNX nodes of [`Self::forward`].
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
+        g.conv_bn(&self.conv, self.bn.as_ref(), x, true, name)
+    }
 }
 
 /// A pooling layer whose kind is chosen at construction: `kernel x kernel`, stride `stride`
@@ -122,6 +134,15 @@ impl Pool {
             (Some(p), _) => crate::kernels::max_pool2d(p, x),
             (_, Some(p)) => p.forward(x),
             _ => x,
+        }
+    }
+
+    /// The ONNX node of [`Self::forward`].
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        match (&self.max, &self.avg) {
+            (Some(p), _) => g.max_pool(p, x),
+            (_, Some(p)) => g.avg_pool(p, x),
+            _ => x.to_string(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! A plain convolutional trunk described in VGG's notation: conv layers and pools in sequence.
 
-use burn::nn::{LocalResponseNorm, LocalResponseNormConfig};
+use burn::nn::LocalResponseNorm;
 use burn::prelude::*;
 
 use super::{ConvBnAct, Pool, PoolKind};
@@ -107,9 +107,7 @@ impl TrunkSpec {
             pools,
             pools_after,
             // Krizhevsky et al. 2012: k = 2, n = 5, alpha = 1e-4, beta = 0.75.
-            lrn: self
-                .lrn
-                .then(|| LocalResponseNormConfig::new(5).with_k(2.0).init()),
+            lrn: self.lrn.then(|| crate::layers::paper_lrn().init()),
             out_channels: c,
         }
     }
@@ -162,6 +160,23 @@ impl Trunk {
                 x = self.pools[pool_i].forward(x);
                 pool_i += 1;
                 x = tap(format!("pool{pool_i}"), x);
+            }
+        }
+        x
+    }
+
+    /// The ONNX nodes of [`Self::forward`]; weights are named `{prefix}.convs.i...`.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, prefix: &str) -> String {
+        let mut x = x.to_string();
+        let mut pool_i = 0;
+        for (i, conv) in self.convs.iter().enumerate() {
+            x = conv.onnx(g, &x, &format!("{prefix}.convs.{i}"));
+            if i == 0 && self.lrn.is_some() {
+                x = g.lrn(&crate::layers::paper_lrn(), &x);
+            }
+            for _ in 0..self.pools_after[i] {
+                x = self.pools[pool_i].onnx(g, &x);
+                pool_i += 1;
             }
         }
         x

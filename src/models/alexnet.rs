@@ -20,7 +20,7 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Initializer, Linear, LinearConfig,
-    LocalResponseNorm, LocalResponseNormConfig, PaddingConfig2d,
+    LocalResponseNorm, PaddingConfig2d,
 };
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -129,7 +129,7 @@ impl AlexNetConfig {
             lrns.push(
                 self.lrn_after
                     .contains(&i)
-                    .then(|| LocalResponseNormConfig::new(5).with_k(2.0).init()),
+                    .then(|| crate::layers::paper_lrn().init()),
             );
             pools.push(
                 self.pool_after
@@ -227,6 +227,35 @@ impl AlexNet {
                 self.fc8.forward(x)
             }
             _ => self.fc8.forward(self.dropout.forward(x)),
+        }
+    }
+
+    /// The ONNX nodes of `features` + `forward_head` on an input whose feature map is `hw`.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, hw: [usize; 2]) -> String {
+        let mut x = x.to_string();
+        for i in 0..self.convs.len() {
+            x = g.conv(&self.convs[i], &x, &format!("convs.{i}"));
+            if let Some(bn) = &self.bns[i] {
+                x = g.batch_norm(bn, &x, &format!("bns.{i}"));
+            }
+            x = g.relu(&x);
+            if self.lrns[i].is_some() {
+                x = g.lrn(&crate::layers::paper_lrn(), &x);
+            }
+            if let Some(pool) = &self.pools[i] {
+                x = pool.onnx(g, &x);
+            }
+        }
+        let x = g.adaptive_avg_pool_flat(&x, hw, self.head_pool);
+        match (&self.fc6, &self.fc7) {
+            (Some(fc6), Some(fc7)) => {
+                let x = g.linear(fc6, &x, "fc6");
+                let x = g.relu(&x);
+                let x = g.linear(fc7, &x, "fc7");
+                let x = g.relu(&x);
+                g.linear(&self.fc8, &x, "fc8")
+            }
+            _ => g.linear(&self.fc8, &x, "fc8"),
         }
     }
 

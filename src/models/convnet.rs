@@ -82,6 +82,13 @@ impl ConvNet {
         self.fc.forward(self.dropout.forward(global_avg_pool(f)))
     }
 
+    /// The ONNX nodes of `forward` (dropout is the identity at inference).
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let f = self.trunk.onnx(g, x, "trunk");
+        let f = g.global_avg_pool(&f);
+        g.linear(&self.fc, &f, "fc")
+    }
+
     pub fn num_classes(&self) -> usize {
         self.fc.weight.val().dims()[1]
     }

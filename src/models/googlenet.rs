@@ -25,10 +25,7 @@
 //! -> pool -> 5a/5b `[B, 1024, 7, 7]` -> GAP, dropout, FC -> `[B, K]`.
 
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{
-    Dropout, DropoutConfig, Linear, LinearConfig, LocalResponseNorm, LocalResponseNormConfig,
-    PaddingConfig2d,
-};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, LocalResponseNorm, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::module::adaptive_avg_pool2d;
@@ -102,6 +99,17 @@ impl Inception {
             .b4
             .forward(crate::kernels::max_pool2d(&self.b4_pool, x));
         Tensor::cat(vec![a, b, c, d], 1)
+    }
+
+    fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
+        let a = self.b1.onnx(g, x, &format!("{name}.b1"));
+        let b = self.b2_reduce.onnx(g, x, &format!("{name}.b2_reduce"));
+        let b = self.b2.onnx(g, &b, &format!("{name}.b2"));
+        let c = self.b3_reduce.onnx(g, x, &format!("{name}.b3_reduce"));
+        let c = self.b3.onnx(g, &c, &format!("{name}.b3"));
+        let d = g.max_pool(&self.b4_pool, x);
+        let d = self.b4.onnx(g, &d, &format!("{name}.b4"));
+        g.concat(&[a, b, c, d])
     }
 }
 
@@ -234,9 +242,7 @@ impl GoogLeNetConfig {
         GoogLeNet {
             stem,
             pools,
-            lrn: self
-                .lrn
-                .then(|| LocalResponseNormConfig::new(5).with_k(2.0).init()),
+            lrn: self.lrn.then(|| crate::layers::paper_lrn().init()),
             blocks,
             aux,
             dropout: DropoutConfig::new(self.dropout).init(),
@@ -340,6 +346,37 @@ impl GoogLeNet {
     /// `[B, 1024, h, w]` -> `[B, K]`.
     pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
         self.fc.forward(self.dropout.forward(global_avg_pool(f)))
+    }
+
+    /// The ONNX nodes of `forward` (the auxiliary heads are training-only and left out).
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let small = self.pools.len() == 3;
+        let mut x = x.to_string();
+        for (i, c) in self.stem.iter().enumerate() {
+            x = c.onnx(g, &x, &format!("stem.{i}"));
+            if i == 0 && !small {
+                x = g.max_pool(&self.pools[0], &x);
+                if self.lrn.is_some() {
+                    x = g.lrn(&crate::layers::paper_lrn(), &x);
+                }
+            }
+        }
+        if self.lrn.is_some() {
+            x = g.lrn(&crate::layers::paper_lrn(), &x);
+        }
+        let p0 = if small { 0 } else { 1 };
+        x = g.max_pool(&self.pools[p0], &x);
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.onnx(g, &x, &format!("blocks.{i}"));
+            if i == 1 {
+                x = g.max_pool(&self.pools[p0 + 1], &x);
+            }
+            if i == 6 {
+                x = g.max_pool(&self.pools[p0 + 2], &x);
+            }
+        }
+        let f = g.global_avg_pool(&x);
+        g.linear(&self.fc, &f, "fc")
     }
 
     pub fn num_classes(&self) -> usize {

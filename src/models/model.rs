@@ -111,6 +111,33 @@ impl Model {
         Ok(all)
     }
 
+    /// The inference graph in ONNX (opset [`crate::onnx::OPSET`]) for `[batch, c, h, w]`
+    /// input, `batch` dynamic. The spatial size is fixed because AlexNet's and VGG's adaptive
+    /// pool depends on it; the graph is traced by each family's `onnx`, beside its `forward`.
+    pub fn to_onnx(
+        &self,
+        input_chw: [usize; 3],
+        metadata: &[(&str, String)],
+        device: &Device,
+    ) -> crate::onnx::proto::ModelProto {
+        let [c, h, w] = input_chw;
+        let hw = || {
+            let f = self.forward_features(Tensor::zeros([1, c, h, w], device));
+            let [_, _, fh, fw] = f.dims();
+            [fh, fw]
+        };
+        let mut g = crate::onnx::Graph::new();
+        let x = crate::onnx::INPUT;
+        let out = match self {
+            Model::AlexNet(m) => m.onnx(&mut g, x, hw()),
+            Model::ConvNet(m) => m.onnx(&mut g, x),
+            Model::Vgg(m) => m.onnx(&mut g, x, hw()),
+            Model::GoogLeNet(m) => m.onnx(&mut g, x),
+            Model::ResNet(m) => m.onnx(&mut g, x),
+        };
+        g.finish(&out, input_chw, self.num_classes(), metadata)
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             Model::AlexNet(m) => m.num_classes(),

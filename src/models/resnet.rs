@@ -93,6 +93,14 @@ impl Downsample {
         };
         self.proj.forward(x, false)
     }
+
+    fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
+        let x = match &self.pool {
+            Some(p) => g.avg_pool(p, x),
+            None => x.to_string(),
+        };
+        g.conv_bn(&self.proj.conv, Some(&self.proj.bn), &x, false, name)
+    }
 }
 
 /// A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block.
@@ -117,6 +125,26 @@ impl Block {
             y = c.forward(y, i + 1 < n);
         }
         crate::kernels::add_relu(y, shortcut)
+    }
+
+    fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
+        let shortcut = match &self.down {
+            Some(d) => d.onnx(g, x, &format!("{name}.down.proj")),
+            None => x.to_string(),
+        };
+        let n = self.convs.len();
+        let mut y = x.to_string();
+        for (i, c) in self.convs.iter().enumerate() {
+            y = g.conv_bn(
+                &c.conv,
+                Some(&c.bn),
+                &y,
+                i + 1 < n,
+                &format!("{name}.convs.{i}"),
+            );
+        }
+        let y = g.add(&y, &shortcut);
+        g.relu(&y)
     }
 }
 
@@ -271,6 +299,24 @@ impl ResNet {
     /// `[B, C, h, w]` -> `[B, K]`.
     pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {
         self.fc.forward(global_avg_pool(f))
+    }
+
+    /// The ONNX nodes of `forward`.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let mut x = x.to_string();
+        for (i, c) in self.stem.iter().enumerate() {
+            x = g.conv_bn(&c.conv, Some(&c.bn), &x, true, &format!("stem.{i}"));
+        }
+        if let Some(p) = &self.stem_pool {
+            x = g.max_pool(p, &x);
+        }
+        for (s, stage) in self.stages.iter().enumerate() {
+            for (b, block) in stage.iter().enumerate() {
+                x = block.onnx(g, &x, &format!("stages.{s}.{b}"));
+            }
+        }
+        let f = g.global_avg_pool(&x);
+        g.linear(&self.fc, &f, "fc")
     }
 
     pub fn num_classes(&self) -> usize {

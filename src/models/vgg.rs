@@ -124,6 +124,18 @@ impl Vgg {
         self.fc8.forward(x)
     }
 
+    /// The ONNX nodes of `forward` on an input whose feature map is `hw` (the adaptive pool
+    /// depends on it; dropout is the identity at inference).
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, hw: [usize; 2]) -> String {
+        let f = self.trunk.onnx(g, x, "trunk");
+        let x = g.adaptive_avg_pool_flat(&f, hw, self.head_pool);
+        let x = g.linear(&self.fc6, &x, "fc6");
+        let x = g.relu(&x);
+        let x = g.linear(&self.fc7, &x, "fc7");
+        let x = g.relu(&x);
+        g.linear(&self.fc8, &x, "fc8")
+    }
+
     pub fn num_classes(&self) -> usize {
         self.fc8.weight.val().dims()[1]
     }

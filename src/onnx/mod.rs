@@ -1,0 +1,428 @@
+//! Writing ONNX graphs (opset 17, IR version 8) of convlab's models for inference.
+//!
+//! [`Graph`] has one method per layer kind convlab's families are built from (convolution,
+//! batch norm, ReLU, max/average pooling with their padding and ceil modes, LRN, concat,
+//! residual add, global and adaptive average pooling, the linear classifier); each family's
+//! `onnx` method (beside its `forward`, so the two are read and changed together) calls them in
+//! forward order. Dropout is the identity at inference and emits nothing; auxiliary heads are
+//! training-only and are not exported.
+//!
+//! Semantics follow the ONNX operator specs: `Conv`/`MaxPool`/`AveragePool` pads are
+//! `[top, left, bottom, right]` (Burn's `Explicit` order), `LRN` divides by
+//! `(bias + alpha / size * sum)^beta` (Burn's average over the window is that sum / size),
+//! `BatchNormalization` uses the running statistics, `Gemm` computes `X W + b` with Burn's
+//! `[in, out]` weight as it is.
+
+pub mod proto;
+
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::{AvgPool2d, MaxPool2d};
+use burn::nn::{BatchNorm, Linear, LocalResponseNormConfig, PaddingConfig2d};
+use burn::prelude::*;
+use prost::Message;
+
+use proto::*;
+
+/// The opset the graphs are written for.
+pub const OPSET: i64 = 17;
+/// ONNX IR version 8 goes with opsets up to 18.
+pub const IR_VERSION: i64 = 8;
+/// The graph's input and output names.
+pub const INPUT: &str = "input";
+pub const OUTPUT: &str = "logits";
+
+/// A graph under construction: nodes in topological order and their weights.
+pub struct Graph {
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    count: usize,
+}
+
+fn ints(name: &str, v: &[usize]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        ints: v.iter().map(|&x| x as i64).collect(),
+        r#type: attribute_type::INTS,
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        i: v,
+        r#type: attribute_type::INT,
+        ..Default::default()
+    }
+}
+
+fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        f: v,
+        r#type: attribute_type::FLOAT,
+        ..Default::default()
+    }
+}
+
+/// ONNX pads from Burn's padding; `Same` is resolved by the caller's layers never using it.
+fn pads(p: &PaddingConfig2d) -> [usize; 4] {
+    match *p {
+        PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
+        PaddingConfig2d::Valid => [0; 4],
+        // No convlab layer uses `Same`; fail loudly rather than export a wrong graph.
+        PaddingConfig2d::Same => panic!("`Same` padding has no fixed ONNX pads"),
+    }
+}
+
+fn host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
+}
+
+impl Default for Graph {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Graph {
+            nodes: Vec::new(),
+            inits: Vec::new(),
+            count: 0,
+        }
+    }
+
+    fn fresh(&mut self, hint: &str) -> String {
+        self.count += 1;
+        format!("{hint}_{}", self.count)
+    }
+
+    /// A float initializer named `name`.
+    pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        assert_eq!(dims.iter().product::<usize>(), data.len(), "{name}");
+        self.inits.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: data_type::FLOAT,
+            name: name.into(),
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
+        name.to_string()
+    }
+
+    fn weight_i64(&mut self, name: &str, data: &[i64]) -> String {
+        self.inits.push(TensorProto {
+            dims: vec![data.len() as i64],
+            data_type: data_type::INT64,
+            name: name.into(),
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
+        name.to_string()
+    }
+
+    fn tensor_weight<const D: usize>(&mut self, name: &str, t: &Tensor<D>) -> String {
+        self.weight(name, &t.dims(), &host(t))
+    }
+
+    /// One node with one output; returns the output's name.
+    pub fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attribute: Vec<AttributeProto>,
+        hint: &str,
+    ) -> String {
+        let out = self.fresh(hint);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: out.clone(),
+            op_type: op.into(),
+            attribute,
+            domain: String::new(),
+        });
+        out
+    }
+
+    /// `Conv` with Burn's `[out, in / groups, kh, kw]` weight and optional bias.
+    pub fn conv(&mut self, conv: &Conv2d, x: &str, name: &str) -> String {
+        let w = self.tensor_weight(&format!("{name}.weight"), &conv.weight.val());
+        let mut inputs = vec![x.to_string(), w];
+        if let Some(b) = &conv.bias {
+            inputs.push(self.tensor_weight(&format!("{name}.bias"), &b.val()));
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let attrs = vec![
+            ints("kernel_shape", &conv.kernel_size),
+            ints("strides", &conv.stride),
+            ints("pads", &pads(&conv.padding)),
+            ints("dilations", &conv.dilation),
+            int("group", conv.groups as i64),
+        ];
+        self.node("Conv", &inputs, attrs, name)
+    }
+
+    /// `BatchNormalization` in inference mode (running statistics).
+    pub fn batch_norm(&mut self, bn: &BatchNorm, x: &str, name: &str) -> String {
+        let s = self.tensor_weight(&format!("{name}.weight"), &bn.gamma.val());
+        let b = self.tensor_weight(&format!("{name}.bias"), &bn.beta.val());
+        let m = self.tensor_weight(&format!("{name}.running_mean"), &bn.running_mean.value());
+        let v = self.tensor_weight(&format!("{name}.running_var"), &bn.running_var.value());
+        self.node(
+            "BatchNormalization",
+            &[x, &s, &b, &m, &v],
+            vec![float("epsilon", bn.epsilon as f32)],
+            name,
+        )
+    }
+
+    /// Convolution, optional batch norm, optional ReLU.
+    pub fn conv_bn(
+        &mut self,
+        conv: &Conv2d,
+        bn: Option<&BatchNorm>,
+        x: &str,
+        relu: bool,
+        name: &str,
+    ) -> String {
+        let mut y = self.conv(conv, x, &format!("{name}.conv"));
+        if let Some(bn) = bn {
+            y = self.batch_norm(bn, &y, &format!("{name}.bn"));
+        }
+        if relu { self.relu(&y) } else { y }
+    }
+
+    pub fn relu(&mut self, x: &str) -> String {
+        self.node("Relu", &[x], vec![], "relu")
+    }
+
+    pub fn add(&mut self, a: &str, b: &str) -> String {
+        self.node("Add", &[a, b], vec![], "add")
+    }
+
+    /// Concatenation along channels.
+    pub fn concat(&mut self, xs: &[String]) -> String {
+        let xs: Vec<&str> = xs.iter().map(String::as_str).collect();
+        self.node("Concat", &xs, vec![int("axis", 1)], "concat")
+    }
+
+    pub fn max_pool(&mut self, p: &MaxPool2d, x: &str) -> String {
+        let attrs = vec![
+            ints("kernel_shape", &p.kernel_size),
+            ints("strides", &p.stride),
+            ints("pads", &pads(&p.padding)),
+            ints("dilations", &p.dilation),
+            int("ceil_mode", p.ceil_mode as i64),
+        ];
+        self.node("MaxPool", &[x], attrs, "maxpool")
+    }
+
+    pub fn avg_pool(&mut self, p: &AvgPool2d, x: &str) -> String {
+        let attrs = vec![
+            ints("kernel_shape", &p.kernel_size),
+            ints("strides", &p.stride),
+            ints("pads", &pads(&p.padding)),
+            int("ceil_mode", p.ceil_mode as i64),
+            int("count_include_pad", p.count_include_pad as i64),
+        ];
+        self.node("AveragePool", &[x], attrs, "avgpool")
+    }
+
+    /// `LRN` with the constants of `l` (Burn's module does not expose them, so the caller
+    /// passes the config it was built from).
+    pub fn lrn(&mut self, l: &LocalResponseNormConfig, x: &str) -> String {
+        let attrs = vec![
+            int("size", l.size as i64),
+            float("alpha", l.alpha as f32),
+            float("beta", l.beta as f32),
+            float("bias", l.k as f32),
+        ];
+        self.node("LRN", &[x], attrs, "lrn")
+    }
+
+    /// `[B, C, H, W]` -> `[B, C]`.
+    pub fn global_avg_pool(&mut self, x: &str) -> String {
+        let y = self.node("GlobalAveragePool", &[x], vec![], "gap");
+        self.flatten(&y)
+    }
+
+    pub fn flatten(&mut self, x: &str) -> String {
+        self.node("Flatten", &[x], vec![int("axis", 1)], "flatten")
+    }
+
+    /// Adaptive average pooling of an `[B, C, h, w]` map to `p x p`, flattened to
+    /// `[B, C * p * p]` (the order of a row-major reshape). ONNX has no adaptive pool: an exact
+    /// division is one `AveragePool`, any other size a `MatMul` with the constant averaging
+    /// matrix of PyTorch's rule (cell `i` averages rows `floor(i h / p) .. ceil((i + 1) h / p)`).
+    pub fn adaptive_avg_pool_flat(&mut self, x: &str, hw: [usize; 2], p: usize) -> String {
+        let [h, w] = hw;
+        if h == p && w == p {
+            return self.flatten(x);
+        }
+        if h % p == 0 && w % p == 0 {
+            let k = [h / p, w / p];
+            let attrs = vec![
+                ints("kernel_shape", &k),
+                ints("strides", &k),
+                ints("pads", &[0; 4]),
+            ];
+            let y = self.node("AveragePool", &[x], attrs, "adaptive_pool");
+            return self.flatten(&y);
+        }
+        let mut m = vec![0f32; h * w * p * p];
+        for (oi, (ri0, ri1)) in (0..p)
+            .map(|i| (i * h / p, ((i + 1) * h).div_ceil(p)))
+            .enumerate()
+        {
+            for (oj, (rj0, rj1)) in (0..p)
+                .map(|j| (j * w / p, ((j + 1) * w).div_ceil(p)))
+                .enumerate()
+            {
+                let n = ((ri1 - ri0) * (rj1 - rj0)) as f32;
+                for r in ri0..ri1 {
+                    for c in rj0..rj1 {
+                        m[(r * w + c) * p * p + oi * p + oj] = 1.0 / n;
+                    }
+                }
+            }
+        }
+        let name = self.fresh("adaptive_pool_matrix");
+        let mat = self.weight(&name, &[h * w, p * p], &m);
+        let name = self.fresh("adaptive_pool_shape");
+        // `0` copies the (dynamic) batch size, `-1` is the channels.
+        let shape = self.weight_i64(&name, &[0, -1, (h * w) as i64]);
+        let flat = self.node("Reshape", &[x, &shape], vec![], "reshape");
+        let y = self.node("MatMul", &[&flat, &mat], vec![], "adaptive_pool");
+        self.flatten(&y)
+    }
+
+    /// `Gemm`: `[B, in]` -> `[B, out]` with Burn's `[in, out]` weight.
+    pub fn linear(&mut self, l: &Linear, x: &str, name: &str) -> String {
+        let w = self.tensor_weight(&format!("{name}.weight"), &l.weight.val());
+        let mut inputs = vec![x.to_string(), w];
+        if let Some(b) = &l.bias {
+            inputs.push(self.tensor_weight(&format!("{name}.bias"), &b.val()));
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        self.node("Gemm", &inputs, vec![], name)
+    }
+
+    /// The finished model: input `[batch, c, h, w]` (batch dynamic), output `[batch, k]`
+    /// (renamed to [`OUTPUT`]), with `metadata` as key/value properties.
+    pub fn finish(
+        mut self,
+        out: &str,
+        input_chw: [usize; 3],
+        classes: usize,
+        metadata: &[(&str, String)],
+    ) -> ModelProto {
+        for n in &mut self.nodes {
+            for o in &mut n.output {
+                if o == out {
+                    *o = OUTPUT.into();
+                }
+            }
+        }
+        let dim = |v: usize| Dimension {
+            dim_value: Some(v as i64),
+            dim_param: None,
+        };
+        let batch = Dimension {
+            dim_value: None,
+            dim_param: Some("batch".into()),
+        };
+        let value = |name: &str, dims: Vec<Dimension>| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                tensor_type: Some(TypeProtoTensor {
+                    elem_type: data_type::FLOAT,
+                    shape: Some(TensorShapeProto { dim: dims }),
+                }),
+            }),
+        };
+        let [c, h, w] = input_chw;
+        ModelProto {
+            ir_version: IR_VERSION,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
+            producer_name: "convlab".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            doc_string: String::new(),
+            graph: Some(GraphProto {
+                node: self.nodes,
+                name: "convlab".into(),
+                initializer: self.inits,
+                doc_string: String::new(),
+                input: vec![value(INPUT, vec![batch.clone(), dim(c), dim(h), dim(w)])],
+                output: vec![value(OUTPUT, vec![batch, dim(classes)])],
+            }),
+            metadata_props: metadata
+                .iter()
+                .map(|(k, v)| StringStringEntryProto {
+                    key: k.to_string(),
+                    value: v.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Serialises a model to bytes.
+pub fn encode(m: &ModelProto) -> Vec<u8> {
+    m.encode_to_vec()
+}
+
+/// Parses bytes written by [`encode`] (or any ONNX file using only these fields).
+pub fn decode(bytes: &[u8]) -> Result<ModelProto, prost::DecodeError> {
+    ModelProto::decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_pool_matrix_rows_average_pytorch_regions() {
+        // 5 -> 3: regions [0,2), [1,4), [3,5) (floor start, ceil end).
+        let mut g = Graph::new();
+        g.adaptive_avg_pool_flat("x", [5, 1], 3);
+        let m = g
+            .inits
+            .iter()
+            .find(|t| t.name.starts_with("adaptive_pool_matrix"));
+        // p = 3 on a 5 x 1 map is not an exact division in h, and w = 1 != 3: the MatMul path.
+        let m = m.expect("matrix");
+        assert_eq!(m.dims, vec![5, 9]);
+        let vals: Vec<f32> = m
+            .raw_data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        // Output cell (0, 0) averages input rows 0 and 1 (column 0, the only one).
+        let col = |o: usize| (0..5).map(|r| vals[r * 9 + o]).collect::<Vec<_>>();
+        assert_eq!(col(0), vec![0.5, 0.5, 0.0, 0.0, 0.0]);
+        let third = 1.0 / 3.0;
+        assert_eq!(col(3), vec![0.0, third, third, third, 0.0]);
+        assert_eq!(col(6), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn a_model_survives_encode_and_decode() {
+        let mut g = Graph::new();
+        let y = g.relu(INPUT);
+        let y = g.global_avg_pool(&y);
+        let m = g.finish(&y, [3, 8, 8], 3, &[("k", "v".into())]);
+        let back = decode(&encode(&m)).unwrap();
+        assert_eq!(back, m);
+        let graph = back.graph.unwrap();
+        assert_eq!(graph.node.last().unwrap().output, vec![OUTPUT.to_string()]);
+        assert_eq!(graph.input[0].name, INPUT);
+    }
+}
