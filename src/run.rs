@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::train::recipe::Recipe;
 
 pub const RECIPE: &str = "recipe.toml";
 pub const CLASSES: &str = "classes.json";
@@ -270,15 +269,6 @@ impl RunDir {
             .join(format!("{which}.safetensors"))
     }
 
-    pub fn write_recipe(&self, recipe: &Recipe) -> Result<()> {
-        let text = recipe.to_toml()?;
-        write_atomic(&self.file(RECIPE), text.as_bytes())
-    }
-
-    pub fn read_recipe(&self) -> Result<Recipe> {
-        Recipe::load_resolved(&self.file(RECIPE))
-    }
-
     pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
         let text = serde_json::to_string_pretty(value).expect("serialisable");
         write_atomic(&self.file(name), format!("{text}\n").as_bytes())
@@ -297,8 +287,18 @@ impl RunDir {
     /// that does not match the checkpoint is this folder's fault, not the data's.
     pub fn read_classes(&self) -> Result<Vec<String>> {
         let names: Vec<String> = self.read_json(CLASSES)?;
-        let k = self.read_recipe()?.model.num_classes;
-        if names.len() != k {
+        // Only `model.num_classes` is read: the recipe's full meaning belongs to the recipe
+        // layer (`train::RunRecipe`), which this module sits below.
+        let path = self.file(RECIPE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let k = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("model")?.get("num_classes")?.as_integer())
+            .and_then(|k| usize::try_from(k).ok());
+        if let Some(k) = k
+            && names.len() != k
+        {
             return Err(Error::BadData {
                 path: self.file(CLASSES),
                 reason: format!(

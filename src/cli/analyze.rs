@@ -13,6 +13,7 @@ use convlab::train::trainer::{load_model, view_loader};
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct AnalyzeArgs {

@@ -8,6 +8,7 @@ use convlab::eval::ensemble::ensemble;
 use convlab::run::RunDir;
 
 use super::{DataArgs, RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct EnsembleArgs {

@@ -11,6 +11,7 @@ use convlab::train::trainer::load_model;
 use serde::Serialize;
 
 use super::{DataArgs, RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Which {

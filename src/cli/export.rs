@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {
@@ -87,6 +88,9 @@ struct Preprocess {
     /// Only for torchvision: the builder arguments that accept this state dict.
     #[serde(skip_serializing_if = "Option::is_none")]
     torchvision: Option<BTreeMap<String, serde_json::Value>>,
+    /// Only for timm: `timm.create_model` arguments that accept this state dict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timm: Option<BTreeMap<String, serde_json::Value>>,
     source_run: String,
     checkpoint: String,
 }
@@ -214,6 +218,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             .to_string(),
         onnx: None,
         torchvision: None,
+        timm: None,
         source_run: run.path.display().to_string(),
         checkpoint: which.to_string(),
     };
@@ -242,6 +247,14 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 ExportFormat::Timm => Naming::Timm,
                 _ => Naming::Convlab,
             };
+            if naming == Naming::Torchvision && c != 3 {
+                bail!(
+                    "{}: torchvision's {name} takes 3-channel input, this run's model has {c} \
+                     (export --format onnx or safetensors, or --format timm, whose models take \
+                     in_chans)",
+                    run.path.display()
+                );
+            }
             let sd = state_dict(&model, name, naming)?;
             let meta = BTreeMap::from([
                 ("convlab_model".to_string(), name.to_string()),
@@ -256,6 +269,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     kw.insert("init_weights".into(), serde_json::json!(false));
                 }
                 info.torchvision = Some(kw);
+            }
+            if f == ExportFormat::Timm {
+                let timm_name = match name {
+                    convlab::models::ModelName::Resnet50D => "resnet50d",
+                    other => other.as_str(),
+                };
+                info.timm = Some(BTreeMap::from([
+                    ("model_name".to_string(), serde_json::json!(timm_name)),
+                    ("num_classes".to_string(), serde_json::json!(classes.len())),
+                    ("in_chans".to_string(), serde_json::json!(c)),
+                ]));
             }
             format!("{} tensors, {} naming", sd.len(), naming.as_str())
         }

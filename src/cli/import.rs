@@ -11,6 +11,7 @@ use convlab::run::{CLASSES, RunDir, STATS, SUMMARY, Summary};
 use convlab::train::Recipe;
 
 use super::{RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {

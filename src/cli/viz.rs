@@ -17,6 +17,7 @@ use image::RgbImage;
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
+use convlab::train::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct VizArgs {

@@ -12,6 +12,7 @@ use crate::data::{Dataset, open};
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::run::RunDir;
+use crate::train::RunRecipe;
 use crate::train::recipe::DataConfig;
 use crate::train::trainer::load_model;
 

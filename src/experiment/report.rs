@@ -10,6 +10,7 @@ use super::stats::MeanStd;
 use super::{Cell, CellState, Experiment};
 use crate::error::Result;
 use crate::run::{RunDir, write_atomic};
+use crate::train::RunRecipe;
 
 /// One finished cell's numbers (accuracies as fractions).
 #[derive(Clone, Debug)]

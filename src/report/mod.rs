@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::eval::separation::{Analysis, analyze};
 use crate::eval::tta::{score, view_probabilities};
 use crate::run::{RECIPE, RunDir, SUMMARY, Summary};
+use crate::train::RunRecipe;
 use crate::train::trainer::{load_model, view_loader};
 use crate::viz::{self, attribution, maps};
 use charts::{BLUE_, GREEN_, ORANGE_, RED_, Series, line_chart};

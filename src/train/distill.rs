@@ -19,6 +19,7 @@ use super::trainer::load_model;
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::run::RunDir;
+use crate::train::RunRecipe;
 
 /// A loaded teacher.
 pub struct Teacher {

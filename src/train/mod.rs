@@ -12,5 +12,5 @@ pub mod schedule;
 mod state;
 pub mod trainer;
 
-pub use recipe::{Override, Recipe};
+pub use recipe::{Override, Recipe, RunRecipe};
 pub use trainer::{Reporter, TrainOptions, train};

@@ -563,6 +563,26 @@ impl Recipe {
     }
 }
 
+/// How a recipe lives in a run folder (`recipe.toml`): here, so the run folder (`crate::run`)
+/// knows nothing of recipes and sits below them.
+pub trait RunRecipe {
+    /// Writes `recipe` atomically as the run's `recipe.toml`.
+    fn write_recipe(&self, recipe: &Recipe) -> Result<()>;
+    /// The run's recipe, resolved (relative data paths against the file).
+    fn read_recipe(&self) -> Result<Recipe>;
+}
+
+impl RunRecipe for crate::run::RunDir {
+    fn write_recipe(&self, recipe: &Recipe) -> Result<()> {
+        let text = recipe.to_toml()?;
+        crate::helpers::write_atomic(&self.file(crate::run::RECIPE), text.as_bytes())
+    }
+
+    fn read_recipe(&self) -> Result<Recipe> {
+        Recipe::load_resolved(&self.file(crate::run::RECIPE))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ use crate::eval::{evaluate, metrics::argmax};
 use crate::kernels;
 use crate::models::Model;
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
+use crate::train::RunRecipe;
 
 /// Where training reports progress; the CLI draws bars, tests stay quiet.
 pub trait Reporter {
