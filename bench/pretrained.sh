@@ -28,8 +28,10 @@ D=target/data
 if [ ! -d $W/cifar ]; then
   for c in $(ls $D/cifar10/train); do
     mkdir -p $W/cifar/train/$c $W/cifar/val/$c
-    ls $D/cifar10/train/$c | head -$PER_CLASS | while read f; do ln -s "$PWD/$D/cifar10/train/$c/$f" $W/cifar/train/$c/$f; done
-    ls $D/cifar10/test/$c | head -200 | while read f; do ln -s "$PWD/$D/cifar10/test/$c/$f" $W/cifar/val/$c/$f; done
+    # Arrays, not `ls | head`: head closing the pipe early kills ls under pipefail.
+    train=($(ls $D/cifar10/train/$c)); test=($(ls $D/cifar10/test/$c))
+    for f in "${train[@]:0:$PER_CLASS}"; do ln -s "$PWD/$D/cifar10/train/$c/$f" $W/cifar/train/$c/$f; done
+    for f in "${test[@]:0:200}"; do ln -s "$PWD/$D/cifar10/test/$c/$f" $W/cifar/val/$c/$f; done
   done
 fi
 MEAN=0.491,0.482,0.447; STD=0.247,0.243,0.261

@@ -12,9 +12,9 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::models::ModelConfig;
+use crate::recipe::OptimConfig;
 use crate::train::loss::{smoothed_targets, soft_cross_entropy};
 use crate::train::optim::Optimizer;
-use crate::train::recipe::OptimConfig;
 
 /// What to time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

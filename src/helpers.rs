@@ -28,3 +28,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Host copy of a tensor's values (row-major).
+pub fn host<const D: usize>(t: burn::prelude::Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 tensor")
+}

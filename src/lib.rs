@@ -22,6 +22,8 @@ pub mod limits;
 pub mod models;
 pub mod onnx;
 pub mod params;
+pub mod pipeline;
+pub mod recipe;
 pub mod report;
 pub mod run;
 pub mod train;

@@ -11,8 +11,8 @@ use std::path::Path;
 
 use common::*;
 use convlab::data::{DataSpec, cifar, idx, image_folder};
+use convlab::recipe::Recipe;
 use convlab::run::RunDir;
-use convlab::train::Recipe;
 
 /// xorshift64*: the tests' own reproducible stream.
 struct Rng(u64);
@@ -266,7 +266,7 @@ fn recipes_and_overrides_never_panic() {
             values[rng.below(values.len())]
         );
         let r = catch_unwind(|| {
-            convlab::train::Override::parse(&text)
+            convlab::recipe::Override::parse(&text)
                 .and_then(|o| Recipe::resolve(None, &[o]))
                 .map(|r| r.model.validate_options())
         });

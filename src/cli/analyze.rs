@@ -7,13 +7,13 @@ use burn::module::Module;
 use clap::Args;
 use convlab::data::open;
 use convlab::eval::separation::analyze;
+use convlab::pipeline::trainer::{load_model, view_loader};
 use convlab::report::{MAX_IMAGES, write_report};
 use convlab::run::RunDir;
-use convlab::train::trainer::{load_model, view_loader};
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct AnalyzeArgs {

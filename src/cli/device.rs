@@ -54,6 +54,15 @@ pub fn pick(name: &str) -> Result<Device> {
     }
 }
 
+/// The first backend this build has (for work that only needs some device, e.g. shapes).
+pub fn first_available() -> Result<Device> {
+    let first = available()
+        .first()
+        .map(|d| d.trim_end_matches("[:N]"))
+        .ok_or_else(|| anyhow::anyhow!("this build has no backend; enable the `flex` feature"))?;
+    pick(first)
+}
+
 fn available() -> Vec<&'static str> {
     let mut v = Vec::new();
     if cfg!(feature = "flex") {

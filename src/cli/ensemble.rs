@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use convlab::eval::ensemble::ensemble;
+use convlab::pipeline::ensemble::ensemble;
 use convlab::run::RunDir;
 
 use super::{DataArgs, RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct EnsembleArgs {

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::data::open;
-use convlab::eval::tta::{Tta, evaluate_tta};
+use convlab::eval::tta::Tta;
+use convlab::pipeline::evaluate_tta;
+use convlab::pipeline::trainer::load_model;
 use convlab::run::RunDir;
-use convlab::train::trainer::load_model;
 use serde::Serialize;
 
 use super::{DataArgs, RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Which {

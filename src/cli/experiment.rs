@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use convlab::eval::ensemble::ensemble;
 use convlab::experiment::{Experiment, report, run_cells};
+use convlab::pipeline::ensemble::ensemble;
 
 use super::device;
 

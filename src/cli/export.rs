@@ -8,13 +8,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::interop::Naming;
 use convlab::interop::export::{state_dict, write_state_dict};
+use convlab::pipeline::trainer::{load_model, norm_stats};
 use convlab::run::RunDir;
-use convlab::train::trainer::{load_model, norm_stats};
 use serde::Serialize;
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportFormat {

@@ -7,11 +7,11 @@ use clap::Args;
 use convlab::data::norm::NormStats;
 use convlab::interop::{self, IMAGENET_MEAN, IMAGENET_STD, Naming};
 use convlab::models::{ModelConfig, ModelName, param_count};
+use convlab::recipe::Recipe;
 use convlab::run::{CLASSES, RunDir, STATS, SUMMARY, Summary};
-use convlab::train::Recipe;
 
 use super::{RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {

@@ -22,7 +22,8 @@ struct Row {
 }
 
 pub fn run(a: ModelsArgs) -> Result<()> {
-    let device = burn::prelude::Device::flex();
+    // Models are built for their shapes only (never initialised): any compiled-in backend does.
+    let device = super::device::first_available()?;
     let mut rows = Vec::new();
     for &name in ModelName::ALL {
         // Full-size models at ImageNet's 1000 classes, small ones at 10 (their datasets');

@@ -7,13 +7,13 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use clap::Args;
 use convlab::data::image_folder::decode_file;
+use convlab::pipeline::trainer::{load_model, transform};
 use convlab::run::RunDir;
-use convlab::train::trainer::{load_model, transform};
 use serde::Serialize;
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {

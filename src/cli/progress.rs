@@ -2,8 +2,8 @@
 
 use std::io::IsTerminal;
 
+use convlab::pipeline::Reporter;
 use convlab::run::EpochMetrics;
-use convlab::train::Reporter;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub struct Progress {

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use convlab::pipeline::{TrainOptions, train};
+use convlab::recipe::{Override, Recipe};
 use convlab::run::{RunDir, default_run_path};
-use convlab::train::{Override, Recipe, TrainOptions, train};
 
 use super::progress::Progress;
 use super::{DataArgs, RuntimeArgs, device};

@@ -8,16 +8,16 @@ use burn::tensor::activation::softmax;
 use clap::{Args, Subcommand};
 use convlab::data::open;
 use convlab::models::Model;
+use convlab::pipeline::trainer::load_model;
+use convlab::recipe::Recipe;
 use convlab::run::RunDir;
-use convlab::train::Recipe;
-use convlab::train::trainer::load_model;
 use convlab::viz::attribution::{self, ReluRule};
 use convlab::viz::{self, Input, grid, maps};
 use image::RgbImage;
 
 use super::eval::Which;
 use super::{RuntimeArgs, device};
-use convlab::train::RunRecipe;
+use convlab::recipe::RunRecipe;
 
 #[derive(Args, Debug)]
 pub struct VizArgs {

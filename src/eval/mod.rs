@@ -1,6 +1,5 @@
 //! Evaluation: run a model over a loader and summarise its predictions.
 
-pub mod ensemble;
 pub mod metrics;
 pub mod separation;
 pub mod tta;

@@ -132,9 +132,9 @@ pub fn analyze(
             feats = vec![Vec::new(); names.len()];
         }
         for (i, (_, t)) in pooled.into_iter().enumerate() {
-            feats[i].extend(crate::viz::host(t));
+            feats[i].extend(crate::helpers::host(t));
         }
-        acc.add(&crate::viz::host(logits), &batch.labels);
+        acc.add(&crate::helpers::host(logits), &batch.labels);
         labels.extend_from_slice(&batch.labels);
     }
     let layers = names

@@ -12,7 +12,6 @@
 //!   does.
 
 use std::str::FromStr;
-use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
@@ -21,11 +20,10 @@ use serde::{Deserialize, Serialize};
 use super::batch_tensor;
 use super::metrics::{Accumulator, EvalReport};
 use crate::data::Dataset;
+use crate::data::Loader;
 use crate::data::transforms::{CropPos, Interpolation, View};
 use crate::error::{Error, Result};
 use crate::models::Model;
-use crate::train::Recipe;
-use crate::train::trainer::view_loader;
 
 /// Which views to average.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,23 +170,24 @@ pub struct Probs {
     pub skipped: Vec<(String, String)>,
 }
 
-/// Softmax probabilities of one view over `data`.
+/// Builds the evaluation loader of one view `(input size, view)`; the pipeline layer makes it
+/// from a recipe (its `view_loader`), so evaluation needs no recipe.
+pub type ViewLoader<'a> = dyn Fn(usize, View) -> Result<Loader> + 'a;
+
+/// Softmax probabilities of `model` (`k` classes) over the `n` samples `loader` yields.
 pub fn view_probabilities(
     model: &Model,
-    recipe: &Recipe,
-    data: Arc<dyn Dataset>,
-    (size, view): (usize, View),
+    k: usize,
+    n: usize,
+    loader: Loader,
     device: &Device,
 ) -> Result<Probs> {
-    let k = recipe.model.num_classes;
-    let n = data.len();
     let mut out = Probs {
         probs: vec![0f32; n * k],
         seen: vec![false; n],
         skipped: Vec::new(),
     };
-    let l = view_loader(recipe, data, size, view)?;
-    for batch in l.epoch(0) {
+    for batch in loader.epoch(0) {
         let mut batch = batch?;
         out.skipped.append(&mut batch.skipped);
         if batch.is_empty() {
@@ -207,17 +206,18 @@ pub fn view_probabilities(
     Ok(out)
 }
 
-/// Mean softmax over `views`; samples missing from any view are marked unseen.
+/// Mean softmax over `views` of `n` samples; samples missing from any view are marked unseen.
 pub fn probabilities(
     model: &Model,
-    recipe: &Recipe,
-    data: Arc<dyn Dataset>,
+    k: usize,
+    n: usize,
     views: &[(usize, View)],
+    make: &ViewLoader,
     device: &Device,
 ) -> Result<Probs> {
     let parts = views
         .iter()
-        .map(|&v| view_probabilities(model, recipe, data.clone(), v, device));
+        .map(|&(s, v)| view_probabilities(model, k, n, make(s, v)?, device));
     average(parts)
 }
 
@@ -281,20 +281,25 @@ pub struct TtaResult {
     pub skipped: Vec<(String, String)>,
 }
 
-/// Evaluates `model` with `tta` and, for comparison, with the single centre crop.
+/// Evaluates `model` (input side `size`) on `data` with `tta` and, for comparison, with the
+/// single centre crop, the views as `eval` defines them.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_tta(
     model: &Model,
-    recipe: &Recipe,
-    data: Arc<dyn Dataset>,
+    eval: &EvalConfig,
+    size: usize,
+    data: &dyn Dataset,
     classes: &[String],
     tta: Tta,
+    make: &ViewLoader,
     device: &Device,
 ) -> Result<TtaResult> {
-    let size = recipe.model.input_size;
-    let single_view = (size, recipe.eval.single());
-    let views = recipe.eval.views(tta, size);
-    let single_p = view_probabilities(model, recipe, data.clone(), single_view, device)?;
-    let single = score(&single_p, data.as_ref(), classes);
+    let (k, n) = (classes.len(), data.len());
+    let single_view = (size, eval.single());
+    let views = eval.views(tta, size);
+    let run = |(s, v): (usize, View)| view_probabilities(model, k, n, make(s, v)?, device);
+    let single_p = run(single_view)?;
+    let single = score(&single_p, data, classes);
     let report = if views == [single_view] {
         single.clone()
     } else {
@@ -303,10 +308,10 @@ pub fn evaluate_tta(
             if v == single_view {
                 Ok(single_p.clone())
             } else {
-                view_probabilities(model, recipe, data.clone(), v, device)
+                run(v)
             }
         });
-        score(&average(parts)?, data.as_ref(), classes)
+        score(&average(parts)?, data, classes)
     };
     let summary = TtaSummary {
         mode: tta.as_str().into(),

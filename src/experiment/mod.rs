@@ -31,9 +31,9 @@ use burn::prelude::Device;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::pipeline::trainer::{Quiet, TrainOptions, train};
+use crate::recipe::{Override, Recipe};
 use crate::run::{METRICS, RunDir, SUMMARY, Summary};
-use crate::train::recipe::{Override, Recipe};
-use crate::train::trainer::{Quiet, TrainOptions, train};
 
 /// One `[[variant]]`.
 #[derive(Clone, Debug, Deserialize)]

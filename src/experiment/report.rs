@@ -9,8 +9,8 @@ use std::path::Path;
 use super::stats::MeanStd;
 use super::{Cell, CellState, Experiment};
 use crate::error::Result;
+use crate::recipe::RunRecipe;
 use crate::run::{RunDir, write_atomic};
-use crate::train::RunRecipe;
 
 /// One finished cell's numbers (accuracies as fractions).
 #[derive(Clone, Debug)]

@@ -15,10 +15,11 @@ use burn::prelude::*;
 use crate::data::{Dataset, Subset, open, stats};
 use crate::error::Result;
 use crate::eval::separation::{Analysis, analyze};
-use crate::eval::tta::{score, view_probabilities};
+use crate::eval::tta::score;
+use crate::pipeline::trainer::{load_model, view_loader};
+use crate::pipeline::view_probabilities;
+use crate::recipe::RunRecipe;
 use crate::run::{RECIPE, RunDir, SUMMARY, Summary};
-use crate::train::RunRecipe;
-use crate::train::trainer::{load_model, view_loader};
 use crate::viz::{self, attribution, maps};
 use charts::{BLUE_, GREEN_, ORANGE_, RED_, Series, line_chart};
 

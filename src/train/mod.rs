@@ -1,16 +1,11 @@
-//! Training: the recipe, the optimiser, the schedule, the losses, checkpoints and the loop.
+//! Training components: the optimiser, the learning-rate schedule, the losses, mixing, EMA,
+//! fine-tuning's freezing rules and checkpoint files. The loop that composes them from a recipe
+//! lives in the pipeline layer above (its `train` function), so nothing here knows recipes.
 
 pub mod checkpoint;
-pub mod distill;
 pub mod ema;
 pub mod finetune;
 pub mod loss;
 pub mod mix;
 pub mod optim;
-pub mod recipe;
 pub mod schedule;
-mod state;
-pub mod trainer;
-
-pub use recipe::{Override, Recipe, RunRecipe};
-pub use trainer::{Reporter, TrainOptions, train};

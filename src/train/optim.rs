@@ -24,7 +24,62 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use super::checkpoint::{HostTensor, TensorMap};
-use super::recipe::{OptimConfig, OptimKind};
+use serde::{Deserialize, Serialize};
+
+/// Optimiser kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimKind {
+    /// SGD with (Nesterov) momentum; L2 weight decay added to the gradient.
+    Sgd,
+    /// Adam with decoupled weight decay (Loshchilov & Hutter 2019).
+    Adamw,
+}
+
+/// `[optim]`: SGD with momentum, or AdamW.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub kind: OptimKind,
+    /// Learning rate at `base_batch_size`; the run uses `lr * batch_size / base_batch_size`
+    /// (linear scaling, Goyal et al. 2017).
+    pub lr: f64,
+    pub base_batch_size: usize,
+    /// Momentum coefficient (dampening 0, as PyTorch).
+    pub momentum: f64,
+    /// Nesterov momentum (Sutskever et al. 2013).
+    pub nesterov: bool,
+    /// L2 penalty coefficient.
+    pub weight_decay: f64,
+    /// No decay on biases and batch-norm parameters ("Bag of Tricks", He et al. 2019).
+    pub no_bias_decay: bool,
+    /// AdamW's moment decay rates and denominator epsilon.
+    pub betas: [f64; 2],
+    pub eps: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            kind: OptimKind::Sgd,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            lr: 0.2,
+            base_batch_size: 256,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            no_bias_decay: false,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The peak learning rate after linear scaling.
+    pub fn scaled_lr(&self, batch_size: usize) -> f64 {
+        self.lr * batch_size as f64 / self.base_batch_size.max(1) as f64
+    }
+}
 
 /// Optimiser state: buffers per parameter, keyed by module path (SGD: the momentum buffer;
 /// AdamW: `m.<path>` and `v.<path>`), and the step count.

@@ -10,7 +10,71 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::recipe::{PlateauMetric, ScheduleConfig, ScheduleKind};
+/// Learning-rate schedule kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Half-cosine from the peak to `min_lr` over the run (Loshchilov & Hutter 2017).
+    Cosine,
+    /// Constant after warmup.
+    Constant,
+    /// Multiply by `gamma` every `step_epochs` epochs.
+    Step,
+    /// Multiply by `gamma` at each epoch in `milestones`.
+    Multistep,
+    /// Multiply by `gamma` per epoch, continuously.
+    Exponential,
+    /// Multiply by `gamma` when `plateau_metric` has not improved for `patience` epochs.
+    Plateau,
+}
+
+/// What reduce-on-plateau watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlateauMetric {
+    ValLoss,
+    ValTop1,
+}
+
+/// `[schedule]`: evaluated every optimiser step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Epochs of linear warmup from `warmup_start_factor * peak` to the peak.
+    pub warmup_epochs: f64,
+    pub warmup_start_factor: f64,
+    /// Floor of every schedule (the cosine's end point).
+    pub min_lr: f64,
+    /// Decay factor of step, multistep, exponential and plateau schedules.
+    pub gamma: f64,
+    /// Step schedule: epochs between decays.
+    pub step_epochs: usize,
+    /// Multistep schedule: epochs at which to decay.
+    pub milestones: Vec<usize>,
+    /// Plateau schedule: the metric, epochs without improvement tolerated, and the smallest
+    /// change that counts as an improvement.
+    pub plateau_metric: PlateauMetric,
+    pub patience: usize,
+    pub plateau_threshold: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_epochs: 0.0,
+            warmup_start_factor: 0.1,
+            min_lr: 0.0,
+            gamma: 0.1,
+            step_epochs: 30,
+            milestones: Vec::new(),
+            plateau_metric: PlateauMetric::ValTop1,
+            patience: 2,
+            plateau_threshold: 0.0,
+        }
+    }
+}
 
 /// Reduce-on-plateau state, carried across epochs (and checkpoints).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

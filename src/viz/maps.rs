@@ -9,7 +9,7 @@ use super::{grid, host, tile};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::models::Model;
-use crate::train::Recipe;
+use crate::recipe::Recipe;
 
 /// Every convolution weight (`[out, in, k, k]`) of a model, by parameter path, in order.
 pub fn conv_weights(model: &Model) -> Vec<(String, Tensor<4>)> {

@@ -13,8 +13,8 @@ use image::{Rgb, RgbImage};
 use crate::data::Dataset;
 use crate::data::transforms::{Mode, Transform, fit};
 use crate::error::{Error, Result};
-use crate::train::Recipe;
-use crate::train::trainer::transform;
+use crate::pipeline::trainer::transform;
+use crate::recipe::Recipe;
 
 /// One input image: the model's `[1, C, H, W]` tensor and what it looks like (fitted to the
 /// input size, RGB).
@@ -69,13 +69,7 @@ fn to_rgb(img: &crate::data::RawImage) -> RgbImage {
     })
 }
 
-/// Host copy of a tensor.
-pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 tensor")
-}
+pub use crate::helpers::host;
 
 /// Scales values linearly to 0..=255 (constant input gives mid grey).
 pub fn to_u8(v: &[f32]) -> Vec<u8> {

@@ -4,15 +4,15 @@
 
 use std::collections::HashMap;
 
-use super::checkpoint::{self, module_tensors};
-use super::ema::Ema;
-use super::optim::Optimizer;
-use super::recipe::Recipe;
-use super::schedule::Plateau;
 use super::trainer::Reporter;
 use crate::error::{Error, Result};
 use crate::models::Model;
+use crate::recipe::Recipe;
 use crate::run::{EpochMetrics, RunDir};
+use crate::train::checkpoint::{self, module_tensors};
+use crate::train::ema::Ema;
+use crate::train::optim::Optimizer;
+use crate::train::schedule::Plateau;
 use burn::prelude::*;
 
 /// Resume state stored in a checkpoint's metadata.

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use burn::prelude::*;
 use serde::Serialize;
 
-use super::metrics::Accumulator;
 use crate::data::{Dataset, open};
 use crate::error::{Error, Result};
+use crate::eval::metrics::Accumulator;
 use crate::models::Model;
+use crate::pipeline::trainer::load_model;
+use crate::recipe::DataConfig;
+use crate::recipe::RunRecipe;
 use crate::run::RunDir;
-use crate::train::RunRecipe;
-use crate::train::recipe::DataConfig;
-use crate::train::trainer::load_model;
 
 /// One member's accuracy on its own.
 #[derive(Clone, Debug, Serialize)]
@@ -41,13 +41,13 @@ pub struct EnsembleReport {
 fn probabilities(
     model: &Model,
     data: std::sync::Arc<dyn Dataset>,
-    recipe: &crate::train::Recipe,
+    recipe: &crate::recipe::Recipe,
     device: &Device,
 ) -> Result<Vec<f32>> {
     let mut r = recipe.clone();
     r.data.skip_bad_images = false;
     let views = r.eval.views(r.eval.tta, r.model.input_size);
-    Ok(super::tta::probabilities(model, &r, data, &views, device)?.probs)
+    Ok(super::probabilities(model, &r, data, &views, device)?.probs)
 }
 
 /// Adds `weight * p` into the running fusion `sum` (softmax averaging, AlexNet section 6).

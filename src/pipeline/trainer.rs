@@ -8,15 +8,7 @@ use std::time::Instant;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use super::checkpoint;
 use super::distill::{Teacher, kd_loss};
-use super::ema::Ema;
-use super::loss::{smoothed_targets, soft_cross_entropy};
-use super::mix::{self, MixSettings};
-use super::optim::Optimizer;
-use super::recipe::ScheduleKind;
-use super::recipe::{Normalize, Recipe};
-use super::schedule::lr_at;
 use super::state::{Progress, apply_init_from, apply_pretrained, restore, save_checkpoint};
 use crate::data::norm::{self, NormStats};
 use crate::data::split::mix_seed;
@@ -26,8 +18,16 @@ use crate::error::{Error, Result};
 use crate::eval::{evaluate, metrics::argmax};
 use crate::kernels;
 use crate::models::Model;
+use crate::recipe::RunRecipe;
+use crate::recipe::ScheduleKind;
+use crate::recipe::{Normalize, Recipe};
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
-use crate::train::RunRecipe;
+use crate::train::checkpoint;
+use crate::train::ema::Ema;
+use crate::train::loss::{smoothed_targets, soft_cross_entropy};
+use crate::train::mix::{self, MixSettings};
+use crate::train::optim::Optimizer;
+use crate::train::schedule::lr_at;
 
 /// Where training reports progress; the CLI draws bars, tests stay quiet.
 pub trait Reporter {
@@ -319,7 +319,7 @@ pub fn train(
     }
     let ft = recipe.finetune.clone();
     let head = if ft.active() {
-        let head = super::finetune::classifier_keys(&model, device);
+        let head = crate::train::finetune::classifier_keys(&model, device);
         if ft.backbone_lr_mult != 1.0 {
             sgd = sgd.with_backbone_lr(ft.backbone_lr_mult, head.clone());
         }
@@ -406,7 +406,7 @@ pub fn train(
         // run draw exactly what an uninterrupted one would.
         device.seed(mix_seed(&[recipe.seed, epoch as u64, 0xD0]));
         model = model.train();
-        if ft.freeze != super::finetune::Freeze::None {
+        if ft.freeze != crate::train::finetune::Freeze::None {
             // Derived from the epoch alone, so a resumed run freezes exactly as this one did.
             let frozen = ft.frozen_at(epoch);
             if epoch == p.epochs_done + 1 || frozen != ft.frozen_at(epoch - 1) {
@@ -420,7 +420,7 @@ pub fn train(
                     format!("epoch {epoch}: every layer trains")
                 });
             }
-            model = super::finetune::set_backbone_frozen(model, &head, frozen);
+            model = crate::train::finetune::set_backbone_frozen(model, &head, frozen);
         }
         rep.epoch_start(epoch, recipe.epochs, per_epoch);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);

@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 use crate::eval::tta::EvalConfig;
 use crate::models::ModelConfig;
 
+// Each section's config lives with the code that consumes it; the recipe composes them.
+pub use crate::train::optim::{OptimConfig, OptimKind};
+pub use crate::train::schedule::{PlateauMetric, ScheduleConfig, ScheduleKind};
+
 /// Everything that defines a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,7 +35,7 @@ pub struct Recipe {
     pub loss: LossConfig,
     pub regularisation: RegularisationConfig,
     /// Fine-tuning from `model.pretrained`: frozen backbone, discriminative learning rates.
-    pub finetune: super::finetune::FinetuneConfig,
+    pub finetune: crate::train::finetune::FinetuneConfig,
     pub distill: DistillConfig,
     /// Start from a trained run: copy every tensor whose layer name and shape match from its
     /// best checkpoint (VGG's shallow-to-deep initialisation); the rest keeps `model.init`.
@@ -147,127 +151,6 @@ impl DataConfig {
             seed,
             limit_train: self.limit_train,
             limit_val: self.limit_val,
-        }
-    }
-}
-
-/// Optimiser kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimKind {
-    /// SGD with (Nesterov) momentum; L2 weight decay added to the gradient.
-    Sgd,
-    /// Adam with decoupled weight decay (Loshchilov & Hutter 2019).
-    Adamw,
-}
-
-/// `[optim]`: SGD with momentum, or AdamW.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    pub kind: OptimKind,
-    /// Learning rate at `base_batch_size`; the run uses `lr * batch_size / base_batch_size`
-    /// (linear scaling, Goyal et al. 2017).
-    pub lr: f64,
-    pub base_batch_size: usize,
-    /// Momentum coefficient (dampening 0, as PyTorch).
-    pub momentum: f64,
-    /// Nesterov momentum (Sutskever et al. 2013).
-    pub nesterov: bool,
-    /// L2 penalty coefficient.
-    pub weight_decay: f64,
-    /// No decay on biases and batch-norm parameters ("Bag of Tricks", He et al. 2019).
-    pub no_bias_decay: bool,
-    /// AdamW's moment decay rates and denominator epsilon.
-    pub betas: [f64; 2],
-    pub eps: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            kind: OptimKind::Sgd,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            lr: 0.2,
-            base_batch_size: 256,
-            momentum: 0.9,
-            nesterov: true,
-            weight_decay: 5e-4,
-            no_bias_decay: false,
-        }
-    }
-}
-
-impl OptimConfig {
-    /// The peak learning rate after linear scaling.
-    pub fn scaled_lr(&self, batch_size: usize) -> f64 {
-        self.lr * batch_size as f64 / self.base_batch_size.max(1) as f64
-    }
-}
-
-/// Learning-rate schedule kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
-    /// Half-cosine from the peak to `min_lr` over the run (Loshchilov & Hutter 2017).
-    Cosine,
-    /// Constant after warmup.
-    Constant,
-    /// Multiply by `gamma` every `step_epochs` epochs.
-    Step,
-    /// Multiply by `gamma` at each epoch in `milestones`.
-    Multistep,
-    /// Multiply by `gamma` per epoch, continuously.
-    Exponential,
-    /// Multiply by `gamma` when `plateau_metric` has not improved for `patience` epochs.
-    Plateau,
-}
-
-/// What reduce-on-plateau watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlateauMetric {
-    ValLoss,
-    ValTop1,
-}
-
-/// `[schedule]`: evaluated every optimiser step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScheduleConfig {
-    pub kind: ScheduleKind,
-    /// Epochs of linear warmup from `warmup_start_factor * peak` to the peak.
-    pub warmup_epochs: f64,
-    pub warmup_start_factor: f64,
-    /// Floor of every schedule (the cosine's end point).
-    pub min_lr: f64,
-    /// Decay factor of step, multistep, exponential and plateau schedules.
-    pub gamma: f64,
-    /// Step schedule: epochs between decays.
-    pub step_epochs: usize,
-    /// Multistep schedule: epochs at which to decay.
-    pub milestones: Vec<usize>,
-    /// Plateau schedule: the metric, epochs without improvement tolerated, and the smallest
-    /// change that counts as an improvement.
-    pub plateau_metric: PlateauMetric,
-    pub patience: usize,
-    pub plateau_threshold: f64,
-}
-
-impl Default for ScheduleConfig {
-    fn default() -> Self {
-        ScheduleConfig {
-            kind: ScheduleKind::Cosine,
-            warmup_epochs: 0.0,
-            warmup_start_factor: 0.1,
-            min_lr: 0.0,
-            gamma: 0.1,
-            step_epochs: 30,
-            milestones: Vec::new(),
-            plateau_metric: PlateauMetric::ValTop1,
-            patience: 2,
-            plateau_threshold: 0.0,
         }
     }
 }

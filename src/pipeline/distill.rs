@@ -14,12 +14,12 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
-use super::recipe::Recipe;
 use super::trainer::load_model;
 use crate::error::{Error, Result};
 use crate::models::Model;
+use crate::recipe::Recipe;
+use crate::recipe::RunRecipe;
 use crate::run::RunDir;
-use crate::train::RunRecipe;
 
 /// A loaded teacher.
 pub struct Teacher {
