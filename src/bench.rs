@@ -1,19 +1,20 @@
 //! Throughput measurement of the real training step and of inference (`convlab bench`).
 //!
-//! A training step is exactly the trainer's: forward, soft-target cross-entropy, backward, SGD
-//! update. Inputs are random tensors made once, so the data loader is not measured here.
+//! A training step is the trainer's own function (`pipeline::train_step`: forward, losses
+//! including GoogLeNet's auxiliary heads, backward in the current precision, the optimiser
+//! update), with the default recipe's optimiser and loss weights. Inputs are random tensors
+//! made once, so the data loader is not measured here.
 
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::models::ModelConfig;
-use crate::recipe::OptimConfig;
-use crate::train::loss::{smoothed_targets, soft_cross_entropy};
+use crate::pipeline::{StepConfig, train_step};
+use crate::train::loss::smoothed_targets;
 use crate::train::optim::Optimizer;
 
 /// What to time.
@@ -73,7 +74,14 @@ pub fn run(
         TensorData::new(smoothed_targets(&labels, k, 0.0), [batch, k]),
         device,
     );
-    let mut opt = Optimizer::new(OptimConfig::default());
+    let recipe = crate::recipe::Recipe::default();
+    let mut opt = Optimizer::new(recipe.optim.clone());
+    let step = StepConfig {
+        precision: crate::kernels::precision(),
+        aux_weight: recipe.loss.aux_weight,
+        grad_clip_norm: recipe.regularisation.grad_clip_norm,
+        distill: None,
+    };
     let eval = model.valid();
     let eval_x = x.clone().inner();
     let mut step_seconds = Vec::with_capacity(steps);
@@ -81,11 +89,9 @@ pub fn run(
         let t0 = Instant::now();
         match mode {
             Mode::Train => {
-                let out = model.forward_train(x.clone());
-                let loss = soft_cross_entropy(out.logits, targets.clone());
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = opt.step(0.01, model, grads, 0.0).0;
-                let _ = loss.into_scalar::<f32>();
+                let out = train_step(model, &mut opt, x.clone(), targets.clone(), 0.01, &step);
+                model = out.model;
+                let _ = out.loss.into_scalar::<f32>();
             }
             Mode::Infer => {
                 let y = eval.forward(eval_x.clone());

@@ -8,8 +8,10 @@
 pub mod distill;
 pub mod ensemble;
 pub mod state;
+pub mod step;
 pub mod trainer;
 
+pub use step::{StepConfig, StepOut, train_step};
 pub use trainer::{
     PretrainedSource, Quiet, Reporter, STATS_IMAGES, TrainOptions, load_model, loader, norm_stats,
     prepare, pretrained_source, train, transform, view_loader,

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use super::distill::{Teacher, kd_loss};
+use super::distill::Teacher;
 use super::state::{Progress, apply_init_from, apply_pretrained, restore, save_checkpoint};
+use super::step::{Distill, StepConfig, train_step};
 use crate::data::norm::{self, NormStats};
 use crate::data::split::mix_seed;
 use crate::data::transforms::{Mode, View};
@@ -24,7 +24,7 @@ use crate::recipe::{Normalize, Recipe};
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
 use crate::train::checkpoint;
 use crate::train::ema::Ema;
-use crate::train::loss::{smoothed_targets, soft_cross_entropy};
+use crate::train::loss::smoothed_targets;
 use crate::train::mix::{self, MixSettings};
 use crate::train::optim::Optimizer;
 use crate::train::schedule::lr_at;
@@ -395,6 +395,18 @@ pub fn train(
         ));
     }
 
+    let step_cfg = StepConfig {
+        precision,
+        aux_weight: recipe.loss.aux_weight,
+        grad_clip_norm: reg.grad_clip_norm,
+        distill: teacher.as_ref().map(|t| Distill {
+            teacher: t,
+            alpha: recipe.distill.alpha,
+            temperature: recipe.distill.temperature,
+            mean: &mean,
+            std: &std,
+        }),
+    };
     let last_epoch = opts
         .stop_after_epoch
         .unwrap_or(recipe.epochs)
@@ -457,24 +469,9 @@ pub fn train(
             }
             let x = Tensor::<4>::from_data(TensorData::new(images, [b, c, side, side]), device);
             let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
-            // Forward and backward in the recipe's precision; the update below stays f32.
-            let (loss, logits, grads) = kernels::with_precision(precision, || {
-                let out = model.forward_train(x.clone());
-                let logits = out.logits;
-                let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
-                for aux in out.aux {
-                    loss = loss + soft_cross_entropy(aux, targets.clone()) * recipe.loss.aux_weight;
-                }
-                if let Some(t) = &teacher {
-                    let a = recipe.distill.alpha;
-                    let tl = Tensor::from_inner(t.logits(x, &mean, &std));
-                    loss = loss * (1.0 - a)
-                        + kd_loss(logits.clone(), tl, recipe.distill.temperature) * a;
-                }
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                (loss, logits, grads)
-            });
-            model = sgd.step(lr, model, grads, reg.grad_clip_norm).0;
+            let out = train_step(model, &mut sgd, x, targets, lr, &step_cfg);
+            let (loss, logits) = (out.loss, out.logits);
+            model = out.model;
             if let Some(e) = ema.as_mut() {
                 e.update(&model.valid());
             }
