@@ -18,12 +18,19 @@ pub use crate::params::{
 };
 use crate::run::write_atomic;
 
+/// The layout version written into every checkpoint's metadata (`convlab_checkpoint_format`).
+/// Files from before it was recorded have the same layout as version 1 and still load; a file
+/// from a newer convlab is refused with a message rather than misread.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &str = "convlab_checkpoint_format";
+
 /// Writes tensor groups (`prefix/name` keys) and string metadata to `path` atomically.
 pub fn save(
     path: &Path,
     groups: &[(&str, &TensorMap)],
-    meta: HashMap<String, String>,
+    mut meta: HashMap<String, String>,
 ) -> Result<()> {
+    meta.insert(FORMAT_KEY.into(), FORMAT_VERSION.to_string());
     let mut bytes: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
     for (prefix, map) in groups {
         for (k, t) in map.iter() {
@@ -69,6 +76,23 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         reason: format!("not a readable checkpoint: {reason}"),
     };
     let (_, metadata) = SafeTensors::read_metadata(&raw).map_err(|e| bad(e.to_string()))?;
+    let meta = metadata.metadata().clone().unwrap_or_default();
+    if let Some(v) = meta.get(FORMAT_KEY) {
+        match v.parse::<u32>() {
+            Ok(n) if n <= FORMAT_VERSION => {}
+            Ok(n) => {
+                return Err(bad(format!(
+                    "checkpoint format {n} is newer than this convlab reads ({FORMAT_VERSION}); \
+                     use a newer convlab"
+                )));
+            }
+            Err(_) => {
+                return Err(bad(format!(
+                    "`{FORMAT_KEY}` is `{v}`, not a version number"
+                )));
+            }
+        }
+    }
     let st = SafeTensors::deserialize(&raw).map_err(|e| bad(e.to_string()))?;
     let mut groups: HashMap<String, TensorMap> = HashMap::new();
     for (name, view) in st.tensors() {
@@ -92,8 +116,50 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             },
         );
     }
-    Ok(Checkpoint {
-        groups,
-        meta: metadata.metadata().clone().unwrap_or_default(),
-    })
+    Ok(Checkpoint { groups, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one() -> TensorMap {
+        TensorMap::from([(
+            "fc.weight".to_string(),
+            HostTensor {
+                shape: vec![2],
+                data: vec![1.0, 2.0],
+            },
+        )])
+    }
+
+    #[test]
+    fn format_version_is_written_checked_and_optional() {
+        let dir = std::env::temp_dir().join(format!("convlab-ck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.safetensors");
+        save(&path, &[("model", &one())], HashMap::new()).unwrap();
+        let ck = load(&path).unwrap();
+        assert_eq!(ck.meta[FORMAT_KEY], FORMAT_VERSION.to_string());
+        assert_eq!(ck.group("model"), one());
+        // A file from before the version was recorded (same layout) still loads.
+        let raw: Vec<u8> = [1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let write = |meta: Option<HashMap<String, String>>| {
+            let view = TensorView::new(Dtype::F32, vec![2], &raw).unwrap();
+            let bytes = safetensors::serialize(vec![("model/fc.weight", view)], meta).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+        };
+        write(None);
+        assert_eq!(load(&path).unwrap().group("model"), one());
+        // A newer format, or a garbled one, is refused by name.
+        write(Some(HashMap::from([(FORMAT_KEY.into(), "99".into())])));
+        let err = load(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("format 99") && err.contains("a.safetensors"),
+            "{err}"
+        );
+        write(Some(HashMap::from([(FORMAT_KEY.into(), "x".into())])));
+        assert!(load(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
