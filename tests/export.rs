@@ -7,6 +7,9 @@
 //! sharing no code with convlab's kernels) reproduces convlab's logits within 1e-4 of their
 //! scale. The onnxruntime and PyTorch checks are `tools/export_parity.py`.
 
+mod common;
+
+use common::uniform;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -32,17 +35,6 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// splitmix64 of `(seed << 32) + i`, in [-1, 1).
-fn uniform(n: usize, seed: u64) -> impl Iterator<Item = f32> {
-    (0..n as u64).map(move |i| {
-        let mut z = (i + (seed << 32)).wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 * 2f64.powi(-52) - 1.0) as f32
-    })
-}
-
 /// Every tensor of `model` set from its convlab name, with BN statistics away from (0, 1) so a
 /// graph that dropped or misplaced one would show.
 fn formula_weights(model: Model) -> Model {
@@ -55,6 +47,7 @@ fn formula_weights(model: Model) -> Model {
             let seed = k.bytes().map(|b| b as u64).sum::<u64>();
             let data = uniform(n, seed)
                 .map(|u| {
+                    let u = u as f32;
                     if k.ends_with("running_var") {
                         1.0 + 0.5 * u * u
                     } else if k.ends_with("running_mean") {
@@ -679,7 +672,7 @@ fn onnx_graphs_compute_convlabs_logits() {
     for (name, size) in cases {
         let model = build(name, 7, size);
         let n = 2 * 3 * size * size;
-        let x: Vec<f32> = uniform(n, 12345).collect();
+        let x: Vec<f32> = uniform(n, 12345).map(|v| v as f32).collect();
         let xt = Tensor::<4>::from_data(TensorData::new(x.clone(), [2, 3, size, size]), &device);
         let want: Vec<f32> = model
             .forward(xt)

@@ -453,45 +453,19 @@ fn export_round_trips_and_refuses_bad_requests() {
     let not_run = d.path().join("empty");
     std::fs::create_dir_all(&not_run).unwrap();
     let pth = d.path().join("x.pth");
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let args = |from: &Path, format: &str, out: &Path| -> Vec<String> {
+        let (from, out) = (from.display().to_string(), out.display().to_string());
+        vec![from, "--format".into(), format.into(), "--out".into(), out]
+    };
+    let cases = [
         (
-            vec![
-                not_run.display().to_string(),
-                "--format".into(),
-                "onnx".into(),
-                "--out".into(),
-                d.path().join("x.onnx").display().to_string(),
-            ],
+            args(&not_run, "onnx", &d.path().join("x.onnx")),
             "recipe.toml",
         ),
+        (args(&run, "keras", &pth), "keras"),
+        (args(&run, "onnx", &pth), ".onnx"),
         (
-            vec![
-                run.display().to_string(),
-                "--format".into(),
-                "keras".into(),
-                "--out".into(),
-                pth.display().to_string(),
-            ],
-            "keras",
-        ),
-        (
-            vec![
-                run.display().to_string(),
-                "--format".into(),
-                "onnx".into(),
-                "--out".into(),
-                pth.display().to_string(),
-            ],
-            ".onnx",
-        ),
-        (
-            vec![
-                run.display().to_string(),
-                "--format".into(),
-                "timm".into(),
-                "--out".into(),
-                d.path().join("no/such/dir/x.pth").display().to_string(),
-            ],
+            args(&run, "timm", &d.path().join("no/such/dir/x.pth")),
             "does not exist",
         ),
     ];

@@ -5,6 +5,9 @@
 //! convlab's model and must reproduce the logits within 1e-4 of their scale. The small `.pth`
 //! and `.safetensors` files check the reader on real PyTorch containers.
 
+mod common;
+
+use common::uniform;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -18,17 +21,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop")
-}
-
-/// `uniform` of tools/interop_fixtures.py: splitmix64 of `(seed << 32) + i`, in [-1, 1).
-fn uniform(n: usize, seed: u64) -> impl Iterator<Item = f64> {
-    (0..n as u64).map(move |i| {
-        let mut z = (i + (seed << 32)).wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 * 2f64.powi(-52) - 1.0
-    })
 }
 
 /// `fill` of tools/interop_fixtures.py: every tensor's values from its name and shape.

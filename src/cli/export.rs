@@ -125,19 +125,16 @@ fn write_sample(
         .convert::<f32>()
         .try_to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("logits: {e:?}"))?;
-    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|f| f.to_le_bytes()).collect() };
-    let (xb, yb) = (bytes(&x), bytes(&logits));
-    let views = vec![
-        (
-            "input".to_string(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, c, h, w], &xb)?,
-        ),
-        (
-            "logits".to_string(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, k], &yb)?,
-        ),
-    ];
-    convlab::run::write_atomic(path, &safetensors::serialize(views, None)?)?;
+    use convlab::interop::export::{ForeignDict, ForeignTensor, Values, safetensors_bytes};
+    let tensor = |shape: Vec<usize>, v: Vec<f32>| ForeignTensor {
+        shape,
+        values: Values::F32(v),
+    };
+    let sd = ForeignDict::from([
+        ("input".to_string(), tensor(vec![2, c, h, w], x)),
+        ("logits".to_string(), tensor(vec![2, k], logits)),
+    ]);
+    convlab::run::write_atomic(path, &safetensors_bytes(&sd, &BTreeMap::new())?)?;
     Ok(())
 }
 

@@ -232,7 +232,7 @@ fn state_dict_pickle(sd: &ForeignDict) -> Vec<u8> {
 }
 
 /// The bytes of a PyTorch zip `.pth` holding `sd`; `folder` is the records' top folder (torch
-/// uses the file's stem).
+/// reads any name; `torch.save` to a buffer writes `archive`).
 pub fn pth_bytes(sd: &ForeignDict, folder: &str) -> Result<Vec<u8>> {
     use zip::write::SimpleFileOptions;
     let zerr = |e: zip::result::ZipError| Error::Invalid(format!("cannot write zip: {e}"));
@@ -277,18 +277,7 @@ pub fn write_state_dict(
         .unwrap_or("")
         .to_ascii_lowercase();
     let bytes = match ext.as_str() {
-        "pth" | "pt" => {
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .filter(|s| {
-                    !s.is_empty()
-                        && s.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                })
-                .unwrap_or("archive");
-            pth_bytes(sd, stem)?
-        }
+        "pth" | "pt" => pth_bytes(sd, "archive")?,
         "safetensors" => safetensors_bytes(sd, meta)?,
         _ => {
             return Err(Error::Invalid(format!(

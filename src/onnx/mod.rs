@@ -75,14 +75,6 @@ fn pads(p: &PaddingConfig2d) -> [usize; 4] {
     }
 }
 
-fn host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 data")
-}
-
 impl Default for Graph {
     fn default() -> Self {
         Self::new()
@@ -126,7 +118,7 @@ impl Graph {
     }
 
     fn tensor_weight<const D: usize>(&mut self, name: &str, t: &Tensor<D>) -> String {
-        self.weight(name, &t.dims(), &host(t))
+        self.weight(name, &t.dims(), &crate::helpers::host(t.clone()))
     }
 
     /// One node with one output; returns the output's name.

@@ -162,3 +162,15 @@ pub fn fails(o: &std::process::Output) -> String {
     );
     err
 }
+
+/// splitmix64 of `(seed << 32) + i`, in [-1, 1): the formula `tools/interop_fixtures.py`
+/// (`uniform`) fills PyTorch's tensors with, so tests can compute the same values.
+pub fn uniform(n: usize, seed: u64) -> impl Iterator<Item = f64> {
+    (0..n as u64).map(move |i| {
+        let mut z = (i + (seed << 32)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 * 2f64.powi(-52) - 1.0
+    })
+}
