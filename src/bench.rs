@@ -1,9 +1,11 @@
 //! Throughput measurement of the real training step and of inference (`convlab bench`).
 //!
 //! A training step is the trainer's own function (`pipeline::train_step`: forward, losses
-//! including GoogLeNet's auxiliary heads, backward in the current precision, the optimiser
-//! update), with the default recipe's optimiser and loss weights. Inputs are random tensors
-//! made once, so the data loader is not measured here.
+//! including GoogLeNet's auxiliary heads and distillation, backward in the given precision, the
+//! optimiser update, EMA), configured from a recipe exactly as the trainer configures it
+//! (`StepConfig::from_recipe`; `convlab bench --recipe FILE`, else the default recipe).
+//! Inputs are random tensors made once, so the data loader is not measured here
+//! (`convlab bench data` measures it).
 
 use std::time::Instant;
 
@@ -12,8 +14,11 @@ use burn::tensor::Distribution;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::models::ModelConfig;
-use crate::pipeline::{StepConfig, train_step};
+use crate::kernels::{self, Precision};
+use crate::models::{Model, ModelConfig};
+use crate::pipeline::{Distill, StepConfig, Teacher, optimizer_for, train_step};
+use crate::recipe::Recipe;
+use crate::train::ema::Ema;
 use crate::train::loss::smoothed_targets;
 use crate::train::optim::Optimizer;
 
@@ -51,19 +56,75 @@ impl Timings {
     }
 }
 
-/// Times `steps` training steps (`device` must be an autodiff device) or inference steps.
+/// Times `steps` training steps (`device` must be an autodiff device) or inference steps of a
+/// model built from `cfg`, trained as `recipe` trains it: its optimiser, loss weights, label
+/// smoothing, clipping, EMA and distillation teacher, through the trainer's own step.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     cfg: &ModelConfig,
     mode: Mode,
     batch: usize,
     warmup: usize,
     steps: usize,
+    recipe: &Recipe,
+    precision: Precision,
     device: &Device,
 ) -> Result<Timings> {
     device.seed(0);
-    let mut model = cfg.build(device)?;
-    let s = cfg.input_size;
-    let k = cfg.num_classes;
+    let model = cfg.build(device)?;
+    let (x, targets) = random_batch(cfg, batch, recipe.loss.label_smoothing, device);
+    let step_seconds = match mode {
+        Mode::Train => {
+            let teacher = match &recipe.distill.teacher {
+                Some(dir) => Some(Teacher::load(
+                    dir,
+                    cfg.num_classes,
+                    &device.clone().without_autodiff(),
+                )?),
+                None => None,
+            };
+            let (mut opt, mut ema, _) = optimizer_for(recipe, &model, device);
+            let run = train_steps(
+                model,
+                &mut opt,
+                ema.as_mut(),
+                recipe,
+                precision,
+                teacher.as_ref(),
+                x,
+                targets,
+                warmup + steps,
+            );
+            run.seconds[warmup..].to_vec()
+        }
+        Mode::Infer => {
+            let eval = model.valid();
+            let x = x.inner();
+            let mut secs = Vec::with_capacity(warmup + steps);
+            kernels::with_precision(precision, || {
+                for _ in 0..warmup + steps {
+                    let t0 = Instant::now();
+                    let _ = eval.forward(x.clone()).into_data();
+                    secs.push(t0.elapsed().as_secs_f64());
+                }
+            });
+            secs[warmup..].to_vec()
+        }
+    };
+    Ok(Timings {
+        step_seconds,
+        batch,
+    })
+}
+
+/// A fixed random batch for `cfg` (`N(0, 1)` pixels, labels `i mod K`) and its soft targets.
+pub fn random_batch(
+    cfg: &ModelConfig,
+    batch: usize,
+    label_smoothing: f64,
+    device: &Device,
+) -> (Tensor<4>, Tensor<2>) {
+    let (s, k) = (cfg.input_size, cfg.num_classes);
     let x = Tensor::<4>::random(
         [batch, cfg.in_channels, s, s],
         Distribution::Normal(0.0, 1.0),
@@ -71,41 +132,69 @@ pub fn run(
     );
     let labels: Vec<usize> = (0..batch).map(|i| i % k).collect();
     let targets = Tensor::<2>::from_data(
-        TensorData::new(smoothed_targets(&labels, k, 0.0), [batch, k]),
+        TensorData::new(smoothed_targets(&labels, k, label_smoothing), [batch, k]),
         device,
     );
-    let recipe = crate::recipe::Recipe::default();
-    let mut opt = Optimizer::new(recipe.optim.clone());
-    let step = StepConfig {
-        precision: crate::kernels::precision(),
-        aux_weight: recipe.loss.aux_weight,
-        grad_clip_norm: recipe.regularisation.grad_clip_norm,
-        distill: None,
-    };
-    let eval = model.valid();
-    let eval_x = x.clone().inner();
-    let mut step_seconds = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
+    (x, targets)
+}
+
+/// What [`train_steps`] leaves: the trained model, each step's loss and seconds.
+pub struct Trained {
+    pub model: Model,
+    pub losses: Vec<f32>,
+    pub seconds: Vec<f64>,
+}
+
+/// `n` steps of [`crate::pipeline::train_step`] on one batch, at the recipe's peak learning
+/// rate, each timed until its loss is on the host (as the trainer reads it), with the model in
+/// training mode. `opt` and `ema` come from [`optimizer_for`], as the trainer makes them.
+#[allow(clippy::too_many_arguments)]
+pub fn train_steps(
+    model: Model,
+    opt: &mut Optimizer,
+    mut ema: Option<&mut Ema>,
+    recipe: &Recipe,
+    precision: Precision,
+    teacher: Option<&Teacher>,
+    x: Tensor<4>,
+    targets: Tensor<2>,
+    n: usize,
+) -> Trained {
+    let c = x.dims()[1];
+    let mean = recipe.data.mean.clone().unwrap_or_else(|| vec![0.0; c]);
+    let std = recipe.data.std.clone().unwrap_or_else(|| vec![1.0; c]);
+    let distill = teacher.map(|t| Distill {
+        teacher: t,
+        alpha: recipe.distill.alpha,
+        temperature: recipe.distill.temperature,
+        mean: &mean,
+        std: &std,
+    });
+    let cfg = StepConfig::from_recipe(recipe, precision, distill);
+    let lr = recipe.optim.scaled_lr(x.dims()[0]);
+    // Training mode, as the trainer sets it at every epoch's start.
+    let mut model = model.train();
+    let (mut losses, mut seconds) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
         let t0 = Instant::now();
-        match mode {
-            Mode::Train => {
-                let out = train_step(model, &mut opt, x.clone(), targets.clone(), 0.01, &step);
-                model = out.model;
-                let _ = out.loss.into_scalar::<f32>();
-            }
-            Mode::Infer => {
-                let y = eval.forward(eval_x.clone());
-                let _ = y.into_data();
-            }
-        }
-        if i >= warmup {
-            step_seconds.push(t0.elapsed().as_secs_f64());
-        }
+        let out = train_step(
+            model,
+            opt,
+            ema.as_deref_mut(),
+            x.clone(),
+            targets.clone(),
+            lr,
+            &cfg,
+        );
+        model = out.model;
+        losses.push(out.loss.into_scalar::<f32>());
+        seconds.push(t0.elapsed().as_secs_f64());
     }
-    Ok(Timings {
-        step_seconds,
-        batch,
-    })
+    Trained {
+        model,
+        losses,
+        seconds,
+    }
 }
 
 /// Peak resident set size of this process in MB (`VmHWM`), where the OS reports it.

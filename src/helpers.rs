@@ -36,3 +36,53 @@ pub fn host<const D: usize>(t: burn::prelude::Tensor<D>) -> Vec<f32> {
         .try_to_vec::<f32>()
         .expect("f32 tensor")
 }
+
+/// Mixes several integers into one well-spread 64-bit seed (splitmix64 finaliser), so that
+/// per-sample random streams for `(seed, epoch, index)` never collide in practice.
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
+    for &p in parts {
+        h ^= p
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
+        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        h ^= h >> 31;
+    }
+    h
+}
+
+/// The named random streams of a run, each a seed derived from the recipe's `seed`: one place
+/// lists every salt, so two streams can never share one by accident and a resumed run redraws
+/// exactly what an uninterrupted one would (each stream depends on the epoch or step only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// The model's initial weights (the device generator before `build`).
+    ModelInit,
+    /// Dropout masks and other device draws of one epoch.
+    Dropout { epoch: usize },
+    /// The mixup / CutMix draw of one optimiser step (global step index).
+    Mix { step: usize },
+    /// The order of the training samples in one epoch (epoch from 0).
+    Shuffle { epoch: usize },
+    /// The augmentation of sample `sample` (its dataset index) in epoch `epoch` (from 0).
+    Augment { epoch: usize, sample: usize },
+    /// The shuffled members of class `class` when splitting off a validation set.
+    Split { class: usize },
+}
+
+impl Stream {
+    /// The seed of this stream for a run seeded with `seed` (the values predate the names, so
+    /// runs made before them draw the same numbers).
+    pub fn seed(self, seed: u64) -> u64 {
+        match self {
+            Stream::ModelInit => mix_seed(&[seed, 0xC0FFEE]),
+            Stream::Dropout { epoch } => mix_seed(&[seed, epoch as u64, 0xD0]),
+            Stream::Mix { step } => mix_seed(&[seed, step as u64, 0x313]),
+            Stream::Shuffle { epoch } => mix_seed(&[seed, epoch as u64, 1]),
+            Stream::Augment { epoch, sample } => mix_seed(&[seed, epoch as u64, sample as u64]),
+            Stream::Split { class } => mix_seed(&[seed, class as u64]),
+        }
+    }
+}

@@ -1,12 +1,14 @@
 //! The one named-tensor walk: every float tensor of a Burn module by its module path
 //! (`ResNet.stages.0.1.convs.0.bn.gamma`), as host copies or shapes, and the way back (load a
-//! map of such tensors into a module, strictly or only what matches). Checkpoints, weight
-//! import and export, `init_from` and parameter counts go through it.
+//! map of such tensors into a module, strictly or only what matches). Checkpoints, EMA, the
+//! optimiser (and its decay rule), initialisation, parameter counts, filter maps, freezing,
+//! weight import and export all go through [`visit`] / [`map`]: the one implementation of
+//! Burn's `ModuleVisitor`/`ModuleMapper` in convlab (a test in `tests/layering.rs` keeps it so).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
@@ -42,31 +44,188 @@ impl HostTensor {
 /// Tensors by name, sorted.
 pub type TensorMap = BTreeMap<String, HostTensor>;
 
-struct Collect {
-    path: Vec<String>,
-    out: TensorMap,
-    /// Copy the values too (else only the shapes, with empty data).
-    data: bool,
+/// What a float tensor is, from the Burn type that owns it (the container type Burn passes to
+/// `enter_module`, e.g. `Struct:Conv2d`) and its field name; never guessed from the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `Conv2d.weight`: `[out, in / groups, kh, kw]`.
+    ConvWeight,
+    ConvBias,
+    /// `Linear.weight`: `[in, out]` (Burn's layout).
+    LinearWeight,
+    LinearBias,
+    /// A normalisation layer's learnable scale and shift (`BatchNorm.gamma` / `.beta`).
+    NormScale,
+    NormShift,
+    /// Batch-norm running statistics: buffers, not parameters.
+    RunningStat,
+    Other,
 }
 
-impl ModuleVisitor for Collect {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+impl Role {
+    /// Conv and linear weights: what initialisation draws and weight decay may reach.
+    pub fn is_weight(self) -> bool {
+        matches!(self, Role::ConvWeight | Role::LinearWeight)
+    }
+    /// Learnable (PyTorch's `parameters()`), as opposed to a buffer.
+    pub fn is_parameter(self) -> bool {
+        self != Role::RunningStat
+    }
+}
+
+/// Where the walk is: the module path of a float tensor and the types that hold it.
+pub struct Site<'a> {
+    names: &'a [String],
+    owners: &'a [String],
+}
+
+impl Site<'_> {
+    /// The dotted path, e.g. `ResNet.stages.0.1.convs.0.bn.gamma`.
+    pub fn path(&self) -> String {
+        self.names.join(".")
+    }
+    /// The path without its first `n` parts (`n = 1` drops the model's enum variant).
+    pub fn path_from(&self, n: usize) -> String {
+        self.names[n.min(self.names.len())..].join(".")
+    }
+    /// The field that holds the tensor (`weight`, `running_mean`, ...).
+    pub fn field(&self) -> &str {
+        self.names.last().map_or("", String::as_str)
+    }
+    /// The Burn type that owns the tensor (`Conv2d`, `Linear`, `BatchNorm`, ...).
+    pub fn owner(&self) -> &str {
+        self.owners.last().map_or("", |o| type_name(o))
+    }
+    /// Whether any enclosing module is of type `ty` (e.g. GoogLeNet's `AuxHead`).
+    pub fn inside(&self, ty: &str) -> bool {
+        self.owners.iter().any(|o| type_name(o) == ty)
+    }
+    pub fn role(&self) -> Role {
+        match (self.owner(), self.field()) {
+            ("Conv2d", "weight") => Role::ConvWeight,
+            ("Conv2d", "bias") => Role::ConvBias,
+            ("Linear", "weight") => Role::LinearWeight,
+            ("Linear", "bias") => Role::LinearBias,
+            ("BatchNorm" | "LayerNorm" | "GroupNorm", "gamma") => Role::NormScale,
+            ("BatchNorm" | "LayerNorm" | "GroupNorm", "beta") => Role::NormShift,
+            ("BatchNorm", "running_mean" | "running_var") => Role::RunningStat,
+            _ => Role::Other,
+        }
+    }
+}
+
+/// `Struct:Conv2d` -> `Conv2d`; `Vec` stays `Vec`.
+fn type_name(container: &str) -> &str {
+    container
+        .split_once(':')
+        .map_or(container, |(_, name)| name)
+}
+
+/// Reads every float tensor of a module with its [`Site`] (see [`visit`]).
+pub trait TensorVisitor {
+    fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>);
+}
+
+/// Replaces every float tensor of a module (see [`map`]). Whether the tensor required a
+/// gradient is kept by the walk.
+pub trait TensorMapper {
+    fn tensor<const D: usize>(&mut self, site: &Site, id: ParamId, t: Tensor<D>) -> Tensor<D>;
+}
+
+#[derive(Default)]
+struct Stack {
+    names: Vec<String>,
+    owners: Vec<String>,
+}
+
+impl Stack {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.names.push(name.to_string());
+        self.owners.push(container.to_string());
+    }
+    fn exit(&mut self) {
+        self.names.pop();
+        self.owners.pop();
+    }
+    fn site(&self) -> Site<'_> {
+        Site {
+            names: &self.names,
+            owners: &self.owners,
+        }
+    }
+}
+
+struct Walk<'v, V> {
+    stack: Stack,
+    inner: &'v mut V,
+}
+
+impl<V: TensorVisitor> ModuleVisitor for Walk<'_, V> {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.stack.enter(name, container);
     }
     fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+        self.stack.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = if self.data {
-            HostTensor::from_tensor(&param.val())
-        } else {
-            // The lazy shape: a module built for its shapes is never initialised.
-            HostTensor {
-                shape: param.lazy_shape().to_vec(),
-                data: Vec::new(),
-            }
-        };
-        self.out.insert(self.path.join("."), t);
+        self.inner.tensor(&self.stack.site(), param);
+    }
+}
+
+impl<F: TensorMapper> ModuleMapper for Walk<'_, F> {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.stack.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, t, mapper) = param.consume();
+        let grad = t.is_require_grad();
+        let mut t = self.inner.tensor(&self.stack.site(), id, t);
+        if grad && !t.is_require_grad() {
+            t = t.require_grad();
+        }
+        Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+/// The walk: calls `v` on every float tensor of `module`, in module order, with its site.
+pub fn visit<M: Module, V: TensorVisitor>(module: &M, v: &mut V) {
+    module.visit(&mut Walk {
+        stack: Stack::default(),
+        inner: v,
+    });
+}
+
+/// The walk, writing: every float tensor of `module` replaced by what `f` returns.
+pub fn map<M: Module, F: TensorMapper>(module: M, f: &mut F) -> M {
+    module.map(&mut Walk {
+        stack: Stack::default(),
+        inner: f,
+    })
+}
+
+/// [`visit`] with a closure that sees each tensor's site and shape (the lazy shape: nothing is
+/// initialised or copied).
+pub fn for_each_shape<M: Module>(module: &M, f: impl FnMut(&Site, &[usize])) {
+    struct Shapes<F>(F);
+    impl<F: FnMut(&Site, &[usize])> TensorVisitor for Shapes<F> {
+        fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>) {
+            (self.0)(site, &param.lazy_shape().to_vec());
+        }
+    }
+    visit(module, &mut Shapes(f));
+}
+
+struct Collect {
+    out: TensorMap,
+}
+
+impl TensorVisitor for Collect {
+    fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>) {
+        self.out
+            .insert(site.path(), HostTensor::from_tensor(&param.val()));
     }
 }
 
@@ -74,57 +233,44 @@ impl ModuleVisitor for Collect {
 /// `valid()` copy so batch-norm running statistics are up to date.
 pub fn module_tensors<M: Module>(module: &M) -> TensorMap {
     let mut c = Collect {
-        path: Vec::new(),
         out: TensorMap::new(),
-        data: true,
     };
-    module.visit(&mut c);
+    visit(module, &mut c);
     c.out
 }
 
 /// The ids of the float parameters whose module path satisfies `pick` (for Burn's
 /// `ParamGroup`: freezing part of a model).
-pub fn param_ids<M: Module>(module: &M, pick: impl Fn(&str) -> bool) -> Vec<burn::module::ParamId> {
+pub fn param_ids<M: Module>(module: &M, pick: impl Fn(&str) -> bool) -> Vec<ParamId> {
     struct Ids<F> {
-        path: Vec<String>,
         pick: F,
-        out: Vec<burn::module::ParamId>,
+        out: Vec<ParamId>,
     }
-    impl<F: Fn(&str) -> bool> ModuleVisitor for Ids<F> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if (self.pick)(&self.path.join(".")) {
+    impl<F: Fn(&str) -> bool> TensorVisitor for Ids<F> {
+        fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>) {
+            if (self.pick)(&site.path()) {
                 self.out.push(param.id);
             }
         }
     }
     let mut v = Ids {
-        path: Vec::new(),
         pick,
         out: Vec::new(),
     };
-    module.visit(&mut v);
+    visit(module, &mut v);
     v.out
 }
 
 /// The shape of every float tensor of `module` by path, without copying any values.
 pub fn module_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
-    let mut c = Collect {
-        path: Vec::new(),
-        out: TensorMap::new(),
-        data: false,
-    };
-    module.visit(&mut c);
-    c.out.into_iter().map(|(k, t)| (k, t.shape)).collect()
+    let mut out = BTreeMap::new();
+    for_each_shape(module, |site, shape| {
+        out.insert(site.path(), shape.to_vec());
+    });
+    out
 }
 
 struct Apply<'a> {
-    path: Vec<String>,
     tensors: &'a TensorMap,
     /// Copy only what matches (for `init_from`) instead of requiring every tensor.
     partial: bool,
@@ -134,25 +280,13 @@ struct Apply<'a> {
     optional: &'a dyn Fn(&str) -> bool,
 }
 
-impl ModuleMapper for Apply<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let key = self.path.join(".");
-        let (id, tensor, mapper) = param.consume();
-        let tensor = match self.tensors.get(&key) {
+impl TensorMapper for Apply<'_> {
+    fn tensor<const D: usize>(&mut self, site: &Site, _: ParamId, tensor: Tensor<D>) -> Tensor<D> {
+        let key = site.path();
+        match self.tensors.get(&key) {
             Some(h) if h.shape == tensor.dims().to_vec() => {
-                let grad = tensor.is_require_grad();
-                let mut t = h.to_tensor::<D>(&tensor.device());
-                if grad {
-                    t = t.require_grad();
-                }
                 self.copied.push(key);
-                t
+                h.to_tensor::<D>(&tensor.device())
             }
             Some(h) => {
                 if !self.partial {
@@ -171,8 +305,7 @@ impl ModuleMapper for Apply<'_> {
                 }
                 tensor
             }
-        };
-        Param::from_mapped_value(id, tensor, mapper)
+        }
     }
 }
 
@@ -197,14 +330,13 @@ pub fn load_module_except<M: Module>(
     optional: &dyn Fn(&str) -> bool,
 ) -> Result<M> {
     let mut a = Apply {
-        path: Vec::new(),
         tensors,
         partial: false,
         copied: Vec::new(),
         problems: Vec::new(),
         optional,
     };
-    let module = module.map(&mut a);
+    let module = map(module, &mut a);
     let extra: Vec<&String> = tensors.keys().filter(|k| !a.copied.contains(k)).collect();
     if a.problems.is_empty() && !extra.is_empty() {
         a.problems.push(format!(
@@ -253,13 +385,12 @@ pub fn load_matching<M: Module>(module: M, tensors: &TensorMap) -> (M, Vec<Strin
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut a = Apply {
-        path: Vec::new(),
         tensors: &chosen,
         partial: true,
         copied: Vec::new(),
         problems: Vec::new(),
         optional: &|_| true,
     };
-    let module = module.map(&mut a);
+    let module = map(module, &mut a);
     (module, a.copied)
 }

@@ -121,3 +121,61 @@ fn the_reference_scanner_sees_groups() {
     );
     assert_eq!(referenced("let x = crate::helpers::host(t);"), ["helpers"]);
 }
+
+/// Exactly one implementation of Burn's module walk: `src/params.rs`. Everything else
+/// (checkpoints, EMA, optimiser, init, parameter counts, filter maps, tests) goes through
+/// `params::visit` / `params::map`, so the layer kind comes from Burn's container type in one
+/// place instead of being guessed from field names in eight.
+#[test]
+fn one_named_tensor_walk() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tests"), &mut files);
+    rust_files(&root.join("examples"), &mut files);
+    let mut walkers = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let n = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("impl"))
+            .filter(|l| l.contains("ModuleVisitor for") || l.contains("ModuleMapper for"))
+            .count();
+        if n > 0 {
+            walkers.push(format!("{} ({n})", f.strip_prefix(root).unwrap().display()));
+        }
+    }
+    assert_eq!(
+        walkers,
+        ["src/params.rs (2)"],
+        "module walks outside params"
+    );
+}
+
+/// Models are built from layers, and only layers call the kernels: a model written with a
+/// kernel call (or a plain `conv.forward` next to one) would pick the fast path by itself.
+#[test]
+fn models_use_layers_not_kernels() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src/models"), &mut files);
+    let mut problems = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            if referenced(code).iter().any(|m| m == "kernels") {
+                problems.push(format!(
+                    "{}:{}",
+                    f.strip_prefix(root).unwrap().display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "models call kernels: {}",
+        problems.join(", ")
+    );
+}

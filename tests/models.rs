@@ -1,26 +1,20 @@
 //! Runs over every registered model: output shape, no NaN, one backward pass reaches every
 //! trainable parameter, `with_classes`, named feature maps, and config round trip through TOML.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use convlab::models::{ModelConfig, ModelName};
+use convlab::params::{Site, TensorVisitor};
 
 struct Trainable {
-    path: Vec<String>,
     params: Vec<(String, burn::module::ParamId, usize)>,
 }
 
-impl ModuleVisitor for Trainable {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+impl TensorVisitor for Trainable {
+    fn tensor<const D: usize>(&mut self, site: &Site, p: &Param<Tensor<D>>) {
         if p.val().is_require_grad() {
-            self.params.push((self.path.join("."), p.id, D));
+            self.params.push((site.path(), p.id, D));
         }
     }
 }
@@ -66,11 +60,8 @@ fn every_registered_model() {
             total = total + a.sum();
         }
         let grads = GradientsParams::from_grads(total.backward(), &model);
-        let mut v = Trainable {
-            path: vec![],
-            params: vec![],
-        };
-        model.visit(&mut v);
+        let mut v = Trainable { params: vec![] };
+        convlab::params::visit(&model, &mut v);
         assert!(!v.params.is_empty());
         for (path, id, rank) in &v.params {
             assert!(

@@ -7,7 +7,7 @@ use burn::module::Module;
 use clap::Args;
 use convlab::data::open;
 use convlab::eval::separation::analyze;
-use convlab::pipeline::trainer::{load_model, view_loader};
+use convlab::pipeline::{load_model, view_loader};
 use convlab::report::{MAX_IMAGES, write_report};
 use convlab::run::RunDir;
 

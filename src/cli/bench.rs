@@ -32,11 +32,17 @@ pub enum Preset {
 pub struct BenchArgs {
     #[arg(value_enum)]
     pub what: What,
-    #[arg(long, default_value = "bench-vgg")]
-    pub model: String,
-    /// Input as CxHxW (H = W).
-    #[arg(long, default_value = "3x32x32")]
-    pub input: String,
+    /// Model (default: the recipe's, else bench-vgg).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Input as CxHxW (H = W; default: the recipe's model input size with 3 channels, else
+    /// 3x32x32).
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Time the step this recipe trains with (its model and options, optimiser, loss weights,
+    /// label smoothing, clipping, EMA, teacher and precision); default: the default recipe.
+    #[arg(long)]
+    pub recipe: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     pub batch: usize,
     /// Timed steps (after 3 warm-up steps).
@@ -64,9 +70,9 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000000))]
     pub images: Option<usize>,
     /// Arithmetic of the convolutions (`bf16` needs AVX512-BF16 and burn-flex; else it says so
-    /// and measures fp32).
-    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-    pub precision: String,
+    /// and measures fp32). Default: the recipe's, else fp32.
+    #[arg(long, value_parser = ["fp32", "bf16"])]
+    pub precision: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -225,30 +231,82 @@ fn run_data(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model to time: `--model` and `--input` over the recipe's model section (its options:
+/// batch norm, widths, stem, ...), the class count from the recipe or `--classes`.
+fn model_config(a: &BenchArgs, recipe: &convlab::recipe::Recipe) -> Result<ModelConfig> {
+    let from_recipe = a.recipe.is_some();
+    let name = match (&a.model, from_recipe) {
+        (Some(m), _) => ModelName::from_name(m)?,
+        (None, true) => recipe.model.name,
+        (None, false) => ModelName::from_name("bench-vgg")?,
+    };
+    let (c, s) = match &a.input {
+        Some(i) => parse_input(i)?,
+        None if from_recipe => {
+            let c = match recipe.model.in_channels {
+                0 => 3,
+                c => c,
+            };
+            let s = match recipe.model.input_size {
+                0 => name.default_input_size(),
+                s => s,
+            };
+            (c, s)
+        }
+        None => (3, 32),
+    };
+    let mut cfg = if from_recipe && name == recipe.model.name {
+        recipe.model.clone()
+    } else {
+        ModelConfig::for_model(name, a.classes, c)
+    };
+    if cfg.num_classes == 0 {
+        cfg.num_classes = a.classes;
+    }
+    cfg.in_channels = c;
+    cfg.input_size = s;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if matches!(a.what, What::Data) {
         return run_data(&a);
     }
     device::set_threads(a.threads)?;
-    let (c, s) = parse_input(&a.input)?;
-    let mut cfg = ModelConfig::for_model(ModelName::from_name(&a.model)?, a.classes, c);
-    cfg.input_size = s;
+    let recipe = match &a.recipe {
+        Some(p) => convlab::recipe::Recipe::resolve(Some(p), &[])?,
+        None => convlab::recipe::Recipe::default(),
+    };
+    let cfg = model_config(&a, &recipe)?;
+    let model_name = cfg.name.to_string();
+    let input = format!("{}x{}x{}", cfg.in_channels, cfg.input_size, cfg.input_size);
     let base = device::pick(&a.device)?;
     let (mode, dev) = match a.what {
         What::Train => (Mode::Train, base.autodiff()),
         What::Infer | What::Data => (Mode::Infer, base),
     };
-    let asked: Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
+    let asked: Precision = match &a.precision {
+        Some(p) => p.parse().map_err(anyhow::Error::msg)?,
+        None => recipe.precision,
+    };
     let precision = device::precision(asked, &dev, &format!("--precision {asked}"));
-    let t = convlab::kernels::with_precision(precision, || {
-        bench::run(&cfg, mode, a.batch, 3, a.steps.max(1), &dev)
-    })?;
+    let t = bench::run(
+        &cfg,
+        mode,
+        a.batch,
+        3,
+        a.steps.max(1),
+        &recipe,
+        precision,
+        &dev,
+    )?;
     let (ips, slowest, fastest) = t.images_per_sec();
     // A backward pass costs about twice the forward pass.
-    let flops = cfg.flops() * a.batch as f64 * if mode == Mode::Train { 3.0 } else { 1.0 };
+    let flops = cfg.flops(&dev)? * a.batch as f64 * if mode == Mode::Train { 3.0 } else { 1.0 };
     let r = Report {
-        model: a.model.clone(),
-        input: a.input.clone(),
+        model: model_name,
+        input,
         batch: a.batch,
         threads: rayon::current_num_threads(),
         device: a.device.clone(),

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use convlab::data::open;
 use convlab::eval::tta::Tta;
 use convlab::pipeline::evaluate_tta;
-use convlab::pipeline::trainer::load_model;
+use convlab::pipeline::load_model;
 use convlab::run::RunDir;
 use serde::Serialize;
 

@@ -122,7 +122,7 @@ pub fn run(a: ExperimentArgs) -> Result<()> {
             }
         }
     }
-    let md = report::write(&exp, &cells, &out, &extra)?;
+    let md = report::write(&exp, &cells, &out, &extra, &devices[0])?;
     println!("\n{md}");
     println!(
         "wrote {}, {} and {}",

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::interop::Naming;
 use convlab::interop::export::{state_dict, write_state_dict};
-use convlab::pipeline::trainer::{load_model, norm_stats};
+use convlab::pipeline::{load_model, norm_stats};
 use convlab::run::RunDir;
 use serde::Serialize;
 
@@ -227,7 +227,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 ("mean", serde_json::to_string(&stats.mean)?),
                 ("std", serde_json::to_string(&stats.std)?),
             ];
-            let proto = model.to_onnx([c, size, size], &meta, &dev);
+            let proto = model.to_onnx([c, size, size], &meta);
             let nodes = proto.graph.as_ref().map_or(0, |g| g.node.len());
             convlab::run::write_atomic(&a.out, &convlab::onnx::encode(&proto))?;
             info.onnx = Some(OnnxInfo {

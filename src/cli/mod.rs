@@ -88,8 +88,9 @@ pub struct DataArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     // Checked before any work: a misspelt value would otherwise quietly run the default kernels.
-    convlab::kernels::parse_kernels(std::env::var("CONVLAB_KERNELS").ok().as_deref())
+    let kernels = convlab::kernels::parse_kernels(std::env::var("CONVLAB_KERNELS").ok().as_deref())
         .map_err(anyhow::Error::msg)?;
+    convlab::kernels::select(kernels);
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use clap::Args;
 use convlab::data::image_folder::decode_file;
-use convlab::pipeline::trainer::{load_model, transform};
+use convlab::pipeline::{load_model, transform};
 use convlab::run::RunDir;
 use serde::Serialize;
 

@@ -8,7 +8,7 @@ use burn::tensor::activation::softmax;
 use clap::{Args, Subcommand};
 use convlab::data::open;
 use convlab::models::Model;
-use convlab::pipeline::trainer::load_model;
+use convlab::pipeline::load_model;
 use convlab::recipe::Recipe;
 use convlab::run::RunDir;
 use convlab::viz::attribution::{self, ReluRule};

@@ -16,9 +16,9 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::dataset::Dataset;
-use super::split::mix_seed;
 use super::transforms::Transform;
 use crate::error::{Error, Result};
+use crate::helpers::Stream;
 
 /// One batch of model input, `[B, C, H, W]` floats and `B` labels.
 pub struct Batch {
@@ -98,7 +98,8 @@ impl Loader {
     pub fn order(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.data.len()).collect();
         if self.config.train {
-            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[self.config.seed, epoch as u64, 1]));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(Stream::Shuffle { epoch }.seed(self.config.seed));
             order.shuffle(&mut rng);
         }
         order
@@ -147,7 +148,7 @@ pub fn make_batch(
             let img = data.image(i, transform.channels)?;
             let seed = config
                 .train
-                .then(|| mix_seed(&[config.seed, epoch as u64, i as u64]));
+                .then(|| Stream::Augment { epoch, sample: i }.seed(config.seed));
             transform.apply(img, seed, out);
             Ok(())
         })

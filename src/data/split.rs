@@ -4,21 +4,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-/// Mixes several integers into one well-spread 64-bit seed (splitmix64 finaliser), so that
-/// per-sample random streams for `(seed, epoch, index)` never collide in practice.
-pub fn mix_seed(parts: &[u64]) -> u64 {
-    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
-    for &p in parts {
-        h ^= p
-            .wrapping_add(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(h << 6)
-            .wrapping_add(h >> 2);
-        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        h ^= h >> 31;
-    }
-    h
-}
+use crate::helpers::Stream;
+pub use crate::helpers::mix_seed;
 
 /// Indices of each class, each list shuffled with a seed derived from `seed` and the class.
 fn shuffled_by_class(labels: &[usize], seed: u64) -> Vec<Vec<usize>> {
@@ -28,7 +15,7 @@ fn shuffled_by_class(labels: &[usize], seed: u64) -> Vec<Vec<usize>> {
         by_class[l].push(i);
     }
     for (c, list) in by_class.iter_mut().enumerate() {
-        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[seed, c as u64]));
+        let mut rng = ChaCha8Rng::seed_from_u64(Stream::Split { class: c }.seed(seed));
         list.shuffle(&mut rng);
     }
     by_class

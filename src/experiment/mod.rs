@@ -31,7 +31,7 @@ use burn::prelude::Device;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::pipeline::trainer::{Quiet, TrainOptions, train};
+use crate::pipeline::{Quiet, TrainOptions, train};
 use crate::recipe::{Override, Recipe};
 use crate::run::{METRICS, RunDir, SUMMARY, Summary};
 

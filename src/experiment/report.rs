@@ -6,6 +6,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use burn::prelude::*;
+
 use super::stats::MeanStd;
 use super::{Cell, CellState, Experiment};
 use crate::error::Result;
@@ -41,7 +43,7 @@ pub struct VariantRow {
 }
 
 /// Reads the finished cells (unfinished ones are left out of the tables).
-pub fn collect(cells: &[Cell]) -> Result<Vec<CellResult>> {
+pub fn collect(cells: &[Cell], device: &Device) -> Result<Vec<CellResult>> {
     let mut out = Vec::new();
     for c in cells {
         let CellState::Done(s) = c.state() else {
@@ -57,7 +59,7 @@ pub fn collect(cells: &[Cell]) -> Result<Vec<CellResult>> {
             val_top5: s.final_val_top5,
             train_top1: metrics.last().map_or(f64::NAN, |m| m.train_top1),
             params: s.params,
-            gflops: recipe.model.flops() / 1e9,
+            gflops: recipe.model.flops(device)? / 1e9,
             seconds: s.seconds,
         });
     }
@@ -228,8 +230,14 @@ fn csv_field(s: &str) -> String {
 }
 
 /// Writes `results.md`, `results.csv` and `cells.csv` into `out`; returns the Markdown.
-pub fn write(exp: &Experiment, cells: &[Cell], out: &Path, extra_md: &str) -> Result<String> {
-    let results = collect(cells)?;
+pub fn write(
+    exp: &Experiment,
+    cells: &[Cell],
+    out: &Path,
+    extra_md: &str,
+    device: &Device,
+) -> Result<String> {
+    let results = collect(cells, device)?;
     let rows = rows(exp, &results);
     let mut md = markdown(exp, &rows, cells.len(), results.len());
     md.push_str(extra_md);

@@ -112,8 +112,13 @@ pub fn wide() -> bool {
 /// pairs of channels ([`Pairs`]), the weight gradient on pairs of positions
 /// ([`PositionPairs`]).
 pub fn applies(g: &ConvGeom) -> bool {
-    available()
-        && g.stride == [1, 1]
+    available() && fits(g)
+}
+
+/// The geometry the direct kernels compute (whatever the CPU): the rules of [`applies`]
+/// without the instruction-set check; the kernel plan ([`super::plan`]) combines them.
+pub fn fits(g: &ConvGeom) -> bool {
+    g.stride == [1, 1]
         && g.kh * g.kw > 1
         && g.cin > 0
         && g.cout >= 16

@@ -41,6 +41,8 @@ const GROUP_TILES: usize = 64;
 /// `resnet18_small` (widths 16-128) trained at 405-419 img/s against 535 with im2col; with
 /// these limits at 559-564 (`convlab bench train --model resnet18_small --threads 2`).
 ///
+/// Whether the kernel plan runs this layer's forward pass (and input gradient) on Winograd.
+///
 /// Layers of fewer than 64 input channels that the direct kernels take go to them instead in
 /// bf16, and in f32 where their AVX-512 tiles run: on `VDPBF16PS` they beat Winograd's bf16
 /// GEMMs plus f32 transforms (resnet18_small's 32 -> 32 16 px layers, one thread: forward
@@ -49,6 +51,14 @@ const GROUP_TILES: usize = 64;
 /// were not measured against Winograd there, so they keep it). At 64 channels Winograd still
 /// wins (bench-vgg's 64 -> 128 16 px in bf16: 5.5 against 6.0 ms forward).
 pub fn applies(g: &ConvGeom) -> bool {
+    super::plan::plan(g, super::plan::Cpu::detect()).forward == super::plan::Algo::Winograd
+}
+
+/// The geometry F(2x2, 3x3) computes exactly and is worth it for: 3x3 stride 1, symmetric
+/// padding up to 2, 32+ channels in and out, outputs of 8x8 or more. Whether it runs is the
+/// kernel plan's call ([`super::plan::plan`]), which gives some of these layers to the direct
+/// kernels as measured above.
+pub fn fits(g: &ConvGeom) -> bool {
     g.kh == 3
         && g.kw == 3
         && g.stride == [1, 1]
@@ -56,9 +66,6 @@ pub fn applies(g: &ConvGeom) -> bool {
         && g.pad[0] <= 2
         && g.cin >= 32
         && g.cout >= 32
-        && (g.cin >= 64
-            || !super::direct::applies(g)
-            || (g.precision == super::Precision::Fp32 && !super::direct::wide()))
         && g.ho() >= 8
         && g.wo() >= 8
 }
@@ -336,7 +343,7 @@ pub fn forward_act(
                     Some(p) => {
                         super::bf16::gemm_packed(&p[xi], t_all, mx, t_all, false, vx, t_all, 1, 1)
                     }
-                    None => super::conv::gemm_f32(
+                    None => super::gemm::gemm_f32(
                         cout,
                         t_all,
                         cin,

@@ -80,16 +80,74 @@ impl ConvBnAct {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        match &self.bn {
-            Some(bn) => crate::kernels::conv_bn(&self.conv, bn, x, true),
-            None => relu(crate::kernels::conv2d(&self.conv, x)),
-        }
+        conv_bn_relu(&self.conv, self.bn.as_ref(), x)
     }
 
     /// The ONNX nodes of [`Self::forward`].
     pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
         g.conv_bn(&self.conv, self.bn.as_ref(), x, true, name)
     }
+}
+
+/// Convolution + batch norm, no activation unless asked (ResNet's units: the residual
+/// addition comes before the ReLU). The convolution has no bias.
+///
+/// # Shapes
+/// `[B, C_in, H, W]` -> `[B, C_out, H / s, W / s]` (padding `k / 2`).
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+}
+
+impl ConvBn {
+    /// A `k x k` convolution with stride `stride`, padding `k / 2`, then batch norm.
+    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, device: &Device) -> Self {
+        let p = k / 2;
+        ConvBn {
+            conv: Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .with_bias(false)
+                .init(device),
+            bn: BatchNormConfig::new(cout).init(device),
+        }
+    }
+
+    /// The batch-norm scale set to zero ("zero-gamma": the block starts as the identity,
+    /// Goyal et al. 2017).
+    pub fn zero_gamma(mut self) -> Self {
+        self.bn.gamma = self.bn.gamma.map(|g| g.zeros_like());
+        self
+    }
+
+    /// Convolution and batch norm, then a ReLU when `relu` (fused with the batch norm; in
+    /// inference, all three in the convolution).
+    pub fn forward(&self, x: Tensor<4>, relu: bool) -> Tensor<4> {
+        crate::kernels::conv_bn(&self.conv, &self.bn, x, relu)
+    }
+}
+
+/// `relu(bn(conv(x)))`, or `relu(conv(x))` without batch norm, on convlab's kernels where they
+/// apply (models call this, never the kernels: a plain `conv.forward` would lose the fast path).
+pub fn conv_bn_relu(conv: &Conv2d, bn: Option<&BatchNorm>, x: Tensor<4>) -> Tensor<4> {
+    match bn {
+        Some(bn) => crate::kernels::conv_bn(conv, bn, x, true),
+        None => relu(crate::kernels::conv2d(conv, x)),
+    }
+}
+
+/// Max pooling on convlab's kernel where it applies.
+///
+/// # Shapes
+/// `[B, C, H, W]` -> `[B, C, (H + 2p - k) / s + 1, (W + 2p - k) / s + 1]` (ceil mode rounds up).
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    crate::kernels::max_pool2d(pool, x)
+}
+
+/// `relu(a + b)`: the end of a residual block (He et al. 2016), fused where it can be.
+pub fn add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    crate::kernels::add_relu(a, b)
 }
 
 /// A pooling layer whose kind is chosen at construction: `kernel x kernel`, stride `stride`
@@ -131,7 +189,7 @@ impl Pool {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match (&self.max, &self.avg) {
-            (Some(p), _) => crate::kernels::max_pool2d(p, x),
+            (Some(p), _) => max_pool2d(p, x),
             (_, Some(p)) => p.forward(x),
             _ => x,
         }

@@ -123,25 +123,6 @@ impl TrunkSpec {
             })
             .unwrap_or(self.in_channels)
     }
-
-    /// Multiply-adds x 2 of the trunk on a `size x size` input; returns (flops, final size).
-    pub fn flops(&self, size: usize) -> (f64, usize) {
-        let (mut c, mut s, mut f) = (self.in_channels, size, 0f64);
-        for p in &self.plan {
-            match *p {
-                Plan::Conv(w) => {
-                    f += 2.0 * (c * w * 9 * s * s) as f64;
-                    c = w;
-                }
-                Plan::ConvK(w, k) => {
-                    f += 2.0 * (c * w * k * k * s * s) as f64;
-                    c = w;
-                }
-                Plan::Pool => s /= 2,
-            }
-        }
-        (f, s)
-    }
 }
 
 impl Trunk {

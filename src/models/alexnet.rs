@@ -26,6 +26,8 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::module::adaptive_avg_pool2d;
 
+use super::init::Init;
+use super::{Family, ModelConfig, ModelName, Options};
 use crate::layers::{Pool, PoolKind};
 
 /// Configuration of an [`AlexNet`] (also used for ZFNet).
@@ -94,10 +96,6 @@ fn set_linear_bias(l: Linear, value: f32) -> Linear {
 }
 
 impl AlexNetConfig {
-    fn out_channels(&self) -> usize {
-        self.convs.last().map_or(self.in_channels, |c| c[0])
-    }
-
     pub fn init(&self, device: &Device) -> AlexNet {
         let gauss = Initializer::Normal {
             mean: 0.0,
@@ -167,28 +165,6 @@ impl AlexNetConfig {
             dropout: DropoutConfig::new(self.dropout).init(),
         }
     }
-
-    /// Multiply-adds x 2 per image at `size x size`.
-    pub fn flops(&self, size: usize) -> f64 {
-        let (k, st) = if self.overlapping { (3, 2) } else { (2, 2) };
-        let (mut c, mut s, mut f) = (self.in_channels, size, 0f64);
-        for (i, &[out, ks, stride, pad, groups]) in self.convs.iter().enumerate() {
-            s = (s + 2 * pad - ks) / stride + 1;
-            f += 2.0 * (c / groups * out * ks * ks * s * s) as f64;
-            if self.pool_after.contains(&i) {
-                s = (s + 2 * self.pool_pad - k) / st + 1;
-            }
-            c = out;
-        }
-        let flat = self.out_channels() * self.head_pool * self.head_pool;
-        let h = self.hidden;
-        f + 2.0
-            * if h > 0 {
-                flat * h + h * h + h * self.num_classes
-            } else {
-                flat * self.num_classes
-            } as f64
-    }
 }
 
 impl AlexNet {
@@ -196,10 +172,7 @@ impl AlexNet {
     pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let mut p = 0;
         for i in 0..self.convs.len() {
-            x = match &self.bns[i] {
-                Some(bn) => crate::kernels::conv_bn(&self.convs[i], bn, x, true),
-                None => relu(crate::kernels::conv2d(&self.convs[i], x)),
-            };
+            x = crate::layers::conv_bn_relu(&self.convs[i], self.bns[i].as_ref(), x);
             if let Some(lrn) = &self.lrns[i] {
                 x = lrn.forward(x);
             }
@@ -231,7 +204,7 @@ impl AlexNet {
     }
 
     /// The ONNX nodes of `features` + `forward_head` on an input whose feature map is `hw`.
-    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, hw: [usize; 2]) -> String {
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
         let mut x = x.to_string();
         for i in 0..self.convs.len() {
             x = g.conv(&self.convs[i], &x, &format!("convs.{i}"));
@@ -246,6 +219,7 @@ impl AlexNet {
                 x = pool.onnx(g, &x);
             }
         }
+        let hw = g.hw(&x);
         let x = g.adaptive_avg_pool_flat(&x, hw, self.head_pool);
         match (&self.fc6, &self.fc7) {
             (Some(fc6), Some(fc7)) => {
@@ -320,4 +294,126 @@ pub fn alexnet_small(num_classes: usize) -> AlexNetConfig {
     .with_pool_pad(1)
     .with_hidden(512)
     .with_head_pool(2)
+}
+
+/// The recipe options this family (and ZFNet, which shares its module) takes: the conv stack's
+/// shape (`hidden`, `conv_widths`, `remove_convs`), pooling, batch norm, LRN, dropout and the
+/// paper's initialisation.
+pub(super) const OPTIONS: Options = Options {
+    alexnet_shape: true,
+    pooling: true,
+    lrn: true,
+    paper_init: true,
+    ..Options::NONE
+};
+
+/// The registered AlexNet and ZFNet variants.
+pub(super) fn variant(name: ModelName, num_classes: usize) -> AlexNetConfig {
+    match name {
+        ModelName::AlexnetPaper => alexnet_paper(num_classes),
+        ModelName::AlexnetSmall => alexnet_small(num_classes),
+        ModelName::Zfnet => super::zfnet::zfnet(num_classes),
+        ModelName::ZfnetSmall => super::zfnet::zfnet_small(num_classes),
+        _ => alexnet(num_classes),
+    }
+}
+
+impl AlexNetConfig {
+    /// The configuration of a registered variant with the recipe's options applied.
+    pub(super) fn from_options(o: &ModelConfig) -> Self {
+        let k = o.num_classes;
+        let mut c = variant(o.name, k);
+        c.in_channels = o.in_channels;
+        c.pool = o.pool;
+        if let Some(h) = o.hidden {
+            c.hidden = h;
+        }
+        (c.convs, c.pool_after, c.lrn_after) = layers(o).expect("validated before building");
+        match o.init {
+            Some(Init::Paper) if o.name.family() == Family::AlexNet => c.paper_init = true,
+            Some(_) => c.paper_init = false,
+            None => {}
+        }
+        if let Some(overlapping) = o.overlapping_pool {
+            c.overlapping = overlapping;
+        }
+        if let Some(d) = o.dropout {
+            c.dropout = d;
+        }
+        if let Some(bn) = o.batch_norm {
+            c.batch_norm = bn;
+        }
+        match o.lrn {
+            Some(false) => c.lrn_after.clear(),
+            Some(true) if c.lrn_after.is_empty() => c.lrn_after = vec![0, 1],
+            _ => {}
+        }
+        c
+    }
+}
+
+/// AlexNet/ZFNet conv stack after `conv_widths` and `remove_convs`: (convs, pool_after,
+/// lrn_after), or the offending key and why.
+#[allow(clippy::type_complexity)]
+pub(super) fn layers(
+    o: &ModelConfig,
+) -> std::result::Result<(Vec<[usize; 5]>, Vec<usize>, Vec<usize>), (&'static str, String)> {
+    let k = o.num_classes;
+    let base = variant(o.name, k);
+    let mut convs = base.convs.clone();
+    let n = convs.len();
+    if let Some(w) = &o.conv_widths {
+        if w.len() != n || w.contains(&0) {
+            return Err((
+                "conv_widths",
+                format!("{} has {n} convs; give {n} widths > 0", o.name),
+            ));
+        }
+        for (c, &w) in convs.iter_mut().zip(w) {
+            if !w.is_multiple_of(c[4]) {
+                return Err((
+                    "conv_widths",
+                    format!("{w} is not divisible by the conv's groups"),
+                ));
+            }
+            c[0] = w;
+        }
+    }
+    let remove = o.remove_convs.clone().unwrap_or_default();
+    if let Some(&bad) = remove.iter().find(|&&i| i < 2 || i > n) {
+        return Err((
+            "remove_convs",
+            format!("conv{bad} cannot be removed (conv2..conv{n} can)"),
+        ));
+    }
+    let (mut kept, mut pools, mut lrns) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, c) in convs.into_iter().enumerate() {
+        let pooled = base.pool_after.contains(&i);
+        if remove.contains(&(i + 1)) {
+            // Keep the resolution schedule: the pool moves to the previous kept conv.
+            if pooled && !pools.contains(&(kept.len() - 1)) {
+                pools.push(kept.len() - 1);
+            }
+            continue;
+        }
+        if pooled {
+            pools.push(kept.len());
+        }
+        if base.lrn_after.contains(&i) {
+            lrns.push(kept.len());
+        }
+        kept.push(c);
+    }
+    // A conv's groups must divide its (possibly new) input width.
+    let mut cin = o.in_channels.max(1);
+    for c in &kept {
+        if !cin.is_multiple_of(c[4]) {
+            return Err((
+                "remove_convs",
+                format!("a grouped conv would get {cin} input channels"),
+            ));
+        }
+        cin = c[0];
+    }
+    Ok((kept, pools, lrns))
 }

@@ -3,13 +3,13 @@
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::alexnet::{self, AlexNetConfig};
+use super::alexnet::AlexNetConfig;
 use super::convnet::ConvNetConfig;
 use super::googlenet::GoogLeNetConfig;
 use super::init::{self, Init};
 use super::resnet::ResNetConfig;
 use super::vgg::VggConfig;
-use super::{Family, Model, ModelName, zfnet};
+use super::{Family, Model, ModelName};
 use crate::error::{Error, Result};
 use crate::layers::PoolKind;
 use crate::layers::trunk::{Plan, parse_plan};
@@ -110,10 +110,6 @@ impl ModelConfig {
         self.plan.as_deref().unwrap_or(self.name.plan())
     }
 
-    fn batch_norm(&self) -> bool {
-        self.batch_norm.unwrap_or(self.name.default_batch_norm())
-    }
-
     /// Checks the options that do not depend on the data (run before anything is written).
     pub fn validate_options(&self) -> Result<()> {
         let c = ModelConfig {
@@ -154,30 +150,86 @@ impl ModelConfig {
         {
             return Err(bad("dropout", format!("{d} (must be in [0, 1))")));
         }
-        let alex = matches!(self.name.family(), Family::AlexNet | Family::ZfNet);
-        if !alex {
-            for (key, set) in [
-                ("hidden", self.hidden.is_some()),
-                ("conv_widths", self.conv_widths.is_some()),
-                ("remove_convs", self.remove_convs.is_some()),
-            ] {
-                if set {
-                    return Err(bad(
-                        key,
-                        format!("only AlexNet and ZFNet models take it, not {}", self.name),
-                    ));
-                }
-            }
+        // Each family declares the options it takes (`OPTIONS` in its file); anything else
+        // set is an error naming the key, not a silently ignored setting.
+        let family = self.name.family();
+        let takes = family.options();
+        let rules: [(&str, bool, bool, &str); 9] = [
+            (
+                "hidden",
+                self.hidden.is_some(),
+                takes.alexnet_shape,
+                "AlexNet and ZFNet",
+            ),
+            (
+                "conv_widths",
+                self.conv_widths.is_some(),
+                takes.alexnet_shape,
+                "AlexNet and ZFNet",
+            ),
+            (
+                "remove_convs",
+                self.remove_convs.is_some(),
+                takes.alexnet_shape,
+                "AlexNet and ZFNet",
+            ),
+            (
+                "plan",
+                self.plan.is_some(),
+                takes.plan,
+                "plain (convnet, vgg)",
+            ),
+            (
+                "batch_norm",
+                self.batch_norm == Some(false),
+                !takes.batch_norm_required,
+                "non-residual",
+            ),
+            (
+                "lrn",
+                self.lrn == Some(true),
+                takes.lrn,
+                "AlexNet, ZFNet, VGG and GoogLeNet",
+            ),
+            (
+                "zero_gamma",
+                self.zero_gamma,
+                takes.zero_gamma,
+                "residual (ResNet)",
+            ),
+            (
+                "pool",
+                self.pool != PoolKind::Max || self.overlapping_pool.is_some(),
+                takes.pooling,
+                "AlexNet, ZFNet, convnet and VGG",
+            ),
+            (
+                "init",
+                self.init == Some(Init::Paper),
+                takes.paper_init,
+                "AlexNet, ZFNet, VGG and ResNet",
+            ),
+        ];
+        if let Some((key, _, _, who)) = rules.iter().find(|(_, set, ok, _)| *set && !*ok) {
+            let what = match *key {
+                "batch_norm" => "batch_norm = false".to_string(),
+                "lrn" => "LRN layers".to_string(),
+                "pool" => "pool and overlapping_pool".to_string(),
+                "init" => "init = \"paper\"".to_string(),
+                k => format!("`{k}`"),
+            };
+            return Err(bad(
+                key,
+                format!(
+                    "{} ({}) does not take {what}: only {who} models do",
+                    self.name,
+                    family.as_str()
+                ),
+            ));
         }
-        let pools = match self.name.family() {
+        let pools = match family {
             Family::AlexNet | Family::ZfNet => {
-                if self.plan.is_some() {
-                    return Err(bad(
-                        "plan",
-                        "only plain (convnet, vgg) models take a plan".into(),
-                    ));
-                }
-                self.alexnet_layers().map_err(|(k, e)| bad(k, e))?;
+                super::alexnet::layers(self).map_err(|(k, e)| bad(k, e))?;
                 if self.name.is_small() { 4 } else { 6 }
             }
             Family::ConvNet | Family::Vgg => parse_plan(self.plan())
@@ -185,63 +237,14 @@ impl ModelConfig {
                 .iter()
                 .filter(|p| **p == Plan::Pool)
                 .count(),
-            Family::GoogLeNet => {
-                if self.plan.is_some() {
-                    return Err(bad(
-                        "plan",
-                        "only plain (convnet, vgg) models take a plan".into(),
-                    ));
+            Family::GoogLeNet | Family::ResNet => {
+                if self.name.is_small() {
+                    3
+                } else {
+                    5
                 }
-                if self.name.is_small() { 3 } else { 5 }
-            }
-            Family::ResNet => {
-                if self.plan.is_some() {
-                    return Err(bad(
-                        "plan",
-                        "only plain (convnet, vgg) models take a plan".into(),
-                    ));
-                }
-                if self.name.is_small() { 3 } else { 5 }
             }
         };
-        if self.batch_norm == Some(false) && self.name.family() == Family::ResNet {
-            return Err(bad(
-                "batch_norm",
-                "ResNets are built with batch norm".into(),
-            ));
-        }
-        let family = self.name.family();
-        if self.lrn == Some(true) && matches!(family, Family::ConvNet | Family::ResNet) {
-            return Err(bad("lrn", format!("{} has no LRN layers", self.name)));
-        }
-        if self.zero_gamma && family != Family::ResNet {
-            return Err(bad(
-                "zero_gamma",
-                format!("only ResNets have residual blocks, not {}", self.name),
-            ));
-        }
-        if (self.pool != PoolKind::Max || self.overlapping_pool.is_some())
-            && matches!(family, Family::ResNet | Family::GoogLeNet)
-        {
-            return Err(bad(
-                "pool",
-                format!(
-                    "{} keeps its own pooling; pool and overlapping_pool do not apply",
-                    self.name
-                ),
-            ));
-        }
-        if self.init == Some(Init::Paper)
-            && matches!(self.name.family(), Family::ConvNet | Family::GoogLeNet)
-        {
-            return Err(bad(
-                "init",
-                format!(
-                    "{} has no paper initialisation; use xavier or kaiming",
-                    self.name
-                ),
-            ));
-        }
         if self.num_classes > crate::limits::MAX_CLASSES {
             return Err(bad(
                 "num_classes",
@@ -329,7 +332,7 @@ impl ModelConfig {
                 for &w in self.conv_widths.iter().flatten() {
                     wide("conv_widths", w)?;
                 }
-                let (convs, _, _) = self.alexnet_layers()?;
+                let (convs, _, _) = super::alexnet::layers(self)?;
                 for [n, ks, _, _, g] in convs {
                     params += c * n as f64 * (ks * ks) as f64 / g.max(1) as f64;
                     c = n as f64;
@@ -355,184 +358,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    fn convnet(&self) -> ConvNetConfig {
-        ConvNetConfig::new(self.plan().to_string(), self.num_classes)
-            .with_in_channels(self.in_channels)
-            .with_batch_norm(self.batch_norm())
-            .with_pool(self.pool)
-            .with_pool_kernel(if self.overlapping_pool == Some(true) {
-                3
-            } else {
-                2
-            })
-            .with_dropout(self.dropout.unwrap_or(0.0))
-    }
-
-    fn vgg(&self) -> VggConfig {
-        let small = self.name == ModelName::Vgg11Small;
-        VggConfig::new(self.plan().to_string(), self.num_classes)
-            .with_in_channels(self.in_channels)
-            .with_batch_norm(self.batch_norm())
-            .with_lrn(self.lrn.unwrap_or(self.name == ModelName::Vgg11Lrn))
-            .with_pool(self.pool)
-            .with_pool_kernel(if self.overlapping_pool == Some(true) {
-                3
-            } else {
-                2
-            })
-            .with_dropout(self.dropout.unwrap_or(0.5))
-            .with_hidden(if small { 256 } else { 4096 })
-            .with_head_pool(if small { 1 } else { 7 })
-    }
-
-    fn alexnet(&self) -> AlexNetConfig {
-        use ModelName::*;
-        let k = self.num_classes;
-        let mut c = match self.name {
-            AlexnetPaper => alexnet::alexnet_paper(k),
-            AlexnetSmall => alexnet::alexnet_small(k),
-            Zfnet => zfnet::zfnet(k),
-            ZfnetSmall => zfnet::zfnet_small(k),
-            _ => alexnet::alexnet(k),
-        };
-        c.in_channels = self.in_channels;
-        c.pool = self.pool;
-        if let Some(h) = self.hidden {
-            c.hidden = h;
-        }
-        (c.convs, c.pool_after, c.lrn_after) =
-            self.alexnet_layers().expect("validated before building");
-        match self.init {
-            Some(Init::Paper) if self.name.family() == Family::AlexNet => c.paper_init = true,
-            Some(_) => c.paper_init = false,
-            None => {}
-        }
-        if let Some(o) = self.overlapping_pool {
-            c.overlapping = o;
-        }
-        if let Some(d) = self.dropout {
-            c.dropout = d;
-        }
-        if let Some(bn) = self.batch_norm {
-            c.batch_norm = bn;
-        }
-        match self.lrn {
-            Some(false) => c.lrn_after.clear(),
-            Some(true) if c.lrn_after.is_empty() => c.lrn_after = vec![0, 1],
-            _ => {}
-        }
-        c
-    }
-
-    /// AlexNet/ZFNet conv stack after `conv_widths` and `remove_convs`: (convs, pool_after,
-    /// lrn_after), or the offending key and why.
-    #[allow(clippy::type_complexity)]
-    fn alexnet_layers(
-        &self,
-    ) -> std::result::Result<(Vec<[usize; 5]>, Vec<usize>, Vec<usize>), (&'static str, String)>
-    {
-        use ModelName::*;
-        let k = self.num_classes;
-        let base = match self.name {
-            AlexnetPaper => alexnet::alexnet_paper(k),
-            AlexnetSmall => alexnet::alexnet_small(k),
-            Zfnet => zfnet::zfnet(k),
-            ZfnetSmall => zfnet::zfnet_small(k),
-            _ => alexnet::alexnet(k),
-        };
-        let mut convs = base.convs.clone();
-        let n = convs.len();
-        if let Some(w) = &self.conv_widths {
-            if w.len() != n || w.contains(&0) {
-                return Err((
-                    "conv_widths",
-                    format!("{} has {n} convs; give {n} widths > 0", self.name),
-                ));
-            }
-            for (c, &w) in convs.iter_mut().zip(w) {
-                if !w.is_multiple_of(c[4]) {
-                    return Err((
-                        "conv_widths",
-                        format!("{w} is not divisible by the conv's groups"),
-                    ));
-                }
-                c[0] = w;
-            }
-        }
-        let remove = self.remove_convs.clone().unwrap_or_default();
-        if let Some(&bad) = remove.iter().find(|&&i| i < 2 || i > n) {
-            return Err((
-                "remove_convs",
-                format!("conv{bad} cannot be removed (conv2..conv{n} can)"),
-            ));
-        }
-        let (mut kept, mut pools, mut lrns) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, c) in convs.into_iter().enumerate() {
-            let pooled = base.pool_after.contains(&i);
-            if remove.contains(&(i + 1)) {
-                // Keep the resolution schedule: the pool moves to the previous kept conv.
-                if pooled && !pools.contains(&(kept.len() - 1)) {
-                    pools.push(kept.len() - 1);
-                }
-                continue;
-            }
-            if pooled {
-                pools.push(kept.len());
-            }
-            if base.lrn_after.contains(&i) {
-                lrns.push(kept.len());
-            }
-            kept.push(c);
-        }
-        // A conv's groups must divide its (possibly new) input width.
-        let mut cin = self.in_channels.max(1);
-        for c in &kept {
-            if !cin.is_multiple_of(c[4]) {
-                return Err((
-                    "remove_convs",
-                    format!("a grouped conv would get {cin} input channels"),
-                ));
-            }
-            cin = c[0];
-        }
-        Ok((kept, pools, lrns))
-    }
-
-    fn googlenet(&self) -> GoogLeNetConfig {
-        use ModelName::*;
-        let paper = self.name == Googlenet;
-        let mut c = GoogLeNetConfig::new(self.num_classes)
-            .with_in_channels(self.in_channels)
-            .with_batch_norm(self.batch_norm())
-            .with_lrn(self.lrn.unwrap_or(paper))
-            .with_true_5x5(self.name != GooglenetTv)
-            // torchvision's BasicConv2d: BatchNorm2d(eps=0.001), which its weights expect.
-            .with_bn_eps(if self.name == GooglenetTv { 1e-3 } else { 1e-5 })
-            .with_dropout(self.dropout.unwrap_or(if paper { 0.4 } else { 0.2 }));
-        if self.name == GooglenetSmall {
-            c = c.with_width_div(4).with_small_stem(true);
-        }
-        c
-    }
-
-    fn resnet(&self) -> ResNetConfig {
-        use ModelName::*;
-        let (layers, bottleneck) = match self.name {
-            Resnet34 | Resnet50 | Resnet50D => ([3, 4, 6, 3], self.name != Resnet34),
-            _ => ([2, 2, 2, 2], false),
-        };
-        let mut c = ResNetConfig::new(layers, bottleneck, self.num_classes)
-            .with_in_channels(self.in_channels)
-            .with_zero_gamma(self.zero_gamma);
-        if self.name == Resnet50D {
-            c = c.with_stem("deep".into()).with_avg_down(true);
-        }
-        if self.name == Resnet18Small {
-            c = c.with_stem("cifar".into()).with_widths([16, 32, 64, 128]);
-        }
-        c
-    }
-
     /// Builds the model with freshly initialised weights on `device`.
     pub fn build(&self, device: &Device) -> Result<Model> {
         self.validate()?;
@@ -555,22 +380,22 @@ impl ModelConfig {
 
     fn build_layers(&self, device: &Device) -> Model {
         match self.name.family() {
-            Family::AlexNet | Family::ZfNet => Model::AlexNet(self.alexnet().init(device)),
-            Family::ConvNet => Model::ConvNet(self.convnet().init(device)),
-            Family::Vgg => Model::Vgg(self.vgg().init(device)),
-            Family::GoogLeNet => Model::GoogLeNet(self.googlenet().init(device)),
-            Family::ResNet => Model::ResNet(self.resnet().init(device)),
+            Family::AlexNet | Family::ZfNet => {
+                Model::AlexNet(AlexNetConfig::from_options(self).init(device))
+            }
+            Family::ConvNet => Model::ConvNet(ConvNetConfig::from_options(self).init(device)),
+            Family::Vgg => Model::Vgg(VggConfig::from_options(self).init(device)),
+            Family::GoogLeNet => Model::GoogLeNet(GoogLeNetConfig::from_options(self).init(device)),
+            Family::ResNet => Model::ResNet(ResNetConfig::from_options(self).init(device)),
         }
     }
 
-    /// Multiply-adds x 2 of one forward pass at the configured input size, from layer shapes.
-    pub fn flops(&self) -> f64 {
-        match self.name.family() {
-            Family::AlexNet | Family::ZfNet => self.alexnet().flops(self.input_size),
-            Family::ConvNet => self.convnet().flops(self.input_size),
-            Family::Vgg => self.vgg().flops(self.input_size),
-            Family::GoogLeNet => self.googlenet().flops(self.input_size),
-            Family::ResNet => self.resnet().flops(self.input_size),
-        }
+    /// Multiply-adds x 2 of one forward pass at the configured input size (convolutions and
+    /// linear layers; GoogLeNet's training-only auxiliary heads excluded), from the shape trace
+    /// of the built model ([`Model::trace`]). The model is built lazily on `device`: no weight
+    /// is initialised.
+    pub fn flops(&self, device: &Device) -> Result<f64> {
+        let s = self.input_size;
+        Ok(self.build(device)?.trace([self.in_channels, s, s]).flops())
     }
 }

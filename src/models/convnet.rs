@@ -12,8 +12,42 @@
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
+use super::{ModelConfig, ModelName, Options};
 use crate::layers::trunk::{Trunk, TrunkSpec, parse_plan};
 use crate::layers::{PoolKind, global_avg_pool};
+
+/// The recipe options this family takes: a plan, pooling kind and size, batch norm on or
+/// off, dropout, xavier/kaiming init.
+pub(super) const OPTIONS: Options = Options {
+    plan: true,
+    pooling: true,
+    ..Options::NONE
+};
+
+/// The registered variants' layer plans.
+pub(super) fn default_plan(name: ModelName) -> &'static str {
+    match name {
+        ModelName::BenchVgg => "64,64,M,128,128,M,256,256,M",
+        _ => "32,M,64,M,128,128",
+    }
+}
+
+impl ConvNetConfig {
+    /// The configuration of a registered variant with the recipe's options applied. Both
+    /// variants have batch norm by default and no dropout.
+    pub(super) fn from_options(o: &ModelConfig) -> Self {
+        ConvNetConfig::new(o.plan().to_string(), o.num_classes)
+            .with_in_channels(o.in_channels)
+            .with_batch_norm(o.batch_norm.unwrap_or(true))
+            .with_pool(o.pool)
+            .with_pool_kernel(if o.overlapping_pool == Some(true) {
+                3
+            } else {
+                2
+            })
+            .with_dropout(o.dropout.unwrap_or(0.0))
+    }
+}
 
 /// Configuration of a [`ConvNet`].
 #[derive(Config, Debug)]
@@ -65,13 +99,6 @@ impl ConvNetConfig {
             fc: LinearConfig::new(trunk.out_channels, self.num_classes).init(device),
             trunk,
         }
-    }
-
-    /// Multiply-adds x 2 per image at `size x size`.
-    pub fn flops(&self, size: usize) -> f64 {
-        let spec = self.trunk_spec();
-        let (f, _) = spec.flops(size);
-        f + 2.0 * (spec.out_channels() * self.num_classes) as f64
     }
 }
 

@@ -24,11 +24,41 @@
 //! stem `[B, 192, 28, 28]` -> 3a/3b `[B, 480, 28, 28]` -> pool -> 4a..4e `[B, 832, 14, 14]`
 //! -> pool -> 5a/5b `[B, 1024, 7, 7]` -> GAP, dropout, FC -> `[B, K]`.
 
+use super::{ModelConfig, ModelName, Options};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, LocalResponseNorm, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::module::adaptive_avg_pool2d;
+
+/// The recipe options this family takes: batch norm, LRN and dropout (it keeps its own
+/// pooling, and has no paper initialisation).
+pub(super) const OPTIONS: Options = Options {
+    lrn: true,
+    ..Options::NONE
+};
+
+impl GoogLeNetConfig {
+    /// The configuration of a registered variant with the recipe's options applied: the paper's
+    /// (LRN, true 5x5 branches, dropout 0.4), torchvision's (BN with eps 1e-3, 3x3 in the
+    /// "5x5" branch, dropout 0.2) or the small one (BN, widths / 4, small stem).
+    pub(super) fn from_options(o: &ModelConfig) -> Self {
+        use ModelName::*;
+        let paper = o.name == Googlenet;
+        let mut c = GoogLeNetConfig::new(o.num_classes)
+            .with_in_channels(o.in_channels)
+            .with_batch_norm(o.batch_norm.unwrap_or(!paper))
+            .with_lrn(o.lrn.unwrap_or(paper))
+            .with_true_5x5(o.name != GooglenetTv)
+            // torchvision's BasicConv2d: BatchNorm2d(eps=0.001), which its weights expect.
+            .with_bn_eps(if o.name == GooglenetTv { 1e-3 } else { 1e-5 })
+            .with_dropout(o.dropout.unwrap_or(if paper { 0.4 } else { 0.2 }));
+        if o.name == GooglenetSmall {
+            c = c.with_width_div(4).with_small_stem(true);
+        }
+        c
+    }
+}
 
 use crate::layers::{ConvBnAct, global_avg_pool};
 
@@ -95,9 +125,7 @@ impl Inception {
         let a = self.b1.forward(x.clone());
         let b = self.b2.forward(self.b2_reduce.forward(x.clone()));
         let c = self.b3.forward(self.b3_reduce.forward(x.clone()));
-        let d = self
-            .b4
-            .forward(crate::kernels::max_pool2d(&self.b4_pool, x));
+        let d = self.b4.forward(crate::layers::max_pool2d(&self.b4_pool, x));
         Tensor::cat(vec![a, b, c, d], 1)
     }
 
@@ -249,39 +277,6 @@ impl GoogLeNetConfig {
             fc: LinearConfig::new(self.w(1024), self.num_classes).init(device),
         }
     }
-
-    /// Multiply-adds x 2 per image at `size x size` (without the auxiliary heads).
-    pub fn flops(&self, size: usize) -> f64 {
-        let pool = |s: usize, k: usize, st: usize| (s - k).div_ceil(st) + 1;
-        let conv = |i: usize, o: usize, k: usize, s: usize| 2.0 * (i * o * k * k * s * s) as f64;
-        let mut f = 0.0;
-        let mut s = size;
-        for (n, [i, o, k, st, p]) in self.stem_plan().into_iter().enumerate() {
-            s = (s + 2 * p - k) / st + 1;
-            f += conv(i, o, k, s);
-            if n == 0 && !self.small_stem {
-                s = pool(s, 3, 2);
-            }
-        }
-        s = pool(s, 3, 2);
-        let k5 = if self.true_5x5 { 5 } else { 3 };
-        for (n, &[cin, c1, r3, c3, r5, c5, cp]) in INCEPTION.iter().enumerate() {
-            let w = |c| self.w(c);
-            f += conv(w(cin), w(c1), 1, s)
-                + conv(w(cin), w(r3), 1, s)
-                + conv(w(r3), w(c3), 3, s)
-                + conv(w(cin), w(r5), 1, s)
-                + conv(w(r5), w(c5), k5, s)
-                + conv(w(cin), w(cp), 1, s);
-            if n == 1 {
-                s = pool(s, 3, 2);
-            }
-            if n == 6 {
-                s = pool(s, 2, 2);
-            }
-        }
-        f + 2.0 * (self.w(1024) * self.num_classes) as f64
-    }
 }
 
 impl GoogLeNet {
@@ -298,7 +293,7 @@ impl GoogLeNet {
             x = c.forward(x);
             x = tap(format!("conv{}", i + 1), x);
             if i == 0 && !small {
-                x = crate::kernels::max_pool2d(&self.pools[0], x);
+                x = crate::layers::max_pool2d(&self.pools[0], x);
                 if let Some(l) = &self.lrn {
                     x = l.forward(x);
                 }
@@ -308,7 +303,7 @@ impl GoogLeNet {
             x = l.forward(x);
         }
         let p0 = if small { 0 } else { 1 };
-        x = crate::kernels::max_pool2d(&self.pools[p0], x);
+        x = crate::layers::max_pool2d(&self.pools[p0], x);
         for (i, b) in self.blocks.iter().enumerate() {
             x = b.forward(x);
             x = tap(format!("inception{}", NAMES[i]), x);
@@ -316,10 +311,10 @@ impl GoogLeNet {
                 aux_taps.push(x.clone());
             }
             if i == 1 {
-                x = crate::kernels::max_pool2d(&self.pools[p0 + 1], x);
+                x = crate::layers::max_pool2d(&self.pools[p0 + 1], x);
             }
             if i == 6 {
-                x = crate::kernels::max_pool2d(&self.pools[p0 + 2], x);
+                x = crate::layers::max_pool2d(&self.pools[p0 + 2], x);
             }
         }
         x

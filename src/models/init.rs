@@ -14,10 +14,12 @@
 //! Conv weights are `[out, in / groups, k, k]`: `fan_in = in / groups * k * k`,
 //! `fan_out = out * k * k`. Burn's linear weights are `[in, out]`.
 
-use burn::module::{ModuleMapper, Param};
+use burn::module::ParamId;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::{Deserialize, Serialize};
+
+use crate::params::{self, Role, Site, TensorMapper};
 
 /// An initialisation scheme (`model.init` in the recipe).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,26 +42,15 @@ pub enum Scheme {
 
 struct Reinit {
     scheme: Scheme,
-    path: Vec<String>,
 }
 
-impl ModuleMapper for Reinit {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let last = self.path.last().map(String::as_str).unwrap_or("");
-        let parent_bn = self.path.iter().rev().nth(1).is_some_and(|p| p == "bn");
-        let (id, t, mapper) = param.consume();
+impl TensorMapper for Reinit {
+    fn tensor<const D: usize>(&mut self, site: &Site, _: ParamId, t: Tensor<D>) -> Tensor<D> {
         let dims = t.dims();
-        let grad = t.is_require_grad();
         let device = t.device();
-        let new = match (last, D) {
-            ("weight", 4) | ("weight", 2) if !parent_bn => {
-                let (fan_in, fan_out) = if D == 4 {
+        match site.role() {
+            role @ (Role::ConvWeight | Role::LinearWeight) => {
+                let (fan_in, fan_out) = if role == Role::ConvWeight {
                     let rf = dims[2] * dims[3];
                     (dims[1] * rf, dims[0] * rf)
                 } else {
@@ -71,35 +62,26 @@ impl ModuleMapper for Reinit {
                         Distribution::Uniform(-a, a)
                     }
                     Scheme::Kaiming => {
-                        let fan = if D == 4 { fan_out } else { fan_in };
+                        let fan = if role == Role::ConvWeight {
+                            fan_out
+                        } else {
+                            fan_in
+                        };
                         Distribution::Normal(0.0, (2.0 / fan as f64).sqrt())
                     }
                     Scheme::Gaussian(std) => Distribution::Normal(0.0, std),
                 };
-                Some(Tensor::<D>::random(dims, dist, &device))
+                Tensor::<D>::random(dims, dist, &device)
             }
-            ("bias", _) if !parent_bn => Some(t.zeros_like()),
-            _ => None,
-        };
-        let t = match new {
-            Some(mut n) => {
-                if grad {
-                    n = n.require_grad();
-                }
-                n
-            }
-            None => t,
-        };
-        Param::from_mapped_value(id, t, mapper)
+            Role::ConvBias | Role::LinearBias => t.zeros_like(),
+            _ => t,
+        }
     }
 }
 
 /// Re-draws every conv and linear weight of `module` with `scheme` and zeroes their biases.
 pub fn apply<M: Module>(module: M, scheme: Scheme) -> M {
-    module.map(&mut Reinit {
-        scheme,
-        path: Vec::new(),
-    })
+    params::map(module, &mut Reinit { scheme })
 }
 
 #[cfg(test)]

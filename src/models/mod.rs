@@ -34,7 +34,53 @@ pub enum Family {
     ResNet,
 }
 
+/// The recipe options a family takes beyond the common ones (`name`, `num_classes`,
+/// `in_channels`, `input_size`, `dropout`, `batch_norm`, xavier/kaiming/default `init`,
+/// `pretrained`): each family file declares its own as `OPTIONS`, and
+/// [`ModelConfig::validate`] refuses the rest by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// `hidden`, `conv_widths`, `remove_convs`.
+    pub alexnet_shape: bool,
+    /// `plan`.
+    pub plan: bool,
+    /// `batch_norm = false` is refused (ResNets).
+    pub batch_norm_required: bool,
+    /// `lrn = true`.
+    pub lrn: bool,
+    /// `zero_gamma`.
+    pub zero_gamma: bool,
+    /// `pool` and `overlapping_pool`.
+    pub pooling: bool,
+    /// `init = "paper"`.
+    pub paper_init: bool,
+}
+
+impl Options {
+    /// Nothing beyond the common options.
+    pub const NONE: Options = Options {
+        alexnet_shape: false,
+        plan: false,
+        batch_norm_required: false,
+        lrn: false,
+        zero_gamma: false,
+        pooling: false,
+        paper_init: false,
+    };
+}
+
 impl Family {
+    /// The options the family takes (its file's `OPTIONS`).
+    pub fn options(self) -> Options {
+        match self {
+            Family::AlexNet | Family::ZfNet => alexnet::OPTIONS,
+            Family::ConvNet => convnet::OPTIONS,
+            Family::Vgg => vgg::OPTIONS,
+            Family::GoogLeNet => googlenet::OPTIONS,
+            Family::ResNet => resnet::OPTIONS,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Family::AlexNet => "alexnet",
@@ -151,40 +197,21 @@ impl ModelName {
 
     /// The default layer plan of a plain (convnet or VGG) model; empty for other families.
     pub fn plan(self) -> &'static str {
-        use ModelName::*;
-        match self {
-            ConvnetSmall => "32,M,64,M,128,128",
-            BenchVgg => "64,64,M,128,128,M,256,256,M",
-            Vgg11 | Vgg11Lrn | Vgg11Bn => vgg::VGG_A,
-            Vgg13 | Vgg13Bn => vgg::VGG_B,
-            Vgg16C => vgg::VGG_C,
-            Vgg16 | Vgg16Bn => vgg::VGG_D,
-            Vgg19 | Vgg19Bn => vgg::VGG_E,
-            Vgg11Small => vgg::VGG_A_SMALL,
+        match self.family() {
+            Family::ConvNet => convnet::default_plan(self),
+            Family::Vgg => vgg::default_plan(self),
             _ => "",
         }
     }
 
     /// Whether the model has batch norm unless the recipe says otherwise.
     pub fn default_batch_norm(self) -> bool {
-        use ModelName::*;
-        matches!(
-            self,
-            ConvnetSmall
-                | BenchVgg
-                | Vgg11Bn
-                | Vgg13Bn
-                | Vgg16Bn
-                | Vgg19Bn
-                | Vgg11Small
-                | GooglenetTv
-                | GooglenetSmall
-                | Resnet18
-                | Resnet34
-                | Resnet50
-                | Resnet50D
-                | Resnet18Small
-        )
+        match self.family() {
+            Family::ConvNet | Family::ResNet => true,
+            Family::Vgg => vgg::default_batch_norm(self),
+            Family::GoogLeNet => self != ModelName::Googlenet,
+            Family::AlexNet | Family::ZfNet => false,
+        }
     }
 
     /// Whether the model is a small-input variant (trains on 28-32 px data in minutes).

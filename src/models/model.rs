@@ -118,24 +118,30 @@ impl Model {
         &self,
         input_chw: [usize; 3],
         metadata: &[(&str, String)],
-        device: &Device,
     ) -> crate::onnx::proto::ModelProto {
-        let [c, h, w] = input_chw;
-        let hw = || {
-            let f = self.forward_features(Tensor::zeros([1, c, h, w], device));
-            let [_, _, fh, fw] = f.dims();
-            [fh, fw]
-        };
-        let mut g = crate::onnx::Graph::new();
-        let x = crate::onnx::INPUT;
-        let out = match self {
-            Model::AlexNet(m) => m.onnx(&mut g, x, hw()),
-            Model::ConvNet(m) => m.onnx(&mut g, x),
-            Model::Vgg(m) => m.onnx(&mut g, x, hw()),
-            Model::GoogLeNet(m) => m.onnx(&mut g, x),
-            Model::ResNet(m) => m.onnx(&mut g, x),
-        };
+        let mut g = crate::onnx::Graph::new(input_chw);
+        let out = self.onnx(&mut g);
         g.finish(&out, input_chw, self.num_classes(), metadata)
+    }
+
+    /// The shape trace of one forward pass at `input_chw`: every convolution's geometry
+    /// ([`crate::onnx::Graph::convs`]) and the FLOPs ([`crate::onnx::Graph::flops`]), from
+    /// the built model's own layers and without touching (or initialising) a weight.
+    pub fn trace(&self, input_chw: [usize; 3]) -> crate::onnx::Graph {
+        let mut g = crate::onnx::Graph::shapes_only(input_chw);
+        self.onnx(&mut g);
+        g
+    }
+
+    fn onnx(&self, g: &mut crate::onnx::Graph) -> String {
+        let x = crate::onnx::INPUT;
+        match self {
+            Model::AlexNet(m) => m.onnx(g, x),
+            Model::ConvNet(m) => m.onnx(g, x),
+            Model::Vgg(m) => m.onnx(g, x),
+            Model::GoogLeNet(m) => m.onnx(g, x),
+            Model::ResNet(m) => m.onnx(g, x),
+        }
     }
 
     pub fn num_classes(&self) -> usize {
@@ -165,29 +171,11 @@ impl Model {
 /// training-only auxiliary classifiers (GoogLeNet's `aux`), as torchvision counts GoogLeNet
 /// with `aux_logits=False`.
 pub fn param_count<M: Module>(module: &M) -> usize {
-    struct Count {
-        path: Vec<String>,
-        n: usize,
-    }
-    impl burn::module::ModuleVisitor for Count {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
+    let mut n = 0;
+    crate::params::for_each_shape(module, |site, shape| {
+        if site.role().is_parameter() && !site.inside("AuxHead") {
+            n += shape.iter().product::<usize>();
         }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
-            let last = self.path.last().map(String::as_str).unwrap_or("");
-            let aux = self.path.iter().any(|p| p == "aux");
-            if last != "running_mean" && last != "running_var" && !aux {
-                self.n += p.lazy_shape().num_elements();
-            }
-        }
-    }
-    let mut c = Count {
-        path: Vec::new(),
-        n: 0,
-    };
-    module.visit(&mut c);
-    c.n
+    });
+    n
 }

@@ -15,12 +15,44 @@
 //! `zero_gamma` initialises the last batch norm's scale in each block to zero, so every
 //! residual block starts as the identity (Goyal et al. 2017; a "Bag of Tricks" baseline trick).
 
-use burn::nn::conv::{Conv2d, Conv2dConfig};
+use super::{ModelConfig, ModelName, Options};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 
-use crate::layers::global_avg_pool;
+/// The recipe options this family takes: zero-gamma and kaiming/xavier/paper (= He)
+/// initialisation; it is always built with batch norm and keeps its own pooling.
+pub(super) const OPTIONS: Options = Options {
+    zero_gamma: true,
+    paper_init: true,
+    batch_norm_required: true,
+    ..Options::NONE
+};
+
+impl ResNetConfig {
+    /// The configuration of a registered variant with the recipe's options applied:
+    /// ResNet-18/34 (basic blocks), -50 (bottlenecks, torchvision's ResNet-B), -50-D (deep
+    /// stem, average-pool shortcuts) and the small CIFAR-stem ResNet-18 (widths 16-128).
+    pub(super) fn from_options(o: &ModelConfig) -> Self {
+        use ModelName::*;
+        let (layers, bottleneck) = match o.name {
+            Resnet34 | Resnet50 | Resnet50D => ([3, 4, 6, 3], o.name != Resnet34),
+            _ => ([2, 2, 2, 2], false),
+        };
+        let mut c = ResNetConfig::new(layers, bottleneck, o.num_classes)
+            .with_in_channels(o.in_channels)
+            .with_zero_gamma(o.zero_gamma);
+        if o.name == Resnet50D {
+            c = c.with_stem("deep".into()).with_avg_down(true);
+        }
+        if o.name == Resnet18Small {
+            c = c.with_stem("cifar".into()).with_widths([16, 32, 64, 128]);
+        }
+        c
+    }
+}
+
+use crate::layers::{ConvBn, global_avg_pool};
 
 /// Configuration of a [`ResNet`].
 #[derive(Config, Debug)]
@@ -44,38 +76,6 @@ pub struct ResNetConfig {
     pub avg_down: bool,
     #[config(default = false)]
     pub zero_gamma: bool,
-}
-
-/// Convolution + batch norm, no activation (the residual addition comes before the ReLU).
-#[derive(Module, Debug)]
-pub struct ConvBn {
-    pub conv: Conv2d,
-    pub bn: BatchNorm,
-}
-
-impl ConvBn {
-    fn new(cin: usize, cout: usize, k: usize, stride: usize, device: &Device) -> Self {
-        let p = k / 2;
-        ConvBn {
-            conv: Conv2dConfig::new([cin, cout], [k, k])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
-                .with_bias(false)
-                .init(device),
-            bn: BatchNormConfig::new(cout).init(device),
-        }
-    }
-
-    fn zero_gamma(mut self) -> Self {
-        self.bn.gamma = self.bn.gamma.map(|g| g.zeros_like());
-        self
-    }
-
-    /// Convolution and batch norm, then a ReLU when `relu` (fused with the batch norm; in
-    /// inference, all three in the convolution).
-    fn forward(&self, x: Tensor<4>, relu: bool) -> Tensor<4> {
-        crate::kernels::conv_bn(&self.conv, &self.bn, x, relu)
-    }
 }
 
 /// The shortcut of a block that changes resolution or width.
@@ -124,7 +124,7 @@ impl Block {
         for (i, c) in self.convs.iter().enumerate() {
             y = c.forward(y, i + 1 < n);
         }
-        crate::kernels::add_relu(y, shortcut)
+        crate::layers::add_relu(y, shortcut)
     }
 
     fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
@@ -231,49 +231,6 @@ impl ResNetConfig {
             fc: LinearConfig::new(cin, self.num_classes).init(device),
         }
     }
-
-    /// Multiply-adds x 2 per image at `size x size` (convs and the classifier).
-    pub fn flops(&self, size: usize) -> f64 {
-        let conv =
-            |cin: usize, cout: usize, k: usize, s: usize| 2.0 * (cin * cout * k * k * s * s) as f64;
-        let c0 = self.widths[0];
-        let (mut f, mut s) = match self.stem.as_str() {
-            "deep" => {
-                let s = size.div_ceil(2);
-                (
-                    conv(self.in_channels, c0 / 2, 3, s)
-                        + conv(c0 / 2, c0 / 2, 3, s)
-                        + conv(c0 / 2, c0, 3, s),
-                    s.div_ceil(2),
-                )
-            }
-            "cifar" => (conv(self.in_channels, c0, 3, size), size),
-            _ => {
-                let s = size.div_ceil(2);
-                (conv(self.in_channels, c0, 7, s), s.div_ceil(2))
-            }
-        };
-        let e = self.expansion();
-        let mut cin = c0;
-        for (st, (&n, &w)) in self.layers.iter().zip(&self.widths).enumerate() {
-            for b in 0..n {
-                let stride = if st > 0 && b == 0 { 2 } else { 1 };
-                let so = s.div_ceil(stride);
-                let cout = w * e;
-                if stride != 1 || cin != cout {
-                    f += conv(cin, cout, 1, so);
-                }
-                f += if self.bottleneck {
-                    conv(cin, w, 1, s) + conv(w, w, 3, so) + conv(w, cout, 1, so)
-                } else {
-                    conv(cin, w, 3, so) + conv(w, w, 3, so)
-                };
-                cin = cout;
-                s = so;
-            }
-        }
-        f + 2.0 * (cin * self.num_classes) as f64
-    }
 }
 
 impl ResNet {
@@ -283,7 +240,7 @@ impl ResNet {
             x = c.forward(x, true);
         }
         if let Some(p) = &self.stem_pool {
-            x = crate::kernels::max_pool2d(p, x);
+            x = crate::layers::max_pool2d(p, x);
         }
         x = tap("stem".into(), x);
         for (i, stage) in self.stages.iter().enumerate() {

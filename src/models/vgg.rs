@@ -19,8 +19,58 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::module::adaptive_avg_pool2d;
 
+use super::{ModelConfig, ModelName, Options};
 use crate::layers::PoolKind;
 use crate::layers::trunk::{Trunk, TrunkSpec, parse_plan};
+
+/// The recipe options this family takes: a plan, pooling, batch norm, LRN, dropout, and the
+/// paper's `N(0, 0.01)` initialisation.
+pub(super) const OPTIONS: Options = Options {
+    plan: true,
+    pooling: true,
+    lrn: true,
+    paper_init: true,
+    ..Options::NONE
+};
+
+/// The registered variants' layer plans (the paper's table 1).
+pub(super) fn default_plan(name: ModelName) -> &'static str {
+    use ModelName::*;
+    match name {
+        Vgg13 | Vgg13Bn => VGG_B,
+        Vgg16C => VGG_C,
+        Vgg16 | Vgg16Bn => VGG_D,
+        Vgg19 | Vgg19Bn => VGG_E,
+        Vgg11Small => VGG_A_SMALL,
+        _ => VGG_A,
+    }
+}
+
+/// Whether a variant has batch norm by default (torchvision's `_bn` ones and the small one).
+pub(super) fn default_batch_norm(name: ModelName) -> bool {
+    use ModelName::*;
+    matches!(name, Vgg11Bn | Vgg13Bn | Vgg16Bn | Vgg19Bn | Vgg11Small)
+}
+
+impl VggConfig {
+    /// The configuration of a registered variant with the recipe's options applied.
+    pub(super) fn from_options(o: &ModelConfig) -> Self {
+        let small = o.name == ModelName::Vgg11Small;
+        VggConfig::new(o.plan().to_string(), o.num_classes)
+            .with_in_channels(o.in_channels)
+            .with_batch_norm(o.batch_norm.unwrap_or(default_batch_norm(o.name)))
+            .with_lrn(o.lrn.unwrap_or(o.name == ModelName::Vgg11Lrn))
+            .with_pool(o.pool)
+            .with_pool_kernel(if o.overlapping_pool == Some(true) {
+                3
+            } else {
+                2
+            })
+            .with_dropout(o.dropout.unwrap_or(0.5))
+            .with_hidden(if small { 256 } else { 4096 })
+            .with_head_pool(if small { 1 } else { 7 })
+    }
+}
 
 /// Configuration A (11 weight layers).
 pub const VGG_A: &str = "64,M,128,M,256,256,M,512,512,M,512,512,M";
@@ -99,16 +149,6 @@ impl VggConfig {
             trunk,
         }
     }
-
-    /// Multiply-adds x 2 per image at `size x size`.
-    pub fn flops(&self, size: usize) -> f64 {
-        let spec = self.trunk_spec();
-        let (f, _) = spec.flops(size);
-        let flat = spec.out_channels() * self.head_pool * self.head_pool;
-        f + 2.0
-            * (flat * self.hidden + self.hidden * self.hidden + self.hidden * self.num_classes)
-                as f64
-    }
 }
 
 impl Vgg {
@@ -126,8 +166,9 @@ impl Vgg {
 
     /// The ONNX nodes of `forward` on an input whose feature map is `hw` (the adaptive pool
     /// depends on it; dropout is the identity at inference).
-    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, hw: [usize; 2]) -> String {
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
         let f = self.trunk.onnx(g, x, "trunk");
+        let hw = g.hw(&f);
         let x = g.adaptive_avg_pool_flat(&f, hw, self.head_pool);
         let x = g.linear(&self.fc6, &x, "fc6");
         let x = g.relu(&x);

@@ -7,6 +7,11 @@
 //! forward order. Dropout is the identity at inference and emits nothing; auxiliary heads are
 //! training-only and are not exported.
 //!
+//! The same trace, with [`Graph::shapes_only`], is convlab's shape tracer: every value's
+//! per-sample shape is inferred as the nodes are added, so a model's convolution geometries
+//! ([`Graph::convs`], which the kernel plan's table test reads) and its FLOPs
+//! ([`Graph::flops`]) come from one pass over the built model, without touching its weights.
+//!
 //! Semantics follow the ONNX operator specs: `Conv`/`MaxPool`/`AveragePool` pads are
 //! `[top, left, bottom, right]` (Burn's `Explicit` order), `LRN` divides by
 //! `(bias + alpha / size * sum)^beta` (Burn's average over the window is that sum / size),
@@ -18,6 +23,9 @@ pub mod proto;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::{AvgPool2d, MaxPool2d};
 use burn::nn::{BatchNorm, Linear, LocalResponseNormConfig, PaddingConfig2d};
+use std::collections::HashMap;
+
+use burn::module::Param;
 use burn::prelude::*;
 use prost::Message;
 
@@ -31,11 +39,65 @@ pub const IR_VERSION: i64 = 8;
 pub const INPUT: &str = "input";
 pub const OUTPUT: &str = "logits";
 
-/// A graph under construction: nodes in topological order and their weights.
+/// A graph under construction: nodes in topological order and their weights, and the traced
+/// per-sample shape of every value.
 pub struct Graph {
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
     count: usize,
+    /// `[C, H, W]` or `[F]` (no batch) of each value whose shape is known.
+    shapes: HashMap<String, Vec<usize>>,
+    /// Whether initializers carry the weights (false: a shape trace; nothing is copied).
+    values: bool,
+    convs: Vec<ConvLayer>,
+    /// Multiply-adds x 2 of the convolutions and linear layers (per sample).
+    flops: f64,
+}
+
+/// One traced convolution: what the kernel plan and the FLOP count read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvLayer {
+    /// The module path of the convolution (`stages.1.0.convs.0.conv`, ...).
+    pub name: String,
+    pub cin: usize,
+    pub cout: usize,
+    /// Input height and width.
+    pub hw: [usize; 2],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl ConvLayer {
+    /// Output height and width.
+    pub fn out_hw(&self) -> [usize; 2] {
+        [0, 1].map(|i| {
+            let span = self.dilation[i] * (self.kernel[i] - 1) + 1;
+            (self.hw[i] + self.pads[i] + self.pads[i + 2] - span) / self.stride[i] + 1
+        })
+    }
+
+    /// Multiply-adds x 2 per sample.
+    pub fn flops(&self) -> f64 {
+        let [ho, wo] = self.out_hw();
+        2.0 * (self.cout * self.cin / self.groups * self.kernel[0] * self.kernel[1] * ho * wo)
+            as f64
+    }
+}
+
+/// The output side of a pooling window (ONNX and PyTorch: with `ceil`, a last window that
+/// would start inside the end padding is dropped).
+fn pooled(n: usize, k: usize, s: usize, p0: usize, p1: usize, dil: usize, ceil: bool) -> usize {
+    let span = dil * (k - 1) + 1;
+    let room = n + p0 + p1 - span;
+    let mut out = if ceil { room.div_ceil(s) } else { room / s } + 1;
+    if ceil && (out - 1) * s >= n + p0 {
+        out -= 1;
+    }
+    out
 }
 
 fn ints(name: &str, v: &[usize]) -> AttributeProto {
@@ -75,19 +137,63 @@ fn pads(p: &PaddingConfig2d) -> [usize; 4] {
     }
 }
 
-impl Default for Graph {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Graph {
-    pub fn new() -> Self {
+    /// A graph whose input [`INPUT`] has per-sample shape `input_chw`.
+    pub fn new(input_chw: [usize; 3]) -> Self {
         Graph {
             nodes: Vec::new(),
             inits: Vec::new(),
             count: 0,
+            shapes: HashMap::from([(INPUT.to_string(), input_chw.to_vec())]),
+            values: true,
+            convs: Vec::new(),
+            flops: 0.0,
         }
+    }
+
+    /// A shape trace: the same nodes and shapes, no weight values (nothing is initialised or
+    /// copied, so tracing VGG-19 costs what listing its layers does).
+    pub fn shapes_only(input_chw: [usize; 3]) -> Self {
+        Graph {
+            values: false,
+            ..Self::new(input_chw)
+        }
+    }
+
+    /// The per-sample shape of value `v` (`[C, H, W]` or `[F]`), where it is known.
+    pub fn shape(&self, v: &str) -> Option<&[usize]> {
+        self.shapes.get(v).map(Vec::as_slice)
+    }
+
+    /// The spatial size of value `v`; panics when `v` is not a traced `[C, H, W]` map (a
+    /// family calling this on an untraced value is a bug, not bad input).
+    pub fn hw(&self, v: &str) -> [usize; 2] {
+        match self.shape(v) {
+            Some(&[_, h, w]) => [h, w],
+            other => panic!("`{v}` has no traced [C, H, W] shape: {other:?}"),
+        }
+    }
+
+    /// The traced convolutions, in forward order.
+    pub fn convs(&self) -> &[ConvLayer] {
+        &self.convs
+    }
+
+    /// Multiply-adds x 2 per sample of the convolutions and linear layers traced so far.
+    pub fn flops(&self) -> f64 {
+        self.flops
+    }
+
+    fn set_shape(&mut self, v: &str, shape: Option<Vec<usize>>) {
+        if let Some(shape) = shape {
+            self.shapes.insert(v.to_string(), shape);
+        }
+    }
+
+    /// `y` takes the shape of `x` (element-wise nodes).
+    fn same_shape(&mut self, y: &str, x: &str) {
+        let s = self.shapes.get(x).cloned();
+        self.set_shape(y, s);
     }
 
     fn fresh(&mut self, hint: &str) -> String {
@@ -118,7 +224,18 @@ impl Graph {
     }
 
     fn tensor_weight<const D: usize>(&mut self, name: &str, t: &Tensor<D>) -> String {
-        self.weight(name, &t.dims(), &crate::helpers::host(t.clone()))
+        if self.values {
+            self.weight(name, &t.dims(), &crate::helpers::host(t.clone()));
+        }
+        name.to_string()
+    }
+
+    /// [`Self::tensor_weight`] of a parameter, not initialised in a shape trace.
+    fn param_weight<const D: usize>(&mut self, name: &str, p: &Param<Tensor<D>>) -> String {
+        if self.values {
+            self.tensor_weight(name, &p.val());
+        }
+        name.to_string()
     }
 
     /// One node with one output; returns the output's name.
@@ -143,11 +260,23 @@ impl Graph {
 
     /// `Conv` with Burn's `[out, in / groups, kh, kw]` weight and optional bias.
     pub fn conv(&mut self, conv: &Conv2d, x: &str, name: &str) -> String {
-        let w = self.tensor_weight(&format!("{name}.weight"), &conv.weight.val());
+        let w = self.param_weight(&format!("{name}.weight"), &conv.weight);
         let mut inputs = vec![x.to_string(), w];
         if let Some(b) = &conv.bias {
-            inputs.push(self.tensor_weight(&format!("{name}.bias"), &b.val()));
+            inputs.push(self.param_weight(&format!("{name}.bias"), b));
         }
+        let dims = conv.weight.lazy_shape().to_vec();
+        let traced = self.shape(x).map(|s| ConvLayer {
+            name: name.to_string(),
+            cin: s[0],
+            cout: dims[0],
+            hw: [s[1], s[2]],
+            kernel: conv.kernel_size,
+            stride: conv.stride,
+            pads: pads(&conv.padding),
+            dilation: conv.dilation,
+            groups: conv.groups,
+        });
         let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
         let attrs = vec![
             ints("kernel_shape", &conv.kernel_size),
@@ -156,21 +285,36 @@ impl Graph {
             ints("dilations", &conv.dilation),
             int("group", conv.groups as i64),
         ];
-        self.node("Conv", &inputs, attrs, name)
+        let y = self.node("Conv", &inputs, attrs, name);
+        if let Some(c) = traced {
+            let [h, w] = c.out_hw();
+            self.set_shape(&y, Some(vec![c.cout, h, w]));
+            self.flops += c.flops();
+            self.convs.push(c);
+        }
+        y
     }
 
     /// `BatchNormalization` in inference mode (running statistics).
     pub fn batch_norm(&mut self, bn: &BatchNorm, x: &str, name: &str) -> String {
-        let s = self.tensor_weight(&format!("{name}.weight"), &bn.gamma.val());
-        let b = self.tensor_weight(&format!("{name}.bias"), &bn.beta.val());
-        let m = self.tensor_weight(&format!("{name}.running_mean"), &bn.running_mean.value());
-        let v = self.tensor_weight(&format!("{name}.running_var"), &bn.running_var.value());
-        self.node(
+        let s = self.param_weight(&format!("{name}.weight"), &bn.gamma);
+        let b = self.param_weight(&format!("{name}.bias"), &bn.beta);
+        let (m, v) = (
+            format!("{name}.running_mean"),
+            format!("{name}.running_var"),
+        );
+        if self.values {
+            self.tensor_weight(&m, &bn.running_mean.value());
+            self.tensor_weight(&v, &bn.running_var.value());
+        }
+        let y = self.node(
             "BatchNormalization",
             &[x, &s, &b, &m, &v],
             vec![float("epsilon", bn.epsilon as f32)],
             name,
-        )
+        );
+        self.same_shape(&y, x);
+        y
     }
 
     /// Convolution, optional batch norm, optional ReLU.
@@ -190,17 +334,49 @@ impl Graph {
     }
 
     pub fn relu(&mut self, x: &str) -> String {
-        self.node("Relu", &[x], vec![], "relu")
+        let y = self.node("Relu", &[x], vec![], "relu");
+        self.same_shape(&y, x);
+        y
     }
 
     pub fn add(&mut self, a: &str, b: &str) -> String {
-        self.node("Add", &[a, b], vec![], "add")
+        let y = self.node("Add", &[a, b], vec![], "add");
+        self.same_shape(&y, a);
+        y
     }
 
     /// Concatenation along channels.
     pub fn concat(&mut self, xs: &[String]) -> String {
+        let shapes: Option<Vec<Vec<usize>>> =
+            xs.iter().map(|x| self.shapes.get(x).cloned()).collect();
         let xs: Vec<&str> = xs.iter().map(String::as_str).collect();
-        self.node("Concat", &xs, vec![int("axis", 1)], "concat")
+        let y = self.node("Concat", &xs, vec![int("axis", 1)], "concat");
+        let shape = shapes.filter(|s| !s.is_empty()).map(|s| {
+            let mut out = s[0].clone();
+            out[0] = s.iter().map(|v| v[0]).sum();
+            out
+        });
+        self.set_shape(&y, shape);
+        y
+    }
+
+    /// The traced shape after a pooling window.
+    #[allow(clippy::too_many_arguments)]
+    fn pool_shape(
+        &mut self,
+        y: &str,
+        x: &str,
+        k: [usize; 2],
+        s: [usize; 2],
+        p: [usize; 4],
+        dil: [usize; 2],
+        ceil: bool,
+    ) {
+        let shape = self.shape(x).map(|sh| {
+            let out = [0, 1].map(|i| pooled(sh[i + 1], k[i], s[i], p[i], p[i + 2], dil[i], ceil));
+            vec![sh[0], out[0], out[1]]
+        });
+        self.set_shape(y, shape);
     }
 
     pub fn max_pool(&mut self, p: &MaxPool2d, x: &str) -> String {
@@ -211,7 +387,10 @@ impl Graph {
             ints("dilations", &p.dilation),
             int("ceil_mode", p.ceil_mode as i64),
         ];
-        self.node("MaxPool", &[x], attrs, "maxpool")
+        let y = self.node("MaxPool", &[x], attrs, "maxpool");
+        let (k, s, pd) = (p.kernel_size, p.stride, pads(&p.padding));
+        self.pool_shape(&y, x, k, s, pd, p.dilation, p.ceil_mode);
+        y
     }
 
     pub fn avg_pool(&mut self, p: &AvgPool2d, x: &str) -> String {
@@ -222,7 +401,10 @@ impl Graph {
             int("ceil_mode", p.ceil_mode as i64),
             int("count_include_pad", p.count_include_pad as i64),
         ];
-        self.node("AveragePool", &[x], attrs, "avgpool")
+        let y = self.node("AveragePool", &[x], attrs, "avgpool");
+        let (k, s, pd) = (p.kernel_size, p.stride, pads(&p.padding));
+        self.pool_shape(&y, x, k, s, pd, [1, 1], p.ceil_mode);
+        y
     }
 
     /// `LRN` with the constants of `l` (Burn's module does not expose them, so the caller
@@ -234,17 +416,24 @@ impl Graph {
             float("beta", l.beta as f32),
             float("bias", l.k as f32),
         ];
-        self.node("LRN", &[x], attrs, "lrn")
+        let y = self.node("LRN", &[x], attrs, "lrn");
+        self.same_shape(&y, x);
+        y
     }
 
     /// `[B, C, H, W]` -> `[B, C]`.
     pub fn global_avg_pool(&mut self, x: &str) -> String {
         let y = self.node("GlobalAveragePool", &[x], vec![], "gap");
+        let shape = self.shape(x).map(|s| vec![s[0], 1, 1]);
+        self.set_shape(&y, shape);
         self.flatten(&y)
     }
 
     pub fn flatten(&mut self, x: &str) -> String {
-        self.node("Flatten", &[x], vec![int("axis", 1)], "flatten")
+        let y = self.node("Flatten", &[x], vec![int("axis", 1)], "flatten");
+        let shape = self.shape(x).map(|s| vec![s.iter().product()]);
+        self.set_shape(&y, shape);
+        y
     }
 
     /// Adaptive average pooling of an `[B, C, h, w]` map to `p x p`, flattened to
@@ -252,6 +441,13 @@ impl Graph {
     /// division is one `AveragePool`, any other size a `MatMul` with the constant averaging
     /// matrix of PyTorch's rule (cell `i` averages rows `floor(i h / p) .. ceil((i + 1) h / p)`).
     pub fn adaptive_avg_pool_flat(&mut self, x: &str, hw: [usize; 2], p: usize) -> String {
+        let y = self.adaptive_avg_pool_nodes(x, hw, p);
+        let shape = self.shape(x).map(|s| vec![s[0] * p * p]);
+        self.set_shape(&y, shape);
+        y
+    }
+
+    fn adaptive_avg_pool_nodes(&mut self, x: &str, hw: [usize; 2], p: usize) -> String {
         let [h, w] = hw;
         if h == p && w == p {
             return self.flatten(x);
@@ -284,7 +480,11 @@ impl Graph {
             }
         }
         let name = self.fresh("adaptive_pool_matrix");
-        let mat = self.weight(&name, &[h * w, p * p], &m);
+        let mat = if self.values {
+            self.weight(&name, &[h * w, p * p], &m)
+        } else {
+            name
+        };
         let name = self.fresh("adaptive_pool_shape");
         // `0` copies the (dynamic) batch size, `-1` is the channels.
         let shape = self.weight_i64(&name, &[0, -1, (h * w) as i64]);
@@ -295,13 +495,18 @@ impl Graph {
 
     /// `Gemm`: `[B, in]` -> `[B, out]` with Burn's `[in, out]` weight.
     pub fn linear(&mut self, l: &Linear, x: &str, name: &str) -> String {
-        let w = self.tensor_weight(&format!("{name}.weight"), &l.weight.val());
+        let w = self.param_weight(&format!("{name}.weight"), &l.weight);
         let mut inputs = vec![x.to_string(), w];
         if let Some(b) = &l.bias {
-            inputs.push(self.tensor_weight(&format!("{name}.bias"), &b.val()));
+            inputs.push(self.param_weight(&format!("{name}.bias"), b));
         }
         let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        self.node("Gemm", &inputs, vec![], name)
+        let y = self.node("Gemm", &inputs, vec![], name);
+        let d = l.weight.lazy_shape().to_vec();
+        let (fin, fout) = (d[0], d[1]);
+        self.flops += 2.0 * (fin * fout) as f64;
+        self.set_shape(&y, Some(vec![fout]));
+        y
     }
 
     /// The finished model: input `[batch, c, h, w]` (batch dynamic), output `[batch, k]`
@@ -383,7 +588,7 @@ mod tests {
     #[test]
     fn adaptive_pool_matrix_rows_average_pytorch_regions() {
         // 5 -> 3: regions [0,2), [1,4), [3,5) (floor start, ceil end).
-        let mut g = Graph::new();
+        let mut g = Graph::new([3, 8, 8]);
         g.adaptive_avg_pool_flat("x", [5, 1], 3);
         let m = g
             .inits
@@ -407,7 +612,7 @@ mod tests {
 
     #[test]
     fn a_model_survives_encode_and_decode() {
-        let mut g = Graph::new();
+        let mut g = Graph::new([3, 8, 8]);
         let y = g.relu(INPUT);
         let y = g.global_avg_pool(&y);
         let m = g.finish(&y, [3, 8, 8], 3, &[("k", "v".into())]);

@@ -14,7 +14,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
-use super::trainer::load_model;
+use super::factory::load_model;
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::recipe::Recipe;

@@ -11,7 +11,7 @@ use crate::data::{Dataset, open};
 use crate::error::{Error, Result};
 use crate::eval::metrics::Accumulator;
 use crate::models::Model;
-use crate::pipeline::trainer::load_model;
+use crate::pipeline::load_model;
 use crate::recipe::DataConfig;
 use crate::recipe::RunRecipe;
 use crate::run::RunDir;

@@ -7,15 +7,18 @@
 
 pub mod distill;
 pub mod ensemble;
+pub mod factory;
 pub mod state;
 pub mod step;
 pub mod trainer;
 
-pub use step::{StepConfig, StepOut, train_step};
-pub use trainer::{
-    PretrainedSource, Quiet, Reporter, STATS_IMAGES, TrainOptions, load_model, loader, norm_stats,
-    prepare, pretrained_source, train, transform, view_loader,
+pub use distill::Teacher;
+pub use factory::{
+    PretrainedSource, STATS_IMAGES, load_model, loader, norm_stats, prepare, pretrained_source,
+    transform, view_loader,
 };
+pub use step::{Distill, StepConfig, StepOut, optimizer_for, train_step};
+pub use trainer::{Quiet, Reporter, TrainOptions, train};
 
 use std::sync::Arc;
 

@@ -145,7 +145,7 @@ pub(crate) fn apply_pretrained(
     let Some(p) = &recipe.model.pretrained else {
         return Ok(model);
     };
-    let src = super::trainer::pretrained_source(p)?;
+    let src = super::factory::pretrained_source(p)?;
     let sd = crate::interop::read_state_dict(&src.weights)?;
     let format = sd.format;
     let l = crate::interop::load_weights(&recipe.model, sd, None, device)?;

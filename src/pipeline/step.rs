@@ -5,7 +5,10 @@
 //! mixed): logits = f(x); loss = CE(logits, q) + aux_weight * sum_a CE(aux_a, q) (GoogLeNet's
 //! auxiliary heads, Szegedy et al. 2014); with a teacher, loss = (1 - alpha) * loss +
 //! alpha * KD(logits, teacher(x), T) (Hinton et al. 2015); forward and backward in the
-//! configured precision, then the optimiser update in fp32.
+//! configured precision, then the optimiser update in fp32 and, with EMA on, the weight
+//! average (Polyak averaging) folded in.
+
+use std::collections::BTreeSet;
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -13,6 +16,8 @@ use burn::prelude::*;
 use super::distill::{Teacher, kd_loss};
 use crate::kernels::{self, Precision};
 use crate::models::Model;
+use crate::recipe::Recipe;
+use crate::train::ema::Ema;
 use crate::train::loss::soft_cross_entropy;
 use crate::train::optim::Optimizer;
 
@@ -38,6 +43,48 @@ pub struct StepConfig<'a> {
     pub distill: Option<Distill<'a>>,
 }
 
+impl<'a> StepConfig<'a> {
+    /// The step a recipe trains with, in `precision` (the one that can run: see
+    /// `kernels::supported_precision`), distilling from `distill` when the recipe has a teacher.
+    pub fn from_recipe(
+        recipe: &Recipe,
+        precision: Precision,
+        distill: Option<Distill<'a>>,
+    ) -> Self {
+        StepConfig {
+            precision,
+            aux_weight: recipe.loss.aux_weight,
+            grad_clip_norm: recipe.regularisation.grad_clip_norm,
+            distill,
+        }
+    }
+}
+
+/// The optimiser state and weight average a recipe trains `model` with: `[optim]`, fine-tuning's
+/// backbone learning rate (`finetune.backbone_lr_mult`, over every parameter outside the
+/// classifier), and EMA when `regularisation.ema_decay > 0`. Also returns the classifier's
+/// parameter paths (empty unless fine-tuning).
+pub fn optimizer_for(
+    recipe: &Recipe,
+    model: &Model,
+    device: &Device,
+) -> (Optimizer, Option<Ema>, BTreeSet<String>) {
+    let mut opt = Optimizer::new(recipe.optim.clone());
+    let ft = &recipe.finetune;
+    let head = if ft.active() {
+        let head = crate::train::finetune::classifier_keys(model, device);
+        if ft.backbone_lr_mult != 1.0 {
+            opt = opt.with_backbone_lr(ft.backbone_lr_mult, head.clone());
+        }
+        head
+    } else {
+        BTreeSet::new()
+    };
+    let decay = recipe.regularisation.ema_decay;
+    let ema = (decay > 0.0).then(|| Ema::new(decay));
+    (opt, ema, head)
+}
+
 /// What a step returns: the updated model, the loss and the logits (still on the device, so
 /// the caller decides when to read them).
 pub struct StepOut {
@@ -46,10 +93,12 @@ pub struct StepOut {
     pub logits: Tensor<2>,
 }
 
-/// One optimiser step at learning rate `lr` (`model` on an autodiff device).
+/// One optimiser step at learning rate `lr` (`model` on an autodiff device), then the EMA
+/// update when `ema` is given.
 pub fn train_step(
     model: Model,
     opt: &mut Optimizer,
+    ema: Option<&mut Ema>,
     x: Tensor<4>,
     targets: Tensor<2>,
     lr: f64,
@@ -70,6 +119,9 @@ pub fn train_step(
         (loss, logits, grads)
     });
     let model = opt.step(lr, model, grads, cfg.grad_clip_norm).0;
+    if let Some(e) = ema {
+        e.update(&model.valid());
+    }
     StepOut {
         model,
         loss,

@@ -1,29 +1,35 @@
-//! The training loop, top to bottom: open the data, resolve what the recipe left open, build
-//! the model, then for every epoch: train over shuffled augmented batches with a per-step
-//! learning rate, evaluate on the held-out split, append the metrics, save checkpoints.
+//! The training loop, top to bottom (as an algorithm box):
+//!
+//! ```text
+//! open the data; fill in what the recipe left to it            (factory::prepare)
+//! build the model; load pretrained / init_from weights, or resume the last checkpoint
+//! for epoch e = 1..E:
+//!     reseed dropout for e; freeze or unfreeze the backbone     (finetune)
+//!     for each shuffled, augmented batch (x, y):                 (train_epoch)
+//!         lr = schedule(step);  q = smooth(y), mix(x, q)
+//!         model = train_step(model, x, q, lr)                    (step.rs: loss, backward, update, EMA)
+//!     evaluate; plateau; best; checkpoints; metrics              (end_epoch)
+//! ```
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use burn::prelude::*;
 
 use super::distill::Teacher;
+use super::factory::{loader, norm_stats, prepare};
 use super::state::{Progress, apply_init_from, apply_pretrained, restore, save_checkpoint};
-use super::step::{Distill, StepConfig, train_step};
-use crate::data::norm::{self, NormStats};
-use crate::data::split::mix_seed;
-use crate::data::transforms::{Mode, View};
-use crate::data::{Cached, Dataset, Loader, LoaderConfig, Splits, Transform, open};
+use super::step::{Distill, StepConfig, optimizer_for, train_step};
+use crate::data::{Loader, Splits};
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, metrics::argmax};
+use crate::eval::evaluate;
+use crate::helpers::Stream;
 use crate::kernels;
 use crate::models::Model;
-use crate::recipe::RunRecipe;
 use crate::recipe::ScheduleKind;
-use crate::recipe::{Normalize, Recipe};
+use crate::recipe::{Recipe, RunRecipe};
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
-use crate::train::checkpoint;
 use crate::train::ema::Ema;
+use crate::train::finetune::{FinetuneConfig, Freeze};
 use crate::train::loss::smoothed_targets;
 use crate::train::mix::{self, MixSettings};
 use crate::train::optim::Optimizer;
@@ -55,219 +61,6 @@ pub struct TrainOptions {
     pub stop_after_epoch: Option<usize>,
 }
 
-/// Opens the recipe's data and fills in what the recipe left to the data: class count,
-/// channels, input size, normalisation statistics.
-pub fn prepare(recipe: &mut Recipe) -> Result<Splits> {
-    let splits = open(&recipe.data.spec(recipe.seed))?;
-    if splits.train.is_empty() || splits.val.is_empty() {
-        return Err(Error::Invalid(format!(
-            "the data has {} training and {} validation images; both must be non-empty",
-            splits.train.len(),
-            splits.val.len()
-        )));
-    }
-    let source = match &recipe.model.pretrained {
-        Some(p) => Some(pretrained_source(p)?),
-        None => None,
-    };
-    let m = &mut recipe.model;
-    // Pretrained weights are used as they were trained: their channels, input size and
-    // normalisation, unless the recipe sets its own.
-    if let Some(s) = &source {
-        if m.in_channels == 0 {
-            m.in_channels = s.in_channels;
-        }
-        if m.input_size == 0 {
-            m.input_size = s.input_size.unwrap_or(m.name.default_input_size());
-        }
-        let d = &mut recipe.data;
-        if d.mean.is_none() && d.std.is_none() {
-            d.mean = Some(s.mean.clone());
-            d.std = Some(s.std.clone());
-        }
-    }
-    let m = &mut recipe.model;
-    if m.num_classes == 0 {
-        m.num_classes = splits.classes.len();
-    }
-    if m.num_classes != splits.classes.len() {
-        return Err(Error::Recipe {
-            origin: String::new(),
-            key: "model.num_classes".into(),
-            reason: format!(
-                "{} but the data has {} classes",
-                m.num_classes,
-                splits.classes.len()
-            ),
-        });
-    }
-    if m.in_channels == 0 {
-        m.in_channels = splits.channels;
-    }
-    if m.input_size == 0 {
-        m.input_size = splits.native_size.unwrap_or(m.name.default_input_size());
-    }
-    m.validate()?;
-    let rgb = m.in_channels == 3;
-    let d = &mut recipe.data;
-    if d.mean.is_none() || d.std.is_none() || (rgb && d.pca.is_none()) {
-        let s = norm::cached(
-            splits.train.as_ref(),
-            m.in_channels,
-            m.input_size,
-            STATS_IMAGES,
-            d.skip_bad_images,
-        )?;
-        d.mean.get_or_insert(s.mean);
-        d.std.get_or_insert(s.std);
-        if d.pca.is_none() {
-            d.pca = s.pca;
-        }
-    }
-    if d.normalize == Normalize::Mean {
-        d.std = Some(vec![1.0; m.in_channels]);
-    }
-    Ok(splits)
-}
-
-/// What pretrained weights were trained with (`model.pretrained`).
-pub struct PretrainedSource {
-    /// The weights file (a run folder's best checkpoint).
-    pub weights: std::path::PathBuf,
-    pub in_channels: usize,
-    /// `None` for a bare state dict: the model's own default (224 for the ImageNet models).
-    pub input_size: Option<usize>,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
-}
-
-/// Reads what `model.pretrained` points at: a run folder (its recipe says how it was trained)
-/// or a state dict file (ImageNet's RGB statistics, as torchvision and timm train).
-pub fn pretrained_source(path: &std::path::Path) -> Result<PretrainedSource> {
-    use crate::interop::{IMAGENET_MEAN, IMAGENET_STD};
-    if path.is_dir() {
-        let run = RunDir::open(path)?;
-        let r = run.read_recipe()?;
-        let c = r.model.in_channels.max(1);
-        return Ok(PretrainedSource {
-            weights: run.checkpoint("best"),
-            in_channels: r.model.in_channels,
-            input_size: Some(r.model.input_size),
-            mean: r.data.mean.unwrap_or_else(|| vec![0.5; c]),
-            std: r.data.std.unwrap_or_else(|| vec![0.5; c]),
-        });
-    }
-    if !path.is_file() {
-        return Err(Error::Missing {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(PretrainedSource {
-        weights: path.to_path_buf(),
-        in_channels: 3,
-        input_size: None,
-        mean: IMAGENET_MEAN.to_vec(),
-        std: IMAGENET_STD.to_vec(),
-    })
-}
-
-/// Training images the normalisation statistics are computed over (evenly spaced): 10,000
-/// pin the channel means to about 1e-4.
-pub const STATS_IMAGES: usize = 10_000;
-
-/// The normalisation statistics a resolved recipe uses (what `stats.json` in a run holds).
-pub fn norm_stats(recipe: &Recipe) -> NormStats {
-    let c = recipe.model.in_channels;
-    NormStats {
-        mean: recipe.data.mean.clone().unwrap_or_else(|| vec![0.5; c]),
-        std: recipe.data.std.clone().unwrap_or_else(|| vec![0.5; c]),
-        pca: recipe.data.pca.clone(),
-        images: 0,
-    }
-}
-
-/// The transform of a resolved recipe (`train` adds its augmentation).
-pub fn transform(recipe: &Recipe, train: bool) -> Transform {
-    let mode = if train {
-        Mode::Train(recipe.augment.clone())
-    } else {
-        Mode::Eval(recipe.eval.single())
-    };
-    with_mode(recipe, recipe.model.input_size, mode)
-}
-
-fn with_mode(recipe: &Recipe, size: usize, mode: Mode) -> Transform {
-    let s = norm_stats(recipe);
-    Transform {
-        channels: recipe.model.in_channels,
-        size,
-        mean: s.mean,
-        std: s.std,
-        pca: s.pca,
-        mode,
-    }
-}
-
-/// A loader over `data` with the recipe's settings.
-pub fn loader(recipe: &Recipe, data: Arc<dyn Dataset>, train: bool) -> Result<Loader> {
-    loader_with(recipe, data, transform(recipe, train), train)
-}
-
-/// An evaluation loader feeding one fixed view at input size `size` (test-time augmentation).
-pub fn view_loader(
-    recipe: &Recipe,
-    data: Arc<dyn Dataset>,
-    size: usize,
-    view: View,
-) -> Result<Loader> {
-    loader_with(
-        recipe,
-        data,
-        with_mode(recipe, size, Mode::Eval(view)),
-        false,
-    )
-}
-
-fn loader_with(
-    recipe: &Recipe,
-    data: Arc<dyn Dataset>,
-    transform: Transform,
-    train: bool,
-) -> Result<Loader> {
-    let data: Arc<dyn Dataset> = match recipe.data.cache_mb {
-        0 => data,
-        mb => Arc::new(Cached::new(data, recipe.model.in_channels, mb << 20)),
-    };
-    Loader::new(
-        data,
-        transform,
-        LoaderConfig {
-            batch_size: recipe.batch_size,
-            train,
-            drop_last: train,
-            workers: recipe.data.workers,
-            prefetch: recipe.data.prefetch,
-            seed: recipe.seed,
-            skip_bad: recipe.data.skip_bad_images,
-        },
-    )
-}
-
-/// Loads a run's model from a checkpoint (`best`, `last` or `epoch-N`) onto `device`: its
-/// averaged (EMA) weights when the run kept them, else its weights.
-pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -> Result<Model> {
-    let path = run.checkpoint(which);
-    let ck = checkpoint::load(&path)?;
-    let model = recipe.model.build(device)?;
-    let ema = ck.group("ema");
-    let group = if ema.is_empty() {
-        ck.group("model")
-    } else {
-        ema
-    };
-    checkpoint::load_module(model, &group, &path, recipe.model.name.as_str())
-}
-
 /// Trains `recipe` into the run folder `run` on `device` (an autodiff device).
 pub fn train(
     mut recipe: Recipe,
@@ -278,9 +71,105 @@ pub fn train(
 ) -> Result<Summary> {
     // One writer per folder: a caller that has not locked the folder gets it locked here.
     let run = &run.clone().lock()?;
+    let (splits, resume) = open_run(&mut recipe, run, opts, rep)?;
+    let eval_device = device.clone().without_autodiff();
+    let (mut model, mut st) = start(&recipe, run, resume, device, &eval_device, rep)?;
+    let teacher = match &recipe.distill.teacher {
+        Some(dir) => Some(load_teacher(dir, &recipe, &eval_device, rep)?),
+        None => None,
+    };
+    let (mean, std) = (
+        recipe.data.mean.clone().unwrap_or_default(),
+        recipe.data.std.clone().unwrap_or_default(),
+    );
+    let distill = teacher.as_ref().map(|t| Distill {
+        teacher: t,
+        alpha: recipe.distill.alpha,
+        temperature: recipe.distill.temperature,
+        mean: &mean,
+        std: &std,
+    });
+    let precision = precision_for(&recipe, device, rep);
+    let step_cfg = StepConfig::from_recipe(&recipe, precision, distill);
+    let loaders = [
+        loader(&recipe, splits.train.clone(), true)?,
+        loader(&recipe, splits.val.clone(), false)?,
+    ];
+    let params = crate::models::param_count(&model);
+    describe(&recipe, &splits, params, rep);
+
+    let last_epoch = opts
+        .stop_after_epoch
+        .unwrap_or(recipe.epochs)
+        .min(recipe.epochs);
+    for epoch in st.p.epochs_done + 1..=last_epoch {
+        let start = Instant::now();
+        // Dropout masks come from the device generator; reseeding per epoch makes a resumed
+        // run draw exactly what an uninterrupted one would.
+        device.seed(Stream::Dropout { epoch }.seed(recipe.seed));
+        model = freeze_for(&recipe.finetune, model.train(), &st, epoch, rep);
+        let tally;
+        (model, tally) = train_epoch(
+            &recipe,
+            &mut st,
+            model,
+            &loaders[0],
+            &step_cfg,
+            epoch,
+            device,
+            run,
+            rep,
+        )?;
+        let m = end_epoch(
+            &recipe,
+            &mut st,
+            &model,
+            &loaders[1],
+            &splits,
+            tally,
+            start,
+            precision,
+            &eval_device,
+            run,
+            rep,
+        )?;
+        rep.epoch_end(&m);
+    }
+    finish(&recipe, run, &st, params)
+}
+
+/// Everything the loop changes besides the model, saved with it in every checkpoint.
+struct State {
+    opt: Optimizer,
+    ema: Option<Ema>,
+    p: Progress,
+    history: Vec<EpochMetrics>,
+    /// The classifier's parameter paths (fine-tuning: frozen backbone, backbone lr).
+    head: std::collections::BTreeSet<String>,
+}
+
+/// What one epoch of training measured. Correct predictions are counted on the device and
+/// read once, at the end of the epoch.
+struct Tally {
+    loss_sum: f64,
+    correct: Option<Tensor<1, Int>>,
+    seen: usize,
+    lr: f64,
+    skipped_before: usize,
+    seconds: f64,
+}
+
+/// Opens the data, fills in the recipe, and writes the run's recipe, classes and statistics
+/// (on resume the run's own are kept). Returns the splits and whether this is a resume.
+fn open_run(
+    recipe: &mut Recipe,
+    run: &RunDir,
+    opts: &TrainOptions,
+    rep: &mut dyn Reporter,
+) -> Result<(Splits, bool)> {
     let ck_dir = run.path.join(crate::run::CHECKPOINTS);
     std::fs::create_dir_all(&ck_dir).map_err(|e| Error::io(&ck_dir, e))?;
-    let splits = prepare(&mut recipe)?;
+    let splits = prepare(recipe)?;
     for w in &splits.warnings {
         rep.message(&format!("warning: {w}"));
     }
@@ -296,92 +185,75 @@ pub fn train(
     // On resume recipe.toml keeps the run's own recipe: overrides given with --resume apply to
     // this invocation only, so a later plain --resume does not repeat them unseen.
     if !resume || !run.file(crate::run::RECIPE).is_file() {
-        run.write_recipe(&recipe)?;
+        run.write_recipe(recipe)?;
     }
     if !resume || !run.file(CLASSES).is_file() {
         run.write_json(CLASSES, &splits.classes)?;
     }
     if !resume || !run.file(STATS).is_file() {
-        run.write_json(STATS, &norm_stats(&recipe))?;
+        run.write_json(STATS, &norm_stats(recipe))?;
     }
-    let eval_device = device.clone().without_autodiff();
+    Ok((splits, resume))
+}
 
-    device.seed(mix_seed(&[recipe.seed, 0xC0FFEE]));
+/// The model, optimiser and EMA at the start: fresh (with pretrained or `init_from` weights),
+/// or restored from the last checkpoint.
+fn start(
+    recipe: &Recipe,
+    run: &RunDir,
+    resume: bool,
+    device: &Device,
+    eval_device: &Device,
+    rep: &mut dyn Reporter,
+) -> Result<(Model, State)> {
+    device.seed(Stream::ModelInit.seed(recipe.seed));
     let mut model = recipe.model.build(device)?;
-    let mut sgd = Optimizer::new(recipe.optim.clone());
-    let reg = recipe.regularisation.clone();
-    let mut ema = (reg.ema_decay > 0.0).then(|| Ema::new(reg.ema_decay));
-    let mut p = Progress::default();
-    let mut history = Vec::new();
     if !resume {
-        model = apply_pretrained(&recipe, model, device, rep)?;
-        model = apply_init_from(&recipe, model, rep)?;
+        model = apply_pretrained(recipe, model, device, rep)?;
+        model = apply_init_from(recipe, model, rep)?;
     }
-    let ft = recipe.finetune.clone();
-    let head = if ft.active() {
-        let head = crate::train::finetune::classifier_keys(&model, device);
-        if ft.backbone_lr_mult != 1.0 {
-            sgd = sgd.with_backbone_lr(ft.backbone_lr_mult, head.clone());
-        }
-        head
-    } else {
-        Default::default()
-    };
-    let teacher = match &recipe.distill.teacher {
-        Some(dir) => {
-            let t = Teacher::load(dir, recipe.model.num_classes, &eval_device)?;
-            rep.message(&format!(
-                "distilling from {} ({}), T = {}, alpha = {}",
-                dir.display(),
-                t.recipe.model.name,
-                recipe.distill.temperature,
-                recipe.distill.alpha
-            ));
-            Some(t)
-        }
-        None => None,
-    };
-    let mix_settings = MixSettings {
-        mixup_alpha: recipe.loss.mixup_alpha,
-        cutmix_alpha: recipe.loss.cutmix_alpha,
-        prob: recipe.loss.mix_prob,
-    };
-    let (mean, std) = (
-        recipe.data.mean.clone().unwrap_or_default(),
-        recipe.data.std.clone().unwrap_or_default(),
-    );
+    let (mut opt, mut ema, head) = optimizer_for(recipe, &model, device);
+    let (mut p, mut history) = (Progress::default(), Vec::new());
     if resume {
-        (model, p, history) = restore(run, &recipe, model, &mut sgd, ema.as_mut(), &eval_device)?;
+        (model, p, history) = restore(run, recipe, model, &mut opt, ema.as_mut(), eval_device)?;
         rep.message(&format!(
             "resuming {} after epoch {}",
             run.path.display(),
             p.epochs_done
         ));
     }
+    Ok((
+        model,
+        State {
+            opt,
+            ema,
+            p,
+            history,
+            head,
+        },
+    ))
+}
 
-    let train_loader = loader(&recipe, splits.train.clone(), true)?;
-    let val_loader = loader(&recipe, splits.val.clone(), false)?;
-    let per_epoch = train_loader.num_batches();
-    let total_steps = per_epoch * recipe.epochs;
-    let peak = recipe.optim.scaled_lr(recipe.batch_size);
-    let k = recipe.model.num_classes;
-    let params = crate::models::param_count(&model);
+fn load_teacher(
+    dir: &std::path::Path,
+    recipe: &Recipe,
+    eval_device: &Device,
+    rep: &mut dyn Reporter,
+) -> Result<Teacher> {
+    let t = Teacher::load(dir, recipe.model.num_classes, eval_device)?;
     rep.message(&format!(
-        "{}: {params} parameters, input {}x{}x{}; {} train / {} {} images, {} classes; \
-         lr {} x {}/{} = {peak}",
-        recipe.model.name,
-        recipe.model.in_channels,
-        recipe.model.input_size,
-        recipe.model.input_size,
-        splits.train.len(),
-        splits.val.len(),
-        splits.val_name,
-        k,
-        recipe.optim.lr,
-        recipe.batch_size,
-        recipe.optim.base_batch_size,
+        "distilling from {} ({}), T = {}, alpha = {}",
+        dir.display(),
+        t.recipe.model.name,
+        recipe.distill.temperature,
+        recipe.distill.alpha
     ));
+    Ok(t)
+}
 
+/// The precision that can run for the recipe's `precision` on `device` (fp32, saying why,
+/// where bf16 cannot).
+fn precision_for(recipe: &Recipe, device: &Device, rep: &mut dyn Reporter) -> kernels::Precision {
     let precision = match kernels::supported_precision(recipe.precision, device) {
         Ok(p) => p,
         Err(why) => {
@@ -394,177 +266,233 @@ pub fn train(
             "convolutions in {precision}, weights and optimiser in fp32"
         ));
     }
+    precision
+}
 
-    let step_cfg = StepConfig {
-        precision,
-        aux_weight: recipe.loss.aux_weight,
-        grad_clip_norm: reg.grad_clip_norm,
-        distill: teacher.as_ref().map(|t| Distill {
-            teacher: t,
-            alpha: recipe.distill.alpha,
-            temperature: recipe.distill.temperature,
-            mean: &mean,
-            std: &std,
-        }),
+fn describe(recipe: &Recipe, splits: &Splits, params: usize, rep: &mut dyn Reporter) {
+    rep.message(&format!(
+        "{}: {params} parameters, input {}x{}x{}; {} train / {} {} images, {} classes; \
+         lr {} x {}/{} = {}",
+        recipe.model.name,
+        recipe.model.in_channels,
+        recipe.model.input_size,
+        recipe.model.input_size,
+        splits.train.len(),
+        splits.val.len(),
+        splits.val_name,
+        recipe.model.num_classes,
+        recipe.optim.lr,
+        recipe.batch_size,
+        recipe.optim.base_batch_size,
+        recipe.optim.scaled_lr(recipe.batch_size),
+    ));
+}
+
+/// The model with its backbone frozen or not for `epoch` (a function of the epoch alone, so a
+/// resumed run freezes exactly as an uninterrupted one), saying so when it changes.
+fn freeze_for(
+    ft: &FinetuneConfig,
+    model: Model,
+    st: &State,
+    epoch: usize,
+    rep: &mut dyn Reporter,
+) -> Model {
+    if ft.freeze == Freeze::None {
+        return model;
+    }
+    let frozen = ft.frozen_at(epoch);
+    if epoch == st.p.epochs_done + 1 || frozen != ft.frozen_at(epoch - 1) {
+        rep.message(&if frozen {
+            format!(
+                "epoch {epoch}: backbone frozen (batch norm on running statistics), training {}",
+                st.head.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        } else {
+            format!("epoch {epoch}: every layer trains")
+        });
+    }
+    crate::train::finetune::set_backbone_frozen(model, &st.head, frozen)
+}
+
+/// One pass over the shuffled, augmented training batches; returns the trained model.
+#[allow(clippy::too_many_arguments)]
+fn train_epoch(
+    recipe: &Recipe,
+    st: &mut State,
+    mut model: Model,
+    loader: &Loader,
+    step_cfg: &StepConfig,
+    epoch: usize,
+    device: &Device,
+    run: &RunDir,
+    rep: &mut dyn Reporter,
+) -> Result<(Model, Tally)> {
+    let start = Instant::now();
+    let per_epoch = loader.num_batches();
+    let total_steps = per_epoch * recipe.epochs;
+    let peak = recipe.optim.scaled_lr(recipe.batch_size);
+    let k = recipe.model.num_classes;
+    let mix_settings = MixSettings {
+        mixup_alpha: recipe.loss.mixup_alpha,
+        cutmix_alpha: recipe.loss.cutmix_alpha,
+        prob: recipe.loss.mix_prob,
     };
-    let last_epoch = opts
-        .stop_after_epoch
-        .unwrap_or(recipe.epochs)
-        .min(recipe.epochs);
-    for epoch in p.epochs_done + 1..=last_epoch {
-        let start = Instant::now();
-        let skipped_before = p.skipped;
-        // Dropout masks come from the device generator; reseeding per epoch makes a resumed
-        // run draw exactly what an uninterrupted one would.
-        device.seed(mix_seed(&[recipe.seed, epoch as u64, 0xD0]));
-        model = model.train();
-        if ft.freeze != crate::train::finetune::Freeze::None {
-            // Derived from the epoch alone, so a resumed run freezes exactly as this one did.
-            let frozen = ft.frozen_at(epoch);
-            if epoch == p.epochs_done + 1 || frozen != ft.frozen_at(epoch - 1) {
-                rep.message(&if frozen {
-                    format!(
-                        "epoch {epoch}: backbone frozen (batch norm on running statistics), \
-                         training {}",
-                        head.iter().cloned().collect::<Vec<_>>().join(", ")
-                    )
-                } else {
-                    format!("epoch {epoch}: every layer trains")
-                });
-            }
-            model = crate::train::finetune::set_backbone_frozen(model, &head, frozen);
-        }
-        rep.epoch_start(epoch, recipe.epochs, per_epoch);
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        let mut lr = peak;
-        for (i, batch) in train_loader.epoch(epoch - 1).enumerate() {
-            let mut batch = batch?;
-            p.skipped += batch.skipped.len();
-            for (src, why) in &batch.skipped {
-                rep.message(&format!("skipped {src}: {why}"));
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            let step = (epoch - 1) * per_epoch + i;
-            lr = lr_at(
-                &recipe.schedule,
-                peak,
-                step,
-                total_steps,
-                per_epoch,
-                p.plateau.scale,
-            );
-            let b = batch.len();
-            let [c, side, _] = batch.sample_shape;
-            let mut images = std::mem::take(&mut batch.images);
-            let mut q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
-            if epoch + recipe.loss.mix_off_epochs <= recipe.epochs {
-                let m = mix::draw(
-                    &mix_settings,
-                    mix_seed(&[recipe.seed, step as u64, 0x313]),
-                    side,
-                );
-                mix::apply(m, &mut images, &mut q, b, c, side, k);
-            }
-            let x = Tensor::<4>::from_data(TensorData::new(images, [b, c, side, side]), device);
-            let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
-            let out = train_step(model, &mut sgd, x, targets, lr, &step_cfg);
-            let (loss, logits) = (out.loss, out.logits);
-            model = out.model;
-            if let Some(e) = ema.as_mut() {
-                e.update(&model.valid());
-            }
-            let loss_v = loss.into_scalar::<f32>();
-            if !loss_v.is_finite() {
-                return Err(Error::Diverged {
-                    epoch,
-                    step,
-                    loss: loss_v,
-                    kept: (p.epochs_done > 0).then(|| run.checkpoint("last")),
-                });
-            }
-            let host: Vec<f32> = logits
-                .inner()
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec()
-                .expect("f32");
-            correct += host
-                .chunks_exact(k)
-                .zip(&batch.labels)
-                .filter(|(row, l)| argmax(row) == **l)
-                .count();
-            loss_sum += loss_v as f64 * b as f64;
-            seen += b;
-            rep.batch(i + 1, loss_v, seen as f64 / start.elapsed().as_secs_f64());
-        }
-        let train_secs = start.elapsed().as_secs_f64();
-        let eval_model = match &ema {
-            Some(e) => e.apply(model.valid()),
-            None => model.valid(),
-        };
-        let (report, skipped) = kernels::with_precision(precision, || {
-            evaluate(&eval_model, &val_loader, &splits.classes, &eval_device)
-        })?;
-        p.skipped += skipped.len();
-        for (src, why) in &skipped {
+    let mixing = epoch + recipe.loss.mix_off_epochs <= recipe.epochs;
+    let mut t = Tally {
+        loss_sum: 0.0,
+        correct: None,
+        seen: 0,
+        lr: peak,
+        skipped_before: st.p.skipped,
+        seconds: 0.0,
+    };
+    rep.epoch_start(epoch, recipe.epochs, per_epoch);
+    for (i, batch) in loader.epoch(epoch - 1).enumerate() {
+        let mut batch = batch?;
+        st.p.skipped += batch.skipped.len();
+        for (src, why) in &batch.skipped {
             rep.message(&format!("skipped {src}: {why}"));
         }
-        let seconds = start.elapsed().as_secs_f64();
-        let m = EpochMetrics {
-            epoch,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_top1: correct as f64 / seen.max(1) as f64,
-            val_loss: report.loss,
-            val_top1: report.top1,
-            val_top5: report.top5,
-            lr,
-            images_per_sec: seen as f64 / train_secs.max(1e-9),
-            seconds,
-            peak_rss_mb: crate::run::peak_rss_mb(),
-            images_skipped: p.skipped - skipped_before,
-        };
-        p.epochs_done = epoch;
-        p.seconds += seconds;
-        if recipe.schedule.kind == ScheduleKind::Plateau
-            && p.plateau.observe(&recipe.schedule, m.val_loss, m.val_top1)
-        {
-            rep.message(&format!(
-                "no improvement for {} epochs: learning rate x {} (now {})",
-                recipe.schedule.patience + 1,
-                recipe.schedule.gamma,
-                (peak * p.plateau.scale).max(recipe.schedule.min_lr)
-            ));
+        if batch.is_empty() {
+            continue;
         }
-        let improved = m.val_top1 > p.best_top1;
-        if improved {
-            p.best_top1 = m.val_top1;
-            p.best_epoch = epoch;
+        let step = (epoch - 1) * per_epoch + i;
+        let s = &recipe.schedule;
+        t.lr = lr_at(s, peak, step, total_steps, per_epoch, st.p.plateau.scale);
+        let b = batch.len();
+        let [c, side, _] = batch.sample_shape;
+        let mut images = std::mem::take(&mut batch.images);
+        let mut q = smoothed_targets(&batch.labels, k, recipe.loss.label_smoothing);
+        if mixing {
+            let m = mix::draw(&mix_settings, Stream::Mix { step }.seed(recipe.seed), side);
+            mix::apply(m, &mut images, &mut q, b, c, side, k);
         }
-        history.push(m.clone());
-        run.write_metrics(&history)?;
-        if improved {
-            save_checkpoint(run, "best", &model, &sgd, ema.as_ref(), &p)?;
+        let x = Tensor::<4>::from_data(TensorData::new(images, [b, c, side, side]), device);
+        let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
+        let out = train_step(
+            model,
+            &mut st.opt,
+            st.ema.as_mut(),
+            x,
+            targets,
+            t.lr,
+            step_cfg,
+        );
+        model = out.model;
+        let loss = out.loss.into_scalar::<f32>();
+        if !loss.is_finite() {
+            return Err(Error::Diverged {
+                epoch,
+                step,
+                loss,
+                kept: (st.p.epochs_done > 0).then(|| run.checkpoint("last")),
+            });
         }
-        if recipe.checkpoint_every > 0 && epoch % recipe.checkpoint_every == 0 {
-            save_checkpoint(
-                run,
-                &format!("epoch-{epoch}"),
-                &model,
-                &sgd,
-                ema.as_ref(),
-                &p,
-            )?;
-        }
-        save_checkpoint(run, "last", &model, &sgd, ema.as_ref(), &p)?;
-        rep.epoch_end(&m);
+        let hits = correct(out.logits.inner(), &batch.labels);
+        t.correct = Some(match t.correct.take() {
+            Some(c) => c + hits,
+            None => hits,
+        });
+        t.loss_sum += loss as f64 * b as f64;
+        t.seen += b;
+        rep.batch(i + 1, loss, t.seen as f64 / start.elapsed().as_secs_f64());
     }
+    t.seconds = start.elapsed().as_secs_f64();
+    Ok((model, t))
+}
 
-    let last = history
+/// How many rows of `logits` `[B, K]` have their largest value at the label, as a one-element
+/// tensor on the logits' device (no copy to the host).
+fn correct(logits: Tensor<2>, labels: &[usize]) -> Tensor<1, Int> {
+    let b = labels.len();
+    let device = logits.device();
+    let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), &device);
+    logits.argmax(1).reshape([b]).equal(labels).int().sum()
+}
+
+/// After an epoch's training: evaluate, record the metrics, step the plateau schedule, keep
+/// the best checkpoint and write the others.
+#[allow(clippy::too_many_arguments)]
+fn end_epoch(
+    recipe: &Recipe,
+    st: &mut State,
+    model: &Model,
+    val_loader: &Loader,
+    splits: &Splits,
+    t: Tally,
+    start: Instant,
+    precision: kernels::Precision,
+    eval_device: &Device,
+    run: &RunDir,
+    rep: &mut dyn Reporter,
+) -> Result<EpochMetrics> {
+    let epoch = st.p.epochs_done + 1;
+    let eval_model = match &st.ema {
+        Some(e) => e.apply(model.valid()),
+        None => model.valid(),
+    };
+    let (report, skipped) = kernels::with_precision(precision, || {
+        evaluate(&eval_model, val_loader, &splits.classes, eval_device)
+    })?;
+    st.p.skipped += skipped.len();
+    for (src, why) in &skipped {
+        rep.message(&format!("skipped {src}: {why}"));
+    }
+    let correct = t.correct.map_or(0, |c| c.into_scalar::<i64>()) as f64;
+    let seconds = start.elapsed().as_secs_f64();
+    let m = EpochMetrics {
+        epoch,
+        train_loss: t.loss_sum / t.seen.max(1) as f64,
+        train_top1: correct / t.seen.max(1) as f64,
+        val_loss: report.loss,
+        val_top1: report.top1,
+        val_top5: report.top5,
+        lr: t.lr,
+        images_per_sec: t.seen as f64 / t.seconds.max(1e-9),
+        seconds,
+        peak_rss_mb: crate::run::peak_rss_mb(),
+        images_skipped: st.p.skipped - t.skipped_before,
+    };
+    let p = &mut st.p;
+    p.epochs_done = epoch;
+    p.seconds += seconds;
+    let s = &recipe.schedule;
+    if s.kind == ScheduleKind::Plateau && p.plateau.observe(s, m.val_loss, m.val_top1) {
+        let peak = recipe.optim.scaled_lr(recipe.batch_size);
+        rep.message(&format!(
+            "no improvement for {} epochs: learning rate x {} (now {})",
+            s.patience + 1,
+            s.gamma,
+            (peak * p.plateau.scale).max(s.min_lr)
+        ));
+    }
+    let improved = m.val_top1 > p.best_top1;
+    if improved {
+        p.best_top1 = m.val_top1;
+        p.best_epoch = epoch;
+    }
+    st.history.push(m.clone());
+    run.write_metrics(&st.history)?;
+    let save = |which: &str| save_checkpoint(run, which, model, &st.opt, st.ema.as_ref(), &st.p);
+    if improved {
+        save("best")?;
+    }
+    if recipe.checkpoint_every > 0 && epoch.is_multiple_of(recipe.checkpoint_every) {
+        save(&format!("epoch-{epoch}"))?;
+    }
+    save("last")?;
+    Ok(m)
+}
+
+/// The run's summary (written when every epoch has run).
+fn finish(recipe: &Recipe, run: &RunDir, st: &State, params: usize) -> Result<Summary> {
+    let last = st
+        .history
         .last()
         .cloned()
         .ok_or_else(|| Error::Invalid("no epoch was run".into()))?;
+    let p = &st.p;
     let summary = Summary {
         model: recipe.model.name.to_string(),
         params,

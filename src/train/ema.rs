@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Param, ParamId};
 use burn::prelude::*;
 
-use super::checkpoint::{HostTensor, TensorMap};
+use crate::params::{self, HostTensor, Site, TensorMap, TensorMapper, TensorVisitor};
 
 /// The averaged weights, by module path, flattened.
 pub struct Ema {
@@ -19,22 +19,15 @@ pub struct Ema {
 }
 
 struct Collect<'a> {
-    path: Vec<String>,
     ema: &'a mut Ema,
 }
 
-impl ModuleVisitor for Collect<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+impl TensorVisitor for Collect<'_> {
+    fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>) {
         let t = param.val().inner();
         let n = t.shape().num_elements();
         let w = t.reshape([n]);
-        let key = self.path.join(".");
+        let key = site.path();
         let d = self.ema.decay;
         let new = match self.ema.shadow.remove(&key) {
             Some(s) => s * d + w * (1.0 - d),
@@ -45,24 +38,15 @@ impl ModuleVisitor for Collect<'_> {
 }
 
 struct Apply<'a> {
-    path: Vec<String>,
     shadow: &'a BTreeMap<String, Tensor<1>>,
 }
 
-impl ModuleMapper for Apply<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (id, t, mapper) = param.consume();
-        let t = match self.shadow.get(&self.path.join(".")) {
+impl TensorMapper for Apply<'_> {
+    fn tensor<const D: usize>(&mut self, site: &Site, _: ParamId, t: Tensor<D>) -> Tensor<D> {
+        match self.shadow.get(&site.path()) {
             Some(s) => s.clone().reshape(t.dims()),
             None => t,
-        };
-        Param::from_mapped_value(id, t, mapper)
+        }
     }
 }
 
@@ -78,19 +62,18 @@ impl Ema {
     /// Folds the current weights of `module` (a `valid()` copy, so BN statistics are synced)
     /// into the average. The first update copies the weights.
     pub fn update<M: Module>(&mut self, module: &M) {
-        module.visit(&mut Collect {
-            path: Vec::new(),
-            ema: self,
-        });
+        params::visit(module, &mut Collect { ema: self });
         self.updates += 1;
     }
 
     /// `module` with its tensors replaced by the averages (module in eval mode, no autodiff).
     pub fn apply<M: Module>(&self, module: M) -> M {
-        module.map(&mut Apply {
-            path: Vec::new(),
-            shadow: &self.shadow,
-        })
+        params::map(
+            module,
+            &mut Apply {
+                shadow: &self.shadow,
+            },
+        )
     }
 
     pub fn state(&self) -> TensorMap {

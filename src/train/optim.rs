@@ -19,11 +19,11 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{ModuleMapper, Param};
+use burn::module::{Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use super::checkpoint::{HostTensor, TensorMap};
+use crate::params::{self, HostTensor, Role, Site, TensorMap, TensorMapper, TensorVisitor};
 use serde::{Deserialize, Serialize};
 
 /// Optimiser kinds.
@@ -107,10 +107,10 @@ impl Optimizer {
         self
     }
 
-    /// Whether the parameter at `path` with rank `rank` is decayed: with `no_bias_decay`, only
-    /// conv and linear weights (rank >= 2) are.
-    pub fn decays(&self, rank: usize) -> bool {
-        self.config.weight_decay > 0.0 && !(self.config.no_bias_decay && rank < 2)
+    /// Whether a tensor of this role is decayed: with `no_bias_decay`, only conv and linear
+    /// weights are (biases and normalisation scales/shifts are not).
+    pub fn decays(&self, role: Role) -> bool {
+        self.config.weight_decay > 0.0 && (role.is_weight() || !self.config.no_bias_decay)
     }
 
     /// One update of every parameter that has a gradient. With `clip_norm > 0` the gradients
@@ -135,9 +135,8 @@ impl Optimizer {
             grads,
             lr,
             scale,
-            path: Vec::new(),
         };
-        (module.map(&mut m), norm)
+        (params::map(module, &mut m), norm)
     }
 
     /// Buffers and step count, for checkpoints.
@@ -174,8 +173,8 @@ pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
         grads: &'a GradientsParams,
         sum: Option<Tensor<1>>,
     }
-    impl burn::module::ModuleVisitor for Norm<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+    impl TensorVisitor for Norm<'_> {
+        fn tensor<const D: usize>(&mut self, _: &Site, p: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(p.id) {
                 let s = g.square().sum();
                 self.sum = Some(match self.sum.take() {
@@ -186,7 +185,7 @@ pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
         }
     }
     let mut n = Norm { grads, sum: None };
-    module.visit(&mut n);
+    params::visit(module, &mut n);
     n.sum
         .map_or(0.0, |s| (s.into_scalar::<f32>() as f64).sqrt())
 }
@@ -197,40 +196,32 @@ struct SgdMapper<'a> {
     lr: f64,
     /// Gradient multiplier from clipping.
     scale: f64,
-    path: Vec<String>,
 }
 
-impl ModuleMapper for SgdMapper<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (id, tensor, mapper) = param.consume();
+impl TensorMapper for SgdMapper<'_> {
+    fn tensor<const D: usize>(&mut self, site: &Site, id: ParamId, tensor: Tensor<D>) -> Tensor<D> {
         let Some(grad) = self.grads.remove::<D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
+            return tensor;
         };
+        let key = site.path();
+        let decays = self.sgd.decays(site.role());
         let dims = tensor.dims();
         let n: usize = dims.iter().product();
-        let require_grad = tensor.is_require_grad();
         let w = tensor.inner().reshape([n]);
         let mut g = grad.reshape([n]);
         if self.scale != 1.0 {
             g = g * self.scale;
         }
         let lr = match &self.sgd.backbone {
-            Some((mult, head)) if !head.contains(&self.path.join(".")) => self.lr * mult,
+            Some((mult, head)) if !head.contains(&key) => self.lr * mult,
             _ => self.lr,
         };
         let cfg = &self.sgd.config;
         if cfg.kind == OptimKind::Adamw {
-            let key = self.path.join(".");
             let [b1, b2] = cfg.betas;
             let t = self.sgd.steps as i32;
             let mut w = w;
-            if self.sgd.decays(D) {
+            if decays {
                 w = w.clone() - w * (lr * cfg.weight_decay);
             }
             let (mk, vk) = (format!("m.{key}"), format!("v.{key}"));
@@ -247,17 +238,12 @@ impl ModuleMapper for SgdMapper<'_> {
             let w = w - mhat / (vhat.sqrt() + cfg.eps) * lr;
             self.sgd.buffers.insert(mk, m);
             self.sgd.buffers.insert(vk, v);
-            let mut w = Tensor::from_inner(w.reshape(dims));
-            if require_grad {
-                w = w.require_grad();
-            }
-            return Param::from_mapped_value(id, w, mapper);
+            return Tensor::from_inner(w.reshape(dims));
         }
-        if self.sgd.decays(D) {
+        if decays {
             g = g + w.clone() * cfg.weight_decay;
         }
         let d = if cfg.momentum > 0.0 {
-            let key = self.path.join(".");
             let buf = match self.sgd.buffers.remove(&key) {
                 Some(b) => b * cfg.momentum + g.clone(),
                 None => g.clone(),
@@ -272,11 +258,7 @@ impl ModuleMapper for SgdMapper<'_> {
         } else {
             g
         };
-        let mut w = Tensor::from_inner((w - d * lr).reshape(dims));
-        if require_grad {
-            w = w.require_grad();
-        }
-        Param::from_mapped_value(id, w, mapper)
+        Tensor::from_inner((w - d * lr).reshape(dims))
     }
 }
 
@@ -291,10 +273,10 @@ mod tests {
             no_bias_decay: true,
             ..OptimConfig::default()
         });
-        assert!(sgd.decays(2) && sgd.decays(4));
-        assert!(!sgd.decays(1));
+        assert!(sgd.decays(Role::LinearWeight) && sgd.decays(Role::ConvWeight));
+        assert!(!sgd.decays(Role::ConvBias) && !sgd.decays(Role::NormScale));
         sgd.config.no_bias_decay = false;
-        assert!(sgd.decays(1));
+        assert!(sgd.decays(Role::ConvBias));
     }
 
     #[test]

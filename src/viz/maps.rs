@@ -1,7 +1,7 @@
 //! What the layers hold: filters, feature maps, the images that excite a channel most, and
 //! filters across training epochs (Zeiler & Fergus 2014, figures 2 and 4).
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::prelude::*;
 use image::RgbImage;
 
@@ -9,36 +9,25 @@ use super::{grid, host, tile};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::models::Model;
+use crate::params::{self, Role, Site, TensorVisitor};
 use crate::recipe::Recipe;
 
 /// Every convolution weight (`[out, in, k, k]`) of a model, by parameter path, in order.
 pub fn conv_weights(model: &Model) -> Vec<(String, Tensor<4>)> {
-    struct V {
-        path: Vec<String>,
-        out: Vec<(String, Tensor<4>)>,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            if D == 4 && !self.path.iter().any(|p| p == "aux") {
+    struct V(Vec<(String, Tensor<4>)>);
+    impl TensorVisitor for V {
+        fn tensor<const D: usize>(&mut self, site: &Site, p: &Param<Tensor<D>>) {
+            if site.role() == Role::ConvWeight && !site.inside("AuxHead") {
                 let t = p.val();
                 let dims = t.dims();
                 let t4: Tensor<4> = t.reshape([dims[0], dims[1], dims[2], dims[3]]);
-                self.out.push((self.path[1..].join("."), t4));
+                self.0.push((site.path_from(1), t4));
             }
         }
     }
-    let mut v = V {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut v);
-    v.out
+    let mut v = V(Vec::new());
+    params::visit(model, &mut v);
+    v.0
 }
 
 /// The filters of a conv layer (default: the first) as one grid: colour tiles for a layer

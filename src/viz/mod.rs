@@ -13,7 +13,7 @@ use image::{Rgb, RgbImage};
 use crate::data::Dataset;
 use crate::data::transforms::{Mode, Transform, fit};
 use crate::error::{Error, Result};
-use crate::pipeline::trainer::transform;
+use crate::pipeline::transform;
 use crate::recipe::Recipe;
 
 /// One input image: the model's `[1, C, H, W]` tensor and what it looks like (fitted to the

@@ -3,7 +3,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
+use burn::prelude::*;
+use convlab::models::{Model, ModelConfig, ModelName};
+use convlab::params::{HostTensor, TensorMap, load_module, module_shapes};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 
@@ -173,4 +177,69 @@ pub fn uniform(n: usize, seed: u64) -> impl Iterator<Item = f64> {
         z ^= z >> 31;
         (z >> 11) as f64 * 2f64.powi(-52) - 1.0
     })
+}
+
+/// A one-epoch run on a subset of the built-in data.
+pub const TINY: &[&str] = &[
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--set",
+    "data.limit_train=160",
+    "--set",
+    "data.limit_val=64",
+];
+
+pub fn train_tiny(out: &Path, extra: &[&str]) -> Output {
+    convlab()
+        .arg("train")
+        .args(TINY)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Every tensor of `model` set from its convlab name, with BN statistics away from (0, 1) so a
+/// graph that dropped or misplaced one would show.
+pub fn formula_weights(model: Model) -> Model {
+    let shapes = module_shapes(&model);
+    let map: TensorMap = shapes
+        .into_iter()
+        .map(|(k, shape)| {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let seed = k.bytes().map(|b| b as u64).sum::<u64>();
+            let data = uniform(n, seed)
+                .map(|u| {
+                    let u = u as f32;
+                    if k.ends_with("running_var") {
+                        1.0 + 0.5 * u * u
+                    } else if k.ends_with("running_mean") {
+                        0.1 * u
+                    } else if k.ends_with("gamma") {
+                        0.8 + 0.2 * u
+                    } else if shape.len() >= 2 {
+                        // Burn's Linear is [in, out]: its fan-in is the first axis.
+                        let fan = if shape.len() == 2 { shape[0] } else { fan_in };
+                        u * (6.0 / fan as f32).sqrt()
+                    } else {
+                        0.1 * u
+                    }
+                })
+                .collect();
+            (k, HostTensor { shape, data })
+        })
+        .collect();
+    load_module(model, &map, Path::new("formula"), "formula").unwrap()
+}
+
+pub fn build(name: ModelName, classes: usize, size: usize) -> Model {
+    let cfg = ModelConfig {
+        input_size: size,
+        ..ModelConfig::for_model(name, classes, 3)
+    };
+    formula_weights(cfg.build(&Device::flex()).unwrap())
 }

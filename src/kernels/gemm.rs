@@ -1,0 +1,168 @@
+//! The GEMMs every convolution algorithm here ends in (the `gemm` crate in f32, convlab's
+//! bf16 kernels in bf16), and how work is split over images and threads so the same thread
+//! count always sums in the same order.
+
+/// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]` in `precision`, every operand given by (row,
+/// column) strides.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm(
+    precision: super::Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    let f = match precision {
+        super::Precision::Fp32 => gemm_f32,
+        super::Precision::Bf16 => super::bf16::gemm,
+    };
+    f(
+        m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, threads,
+    )
+}
+
+/// A left operand used for every image of a batch (the weights, or their transpose), prepared
+/// once: in bf16 it is rounded and packed once instead of once per image.
+pub(super) enum Lhs<'a> {
+    F32 {
+        m: usize,
+        k: usize,
+        data: &'a [f32],
+        rs: usize,
+        cs: usize,
+    },
+    Bf16(super::bf16::PackedLhs),
+}
+
+impl<'a> Lhs<'a> {
+    pub(super) fn new(
+        precision: super::Precision,
+        m: usize,
+        k: usize,
+        data: &'a [f32],
+        rs: usize,
+        cs: usize,
+    ) -> Self {
+        match precision {
+            super::Precision::Fp32 => Lhs::F32 { m, k, data, rs, cs },
+            super::Precision::Bf16 => Lhs::Bf16(super::bf16::PackedLhs::new(m, k, data, rs, cs)),
+        }
+    }
+
+    /// `dst[m, n] (+)= self · rhs[k, n]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mul(
+        &self,
+        n: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        rhs: &[f32],
+        rhs_rs: usize,
+        rhs_cs: usize,
+        threads: usize,
+    ) {
+        match *self {
+            Lhs::F32 { m, k, data, rs, cs } => gemm_f32(
+                m, n, k, dst, dst_rs, accumulate, data, rs, cs, rhs, rhs_rs, rhs_cs, threads,
+            ),
+            Lhs::Bf16(ref a) => super::bf16::gemm_packed(
+                a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads,
+            ),
+        }
+    }
+}
+
+/// The f32 GEMM: the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds the raw-pointer call below: the last element each operand's strides reach.
+    assert!(dst.len() > (m - 1) * dst_rs + (n - 1));
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every strided access inside the three slices, and `dst`
+    // is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Contiguous blocks of images, one per thread; fixed for a given batch and thread count.
+pub(super) fn image_blocks(batch: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = rayon::current_num_threads().clamp(1, batch.max(1));
+    (0..parts)
+        .map(|t| t * batch / parts..(t + 1) * batch / parts)
+        .collect()
+}
+
+/// The elementwise sum of per-block partial gradients, added in block order (so a thread count
+/// gives the same bits every run).
+pub(super) fn sum_in_order<'a>(mut parts: impl Iterator<Item = &'a Vec<f32>>) -> Vec<f32> {
+    let mut acc = parts.next().cloned().unwrap_or_default();
+    for part in parts {
+        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    acc
+}
+
+/// Threads each GEMM may use: all of them when there are fewer images than threads.
+pub(super) fn gemm_threads(batch: usize) -> usize {
+    if batch < rayon::current_num_threads() {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}

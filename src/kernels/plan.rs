@@ -1,0 +1,173 @@
+//! The kernel plan: for one convolution's geometry and precision on one CPU, which algorithm
+//! computes the forward pass, the input gradient and the weight (and bias) gradient. This is
+//! the only place the choice is made: [`super::conv`] dispatches on [`plan`]'s answer,
+//! [`super::winograd::fits`] and [`super::direct::fits`] only say which geometries each
+//! algorithm computes, and `tests/kernel_plan.rs` pins the choice for every convolution of
+//! every registered model (at its default input size and at 128 and 224 px).
+//!
+//! The rules, each measured (the numbers are beside [`super::winograd::applies`],
+//! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
+//! - forward: Winograd F(2x2, 3x3) where it fits, except layers of fewer than 64 input
+//!   channels that the direct kernels take in bf16 or with AVX-512 tiles; else the direct
+//!   kernels where they fit and the CPU has AVX2 or AVX-512; else im2col + GEMM;
+//! - input gradient: Winograd where the forward is Winograd, else direct where it fits with
+//!   16+ input channels, else im2col;
+//! - weight gradient: direct where it fits, unless Winograd runs the forward (then direct only
+//!   for fp32 outputs 32+ wide), else im2col.
+
+use super::Precision;
+use super::conv::ConvGeom;
+use super::{direct, winograd};
+
+/// A convolution algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// Winograd's F(2x2, 3x3) ([`super::winograd`]).
+    Winograd,
+    /// Register-tiled direct convolution ([`super::direct`]).
+    Direct,
+    /// im2col + GEMM ([`super::conv`]), any geometry.
+    Im2col,
+}
+
+impl Algo {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algo::Winograd => "winograd",
+            Algo::Direct => "direct",
+            Algo::Im2col => "im2col",
+        }
+    }
+}
+
+/// Which algorithm computes each of a convolution's three products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvPlan {
+    pub forward: Algo,
+    pub input_grad: Algo,
+    /// The weight gradient, and the bias gradient with it.
+    pub weight_grad: Algo,
+}
+
+/// The register tiles the direct kernels can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiles {
+    Avx512,
+    Avx2,
+    /// Neither: the direct kernels' portable loops are slower than im2col, so they never run.
+    None,
+}
+
+/// What of the CPU the plan depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    pub tiles: Tiles,
+}
+
+impl Cpu {
+    /// This CPU.
+    pub fn detect() -> Cpu {
+        let tiles = if direct::wide() {
+            Tiles::Avx512
+        } else if direct::available() {
+            Tiles::Avx2
+        } else {
+            Tiles::None
+        };
+        Cpu { tiles }
+    }
+}
+
+/// The algorithms for `g` (its `precision` included) on `cpu`.
+pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
+    let fp32 = g.precision == Precision::Fp32;
+    let direct = cpu.tiles != Tiles::None && direct::fits(g);
+    let winograd =
+        winograd::fits(g) && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512));
+    let forward = if winograd {
+        Algo::Winograd
+    } else if direct {
+        Algo::Direct
+    } else {
+        Algo::Im2col
+    };
+    let input_grad = if winograd {
+        Algo::Winograd
+    } else if direct && g.cin >= 16 {
+        Algo::Direct
+    } else {
+        Algo::Im2col
+    };
+    let weight_grad = if direct && (!winograd || (g.wo() >= 32 && fp32)) {
+        Algo::Direct
+    } else {
+        Algo::Im2col
+    };
+    ConvPlan {
+        forward,
+        input_grad,
+        weight_grad,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(cin: usize, cout: usize, side: usize, k: usize, stride: usize) -> ConvGeom {
+        ConvGeom {
+            batch: 1,
+            cin,
+            h: side,
+            w: side,
+            cout,
+            kh: k,
+            kw: k,
+            stride: [stride, stride],
+            pad: [k / 2, k / 2],
+            precision: Precision::Fp32,
+        }
+    }
+
+    const AVX512: Cpu = Cpu {
+        tiles: Tiles::Avx512,
+    };
+    const AVX2: Cpu = Cpu { tiles: Tiles::Avx2 };
+    const PLAIN: Cpu = Cpu { tiles: Tiles::None };
+
+    fn p(f: Algo, dx: Algo, dw: Algo) -> ConvPlan {
+        ConvPlan {
+            forward: f,
+            input_grad: dx,
+            weight_grad: dw,
+        }
+    }
+
+    use Algo::{Direct as D, Im2col as I, Winograd as W};
+
+    #[test]
+    fn the_rules_on_typical_layers() {
+        // Wide 3x3 layers: Winograd forward and input gradient; the weight gradient direct at
+        // 32 px and up in fp32, im2col below.
+        assert_eq!(plan(&geom(64, 64, 56, 3, 1), AVX512), p(W, W, D));
+        assert_eq!(plan(&geom(128, 128, 16, 3, 1), AVX512), p(W, W, I));
+        // 32 -> 32: the AVX-512 direct tiles win; the AVX2 ones keep Winograd in fp32.
+        assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX512), p(D, D, D));
+        assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX2), p(W, W, I));
+        let bf16 = ConvGeom {
+            precision: Precision::Bf16,
+            ..geom(32, 32, 16, 3, 1)
+        };
+        assert_eq!(plan(&bf16, AVX2), p(D, D, D));
+        // RGB stem: direct forward and weight gradient, the input gradient (never needed
+        // there) from im2col.
+        assert_eq!(plan(&geom(3, 64, 32, 3, 1), AVX512), p(D, I, D));
+        // Stride 2 and 1x1: im2col for everything.
+        assert_eq!(plan(&geom(64, 128, 56, 3, 2), AVX512), p(I, I, I));
+        assert_eq!(plan(&geom(64, 256, 56, 1, 1), AVX512), p(I, I, I));
+        assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX512), p(I, I, I));
+        // Without AVX2 the direct kernels never run.
+        assert_eq!(plan(&geom(16, 16, 32, 3, 1), PLAIN), p(I, I, I));
+        assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W, W, I));
+    }
+}

@@ -1,0 +1,337 @@
+//! Tests of the kernels' front doors ([`super::conv2d`], [`super::conv_bn`],
+//! [`super::batch_norm`], pooling, the residual add, precision) against Burn's own ops.
+
+use super::*;
+use burn::tensor::Distribution;
+use burn::tensor::module::conv2d as burn_conv2d;
+use burn::tensor::ops::ConvOptions;
+
+fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+    (a - b).abs().max().into_scalar::<f32>() / scale
+}
+
+/// The GEMM kernel and Burn's convolution agree on the output and on all three gradients
+/// (the bar: within 1e-4 relative), for the padding/stride/kernel combinations the
+/// model families use.
+#[test]
+fn gemm_conv_matches_burn_forward_and_backward() {
+    let device = Device::flex().autodiff();
+    for (cin, cout, hw, k, s, p, bias) in [
+        (3, 8, 9, 3, 1, 1, true),
+        (4, 6, 12, 5, 2, 2, false),
+        (3, 5, 23, 11, 4, 2, true),
+        (6, 4, 7, 1, 1, 0, true),
+        (5, 3, 8, 1, 2, 0, false),
+        (2, 4, 10, 7, 2, 3, true),
+        // Winograd's F(2x2, 3x3) forward and input gradient.
+        (32, 40, 9, 3, 1, 1, true),
+        // The direct kernels (on AVX-512 CPUs): all three products of a 16-channel layer,
+        // and an RGB stem (input gradient from im2col).
+        (16, 16, 17, 3, 1, 1, false),
+        (3, 16, 16, 3, 1, 1, true),
+    ] {
+        let x = Tensor::<4>::random([3, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<4>::random([cout, cin, k, k], Distribution::Normal(0.0, 0.3), &device);
+        let b = Tensor::<1>::random([cout], Distribution::Normal(0.0, 1.0), &device);
+        let dy = Tensor::<4>::random(
+            [3, cout, (hw + 2 * p - k) / s + 1, (hw + 2 * p - k) / s + 1],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let run = |fast: bool| {
+            let (x, w, b) = (
+                x.clone().require_grad(),
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+            );
+            let bias = bias.then(|| b.clone());
+            let y = if fast {
+                gemm_conv2d(x.clone(), w.clone(), bias, [s, s], [p, p])
+            } else {
+                burn_conv2d(
+                    x.clone(),
+                    w.clone(),
+                    bias,
+                    ConvOptions::new([s, s], [p, p], [1, 1], 1),
+                )
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            let gx = x.grad(&grads).unwrap();
+            let gw = w.grad(&grads).unwrap();
+            let gb = b.grad(&grads).map(|g| g.reshape([1, 1, 1, cout]));
+            (y.inner(), gx, gw, gb)
+        };
+        let (y1, gx1, gw1, gb1) = run(true);
+        let (y0, gx0, gw0, gb0) = run(false);
+        let case = format!("cin {cin} cout {cout} {hw}px k{k} s{s} p{p} bias {bias}");
+        assert!(max_rel_diff(y1, y0) < 1e-4, "{case}: output");
+        assert!(max_rel_diff(gx1, gx0) < 1e-4, "{case}: input gradient");
+        assert!(max_rel_diff(gw1, gw0) < 1e-4, "{case}: weight gradient");
+        assert_eq!(gb1.is_some(), gb0.is_some(), "{case}");
+        if let (Some(a), Some(b)) = (gb1, gb0) {
+            assert!(max_rel_diff(a, b) < 1e-4, "{case}: bias gradient");
+        }
+    }
+}
+
+/// The fused residual add + ReLU and Burn's `relu(a + b)` give the same output and the same
+/// gradient to each summand (also when only one of them is tracked).
+#[test]
+fn add_relu_matches_burn() {
+    let device = Device::flex().autodiff();
+    let shape = [3, 5, 7, 9];
+    let a = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let b = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let dy = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    for track_b in [true, false] {
+        let run = |fast: bool| {
+            let a = a.clone().require_grad();
+            let b = if track_b {
+                b.clone().require_grad()
+            } else {
+                b.clone()
+            };
+            let y = if fast {
+                add_relu(a.clone(), b.clone())
+            } else {
+                activation::relu(a.clone() + b.clone())
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            (y.inner(), a.grad(&grads).unwrap(), b.grad(&grads))
+        };
+        let (y1, ga1, gb1) = run(true);
+        let (y0, ga0, gb0) = run(false);
+        assert!(max_rel_diff(y1, y0) < 1e-6, "output");
+        assert!(max_rel_diff(ga1, ga0) < 1e-6, "gradient of a");
+        assert_eq!(gb1.is_some(), track_b);
+        assert_eq!(gb0.is_some(), track_b);
+        if let (Some(g1), Some(g0)) = (gb1, gb0) {
+            assert!(max_rel_diff(g1, g0) < 1e-6, "gradient of b");
+        }
+    }
+}
+
+/// `with_precision(Bf16)` reaches the kernel through Burn's autodiff: the output and all
+/// gradients move by bf16 rounding (not more), and the backward pass keeps the precision of
+/// its forward pass even when it runs outside the scope.
+#[test]
+fn bf16_scope_reaches_the_kernel_and_its_backward() {
+    if !bf16::available() {
+        assert_eq!(
+            with_precision(Precision::Bf16, precision),
+            Precision::Fp32,
+            "without AVX512-BF16 the scope falls back to fp32"
+        );
+        return;
+    }
+    let device = Device::flex().autodiff();
+    let x = Tensor::<4>::random([2, 8, 10, 10], Distribution::Normal(0.0, 1.0), &device);
+    let w = Tensor::<4>::random([16, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+    let run = |p: Precision, backward_inside: bool| {
+        let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+        let (y, loss) = with_precision(p, || {
+            let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1]);
+            (y.clone(), (y.clone() * y).sum())
+        });
+        let grads = if backward_inside {
+            with_precision(p, || loss.backward())
+        } else {
+            loss.backward()
+        };
+        (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+    };
+    let (y32, gx32, gw32) = run(Precision::Fp32, true);
+    let (y16, gx16, gw16) = run(Precision::Bf16, true);
+    let (_, gx16b, gw16b) = run(Precision::Bf16, false);
+    assert_eq!(precision(), Precision::Fp32, "the scope restores fp32");
+    for (a, b, what) in [
+        (y16, y32, "output"),
+        (gx16.clone(), gx32, "dx"),
+        (gw16.clone(), gw32, "dw"),
+    ] {
+        let d = max_rel_diff(a, b);
+        assert!(d > 0.0 && d < 3e-2, "{what}: bf16 vs fp32 differ by {d}");
+    }
+    assert_eq!(max_rel_diff(gx16, gx16b), 0.0);
+    assert_eq!(max_rel_diff(gw16, gw16b), 0.0);
+}
+
+#[test]
+fn precision_parses_and_falls_back_off_flex() {
+    assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+    assert!("fp16".parse::<Precision>().unwrap_err().contains("fp16"));
+    assert_eq!(Precision::Bf16.to_string(), "bf16");
+    assert_eq!(
+        supported_precision(Precision::Fp32, &Device::flex()),
+        Ok(Precision::Fp32)
+    );
+    let bf16_here = supported_precision(Precision::Bf16, &Device::flex().autodiff());
+    assert_eq!(
+        bf16_here.is_ok(),
+        bf16::available() && kernels() == Kernels::Convlab
+    );
+}
+
+fn max_rel_diff1(a: Tensor<1>, b: Tensor<1>) -> f32 {
+    max_rel_diff(a.reshape([1, 1, 1, -1]), b.reshape([1, 1, 1, -1]))
+}
+
+/// The fused batch norm (+ ReLU) against Burn's `BatchNorm::forward` (+ `relu`): training
+/// output, the three gradients and the running statistics it leaves behind; then inference
+/// on a plain device with those statistics.
+#[test]
+fn fused_batch_norm_matches_burn() {
+    use burn::nn::BatchNormConfig;
+    let device = Device::flex().autodiff();
+    for relu in [true, false] {
+        let x = Tensor::<4>::random([4, 3, 5, 6], Distribution::Normal(0.5, 2.0), &device);
+        let dy = Tensor::<4>::random([4, 3, 5, 6], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fast: bool| {
+            let mut bn = BatchNormConfig::new(3).init(&device);
+            bn.gamma =
+                burn::module::Param::from_tensor(Tensor::from_floats([1.3, -0.7, 0.4], &device));
+            let x = x.clone().require_grad();
+            let y = if fast {
+                batch_norm(&bn, x.clone(), relu)
+            } else {
+                let y = bn.forward(x.clone());
+                if relu { activation::relu(y) } else { y }
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            let gx = x.grad(&grads).unwrap();
+            let gg = bn.gamma.val().grad(&grads).unwrap();
+            let gb = bn.beta.val().grad(&grads).unwrap();
+            (y.inner(), gx, gg, gb, bn)
+        };
+        let (y1, gx1, gg1, gb1, bn1) = run(true);
+        let (y0, gx0, gg0, gb0, bn0) = run(false);
+        assert!(max_rel_diff(y1, y0) < 1e-4, "relu {relu}: output");
+        assert!(max_rel_diff(gx1, gx0) < 1e-4, "relu {relu}: input gradient");
+        assert!(
+            max_rel_diff1(gg1, gg0) < 1e-4,
+            "relu {relu}: gamma gradient"
+        );
+        assert!(max_rel_diff1(gb1, gb0) < 1e-4, "relu {relu}: beta gradient");
+        let stats = |bn: &BatchNorm| (bn.running_mean.value(), bn.running_var.value());
+        let ((m1, v1), (m0, v0)) = (stats(&bn1), stats(&bn0));
+        assert!(max_rel_diff1(m1, m0) < 1e-4 && max_rel_diff1(v1, v0) < 1e-4);
+        // Inference: plain device, running statistics.
+        let plain = Device::flex();
+        let bn = bn0.valid();
+        let xi = x.clone().inner().to_device(&plain);
+        let want = bn.forward(xi.clone());
+        let want = if relu { activation::relu(want) } else { want };
+        assert!(
+            max_rel_diff(batch_norm(&bn, xi, relu), want) < 1e-4,
+            "relu {relu}: infer"
+        );
+    }
+}
+
+/// Inference's folded convolution + batch norm (+ ReLU) against Burn's convolution then
+/// batch norm then ReLU, on each kernel's geometry (Winograd, direct, im2col with stride
+/// 2, pointwise), with and without a convolution bias; and the training path unchanged.
+#[test]
+fn folded_conv_bn_matches_burn_in_inference() {
+    use burn::nn::BatchNormConfig;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    let device = Device::flex();
+    for (cin, cout, hw, k, s, p, bias) in [
+        (32, 40, 9, 3, 1, 1, false),
+        (16, 16, 17, 3, 1, 1, true),
+        (3, 16, 16, 3, 1, 1, false),
+        (8, 12, 11, 3, 2, 1, true),
+        (6, 10, 8, 1, 2, 0, false),
+    ] {
+        let conv = Conv2dConfig::new([cin, cout], [k, k])
+            .with_stride([s, s])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .with_bias(bias)
+            .init(&device);
+        let mut bn = BatchNormConfig::new(cout).init(&device);
+        let stat = |mean: f64, sd: f64| {
+            Tensor::<1>::random([cout], Distribution::Normal(mean, sd), &device)
+        };
+        bn.gamma = burn::module::Param::from_tensor(stat(1.0, 0.5));
+        bn.beta = burn::module::Param::from_tensor(stat(0.0, 0.5));
+        bn.running_mean = burn::module::RunningState::new(stat(0.2, 0.5));
+        bn.running_var = burn::module::RunningState::new(stat(0.0, 1.0).abs() + 0.1);
+        let x = Tensor::<4>::random([3, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+        for relu in [true, false] {
+            let want = bn.forward(conv.forward(x.clone()));
+            let want = if relu { activation::relu(want) } else { want };
+            let got = conv_bn(&conv, &bn, x.clone(), relu);
+            let d = max_rel_diff(got, want);
+            assert!(
+                d < 1e-4,
+                "{cin}->{cout} {hw}px {k}x{k}/{s} bias {bias} relu {relu}: {d}"
+            );
+        }
+    }
+}
+
+/// The max-pool kernel against Burn's: AlexNet's overlapping 3/2, VGG's 2/2, ResNet's
+/// padded 3/2/1 and GoogLeNet's ceil mode; output and input gradient.
+#[test]
+fn max_pool_matches_burn() {
+    use burn::nn::pool::MaxPool2dConfig;
+    let device = Device::flex().autodiff();
+    for (k, s, p, ceil, hw) in [
+        (3, 2, 0, false, 13),
+        (2, 2, 0, false, 8),
+        (3, 2, 1, false, 9),
+        (3, 2, 0, true, 14),
+    ] {
+        let pool = MaxPool2dConfig::new([k, k])
+            .with_strides([s, s])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .with_ceil_mode(ceil)
+            .init();
+        let x = Tensor::<4>::random([2, 3, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fast: bool| {
+            let x = x.clone().require_grad();
+            let y = if fast {
+                max_pool2d(&pool, x.clone())
+            } else {
+                pool.forward(x.clone())
+            };
+            // d/dy of sum(y * (y + 1), y held constant): distinct per output.
+            let grads = (y.clone() * y.clone().detach().add_scalar(1.0))
+                .sum()
+                .backward();
+            (y.inner(), x.grad(&grads).unwrap())
+        };
+        let ((y1, g1), (y0, g0)) = (run(true), run(false));
+        assert_eq!(y1.dims(), y0.dims(), "k{k} s{s} p{p} ceil {ceil}");
+        assert!(
+            max_rel_diff(y1, y0) < 1e-6,
+            "k{k} s{s} p{p} ceil {ceil}: output"
+        );
+        assert!(
+            max_rel_diff(g1, g0) < 1e-6,
+            "k{k} s{s} p{p} ceil {ceil}: gradient"
+        );
+    }
+}
+
+#[test]
+fn kernel_choice_parses_and_rejects_typos() {
+    assert_eq!(parse_kernels(None), Ok(Kernels::Convlab));
+    assert_eq!(parse_kernels(Some("convlab")), Ok(Kernels::Convlab));
+    assert_eq!(parse_kernels(Some("burn")), Ok(Kernels::Burn));
+    let e = parse_kernels(Some("Burn")).unwrap_err();
+    assert!(e.contains("CONVLAB_KERNELS=Burn"), "{e}");
+}
+
+/// Without autodiff the same op runs on the plain backend.
+#[test]
+fn gemm_conv_runs_without_autodiff() {
+    let device = Device::flex();
+    let x = Tensor::<4>::random([2, 3, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+    let w = Tensor::<4>::random([4, 3, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+    let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1]);
+    let want = burn_conv2d(x, w, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+    assert!(max_rel_diff(y, want) < 1e-4);
+}

@@ -1,0 +1,97 @@
+//! `convlab train` and `convlab bench train` run one training step: the trainer's first step on
+//! its first batch and `bench::train_steps` on that same batch give the same loss and the same
+//! weights, with EMA, label smoothing, gradient clipping, dropout and a backbone learning rate
+//! switched on so that every part of the step is exercised.
+
+use burn::prelude::*;
+use convlab::helpers::Stream;
+use convlab::kernels::Precision;
+use convlab::pipeline::{self, Quiet, TrainOptions};
+use convlab::recipe::{Override, Recipe, ScheduleKind};
+use convlab::run::RunDir;
+use convlab::train::checkpoint;
+use convlab::train::loss::smoothed_targets;
+
+fn recipe() -> Recipe {
+    let sets = [
+        "epochs=1",
+        "batch_size=16",
+        "data.limit_train=16",
+        "data.limit_val=16",
+        "data.workers=1",
+        "model.dropout=0.3",
+        "augment.hflip=0.5",
+        "loss.label_smoothing=0.1",
+        "regularisation.ema_decay=0.9",
+        "regularisation.grad_clip_norm=1.0",
+        "finetune.backbone_lr_mult=0.5",
+        "schedule.warmup_epochs=0.0",
+    ];
+    let overrides: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+    let mut r = Recipe::resolve(None, &overrides).unwrap();
+    // A constant rate: the trainer's step 0 runs at the peak, as bench's steps do.
+    r.schedule.kind = ScheduleKind::Constant;
+    r
+}
+
+#[test]
+fn bench_and_trainer_share_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex().autodiff();
+
+    // The trainer: one epoch of one batch.
+    let run = RunDir::create(&dir.path().join("run")).unwrap();
+    let opts = TrainOptions {
+        resume: false,
+        stop_after_epoch: None,
+    };
+    let summary = pipeline::train(recipe(), &run, &opts, &device, &mut Quiet).unwrap();
+    assert_eq!(summary.epochs, 1);
+    let trained = checkpoint::load(&run.checkpoint("last")).unwrap();
+    let metrics = run.read_metrics().unwrap();
+
+    // bench's step on the same batch, from the same initial weights and the same draws.
+    let mut r = recipe();
+    let splits = pipeline::prepare(&mut r).unwrap();
+    let loader = pipeline::loader(&r, splits.train.clone(), true).unwrap();
+    assert_eq!(loader.num_batches(), 1);
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    let [c, s, _] = batch.sample_shape;
+    let (b, k) = (batch.len(), r.model.num_classes);
+    let x = Tensor::<4>::from_data(TensorData::new(batch.images, [b, c, s, s]), &device);
+    let q = smoothed_targets(&batch.labels, k, r.loss.label_smoothing);
+    let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), &device);
+    device.seed(Stream::ModelInit.seed(r.seed));
+    let model = r.model.build(&device).unwrap();
+    // As the trainer: the optimiser (reading the classifier's keys) before the first epoch's
+    // dropout stream.
+    let (mut opt, mut ema, _) = pipeline::optimizer_for(&r, &model, &device);
+    device.seed(Stream::Dropout { epoch: 1 }.seed(r.seed));
+    let out = convlab::bench::train_steps(
+        model,
+        &mut opt,
+        ema.as_mut(),
+        &r,
+        Precision::Fp32,
+        None,
+        x,
+        targets,
+        1,
+    );
+
+    let loss = out.losses[0] as f64;
+    assert!(
+        (loss - metrics[0].train_loss).abs() <= 1e-6 * loss.abs().max(1.0),
+        "bench loss {loss} vs trainer {}",
+        metrics[0].train_loss
+    );
+    let benched = checkpoint::module_tensors(&out.model.valid());
+    let saved = trained.group("model");
+    assert_eq!(
+        benched.keys().collect::<Vec<_>>(),
+        saved.keys().collect::<Vec<_>>()
+    );
+    for (key, t) in &benched {
+        assert_eq!(t, &saved[key], "{key} differs between bench and trainer");
+    }
+}
