@@ -1,7 +1,13 @@
-//! Times convlab's convolution kernels on the layers of `bench-vgg` or `resnet18_small` (batch
-//! 64), after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` where the CPU has it):
-//! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [bench-vgg|resnet18_small]`.
+//! Times convlab's convolution kernels on every distinct convolution of a registered model (its
+//! layers from the model's own shape trace), with the algorithm the kernel plan picks for each
+//! product, after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` where the CPU has
+//! it), and ranks the layers by their share of the time:
+//! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [MODEL] [SIZE] [BATCH]`
+//! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64).
+use convlab::kernels::Precision;
 use convlab::kernels::conv::{ConvGeom, conv2d_backward, conv2d_forward};
+use convlab::kernels::plan::{Cpu, plan};
+use convlab::models::{ModelConfig, ModelName};
 use std::time::Instant;
 
 /// GFLOP/s of one core running 12 independent accumulator chains of the instruction (enough to
@@ -61,71 +67,83 @@ fn peaks() {
     }
 }
 
-/// `(C_in, C_out, input px, kernel, stride, how many such layers)` of a network's convolutions.
-type Layer = (usize, usize, usize, usize, usize, usize);
+/// A distinct convolution of the network and how many times it occurs.
+struct Layer {
+    geom: ConvGeom,
+    count: usize,
+    first: String,
+}
 
-fn layers(net: &str) -> Vec<Layer> {
-    match net {
-        "bench-vgg" => vec![
-            (3, 64, 32, 3, 1, 1),
-            (64, 64, 32, 3, 1, 1),
-            (64, 128, 16, 3, 1, 1),
-            (128, 128, 16, 3, 1, 1),
-            (128, 256, 8, 3, 1, 1),
-            (256, 256, 8, 3, 1, 1),
-        ],
-        // The CIFAR stem, four stages of two basic blocks (16-32-64-128 channels), and the
-        // 1x1 stride-2 shortcuts.
-        "resnet18_small" => vec![
-            (3, 16, 32, 3, 1, 1),
-            (16, 16, 32, 3, 1, 4),
-            (16, 32, 32, 3, 2, 1),
-            (16, 32, 32, 1, 2, 1),
-            (32, 32, 16, 3, 1, 3),
-            (32, 64, 16, 3, 2, 1),
-            (32, 64, 16, 1, 2, 1),
-            (64, 64, 8, 3, 1, 3),
-            (64, 128, 8, 3, 2, 1),
-            (64, 128, 8, 1, 2, 1),
-            (128, 128, 4, 3, 1, 3),
-        ],
-        other => panic!("unknown net `{other}`: bench-vgg or resnet18_small"),
+/// The network's convolutions from its own shape trace (`Model::trace`), identical geometries
+/// merged; only those convlab's kernels run (no groups or dilation, symmetric padding).
+fn layers(net: &str, size: usize, batch: usize, precision: Precision) -> Vec<Layer> {
+    let name = ModelName::from_name(net).unwrap();
+    let mut cfg = ModelConfig::for_model(name, 10, 3);
+    cfg.input_size = size;
+    let model = cfg.build(&burn::prelude::Device::flex()).unwrap();
+    let mut out: Vec<Layer> = Vec::new();
+    for c in model.trace([3, size, size]).convs() {
+        let [t, l, b, r] = c.pads;
+        if c.groups != 1 || c.dilation != [1, 1] || t != b || l != r {
+            continue;
+        }
+        let geom = ConvGeom {
+            batch,
+            cin: c.cin,
+            h: c.hw[0],
+            w: c.hw[1],
+            cout: c.cout,
+            kh: c.kernel[0],
+            kw: c.kernel[1],
+            stride: c.stride,
+            pad: [t, l],
+            precision,
+        };
+        match out.iter_mut().find(|x| x.geom == geom) {
+            Some(x) => x.count += 1,
+            None => out.push(Layer {
+                geom,
+                count: 1,
+                first: c.name.clone(),
+            }),
+        }
     }
+    out
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let threads: usize = args.next().map_or(2, |s| s.parse().unwrap());
-    let precision: convlab::kernels::Precision = args
+    let precision: Precision = args
         .next()
         .map_or(Ok(Default::default()), |s| s.parse())
         .unwrap();
     let net = args.next().unwrap_or_else(|| "bench-vgg".into());
+    let size: usize = args.next().map_or(32, |s| s.parse().unwrap());
+    let batch: usize = args.next().map_or(64, |s| s.parse().unwrap());
     #[cfg(target_arch = "x86_64")]
     peaks();
-    println!("{net}, batch 64, {threads} threads, {precision}; times are per layer");
+    println!(
+        "{net} at {size} px, batch {batch}, {threads} threads, {precision}; times are per layer"
+    );
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
         .unwrap();
     let (mut tf, mut tb, mut fl) = (0.0, 0.0, 0.0);
-    for (cin, cout, hw, kernel, stride, count) in layers(&net) {
-        let pad = kernel / 2;
-        let g = ConvGeom {
-            batch: 64,
-            cin,
-            h: hw,
-            w: hw,
-            cout,
-            kh: kernel,
-            kw: kernel,
-            stride: [stride, stride],
-            pad: [pad, pad],
-            precision,
-        };
-        let x = vec![0.5f32; 64 * cin * hw * hw];
+    let cpu = Cpu::detect();
+    let mut rows = Vec::new();
+    for Layer {
+        geom: g,
+        count,
+        first,
+    } in layers(&net, size, batch, precision)
+    {
+        let (cin, cout, hw, kernel, stride) = (g.cin, g.cout, g.h, g.kh, g.stride[0]);
+        let p = plan(&g, cpu);
+        let x = vec![0.5f32; batch * cin * hw * hw];
         let w = vec![0.01f32; cout * g.k()];
-        let flops = 2.0 * (64 * cout * g.k() * g.p()) as f64;
+        let flops = 2.0 * (batch * cout * g.k() * g.p()) as f64;
         let y = conv2d_forward(&x, &w, None, &g);
         // Seconds per call, the mean of 5.
         let time = |f: &dyn Fn()| {
@@ -148,18 +166,35 @@ fn main() {
         let bw = backward([false, true, false]);
         let bx = backward([true, false, false]);
         println!(
-            "{cin:>3}->{cout:<3} {hw:>2}px {kernel}x{kernel}/{stride} x{count}  fwd {:6.1} ms {:5.1} GF/s   bwd {:6.1} ms {:5.1} GF/s   (dW only {:6.1} ms, dx only {:6.1} ms)",
+            "{cin:>4}->{cout:<4} {hw:>3}px {kernel}x{kernel}/{stride} x{count:<2} fwd {:7.1} ms {:5.1} GF/s  bwd {:7.1} ms {:5.1} GF/s  (dW {:7.1} ms, dx {:7.1} ms)  {}/{}/{}  {first}",
             f * 1e3,
             flops / f / 1e9,
             b * 1e3,
             bfl / b / 1e9,
             bw * 1e3,
-            bx * 1e3
+            bx * 1e3,
+            p.forward.as_str(),
+            p.input_grad.as_str(),
+            p.weight_grad.as_str(),
         );
         let n = count as f64;
         tf += f * n;
         tb += b * n;
         fl += (flops + bfl) * n;
+        rows.push((
+            format!("{cin}->{cout} {hw}px {kernel}x{kernel}/{stride}"),
+            (f + b) * n,
+        ));
+    }
+    let total = tf + tb;
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("largest shares of the convolution time (forward + backward, all occurrences):");
+    for (name, t) in rows.iter().take(8) {
+        println!(
+            "  {name:<28} {:5.1}%  {:7.1} ms",
+            100.0 * t / total,
+            t * 1e3
+        );
     }
     println!(
         "total fwd {:.1} ms, bwd {:.1} ms, {:.1} GF/s",

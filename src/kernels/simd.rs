@@ -5,6 +5,8 @@
 //! Sums use [`LANES`] independent partial sums in a fixed order: the compiler may vectorise them
 //! (a single running sum is one dependent add per element) but never reorder them, so every
 //! instruction set gives the same bits.
+// The fused residual and ReLU-gradient rows serve burn-flex's ops only (`flex.rs`).
+#![cfg_attr(not(feature = "flex"), allow(dead_code))]
 
 /// Partial sums per reduction.
 const LANES: usize = 16;
