@@ -83,21 +83,8 @@ fn layers(net: &str, size: usize, batch: usize, precision: Precision) -> Vec<Lay
     let model = cfg.build(&burn::prelude::Device::flex()).unwrap();
     let mut out: Vec<Layer> = Vec::new();
     for c in model.trace([3, size, size]).convs() {
-        let [t, l, b, r] = c.pads;
-        if c.groups != 1 || c.dilation != [1, 1] || t != b || l != r {
+        let Some(geom) = convlab::layers::kernel_geometry(c, batch, precision) else {
             continue;
-        }
-        let geom = ConvGeom {
-            batch,
-            cin: c.cin,
-            h: c.hw[0],
-            w: c.hw[1],
-            cout: c.cout,
-            kh: c.kernel[0],
-            kw: c.kernel[1],
-            stride: c.stride,
-            pad: [t, l],
-            precision,
         };
         match out.iter_mut().find(|x| x.geom == geom) {
             Some(x) => x.count += 1,

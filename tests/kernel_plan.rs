@@ -7,8 +7,8 @@
 
 use burn::prelude::*;
 use convlab::kernels::Precision;
-use convlab::kernels::conv::ConvGeom;
 use convlab::kernels::plan::{Cpu, Tiles, plan};
+use convlab::layers::kernel_geometry;
 use convlab::models::{ModelConfig, ModelName};
 use convlab::onnx::ConvLayer;
 
@@ -19,29 +19,11 @@ const COLUMNS: [(&str, Tiles, Precision); 4] = [
     ("none", Tiles::None, Precision::Fp32),
 ];
 
-/// The kernels' geometry of a traced convolution; `None` where Burn's own convolution runs
-/// (groups, dilation or asymmetric padding: `kernels::conv2d`).
-fn geom(c: &ConvLayer, precision: Precision) -> Option<ConvGeom> {
-    let [t, l, b, r] = c.pads;
-    (c.groups == 1 && c.dilation == [1, 1] && t == b && l == r).then_some(ConvGeom {
-        batch: 1,
-        cin: c.cin,
-        h: c.hw[0],
-        w: c.hw[1],
-        cout: c.cout,
-        kh: c.kernel[0],
-        kw: c.kernel[1],
-        stride: c.stride,
-        pad: [t, l],
-        precision,
-    })
-}
-
 fn row(c: &ConvLayer) -> String {
     let cells: Vec<String> = COLUMNS
         .iter()
         .map(|&(name, tiles, precision)| {
-            let choice = match geom(c, precision) {
+            let choice = match kernel_geometry(c, 1, precision) {
                 Some(g) => {
                     let p = plan(&g, Cpu { tiles });
                     format!(

@@ -5,32 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::OnceLock;
 
 use common::*;
-
-const TINY: &[&str] = &[
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--set",
-    "data.limit_train=160",
-    "--set",
-    "data.limit_val=64",
-];
-
-fn train(out: &Path, extra: &[&str]) -> Output {
-    convlab()
-        .arg("train")
-        .args(TINY)
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
-}
 
 /// One finished tiny run on the built-in data, shared by the tests that only read it.
 fn shared_run() -> &'static Path {
@@ -38,7 +15,7 @@ fn shared_run() -> &'static Path {
     let (_, p) = RUN.get_or_init(|| {
         let d = tmp();
         let run = d.path().join("run");
-        ok(&train(&run, &[]));
+        ok(&train_tiny(&run, &[]));
         (d, run)
     });
     p
@@ -56,11 +33,11 @@ fn metrics_lines(run: &Path) -> usize {
 fn training_onto_an_existing_run_is_refused_without_overwrite() {
     let d = tmp();
     let run = d.path().join("ow");
-    ok(&train(&run, &["--set", "epochs=2"]));
+    ok(&train_tiny(&run, &["--set", "epochs=2"]));
     assert_eq!(metrics_lines(&run), 2);
     let recipe = std::fs::read(run.join("recipe.toml")).unwrap();
     let last = std::fs::read(run.join("checkpoints/last.safetensors")).unwrap();
-    let e = fails(&train(&run, &[]));
+    let e = fails(&train_tiny(&run, &[]));
     assert!(
         e.contains("already holds a run") && e.contains("--resume") && e.contains("--overwrite"),
         "{e}"
@@ -75,7 +52,7 @@ fn training_onto_an_existing_run_is_refused_without_overwrite() {
         std::fs::read(run.join("checkpoints/last.safetensors")).unwrap(),
         last
     );
-    let o = train(&run, &["--overwrite"]);
+    let o = train_tiny(&run, &["--overwrite"]);
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite: deleting"));
     assert_eq!(metrics_lines(&run), 1);
@@ -119,7 +96,7 @@ fn two_trainings_into_one_folder_the_second_is_refused() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let e = fails(&train(&run, &[]));
+    let e = fails(&train_tiny(&run, &[]));
     assert!(
         e.contains("in use by process") && e.contains(&pid) && e.contains("both"),
         "{e}"
@@ -435,7 +412,7 @@ fn messages_name_what_is_wrong() {
     let d = tmp();
     // A divergence in the first epoch keeps nothing, and says so.
     let run = d.path().join("lr");
-    let e = fails(&train(&run, &["--lr", "1e30"]));
+    let e = fails(&train_tiny(&run, &["--lr", "1e30"]));
     assert!(
         e.contains("diverged") && e.contains("no epoch had finished"),
         "{e}"
@@ -457,7 +434,7 @@ fn messages_name_what_is_wrong() {
         "{e}"
     );
     // An unknown --set key is blamed on --set.
-    let e = fails(&train(&d.path().join("x"), &["--set", "foo.bar=1"]));
+    let e = fails(&train_tiny(&d.path().join("x"), &["--set", "foo.bar=1"]));
     assert!(
         e.contains("--set") && e.contains("foo") && !e.contains("defaults"),
         "{e}"
@@ -515,7 +492,7 @@ fn messages_name_what_is_wrong() {
     write_idx(&idx, "train", 20, 28, false);
     write_idx(&idx, "t10k", 10, 28, false);
     std::fs::remove_file(idx.join("t10k-labels-idx1-ubyte")).unwrap();
-    let e = fails(&train(
+    let e = fails(&train_tiny(
         &d.path().join("i"),
         &["--data", idx.to_str().unwrap()],
     ));
@@ -524,7 +501,10 @@ fn messages_name_what_is_wrong() {
         "{e}"
     );
     // An OS error is printed once.
-    let e = fails(&train(Path::new("/proc/convlab-cannot-write-here"), &[]));
+    let e = fails(&train_tiny(
+        Path::new("/proc/convlab-cannot-write-here"),
+        &[],
+    ));
     let first = e.find("/proc/convlab-cannot-write-here").unwrap();
     let tail = &e[first..];
     let os = tail.split(": ").nth(1).unwrap_or("").trim().to_string();
@@ -558,7 +538,7 @@ fn smaller_cases_have_documented_behaviour() {
     let mut b = std::fs::read(&lab).unwrap();
     b[8] = 255;
     std::fs::write(&lab, b).unwrap();
-    let e = fails(&train(
+    let e = fails(&train_tiny(
         &d.path().join("i"),
         &["--data", idx.to_str().unwrap()],
     ));
@@ -570,7 +550,7 @@ fn smaller_cases_have_documented_behaviour() {
     let photos = d.path().join("photos");
     write_image_folder(&photos, &["a", "b"], 4);
     std::fs::create_dir_all(photos.join("empty")).unwrap();
-    let e = fails(&train(
+    let e = fails(&train_tiny(
         &d.path().join("p"),
         &["--data", photos.to_str().unwrap()],
     ));
@@ -578,7 +558,7 @@ fn smaller_cases_have_documented_behaviour() {
 
     // --resume with --lr applies once and is not written into recipe.toml.
     let run = d.path().join("run");
-    ok(&train(
+    ok(&train_tiny(
         &run,
         &["--set", "epochs=2", "--stop-after-epoch", "1"],
     ));
@@ -598,7 +578,7 @@ fn smaller_cases_have_documented_behaviour() {
 
     // A run killed before its first epoch (recipe written, no checkpoint) resumes from 1.
     let killed = d.path().join("killed");
-    ok(&train(&killed, &[]));
+    ok(&train_tiny(&killed, &[]));
     std::fs::remove_dir_all(killed.join("checkpoints")).unwrap();
     std::fs::remove_file(killed.join("metrics.jsonl")).unwrap();
     std::fs::remove_file(killed.join("summary.json")).unwrap();

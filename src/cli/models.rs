@@ -41,7 +41,10 @@ pub fn run(a: ModelsArgs) -> Result<()> {
             family: name.family().as_str().to_string(),
             params: convlab::models::param_count(&model),
             input_size: cfg.input_size,
-            gflops: cfg.flops(&device)? / 1e9,
+            gflops: model
+                .trace([channels, cfg.input_size, cfg.input_size])
+                .flops()
+                / 1e9,
         });
     }
     if a.json {

@@ -5,7 +5,6 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::helpers::Stream;
-pub use crate::helpers::mix_seed;
 
 /// Indices of each class, each list shuffled with a seed derived from `seed` and the class.
 fn shuffled_by_class(labels: &[usize], seed: u64) -> Vec<Vec<usize>> {

@@ -227,6 +227,24 @@ pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The `[rows, columns]` padding with which convlab's kernels compute a convolution with
+/// `pads = [top, left, bottom, right]`: symmetric padding, no groups, no dilation. `None`
+/// leaves the layer to Burn's own convolution (AlexNet's grouped layers, for one).
+pub fn kernel_padding(pads: [usize; 4], dilation: [usize; 2], groups: usize) -> Option<[usize; 2]> {
+    let [t, l, b, r] = pads;
+    (groups == 1 && dilation == [1, 1] && t == b && l == r).then_some([t, l])
+}
+
+/// [`kernel_padding`] of a Burn convolution (`Same` padding depends on the input size: Burn's).
+fn conv_padding(conv: &Conv2d) -> Option<[usize; 2]> {
+    let pads = match conv.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r],
+        _ => return None,
+    };
+    kernel_padding(pads, conv.dilation, conv.groups)
+}
+
 /// `[rows, columns]` of padding when it is the same on both sides; `None` for asymmetric or
 /// `Same` padding (which depends on the input size), left to Burn.
 fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
@@ -243,14 +261,13 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
 /// # Shapes
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let padding = symmetric_padding(&conv.padding);
-    let plain = conv.groups == 1 && conv.dilation == [1, 1];
+    let padding = conv_padding(conv);
     let bias = || conv.bias.as_ref().map(|b| b.val());
     match padding {
-        Some(padding) if plain && fast_path(&x) => {
+        Some(padding) if fast_path(&x) => {
             gemm_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
         }
-        Some(padding) if plain && torch_path(&x) => {
+        Some(padding) if torch_path(&x) => {
             torch_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
         }
         _ => conv.forward(x),
@@ -342,10 +359,9 @@ pub fn gemm_conv2d(
 /// # Shapes
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
 pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
-    let padding = symmetric_padding(&conv.padding);
-    let plain = conv.groups == 1 && conv.dilation == [1, 1];
+    let padding = conv_padding(conv);
     match padding {
-        Some(padding) if plain && fast_path(&x) && !x.device().is_autodiff() => {
+        Some(padding) if fast_path(&x) && !x.device().is_autodiff() => {
             let device = x.device();
             let mean = bn.running_mean.value().to_device(&device);
             let var = bn.running_var.value().to_device(&device);

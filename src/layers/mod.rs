@@ -137,6 +137,29 @@ pub fn conv_bn_relu(conv: &Conv2d, bn: Option<&BatchNorm>, x: Tensor<4>) -> Tens
     }
 }
 
+/// The geometry convlab's kernels compute a traced convolution with (batch `batch`, in
+/// `precision`), or `None` where Burn's own convolution runs it ([`crate::kernels::conv2d`]'s
+/// rule): what the kernel plan is asked about for a model's layers.
+pub fn kernel_geometry(
+    c: &crate::onnx::ConvLayer,
+    batch: usize,
+    precision: crate::kernels::Precision,
+) -> Option<crate::kernels::conv::ConvGeom> {
+    let pad = crate::kernels::kernel_padding(c.pads, c.dilation, c.groups)?;
+    Some(crate::kernels::conv::ConvGeom {
+        batch,
+        cin: c.cin,
+        h: c.hw[0],
+        w: c.hw[1],
+        cout: c.cout,
+        kh: c.kernel[0],
+        kw: c.kernel[1],
+        stride: c.stride,
+        pad,
+        precision,
+    })
+}
+
 /// Max pooling on convlab's kernel where it applies.
 ///
 /// # Shapes

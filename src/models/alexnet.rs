@@ -219,8 +219,7 @@ impl AlexNet {
                 x = pool.onnx(g, &x);
             }
         }
-        let hw = g.hw(&x);
-        let x = g.adaptive_avg_pool_flat(&x, hw, self.head_pool);
+        let x = g.adaptive_avg_pool_flat(&x, self.head_pool);
         match (&self.fc6, &self.fc7) {
             (Some(fc6), Some(fc7)) => {
                 let x = g.linear(fc6, &x, "fc6");

@@ -154,76 +154,60 @@ impl ModelConfig {
         // set is an error naming the key, not a silently ignored setting.
         let family = self.name.family();
         let takes = family.options();
-        let rules: [(&str, bool, bool, &str); 9] = [
-            (
-                "hidden",
-                self.hidden.is_some(),
-                takes.alexnet_shape,
-                "AlexNet and ZFNet",
-            ),
+        type Takes = fn(&super::Options) -> bool;
+        let rules: [(&str, &str, bool, Takes); 9] = [
+            ("hidden", "`hidden`", self.hidden.is_some(), |o| {
+                o.alexnet_shape
+            }),
             (
                 "conv_widths",
+                "`conv_widths`",
                 self.conv_widths.is_some(),
-                takes.alexnet_shape,
-                "AlexNet and ZFNet",
+                |o| o.alexnet_shape,
             ),
             (
                 "remove_convs",
+                "`remove_convs`",
                 self.remove_convs.is_some(),
-                takes.alexnet_shape,
-                "AlexNet and ZFNet",
+                |o| o.alexnet_shape,
             ),
-            (
-                "plan",
-                self.plan.is_some(),
-                takes.plan,
-                "plain (convnet, vgg)",
-            ),
+            ("plan", "`plan`", self.plan.is_some(), |o| o.plan),
             (
                 "batch_norm",
+                "batch_norm = false",
                 self.batch_norm == Some(false),
-                !takes.batch_norm_required,
-                "non-residual",
+                |o| !o.batch_norm_required,
             ),
-            (
-                "lrn",
-                self.lrn == Some(true),
-                takes.lrn,
-                "AlexNet, ZFNet, VGG and GoogLeNet",
-            ),
-            (
-                "zero_gamma",
-                self.zero_gamma,
-                takes.zero_gamma,
-                "residual (ResNet)",
-            ),
+            ("lrn", "LRN layers", self.lrn == Some(true), |o| o.lrn),
+            ("zero_gamma", "`zero_gamma`", self.zero_gamma, |o| {
+                o.zero_gamma
+            }),
             (
                 "pool",
+                "pool and overlapping_pool",
                 self.pool != PoolKind::Max || self.overlapping_pool.is_some(),
-                takes.pooling,
-                "AlexNet, ZFNet, convnet and VGG",
+                |o| o.pooling,
             ),
             (
                 "init",
+                "init = \"paper\"",
                 self.init == Some(Init::Paper),
-                takes.paper_init,
-                "AlexNet, ZFNet, VGG and ResNet",
+                |o| o.paper_init,
             ),
         ];
-        if let Some((key, _, _, who)) = rules.iter().find(|(_, set, ok, _)| *set && !*ok) {
-            let what = match *key {
-                "batch_norm" => "batch_norm = false".to_string(),
-                "lrn" => "LRN layers".to_string(),
-                "pool" => "pool and overlapping_pool".to_string(),
-                "init" => "init = \"paper\"".to_string(),
-                k => format!("`{k}`"),
-            };
+        if let Some((key, what, _, allows)) = rules.iter().find(|r| r.2 && !(r.3)(&takes)) {
+            let who: Vec<&str> = Family::ALL
+                .iter()
+                .filter(|f| allows(&f.options()))
+                .map(|f| f.as_str())
+                .collect();
             return Err(bad(
                 key,
                 format!(
-                    "{} ({}) does not take {what}: only {who} models do",
+                    "{} ({}) does not take {what}: only the {} families do",
                     self.name,
-                    family.as_str()
+                    family.as_str(),
+                    who.join(", ")
                 ),
             ));
         }

@@ -70,6 +70,15 @@ impl Options {
 }
 
 impl Family {
+    pub const ALL: [Family; 6] = [
+        Family::AlexNet,
+        Family::ZfNet,
+        Family::ConvNet,
+        Family::Vgg,
+        Family::GoogLeNet,
+        Family::ResNet,
+    ];
+
     /// The options the family takes (its file's `OPTIONS`).
     pub fn options(self) -> Options {
         match self {

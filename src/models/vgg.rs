@@ -168,8 +168,7 @@ impl Vgg {
     /// depends on it; dropout is the identity at inference).
     pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
         let f = self.trunk.onnx(g, x, "trunk");
-        let hw = g.hw(&f);
-        let x = g.adaptive_avg_pool_flat(&f, hw, self.head_pool);
+        let x = g.adaptive_avg_pool_flat(&f, self.head_pool);
         let x = g.linear(&self.fc6, &x, "fc6");
         let x = g.relu(&x);
         let x = g.linear(&self.fc7, &x, "fc7");

@@ -233,9 +233,10 @@ impl Graph {
     /// [`Self::tensor_weight`] of a parameter, not initialised in a shape trace.
     fn param_weight<const D: usize>(&mut self, name: &str, p: &Param<Tensor<D>>) -> String {
         if self.values {
-            self.tensor_weight(name, &p.val());
+            self.tensor_weight(name, &p.val())
+        } else {
+            name.to_string()
         }
-        name.to_string()
     }
 
     /// One node with one output; returns the output's name.
@@ -440,7 +441,8 @@ impl Graph {
     /// `[B, C * p * p]` (the order of a row-major reshape). ONNX has no adaptive pool: an exact
     /// division is one `AveragePool`, any other size a `MatMul` with the constant averaging
     /// matrix of PyTorch's rule (cell `i` averages rows `floor(i h / p) .. ceil((i + 1) h / p)`).
-    pub fn adaptive_avg_pool_flat(&mut self, x: &str, hw: [usize; 2], p: usize) -> String {
+    pub fn adaptive_avg_pool_flat(&mut self, x: &str, p: usize) -> String {
+        let hw = self.hw(x);
         let y = self.adaptive_avg_pool_nodes(x, hw, p);
         let shape = self.shape(x).map(|s| vec![s[0] * p * p]);
         self.set_shape(&y, shape);
@@ -588,8 +590,8 @@ mod tests {
     #[test]
     fn adaptive_pool_matrix_rows_average_pytorch_regions() {
         // 5 -> 3: regions [0,2), [1,4), [3,5) (floor start, ceil end).
-        let mut g = Graph::new([3, 8, 8]);
-        g.adaptive_avg_pool_flat("x", [5, 1], 3);
+        let mut g = Graph::new([2, 5, 1]);
+        g.adaptive_avg_pool_flat(INPUT, 3);
         let m = g
             .inits
             .iter()
