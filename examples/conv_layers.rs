@@ -108,10 +108,13 @@ fn main() {
     let net = args.next().unwrap_or_else(|| "bench-vgg".into());
     let size: usize = args.next().map_or(32, |s| s.parse().unwrap());
     let batch: usize = args.next().map_or(64, |s| s.parse().unwrap());
+    let amx = convlab::kernels::parse_amx(std::env::var("CONVLAB_AMX").ok().as_deref()).unwrap();
+    convlab::kernels::amx::allow(amx);
     #[cfg(target_arch = "x86_64")]
     peaks();
     println!(
-        "{net} at {size} px, batch {batch}, {threads} threads, {precision}; times are per layer"
+        "{net} at {size} px, batch {batch}, {threads} threads, {precision} on {}; times are per layer",
+        convlab::kernels::matrix_unit(precision)
     );
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

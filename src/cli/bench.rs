@@ -97,6 +97,9 @@ struct Report {
     ms_per_step: f64,
     peak_rss_mb: Option<f64>,
     gflops_per_sec: f64,
+    /// What multiplied the convolutions' matrices: `amx-bf16`, `avx512-bf16` or `fp32`
+    /// (`kernels::matrix_unit`; `backend` when convlab's kernels did not run).
+    matrix_unit: String,
 }
 
 fn parse_input(s: &str) -> Result<(usize, usize)> {
@@ -321,12 +324,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         .into(),
         precision,
+        matrix_unit: if convlab::kernels::active_on(&dev) {
+            convlab::kernels::matrix_unit(precision)
+        } else {
+            "backend"
+        }
+        .into(),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} {:?} {} batch {} on {} ({} kernels, {}, {} threads): {:.1} img/s median (slowest \
+            "{} {:?} {} batch {} on {} ({} kernels, {} on {}, {} threads): {:.1} img/s median (slowest \
              step {:.1}, fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
             r.model,
             a.what,
@@ -335,6 +344,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.device,
             r.kernels,
             r.precision,
+            r.matrix_unit,
             r.threads,
             ips,
             slowest,

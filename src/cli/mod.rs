@@ -91,6 +91,9 @@ pub fn run(cli: Cli) -> Result<()> {
     let kernels = convlab::kernels::parse_kernels(std::env::var("CONVLAB_KERNELS").ok().as_deref())
         .map_err(anyhow::Error::msg)?;
     convlab::kernels::select(kernels);
+    let amx = convlab::kernels::parse_amx(std::env::var("CONVLAB_AMX").ok().as_deref())
+        .map_err(anyhow::Error::msg)?;
+    convlab::kernels::amx::allow(amx);
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),

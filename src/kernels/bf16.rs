@@ -108,7 +108,20 @@ fn round_into(src: &[f32], dst: &mut [u32]) {
 pub struct PackedLhs {
     m: usize,
     k: usize,
+    /// Packed for the AMX tiles ([`super::amx`]): every block's pairs padded to whole tiles.
+    amx: bool,
     words: Vec<u32>,
+}
+
+/// Pair words a packed row of `kc` columns takes: `kc / 2` rounded up, and up to whole AMX
+/// tiles ([`super::amx::PAIRS`]) when packed for them.
+fn pairs(kc: usize, amx: bool) -> usize {
+    let kp = kc.div_ceil(2);
+    if amx {
+        kp.next_multiple_of(super::amx::PAIRS)
+    } else {
+        kp
+    }
 }
 
 impl PackedLhs {
@@ -117,58 +130,70 @@ impl PackedLhs {
     /// # Panics
     /// When `lhs` is too short for the shape and strides.
     pub fn new(m: usize, k: usize, lhs: &[f32], rs: usize, cs: usize) -> Self {
-        Self::new_in(Vec::new(), m, k, lhs, rs, cs)
+        Self::new_in(Vec::new(), m, k, lhs, rs, cs, super::amx::enabled())
     }
 
     /// As [`Self::new`], in `words`' allocation (grown, never cleared: packing writes every
-    /// word a product reads).
-    fn new_in(mut words: Vec<u32>, m: usize, k: usize, lhs: &[f32], rs: usize, cs: usize) -> Self {
+    /// word a product reads), for the AMX tiles or not.
+    fn new_in(
+        mut words: Vec<u32>,
+        m: usize,
+        k: usize,
+        lhs: &[f32],
+        rs: usize,
+        cs: usize,
+        amx: bool,
+    ) -> Self {
+        assert!(
+            !amx || super::amx::available(),
+            "AMX requested on a CPU without it"
+        );
         if m > 0 && k > 0 {
             assert!(lhs.len() > (m - 1) * rs + (k - 1) * cs);
         }
-        let need = m.next_multiple_of(ROW_PAD) * k.div_ceil(KC) * KC.div_ceil(2);
+        let need = m.next_multiple_of(ROW_PAD) * k.div_ceil(KC) * pairs(KC, amx);
         if words.len() < need {
             words.resize(need, 0);
         }
         let a = View { data: lhs, rs, cs };
         #[inline(always)]
-        fn pack_all(a: View, m: usize, k: usize, words: &mut [u32]) {
+        fn pack_all(a: View, m: usize, k: usize, amx: bool, words: &mut [u32]) {
             let rows = m.next_multiple_of(ROW_PAD);
             for (b, k0) in (0..k).step_by(KC).enumerate() {
                 let kc = KC.min(k - k0);
-                let block = &mut words[b * rows * KC.div_ceil(2)..][..rows * kc.div_ceil(2)];
-                pack_a(a, m, k0, kc, block);
+                let block = &mut words[b * rows * pairs(KC, amx)..][..rows * pairs(kc, amx)];
+                pack_a(a, m, k0, kc, pairs(kc, amx), block);
             }
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw")]
-        fn pack_avx512(a: View, m: usize, k: usize, words: &mut [u32]) {
-            pack_all(a, m, k, words)
+        fn pack_avx512(a: View, m: usize, k: usize, amx: bool, words: &mut [u32]) {
+            pack_all(a, m, k, amx, words)
         }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
             // SAFETY: the features `pack_avx512` is compiled for were detected just above.
-            unsafe { pack_avx512(a, m, k, &mut words) };
-            return PackedLhs { m, k, words };
+            unsafe { pack_avx512(a, m, k, amx, &mut words) };
+            return PackedLhs { m, k, amx, words };
         }
-        pack_all(a, m, k, &mut words);
-        PackedLhs { m, k, words }
+        pack_all(a, m, k, amx, &mut words);
+        PackedLhs { m, k, amx, words }
     }
 
     /// The packed rows of the `b`-th `KC` block.
     fn block(&self, b: usize) -> &[u32] {
-        let kp = KC.min(self.k - b * KC).div_ceil(2);
+        let kp = pairs(KC.min(self.k - b * KC), self.amx);
         let rows = self.m.next_multiple_of(ROW_PAD);
-        &self.words[b * rows * KC.div_ceil(2)..][..rows * kp]
+        &self.words[b * rows * pairs(KC, self.amx)..][..rows * kp]
     }
 }
 
-/// Rows `0..rows`, columns `k0..k0 + kc` of `a`, as rows of pair words (zero rows past `rows`).
+/// Rows `0..rows`, columns `k0..k0 + kc` of `a`, as rows of `kp` pair words (zero past the
+/// last column and in the rows past `rows`).
 #[inline(always)]
-fn pack_a(a: View, rows: usize, k0: usize, kc: usize, out: &mut [u32]) {
-    let kp = kc.div_ceil(2);
+fn pack_a(a: View, rows: usize, k0: usize, kc: usize, kp: usize, out: &mut [u32]) {
     let mut run = vec![0.0f32; kc];
     for (i, dst) in out.chunks_mut(kp).enumerate() {
         if i >= rows {
@@ -184,7 +209,8 @@ fn pack_a(a: View, rows: usize, k0: usize, kc: usize, out: &mut [u32]) {
     }
 }
 
-/// Rows `k0..k0 + kc`, columns `j0..j0 + cols` of `b` as one panel `width` columns wide:
+/// Rows `k0..k0 + kc`, columns `j0..j0 + cols` of `b` as one panel `width` columns wide and
+/// `out.len() / width` pair rows deep:
 /// `out[p · width + j] = (b[k0 + 2p, j0 + j], b[k0 + 2p + 1, j0 + j])`, zero past the edges.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -199,6 +225,8 @@ fn pack_panel(
     run: &mut Vec<u32>,
 ) {
     let kp = kc.div_ceil(2);
+    // Pair rows past `kc` (whole AMX tiles) are zero.
+    out[kp * width..].fill(0);
     if b.cs == 1 {
         // Rows contiguous: two rows interleaved, a loop the compiler vectorises.
         for p in 0..kp {
@@ -336,12 +364,14 @@ unsafe fn gemm_block(
     bp: &mut [u32],
 ) {
     let mut run = Vec::new();
+    // SAFETY: a PackedLhs is packed for AMX only where `amx::enabled()`, so the CPU has it.
+    let _tiles = a.amx.then(|| unsafe { super::amx::Tiles::configure() });
     for (blk, k0) in (0..a.k).step_by(KC).enumerate() {
         // The first block of `K` overwrites `dst` unless asked to accumulate (a zero fill
         // before the product was 2% of a bench-vgg bf16 step), the others add to it.
         let add = accumulate || blk > 0;
         let kc = KC.min(a.k - k0);
-        let kp = kc.div_ceil(2);
+        let kp = pairs(kc, a.amx);
         let mut at = 0;
         for (j0, cols, width) in panels(n) {
             pack_panel(
@@ -358,6 +388,28 @@ unsafe fn gemm_block(
         }
         let ap = a.block(blk);
         let mut at = 0;
+        if a.amx {
+            for (j0, cols, width) in panels(n) {
+                // SAFETY: `_tiles` is live; the block was packed for AMX; `dst` holds the tile
+                // (checked by `gemm_packed`).
+                unsafe {
+                    amx_panel(
+                        ap,
+                        kp,
+                        rows.clone(),
+                        &bp[at..at + kp * width],
+                        width,
+                        cols,
+                        dst,
+                        dst_rs,
+                        j0,
+                        add,
+                    )
+                };
+                at += kp * width;
+            }
+            continue;
+        }
         for (j0, cols, width) in panels(n) {
             let tile = if width == WIDE {
                 WIDE_ROWS
@@ -381,6 +433,52 @@ unsafe fn gemm_block(
                 }
             }
             at += kp * width;
+        }
+    }
+}
+
+/// The AMX tiles' share of [`gemm_block`]: `dst[rows, j0..j0 + cols] (+)= A_block · panel`
+/// in 32 x 32 blocks ([`super::amx::block`]).
+///
+/// # Safety
+/// A [`super::amx::Tiles`] is live on this thread; `ap` is a block packed for AMX (`kp` a multiple of
+/// [`super::amx::PAIRS`], rows padded to [`ROW_PAD`]) and `rows.start` a multiple of
+/// [`ROW_PAD`]; the tile of `dst` at (row 0, column `j0`) has `rows.len()` rows `dst_rs`
+/// apart of `cols` elements.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn amx_panel(
+    ap: &[u32],
+    kp: usize,
+    rows: std::ops::Range<usize>,
+    panel: &[u32],
+    width: usize,
+    cols: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    j0: usize,
+    add: bool,
+) {
+    use super::amx::block;
+    for i in rows.clone().step_by(32) {
+        let (i0, r) = (i - rows.start, 32.min(rows.end - i));
+        for v0 in (0..cols).step_by(32) {
+            let c = 32.min(cols - v0);
+            // SAFETY: rows are padded to a multiple of ROW_PAD (48) from a multiple of 48, so
+            // when more than 16 rows are left from `i` there are 32 packed rows (and 16
+            // otherwise); the panel has `kp` pair rows of `width >= v0 + 16·V` words; the C
+            // block is inside `dst` (the caller's contract).
+            unsafe {
+                let pa = ap.as_ptr().add(i * kp);
+                let pb = panel.as_ptr().add(v0);
+                let pc = dst.as_mut_ptr().add(i0 * dst_rs + j0 + v0);
+                match (r > 16, c > 16) {
+                    (true, true) => block::<2, 2>(kp, pa, pb, width, pc, dst_rs, r, c, add),
+                    (true, false) => block::<2, 1>(kp, pa, pb, width, pc, dst_rs, r, c, add),
+                    (false, true) => block::<1, 2>(kp, pa, pb, width, pc, dst_rs, r, c, add),
+                    (false, false) => block::<1, 1>(kp, pa, pb, width, pc, dst_rs, r, c, add),
+                }
+            }
         }
     }
 }
@@ -430,7 +528,7 @@ pub fn gemm_packed(
         let run = |(t, part): (usize, &mut [f32])| {
             let range = t * per..((t + 1) * per).min(m);
             PANELS.with_borrow_mut(|bp| {
-                let need = n.next_multiple_of(NARROW) * KC.div_ceil(2);
+                let need = n.next_multiple_of(NARROW) * pairs(KC, a.amx);
                 if bp.len() < need {
                     bp.resize(need, 0);
                 }
@@ -475,8 +573,27 @@ pub fn gemm(
     rhs_cs: usize,
     threads: usize,
 ) {
+    gemm_on(
+        super::amx::enabled(),
+        [m, n, k],
+        (dst, dst_rs, accumulate),
+        (lhs, lhs_rs, lhs_cs),
+        (rhs, rhs_rs, rhs_cs),
+        threads,
+    )
+}
+
+/// [`gemm`] on the AMX tiles (`amx`) or the AVX512-BF16 kernel.
+fn gemm_on(
+    amx: bool,
+    [m, n, k]: [usize; 3],
+    (dst, dst_rs, accumulate): (&mut [f32], usize, bool),
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+    threads: usize,
+) {
     // The weight gradient packs a new `A` (the column matrix) per image: reuse its storage.
-    let a = PackedLhs::new_in(LHS_WORDS.take(), m, k, lhs, lhs_rs, lhs_cs);
+    let a = PackedLhs::new_in(LHS_WORDS.take(), m, k, lhs, lhs_rs, lhs_cs, amx);
     gemm_packed(&a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads);
     LHS_WORDS.set(a.words);
 }
@@ -518,51 +635,66 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (8, 32, 2),
-            (9, 33, 3),
-            (17, 70, 21),
-            (64, 40, 27),
-            (3, 5, 0),
-            (20, 16, 7),
-            (100, 130, 33),
-        ] {
-            for transposed in [false, true] {
-                for accumulate in [false, true] {
-                    for threads in [1, 3] {
-                        let a = data(m * k, 1);
-                        let b = data(k * n, 2);
-                        // lhs [m, k] row-major, or stored as its transpose [k, m].
-                        let (lrs, lcs) = if transposed { (1, m) } else { (k, 1) };
-                        let (rrs, rcs) = if transposed { (1, k) } else { (n, 1) };
-                        let dst_rs = n + 3;
-                        let init = data(m * dst_rs, 3);
-                        let mut dst = init.clone();
-                        gemm(
-                            m, n, k, &mut dst, dst_rs, accumulate, &a, lrs, lcs, &b, rrs, rcs,
-                            threads,
-                        );
-                        for i in 0..m {
-                            for j in 0..n {
-                                let mut want: f64 = if accumulate {
-                                    init[i * dst_rs + j] as f64
-                                } else {
-                                    0.0
-                                };
-                                for kk in 0..k {
-                                    want += round(a[i * lrs + kk * lcs]) as f64
-                                        * round(b[kk * rrs + j * rcs]) as f64;
+        // Both kernels where the CPU has AMX (`amx::tests` fails if it reports AMX and the
+        // tiles are not usable, so this cannot silently test one of them only).
+        let engines: &[bool] = if super::super::amx::available() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &amx in engines {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (8, 32, 2),
+                (9, 33, 3),
+                (17, 70, 21),
+                (64, 40, 27),
+                (3, 5, 0),
+                (20, 16, 7),
+                (100, 130, 33),
+                (32, 64, 32),
+                (49, 97, 64),
+            ] {
+                for transposed in [false, true] {
+                    for accumulate in [false, true] {
+                        for threads in [1, 3] {
+                            let a = data(m * k, 1);
+                            let b = data(k * n, 2);
+                            // lhs [m, k] row-major, or stored as its transpose [k, m].
+                            let (lrs, lcs) = if transposed { (1, m) } else { (k, 1) };
+                            let (rrs, rcs) = if transposed { (1, k) } else { (n, 1) };
+                            let dst_rs = n + 3;
+                            let init = data(m * dst_rs, 3);
+                            let mut dst = init.clone();
+                            gemm_on(
+                                amx,
+                                [m, n, k],
+                                (&mut dst, dst_rs, accumulate),
+                                (&a, lrs, lcs),
+                                (&b, rrs, rcs),
+                                threads,
+                            );
+                            for i in 0..m {
+                                for j in 0..n {
+                                    let mut want: f64 = if accumulate {
+                                        init[i * dst_rs + j] as f64
+                                    } else {
+                                        0.0
+                                    };
+                                    for kk in 0..k {
+                                        want += round(a[i * lrs + kk * lcs]) as f64
+                                            * round(b[kk * rrs + j * rcs]) as f64;
+                                    }
+                                    let got = dst[i * dst_rs + j] as f64;
+                                    assert!(
+                                        (got - want).abs() <= 1e-5 * (1.0 + k as f64),
+                                        "amx={amx} m={m} n={n} k={k} t={transposed} acc={accumulate}: [{i},{j}] {got} vs {want}"
+                                    );
                                 }
-                                let got = dst[i * dst_rs + j] as f64;
-                                assert!(
-                                    (got - want).abs() <= 1e-5 * (1.0 + k as f64),
-                                    "m={m} n={n} k={k} t={transposed} acc={accumulate}: [{i},{j}] {got} vs {want}"
-                                );
-                            }
-                            // Padding between rows is left alone.
-                            for j in n..dst_rs {
-                                assert_eq!(dst[i * dst_rs + j], init[i * dst_rs + j]);
+                                // Padding between rows is left alone.
+                                for j in n..dst_rs {
+                                    assert_eq!(dst[i * dst_rs + j], init[i * dst_rs + j]);
+                                }
                             }
                         }
                     }

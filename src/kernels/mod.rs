@@ -10,6 +10,7 @@
 //! [`select`]`(Kernels::Burn)` turns the fast paths off, for comparing the two (the binary does
 //! it for `CONVLAB_KERNELS=burn`; `convlab bench` prints which one ran).
 
+pub mod amx;
 pub mod bf16;
 mod buf;
 pub mod conv;
@@ -196,6 +197,30 @@ pub fn supported_precision(precision: Precision, device: &Device) -> Result<Prec
             Err("this CPU has no AVX512-BF16 instructions; computing in fp32".to_string())
         }
         Precision::Bf16 => Ok(Precision::Bf16),
+    }
+}
+
+/// What multiplies convolutions' matrices in `precision` on this CPU (`convlab bench` prints
+/// it): `amx-bf16` (the AMX tiles, [`amx`]), `avx512-bf16` (`VDPBF16PS`, [`bf16`]) or
+/// `fp32` (f32 FMAs).
+pub fn matrix_unit(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Bf16 if amx::enabled() => "amx-bf16",
+        Precision::Bf16 if bf16::available() => "avx512-bf16",
+        _ => "fp32",
+    }
+}
+
+/// Reads a `CONVLAB_AMX` value: unset, empty, `1` or `on` lets bf16 use the AMX tiles where
+/// the CPU has them; `0` or `off` keeps it on AVX512-BF16 (to measure one against the other
+/// on the same CPU). Anything else is an error naming the variable.
+pub fn parse_amx(value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("") | Some("1") | Some("on") => Ok(true),
+        Some("0") | Some("off") => Ok(false),
+        Some(other) => Err(format!(
+            "CONVLAB_AMX={other}: expected `1`/`on` (the default: AMX where the CPU has it) or `0`/`off`"
+        )),
     }
 }
 

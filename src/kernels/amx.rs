@@ -1,0 +1,407 @@
+//! The bf16 GEMM's tile on Intel AMX (Advanced Matrix Extensions, Sapphire Rapids and later).
+//!
+//! AMX adds eight tile registers (`tmm0..tmm7`, each up to 16 rows of 64 bytes) and a matrix
+//! unit: `TDPBF16PS C, A, B` computes `C[16 x 16 f32] += A[16 x 32 bf16] · B[32 x 16 bf16]`,
+//! with `B` stored as 16 rows of 16 bf16 *pairs* (`B[2p, j], B[2p + 1, j]` in one 32-bit word,
+//! Intel SDM vol. 1 ch. 20 and vol. 2 `TDPBF16PS`). That is exactly the layout [`super::bf16`]
+//! already packs for `VDPBF16PS` (its `B` panels are rows of pair words, its `A` rows are runs
+//! of pair words), so the AMX tile drops into the same packed operands: a block of `A` is a
+//! tile of 16 rows `kp` words apart, a panel of `B` 16 columns at a time is a tile of 16 pair
+//! rows `width` words apart. The only extra requirement is that `K` comes in whole tiles (16
+//! pairs, 32 values); [`super::bf16`] pads its packed blocks with zeros when AMX runs.
+//!
+//! The microkernel ([`block`]) keeps a 32 x 32 block of `C` in four tiles (`tmm0..tmm3`) and
+//! streams two tiles of `A` (`tmm4`, `tmm5`) and two of `B` (`tmm6`, `tmm7`) per 32 values of
+//! `K`: four tile products per four tile loads, the blocking Intel's optimisation manual gives
+//! for BF16 GEMM. Sums are in f32 in a fixed order (per tile, `K` ascending), so results are
+//! deterministic on a given CPU; they differ in the last bits from the AVX512-BF16 kernel,
+//! which adds the pairs of a word in another order.
+//!
+//! Stable Rust has no AMX intrinsics (`x86_amx_intrinsics` is unstable, and so is
+//! `is_x86_feature_detected!("amx-bf16")`), so the instructions are inline `asm!` and the
+//! detection reads CPUID and XCR0 itself. Linux keeps the 8 KiB tile state off until a process
+//! asks for it: [`available`] makes the `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`
+//! request once, and answers false if the kernel refuses (then the AVX512-BF16 kernel runs).
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether this CPU and OS run AMX bf16 tiles (detected once; see the module doc).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+/// Cleared by [`allow`]`(false)`: AMX is then never used, even where [`available`].
+static ALLOWED: AtomicBool = AtomicBool::new(true);
+
+/// Allows or forbids the AMX tiles for this process (the binary forbids them for
+/// `CONVLAB_AMX=0`, to measure the AVX512-BF16 kernel on the same CPU). Call it before any
+/// bf16 product: a packed operand keeps the layout it was packed for.
+pub fn allow(allowed: bool) {
+    ALLOWED.store(allowed, Ordering::Relaxed);
+}
+
+/// Whether bf16 products run on AMX tiles: [`available`] and not forbidden by [`allow`].
+pub fn enabled() -> bool {
+    ALLOWED.load(Ordering::Relaxed) && available()
+}
+
+/// What the CPU says it has, from `/proc/cpuinfo`'s point of view: the `amx_bf16` and
+/// `amx_tile` flags (CPUID leaf 7, EDX bits 22 and 24), whether or not the OS lets us use them.
+pub fn cpu_reports_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid_count;
+        // Leaf 7 exists when leaf 0 says so.
+        if __cpuid_count(0, 0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn detect() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        if !cpu_reports_amx() || !super::bf16::available() {
+            return false;
+        }
+        // The OS must manage the tile state (XCR0 bits 17 XTILECFG and 18 XTILEDATA), which
+        // needs XSAVE enabled by the OS (CPUID.1:ECX.OSXSAVE, bit 27) to read XCR0 at all.
+        if std::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
+            return false;
+        }
+        // SAFETY: OSXSAVE is set (checked just above).
+        let xcr0 = unsafe { xgetbv0() };
+        if xcr0 & (0b11 << 17) != 0b11 << 17 {
+            return false;
+        }
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) only changes which XSAVE
+        // features this process may use; the `syscall` instruction clobbers rcx and r11, which
+        // are declared, and touches no memory of ours.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// XCR0, the OS-enabled XSAVE features.
+///
+/// # Safety
+/// The OS has set CR4.OSXSAVE (CPUID.1:ECX bit 27).
+#[cfg(target_arch = "x86_64")]
+unsafe fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller checked OSXSAVE, so XGETBV with ecx = 0 does not fault.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Pair words of `K` per tile: a tile row is 64 bytes, 16 words of two bf16.
+pub const PAIRS: usize = 16;
+
+/// The 64-byte tile configuration `LDTILECFG` reads: palette 1, every tile 16 rows of 64
+/// bytes.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+const CONFIG: Config = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        // colsb (bytes per row) at 16 + 2t as u16, rows at 48 + t.
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    Config(c)
+};
+
+/// The tile unit configured on this thread for as long as the value lives; released on drop
+/// (so a descheduled thread does not carry 8 KiB of tile state through every context switch).
+pub struct Tiles(());
+
+impl Tiles {
+    /// # Safety
+    /// [`available`] is true.
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn configure() -> Tiles {
+        // SAFETY: the CPU has AMX and the process has tile permission (the caller's contract);
+        // CONFIG is 64 aligned bytes.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+        }
+        Tiles(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: a `Tiles` exists only after `configure`, so the CPU has AMX.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// Loads tile `$t` from `$p`, rows `$s` bytes apart.
+#[cfg(target_arch = "x86_64")]
+macro_rules! load {
+    ($t:literal, $p:expr, $s:expr) => {
+        std::arch::asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"),
+            p = in(reg) $p, s = in(reg) $s, options(nostack, readonly))
+    };
+}
+
+/// Stores tile `$t` to `$p`, rows `$s` bytes apart.
+#[cfg(target_arch = "x86_64")]
+macro_rules! store {
+    ($t:literal, $p:expr, $s:expr) => {
+        std::arch::asm!(concat!("tilestored [{p} + {s}*1], tmm", $t),
+            p = in(reg) $p, s = in(reg) $s, options(nostack))
+    };
+}
+
+/// `tmm$c += tmm$a · tmm$b` in bf16 pairs, f32 sums.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot {
+    ($c:literal, $a:literal, $b:literal) => {
+        std::arch::asm!(
+            concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// Applies `$m!(tile, row, column)` to each C tile of an `R x V` block (tile `2·row + column`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! c_tiles {
+    ($r:expr, $v:expr, $m:ident) => {{
+        $m!(0, 0, 0);
+        if $v > 1 {
+            $m!(1, 0, 1);
+        }
+        if $r > 1 {
+            $m!(2, 1, 0);
+        }
+        if $r > 1 && $v > 1 {
+            $m!(3, 1, 1);
+        }
+    }};
+}
+
+/// `C[rows, cols] (+)= A · B` for a block of `16·R` rows and `16·V` columns (`R`, `V` in 1..=2)
+/// over `kp` pair words (a multiple of [`PAIRS`]): `a` points at the block's first row of
+/// packed `A`, rows `kp` words apart; `b` at its first column of a packed `B` panel, pair rows
+/// `width` words apart; `c` at the block's first element, rows `c_rs` apart. `add` keeps what
+/// `C` holds (else it is overwritten).
+///
+/// # Safety
+/// A [`Tiles`] is live on this thread; `a` holds `16·R` rows of `kp` words, `b` `kp` rows of
+/// `width >= 16·V` words; `c` is valid for `rows <= 16·R` rows of `cols <= 16·V` elements.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block<const R: usize, const V: usize>(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    width: usize,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    debug_assert!(kp.is_multiple_of(PAIRS) && (1..=2).contains(&R) && (1..=2).contains(&V));
+    let full = rows == 16 * R && cols == 16 * V;
+    // Edge blocks go through a scratch copy of C, one 16 x 16 tile per C tile.
+    let mut scratch = [[0f32; 256]; 4];
+    let (a_s, b_s, c_s) = (kp * 4, width * 4, c_rs * 4);
+    // SAFETY (whole body): the caller's contract bounds every tile load and store below;
+    // scratch tiles are 16 rows of 64 bytes.
+    unsafe {
+        let tile_c = |ri: usize, vi: usize| c.add(16 * ri * c_rs + 16 * vi);
+        if !full {
+            for (t, tile) in scratch.iter_mut().enumerate() {
+                let (ri, vi) = (t / 2, t % 2);
+                if !add || ri >= R || vi >= V {
+                    continue;
+                }
+                for r in 0..rows.saturating_sub(16 * ri).min(16) {
+                    let n = cols.saturating_sub(16 * vi).min(16);
+                    std::ptr::copy_nonoverlapping(
+                        tile_c(ri, vi).add(r * c_rs),
+                        tile[16 * r..].as_mut_ptr(),
+                        n,
+                    );
+                }
+            }
+        }
+        macro_rules! init {
+            ($t:literal, $ri:expr, $vi:expr) => {
+                if full && add {
+                    load!($t, tile_c($ri, $vi), c_s)
+                } else if add {
+                    load!($t, scratch[2 * $ri + $vi].as_ptr(), 64usize)
+                } else {
+                    std::arch::asm!(concat!("tilezero tmm", $t), options(nostack, nomem))
+                }
+            };
+        }
+        c_tiles!(R, V, init);
+        for p in (0..kp).step_by(PAIRS) {
+            load!(4, a.add(p), a_s);
+            load!(6, b.add(p * width), b_s);
+            dot!(0, 4, 6);
+            if R > 1 {
+                load!(5, a.add(16 * kp + p), a_s);
+                dot!(2, 5, 6);
+            }
+            if V > 1 {
+                load!(7, b.add(p * width + 16), b_s);
+                dot!(1, 4, 7);
+                if R > 1 {
+                    dot!(3, 5, 7);
+                }
+            }
+        }
+        macro_rules! fin {
+            ($t:literal, $ri:expr, $vi:expr) => {
+                if full {
+                    store!($t, tile_c($ri, $vi), c_s)
+                } else {
+                    store!($t, scratch[2 * $ri + $vi].as_mut_ptr(), 64usize)
+                }
+            };
+        }
+        c_tiles!(R, V, fin);
+        if !full {
+            for (t, tile) in scratch.iter().enumerate() {
+                let (ri, vi) = (t / 2, t % 2);
+                if ri >= R || vi >= V {
+                    continue;
+                }
+                for r in 0..rows.saturating_sub(16 * ri).min(16) {
+                    let n = cols.saturating_sub(16 * vi).min(16);
+                    std::ptr::copy_nonoverlapping(
+                        tile[16 * r..].as_ptr(),
+                        tile_c(ri, vi).add(r * c_rs),
+                        n,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CPU that reports AMX must get it: otherwise the bf16 tests would silently cover the
+    /// AVX512-BF16 kernel only.
+    #[test]
+    fn a_cpu_that_reports_amx_runs_it() {
+        if cpu_reports_amx() && super::super::bf16::available() {
+            assert!(
+                available(),
+                "CPUID reports amx_bf16 and amx_tile but the tiles are unusable"
+            );
+            assert!(enabled());
+        } else {
+            eprintln!("this CPU has no AMX: the AVX512-BF16 kernel runs");
+        }
+    }
+
+    /// One tile product against its definition, at the two strides the GEMM uses.
+    #[test]
+    fn one_tile_product_is_the_definition() {
+        if !available() {
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        let bf = |x: f32| x.to_bits() >> 16;
+        let av = |i: usize, k: usize| ((i * 7 + k * 3) % 5) as f32 - 2.0;
+        let bv = |k: usize, j: usize| ((k * 5 + j) % 7) as f32 - 3.0;
+        let (kp, width) = (32, 48);
+        let a: Vec<u32> = (0..32 * kp)
+            .map(|w| {
+                let (i, p) = (w / kp, w % kp);
+                bf(av(i, 2 * p)) | (bf(av(i, 2 * p + 1)) << 16)
+            })
+            .collect();
+        let b: Vec<u32> = (0..kp * width)
+            .map(|w| {
+                let (p, j) = (w / width, w % width);
+                bf(bv(2 * p, j)) | (bf(bv(2 * p + 1, j)) << 16)
+            })
+            .collect();
+        for (rows, cols, add) in [
+            (32, 32, false),
+            (32, 32, true),
+            (17, 20, true),
+            (5, 3, false),
+        ] {
+            let c_rs = 40;
+            let mut c = vec![1.5f32; 32 * c_rs];
+            // SAFETY: AMX is available; `a` holds 32 rows of kp words, `b` kp rows of width
+            // words, `c` 32 rows of c_rs >= 32 elements.
+            unsafe {
+                let _t = Tiles::configure();
+                block::<2, 2>(
+                    kp,
+                    a.as_ptr(),
+                    b.as_ptr(),
+                    width,
+                    c.as_mut_ptr(),
+                    c_rs,
+                    rows,
+                    cols,
+                    add,
+                );
+            }
+            for i in 0..32 {
+                for j in 0..c_rs {
+                    let inside = i < rows && j < cols;
+                    let sum: f32 = (0..2 * kp).map(|k| av(i, k) * bv(k, j)).sum();
+                    let want = match (inside, add) {
+                        (false, _) => 1.5,
+                        (true, false) => sum,
+                        (true, true) => sum + 1.5,
+                    };
+                    assert_eq!(
+                        c[i * c_rs + j],
+                        want,
+                        "{rows}x{cols} add={add} at [{i},{j}]"
+                    );
+                }
+            }
+        }
+    }
+}
