@@ -1,7 +1,7 @@
 //! The kernel plan pinned: for every convolution of every registered model (at its default
 //! input size, and resnet18/resnet50/vgg16 also at 128 and 224 px), the algorithm of the
-//! forward pass, the input gradient and the weight gradient, on AVX-512 (fp32 and bf16), AVX2
-//! and a CPU with neither. The geometries come from the models' own shape trace. A changed
+//! forward pass, the input gradient and the weight gradient, on AVX-512 (fp32 and bf16), AMX
+//! (bf16), AVX2 and a CPU with neither. The geometries come from the models' own shape trace. A changed
 //! rule shows up as a diff of `tests/fixtures/kernel_plan.txt`; after measuring the change,
 //! regenerate it with `CONVLAB_BLESS=1 cargo test --release --test kernel_plan`.
 
@@ -12,20 +12,21 @@ use convlab::layers::kernel_geometry;
 use convlab::models::{ModelConfig, ModelName};
 use convlab::onnx::ConvLayer;
 
-const COLUMNS: [(&str, Tiles, Precision); 4] = [
-    ("avx512", Tiles::Avx512, Precision::Fp32),
-    ("avx512-bf16", Tiles::Avx512, Precision::Bf16),
-    ("avx2", Tiles::Avx2, Precision::Fp32),
-    ("none", Tiles::None, Precision::Fp32),
+const COLUMNS: [(&str, Tiles, bool, Precision); 5] = [
+    ("avx512", Tiles::Avx512, false, Precision::Fp32),
+    ("avx512-bf16", Tiles::Avx512, false, Precision::Bf16),
+    ("amx-bf16", Tiles::Avx512, true, Precision::Bf16),
+    ("avx2", Tiles::Avx2, false, Precision::Fp32),
+    ("none", Tiles::None, false, Precision::Fp32),
 ];
 
 fn row(c: &ConvLayer) -> String {
     let cells: Vec<String> = COLUMNS
         .iter()
-        .map(|&(name, tiles, precision)| {
+        .map(|&(name, tiles, amx, precision)| {
             let choice = match kernel_geometry(c, 1, precision) {
                 Some(g) => {
-                    let p = plan(&g, Cpu { tiles });
+                    let p = plan(&g, Cpu { tiles, amx });
                     format!(
                         "{}/{}/{}",
                         p.forward.as_str(),
