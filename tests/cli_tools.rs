@@ -160,6 +160,7 @@ fn bench_reports_the_documented_keys() {
                 "gflops_per_sec",
                 "images_per_sec",
                 "input",
+                "matrix_unit",
                 "model",
                 "ms_per_step",
                 "peak_rss_mb",
@@ -167,7 +168,56 @@ fn bench_reports_the_documented_keys() {
             ]
         );
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["matrix_unit"], "fp32");
     }
+    // bf16 names the unit this CPU has (the AMX tiles, AVX512-BF16, or fp32 when neither),
+    // and CONVLAB_AMX=0 keeps it off the tiles.
+    let unit = |amx: &str| {
+        let o = convlab()
+            .args([
+                "bench",
+                "infer",
+                "--model",
+                "convnet_small",
+                "--input",
+                "1x28x28",
+            ])
+            .args([
+                "--batch",
+                "2",
+                "--steps",
+                "1",
+                "--json",
+                "--precision",
+                "bf16",
+            ])
+            .env("CONVLAB_AMX", amx)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        v["matrix_unit"].as_str().unwrap().to_string()
+    };
+    let here = convlab::kernels::matrix_unit(convlab::kernels::Precision::Bf16);
+    assert_eq!(unit("1"), here);
+    let without = if here == "amx-bf16" {
+        "avx512-bf16"
+    } else {
+        here
+    };
+    assert_eq!(unit("0"), without);
+    let o = convlab()
+        .args([
+            "bench",
+            "infer",
+            "--model",
+            "convnet_small",
+            "--input",
+            "1x28x28",
+        ])
+        .env("CONVLAB_AMX", "maybe")
+        .output()
+        .unwrap();
+    assert!(fails(&o).contains("CONVLAB_AMX=maybe"));
     let e = fails(
         &convlab()
             .args(["bench", "train", "--input", "3x32"])
