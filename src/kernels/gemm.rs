@@ -150,11 +150,28 @@ pub(super) fn image_blocks(batch: usize) -> Vec<std::ops::Range<usize>> {
 
 /// The elementwise sum of per-block partial gradients, added in block order (so a thread count
 /// gives the same bits every run).
-pub(super) fn sum_in_order<'a>(mut parts: impl Iterator<Item = &'a Vec<f32>>) -> Vec<f32> {
-    let mut acc = parts.next().cloned().unwrap_or_default();
-    for part in parts {
-        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+///
+/// Split over the rayon pool by element ranges (each element still adds its parts in block
+/// order, so the bits do not depend on the split): summing two 9.4 MB partial weight gradients
+/// on the calling thread left the other worker idle for 4% of a resnet18 bf16 step on AMX.
+pub(super) fn sum_in_order<'a>(parts: impl Iterator<Item = &'a Vec<f32>>) -> Vec<f32> {
+    use rayon::prelude::*;
+    let parts: Vec<&Vec<f32>> = parts.collect();
+    let Some((first, rest)) = parts.split_first() else {
+        return Vec::new();
+    };
+    let mut acc = (*first).clone();
+    if rest.is_empty() {
+        return acc;
     }
+    const CHUNK: usize = 1 << 14;
+    acc.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        for part in rest {
+            out.iter_mut()
+                .zip(&part[c * CHUNK..])
+                .for_each(|(a, b)| *a += b);
+        }
+    });
     acc
 }
 

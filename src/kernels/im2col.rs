@@ -515,12 +515,14 @@ pub fn im2col_backward(
         if !transposed {
             return dwt;
         }
+        // `[K, C_out]` back to `[C_out, K]`, one output row per task (on the pool: it was
+        // serial work of the calling thread).
         let mut dw = vec![0.0f32; cout * k];
-        for (r, row) in dwt.chunks(cout).enumerate() {
-            for (o, &v) in row.iter().enumerate() {
-                dw[o * k + r] = v;
+        dw.par_chunks_mut(k).enumerate().for_each(|(o, row)| {
+            for (r, d) in row.iter_mut().enumerate() {
+                *d = dwt[r * cout + o];
             }
-        }
+        });
         dw
     });
     let db = need_db.then(|| sum_in_order(partials.iter().map(|t| &t.1)));
