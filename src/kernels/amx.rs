@@ -146,7 +146,9 @@ const CONFIG: Config = {
 
 /// The tile unit configured on this thread for as long as the value lives; released on drop
 /// (so a descheduled thread does not carry 8 KiB of tile state through every context switch).
-pub struct Tiles(());
+/// Not `Send`: the configuration belongs to the thread that loaded it. One at a time per
+/// thread (the bf16 GEMM holds one per block of work and spawns nothing while it does).
+pub struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
     /// # Safety
@@ -158,7 +160,7 @@ impl Tiles {
         unsafe {
             std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
         }
-        Tiles(())
+        Tiles(std::marker::PhantomData)
     }
 }
 
