@@ -1,7 +1,7 @@
 //! Times convlab's convolution kernels on every distinct convolution of a registered model (its
 //! layers from the model's own shape trace), with the algorithm the kernel plan picks for each
-//! product, after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` where the CPU has
-//! it), and ranks the layers by their share of the time:
+//! product, after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` and the AMX tile
+//! block where the CPU has them), and ranks the layers by their share of the time:
 //! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [MODEL] [SIZE] [BATCH]`
 //! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64).
 use convlab::kernels::Precision;
@@ -65,6 +65,50 @@ fn peaks() {
             time(&|| unsafe { dpbf16() }, 64.0)
         );
     }
+    if convlab::kernels::amx::enabled() {
+        println!(
+            "one core: bf16 AMX 32x32 block, operands in L1 {:.0} GFLOP/s",
+            amx_block()
+        );
+    }
+}
+
+/// GFLOP/s of the GEMM's AMX microkernel (`amx::block::<2, 2>`) on one core, A (32 rows) and B
+/// (32 columns) of 256 pair words each, small enough to stay in L1: the tile loads included,
+/// so the ceiling of the AMX path rather than of the instruction alone.
+#[cfg(target_arch = "x86_64")]
+fn amx_block() -> f64 {
+    use convlab::kernels::amx::{Tiles, block};
+    const KP: usize = 256;
+    const CALLS: usize = 200_000;
+    let a = vec![0x3f80_3f80u32; 32 * KP];
+    let b = vec![0x3f80_3f80u32; KP * 32];
+    let mut c = vec![0f32; 32 * 32];
+    // SAFETY: `amx::enabled()` was checked by the caller; `a` holds 32 rows of KP words, `b`
+    // KP rows of 32 words, `c` 32 rows of 32 elements.
+    let mut run = |calls: usize| unsafe {
+        let _tiles = Tiles::configure();
+        for _ in 0..calls {
+            block::<2, 2>(
+                KP,
+                a.as_ptr(),
+                b.as_ptr(),
+                32,
+                c.as_mut_ptr(),
+                32,
+                32,
+                32,
+                false,
+            );
+        }
+    };
+    run(CALLS / 10);
+    let t = Instant::now();
+    run(CALLS);
+    let seconds = t.elapsed().as_secs_f64();
+    std::hint::black_box(&c);
+    // 32 x 32 outputs, 2 KP values of K each, a multiply and an add.
+    (CALLS * 32 * 32 * 2 * KP * 2) as f64 / seconds / 1e9
 }
 
 /// A distinct convolution of the network and how many times it occurs.

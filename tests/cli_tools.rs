@@ -134,22 +134,33 @@ fn distillation_mixup_and_init_from_runs() {
     );
 }
 
+/// `convlab bench WHAT` on convnet_small at 1x28x28 with `extra` arguments and `CONVLAB_AMX`.
+fn tiny_bench(what: &str, extra: &[&str], amx: &str) -> std::process::Output {
+    convlab()
+        .args([
+            "bench",
+            what,
+            "--model",
+            "convnet_small",
+            "--input",
+            "1x28x28",
+        ])
+        .args(extra)
+        .env("CONVLAB_AMX", amx)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn bench_reports_the_documented_keys() {
+    let json =
+        |o: &std::process::Output| -> serde_json::Value { serde_json::from_str(&ok(o)).unwrap() };
     for what in ["train", "infer"] {
-        let o = convlab()
-            .args([
-                "bench",
-                what,
-                "--model",
-                "convnet_small",
-                "--input",
-                "1x28x28",
-            ])
-            .args(["--batch", "4", "--steps", "2", "--json"])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        let v = json(&tiny_bench(
+            what,
+            &["--batch", "4", "--steps", "2", "--json"],
+            "",
+        ));
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         keys.sort();
         assert_eq!(
@@ -172,31 +183,16 @@ fn bench_reports_the_documented_keys() {
     }
     // bf16 names the unit this CPU has (the AMX tiles, AVX512-BF16, or fp32 when neither),
     // and CONVLAB_AMX=0 keeps it off the tiles.
-    let unit = |amx: &str| {
-        let o = convlab()
-            .args([
-                "bench",
-                "infer",
-                "--model",
-                "convnet_small",
-                "--input",
-                "1x28x28",
-            ])
-            .args([
-                "--batch",
-                "2",
-                "--steps",
-                "1",
-                "--json",
-                "--precision",
-                "bf16",
-            ])
-            .env("CONVLAB_AMX", amx)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
-        v["matrix_unit"].as_str().unwrap().to_string()
-    };
+    let bf16 = [
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+        "--precision",
+        "bf16",
+    ];
+    let unit = |amx: &str| json(&tiny_bench("infer", &bf16, amx))["matrix_unit"].clone();
     let here = convlab::kernels::matrix_unit(convlab::kernels::Precision::Bf16);
     assert_eq!(unit("1"), here);
     let without = if here == "amx-bf16" {
@@ -205,19 +201,7 @@ fn bench_reports_the_documented_keys() {
         here
     };
     assert_eq!(unit("0"), without);
-    let o = convlab()
-        .args([
-            "bench",
-            "infer",
-            "--model",
-            "convnet_small",
-            "--input",
-            "1x28x28",
-        ])
-        .env("CONVLAB_AMX", "maybe")
-        .output()
-        .unwrap();
-    assert!(fails(&o).contains("CONVLAB_AMX=maybe"));
+    assert!(fails(&tiny_bench("infer", &[], "maybe")).contains("CONVLAB_AMX=maybe"));
     let e = fails(
         &convlab()
             .args(["bench", "train", "--input", "3x32"])

@@ -40,7 +40,8 @@ const KC: usize = 10;
 /// `KC` for the AMX tiles: 32 tile products per load and store of the `C` tiles instead of 8
 /// (the B panel, 256 KiB, then streams from L2). resnet50 at 224 px, batch 16, 2 threads
 /// (`conv_layers 2 bf16 resnet50 224 16`, Xeon with AMX): 154.8 / 149.1 GFLOP/s against
-/// 144.0 / 140.7 with 256, in alternated runs; resnet18 at 128 px the same within noise.
+/// 144.0 / 140.7 with this constant at 256, in alternated runs; resnet18 at 128 px the same
+/// within noise.
 #[cfg(not(test))]
 const KC_AMX: usize = 1024;
 /// Small in tests: two tiles of `K` per block, the second padded.

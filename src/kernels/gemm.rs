@@ -160,19 +160,21 @@ pub(super) fn sum_in_order<'a>(parts: impl Iterator<Item = &'a Vec<f32>>) -> Vec
     let Some((first, rest)) = parts.split_first() else {
         return Vec::new();
     };
-    let mut acc = (*first).clone();
-    if rest.is_empty() {
-        return acc;
-    }
     const CHUNK: usize = 1 << 14;
-    acc.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        for part in rest {
-            out.iter_mut()
-                .zip(&part[c * CHUNK..])
-                .for_each(|(a, b)| *a += b);
-        }
-    });
-    acc
+    let n = first.len();
+    super::buf::par_zeroed(
+        n,
+        CHUNK,
+        (0..n.div_ceil(CHUNK)).into_par_iter(),
+        |out, c| {
+            out.copy_from_slice(&first[c * CHUNK..][..out.len()]);
+            for part in rest {
+                out.iter_mut()
+                    .zip(&part[c * CHUNK..])
+                    .for_each(|(a, b)| *a += b);
+            }
+        },
+    )
 }
 
 /// Threads each GEMM may use: all of them when there are fewer images than threads.

@@ -196,9 +196,7 @@ mod tests {
         assert_eq!(out_len(7, 2, 2, 0, false), 3);
     }
 
-    /// The 2x2/2 shortcut (vectorised rows) picks the same winners as a plain
-    /// first-maximum-wins window loop, ties, NaNs and odd sizes included, with and without
-    /// switches; rows of 20 outputs run the vector body, not just its tail.
+    /// The finite-plane loop (no NaN tests) against the definition, for the other windows.
     #[test]
     fn finite_planes_take_the_first_maximum_of_each_window() {
         // ResNet's 3x3/2/1, AlexNet's 3x3/2, GoogLeNet's ceil-mode 3x3/2 and 3x3/1/1, over
@@ -240,6 +238,9 @@ mod tests {
         }
     }
 
+    /// The 2x2/2 shortcut (vectorised rows) picks the same winners as a plain
+    /// first-maximum-wins window loop, ties, NaNs and odd sizes included, with and without
+    /// switches; rows of 20 outputs run the vector body, not just its tail.
     #[test]
     fn pairs_shortcut_matches_the_window_loop() {
         for (h, w) in [(6, 8), (7, 41), (4, 40)] {
