@@ -14,7 +14,7 @@ use burn::tensor::Distribution;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::kernels::{self, Precision};
+use crate::kernels::Precision;
 use crate::models::{Model, ModelConfig};
 use crate::pipeline::{Distill, StepConfig, Teacher, optimizer_for, train_step};
 use crate::recipe::Recipe;
@@ -98,16 +98,14 @@ pub fn run(
             run.seconds[warmup..].to_vec()
         }
         Mode::Infer => {
-            let eval = model.valid();
+            let eval = model.valid().with_precision(precision);
             let x = x.inner();
             let mut secs = Vec::with_capacity(warmup + steps);
-            kernels::with_precision(precision, || {
-                for _ in 0..warmup + steps {
-                    let t0 = Instant::now();
-                    let _ = eval.forward(x.clone()).into_data();
-                    secs.push(t0.elapsed().as_secs_f64());
-                }
-            });
+            for _ in 0..warmup + steps {
+                let t0 = Instant::now();
+                let _ = eval.forward(x.clone()).into_data();
+                secs.push(t0.elapsed().as_secs_f64());
+            }
             secs[warmup..].to_vec()
         }
     };
@@ -170,10 +168,11 @@ pub fn train_steps(
         mean: &mean,
         std: &std,
     });
-    let cfg = StepConfig::from_recipe(recipe, precision, distill);
+    let cfg = StepConfig::from_recipe(recipe, distill);
     let lr = recipe.optim.scaled_lr(x.dims()[0]);
-    // Training mode, as the trainer sets it at every epoch's start.
-    let mut model = model.train();
+    // Training mode, as the trainer sets it at every epoch's start; `precision` as the trainer
+    // gives the model.
+    let mut model = model.train().with_precision(precision);
     let (mut losses, mut seconds) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
         let t0 = Instant::now();

@@ -90,18 +90,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         recipe.eval.validate()?;
     }
     let tta = a.tta.unwrap_or(recipe.eval.tta);
-    let model = load_model(&run, &recipe, a.checkpoint.as_str(), &dev)?;
+    // The run's precision, as validation during training used it.
+    let p = device::precision(recipe.precision, &dev, "the run's precision");
+    let model = load_model(&run, &recipe, a.checkpoint.as_str(), &dev)?.with_precision(p);
     let convlab::eval::tta::TtaResult {
         report,
         summary,
         skipped,
-    } = {
-        // The run's precision, as validation during training used it.
-        let p = device::precision(recipe.precision, &dev, "the run's precision");
-        convlab::kernels::with_precision(p, || {
-            evaluate_tta(&model, &recipe, splits.val.clone(), &classes, tta, &dev)
-        })?
-    };
+    } = evaluate_tta(&model, &recipe, splits.val.clone(), &classes, tta, &dev)?;
     if a.json {
         let j = Json {
             report: &report,

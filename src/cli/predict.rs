@@ -85,7 +85,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
             &dev,
         );
         let p = device::precision(recipe.precision, &dev, "the run's precision");
-        let logits = convlab::kernels::with_precision(p, || model.forward(x));
+        let logits = model.with_precision(p).forward(x);
         probs = softmax(logits, 1)
             .into_data()
             .convert::<f32>()

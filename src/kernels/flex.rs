@@ -27,6 +27,7 @@ pub trait GemmConvBackend: Backend {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        bf16: bool,
     ) -> FloatTensor<Self>;
     /// As [`Self::gemm_conv2d`], plus a bias per output channel. (Two methods because the
     /// extension macro routes no `Option` of a tensor.)
@@ -36,6 +37,7 @@ pub trait GemmConvBackend: Backend {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        bf16: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -51,6 +53,7 @@ pub trait ConvActInferBackend: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         relu: bool,
+        bf16: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -62,14 +65,21 @@ impl ConvActInferBackend for Flex {
         stride: [usize; 2],
         pad: [usize; 2],
         relu: bool,
+        bf16: bool,
     ) -> FlexTensor {
-        let g = geom(&x, &w, stride, pad);
+        let g = geom(&x, &w, stride, pad, bf16);
         let y = conv2d_forward_act(&values(&x), &values(&w), Some(&values(&b)), &g, relu);
         FlexTensor::from_data(TensorData::new(y, [g.batch, g.cout, g.ho(), g.wo()]))
     }
 }
 
-fn geom(x: &FlexTensor, w: &FlexTensor, stride: [usize; 2], padding: [usize; 2]) -> ConvGeom {
+fn geom(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    bf16: bool,
+) -> ConvGeom {
     let [batch, cin, h, wd] = x.shape().dims();
     let [cout, _, kh, kw] = w.shape().dims();
     ConvGeom {
@@ -82,7 +92,11 @@ fn geom(x: &FlexTensor, w: &FlexTensor, stride: [usize; 2], padding: [usize; 2])
         kw,
         stride,
         pad: padding,
-        precision: super::precision(),
+        precision: super::runnable(if bf16 {
+            super::Precision::Bf16
+        } else {
+            super::Precision::Fp32
+        }),
     }
 }
 
@@ -107,8 +121,9 @@ impl GemmConvBackend for Flex {
         w: FlexTensor,
         stride: [usize; 2],
         pad: [usize; 2],
+        bf16: bool,
     ) -> FlexTensor {
-        forward(&x, &w, None, &geom(&x, &w, stride, pad))
+        forward(&x, &w, None, &geom(&x, &w, stride, pad, bf16))
     }
     fn gemm_conv2d_bias(
         x: FlexTensor,
@@ -116,8 +131,9 @@ impl GemmConvBackend for Flex {
         b: FlexTensor,
         stride: [usize; 2],
         pad: [usize; 2],
+        bf16: bool,
     ) -> FlexTensor {
-        forward(&x, &w, Some(&b), &geom(&x, &w, stride, pad))
+        forward(&x, &w, Some(&b), &geom(&x, &w, stride, pad, bf16))
     }
 }
 
@@ -171,8 +187,9 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        bf16: bool,
     ) -> FloatTensor<Self> {
-        let g = geom(x.primitive(), weight.primitive(), stride, padding);
+        let g = geom(x.primitive(), weight.primitive(), stride, padding, bf16);
         match GemmConvNoBias
             .prepare::<C>([x.node(), weight.node()])
             .compute_bound()
@@ -194,8 +211,9 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        bf16: bool,
     ) -> FloatTensor<Self> {
-        let g = geom(x.primitive(), weight.primitive(), stride, padding);
+        let g = geom(x.primitive(), weight.primitive(), stride, padding, bf16);
         let y = || {
             forward(
                 x.primitive(),

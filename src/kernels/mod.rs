@@ -224,32 +224,14 @@ pub fn parse_amx(value: Option<&str>) -> Result<bool, String> {
     }
 }
 
-thread_local! {
-    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::Fp32) };
-}
-
-/// The precision convolutions on this thread use (fp32 unless inside [`with_precision`]).
-pub fn precision() -> Precision {
-    PRECISION.with(|p| p.get())
-}
-
-/// Runs `f` with convolutions on this thread computed in `precision` (falling back to fp32
-/// where [`supported_precision`] says it cannot run; the caller reports that). Backward passes
-/// use the precision their forward pass ran with.
-pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
-    struct Restore(Precision);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            PRECISION.with(|p| p.set(self.0));
-        }
-    }
-    let effective = if precision == Precision::Bf16 && !bf16::available() {
+/// The precision a convolution asked for `precision` computes in: bf16 falls back to fp32 on
+/// a CPU without AVX512-BF16 ([`supported_precision`] gives the caller the reason to print).
+pub fn runnable(precision: Precision) -> Precision {
+    if precision == Precision::Bf16 && !bf16::available() {
         Precision::Fp32
     } else {
         precision
-    };
-    let _restore = Restore(PRECISION.with(|p| p.replace(effective)));
-    f()
+    }
 }
 
 /// The `[rows, columns]` padding with which convlab's kernels compute a convolution with
@@ -281,17 +263,24 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
     }
 }
 
-/// `conv.forward(x)`, on the fast kernel where it applies.
+/// `conv.forward(x)`, on the fast kernel where it applies, its products in `precision`
+/// ([`runnable`]; Burn's and libtorch's convolutions compute in fp32). The backward pass runs
+/// in the precision of its forward pass.
 ///
 /// # Shapes
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
-pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>, precision: Precision) -> Tensor<4> {
     let padding = conv_padding(conv);
     let bias = || conv.bias.as_ref().map(|b| b.val());
     match padding {
-        Some(padding) if fast_path(&x) => {
-            gemm_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
-        }
+        Some(padding) if fast_path(&x) => gemm_conv2d(
+            x,
+            conv.weight.val(),
+            bias(),
+            conv.stride,
+            padding,
+            precision,
+        ),
         Some(padding) if torch_path(&x) => {
             torch_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
         }
@@ -345,9 +334,11 @@ pub fn gemm_conv2d(
     bias: Option<Tensor<1>>,
     stride: [usize; 2],
     padding: [usize; 2],
+    precision: Precision,
 ) -> Tensor<4> {
     use burn::backend::Dispatch;
     use flex::GemmConvBackend;
+    let bf16 = precision == Precision::Bf16;
     let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
     Tensor::from_dispatch(match bias {
         Some(b) => <Dispatch as GemmConvBackend>::gemm_conv2d_bias(
@@ -356,8 +347,9 @@ pub fn gemm_conv2d(
             b.into_dispatch(),
             stride,
             padding,
+            bf16,
         ),
-        None => <Dispatch as GemmConvBackend>::gemm_conv2d(x, weight, stride, padding),
+        None => <Dispatch as GemmConvBackend>::gemm_conv2d(x, weight, stride, padding, bf16),
     })
 }
 
@@ -368,6 +360,7 @@ pub fn gemm_conv2d(
     _bias: Option<Tensor<1>>,
     _stride: [usize; 2],
     _padding: [usize; 2],
+    _precision: Precision,
 ) -> Tensor<4> {
     unreachable!("the GEMM convolution is only routed to on burn-flex")
 }
@@ -383,7 +376,13 @@ pub fn gemm_conv2d(
 ///
 /// # Shapes
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
-pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+pub fn conv_bn(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    relu: bool,
+    precision: Precision,
+) -> Tensor<4> {
     let padding = conv_padding(conv);
     match padding {
         Some(padding) if fast_path(&x) && !x.device().is_autodiff() => {
@@ -398,9 +397,9 @@ pub fn conv_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tenso
                 + bn.beta.val();
             let cout = scale.dims()[0];
             let weight = conv.weight.val() * scale.reshape([cout, 1, 1, 1]);
-            conv_bias_act_infer(x, weight, shift, conv.stride, padding, relu)
+            conv_bias_act_infer(x, weight, shift, conv.stride, padding, relu, precision)
         }
-        _ => batch_norm(bn, conv2d(conv, x), relu),
+        _ => batch_norm(bn, conv2d(conv, x, precision), relu),
     }
 }
 
@@ -412,6 +411,7 @@ fn conv_bias_act_infer(
     stride: [usize; 2],
     padding: [usize; 2],
     relu: bool,
+    precision: Precision,
 ) -> Tensor<4> {
     use burn::backend::Dispatch;
     use flex::ConvActInferBackend;
@@ -422,6 +422,7 @@ fn conv_bias_act_infer(
         stride,
         padding,
         relu,
+        precision == Precision::Bf16,
     ))
 }
 
@@ -433,6 +434,7 @@ fn conv_bias_act_infer(
     _: [usize; 2],
     _: [usize; 2],
     _: bool,
+    _: Precision,
 ) -> Tensor<4> {
     unreachable!("the folded convolution is only routed to on burn-flex")
 }

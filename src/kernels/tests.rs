@@ -47,7 +47,7 @@ fn gemm_conv_matches_burn_forward_and_backward() {
             );
             let bias = bias.then(|| b.clone());
             let y = if fast {
-                gemm_conv2d(x.clone(), w.clone(), bias, [s, s], [p, p])
+                gemm_conv2d(x.clone(), w.clone(), bias, [s, s], [p, p], Precision::Fp32)
             } else {
                 burn_conv2d(
                     x.clone(),
@@ -112,39 +112,36 @@ fn add_relu_matches_burn() {
     }
 }
 
-/// `with_precision(Bf16)` reaches the kernel through Burn's autodiff: the output and all
-/// gradients move by bf16 rounding (not more), and the backward pass keeps the precision of
-/// its forward pass even when it runs outside the scope.
+/// A bf16 convolution reaches the kernel through Burn's autodiff: the output and all gradients
+/// move by bf16 rounding (not more), and the backward pass runs in its forward pass's precision
+/// (the geometry it saved), whichever thread runs it.
 #[test]
-fn bf16_scope_reaches_the_kernel_and_its_backward() {
+fn bf16_reaches_the_kernel_and_its_backward() {
     if !bf16::available() {
         assert_eq!(
-            with_precision(Precision::Bf16, precision),
+            runnable(Precision::Bf16),
             Precision::Fp32,
-            "without AVX512-BF16 the scope falls back to fp32"
+            "without AVX512-BF16 bf16 falls back to fp32"
         );
         return;
     }
     let device = Device::flex().autodiff();
     let x = Tensor::<4>::random([2, 8, 10, 10], Distribution::Normal(0.0, 1.0), &device);
     let w = Tensor::<4>::random([16, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
-    let run = |p: Precision, backward_inside: bool| {
+    let run = |p: Precision, backward_elsewhere: bool| {
         let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
-        let (y, loss) = with_precision(p, || {
-            let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1]);
-            (y.clone(), (y.clone() * y).sum())
-        });
-        let grads = if backward_inside {
-            with_precision(p, || loss.backward())
+        let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1], p);
+        let loss = (y.clone() * y.clone()).sum();
+        let grads = if backward_elsewhere {
+            std::thread::scope(|s| s.spawn(|| loss.backward()).join().unwrap())
         } else {
             loss.backward()
         };
         (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
     };
-    let (y32, gx32, gw32) = run(Precision::Fp32, true);
-    let (y16, gx16, gw16) = run(Precision::Bf16, true);
-    let (_, gx16b, gw16b) = run(Precision::Bf16, false);
-    assert_eq!(precision(), Precision::Fp32, "the scope restores fp32");
+    let (y32, gx32, gw32) = run(Precision::Fp32, false);
+    let (y16, gx16, gw16) = run(Precision::Bf16, false);
+    let (_, gx16b, gw16b) = run(Precision::Bf16, true);
     for (a, b, what) in [
         (y16, y32, "output"),
         (gx16.clone(), gx32, "dx"),
@@ -262,7 +259,7 @@ fn folded_conv_bn_matches_burn_in_inference() {
         for relu in [true, false] {
             let want = bn.forward(conv.forward(x.clone()));
             let want = if relu { activation::relu(want) } else { want };
-            let got = conv_bn(&conv, &bn, x.clone(), relu);
+            let got = conv_bn(&conv, &bn, x.clone(), relu, Precision::Fp32);
             let d = max_rel_diff(got, want);
             assert!(
                 d < 1e-4,
@@ -331,7 +328,7 @@ fn gemm_conv_runs_without_autodiff() {
     let device = Device::flex();
     let x = Tensor::<4>::random([2, 3, 8, 8], Distribution::Normal(0.0, 1.0), &device);
     let w = Tensor::<4>::random([4, 3, 3, 3], Distribution::Normal(0.0, 1.0), &device);
-    let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1]);
+    let y = gemm_conv2d(x.clone(), w.clone(), None, [1, 1], [1, 1], Precision::Fp32);
     let want = burn_conv2d(x, w, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
     assert!(max_rel_diff(y, want) < 1e-4);
 }

@@ -14,6 +14,9 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
+/// The arithmetic of a forward pass's convolutions, passed down from the model that holds it.
+pub use crate::kernels::Precision;
+
 /// Local response normalisation as Krizhevsky et al. 2012 (section 3.3) set it: `k = 2`,
 /// `n = 5`, `alpha = 1e-4`, `beta = 0.75`. Every LRN in convlab is this one, and ONNX export
 /// reads its constants here (Burn's module keeps them private).
@@ -79,8 +82,9 @@ impl ConvBnAct {
         }
     }
 
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv_bn_relu(&self.conv, self.bn.as_ref(), x)
+    /// The convolution's products in `precision` ([`Precision`]).
+    pub fn forward(&self, x: Tensor<4>, precision: Precision) -> Tensor<4> {
+        conv_bn_relu(&self.conv, self.bn.as_ref(), x, precision)
     }
 
     /// The ONNX nodes of [`Self::forward`].
@@ -122,18 +126,24 @@ impl ConvBn {
     }
 
     /// Convolution and batch norm, then a ReLU when `relu` (fused with the batch norm; in
-    /// inference, all three in the convolution).
-    pub fn forward(&self, x: Tensor<4>, relu: bool) -> Tensor<4> {
-        crate::kernels::conv_bn(&self.conv, &self.bn, x, relu)
+    /// inference, all three in the convolution); the convolution's products in `precision`.
+    pub fn forward(&self, x: Tensor<4>, relu: bool, precision: Precision) -> Tensor<4> {
+        crate::kernels::conv_bn(&self.conv, &self.bn, x, relu, precision)
     }
 }
 
 /// `relu(bn(conv(x)))`, or `relu(conv(x))` without batch norm, on convlab's kernels where they
-/// apply (models call this, never the kernels: a plain `conv.forward` would lose the fast path).
-pub fn conv_bn_relu(conv: &Conv2d, bn: Option<&BatchNorm>, x: Tensor<4>) -> Tensor<4> {
+/// apply (models call this, never the kernels: a plain `conv.forward` would lose the fast path),
+/// the convolution's products in `precision`.
+pub fn conv_bn_relu(
+    conv: &Conv2d,
+    bn: Option<&BatchNorm>,
+    x: Tensor<4>,
+    precision: Precision,
+) -> Tensor<4> {
     match bn {
-        Some(bn) => crate::kernels::conv_bn(conv, bn, x, true),
-        None => relu(crate::kernels::conv2d(conv, x)),
+        Some(bn) => crate::kernels::conv_bn(conv, bn, x, true, precision),
+        None => relu(crate::kernels::conv2d(conv, x, precision)),
     }
 }
 

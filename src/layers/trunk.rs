@@ -126,11 +126,17 @@ impl TrunkSpec {
 }
 
 impl Trunk {
-    /// Runs the trunk, calling `tap` with each named map (`conv1`, ..., `pool1`, ...).
-    pub fn forward(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
+    /// Runs the trunk, calling `tap` with each named map (`conv1`, ..., `pool1`, ...), the
+    /// convolutions' products in `precision`.
+    pub fn forward(
+        &self,
+        mut x: Tensor<4>,
+        tap: &mut crate::layers::Tap,
+        precision: crate::layers::Precision,
+    ) -> Tensor<4> {
         let mut pool_i = 0;
         for (i, conv) in self.convs.iter().enumerate() {
-            x = conv.forward(x);
+            x = conv.forward(x, precision);
             if i == 0
                 && let Some(lrn) = &self.lrn
             {

@@ -28,7 +28,7 @@ use burn::tensor::module::adaptive_avg_pool2d;
 
 use super::init::Init;
 use super::{Family, ModelConfig, ModelName, Options};
-use crate::layers::{Pool, PoolKind};
+use crate::layers::{Pool, PoolKind, Precision};
 
 /// Configuration of an [`AlexNet`] (also used for ZFNet).
 #[derive(Config, Debug)]
@@ -81,6 +81,9 @@ pub struct AlexNet {
     pub fc7: Option<Linear>,
     pub fc8: Linear,
     pub dropout: Dropout,
+    /// The convolutions' arithmetic ([`super::Model::with_precision`]); not a weight.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 fn set_bias(conv: Conv2d, value: f32) -> Conv2d {
@@ -163,6 +166,7 @@ impl AlexNetConfig {
                 0.0,
             ),
             dropout: DropoutConfig::new(self.dropout).init(),
+            precision: Precision::Fp32,
         }
     }
 }
@@ -172,7 +176,12 @@ impl AlexNet {
     pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let mut p = 0;
         for i in 0..self.convs.len() {
-            x = crate::layers::conv_bn_relu(&self.convs[i], self.bns[i].as_ref(), x);
+            x = crate::layers::conv_bn_relu(
+                &self.convs[i],
+                self.bns[i].as_ref(),
+                x,
+                self.precision,
+            );
             if let Some(lrn) = &self.lrns[i] {
                 x = lrn.forward(x);
             }

@@ -77,6 +77,9 @@ pub struct ConvNet {
     pub trunk: Trunk,
     pub dropout: Dropout,
     pub fc: Linear,
+    /// The convolutions' arithmetic ([`super::Model::with_precision`]); not a weight.
+    #[module(skip)]
+    pub precision: crate::layers::Precision,
 }
 
 impl ConvNetConfig {
@@ -98,11 +101,17 @@ impl ConvNetConfig {
             dropout: DropoutConfig::new(self.dropout).init(),
             fc: LinearConfig::new(trunk.out_channels, self.num_classes).init(device),
             trunk,
+            precision: crate::layers::Precision::Fp32,
         }
     }
 }
 
 impl ConvNet {
+    /// Runs the trunk, calling `tap` with `conv1`.. and `pool1`..
+    pub fn features(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
+        self.trunk.forward(x, tap, self.precision)
+    }
+
     /// # Shapes
     /// `[B, C_last, h, w]` -> `[B, K]`.
     pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {

@@ -60,7 +60,7 @@ impl GoogLeNetConfig {
     }
 }
 
-use crate::layers::{ConvBnAct, global_avg_pool};
+use crate::layers::{ConvBnAct, Precision, global_avg_pool};
 
 /// Inception module widths: `[in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj]`.
 const INCEPTION: [[usize; 7]; 9] = [
@@ -121,11 +121,13 @@ pub struct Inception {
 }
 
 impl Inception {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let a = self.b1.forward(x.clone());
-        let b = self.b2.forward(self.b2_reduce.forward(x.clone()));
-        let c = self.b3.forward(self.b3_reduce.forward(x.clone()));
-        let d = self.b4.forward(crate::layers::max_pool2d(&self.b4_pool, x));
+    fn forward(&self, x: Tensor<4>, p: Precision) -> Tensor<4> {
+        let a = self.b1.forward(x.clone(), p);
+        let b = self.b2.forward(self.b2_reduce.forward(x.clone(), p), p);
+        let c = self.b3.forward(self.b3_reduce.forward(x.clone(), p), p);
+        let d = self
+            .b4
+            .forward(crate::layers::max_pool2d(&self.b4_pool, x), p);
         Tensor::cat(vec![a, b, c, d], 1)
     }
 
@@ -152,10 +154,10 @@ pub struct AuxHead {
 }
 
 impl AuxHead {
-    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+    fn forward(&self, x: Tensor<4>, p: Precision) -> Tensor<2> {
         let x = self
             .conv
-            .forward(adaptive_avg_pool2d(x, [self.pool, self.pool]));
+            .forward(adaptive_avg_pool2d(x, [self.pool, self.pool]), p);
         let [b, c, h, w] = x.dims();
         let x = relu(self.fc1.forward(x.reshape([b, c * h * w])));
         self.fc2.forward(self.dropout.forward(x))
@@ -173,6 +175,9 @@ pub struct GoogLeNet {
     pub aux: Vec<AuxHead>,
     pub dropout: Dropout,
     pub fc: Linear,
+    /// The convolutions' arithmetic ([`super::Model::with_precision`]); not a weight.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 fn max_pool(k: usize, s: usize, p: usize) -> MaxPool2d {
@@ -275,6 +280,7 @@ impl GoogLeNetConfig {
             aux,
             dropout: DropoutConfig::new(self.dropout).init(),
             fc: LinearConfig::new(self.w(1024), self.num_classes).init(device),
+            precision: Precision::Fp32,
         }
     }
 }
@@ -290,7 +296,7 @@ impl GoogLeNet {
     ) -> Tensor<4> {
         let small = self.pools.len() == 3;
         for (i, c) in self.stem.iter().enumerate() {
-            x = c.forward(x);
+            x = c.forward(x, self.precision);
             x = tap(format!("conv{}", i + 1), x);
             if i == 0 && !small {
                 x = crate::layers::max_pool2d(&self.pools[0], x);
@@ -305,7 +311,7 @@ impl GoogLeNet {
         let p0 = if small { 0 } else { 1 };
         x = crate::layers::max_pool2d(&self.pools[p0], x);
         for (i, b) in self.blocks.iter().enumerate() {
-            x = b.forward(x);
+            x = b.forward(x, self.precision);
             x = tap(format!("inception{}", NAMES[i]), x);
             if i == 2 || i == 5 {
                 aux_taps.push(x.clone());
@@ -332,7 +338,7 @@ impl GoogLeNet {
             .aux
             .iter()
             .zip(taps)
-            .map(|(h, t)| h.forward(t))
+            .map(|(h, t)| h.forward(t, self.precision))
             .collect();
         (self.forward_head(f), aux)
     }

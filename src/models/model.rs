@@ -33,8 +33,8 @@ impl Model {
     pub fn features_tapped(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         match self {
             Model::AlexNet(m) => m.features(x, tap),
-            Model::ConvNet(m) => m.trunk.forward(x, tap),
-            Model::Vgg(m) => m.trunk.forward(x, tap),
+            Model::ConvNet(m) => m.features(x, tap),
+            Model::Vgg(m) => m.features(x, tap),
             Model::GoogLeNet(m) => m.features(x, tap),
             Model::ResNet(m) => m.features(x, tap),
         }
@@ -141,6 +141,33 @@ impl Model {
             Model::Vgg(m) => m.onnx(g, x),
             Model::GoogLeNet(m) => m.onnx(g, x),
             Model::ResNet(m) => m.onnx(g, x),
+        }
+    }
+
+    /// The same model with its convolutions computing in `precision` (fp32 as built). The
+    /// choice travels with the model, so every forward pass of it (training, evaluation, TTA,
+    /// visualisations) and every thread that runs one computes the same way; the backward pass
+    /// follows its forward pass. A precision the device or CPU cannot run falls back to fp32
+    /// ([`crate::kernels::supported_precision`] says why, for the caller to print).
+    pub fn with_precision(mut self, precision: crate::layers::Precision) -> Self {
+        match &mut self {
+            Model::AlexNet(m) => m.precision = precision,
+            Model::ConvNet(m) => m.precision = precision,
+            Model::Vgg(m) => m.precision = precision,
+            Model::GoogLeNet(m) => m.precision = precision,
+            Model::ResNet(m) => m.precision = precision,
+        }
+        self
+    }
+
+    /// The precision set by [`Self::with_precision`].
+    pub fn precision(&self) -> crate::layers::Precision {
+        match self {
+            Model::AlexNet(m) => m.precision,
+            Model::ConvNet(m) => m.precision,
+            Model::Vgg(m) => m.precision,
+            Model::GoogLeNet(m) => m.precision,
+            Model::ResNet(m) => m.precision,
         }
     }
 

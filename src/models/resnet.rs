@@ -16,6 +16,7 @@
 //! residual block starts as the identity (Goyal et al. 2017; a "Bag of Tricks" baseline trick).
 
 use super::{ModelConfig, ModelName, Options};
+use crate::layers::Precision;
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -86,12 +87,12 @@ pub struct Downsample {
 }
 
 impl Downsample {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, precision: Precision) -> Tensor<4> {
         let x = match &self.pool {
             Some(p) => p.forward(x),
             None => x,
         };
-        self.proj.forward(x, false)
+        self.proj.forward(x, false, precision)
     }
 
     fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
@@ -114,15 +115,15 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, precision: Precision) -> Tensor<4> {
         let shortcut = match &self.down {
-            Some(d) => d.forward(x.clone()),
+            Some(d) => d.forward(x.clone(), precision),
             None => x.clone(),
         };
         let n = self.convs.len();
         let mut y = x;
         for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward(y, i + 1 < n);
+            y = c.forward(y, i + 1 < n, precision);
         }
         crate::layers::add_relu(y, shortcut)
     }
@@ -159,6 +160,9 @@ pub struct ResNet {
     pub stem_pool: Option<MaxPool2d>,
     pub stages: Vec<Vec<Block>>,
     pub fc: Linear,
+    /// The convolutions' arithmetic ([`super::Model::with_precision`]); not a weight.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl ResNetConfig {
@@ -229,6 +233,7 @@ impl ResNetConfig {
             }),
             stages,
             fc: LinearConfig::new(cin, self.num_classes).init(device),
+            precision: Precision::Fp32,
         }
     }
 }
@@ -236,8 +241,9 @@ impl ResNetConfig {
 impl ResNet {
     /// Runs stem and stages, calling `tap` with `stem`, `layer1` .. `layer4`.
     pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
+        let p = self.precision;
         for c in &self.stem {
-            x = c.forward(x, true);
+            x = c.forward(x, true, p);
         }
         if let Some(p) = &self.stem_pool {
             x = crate::layers::max_pool2d(p, x);
@@ -245,7 +251,7 @@ impl ResNet {
         x = tap("stem".into(), x);
         for (i, stage) in self.stages.iter().enumerate() {
             for b in stage {
-                x = b.forward(x);
+                x = b.forward(x, p);
             }
             x = tap(format!("layer{}", i + 1), x);
         }

@@ -122,6 +122,9 @@ pub struct Vgg {
     pub fc7: Linear,
     pub fc8: Linear,
     pub dropout: Dropout,
+    /// The convolutions' arithmetic ([`super::Model::with_precision`]); not a weight.
+    #[module(skip)]
+    pub precision: crate::layers::Precision,
 }
 
 impl VggConfig {
@@ -147,11 +150,17 @@ impl VggConfig {
             dropout: DropoutConfig::new(self.dropout).init(),
             head_pool: self.head_pool,
             trunk,
+            precision: crate::layers::Precision::Fp32,
         }
     }
 }
 
 impl Vgg {
+    /// Runs the trunk, calling `tap` with `conv1`.. and `pool1`..
+    pub fn features(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
+        self.trunk.forward(x, tap, self.precision)
+    }
+
     /// # Shapes
     /// `[B, C, h, w]` -> `[B, K]`.
     pub fn forward_head(&self, f: Tensor<4>) -> Tensor<2> {

@@ -62,6 +62,12 @@ impl Teacher {
         })
     }
 
+    /// The teacher with its convolutions in `precision` ([`Model::with_precision`]).
+    pub fn with_precision(mut self, precision: crate::kernels::Precision) -> Self {
+        self.model = self.model.with_precision(precision);
+        self
+    }
+
     /// Teacher logits for a student batch `x` normalised with `mean`/`std`.
     ///
     /// # Shapes

@@ -5,8 +5,8 @@
 //! mixed): logits = f(x); loss = CE(logits, q) + aux_weight * sum_a CE(aux_a, q) (GoogLeNet's
 //! auxiliary heads, Szegedy et al. 2014); with a teacher, loss = (1 - alpha) * loss +
 //! alpha * KD(logits, teacher(x), T) (Hinton et al. 2015); forward and backward in the
-//! configured precision, then the optimiser update in fp32 and, with EMA on, the weight
-//! average (Polyak averaging) folded in.
+//! model's precision ([`Model::with_precision`]), then the optimiser update in fp32 and, with
+//! EMA on, the weight average (Polyak averaging) folded in.
 
 use std::collections::BTreeSet;
 
@@ -14,7 +14,6 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use super::distill::{Teacher, kd_loss};
-use crate::kernels::{self, Precision};
 use crate::models::Model;
 use crate::recipe::Recipe;
 use crate::train::ema::Ema;
@@ -35,7 +34,6 @@ pub struct Distill<'a> {
 
 /// Everything a step needs besides the model, the optimiser and the batch.
 pub struct StepConfig<'a> {
-    pub precision: Precision,
     /// Weight of each auxiliary classifier's loss (GoogLeNet: 0.3).
     pub aux_weight: f64,
     /// Global gradient-norm clip (0 = none).
@@ -44,15 +42,10 @@ pub struct StepConfig<'a> {
 }
 
 impl<'a> StepConfig<'a> {
-    /// The step a recipe trains with, in `precision` (the one that can run: see
-    /// `kernels::supported_precision`), distilling from `distill` when the recipe has a teacher.
-    pub fn from_recipe(
-        recipe: &Recipe,
-        precision: Precision,
-        distill: Option<Distill<'a>>,
-    ) -> Self {
+    /// The step a recipe trains with, distilling from `distill` when the recipe has a teacher.
+    /// (The precision is the model's: [`Model::with_precision`].)
+    pub fn from_recipe(recipe: &Recipe, distill: Option<Distill<'a>>) -> Self {
         StepConfig {
-            precision,
             aux_weight: recipe.loss.aux_weight,
             grad_clip_norm: recipe.regularisation.grad_clip_norm,
             distill,
@@ -104,20 +97,17 @@ pub fn train_step(
     lr: f64,
     cfg: &StepConfig,
 ) -> StepOut {
-    let (loss, logits, grads) = kernels::with_precision(cfg.precision, || {
-        let out = model.forward_train(x.clone());
-        let logits = out.logits;
-        let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
-        for aux in out.aux {
-            loss = loss + soft_cross_entropy(aux, targets.clone()) * cfg.aux_weight;
-        }
-        if let Some(d) = &cfg.distill {
-            let tl = Tensor::from_inner(d.teacher.logits(x, d.mean, d.std));
-            loss = loss * (1.0 - d.alpha) + kd_loss(logits.clone(), tl, d.temperature) * d.alpha;
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        (loss, logits, grads)
-    });
+    let out = model.forward_train(x.clone());
+    let logits = out.logits;
+    let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
+    for aux in out.aux {
+        loss = loss + soft_cross_entropy(aux, targets.clone()) * cfg.aux_weight;
+    }
+    if let Some(d) = &cfg.distill {
+        let tl = Tensor::from_inner(d.teacher.logits(x, d.mean, d.std));
+        loss = loss * (1.0 - d.alpha) + kd_loss(logits.clone(), tl, d.temperature) * d.alpha;
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
     let model = opt.step(lr, model, grads, cfg.grad_clip_norm).0;
     if let Some(e) = ema {
         e.update(&model.valid());

@@ -73,9 +73,13 @@ pub fn train(
     let run = &run.clone().lock()?;
     let (splits, resume) = open_run(&mut recipe, run, opts, rep)?;
     let eval_device = device.clone().without_autodiff();
-    let (mut model, mut st) = start(&recipe, run, resume, device, &eval_device, rep)?;
+    let (model, mut st) = start(&recipe, run, resume, device, &eval_device, rep)?;
+    // The precision travels with the models: the step, EMA's copy, validation and the teacher
+    // all compute in it.
+    let precision = precision_for(&recipe, device, rep);
+    let mut model = model.with_precision(precision);
     let teacher = match &recipe.distill.teacher {
-        Some(dir) => Some(load_teacher(dir, &recipe, &eval_device, rep)?),
+        Some(dir) => Some(load_teacher(dir, &recipe, &eval_device, rep)?.with_precision(precision)),
         None => None,
     };
     let (mean, std) = (
@@ -89,8 +93,7 @@ pub fn train(
         mean: &mean,
         std: &std,
     });
-    let precision = precision_for(&recipe, device, rep);
-    let step_cfg = StepConfig::from_recipe(&recipe, precision, distill);
+    let step_cfg = StepConfig::from_recipe(&recipe, distill);
     let loaders = [
         loader(&recipe, splits.train.clone(), true)?,
         loader(&recipe, splits.val.clone(), false)?,
@@ -128,7 +131,6 @@ pub fn train(
             &splits,
             tally,
             start,
-            precision,
             &eval_device,
             run,
             rep,
@@ -422,7 +424,6 @@ fn end_epoch(
     splits: &Splits,
     t: Tally,
     start: Instant,
-    precision: kernels::Precision,
     eval_device: &Device,
     run: &RunDir,
     rep: &mut dyn Reporter,
@@ -432,9 +433,7 @@ fn end_epoch(
         Some(e) => e.apply(model.valid()),
         None => model.valid(),
     };
-    let (report, skipped) = kernels::with_precision(precision, || {
-        evaluate(&eval_model, val_loader, &splits.classes, eval_device)
-    })?;
+    let (report, skipped) = evaluate(&eval_model, val_loader, &splits.classes, eval_device)?;
     st.p.skipped += skipped.len();
     for (src, why) in &skipped {
         rep.message(&format!("skipped {src}: {why}"));
