@@ -25,15 +25,8 @@ cargo build --release -q
 BIN=target/release/convlab
 D=target/data
 # A fixed split both sides read: CIFAR-10, PER_CLASS train + 200 held-out images per class.
-if [ ! -d $W/cifar ]; then
-  for c in $(ls $D/cifar10/train); do
-    mkdir -p $W/cifar/train/$c $W/cifar/val/$c
-    # Arrays, not `ls | head`: head closing the pipe early kills ls under pipefail.
-    train=($(ls $D/cifar10/train/$c)); test=($(ls $D/cifar10/test/$c))
-    for f in "${train[@]:0:$PER_CLASS}"; do ln -s "$PWD/$D/cifar10/train/$c/$f" $W/cifar/train/$c/$f; done
-    for f in "${test[@]:0:200}"; do ln -s "$PWD/$D/cifar10/test/$c/$f" $W/cifar/val/$c/$f; done
-  done
-fi
+source bench/split.sh
+link_split $W/cifar $D/cifar10 $PER_CLASS 200 $(ls $D/cifar10/train)
 MEAN=0.491,0.482,0.447; STD=0.247,0.243,0.261
 echo "$(date -u '+%F %H:%M') UTC, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs, torch $($VENV/bin/python -c 'import torch; print(torch.__version__)')"
 echo "== PyTorch: resnet18 from scratch on CIFAR-10 ($((PER_CLASS * 10)) train), 32 px, $PE epochs"

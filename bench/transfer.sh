@@ -30,25 +30,12 @@ BIN=target/release/convlab
 D=target/data/cifar10
 A="airplane automobile bird cat deer"
 B="dog frog horse ship truck"
-# A fixed split both sides read (symlinks; the same files every run).
-if [ ! -d $W/a ]; then
-  for c in $A; do
-    mkdir -p $W/a/train/$c $W/a/val/$c
-    # Arrays, not `ls | head`: head closing the pipe early kills ls under pipefail.
-    train=($(ls $D/train/$c)); test=($(ls $D/test/$c))
-    for f in "${train[@]:0:$PER_CLASS}"; do ln -s "$PWD/$D/train/$c/$f" $W/a/train/$c/$f; done
-    for f in "${test[@]:0:200}"; do ln -s "$PWD/$D/test/$c/$f" $W/a/val/$c/$f; done
-  done
-fi
+# Fixed splits both sides read (symlinks; the same files every run): A's training images and
+# 200 held-out per class; B's few training images and all 1,000 test images per class.
+source bench/split.sh
+link_split $W/a $D $PER_CLASS 200 $A
 T=$W/b$TPC
-if [ ! -d $T ]; then
-  for c in $B; do
-    mkdir -p $T/train/$c $T/val/$c
-    train=($(ls $D/train/$c)); test=($(ls $D/test/$c))
-    for f in "${train[@]:0:$TPC}"; do ln -s "$PWD/$D/train/$c/$f" $T/train/$c/$f; done
-    for f in "${test[@]}"; do ln -s "$PWD/$D/test/$c/$f" $T/val/$c/$f; done
-  done
-fi
+link_split $T $D $TPC 1000 $B
 MEAN=0.491,0.482,0.447; STD=0.247,0.243,0.261
 echo "$(date -u '+%F %H:%M') UTC, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs, torch $($VENV/bin/python -c 'import torch; print(torch.__version__)')"
 echo "== PyTorch: resnet18 from scratch on CIFAR-10 classes A ($((PER_CLASS * 5)) train), 32 px, $PE epochs"
