@@ -26,7 +26,7 @@
 
 use super::buf::par_zeroed_with;
 use super::conv::{ConvGeom, ConvGrads};
-use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_in_order};
+use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_in_order, sum_transposed_in_order};
 use super::simd::dispatched;
 use rayon::prelude::*;
 
@@ -511,19 +511,12 @@ pub fn im2col_backward(
         })
         .collect();
     let dw = need_dw.then(|| {
-        let dwt = sum_in_order(partials.iter().map(|t| &t.0));
-        if !transposed {
-            return dwt;
+        if transposed {
+            let parts: Vec<&[f32]> = partials.iter().map(|t| t.0.as_slice()).collect();
+            sum_transposed_in_order(&parts, k, cout)
+        } else {
+            sum_in_order(partials.iter().map(|t| &t.0))
         }
-        // `[K, C_out]` back to `[C_out, K]`, one output row per task (on the pool: it was
-        // serial work of the calling thread).
-        let mut dw = vec![0.0f32; cout * k];
-        dw.par_chunks_mut(k).enumerate().for_each(|(o, row)| {
-            for (r, d) in row.iter_mut().enumerate() {
-                *d = dwt[r * cout + o];
-            }
-        });
-        dw
     });
     let db = need_db.then(|| sum_in_order(partials.iter().map(|t| &t.1)));
     (dx, dw, db)
