@@ -198,6 +198,41 @@ impl PackedLhs {
         PackedLhs { m, k, amx, words }
     }
 
+    /// A one-block operand whose rows the caller writes as bf16 bits: `fill(halves, ld)` writes
+    /// row `i`'s `k` values at `halves[i * ld..][..k]` for `i < m` (value `j` of a row is pair
+    /// word `j / 2`'s half `j % 2`, the packed layout); the padding columns and rows are zeroed
+    /// here. `None` when `k` spans more than one block of `K` ([`kc`]).
+    ///
+    /// im2col writes the weight gradient's column matrix this way: packing an f32 column matrix
+    /// wrote and re-read every value once more.
+    pub fn from_rows(m: usize, k: usize, fill: impl FnOnce(&mut [u16], usize)) -> Option<Self> {
+        let amx = super::amx::enabled();
+        if m == 0 || k == 0 || k > kc(amx) {
+            return None;
+        }
+        let (kp, rows) = (pairs(k, amx), m.next_multiple_of(ROW_PAD));
+        let mut words = LHS_WORDS.take();
+        if words.len() < rows * kp {
+            words.resize(rows * kp, 0);
+        }
+        // NaN pairs in tests: a value `fill` did not write shows in the product.
+        #[cfg(test)]
+        words.fill(u32::MAX);
+        let halves: &mut [u16] = bytemuck::cast_slice_mut(&mut words[..rows * kp]);
+        let ld = 2 * kp;
+        fill(&mut *halves, ld);
+        for row in halves[..m * ld].chunks_mut(ld) {
+            row[k..].fill(0);
+        }
+        halves[m * ld..].fill(0);
+        Some(PackedLhs { m, k, amx, words })
+    }
+
+    /// Gives the storage back to this thread for the next packed operand.
+    pub fn recycle(self) {
+        LHS_WORDS.set(self.words);
+    }
+
     /// The packed rows of the `b`-th `KC` block.
     fn block(&self, b: usize) -> &[u32] {
         let full = kc(self.amx);
@@ -613,7 +648,7 @@ fn gemm_on(
     // The weight gradient packs a new `A` (the column matrix) per image: reuse its storage.
     let a = PackedLhs::new_in(LHS_WORDS.take(), m, k, lhs, lhs_rs, lhs_cs, amx);
     gemm_packed(&a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads);
-    LHS_WORDS.set(a.words);
+    a.recycle();
 }
 
 #[cfg(test)]
@@ -630,6 +665,30 @@ mod tests {
                 (s as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn rows_written_as_bits_pack_like_the_f32_matrix() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // Widths around a pair word and a tile, up to one block of K; one past it is refused.
+        let full = kc(super::super::amx::enabled());
+        for &(m, k) in &[(1, 1), (3, 7), (49, full), (5, 2)] {
+            let a = data(m * k, 4);
+            let want = PackedLhs::new(m, k, &a, k, 1);
+            let got = PackedLhs::from_rows(m, k, |h, ld| {
+                for i in 0..m {
+                    for j in 0..k {
+                        h[i * ld + j] = round_bits(a[i * k + j]) as u16;
+                    }
+                }
+            })
+            .unwrap();
+            assert_eq!(got.block(0), want.block(0), "m={m} k={k}");
+        }
+        assert!(PackedLhs::from_rows(2, full + 1, |_, _| {}).is_none());
     }
 
     #[test]

@@ -139,69 +139,125 @@ impl Shift {
     /// one column on one side (a 3x3 with padding 1), written directly: a `memset` call per
     /// row cost more than the copy itself on 8-32 px planes.
     #[inline(always)]
-    fn zero_wrapped(&self, run: &mut [f32], w: usize) {
+    fn zero_wrapped<T: ColValue>(&self, run: &mut [T], w: usize) {
         let (lo, hi) = (self.lo, self.hi);
         for row in run.chunks_mut(w) {
             match lo {
                 0 => {}
-                1 => row[0] = 0.0,
-                _ => row[..lo].fill(0.0),
+                1 => row[0] = T::ZERO,
+                _ => row[..lo].fill(T::ZERO),
             }
             match w - hi {
                 0 => {}
-                1 => row[w - 1] = 0.0,
-                _ => row[hi..].fill(0.0),
+                1 => row[w - 1] = T::ZERO,
+                _ => row[hi..].fill(T::ZERO),
+            }
+        }
+    }
+}
+
+/// What a column matrix holds: `f32`, or bf16 bits (`u16`, rounded to nearest even as
+/// [`super::bf16::round_bits`] does) where the bf16 GEMM reads it as its packed operand.
+trait ColValue: Copy {
+    const ZERO: Self;
+    fn from_f32(x: f32) -> Self;
+    /// `dst[i] = from_f32(src[i])`.
+    fn copy_run(dst: &mut [Self], src: &[f32]);
+}
+
+impl ColValue for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn copy_run(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl ColValue for u16 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        super::bf16::round_bits(x) as u16
+    }
+    #[inline(always)]
+    fn copy_run(dst: &mut [u16], src: &[f32]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &x)| *d = super::bf16::round_bits(x) as u16);
+    }
+}
+
+/// Fills `col` (`K` rows of `rows · W_out` values, `ld` apart) with the patches of output rows
+/// `oy0..oy1` of one image.
+#[inline(always)]
+fn im2col_into<T: ColValue>(
+    x: &[f32],
+    g: &ConvGeom,
+    oy0: usize,
+    oy1: usize,
+    col: &mut [T],
+    ld: usize,
+) {
+    let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.pad;
+    let plane_len = g.h * g.w;
+    for c in 0..g.cin {
+        let plane = &x[c * plane_len..(c + 1) * plane_len];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let r = (c * g.kh + i) * g.kw + j;
+                let dst = &mut col[r * ld..r * ld + n];
+                if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
+                    let (ra, rb) = ((sh.a - oy0) * wo, (sh.b - oy0) * wo);
+                    dst[..ra].iter_mut().for_each(|v| *v = T::ZERO);
+                    dst[rb..].iter_mut().for_each(|v| *v = T::ZERO);
+                    let run = &mut dst[ra..rb];
+                    let (k_lo, k_hi, p0) = sh.clip(g.w, plane_len);
+                    T::copy_run(&mut run[k_lo..k_hi], &plane[p0..p0 + (k_hi - k_lo)]);
+                    sh.zero_wrapped(run, g.w);
+                    continue;
+                }
+                let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
+                for oy in oy0..oy1 {
+                    let d = &mut dst[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
+                    let iy = (oy * sh + i) as isize - ph as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        d.fill(T::ZERO);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    d[..lo].fill(T::ZERO);
+                    d[hi..].fill(T::ZERO);
+                    if sw == 1 {
+                        T::copy_run(&mut d[lo..hi], &src[lo + j - pw..hi + j - pw]);
+                    } else {
+                        for (ox, v) in d[lo..hi].iter_mut().enumerate() {
+                            *v = T::from_f32(src[(lo + ox) * sw + j - pw]);
+                        }
+                    }
+                }
             }
         }
     }
 }
 
 dispatched! {
-    /// Fills `col` (`K` rows of `rows · W_out` floats, `ld` apart) with the patches of output
-    /// rows `oy0..oy1` of one image.
+    /// [`im2col_into`] in f32.
     fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32], ld: usize) {
-        let (wo, n) = (g.wo(), (oy1 - oy0) * g.wo());
-        let [sh, sw] = g.stride;
-        let [ph, pw] = g.pad;
-        let plane_len = g.h * g.w;
-        for c in 0..g.cin {
-            let plane = &x[c * plane_len..(c + 1) * plane_len];
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let r = (c * g.kh + i) * g.kw + j;
-                    let dst = &mut col[r * ld..r * ld + n];
-                    if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
-                        let (ra, rb) = ((sh.a - oy0) * wo, (sh.b - oy0) * wo);
-                        dst[..ra].iter_mut().for_each(|v| *v = 0.0);
-                        dst[rb..].iter_mut().for_each(|v| *v = 0.0);
-                        let run = &mut dst[ra..rb];
-                        let (k_lo, k_hi, p0) = sh.clip(g.w, plane_len);
-                        run[k_lo..k_hi].copy_from_slice(&plane[p0..p0 + (k_hi - k_lo)]);
-                        sh.zero_wrapped(run, g.w);
-                        continue;
-                    }
-                    let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
-                    for oy in oy0..oy1 {
-                        let d = &mut dst[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
-                        let iy = (oy * sh + i) as isize - ph as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            d.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        d[..lo].fill(0.0);
-                        d[hi..].fill(0.0);
-                        if sw == 1 {
-                            d[lo..hi].copy_from_slice(&src[lo + j - pw..hi + j - pw]);
-                        } else {
-                            for (ox, v) in d[lo..hi].iter_mut().enumerate() {
-                                *v = src[(lo + ox) * sw + j - pw];
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        im2col_into(x, g, oy0, oy1, col, ld)
+    }
+}
+
+dispatched! {
+    /// [`im2col_into`] in bf16 bits, rows `ld` apart: the packed left operand of the bf16
+    /// weight gradient ([`super::bf16::PackedLhs::from_rows`]).
+    fn im2col_bf16(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [u16], ld: usize) {
+        im2col_into(x, g, oy0, oy1, col, ld)
     }
 }
 
@@ -416,6 +472,28 @@ pub fn im2col_backward(
             );
         }
     };
+    // In bf16 with `dW` accumulated transposed, the column matrix is the GEMM's packed left
+    // operand: im2col writes it as bf16 bits in the packed layout (one block of `K` =
+    // positions), instead of f32 that is then rounded and packed. `false` (nothing done) in
+    // f32, or when the tile is too long for one block: the caller then goes through f32.
+    let packed_weight_grad = |dw: &mut [f32],
+                              write: &dyn Fn(&mut [u16], usize),
+                              dy_tile: &[f32],
+                              n: usize,
+                              ld: usize|
+     -> bool {
+        if !(transposed && g.precision == super::Precision::Bf16) {
+            return false;
+        }
+        match super::bf16::PackedLhs::from_rows(k, n, write) {
+            Some(a) => {
+                super::bf16::gemm_packed(&a, cout, dw, cout, true, dy_tile, 1, ld, threads);
+                a.recycle();
+                true
+            }
+            None => false,
+        }
+    };
     let partials: Vec<(Vec<f32>, Vec<f32>)> = blocks
         .par_iter()
         .zip(dx_parts.par_iter_mut())
@@ -444,11 +522,16 @@ pub fn im2col_backward(
                             }
                         }
                     }
-                    if need_dw {
+                    let image = |i: usize| &x[(first + i) * in_len..][..in_len];
+                    let write = |h: &mut [u16], ld: usize| {
+                        for i in 0..images {
+                            im2col_bf16(image(i), g, 0, g.ho(), &mut h[i * p..], ld);
+                        }
+                    };
+                    if need_dw && !packed_weight_grad(&mut dwt, &write, &dyg, n, n) {
                         col.resize(k * n, 0.0);
                         for i in 0..images {
-                            let xn = &x[(first + i) * in_len..][..in_len];
-                            im2col(xn, g, 0, g.ho(), &mut col[i * p..], n);
+                            im2col(image(i), g, 0, g.ho(), &mut col[i * p..], n);
                         }
                         add_weight_grad(&mut dwt, &col, &dyg, n, n);
                     }
@@ -494,7 +577,8 @@ pub fn im2col_backward(
                     let oy1 = (oy0 + rows).min(g.ho());
                     let nn = (oy1 - oy0) * g.wo();
                     let dy_tile = &dyn_[oy0 * g.wo()..];
-                    if need_dw {
+                    let write = |h: &mut [u16], ld: usize| im2col_bf16(xn, g, oy0, oy1, h, ld);
+                    if need_dw && !packed_weight_grad(&mut dwt, &write, dy_tile, nn, p) {
                         col.resize(k * nn, 0.0);
                         im2col(xn, g, oy0, oy1, &mut col, nn);
                         add_weight_grad(&mut dwt, &col, dy_tile, nn, p);
@@ -520,4 +604,107 @@ pub fn im2col_backward(
     });
     let db = need_db.then(|| sum_in_order(partials.iter().map(|t| &t.1)));
     (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::conv::test_data;
+
+    /// The bf16 column matrix is the f32 one rounded, value for value, for the paths im2col
+    /// takes: shifted runs (stride 1, "same"), padded rows, stride 2, and 1 x k kernels.
+    #[test]
+    fn the_bf16_column_matrix_is_the_f32_one_rounded() {
+        for &(h, w, kh, kw, stride, pad) in &[
+            (5, 6, 3, 3, 1, 1),
+            (7, 7, 3, 3, 2, 1),
+            (6, 5, 1, 3, 1, 0),
+            (9, 8, 7, 7, 2, 3),
+            (4, 4, 5, 5, 1, 2),
+        ] {
+            let g = ConvGeom {
+                batch: 1,
+                cin: 2,
+                h,
+                w,
+                cout: 3,
+                kh,
+                kw,
+                stride: [stride; 2],
+                pad: [pad; 2],
+                precision: crate::kernels::Precision::Bf16,
+            };
+            let x = test_data(g.in_len(), 7);
+            let (k, n, ld) = (g.k(), g.p(), g.p() + 3);
+            let mut col = vec![f32::NAN; k * ld];
+            im2col(&x, &g, 0, g.ho(), &mut col, ld);
+            let mut bits = vec![u16::MAX; k * ld];
+            im2col_bf16(&x, &g, 0, g.ho(), &mut bits, ld);
+            for r in 0..k {
+                for j in 0..n {
+                    let want = crate::kernels::bf16::round_bits(col[r * ld + j]) as u16;
+                    assert_eq!(bits[r * ld + j], want, "{g:?} row {r} column {j}");
+                }
+            }
+        }
+    }
+
+    /// The bf16 weight gradient with im2col writing the packed operand (tiles of one image,
+    /// and images grouped side by side) is the product of the rounded operands.
+    #[test]
+    fn the_packed_bf16_weight_gradient_is_the_rounded_product() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        use crate::kernels::bf16::round;
+        // 4 px: one output row per tile; 2 px, 2 input channels: two images per GEMM.
+        for &(cin, hw) in &[(4, 4), (2, 2)] {
+            let g = ConvGeom {
+                batch: 3,
+                cin,
+                h: hw,
+                w: hw,
+                cout: 2,
+                kh: 3,
+                kw: 3,
+                stride: [1, 1],
+                pad: [1, 1],
+                precision: crate::kernels::Precision::Bf16,
+            };
+            let (k, p) = (g.k(), g.p());
+            assert!(k >= g.cout, "the transposed (packed) layout");
+            let x = test_data(g.batch * g.in_len(), 3);
+            let w = test_data(g.cout * k, 5);
+            let dy = test_data(g.batch * g.out_len(), 9);
+            let (_, dw, _) = im2col_backward(&x, &w, &dy, &g, [false, true, false]);
+            let dw = dw.unwrap();
+            let mut col = vec![0.0; k * p];
+            let mut want = vec![0.0f64; g.cout * k];
+            for b in 0..g.batch {
+                im2col(
+                    &x[b * g.in_len()..][..g.in_len()],
+                    &g,
+                    0,
+                    g.ho(),
+                    &mut col,
+                    p,
+                );
+                for o in 0..g.cout {
+                    for r in 0..k {
+                        for j in 0..p {
+                            want[o * k + r] += round(dy[b * g.out_len() + o * p + j]) as f64
+                                * round(col[r * p + j]) as f64;
+                        }
+                    }
+                }
+            }
+            for (i, (&got, &want)) in dw.iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - want).abs() < 1e-4,
+                    "cin={cin} hw={hw} dw[{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
 }
