@@ -187,7 +187,7 @@ impl ColValue for u16 {
     fn copy_run(dst: &mut [u16], src: &[f32]) {
         dst.iter_mut()
             .zip(src)
-            .for_each(|(d, &x)| *d = super::bf16::round_bits(x) as u16);
+            .for_each(|(d, &x)| *d = Self::from_f32(x));
     }
 }
 
@@ -476,13 +476,14 @@ pub fn im2col_backward(
     // operand: im2col writes it as bf16 bits in the packed layout (one block of `K` =
     // positions), instead of f32 that is then rounded and packed. `false` (nothing done) in
     // f32, or when the tile is too long for one block: the caller then goes through f32.
+    let pack_cols = transposed && g.precision == super::Precision::Bf16;
     let packed_weight_grad = |dw: &mut [f32],
                               write: &dyn Fn(&mut [u16], usize),
                               dy_tile: &[f32],
                               n: usize,
                               ld: usize|
      -> bool {
-        if !(transposed && g.precision == super::Precision::Bf16) {
+        if !pack_cols {
             return false;
         }
         match super::bf16::PackedLhs::from_rows(k, n, write) {
