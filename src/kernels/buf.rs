@@ -63,6 +63,34 @@ where
     par_zeroed_with(n, chunk, inputs, || (), |_, c, item| f(c, item))
 }
 
+/// Consecutive parts of `lens[i]` values each, part `i` zeroed and then passed to `f(i, part)`
+/// on the worker that runs it (as [`par_zeroed`], for parts of different lengths).
+pub fn par_zeroed_parts<F>(lens: &[usize], f: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let n: usize = lens.iter().sum();
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let mut rest = &mut out.spare_capacity_mut()[..n];
+    let mut parts = Vec::with_capacity(lens.len());
+    for &len in lens {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        parts.push(head);
+        rest = tail;
+    }
+    parts.into_par_iter().enumerate().for_each(|(i, c)| {
+        c.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element of `c` was just written, and `MaybeUninit<f32>` has the
+        // layout of `f32`.
+        let c = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
+        f(i, c);
+    });
+    // SAFETY: the parts cover all `n` values (their lengths sum to `n`) and each was written
+    // just above; a panic in `f` propagates before this.
+    unsafe { out.set_len(n) };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +104,17 @@ mod tests {
         });
         assert_eq!(y, [14.0, 0.0, 0.0, 0.0, 24.0, 0.0, 0.0, 0.0, 32.0, 0.0]);
         assert!(par_zeroed(0, 4, (0..0usize).into_par_iter(), |_, _| {}).is_empty());
+    }
+
+    #[test]
+    fn uneven_parts_are_zeroed_then_written_in_order() {
+        let y = par_zeroed_parts(&[3, 0, 2], |i, c| {
+            if let Some(v) = c.last_mut() {
+                *v = i as f32 + 1.0;
+            }
+        });
+        assert_eq!(y, [0.0, 0.0, 1.0, 0.0, 3.0]);
+        assert!(par_zeroed_parts(&[], |_, _| {}).is_empty());
     }
 
     #[test]

@@ -24,9 +24,9 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
-use super::buf::par_zeroed_with;
+use super::buf::{par_zeroed_parts, par_zeroed_with};
 use super::conv::{ConvGeom, ConvGrads};
-use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_in_order, sum_transposed_in_order};
+use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_transposed_in_order};
 use super::simd::dispatched;
 use rayon::prelude::*;
 
@@ -329,7 +329,14 @@ pub(super) fn im2col_forward_act(
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
     let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
-    let group = g.images_per_gemm();
+    // At least one group per thread: resnet18's 512 -> 512 layers at 4 px (128 px input,
+    // batch 32) made one group of all 32 images, which one thread computed while the other
+    // waited (forward 25.6 -> 10.1 ms, and 15.6 -> 6.0 ms for the stride-2 256 -> 512 layer,
+    // fastest of three alternated runs, 2 threads, bf16 on AMX, Xeon Sapphire Rapids,
+    // `cargo run --release --example conv_layers 2 bf16 resnet18 128 32`).
+    let group = g
+        .images_per_gemm()
+        .min(g.batch.div_ceil(rayon::current_num_threads()));
     if group > 1 {
         let (in_len, out_len, ho) = (g.in_len(), g.out_len(), g.ho());
         return par_zeroed_with(
@@ -390,7 +397,8 @@ pub(super) fn im2col_forward_act(
     )
 }
 
-/// [`conv2d_backward`] by im2col + GEMM, whatever the geometry.
+/// [`conv2d_backward`] by im2col + GEMM, whatever the geometry: the input gradient from
+/// [`input_grad`], the weight and bias gradients from [`weight_grad`].
 pub fn im2col_backward(
     x: &[f32],
     w: &[f32],
@@ -404,207 +412,271 @@ pub fn im2col_backward(
         g.batch * g.out_len(),
         "conv2d output-gradient length"
     );
-    let (k, p, cout, in_len, out_len) = (g.k(), g.p(), g.cout, g.in_len(), g.out_len());
     let [need_dx, need_dw, need_db] = need;
+    let dx = need_dx.then(|| input_grad(w, dy, g));
+    let (dw, db) = if need_dw || need_db {
+        weight_grad(x, dy, g, need_dw, need_db)
+    } else {
+        (None, None)
+    };
+    (dx, dw, db)
+}
+
+/// `dX`: per image (or group of small images), `dcol[K, P] = Wᵀ[K, C_out] · dY[C_out, P]`,
+/// then col2im; one contiguous block of images per thread.
+fn input_grad(w: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (k, p, cout, in_len, out_len) = (g.k(), g.p(), g.cout, g.in_len(), g.out_len());
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
-    let mut dx = need_dx.then(|| vec![0.0f32; x.len()]);
-    let blocks = image_blocks(g.batch);
     let group = g.images_per_gemm();
-    // Each block of images gets its own slice of dx and returns its partial dW and db.
-    let mut dx_parts: Vec<Option<&mut [f32]>> = match dx.as_mut() {
-        Some(d) => {
-            let mut rest = d.as_mut_slice();
-            blocks
-                .iter()
-                .map(|r| {
-                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * in_len);
-                    rest = tail;
-                    Some(head)
-                })
-                .collect()
+    let blocks = image_blocks(g.batch);
+    // `Wᵀ [K, C_out]`, the left operand.
+    let wt = Lhs::new(g.precision, k, cout, w, 1, k);
+    let lens: Vec<usize> = blocks.iter().map(|r| r.len() * in_len).collect();
+    par_zeroed_parts(&lens, |b, d| {
+        let range = blocks[b].clone();
+        let (mut dcol, mut dyg) = (Vec::new(), Vec::new());
+        if group > 1 {
+            // `group` images at a time: `dY` gathered to `[C_out, images · P]`, and `dcol`
+            // `[K, images · P]`, image `i` in columns `i·P..`.
+            for first in range.clone().step_by(group) {
+                let images = group.min(range.end - first);
+                let n = images * p;
+                dyg.resize(cout * n, 0.0);
+                gather(dy, g, first, images, 0, cout, &mut dyg);
+                dcol.resize(k * n, 0.0);
+                wt.mul(n, &mut dcol, n, false, &dyg, n, 1, threads);
+                let at = first - range.start;
+                for (i, dxn) in d[at * in_len..][..images * in_len]
+                    .chunks_mut(in_len)
+                    .enumerate()
+                {
+                    col2im(&mut dcol[i * p..], g, 0, g.ho(), n, dxn);
+                }
+            }
+            return;
         }
-        None => blocks.iter().map(|_| None).collect(),
-    };
-    // The weight gradient is accumulated transposed, `[K, C_out]`, when K >= C_out: for the
-    // 64 -> 64 channel 32 px layer that took its weight gradient from 85.7 to 32.0 ms per batch
-    // of 64, while the first layer (K = 27) is faster as `[C_out, K]`
-    // (`cargo run --release --example conv_layers`, before and after).
+        for (n, dxn) in range.zip(d.chunks_mut(in_len)) {
+            let dyn_ = &dy[n * out_len..(n + 1) * out_len];
+            if g.is_pointwise() {
+                wt.mul(p, dxn, p, false, dyn_, p, 1, threads);
+                continue;
+            }
+            for oy0 in (0..g.ho()).step_by(rows) {
+                let oy1 = (oy0 + rows).min(g.ho());
+                let nn = (oy1 - oy0) * g.wo();
+                dcol.resize(k * nn, 0.0);
+                wt.mul(
+                    nn,
+                    &mut dcol,
+                    nn,
+                    false,
+                    &dyn_[oy0 * g.wo()..],
+                    p,
+                    1,
+                    threads,
+                );
+                col2im(&mut dcol, g, oy0, oy1, nn, dxn);
+            }
+        }
+    })
+}
+
+/// Rows `o0..o0 + os` of `dY` for images `first..first + images`, gathered side by side into
+/// `dyg` (`[os, images · P]`, image `i` in columns `i·P..`).
+fn gather(
+    dy: &[f32],
+    g: &ConvGeom,
+    first: usize,
+    images: usize,
+    o0: usize,
+    os: usize,
+    dyg: &mut [f32],
+) {
+    let (p, out_len) = (g.p(), g.out_len());
+    let n = images * p;
+    for i in 0..images {
+        let dyi = &dy[(first + i) * out_len + o0 * p..][..os * p];
+        for (o, row) in dyi.chunks(p).enumerate() {
+            dyg[o * n + i * p..][..p].copy_from_slice(row);
+        }
+    }
+}
+
+/// `dW[C_out, K] = Σ_images dY[C_out, P] · col(X)[K, P]ᵀ` and `db[C_out] = Σ dY`, split over
+/// the threads by rows of the gradient rather than by images: when `K >= C_out` the gradient
+/// is accumulated transposed, `dWᵀ[K, C_out]`, and each thread takes a block of input channels
+/// (its rows of `dWᵀ`, from its channels' rows of the column matrix); otherwise each takes a
+/// block of output channels (its rows of `dW`, against the whole column matrix). No thread
+/// holds a whole partial gradient and nothing is summed afterwards: split by images, two
+/// threads each zeroed, filled and then added a 9.4 MB partial for resnet18's 512-channel
+/// layers (that sum was 6% of a bf16 training step at 128 px on the AMX Xeon). Every element
+/// adds its images in order, so the bits do not depend on the thread count.
+///
+/// The transposed layout: for the 64 -> 64 channel 32 px layer it took the weight gradient
+/// from 85.7 to 32.0 ms per batch of 64, while the first layer (K = 27) is faster as
+/// `[C_out, K]` (`cargo run --release --example conv_layers`, before and after).
+fn weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    need_dw: bool,
+    need_db: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (k, p, cout, in_len, out_len) = (g.k(), g.p(), g.cout, g.in_len(), g.out_len());
+    let db = need_db.then(|| {
+        (0..cout)
+            .into_par_iter()
+            .map(|o| {
+                (0..g.batch)
+                    .map(|i| dy[i * out_len + o * p..][..p].iter().sum::<f32>())
+                    .fold(0.0, |acc, s| acc + s)
+            })
+            .collect()
+    });
+    if !need_dw {
+        return (None, db);
+    }
+    let (ho, wo, taps) = (g.ho(), g.wo(), g.kh * g.kw);
     let transposed = k >= cout;
-    // `Wᵀ [K, C_out]`, the left operand of the input gradient.
-    let wt = need_dx.then(|| Lhs::new(g.precision, k, cout, w, 1, k));
-    // `dw (+)= dY[C_out, n] · col[K, n]ᵀ` for one tile of `n` positions (`col` rows `n` long,
-    // `dY` rows `ld` apart).
-    let add_weight_grad = |dw: &mut [f32], col: &[f32], dy_tile: &[f32], n: usize, ld: usize| {
-        if transposed {
-            gemm(
-                g.precision,
-                k,
-                cout,
-                n,
-                dw,
-                cout,
-                true,
-                col,
-                n,
-                1,
-                dy_tile,
-                1,
-                ld,
-                threads,
-            );
+    let split = if transposed { g.cin } else { cout };
+    let parts = rayon::current_num_threads().clamp(1, split.max(1));
+    let range = |t: usize| t * split / parts..(t + 1) * split / parts;
+    let row_len = if transposed { taps * cout } else { k };
+    let lens: Vec<usize> = (0..parts).map(|t| range(t).len() * row_len).collect();
+    let (rows, group) = (g.tile_rows(), g.images_per_gemm());
+    let bf16 = g.precision == super::Precision::Bf16;
+    let dw = par_zeroed_parts(&lens, |t, dw| {
+        let r = range(t);
+        // This part's geometry (its input channels, or all of them), its first input channel,
+        // and the rows of `dY` it multiplies (all output channels, or its own).
+        let (gs, c0, o0, os) = if transposed {
+            let gs = ConvGeom { cin: r.len(), ..*g };
+            (gs, r.start, 0, cout)
         } else {
-            gemm(
-                g.precision,
-                cout,
-                k,
-                n,
-                dw,
-                k,
-                true,
-                dy_tile,
-                ld,
-                1,
-                col,
-                1,
-                n,
-                threads,
-            );
-        }
-    };
-    // In bf16 with `dW` accumulated transposed, the column matrix is the GEMM's packed left
-    // operand: im2col writes it as bf16 bits in the packed layout (one block of `K` =
-    // positions), instead of f32 that is then rounded and packed. `false` (nothing done) in
-    // f32, or when the tile is too long for one block: the caller then goes through f32.
-    let pack_cols = transposed && g.precision == super::Precision::Bf16;
-    let packed_weight_grad = |dw: &mut [f32],
-                              write: &dyn Fn(&mut [u16], usize),
-                              dy_tile: &[f32],
-                              n: usize,
-                              ld: usize|
-     -> bool {
-        if !pack_cols {
-            return false;
-        }
-        match super::bf16::PackedLhs::from_rows(k, n, write) {
-            Some(a) => {
-                super::bf16::gemm_packed(&a, cout, dw, cout, true, dy_tile, 1, ld, threads);
+            (*g, 0, r.start, r.len())
+        };
+        let ks = gs.k();
+        let image = |i: usize| &x[i * in_len + c0 * g.h * g.w..][..gs.in_len()];
+        let mut col = Vec::new();
+        // `dw (+)= dY_tile · colᵀ` over `n` positions, `dY_tile` `os` rows `ld` apart; `fill`
+        // (f32) or `fill16` (bf16 bits, straight into the packed operand) writes the column
+        // matrix, rows `ld` apart.
+        let mut product = |dw: &mut [f32],
+                           dy_t: &[f32],
+                           ld: usize,
+                           n: usize,
+                           fill: &dyn Fn(&mut [f32], usize),
+                           fill16: &dyn Fn(&mut [u16], usize)| {
+            if transposed
+                && bf16
+                && let Some(a) = super::bf16::PackedLhs::from_rows(ks, n, fill16)
+            {
+                super::bf16::gemm_packed(&a, cout, dw, cout, true, dy_t, 1, ld, 1);
                 a.recycle();
-                true
+                return;
             }
-            None => false,
-        }
-    };
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = blocks
-        .par_iter()
-        .zip(dx_parts.par_iter_mut())
-        .map(|(range, dx_block)| {
-            let mut dwt = if need_dw {
-                vec![0.0f32; k * cout]
+            col.resize(ks * n, 0.0);
+            fill(&mut col, n);
+            if transposed {
+                gemm(
+                    g.precision,
+                    ks,
+                    cout,
+                    n,
+                    dw,
+                    cout,
+                    true,
+                    &col,
+                    n,
+                    1,
+                    dy_t,
+                    1,
+                    ld,
+                    1,
+                );
             } else {
-                Vec::new()
-            };
-            let mut db = vec![0.0f32; if need_db { cout } else { 0 }];
-            let (mut col, mut dcol) = (Vec::new(), Vec::new());
-            if group > 1 {
-                // `group` images at a time: `dY` gathered to `[C_out, images · P]`, and `col`
-                // / `dcol` `[K, images · P]`, image `i` in columns `i·P..`.
-                let mut dyg = Vec::new();
-                for first in range.clone().step_by(group) {
-                    let images = group.min(range.end - first);
-                    let n = images * p;
-                    dyg.resize(cout * n, 0.0);
+                gemm(
+                    g.precision,
+                    os,
+                    k,
+                    n,
+                    dw,
+                    k,
+                    true,
+                    dy_t,
+                    ld,
+                    1,
+                    &col,
+                    1,
+                    n,
+                    1,
+                );
+            }
+        };
+        if group > 1 {
+            let mut dyg = Vec::new();
+            for first in (0..g.batch).step_by(group) {
+                let images = group.min(g.batch - first);
+                let n = images * p;
+                dyg.resize(os * n, 0.0);
+                gather(dy, g, first, images, o0, os, &mut dyg);
+                let fill = |c: &mut [f32], ld: usize| {
                     for i in 0..images {
-                        let dyn_ = &dy[(first + i) * out_len..][..out_len];
-                        for (o, row) in dyn_.chunks(p).enumerate() {
-                            dyg[o * n + i * p..][..p].copy_from_slice(row);
-                            if need_db {
-                                db[o] += row.iter().sum::<f32>();
-                            }
-                        }
+                        im2col(image(first + i), &gs, 0, ho, &mut c[i * p..], ld);
                     }
-                    let image = |i: usize| &x[(first + i) * in_len..][..in_len];
-                    let write = |h: &mut [u16], ld: usize| {
-                        for i in 0..images {
-                            im2col_bf16(image(i), g, 0, g.ho(), &mut h[i * p..], ld);
-                        }
-                    };
-                    if need_dw && !packed_weight_grad(&mut dwt, &write, &dyg, n, n) {
-                        col.resize(k * n, 0.0);
-                        for i in 0..images {
-                            im2col(image(i), g, 0, g.ho(), &mut col[i * p..], n);
-                        }
-                        add_weight_grad(&mut dwt, &col, &dyg, n, n);
+                };
+                let fill16 = |h: &mut [u16], ld: usize| {
+                    for i in 0..images {
+                        im2col_bf16(image(first + i), &gs, 0, ho, &mut h[i * p..], ld);
                     }
-                    if let Some(d) = dx_block.as_deref_mut() {
-                        dcol.resize(k * n, 0.0);
-                        let wt = wt.as_ref().unwrap();
-                        wt.mul(n, &mut dcol, n, false, &dyg, n, 1, threads);
-                        let at = first - range.start;
-                        for (i, dxn) in d[at * in_len..][..images * in_len]
-                            .chunks_mut(in_len)
-                            .enumerate()
-                        {
-                            col2im(&mut dcol[i * p..], g, 0, g.ho(), n, dxn);
-                        }
-                    }
-                }
-                return (dwt, db);
+                };
+                product(dw, &dyg, n, n, &fill, &fill16);
             }
-            for (i, n) in range.clone().enumerate() {
-                let xn = &x[n * in_len..(n + 1) * in_len];
-                let dyn_ = &dy[n * out_len..(n + 1) * out_len];
-                if need_db {
-                    for (acc, row) in db.iter_mut().zip(dyn_.chunks(p)) {
-                        *acc += row.iter().sum::<f32>();
-                    }
+            return;
+        }
+        for i in 0..g.batch {
+            let dyi = &dy[i * out_len + o0 * p..][..os * p];
+            if g.is_pointwise() {
+                // The image is its own column matrix.
+                let xi = image(i);
+                if transposed {
+                    gemm(
+                        g.precision,
+                        ks,
+                        cout,
+                        p,
+                        dw,
+                        cout,
+                        true,
+                        xi,
+                        p,
+                        1,
+                        dyi,
+                        1,
+                        p,
+                        1,
+                    );
+                } else {
+                    gemm(g.precision, os, k, p, dw, k, true, dyi, p, 1, xi, 1, p, 1);
                 }
-                let dxn = dx_block
-                    .as_deref_mut()
-                    .map(|d| &mut d[i * in_len..(i + 1) * in_len]);
-                if g.is_pointwise() {
-                    if need_dw {
-                        add_weight_grad(&mut dwt, xn, dyn_, p, p);
-                    }
-                    if let Some(dxn) = dxn {
-                        wt.as_ref()
-                            .unwrap()
-                            .mul(p, dxn, p, false, dyn_, p, 1, threads);
-                    }
-                    continue;
-                }
-                let mut dxn = dxn;
-                for oy0 in (0..g.ho()).step_by(rows) {
-                    let oy1 = (oy0 + rows).min(g.ho());
-                    let nn = (oy1 - oy0) * g.wo();
-                    let dy_tile = &dyn_[oy0 * g.wo()..];
-                    let write = |h: &mut [u16], ld: usize| im2col_bf16(xn, g, oy0, oy1, h, ld);
-                    if need_dw && !packed_weight_grad(&mut dwt, &write, dy_tile, nn, p) {
-                        col.resize(k * nn, 0.0);
-                        im2col(xn, g, oy0, oy1, &mut col, nn);
-                        add_weight_grad(&mut dwt, &col, dy_tile, nn, p);
-                    }
-                    if let Some(d) = dxn.as_deref_mut() {
-                        dcol.resize(k * nn, 0.0);
-                        let wt = wt.as_ref().unwrap();
-                        wt.mul(nn, &mut dcol, nn, false, dy_tile, p, 1, threads);
-                        col2im(&mut dcol, g, oy0, oy1, nn, d);
-                    }
-                }
+                continue;
             }
-            (dwt, db)
-        })
-        .collect();
-    let dw = need_dw.then(|| {
-        if transposed {
-            let parts: Vec<&[f32]> = partials.iter().map(|t| t.0.as_slice()).collect();
-            sum_transposed_in_order(&parts, k, cout)
-        } else {
-            sum_in_order(partials.iter().map(|t| &t.0))
+            for oy0 in (0..ho).step_by(rows) {
+                let oy1 = (oy0 + rows).min(ho);
+                let n = (oy1 - oy0) * wo;
+                let fill = |c: &mut [f32], ld: usize| im2col(image(i), &gs, oy0, oy1, c, ld);
+                let fill16 = |h: &mut [u16], ld: usize| im2col_bf16(image(i), &gs, oy0, oy1, h, ld);
+                product(dw, &dyi[oy0 * wo..], p, n, &fill, &fill16);
+            }
         }
     });
-    let db = need_db.then(|| sum_in_order(partials.iter().map(|t| &t.1)));
-    (dx, dw, db)
+    let dw = if transposed {
+        sum_transposed_in_order(&[&dw], k, cout)
+    } else {
+        dw
+    };
+    (Some(dw), db)
 }
 
 #[cfg(test)]
