@@ -3,7 +3,9 @@
 //! product, after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` and the AMX tile
 //! block where the CPU has them), and ranks the layers by their share of the time:
 //! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [MODEL] [SIZE] [BATCH]`
-//! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64).
+//! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64). `CONV_LAYERS_ONLY=TEXT` times only
+//! the layers whose description (`512->512 4px 3x3/1`) contains `TEXT`; `CONV_LAYERS_REPEAT=
+//! fwd|dw|dx` runs only that product of each layer, 30 times and untimed, for `perf record`.
 use convlab::kernels::Precision;
 use convlab::kernels::conv::{ConvGeom, conv2d_backward, conv2d_forward};
 use convlab::kernels::plan::{Cpu, plan};
@@ -143,6 +145,15 @@ fn layers(net: &str, size: usize, batch: usize, precision: Precision) -> Vec<Lay
 }
 
 fn main() {
+    // The binary's allocator settings (`src/main.rs`): freed blocks stay on the heap, so a
+    // layer's fresh output is not page-faulted in from the kernel on every call, which made
+    // up a fifth of the samples of some layers here and is not what `convlab` pays.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: allocator tuning before any thread starts or any large block is allocated.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
     let mut args = std::env::args().skip(1);
     let threads: usize = args.next().map_or(2, |s| s.parse().unwrap());
     let precision: Precision = args
@@ -166,6 +177,8 @@ fn main() {
         .unwrap();
     let (mut tf, mut tb, mut fl) = (0.0, 0.0, 0.0);
     let cpu = Cpu::detect();
+    let only = std::env::var("CONV_LAYERS_ONLY").ok();
+    let repeat = std::env::var("CONV_LAYERS_REPEAT").ok();
     let mut rows = Vec::new();
     for Layer {
         geom: g,
@@ -174,6 +187,10 @@ fn main() {
     } in layers(&net, size, batch, precision)
     {
         let (cin, cout, hw, kernel, stride) = (g.cin, g.cout, g.h, g.kh, g.stride[0]);
+        let name = format!("{cin}->{cout} {hw}px {kernel}x{kernel}/{stride}");
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let p = plan(&g, cpu);
         let x = vec![0.5f32; batch * cin * hw * hw];
         let w = vec![0.01f32; cout * g.k()];
@@ -191,11 +208,23 @@ fn main() {
                 })
                 .fold(f64::INFINITY, f64::min)
         };
+        let backward_once = |need: [bool; 3]| conv2d_backward(&x, &w, &y, &g, need);
         let backward = |need: [bool; 3]| {
             time(&|| {
                 std::hint::black_box(conv2d_backward(&x, &w, &y, &g, need));
             })
         };
+        if let Some(part) = repeat.as_deref() {
+            for _ in 0..30 {
+                match part {
+                    "fwd" => drop(std::hint::black_box(conv2d_forward(&x, &w, None, &g))),
+                    "dw" => drop(std::hint::black_box(backward_once([false, true, false]))),
+                    "dx" => drop(std::hint::black_box(backward_once([true, false, false]))),
+                    other => panic!("CONV_LAYERS_REPEAT={other}: expected fwd, dw or dx"),
+                }
+            }
+            continue;
+        }
         let f = time(&|| {
             std::hint::black_box(conv2d_forward(&x, &w, None, &g));
         });
@@ -219,10 +248,10 @@ fn main() {
         tf += f * n;
         tb += b * n;
         fl += (flops + bfl) * n;
-        rows.push((
-            format!("{cin}->{cout} {hw}px {kernel}x{kernel}/{stride}"),
-            (f + b) * n,
-        ));
+        rows.push((name, (f + b) * n));
+    }
+    if repeat.is_some() {
+        return;
     }
     let total = tf + tb;
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -145,6 +145,21 @@ pub fn conv2d_backward(
     (dx, dw, db)
 }
 
+/// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient as a
+/// convolution ([`ConvGeom::input_grad`]). Written in order, each source row of taps read
+/// `C_in · kh · kw` floats apart (scattered writes were the slower order).
+pub(super) fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut out = Vec::with_capacity(w.len());
+    for c in 0..g.cin {
+        for o in 0..g.cout {
+            let src = &w[(o * g.cin + c) * taps..][..taps];
+            out.extend(src.iter().rev());
+        }
+    }
+    out
+}
+
 /// Deterministic test values in [-1, 1), different for each seed.
 #[cfg(test)]
 pub(super) fn test_data(len: usize, seed: u32) -> Vec<f32> {
@@ -226,6 +241,9 @@ mod tests {
             // groups of two and an odd last one, stride 1 and 2.
             g(7, 1, 2, 2, 2, [3, 3], 1, 1),
             g(5, 2, 4, 4, 3, [3, 3], 2, 1),
+            // 512 input channels: im2col's fp32 input gradient as the forward convolution of
+            // `dY` with the rotated kernel (bf16 takes that route at any width).
+            g(2, 512, 3, 4, 3, [3, 3], 1, 1),
         ]
     }
 

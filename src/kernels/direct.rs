@@ -875,20 +875,6 @@ fn forward_with(
     )
 }
 
-/// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient.
-fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
-    let taps = g.kh * g.kw;
-    let mut out = vec![0.0f32; w.len()];
-    for o in 0..g.cout {
-        for c in 0..g.cin {
-            for t in 0..taps {
-                out[(c * g.cout + o) * taps + taps - 1 - t] = w[(o * g.cin + c) * taps + t];
-            }
-        }
-    }
-    out
-}
-
 /// Gradients of [`forward`] given `dy`: `(dx, dw, db)`, each when asked for. Images are split in
 /// contiguous blocks, one per thread, and the partial weight gradients summed in block order,
 /// so a thread count gives bit-identical results.
@@ -909,7 +895,16 @@ fn backward_with(
         "direct convolution of {g:?}"
     );
     let [need_dx, need_dw, need_db] = need;
-    let dx = need_dx.then(|| forward_with(dy, &rotated(w, g), None, &g.input_grad(), isa, false));
+    let dx = need_dx.then(|| {
+        forward_with(
+            dy,
+            &super::conv::rotated(w, g),
+            None,
+            &g.input_grad(),
+            isa,
+            false,
+        )
+    });
     if !need_dw && !need_db {
         return (dx, None, None);
     }

@@ -200,16 +200,31 @@ pub(super) fn sum_transposed_in_order(parts: &[&[f32]], rows: usize, cols: usize
         |out, t| {
             let c0 = t * TILE_C;
             let width = out.len() / rows.max(1);
-            // Row by row of the parts: each reads one cache line of 16 columns per part and
-            // writes 16 output rows in order.
-            for r in 0..rows {
-                let at = r * cols + c0;
-                for c in 0..width {
-                    let mut v = first[at + c];
-                    for part in rest {
-                        v += part[at + c];
+            // 16 x 16 blocks: 16 rows of the parts (one cache line of 16 columns each, read
+            // once), written as 16 runs of 16 output values (whole cache lines). Writing one
+            // output value per row read, `rows` floats apart, stalled on every store: 21% of
+            // the weight gradient of resnet18's 512 -> 512 layers at 4 px in bf16 (Zen 4,
+            // `perf record` of `conv_layers 2 bf16 resnet18 128 32` on that layer's dW).
+            let mut block = [[0.0f32; TILE_C]; TILE_C];
+            for r0 in (0..rows).step_by(TILE_C) {
+                let r1 = (r0 + TILE_C).min(rows);
+                for (r, b) in (r0..r1).zip(block.iter_mut()) {
+                    let at = r * cols + c0;
+                    if width == TILE_C {
+                        // A fixed length: two vector moves instead of a call to memmove.
+                        *b = first[at..at + TILE_C].try_into().unwrap();
+                    } else {
+                        b[..width].copy_from_slice(&first[at..at + width]);
                     }
-                    out[c * rows + r] = v;
+                    for part in rest {
+                        b.iter_mut()
+                            .zip(&part[at..at + width])
+                            .for_each(|(v, p)| *v += p);
+                    }
+                }
+                for c in 0..width {
+                    let dst = &mut out[c * rows + r0..c * rows + r1];
+                    dst.iter_mut().zip(&block).for_each(|(d, b)| *d = b[c]);
                 }
             }
         },

@@ -467,7 +467,24 @@ pub fn im2col_backward(
         "conv2d output-gradient length"
     );
     let [need_dx, need_dw, need_db] = need;
-    let dx = need_dx.then(|| input_grad(w, dy, g));
+    let dx = need_dx.then(|| {
+        let wide = g.precision == super::Precision::Bf16 || g.cin >= 512;
+        if wide && g.stride == [1, 1] && !g.is_pointwise() && g.pad[0] < g.kh && g.pad[1] < g.kw {
+            // A stride-1 input gradient is the forward convolution of `dY` with the rotated
+            // kernel: im2col copies into a `[C_out·kh·kw, P]` column matrix and the GEMM's
+            // output is `dX` itself, where `Wᵀ · dY` wrote a `[K, P]` column gradient (4.7 MB
+            // per thread for resnet18's 512 -> 512 layers at 4 px) that col2im then added up
+            // tap by tap. Measured on Zen 4 (`CONV_LAYERS_ONLY=3x3/1 cargo run --release
+            // --example conv_layers 2 fp32|bf16 MODEL SIZE BATCH`, two alternated pairs): in
+            // bf16 dx fell 15.0/22.2 -> 12.5/13.1 ms (resnet18 512 -> 512 at 4 px, batch 32),
+            // 21.0/19.0 -> 17.5/17.4 (resnet50 512 -> 512 at 7 px, batch 16), 2.2/1.8 ->
+            // 2.1/1.6 (resnet18_small 128 -> 128 at 4 px, batch 64); in fp32 17.0/20.7 ->
+            // 13.9/17.1, 26.7/23.2 -> 26.6/25.2 and 1.9/2.3 -> 2.4/2.5: fp32 keeps col2im
+            // below 512 channels.
+            return im2col_forward(dy, &super::conv::rotated(w, g), None, &g.input_grad());
+        }
+        input_grad(w, dy, g)
+    });
     let (dw, db) = if need_dw || need_db {
         weight_grad(x, dy, g, need_dw, need_db)
     } else {
@@ -598,8 +615,23 @@ fn weight_grad(
     let range = |t: usize| t * split / parts..(t + 1) * split / parts;
     let row_len = if transposed { taps * cout } else { k };
     let lens: Vec<usize> = (0..parts).map(|t| range(t).len() * row_len).collect();
-    let (rows, group) = (g.tile_rows(), g.images_per_gemm());
     let bf16 = g.precision == super::Precision::Bf16;
+    let (mut rows, mut group) = (g.tile_rows(), g.images_per_gemm());
+    if transposed && bf16 && !g.is_pointwise() {
+        // Tiles of at most one packed block of positions, so that im2col writes the column
+        // matrix as bf16 straight into the packed operand (`PackedLhs::from_rows`) instead
+        // of an f32 matrix that the GEMM reads again to round and pack. On AVX512-BF16 the
+        // block is 256 positions, and a 512-position group or a 32-row band never took that
+        // path: resnet18's 512 -> 512 layers at 4 px, 128 px input, batch 32, 2 threads, Zen 4
+        // (`CONV_LAYERS_ONLY=512->512 cargo run --release --example conv_layers 2 bf16
+        // resnet18 128 32`): dW 22.6 -> see BENCHMARKS.md.
+        let max = super::bf16::PackedLhs::max_row_len();
+        if group > 1 {
+            group = group.min((max / p).max(1));
+        } else if g.wo() <= max {
+            rows = rows.min(max / g.wo());
+        }
+    }
     let dw = par_zeroed_parts(&lens, |t, dw| {
         let r = range(t);
         // This part's geometry (its input channels, or all of them), its first input channel,
