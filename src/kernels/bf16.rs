@@ -250,12 +250,6 @@ impl PackedLhs {
         Some(PackedLhs { m, k, amx, words })
     }
 
-    /// The most columns [`Self::from_rows`] packs: one block of `K` on this CPU's kernel (256
-    /// for `VDPBF16PS`, 1024 on the AMX tiles).
-    pub fn max_row_len() -> usize {
-        kc(super::amx::enabled())
-    }
-
     /// Gives the storage back to this thread for the next packed operand.
     pub fn recycle(self) {
         LHS_WORDS.set(self.words);

@@ -615,23 +615,8 @@ fn weight_grad(
     let range = |t: usize| t * split / parts..(t + 1) * split / parts;
     let row_len = if transposed { taps * cout } else { k };
     let lens: Vec<usize> = (0..parts).map(|t| range(t).len() * row_len).collect();
+    let (rows, group) = (g.tile_rows(), g.images_per_gemm());
     let bf16 = g.precision == super::Precision::Bf16;
-    let (mut rows, mut group) = (g.tile_rows(), g.images_per_gemm());
-    if transposed && bf16 && !g.is_pointwise() {
-        // Tiles of at most one packed block of positions, so that im2col writes the column
-        // matrix as bf16 straight into the packed operand (`PackedLhs::from_rows`) instead
-        // of an f32 matrix that the GEMM reads again to round and pack. On AVX512-BF16 the
-        // block is 256 positions, and a 512-position group or a 32-row band never took that
-        // path: resnet18's 512 -> 512 layers at 4 px, 128 px input, batch 32, 2 threads, Zen 4
-        // (`CONV_LAYERS_ONLY=512->512 cargo run --release --example conv_layers 2 bf16
-        // resnet18 128 32`): dW 22.6 -> see BENCHMARKS.md.
-        let max = super::bf16::PackedLhs::max_row_len();
-        if group > 1 {
-            group = group.min((max / p).max(1));
-        } else if g.wo() <= max {
-            rows = rows.min(max / g.wo());
-        }
-    }
     let dw = par_zeroed_parts(&lens, |t, dw| {
         let r = range(t);
         // This part's geometry (its input channels, or all of them), its first input channel,
