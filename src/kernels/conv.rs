@@ -241,6 +241,9 @@ mod tests {
             // groups of two and an odd last one, stride 1 and 2.
             g(7, 1, 2, 2, 2, [3, 3], 1, 1),
             g(5, 2, 4, 4, 3, [3, 3], 2, 1),
+            // A pointwise layer on small maps, grouped like the others (the weight gradient
+            // per image).
+            g(5, 3, 2, 2, 4, [1, 1], 1, 0),
             // 512 input channels: im2col's fp32 input gradient as the forward convolution of
             // `dY` with the rotated kernel (bf16 takes that route at any width).
             g(2, 512, 3, 4, 3, [3, 3], 1, 1),
@@ -250,7 +253,7 @@ mod tests {
     #[test]
     fn small_outputs_are_grouped() {
         let grouped: Vec<usize> = geoms().iter().map(|g| g.images_per_gemm()).collect();
-        assert_eq!(grouped.iter().filter(|&&n| n > 1).count(), 2, "{grouped:?}");
+        assert_eq!(grouped.iter().filter(|&&n| n > 1).count(), 3, "{grouped:?}");
     }
 
     /// bf16 convolutions are the f32 ones on bf16-rounded operands (bias and sums stay f32), in
