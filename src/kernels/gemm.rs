@@ -202,9 +202,9 @@ pub(super) fn sum_transposed_in_order(parts: &[&[f32]], rows: usize, cols: usize
             let width = out.len() / rows.max(1);
             // 16 x 16 blocks: 16 rows of the parts (one cache line of 16 columns each, read
             // once), written as 16 runs of 16 output values (whole cache lines). Writing one
-            // output value per row read, `rows` floats apart, stalled on every store: 21% of
-            // the weight gradient of resnet18's 512 -> 512 layers at 4 px in bf16 (Zen 4,
-            // `perf record` of `conv_layers 2 bf16 resnet18 128 32` on that layer's dW).
+            // output value per row read, `rows` floats apart, stalled on every store: about a
+            // fifth of the weight gradient of resnet18's 512 -> 512 layers at 4 px in bf16,
+            // 2% after (Zen 4, BENCHMARKS.md "Zen 4 at photo sizes").
             let mut block = [[0.0f32; TILE_C]; TILE_C];
             for r0 in (0..rows).step_by(TILE_C) {
                 let r1 = (r0 + TILE_C).min(rows);

@@ -476,8 +476,13 @@ pub fn im2col_backward(
     );
     let [need_dx, need_dw, need_db] = need;
     let dx = need_dx.then(|| {
-        let wide = g.precision == super::Precision::Bf16 || g.cin >= 512;
-        if wide && g.stride == [1, 1] && !g.is_pointwise() && g.pad[0] < g.kh && g.pad[1] < g.kw {
+        let as_forward = g.precision == super::Precision::Bf16 || g.cin >= 512;
+        if as_forward
+            && g.stride == [1, 1]
+            && !g.is_pointwise()
+            && g.pad[0] < g.kh
+            && g.pad[1] < g.kw
+        {
             // A stride-1 input gradient is the forward convolution of `dY` with the rotated
             // kernel: im2col copies into a `[C_out·kh·kw, P]` column matrix and the GEMM's
             // output is `dX` itself, where `Wᵀ · dY` wrote a `[K, P]` column gradient (4.7 MB
