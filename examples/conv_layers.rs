@@ -165,6 +165,15 @@ fn main() {
     let batch: usize = args.next().map_or(64, |s| s.parse().unwrap());
     let amx = convlab::kernels::parse_amx(std::env::var("CONVLAB_AMX").ok().as_deref()).unwrap();
     convlab::kernels::amx::allow(amx);
+    let only = std::env::var("CONV_LAYERS_ONLY").ok();
+    let repeat = std::env::var("CONV_LAYERS_REPEAT").ok();
+    if let Some(other) = repeat
+        .as_deref()
+        .filter(|r| !["fwd", "dw", "dx"].contains(r))
+    {
+        eprintln!("CONV_LAYERS_REPEAT={other}: expected fwd, dw or dx");
+        std::process::exit(2);
+    }
     #[cfg(target_arch = "x86_64")]
     peaks();
     println!(
@@ -177,8 +186,6 @@ fn main() {
         .unwrap();
     let (mut tf, mut tb, mut fl) = (0.0, 0.0, 0.0);
     let cpu = Cpu::detect();
-    let only = std::env::var("CONV_LAYERS_ONLY").ok();
-    let repeat = std::env::var("CONV_LAYERS_REPEAT").ok();
     let mut rows = Vec::new();
     for Layer {
         geom: g,
@@ -220,7 +227,7 @@ fn main() {
                     "fwd" => drop(std::hint::black_box(conv2d_forward(&x, &w, None, &g))),
                     "dw" => drop(std::hint::black_box(backward_once([false, true, false]))),
                     "dx" => drop(std::hint::black_box(backward_once([true, false, false]))),
-                    other => panic!("CONV_LAYERS_REPEAT={other}: expected fwd, dw or dx"),
+                    _ => unreachable!("checked at start"),
                 }
             }
             continue;
