@@ -218,7 +218,7 @@ fn main() {
         let backward_once = |need: [bool; 3]| conv2d_backward(&x, &w, &y, &g, need);
         let backward = |need: [bool; 3]| {
             time(&|| {
-                std::hint::black_box(conv2d_backward(&x, &w, &y, &g, need));
+                std::hint::black_box(backward_once(need));
             })
         };
         if let Some(part) = repeat.as_deref() {
@@ -256,6 +256,10 @@ fn main() {
         tb += b * n;
         fl += (flops + bfl) * n;
         rows.push((name, (f + b) * n));
+    }
+    if let (Some(o), true) = (only.as_deref(), rows.is_empty() && repeat.is_none()) {
+        eprintln!("CONV_LAYERS_ONLY={o}: no convolution of {net} at {size} px matches");
+        std::process::exit(2);
     }
     if repeat.is_some() {
         return;

@@ -146,8 +146,7 @@ pub fn conv2d_backward(
 }
 
 /// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient as a
-/// convolution ([`ConvGeom::input_grad`]). Written in order, each source row of taps read
-/// `C_in · kh · kw` floats apart (scattered writes were the slower order).
+/// convolution ([`ConvGeom::input_grad`]), written in order.
 pub(super) fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
     let taps = g.kh * g.kw;
     let mut out = Vec::with_capacity(w.len());

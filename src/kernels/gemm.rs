@@ -211,7 +211,9 @@ pub(super) fn sum_transposed_in_order(parts: &[&[f32]], rows: usize, cols: usize
                 for (r, b) in (r0..r1).zip(block.iter_mut()) {
                     let at = r * cols + c0;
                     if width == TILE_C {
-                        // A fixed length: two vector moves instead of a call to memmove.
+                        // A constant length: copied inline, where a variable-length copy is a
+                        // memmove call per row (memmove 7.7% -> 4.5% of the samples of the
+                        // 512 -> 512 4 px bf16 weight gradient, `CONV_LAYERS_REPEAT=dw`).
                         *b = first[at..at + TILE_C].try_into().unwrap();
                     } else {
                         b[..width].copy_from_slice(&first[at..at + width]);
