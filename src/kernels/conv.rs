@@ -11,7 +11,7 @@ pub(super) use super::gemm::{image_blocks, sum_in_order};
 use super::im2col::im2col_forward_act;
 pub use super::im2col::{im2col_backward, im2col_forward};
 use super::plan::{Algo, Cpu, plan};
-use super::{direct, winograd};
+use super::{direct, nhwc, winograd};
 
 /// The geometry of one convolution (no groups, no dilation, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,7 @@ pub fn conv2d_forward_act(
             winograd::forward_act(x, &u, bias, g, relu)
         }
         Algo::Direct => direct::forward_act(x, w, bias, g, relu),
+        Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
         Algo::Im2col => im2col_forward_act(x, w, bias, g, relu),
     }
 }
@@ -138,6 +139,7 @@ pub fn conv2d_backward(
         Algo::Direct => direct::backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),
+        Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
         Algo::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),
@@ -246,6 +248,10 @@ mod tests {
             // 512 input channels: im2col's fp32 input gradient as the forward convolution of
             // `dY` with the rotated kernel (bf16 takes that route at any width).
             g(2, 512, 3, 4, 3, [3, 3], 1, 1),
+            // 1152+ products per output: bf16 on AVX512-BF16 takes the channels-last kernel
+            // (forward and input gradient; forward only at stride 2).
+            g(2, 128, 4, 5, 128, [3, 3], 1, 1),
+            g(3, 130, 5, 6, 32, [3, 3], 2, 1),
         ]
     }
 

@@ -19,6 +19,7 @@ pub mod direct;
 mod flex;
 mod gemm;
 pub mod im2col;
+pub mod nhwc;
 pub mod norm;
 pub mod plan;
 pub mod pool;

@@ -1,12 +1,15 @@
 //! The kernel plan: for one convolution's geometry and precision on one CPU, which algorithm
 //! computes the forward pass, the input gradient and the weight (and bias) gradient. This is
-//! the only place the choice is made: [`super::conv`] dispatches on [`plan`]'s answer,
-//! [`super::winograd::fits`] and [`super::direct::fits`] only say which geometries each
-//! algorithm computes, and `tests/kernel_plan.rs` pins the choice for every convolution of
+//! the only place the choice is made: [`super::conv`] dispatches on [`plan`]'s answer;
+//! [`super::winograd::fits`], [`super::direct::fits`] and [`super::nhwc::fits`] only say which
+//! geometries each algorithm computes, and `tests/kernel_plan.rs` pins the choice for every convolution of
 //! every registered model (at its default input size and at 128 and 224 px).
 //!
 //! The rules, each measured (the numbers are beside [`super::winograd::applies`],
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
+//! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
+//!   the stride-1 input gradient of layers with 1152+ products per output and at least two
+//!   taps, in place of im2col, and of Winograd on maps up to 14 px;
 //! - forward: Winograd F(2x2, 3x3) where it fits, except layers of fewer than 64 input
 //!   channels that the direct kernels take in bf16 or with AVX-512 tiles; else the direct
 //!   kernels where they fit and the CPU has AVX2 or AVX-512; else im2col + GEMM. In bf16 on
@@ -18,7 +21,7 @@
 
 use super::Precision;
 use super::conv::ConvGeom;
-use super::{direct, winograd};
+use super::{direct, nhwc, winograd};
 
 /// A convolution algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +32,8 @@ pub enum Algo {
     Direct,
     /// im2col + GEMM ([`super::conv`]), any geometry.
     Im2col,
+    /// The channels-last bf16 direct convolution ([`super::nhwc`]).
+    ChannelsLast,
 }
 
 impl Algo {
@@ -37,6 +42,7 @@ impl Algo {
             Algo::Winograd => "winograd",
             Algo::Direct => "direct",
             Algo::Im2col => "im2col",
+            Algo::ChannelsLast => "nhwc",
         }
     }
 }
@@ -94,14 +100,20 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     let direct = cpu.tiles != Tiles::None && direct::fits(g) && (fp32 || !cpu.amx);
     let winograd =
         winograd::fits(g) && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512));
-    let forward = if winograd {
+    let forward = if channels_last(g, cpu, winograd, direct) {
+        Algo::ChannelsLast
+    } else if winograd {
         Algo::Winograd
     } else if direct {
         Algo::Direct
     } else {
         Algo::Im2col
     };
-    let input_grad = if winograd {
+    let input_grad = if g.stride == [1, 1]
+        && channels_last(&g.input_grad(), cpu, winograd, direct && g.cin >= 16)
+    {
+        Algo::ChannelsLast
+    } else if winograd {
         Algo::Winograd
     } else if direct && g.cin >= 16 {
         Algo::Direct
@@ -118,6 +130,30 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         input_grad,
         weight_grad,
     }
+}
+
+/// Whether the channels-last bf16 kernel computes `g` (a forward convolution, or the one that
+/// gives a stride-1 layer's input gradient): bf16 on AVX512-BF16 without AMX, at least two
+/// taps and 1152 products per output (`C_in·kh·kw`, 128 channels of a 3x3), and a map no
+/// wider than 14 px where Winograd would run; never in place of the direct kernels (not
+/// measured against them). Measured against the algorithm it replaces
+/// (resnet18 at 224 and 128 px, batch 32, 2 threads, Zen 4, `conv_layers 2 bf16 resnet18 224
+/// 32`, two alternated runs, forward ms): 512 -> 512 at 7 px 28.8-29.2 -> 19.7-19.8 (im2col),
+/// 256 -> 256 at 14 px 24.9 -> 18.7-19.4 (Winograd), 256 -> 512 stride 2 at 14 px 15.5-16.0
+/// -> 10.7-11.0, 128 -> 256 stride 2 at 28 px 12.1-12.6 -> 11.2-11.5, 512 -> 512 at 4 px 9.7
+/// -> 8.0. It lost where it is not used: 64-channel inputs (64 -> 128 stride 2 at 32 px, 4.9
+/// -> 6.4: too few products per output for its per-tile stores), 1x1 layers (2.2 -> 6.7 ms
+/// at 56 px: the whole image is copied for one tap) and Winograd's 28-56 px maps (128 ->
+/// 128 at 28 px 13.7-15.1 -> 19.6); at 8 px the two were within the VM's noise (5.2-8.3 vs
+/// 6.4-7.2).
+fn channels_last(g: &ConvGeom, cpu: Cpu, winograd: bool, direct: bool) -> bool {
+    g.precision == Precision::Bf16
+        && !cpu.amx
+        && cpu.tiles == Tiles::Avx512
+        && nhwc::fits(g)
+        && g.kh * g.kw > 1
+        && g.k() >= 1152
+        && if winograd { g.wo() <= 14 } else { !direct }
 }
 
 #[cfg(test)]
@@ -164,7 +200,7 @@ mod tests {
         }
     }
 
-    use Algo::{Direct as D, Im2col as I, Winograd as W};
+    use Algo::{ChannelsLast as C, Direct as D, Im2col as I, Winograd as W};
 
     #[test]
     fn the_rules_on_typical_layers() {
@@ -190,6 +226,21 @@ mod tests {
         assert_eq!(plan(&geom(64, 128, 56, 3, 2), AVX512), p(I, I, I));
         assert_eq!(plan(&geom(64, 256, 56, 1, 1), AVX512), p(I, I, I));
         assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX512), p(I, I, I));
+        // bf16 on AVX512-BF16 without AMX: the channels-last kernel for 3x3 layers of 128+
+        // input channels on maps up to 14 px and for their stride-2 layers (forward; the
+        // input gradient where the stride is 1); not for 1x1 layers, 64-channel inputs,
+        // Winograd's wider maps, or on AMX.
+        let b = |g: ConvGeom| ConvGeom {
+            precision: Precision::Bf16,
+            ..g
+        };
+        assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AVX512), p(C, C, I));
+        assert_eq!(plan(&b(geom(256, 256, 14, 3, 1)), AVX512), p(C, C, I));
+        assert_eq!(plan(&b(geom(128, 256, 28, 3, 2)), AVX512), p(C, I, I));
+        assert_eq!(plan(&b(geom(128, 128, 28, 3, 1)), AVX512), p(W, W, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, I));
+        assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
+        assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(I, I, I));
         // Without AVX2 the direct kernels never run.
         assert_eq!(plan(&geom(16, 16, 32, 3, 1), PLAIN), p(I, I, I));
         assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W, W, I));

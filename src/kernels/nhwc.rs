@@ -1,0 +1,336 @@
+//! A channels-last direct convolution in bf16 (AVX512-BF16): no im2col buffer, no packed `B`
+//! panels, any stride.
+//!
+//! Each image is copied once into a zero-padded channels-last buffer of bf16 channel pairs
+//! (`[H_p, W_p, C_in / 2]` words, [`super::bf16::pair`]). Output position `q` of tap `(i, j)`
+//! then reads the `C_in / 2` consecutive words at `base(q) + (i·W_p + j)·C_in/2`, so the
+//! convolution is a GEMM `Y[q][o] = Σ_{tap, c} X[q][tap, c] · W[tap, c][o]` whose left operand
+//! is read in place (the indirect convolution of Dukhan 2019, "The Indirect Convolution
+//! Algorithm", with one base pointer per output position and one offset per tap). The register
+//! tile is the bf16 GEMM's ([`super::bf16`]): 6 output positions x 64 output channels, one
+//! broadcast channel pair per position and four weight vectors per step, `VDPBF16PS` summing
+//! in f32; every tap and channel of a tile is summed in registers before one store.
+//!
+//! This is the layout oneDNN's bf16 convolutions use (channels-last activations). Against
+//! im2col + the bf16 GEMM it skips the `K x N` column matrix (9x the image for a 3x3), its
+//! f32 -> bf16 packing per panel and the narrow panels of an `N` that is not a multiple of
+//! 64 (490 columns for ten 7x7 maps); against Winograd it does 2.25x the multiplies but no
+//! transforms.
+//!
+//! # Shapes
+//! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`,
+//! `y: [B, C_out, H_out, W_out]` (NCHW at the boundary, as everywhere in [`super::conv`]);
+//! `C_in` even and `C_out` a multiple of 16 ([`fits`]).
+
+use super::bf16::pair;
+use super::buf::par_zeroed_parts;
+use super::conv::{ConvGeom, image_blocks};
+
+/// Output positions per register tile.
+const TILE: usize = 6;
+/// Output channels per weight block: four 16-lane vectors (the last block may be narrower).
+const BLOCK: usize = 64;
+const LANES: usize = 16;
+/// Padded channels-last words per group of images convolved together (4 MiB): every weight
+/// block sweeps a group, so at small maps, where the weights outweigh the images, a larger
+/// group re-reads them less. 1 Mi words against 64 Ki (resnet18 at 128 px, batch 32,
+/// 2 threads, Zen 4, `conv_layers 2 bf16 resnet18 128 32`): forward of the 4 px 512 -> 512
+/// layer 10.0 -> 8.0 ms, the 8 px 256 -> 512 stride-2 one 5.3 -> 4.3 ms.
+#[cfg(not(test))]
+const GROUP_WORDS: usize = 1 << 20;
+#[cfg(test)]
+const GROUP_WORDS: usize = 256;
+
+/// Whether the kernel computes `g`: channel pairs and whole vectors of output channels.
+pub fn fits(g: &ConvGeom) -> bool {
+    g.cin.is_multiple_of(2) && g.cout.is_multiple_of(LANES) && g.cin >= 16
+}
+
+/// Padded channels-last geometry of one image: `(H_p, W_p, C_in / 2)`.
+fn padded(g: &ConvGeom) -> (usize, usize, usize) {
+    (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1], g.cin / 2)
+}
+
+/// The weights as `[C_out / 64 blocks][taps][C_in / 2][width]` pair words, `width` 64 except
+/// for a narrower last block: block `o0`'s word `(t, p, o)` is `(w[o0 + o][2p][t],
+/// w[o0 + o][2p + 1][t])`.
+fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<u32> {
+    use rayon::prelude::*;
+    let (taps, kp) = (g.kh * g.kw, g.cin / 2);
+    let mut out = vec![0u32; g.cout * taps * kp];
+    // One block per task (4.7 MB of weights for 512 -> 512 3x3, a third of the layer's time
+    // at 4 px when one thread packed them), each in the order `w` is stored: walking the packed
+    // order instead read `w` 18 KB apart (7% of the layer's forward samples at 7 px).
+    out.par_chunks_mut(BLOCK * taps * kp)
+        .zip(w.par_chunks(BLOCK * g.cin * taps))
+        .for_each(|(block, wb)| {
+            let width = wb.len() / (g.cin * taps);
+            let halves: &mut [u16] = bytemuck::cast_slice_mut(block);
+            for (o, wo) in wb.chunks_exact(g.cin * taps).enumerate() {
+                for (c, wc) in wo.chunks_exact(taps).enumerate() {
+                    for (t, &v) in wc.iter().enumerate() {
+                        let word = (t * kp + c / 2) * width + o;
+                        halves[2 * word + c % 2] = super::bf16::round_bits(v) as u16;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// `count` images of `x` (NCHW f32) into `xq` as zero-padded channels-last bf16 pairs.
+fn pad_pack(x: &[f32], count: usize, g: &ConvGeom, xq: &mut [u32]) {
+    let (hp, wp, kp) = padded(g);
+    let (plane, in_len) = (g.h * g.w, g.in_len());
+    xq.fill(0);
+    for n in 0..count {
+        let xn = &x[n * in_len..][..in_len];
+        for y in 0..g.h {
+            for xx in 0..g.w {
+                let dst = &mut xq[((n * hp + y + g.pad[0]) * wp + xx + g.pad[1]) * kp..][..kp];
+                let at = y * g.w + xx;
+                for (p, d) in dst.iter_mut().enumerate() {
+                    *d = pair(xn[2 * p * plane + at], xn[(2 * p + 1) * plane + at]);
+                }
+            }
+        }
+    }
+}
+
+/// Forward convolution (`y = conv(x, w) + bias`, then `max(·, 0)` when `relu`), products in
+/// bf16 and sums in f32.
+///
+/// # Panics
+/// When the CPU has no AVX512-BF16, `g` does not [`fits`], or a slice's length does not match
+/// `g`.
+pub fn forward_act(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
+    assert!(
+        super::bf16::available(),
+        "the channels-last bf16 convolution needs AVX512-BF16"
+    );
+    assert!(fits(g), "channels-last convolution of {g:?}");
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), g.cout, "conv2d bias length");
+    }
+    let wq = pack_weights(w, g);
+    let (hp, wp, kp) = padded(g);
+    let per_image = hp * wp * kp;
+    let blocks = image_blocks(g.batch);
+    let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
+    par_zeroed_parts(&lens, |t, y| {
+        let images = blocks[t].clone();
+        let group = (GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
+        let mut xq = vec![0u32; group * per_image];
+        for first in images.clone().step_by(group) {
+            let count = group.min(images.end - first);
+            let xq = &mut xq[..count * per_image];
+            pad_pack(&x[first * g.in_len()..], count, g, xq);
+            let at = (first - images.start) * g.out_len();
+            product(
+                &wq,
+                xq,
+                count,
+                g,
+                bias,
+                relu,
+                &mut y[at..][..count * g.out_len()],
+            );
+        }
+    })
+}
+
+/// `y` (NCHW, `count` images) from the padded channels-last images `xq` and packed weights.
+fn product(
+    wq: &[u32],
+    xq: &[u32],
+    count: usize,
+    g: &ConvGeom,
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let (hp, wp, kp) = padded(g);
+    let (wo, p) = (g.wo(), g.p());
+    let taps = g.kh * g.kw;
+    let offs: Vec<usize> = (0..taps)
+        .map(|t| ((t / g.kw) * wp + t % g.kw) * kp)
+        .collect();
+    let total = count * p;
+    // The word where output position `q`'s window starts.
+    let base = |q: usize| {
+        let (n, r) = (q / p, q % p);
+        ((n * hp + (r / wo) * g.stride[0]) * wp + (r % wo) * g.stride[1]) * kp
+    };
+    assert!(total == 0 || base(total - 1) + offs[taps - 1] + kp <= xq.len());
+    assert_eq!(wq.len(), g.cout * taps * kp, "packed weights");
+    assert_eq!(y.len(), count * g.out_len(), "output");
+    let mut c = [[0.0f32; BLOCK]; TILE];
+    for o0 in (0..g.cout).step_by(BLOCK) {
+        let width = BLOCK.min(g.cout - o0);
+        let wb = &wq[o0 * taps * kp..][..width * taps * kp];
+        for q0 in (0..total).step_by(TILE) {
+            let rows = TILE.min(total - q0);
+            // Rows past the last position repeat it (their sums are dropped).
+            let a: [usize; TILE] = std::array::from_fn(|r| base(q0 + r.min(rows - 1)));
+            tile(width / LANES, &a, xq, &offs, kp, wb, &mut c);
+            for (r, cr) in c.iter().enumerate().take(rows) {
+                let (n, pos) = ((q0 + r) / p, (q0 + r) % p);
+                let yn = &mut y[n * g.out_len() + o0 * p + pos..];
+                for (o, &v) in cr[..width].iter().enumerate() {
+                    let v = v + bias.map_or(0.0, |b| b[o0 + o]);
+                    yn[o * p] = if relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    }
+}
+
+/// One register tile: `c[r][o] = Σ_{t, p} xq[a[r] + offs[t] + p] · wb[(t·kp + p)·16V + o]`
+/// for `V = vectors` vectors of output channels.
+fn tile(
+    vectors: usize,
+    a: &[usize; TILE],
+    xq: &[u32],
+    offs: &[usize],
+    kp: usize,
+    wb: &[u32],
+    c: &mut [[f32; BLOCK]; TILE],
+) {
+    let last = offs.last().copied().unwrap_or(0) + kp;
+    assert!(a.iter().all(|&at| at + last <= xq.len()), "tile rows");
+    assert!(
+        wb.len() >= offs.len() * kp * LANES * vectors,
+        "tile weights"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (x, w) = (xq.as_ptr(), wb.as_ptr());
+        let rows: [*const u32; TILE] = std::array::from_fn(|r| x.wrapping_add(a[r]));
+        // SAFETY: `forward_act` asserted AVX512-BF16; the asserts above bound every word the
+        // tile reads (each row's last tap ends within `xq`, `wb` holds every tap's pairs).
+        unsafe {
+            match vectors {
+                4 => tile_bf16::<4>(&rows, offs, kp, w, c),
+                3 => tile_bf16::<3>(&rows, offs, kp, w, c),
+                2 => tile_bf16::<2>(&rows, offs, kp, w, c),
+                1 => tile_bf16::<1>(&rows, offs, kp, w, c),
+                _ => unreachable!("1 to 4 vectors of output channels"),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX512-BF16 is x86-64 only");
+}
+
+/// [`tile`] on `V` vectors of output channels.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; each `a[r]` is valid for `offs[t] + kp` words for every
+/// tap `t`, and `w` for `offs.len() · kp · 16 · V` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16<const V: usize>(
+    a: &[*const u32; TILE],
+    offs: &[usize],
+    kp: usize,
+    w: *const u32,
+    c: &mut [[f32; BLOCK]; TILE],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; TILE];
+    // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
+    // `__m512i` are the same 64 bytes.
+    unsafe {
+        let mut wp = w;
+        for &off in offs {
+            let at: [*const u32; TILE] = std::array::from_fn(|r| a[r].add(off));
+            for p in 0..kp {
+                let wv: [__m512bh; V] = std::array::from_fn(|v| {
+                    std::mem::transmute(_mm512_loadu_si512(wp.add(LANES * v).cast()))
+                });
+                wp = wp.add(LANES * V);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at[r].add(p) as i32));
+                    for v in 0..V {
+                        row[v] = _mm512_dpbf16_ps(row[v], xv, wv[v]);
+                    }
+                }
+            }
+        }
+        for (row, cr) in acc.iter().zip(c.iter_mut()) {
+            for (v, &sum) in row.iter().enumerate() {
+                _mm512_storeu_ps(cr.as_mut_ptr().add(LANES * v), sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Precision;
+    use crate::kernels::conv::test_data as data;
+
+    fn geom(batch: usize, cin: usize, side: usize, cout: usize, k: usize, s: usize) -> ConvGeom {
+        ConvGeom {
+            batch,
+            cin,
+            h: side,
+            w: side + 1,
+            cout,
+            kh: k,
+            kw: k,
+            stride: [s, s],
+            pad: [k / 2, k / 2],
+            precision: Precision::Bf16,
+        }
+    }
+
+    /// The im2col convolution on the same bf16-rounded operands: both sum exact bf16 products
+    /// in f32, in different orders.
+    #[test]
+    fn matches_im2col_in_bf16() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for g in [
+            geom(3, 16, 5, 16, 3, 1),
+            geom(2, 18, 7, 48, 3, 2),
+            geom(5, 32, 3, 80, 1, 1),
+            geom(2, 16, 6, 32, 1, 2),
+            geom(1, 20, 4, 64, 3, 1),
+            geom(4, 16, 9, 128, 5, 2),
+        ] {
+            let x = data(g.batch * g.in_len(), 1);
+            let w = data(g.cout * g.k(), 2);
+            let b = data(g.cout, 3);
+            for relu in [false, true] {
+                let got = forward_act(&x, &w, Some(&b), &g, relu);
+                let want = super::super::im2col::im2col_forward_act(&x, &w, Some(&b), &g, relu);
+                assert_eq!(got.len(), want.len());
+                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "{g:?} [{i}]: {a} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fits_channel_pairs_and_whole_vectors() {
+        assert!(fits(&geom(1, 64, 8, 64, 3, 1)));
+        assert!(!fits(&geom(1, 3, 8, 64, 7, 2)));
+        assert!(!fits(&geom(1, 64, 8, 40, 3, 1)));
+    }
+}
