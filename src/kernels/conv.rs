@@ -128,6 +128,10 @@ pub fn conv2d_backward(
     let rest = [false, need[1], need[2]];
     let (_, dw, db) = match plan.weight_grad {
         Algo::Direct => direct::backward(x, w, dy, g, rest),
+        Algo::ChannelsLast => {
+            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
+            (None, need[1].then(|| nhwc::weight_grad(x, dy, g)), db)
+        }
         _ => im2col_backward(x, w, dy, g, rest),
     };
     let dx = need[0].then(|| match plan.input_grad {
@@ -321,6 +325,38 @@ mod tests {
                 conv2d_forward(&x, &w, None, &g32)
             );
         }
+    }
+
+    /// Where the plan gives the weight gradient to the channels-last kernel (bf16 without
+    /// AMX, stride 1, 28+ px), `conv2d_backward` returns its `dW` and im2col's `db`.
+    #[test]
+    fn channels_last_weight_gradient_is_routed() {
+        use crate::kernels::{Precision, bf16, nhwc};
+        let g = ConvGeom {
+            precision: Precision::Bf16,
+            ..geoms()[0]
+        };
+        let g = ConvGeom {
+            cin: 64,
+            cout: 32,
+            h: 8,
+            w: 28,
+            ..g
+        };
+        if !bf16::available() || plan(&g, Cpu::detect()).weight_grad != Algo::ChannelsLast {
+            eprintln!("skipped: the plan does not use the channels-last weight gradient here");
+            return;
+        }
+        let x = data(g.batch * g.in_len(), 7);
+        let w = data(g.cout * g.k(), 8);
+        let dy = data(g.batch * g.out_len(), 9);
+        let (_, dw, db) = conv2d_backward(&x, &w, &dy, &g, [false, true, true]);
+        assert_eq!(dw.unwrap(), nhwc::weight_grad(&x, &dy, &g));
+        let g32 = ConvGeom {
+            precision: Precision::Fp32,
+            ..g
+        };
+        assert_eq!(db, conv2d_backward(&x, &w, &dy, &g32, [false, false, true]).2);
     }
 
     #[test]

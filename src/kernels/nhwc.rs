@@ -273,6 +273,232 @@ unsafe fn tile_bf16<const V: usize>(
     }
 }
 
+/// Whether [`weight_grad`] computes `g`'s weight gradient: stride 1 (so that consecutive
+/// output positions read consecutive inputs) and whole vectors of output channels.
+pub fn fits_weight_grad(g: &ConvGeom) -> bool {
+    g.stride == [1, 1] && g.cout.is_multiple_of(LANES) && g.pad[0] < g.kh && g.pad[1] < g.kw
+}
+
+/// Position pairs summed in registers per weight-gradient tile before they are added to
+/// `dW`: whole images up to this many `dY` words (512 KiB), so a chunk's `dYᵀ` stays in L2
+/// while every tile of the chunk reads it.
+#[cfg(not(test))]
+const CHUNK_WORDS: usize = 128 << 10;
+#[cfg(test)]
+const CHUNK_WORDS: usize = 64;
+
+/// The weight gradient `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] · X[n][c][q + (i, j)]` of a
+/// stride-1 convolution, products in bf16 and sums in f32.
+///
+/// Positions run over `H_out` rows of `W_p` padded columns (the extra columns' `dY` is zero),
+/// so positions `q` and `q + 1` read neighbouring inputs for every tap: one 32-bit load from
+/// the bf16 padded image (`[C_in, H_p, W_p]`, NCHW) is the pair `VDPBF16PS` multiplies with
+/// the pair `(dY[q], dY[q + 1])` of 16 output channels, from `dY` transposed to
+/// `[positions / 2, C_out]` pairs. A register tile is 6 `(c, i, j)` rows x 64 output
+/// channels summed over all positions of a chunk of images; threads split the rows, so each
+/// sum has one order whatever the thread count.
+///
+/// # Panics
+/// When the CPU has no AVX512-BF16, `g` does not [`fits_weight_grad`], or a slice's length
+/// does not match `g`.
+pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(
+        super::bf16::available(),
+        "the bf16 weight gradient needs AVX512-BF16"
+    );
+    assert!(
+        fits_weight_grad(g),
+        "channels-last weight gradient of {g:?}"
+    );
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.out_len(),
+        "conv2d output gradient length"
+    );
+    let (hp, wp, _) = padded(g);
+    let (ho, wo, cout, taps) = (g.ho(), g.wo(), g.cout, g.kh * g.kw);
+    let plane = hp * wp;
+    let pairs = (ho * wp).div_ceil(2);
+    // The last pair of the last tap of the last channel reads `kw` halves past the planes.
+    let img_x = (g.cin * plane + wp + 2).next_multiple_of(2);
+    let img_d = pairs * cout;
+    let round = |v: f32| super::bf16::round_bits(v) as u16;
+    let mut xb = vec![0u16; g.batch * img_x];
+    xb.par_chunks_mut(img_x)
+        .zip(x.par_chunks(g.in_len()))
+        .for_each(|(d, s)| {
+            for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
+                for (y, row) in sc.chunks_exact(g.w).enumerate() {
+                    let at = c * plane + (y + g.pad[0]) * wp + g.pad[1];
+                    d[at..at + g.w]
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(d, &v)| *d = round(v));
+                }
+            }
+        });
+    let mut dyt = vec![0u32; g.batch * img_d];
+    dyt.par_chunks_mut(img_d)
+        .zip(dy.par_chunks(g.out_len()))
+        .for_each(|(d, s)| {
+            let halves: &mut [u16] = bytemuck::cast_slice_mut(d);
+            // Positions outer, channels inner: the writes run along a pair row and the reads
+            // touch one cache line per channel every 16 positions.
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let q = oy * wp + ox;
+                    let dst = &mut halves[2 * (q / 2) * cout..][..2 * cout];
+                    for o in 0..cout {
+                        dst[2 * o + q % 2] = round(s[o * ho * wo + oy * wo + ox]);
+                    }
+                }
+            }
+        });
+    let k = g.cin * taps;
+    let row_base: Vec<usize> = (0..k)
+        .map(|r| {
+            let (c, t) = (r / taps, r % taps);
+            c * plane + (t / g.kw) * wp + t % g.kw
+        })
+        .collect();
+    let parts = rayon::current_num_threads().clamp(1, k.div_ceil(TILE));
+    let tiles = k.div_ceil(TILE);
+    let range =
+        |t: usize| (t * tiles / parts * TILE).min(k)..((t + 1) * tiles / parts * TILE).min(k);
+    let chunk = (CHUNK_WORDS / img_d.max(1)).clamp(1, g.batch.max(1));
+    let lens: Vec<usize> = (0..parts).map(|t| range(t).len() * cout).collect();
+    // Each part: its rows of `dWᵀ` (`[rows, C_out]`), summed over every image in order.
+    let dwt = par_zeroed_parts(&lens, |t, part| {
+        let rows = range(t);
+        let mut c = [[0.0f32; BLOCK]; TILE];
+        for n0 in (0..g.batch).step_by(chunk) {
+            let images = chunk.min(g.batch - n0);
+            for o0 in (0..cout).step_by(BLOCK) {
+                let width = BLOCK.min(cout - o0);
+                for r0 in rows.clone().step_by(TILE) {
+                    let live = TILE.min(rows.end - r0);
+                    let a: [usize; TILE] =
+                        std::array::from_fn(|r| n0 * img_x + row_base[r0 + r.min(live - 1)]);
+                    let d0 = n0 * img_d + o0;
+                    wgrad_tile(
+                        width / LANES,
+                        &a,
+                        &xb,
+                        img_x,
+                        images,
+                        pairs,
+                        &dyt,
+                        d0,
+                        img_d,
+                        cout,
+                        &mut c,
+                    );
+                    for (r, cr) in c.iter().enumerate().take(live) {
+                        let dst = &mut part[(r0 + r - rows.start) * cout + o0..][..width];
+                        dst.iter_mut().zip(cr).for_each(|(d, &v)| *d += v);
+                    }
+                }
+            }
+        }
+    });
+    // `dWᵀ [K, C_out]` (the parts in row order) -> `dW [C_out, K]`, in 16 x 16 blocks.
+    super::gemm::sum_transposed_in_order(&[&dwt], k, cout)
+}
+
+/// One weight-gradient tile: `c[r][o] = Σ_{n < images} Σ_{m < pairs} xb[a[r] + n·img_x + 2m ..+2]
+/// · dyt[d0 + n·img_d + m·ld + o]` (pairs), for `vectors` vectors of output channels.
+#[allow(clippy::too_many_arguments)]
+fn wgrad_tile(
+    vectors: usize,
+    a: &[usize; TILE],
+    xb: &[u16],
+    img_x: usize,
+    images: usize,
+    pairs: usize,
+    dyt: &[u32],
+    d0: usize,
+    img_d: usize,
+    ld: usize,
+    c: &mut [[f32; BLOCK]; TILE],
+) {
+    if images == 0 || pairs == 0 {
+        c.iter_mut().for_each(|r| r.fill(0.0));
+        return;
+    }
+    let last_x = (images - 1) * img_x + 2 * pairs;
+    assert!(a.iter().all(|&at| at + last_x <= xb.len()), "tile rows");
+    let last_d = d0 + (images - 1) * img_d + (pairs - 1) * ld + LANES * vectors;
+    assert!(last_d <= dyt.len(), "tile output gradient");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let rows: [*const u16; TILE] = std::array::from_fn(|r| xb.as_ptr().wrapping_add(a[r]));
+        let d = dyt.as_ptr().wrapping_add(d0);
+        // SAFETY: `weight_grad` asserted AVX512-BF16; the asserts above bound the last pair
+        // of every row and the last vector of `dyt` the tile reads.
+        unsafe {
+            match vectors {
+                4 => wgrad_tile_bf16::<4>(&rows, img_x, images, pairs, d, img_d, ld, c),
+                3 => wgrad_tile_bf16::<3>(&rows, img_x, images, pairs, d, img_d, ld, c),
+                2 => wgrad_tile_bf16::<2>(&rows, img_x, images, pairs, d, img_d, ld, c),
+                1 => wgrad_tile_bf16::<1>(&rows, img_x, images, pairs, d, img_d, ld, c),
+                _ => unreachable!("1 to 4 vectors of output channels"),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX512-BF16 is x86-64 only");
+}
+
+/// [`wgrad_tile`] on `V` vectors.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; every `a[r] + n·img_x` is valid for `2·pairs` halves and
+/// `d + n·img_d + m·ld` for `16·V` words, for `n < images`, `m < pairs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wgrad_tile_bf16<const V: usize>(
+    a: &[*const u16; TILE],
+    img_x: usize,
+    images: usize,
+    pairs: usize,
+    d: *const u32,
+    img_d: usize,
+    ld: usize,
+    c: &mut [[f32; BLOCK]; TILE],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; TILE];
+    // SAFETY (whole body): the caller's contract bounds every offset below; a pair of halves
+    // is read as one unaligned 32-bit word.
+    unsafe {
+        for n in 0..images {
+            let at: [*const u16; TILE] = std::array::from_fn(|r| a[r].add(n * img_x));
+            let dn = d.add(n * img_d);
+            for m in 0..pairs {
+                let dm = dn.add(m * ld);
+                let dv: [__m512bh; V] = std::array::from_fn(|v| {
+                    std::mem::transmute(_mm512_loadu_si512(dm.add(LANES * v).cast()))
+                });
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let word = at[r].add(2 * m).cast::<i32>().read_unaligned();
+                    let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
+                    for v in 0..V {
+                        row[v] = _mm512_dpbf16_ps(row[v], xv, dv[v]);
+                    }
+                }
+            }
+        }
+        for (row, cr) in acc.iter().zip(c.iter_mut()) {
+            for (v, &sum) in row.iter().enumerate() {
+                _mm512_storeu_ps(cr.as_mut_ptr().add(LANES * v), sum);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +550,46 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The weight gradient against im2col's on the same bf16-rounded operands, and the same
+    /// bits for 1 and 3 threads (threads split the rows, not the sums).
+    #[test]
+    fn weight_grad_matches_im2col_in_bf16() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for g in [
+            geom(3, 16, 5, 16, 3, 1),
+            geom(2, 18, 7, 48, 3, 1),
+            geom(5, 3, 3, 80, 1, 1),
+            geom(2, 5, 6, 32, 5, 1),
+            geom(4, 7, 4, 64, 3, 1),
+        ] {
+            let x = data(g.batch * g.in_len(), 4);
+            let dy = data(g.batch * g.out_len(), 5);
+            let w = data(g.cout * g.k(), 6);
+            let got = weight_grad(&x, &dy, &g);
+            let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
+                .1
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                    "{g:?} [{i}]: {a} vs {e}"
+                );
+            }
+            let run = |threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| weight_grad(&x, &dy, &g))
+            };
+            assert_eq!(run(1), run(3), "{g:?}");
         }
     }
 

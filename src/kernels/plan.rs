@@ -9,7 +9,8 @@
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
 //! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
 //!   the stride-1 input gradient of layers with 1152+ products per output and at least two
-//!   taps, in place of im2col, and of Winograd on maps up to 14 px;
+//!   taps, in place of im2col, and of Winograd on maps up to 14 px; and its weight gradient
+//!   in place of im2col's for stride-1 layers on maps from 28 px;
 //! - forward: Winograd F(2x2, 3x3) where it fits, except layers of fewer than 64 input
 //!   channels that the direct kernels take in bf16 or with AVX-512 tiles; else the direct
 //!   kernels where they fit and the CPU has AVX2 or AVX-512; else im2col + GEMM. In bf16 on
@@ -122,6 +123,15 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     };
     let weight_grad = if direct && (!winograd || (g.wo() >= 32 && fp32)) {
         Algo::Direct
+    } else if bf16_tiles(g, cpu) && nhwc::fits_weight_grad(g) && g.wo() >= 28 {
+        // Measured against im2col's (Zen 4, 2 threads, two alternated runs each, ms):
+        // resnet18 at 224 px, batch 32 (`conv_layers 2 bf16 resnet18 224 32`): 64 -> 64 at
+        // 56 px 29.3-29.5 -> 24.2-24.7, 128 -> 128 at 28 px 22.9-23.5 -> 21.4-22.4; vgg16 at
+        // 224 px, batch 8: 64 -> 64 at 224 px 117-124 -> 112-113, 128 -> 128 at 112 px
+        // 93-96 -> 80-85, 256 -> 256 at 56 px 80-81 -> 75-78, 512 -> 512 at 28 px 81-82 ->
+        // 77. Below 28 px it lost (256 -> 256 at 14 px 20.2 -> 21.4-22.7, 512 -> 512 at 7 px
+        // 24.8-27.0 -> 26.6-28.2): too few positions per tile for its stores.
+        Algo::ChannelsLast
     } else {
         Algo::Im2col
     };
@@ -130,6 +140,11 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         input_grad,
         weight_grad,
     }
+}
+
+/// bf16 on AVX512-BF16 without AMX: where [`super::nhwc`]'s kernels were measured.
+fn bf16_tiles(g: &ConvGeom, cpu: Cpu) -> bool {
+    g.precision == Precision::Bf16 && !cpu.amx && cpu.tiles == Tiles::Avx512
 }
 
 /// Whether the channels-last bf16 kernel computes `g` (a forward convolution, or the one that
@@ -147,9 +162,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
 /// 128 at 28 px 13.7-15.1 -> 19.6); at 8 px the two were within the VM's noise (5.2-8.3 vs
 /// 6.4-7.2).
 fn channels_last(g: &ConvGeom, cpu: Cpu, winograd: bool, direct: bool) -> bool {
-    g.precision == Precision::Bf16
-        && !cpu.amx
-        && cpu.tiles == Tiles::Avx512
+    bf16_tiles(g, cpu)
         && nhwc::fits(g)
         && g.kh * g.kw > 1
         && g.k() >= 1152
@@ -237,7 +250,9 @@ mod tests {
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AVX512), p(C, C, I));
         assert_eq!(plan(&b(geom(256, 256, 14, 3, 1)), AVX512), p(C, C, I));
         assert_eq!(plan(&b(geom(128, 256, 28, 3, 2)), AVX512), p(C, I, I));
-        assert_eq!(plan(&b(geom(128, 128, 28, 3, 1)), AVX512), p(W, W, I));
+        // Its weight gradient from 28 px maps up, stride 1.
+        assert_eq!(plan(&b(geom(128, 128, 28, 3, 1)), AVX512), p(W, W, C));
+        assert_eq!(plan(&b(geom(64, 64, 56, 3, 1)), AVX512), p(W, W, C));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(I, I, I));
