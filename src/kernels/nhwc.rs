@@ -1,5 +1,5 @@
-//! A channels-last direct convolution in bf16 (AVX512-BF16): no im2col buffer, no packed `B`
-//! panels, any stride.
+//! Direct convolutions in bf16 (AVX512-BF16) that read images in place: no im2col buffer, no
+//! packed `B` panels. The forward pass (any stride) on channels-last copies of the images.
 //!
 //! Each image is copied once into a zero-padded channels-last buffer of bf16 channel pairs
 //! (`[H_p, W_p, C_in / 2]` words, [`super::bf16::pair`]). Output position `q` of tap `(i, j)`
@@ -10,6 +10,13 @@
 //! tile is the bf16 GEMM's ([`super::bf16`]): 6 output positions x 64 output channels, one
 //! broadcast channel pair per position and four weight vectors per step, `VDPBF16PS` summing
 //! in f32; every tap and channel of a tile is summed in registers before one store.
+//!
+//! The weight gradient of stride-1 layers ([`weight_grad`]) reads its left operand in place
+//! too, from the padded image kept NCHW: over padded rows, positions `q` and `q + 1` read
+//! neighbouring inputs for every tap, so one 32-bit load is the position pair `VDPBF16PS`
+//! multiplies with `(dY[q], dY[q + 1])` of 16 output channels.
+//!
+//! Which layers use which kernel is the plan's call ([`super::plan`], measured there).
 //!
 //! This is the layout oneDNN's bf16 convolutions use (channels-last activations). Against
 //! im2col + the bf16 GEMM it skips the `K x N` column matrix (9x the image for a 3x3), its
