@@ -111,6 +111,46 @@ pub fn round(x: f32) -> f32 {
     f32::from_bits(round_bits(x) << 16)
 }
 
+/// `dst[i] = round_bits(src[i])` for every `i < dst.len()` (`src` at least as long), 16 at a
+/// time with `VCVTNEPS2BF16` where the CPU has AVX512-BF16 (the same rounding, to nearest
+/// even; a NaN stays a quiet NaN of its sign and payload instead of `0x7fc0`).
+pub fn round_slice(src: &[f32], dst: &mut [u16]) {
+    let src = &src[..dst.len()];
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX512-BF16 (and F) were detected just above.
+        unsafe { round_slice_avx512(src, dst) };
+        return;
+    }
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, &v)| *d = round_bits(v) as u16);
+}
+
+/// [`round_slice`] on AVX512-BF16.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; `src` and `dst` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_slice_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    // SAFETY (whole body): every vector load and store covers indices `i..i + 16 <= n`.
+    unsafe {
+        while i + 16 <= n {
+            let v = _mm512_loadu_ps(src.as_ptr().add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), h);
+            i += 16;
+        }
+    }
+    for j in i..n {
+        dst[j] = round_bits(src[j]) as u16;
+    }
+}
+
 /// Two values as one packed pair, the first in the low half.
 #[inline(always)]
 pub(super) fn pair(lo: f32, hi: f32) -> u32 {

@@ -356,7 +356,10 @@ mod tests {
             precision: Precision::Fp32,
             ..g
         };
-        assert_eq!(db, conv2d_backward(&x, &w, &dy, &g32, [false, false, true]).2);
+        assert_eq!(
+            db,
+            conv2d_backward(&x, &w, &dy, &g32, [false, false, true]).2
+        );
     }
 
     #[test]

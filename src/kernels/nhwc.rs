@@ -280,10 +280,15 @@ unsafe fn tile_bf16<const V: usize>(
     }
 }
 
-/// Whether [`weight_grad`] computes `g`'s weight gradient: stride 1 (so that consecutive
-/// output positions read consecutive inputs) and whole vectors of output channels.
+/// Whether [`weight_grad`] computes `g`'s weight gradient: whole vectors of output channels
+/// and padding smaller than the kernel (any stride: [`weight_grad`] splits strided images into
+/// phases).
 pub fn fits_weight_grad(g: &ConvGeom) -> bool {
-    g.stride == [1, 1] && g.cout.is_multiple_of(LANES) && g.pad[0] < g.kh && g.pad[1] < g.kw
+    g.cout.is_multiple_of(LANES)
+        && g.pad[0] < g.kh
+        && g.pad[1] < g.kw
+        && g.stride[0] > 0
+        && g.stride[1] > 0
 }
 
 /// Position pairs summed in registers per weight-gradient tile before they are added to
@@ -294,12 +299,13 @@ const CHUNK_WORDS: usize = 128 << 10;
 #[cfg(test)]
 const CHUNK_WORDS: usize = 64;
 
-/// The weight gradient `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] · X[n][c][q + (i, j)]` of a
-/// stride-1 convolution, products in bf16 and sums in f32.
+/// The weight gradient `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] · X[n][c][s·q + (i, j)]`,
+/// products in bf16 and sums in f32.
 ///
-/// Positions run over `H_out` rows of `W_p` padded columns (the extra columns' `dY` is zero),
-/// so positions `q` and `q + 1` read neighbouring inputs for every tap: one 32-bit load from
-/// the bf16 padded image (`[C_in, H_p, W_p]`, NCHW) is the pair `VDPBF16PS` multiplies with
+/// Positions run over `H_out` rows of `W_p` padded columns (the extra columns' `dY` is zero;
+/// with a stride, over the phase planes described below), so positions `q` and `q + 1` read
+/// neighbouring inputs for every tap: one 32-bit load from the bf16 padded image
+/// (`[C_in, H_p, W_p]`, NCHW) is the pair `VDPBF16PS` multiplies with
 /// the pair `(dY[q], dY[q + 1])` of 16 output channels, from `dY` transposed to
 /// `[positions / 2, C_out]` pairs. A register tile is 6 `(c, i, j)` rows x 64 output
 /// channels summed over all positions of a chunk of images; threads split the rows, so each
@@ -326,10 +332,16 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     );
     let (hp, wp, _) = padded(g);
     let (ho, wo, cout, taps) = (g.ho(), g.wo(), g.cout, g.kh * g.kw);
-    let plane = hp * wp;
-    let pairs = (ho * wp).div_ceil(2);
-    // The last pair of the last tap of the last channel reads `kw` halves past the planes.
-    let img_x = (g.cin * plane + wp + 2).next_multiple_of(2);
+    let [sh, sw] = g.stride;
+    // Each channel's padded image split into `sh x sw` phase planes, plane `(a, b)` holding
+    // rows `a, a + sh, ..` and columns `b, b + sw, ..`: tap `(i, j)` of output `(oy, ox)`
+    // reads plane `(i % sh, j % sw)` at `(oy + i / sh, ox + j / sw)`, so consecutive outputs
+    // read consecutive values at any stride (stride 1: one plane, the padded image).
+    let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
+    let plane = hq * wq;
+    let pairs = (ho * wq).div_ceil(2);
+    // The last pair of the last tap of the last plane reads up to `wq` halves past the planes.
+    let img_x = (g.cin * sh * sw * plane + wq + 2).next_multiple_of(2);
     let img_d = pairs * cout;
     let round = |v: f32| super::bf16::round_bits(v) as u16;
     let mut xb = vec![0u16; g.batch * img_x];
@@ -338,11 +350,20 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         .for_each(|(d, s)| {
             for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
                 for (y, row) in sc.chunks_exact(g.w).enumerate() {
-                    let at = c * plane + (y + g.pad[0]) * wp + g.pad[1];
-                    d[at..at + g.w]
-                        .iter_mut()
-                        .zip(row)
-                        .for_each(|(d, &v)| *d = round(v));
+                    let py = y + g.pad[0];
+                    let rows = c * sh + py % sh;
+                    for b in 0..sw {
+                        // Columns `x` with `(x + pw) % sw == b`, at `(x + pw) / sw`.
+                        let first = (b + sw - g.pad[1] % sw) % sw;
+                        let at = ((rows * sw + b) * hq + py / sh) * wq + (first + g.pad[1]) / sw;
+                        if sw == 1 {
+                            super::bf16::round_slice(row, &mut d[at..at + g.w]);
+                            continue;
+                        }
+                        for (d, &v) in d[at..].iter_mut().zip(row.iter().skip(first).step_by(sw)) {
+                            *d = round(v);
+                        }
+                    }
                 }
             }
         });
@@ -351,14 +372,25 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         .zip(dy.par_chunks(g.out_len()))
         .for_each(|(d, s)| {
             let halves: &mut [u16] = bytemuck::cast_slice_mut(d);
-            // Positions outer, channels inner: the writes run along a pair row and the reads
-            // touch one cache line per channel every 16 positions.
+            // 16 positions at a time: each channel's 16 values read as one run (one cache line),
+            // then written position by position. Reading one value per channel per position,
+            // `H_out·W_out` floats apart, missed L1 on every read where that stride is a
+            // multiple of 4 KiB (the 64 px stem at 128 px: 16 KiB), and cost more than the
+            // product.
+            let mut block = vec![0u16; cout * 16];
             for oy in 0..ho {
-                for ox in 0..wo {
-                    let q = oy * wp + ox;
-                    let dst = &mut halves[2 * (q / 2) * cout..][..2 * cout];
-                    for o in 0..cout {
-                        dst[2 * o + q % 2] = round(s[o * ho * wo + oy * wo + ox]);
+                for ox0 in (0..wo).step_by(16) {
+                    let n = 16.min(wo - ox0);
+                    for (o, b) in block.chunks_exact_mut(16).enumerate() {
+                        let src = &s[o * ho * wo + oy * wo + ox0..][..n];
+                        super::bf16::round_slice(src, &mut b[..n]);
+                    }
+                    for x in 0..n {
+                        let q = oy * wq + ox0 + x;
+                        let dst = &mut halves[2 * (q / 2) * cout..][..2 * cout];
+                        for (o, b) in block.chunks_exact(16).enumerate() {
+                            dst[2 * o + q % 2] = b[x];
+                        }
                     }
                 }
             }
@@ -366,8 +398,8 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     let k = g.cin * taps;
     let row_base: Vec<usize> = (0..k)
         .map(|r| {
-            let (c, t) = (r / taps, r % taps);
-            c * plane + (t / g.kw) * wp + t % g.kw
+            let (c, i, j) = (r / taps, r % taps / g.kw, r % g.kw);
+            ((c * sh + i % sh) * sw + j % sw) * plane + (i / sh) * wq + j / sw
         })
         .collect();
     let parts = rayon::current_num_threads().clamp(1, k.div_ceil(TILE));
@@ -574,6 +606,11 @@ mod tests {
             geom(5, 3, 3, 80, 1, 1),
             geom(2, 5, 6, 32, 5, 1),
             geom(4, 7, 4, 64, 3, 1),
+            // Strided: phase planes (a 7x7/2 stem, a 3x3/2, a 1x1/2, an uneven 5x5/3).
+            geom(2, 3, 11, 64, 7, 2),
+            geom(3, 16, 7, 32, 3, 2),
+            geom(2, 8, 6, 16, 1, 2),
+            geom(2, 5, 10, 16, 5, 3),
         ] {
             let x = data(g.batch * g.in_len(), 4);
             let dy = data(g.batch * g.out_len(), 5);
