@@ -130,6 +130,9 @@ pub fn forward_act(
     let wq = pack_weights(w, g);
     let (hp, wp, kp) = padded(g);
     let per_image = hp * wp * kp;
+    if g.batch < rayon::current_num_threads() {
+        return forward_by_channels(x, &wq, bias, g, relu);
+    }
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
     par_zeroed_parts(&lens, |t, y| {
@@ -141,20 +144,53 @@ pub fn forward_act(
             let xq = &mut xq[..count * per_image];
             pad_pack(&x[first * g.in_len()..], count, g, xq);
             let at = (first - images.start) * g.out_len();
-            product(
-                &wq,
-                xq,
-                count,
-                g,
-                bias,
-                relu,
-                &mut y[at..][..count * g.out_len()],
-            );
+            let y = &mut y[at..][..count * g.out_len()];
+            product(&wq, xq, count, g, bias, relu, 0..g.cout, y);
         }
     })
 }
 
-/// `y` (NCHW, `count` images) from the padded channels-last images `xq` and packed weights.
+/// [`forward_act`] for fewer images than threads (a single photo in `predict`): one image at a
+/// time, its blocks of 64 output channels split over the threads, so none waits.
+fn forward_by_channels(
+    x: &[f32],
+    wq: &[u32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (hp, wp, kp) = padded(g);
+    let mut xq = vec![0u32; hp * wp * kp];
+    let mut y = vec![0.0f32; g.batch * g.out_len()];
+    for (xn, yn) in x
+        .chunks_exact(g.in_len())
+        .zip(y.chunks_exact_mut(g.out_len()))
+    {
+        pad_pack(xn, 1, g, &mut xq);
+        yn.par_chunks_mut(BLOCK * g.p())
+            .enumerate()
+            .for_each(|(b, yb)| {
+                let o0 = b * BLOCK;
+                product(
+                    wq,
+                    &xq,
+                    1,
+                    g,
+                    bias,
+                    relu,
+                    o0..o0 + yb.len() / g.p().max(1),
+                    yb,
+                );
+            });
+    }
+    y
+}
+
+/// Output channels `couts` of `count` images (NCHW: `y` holds, per image, those channels'
+/// `H_out·W_out` values, images `couts.len()·H_out·W_out` apart) from the padded
+/// channels-last images `xq` and packed weights; `couts` starts on a block of [`BLOCK`].
+#[allow(clippy::too_many_arguments)]
 fn product(
     wq: &[u32],
     xq: &[u32],
@@ -162,6 +198,7 @@ fn product(
     g: &ConvGeom,
     bias: Option<&[f32]>,
     relu: bool,
+    couts: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
     let (hp, wp, kp) = padded(g);
@@ -178,10 +215,12 @@ fn product(
     };
     assert!(total == 0 || base(total - 1) + offs[taps - 1] + kp <= xq.len());
     assert_eq!(wq.len(), g.cout * taps * kp, "packed weights");
-    assert_eq!(y.len(), count * g.out_len(), "output");
+    assert!(couts.start.is_multiple_of(BLOCK) && couts.end <= g.cout);
+    let per_image = couts.len() * p;
+    assert_eq!(y.len(), count * per_image, "output");
     let mut c = [[0.0f32; BLOCK]; TILE];
-    for o0 in (0..g.cout).step_by(BLOCK) {
-        let width = BLOCK.min(g.cout - o0);
+    for o0 in couts.clone().step_by(BLOCK) {
+        let width = BLOCK.min(couts.end - o0);
         let wb = &wq[o0 * taps * kp..][..width * taps * kp];
         for q0 in (0..total).step_by(TILE) {
             let rows = TILE.min(total - q0);
@@ -190,7 +229,7 @@ fn product(
             tile(width / LANES, &a, xq, &offs, kp, wb, &mut c);
             for (r, cr) in c.iter().enumerate().take(rows) {
                 let (n, pos) = ((q0 + r) / p, (q0 + r) % p);
-                let yn = &mut y[n * g.out_len() + o0 * p + pos..];
+                let yn = &mut y[n * per_image + (o0 - couts.start) * p + pos..];
                 for (o, &v) in cr[..width].iter().enumerate() {
                     let v = v + bias.map_or(0.0, |b| b[o0 + o]);
                     yn[o * p] = if relu { v.max(0.0) } else { v };
@@ -559,6 +598,17 @@ mod tests {
         }
     }
 
+    /// A 3x1 kernel, no padding, strides 2 and 1: rows and columns handled apart.
+    fn odd() -> ConvGeom {
+        ConvGeom {
+            kh: 3,
+            kw: 1,
+            stride: [2, 1],
+            pad: [0, 0],
+            ..geom(2, 16, 7, 32, 1, 1)
+        }
+    }
+
     /// The im2col convolution on the same bf16-rounded operands: both sum exact bf16 products
     /// in f32, in different orders.
     #[test]
@@ -574,6 +624,7 @@ mod tests {
             geom(2, 16, 6, 32, 1, 2),
             geom(1, 20, 4, 64, 3, 1),
             geom(4, 16, 9, 128, 5, 2),
+            odd(),
         ] {
             let x = data(g.batch * g.in_len(), 1);
             let w = data(g.cout * g.k(), 2);
@@ -611,6 +662,7 @@ mod tests {
             geom(3, 16, 7, 32, 3, 2),
             geom(2, 8, 6, 16, 1, 2),
             geom(2, 5, 10, 16, 5, 3),
+            odd(),
         ] {
             let x = data(g.batch * g.in_len(), 4);
             let dy = data(g.batch * g.out_len(), 5);
@@ -635,6 +687,27 @@ mod tests {
             };
             assert_eq!(run(1), run(3), "{g:?}");
         }
+    }
+
+    /// Fewer images than threads: split by output channels, the same values as one thread.
+    #[test]
+    fn a_single_image_splits_by_output_channels() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let g = geom(1, 16, 6, 144, 3, 1);
+        let x = data(g.in_len(), 7);
+        let w = data(g.cout * g.k(), 8);
+        let b = data(g.cout, 9);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| forward_act(&x, &w, Some(&b), &g, true))
+        };
+        assert_eq!(run(1), run(3));
     }
 
     #[test]
