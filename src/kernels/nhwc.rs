@@ -598,6 +598,17 @@ mod tests {
         }
     }
 
+    /// Equal lengths and every value within bf16-summation-order rounding of the other.
+    fn assert_close(got: &[f32], want: &[f32], g: &ConvGeom) {
+        assert_eq!(got.len(), want.len(), "{g:?}");
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                "{g:?} [{i}]: {a} vs {e}"
+            );
+        }
+    }
+
     /// A 3x1 kernel, no padding, strides 2 and 1: rows and columns handled apart.
     fn odd() -> ConvGeom {
         ConvGeom {
@@ -632,13 +643,7 @@ mod tests {
             for relu in [false, true] {
                 let got = forward_act(&x, &w, Some(&b), &g, relu);
                 let want = super::super::im2col::im2col_forward_act(&x, &w, Some(&b), &g, relu);
-                assert_eq!(got.len(), want.len());
-                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - e).abs() < 1e-4 * (1.0 + e.abs()),
-                        "{g:?} [{i}]: {a} vs {e}"
-                    );
-                }
+                assert_close(&got, &want, &g);
             }
         }
     }
@@ -671,13 +676,7 @@ mod tests {
             let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
                 .1
                 .unwrap();
-            assert_eq!(got.len(), want.len());
-            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - e).abs() < 1e-4 * (1.0 + e.abs()),
-                    "{g:?} [{i}]: {a} vs {e}"
-                );
-            }
+            assert_close(&got, &want, &g);
             let run = |threads| {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
