@@ -1,7 +1,7 @@
 //! Convolution on plain `f32` slices (NCHW): the geometry of a layer and the front door that
 //! runs each of its products on the algorithm the kernel plan picks ([`super::plan`]):
-//! Winograd ([`super::winograd`]), direct ([`super::direct`]) or im2col + GEMM
-//! ([`super::im2col`]).
+//! Winograd ([`super::winograd`]), direct ([`super::direct`]), channels-last bf16
+//! ([`super::nhwc`]) or im2col + GEMM ([`super::im2col`]).
 //!
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
@@ -77,7 +77,8 @@ impl ConvGeom {
 /// Forward convolution. Returns `y` (`[B, C_out, H_out, W_out]`, contiguous). 3x3 stride-1
 /// layers with enough channels go through Winograd's F(2x2, 3x3) ([`super::winograd`]), other
 /// stride-1 layers of 16 or more output channels through the direct kernels
-/// ([`super::direct`]), the rest through im2col + GEMM.
+/// ([`super::direct`]), the rest through im2col + GEMM; in bf16 without AMX, wide layers on
+/// small maps and stride-2 3x3 layers through the channels-last kernel ([`super::nhwc`]).
 pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     conv2d_forward_act(x, w, bias, g, false)
 }
