@@ -473,11 +473,11 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                     wgrad_tile(
                         width / LANES,
                         &a,
-                        &xb,
+                        xb,
                         img_x,
                         images,
                         pairs,
-                        &dyt,
+                        dyt,
                         d0,
                         img_d,
                         cout,
