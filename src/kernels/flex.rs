@@ -570,3 +570,74 @@ impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
         }
     }
 }
+
+#[backend_extension(Flex)]
+pub trait SgdBackend: Backend {
+    /// The first SGD step of a parameter ([`super::sgd::step`] without a buffer): returns the
+    /// updated weight and the new momentum buffer (the gradient's storage, holding `g'`).
+    fn sgd_first(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        lr: f64,
+        weight_decay: f64,
+        momentum: f64,
+        nesterov: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// A later SGD step: returns the updated weight and momentum buffer, both in place.
+    fn sgd_momentum(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        buf: FloatTensor<Self>,
+        lr: f64,
+        weight_decay: f64,
+        momentum: f64,
+        nesterov: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// `t` with storage of its own, exactly its values, row-major: itself when it already is
+/// (a moved buffer, no copy), else a copy.
+fn owned(t: FlexTensor) -> FlexTensor {
+    FlexTensor::from_data(t.into_data())
+}
+
+/// The hyperparameters as the f32 scalars Burn's tensor operations would multiply by.
+fn sgd_hyper(lr: f64, weight_decay: f64, momentum: f64, nesterov: bool) -> super::sgd::SgdStep {
+    super::sgd::SgdStep {
+        lr: lr as f32,
+        weight_decay: weight_decay as f32,
+        momentum: momentum as f32,
+        nesterov,
+    }
+}
+
+impl SgdBackend for Flex {
+    fn sgd_first(
+        w: FlexTensor,
+        g: FlexTensor,
+        lr: f64,
+        weight_decay: f64,
+        momentum: f64,
+        nesterov: bool,
+    ) -> (FlexTensor, FlexTensor) {
+        let (mut w, mut g) = (owned(w), owned(g));
+        let h = sgd_hyper(lr, weight_decay, momentum, nesterov);
+        super::sgd::step(w.storage_mut::<f32>(), g.storage_mut::<f32>(), None, h);
+        (w, g)
+    }
+    fn sgd_momentum(
+        w: FlexTensor,
+        g: FlexTensor,
+        buf: FlexTensor,
+        lr: f64,
+        weight_decay: f64,
+        momentum: f64,
+        nesterov: bool,
+    ) -> (FlexTensor, FlexTensor) {
+        let (mut w, mut g, mut buf) = (owned(w), owned(g), owned(buf));
+        let h = sgd_hyper(lr, weight_decay, momentum, nesterov);
+        let b = buf.storage_mut::<f32>();
+        super::sgd::step(w.storage_mut::<f32>(), g.storage_mut::<f32>(), Some(b), h);
+        (w, buf)
+    }
+}

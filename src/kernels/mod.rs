@@ -23,6 +23,7 @@ pub mod nhwc;
 pub mod norm;
 pub mod plan;
 pub mod pool;
+pub mod sgd;
 mod simd;
 #[cfg(feature = "tch")]
 mod torch;
@@ -663,3 +664,52 @@ fn fast_add_relu(_: Tensor<4>, _: Tensor<4>) -> Tensor<4> {
 
 #[cfg(all(test, feature = "flex"))]
 mod tests;
+
+/// One SGD step of a parameter (`w`, its gradient `g` and momentum buffer, flattened; the
+/// formula is [`sgd`]'s): in place on burn-flex, as tensor operations elsewhere, the same bits
+/// either way. Returns the new weight and, with momentum, the new buffer.
+pub fn sgd_step(
+    w: Tensor<1>,
+    g: Tensor<1>,
+    buf: Option<Tensor<1>>,
+    h: sgd::SgdStep,
+) -> (Tensor<1>, Option<Tensor<1>>) {
+    #[cfg(feature = "flex")]
+    if w.dtype() == DType::F32 && g.dtype() == DType::F32 && active_on(&w.device()) {
+        use burn::backend::Dispatch;
+        use flex::SgdBackend;
+        let (lr, wd, mu) = (h.lr as f64, h.weight_decay as f64, h.momentum as f64);
+        let (w, g) = (w.into_dispatch(), g.into_dispatch());
+        let (w, b) = match buf {
+            Some(b) if h.momentum != 0.0 => <Dispatch as SgdBackend>::sgd_momentum(
+                w,
+                g,
+                b.into_dispatch(),
+                lr,
+                wd,
+                mu,
+                h.nesterov,
+            ),
+            _ => <Dispatch as SgdBackend>::sgd_first(w, g, lr, wd, mu, h.nesterov),
+        };
+        let buf = (h.momentum != 0.0).then(|| Tensor::from_dispatch(b));
+        return (Tensor::from_dispatch(w), buf);
+    }
+    let mut g = g;
+    if h.weight_decay != 0.0 {
+        g = g + w.clone() * h.weight_decay;
+    }
+    if h.momentum == 0.0 {
+        return (w - g * h.lr, None);
+    }
+    let buf = match buf {
+        Some(b) => b * h.momentum + g.clone(),
+        None => g.clone(),
+    };
+    let d = if h.nesterov {
+        g + buf.clone() * h.momentum
+    } else {
+        buf.clone()
+    };
+    (w - d * h.lr, Some(buf))
+}

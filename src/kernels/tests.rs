@@ -332,3 +332,42 @@ fn gemm_conv_runs_without_autodiff() {
     let want = burn_conv2d(x, w, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
     assert!(max_rel_diff(y, want) < 1e-4);
 }
+
+/// The in-place SGD step on burn-flex gives the bits of the tensor formula (as Burn's own ops
+/// compute it), first step and later ones, shared or owned inputs, and leaves a tensor that
+/// shares the weight's storage untouched.
+#[test]
+fn sgd_step_matches_the_tensor_formula() {
+    let device = Device::flex();
+    let n = 70_001;
+    let rand = || Tensor::<1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+    let (w0, g0, g1) = (rand(), rand(), rand());
+    let h = sgd::SgdStep {
+        lr: 0.1,
+        weight_decay: 5e-4,
+        momentum: 0.9,
+        nesterov: true,
+    };
+    let formula = |w: Tensor<1>, g: Tensor<1>, buf: Option<Tensor<1>>| {
+        let g = g + w.clone() * h.weight_decay;
+        let buf = match buf {
+            Some(b) => b * h.momentum + g.clone(),
+            None => g.clone(),
+        };
+        let d = g + buf.clone() * h.momentum;
+        (w - d * h.lr, buf)
+    };
+    let bits = |t: &Tensor<1>| t.to_data().to_vec::<f32>().unwrap();
+    let (want_w1, want_b1) = formula(w0.clone(), g0.clone(), None);
+    let (want_w2, want_b2) = formula(want_w1.clone(), g1.clone(), Some(want_b1.clone()));
+    let w0_before = bits(&w0);
+    // w0 is still held here, so the kernel must copy it rather than write through it.
+    let (w1, b1) = sgd_step(w0.clone(), g0.clone(), None, h);
+    let b1 = b1.unwrap();
+    assert_eq!(bits(&w0), w0_before, "a shared weight was written through");
+    assert_eq!(bits(&w1), bits(&want_w1));
+    assert_eq!(bits(&b1), bits(&want_b1));
+    let (w2, b2) = sgd_step(w1, g1, Some(b1), h);
+    assert_eq!(bits(&w2), bits(&want_w2));
+    assert_eq!(bits(&b2.unwrap()), bits(&want_b2));
+}

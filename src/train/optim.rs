@@ -23,6 +23,8 @@ use burn::module::{Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
+use crate::kernels::sgd::SgdStep;
+use crate::kernels::sgd_step;
 use crate::params::{self, HostTensor, Role, Site, TensorMap, TensorMapper, TensorVisitor};
 use serde::{Deserialize, Serialize};
 
@@ -240,25 +242,17 @@ impl TensorMapper for SgdMapper<'_> {
             self.sgd.buffers.insert(vk, v);
             return Tensor::from_inner(w.reshape(dims));
         }
-        if decays {
-            g = g + w.clone() * cfg.weight_decay;
-        }
-        let d = if cfg.momentum > 0.0 {
-            let buf = match self.sgd.buffers.remove(&key) {
-                Some(b) => b * cfg.momentum + g.clone(),
-                None => g.clone(),
-            };
-            let d = if cfg.nesterov {
-                g + buf.clone() * cfg.momentum
-            } else {
-                buf.clone()
-            };
-            self.sgd.buffers.insert(key, buf);
-            d
-        } else {
-            g
+        let h = SgdStep {
+            lr: lr as f32,
+            weight_decay: if decays { cfg.weight_decay as f32 } else { 0.0 },
+            momentum: cfg.momentum as f32,
+            nesterov: cfg.nesterov,
         };
-        Tensor::from_inner((w - d * lr).reshape(dims))
+        let (w, buf) = sgd_step(w, g, self.sgd.buffers.remove(&key), h);
+        if let Some(buf) = buf {
+            self.sgd.buffers.insert(key, buf);
+        }
+        Tensor::from_inner(w.reshape(dims))
     }
 }
 
