@@ -357,7 +357,7 @@ fn sgd_step_matches_the_tensor_formula() {
         let d = g + buf.clone() * h.momentum;
         (w - d * h.lr, buf)
     };
-    let bits = |t: &Tensor<1>| t.to_data().to_vec::<f32>().unwrap();
+    let bits = |t: &Tensor<1>| t.to_data().try_to_vec::<f32>().unwrap();
     let (want_w1, want_b1) = formula(w0.clone(), g0.clone(), None);
     let (want_w2, want_b2) = formula(want_w1.clone(), g1.clone(), Some(want_b1.clone()));
     let w0_before = bits(&w0);
