@@ -573,7 +573,7 @@ impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
 
 #[backend_extension(Flex)]
 pub trait SgdBackend: Backend {
-    /// The first SGD step of a parameter ([`super::sgd::step`] without a buffer): returns the
+    /// The first SGD step of a parameter ([`super::update::sgd`] without a buffer): returns the
     /// updated weight and the new momentum buffer (the gradient's storage, holding `g'`).
     fn sgd_first(
         w: FloatTensor<Self>,
@@ -593,6 +593,22 @@ pub trait SgdBackend: Backend {
         momentum: f64,
         nesterov: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// The first AdamW step ([`super::update::adamw`], scalars from
+    /// [`super::update::AdamwStep::to_array`]): returns the weight, `m` (the gradient's
+    /// storage) and `v`.
+    fn adamw_first(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        hyper: [f64; 9],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// A later AdamW step: the weight, `m` and `v`, in place.
+    fn adamw_next(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        hyper: [f64; 9],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// `t` with storage of its own, exactly its values, row-major: itself when it already is
@@ -602,8 +618,8 @@ fn owned(t: FlexTensor) -> FlexTensor {
 }
 
 /// The hyperparameters as the f32 scalars Burn's tensor operations would multiply by.
-fn sgd_hyper(lr: f64, weight_decay: f64, momentum: f64, nesterov: bool) -> super::sgd::SgdStep {
-    super::sgd::SgdStep {
+fn sgd_hyper(lr: f64, weight_decay: f64, momentum: f64, nesterov: bool) -> super::update::SgdStep {
+    super::update::SgdStep {
         lr: lr as f32,
         weight_decay: weight_decay as f32,
         momentum: momentum as f32,
@@ -622,7 +638,7 @@ impl SgdBackend for Flex {
     ) -> (FlexTensor, FlexTensor) {
         let (mut w, mut g) = (owned(w), owned(g));
         let h = sgd_hyper(lr, weight_decay, momentum, nesterov);
-        super::sgd::step(w.storage_mut::<f32>(), g.storage_mut::<f32>(), None, h);
+        super::update::sgd(w.storage_mut::<f32>(), g.storage_mut::<f32>(), None, h);
         (w, g)
     }
     fn sgd_momentum(
@@ -637,7 +653,32 @@ impl SgdBackend for Flex {
         let (mut w, mut g, mut buf) = (owned(w), owned(g), owned(buf));
         let h = sgd_hyper(lr, weight_decay, momentum, nesterov);
         let b = buf.storage_mut::<f32>();
-        super::sgd::step(w.storage_mut::<f32>(), g.storage_mut::<f32>(), Some(b), h);
+        super::update::sgd(w.storage_mut::<f32>(), g.storage_mut::<f32>(), Some(b), h);
         (w, buf)
+    }
+    fn adamw_first(
+        w: FlexTensor,
+        g: FlexTensor,
+        hyper: [f64; 9],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (mut w, mut g) = (owned(w), owned(g));
+        let shape = g.shape();
+        let mut v = vec![0.0f32; shape.num_elements()];
+        let h = super::update::AdamwStep::from_array(hyper);
+        super::update::adamw(w.storage_mut(), g.storage_mut(), None, &mut v, h);
+        (w, g, FlexTensor::from_data(TensorData::new(v, shape)))
+    }
+    fn adamw_next(
+        w: FlexTensor,
+        g: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        hyper: [f64; 9],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (mut w, mut g, mut m, mut v) = (owned(w), owned(g), owned(m), owned(v));
+        let h = super::update::AdamwStep::from_array(hyper);
+        let moments = Some((m.storage_mut::<f32>(), v.storage_mut::<f32>()));
+        super::update::adamw(w.storage_mut(), g.storage_mut(), moments, &mut [], h);
+        (w, m, v)
     }
 }

@@ -23,10 +23,10 @@ pub mod nhwc;
 pub mod norm;
 pub mod plan;
 pub mod pool;
-pub mod sgd;
 mod simd;
 #[cfg(feature = "tch")]
 mod torch;
+pub mod update;
 pub mod winograd;
 
 use burn::nn::conv::Conv2d;
@@ -666,13 +666,13 @@ fn fast_add_relu(_: Tensor<4>, _: Tensor<4>) -> Tensor<4> {
 mod tests;
 
 /// One SGD step of a parameter (`w`, its gradient `g` and momentum buffer, flattened; the
-/// formula is [`sgd`]'s): in place on burn-flex, as tensor operations elsewhere, the same bits
+/// formula is [`update`]'s): in place on burn-flex, as tensor operations elsewhere, the same bits
 /// either way. Returns the new weight and, with momentum, the new buffer.
 pub fn sgd_step(
     w: Tensor<1>,
     g: Tensor<1>,
     buf: Option<Tensor<1>>,
-    h: sgd::SgdStep,
+    h: update::SgdStep,
 ) -> (Tensor<1>, Option<Tensor<1>>) {
     #[cfg(feature = "flex")]
     if w.dtype() == DType::F32 && g.dtype() == DType::F32 && active_on(&w.device()) {
@@ -695,6 +695,17 @@ pub fn sgd_step(
         let buf = (h.momentum != 0.0).then(|| Tensor::from_dispatch(b));
         return (Tensor::from_dispatch(w), buf);
     }
+    sgd_tensors(w, g, buf, h)
+}
+
+/// [`sgd_step`] as tensor operations: any backend, and the reference the kernel is tested
+/// against.
+fn sgd_tensors(
+    w: Tensor<1>,
+    g: Tensor<1>,
+    buf: Option<Tensor<1>>,
+    h: update::SgdStep,
+) -> (Tensor<1>, Option<Tensor<1>>) {
     let mut g = g;
     if h.weight_decay != 0.0 {
         g = g + w.clone() * h.weight_decay;
@@ -712,4 +723,61 @@ pub fn sgd_step(
         buf.clone()
     };
     (w - d * h.lr, Some(buf))
+}
+
+/// One AdamW step of a parameter (flattened `w`, gradient `g`, and the moments `(m, v)` after
+/// the first step; the formula is [`update::adamw`]'s): in place on burn-flex, as tensor
+/// operations elsewhere. Returns the new weight, `m` and `v`.
+pub fn adamw_step(
+    w: Tensor<1>,
+    g: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+    h: update::AdamwStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    #[cfg(feature = "flex")]
+    if w.dtype() == DType::F32 && g.dtype() == DType::F32 && active_on(&w.device()) {
+        use burn::backend::Dispatch;
+        use flex::SgdBackend;
+        let (w, g) = (w.into_dispatch(), g.into_dispatch());
+        let (w, m, v) = match moments {
+            Some((m, v)) => <Dispatch as SgdBackend>::adamw_next(
+                w,
+                g,
+                m.into_dispatch(),
+                v.into_dispatch(),
+                h.to_array(),
+            ),
+            None => <Dispatch as SgdBackend>::adamw_first(w, g, h.to_array()),
+        };
+        return (
+            Tensor::from_dispatch(w),
+            Tensor::from_dispatch(m),
+            Tensor::from_dispatch(v),
+        );
+    }
+    adamw_tensors(w, g, moments, h)
+}
+
+/// [`adamw_step`] as tensor operations: any backend, and the reference the kernel is tested
+/// against.
+fn adamw_tensors(
+    w: Tensor<1>,
+    g: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+    h: update::AdamwStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let mut w = w;
+    if h.lr_decay != 0.0 {
+        w = w.clone() - w * h.lr_decay;
+    }
+    let (m, v) = match moments {
+        Some((m, v)) => (
+            m * h.b1 + g.clone() * h.one_minus_b1,
+            v * h.b2 + g.clone() * g * h.one_minus_b2,
+        ),
+        None => (g.clone() * h.one_minus_b1, g.clone() * g * h.one_minus_b2),
+    };
+    let mhat = m.clone() / h.correction1;
+    let vhat = v.clone() / h.correction2;
+    (w - mhat / (vhat.sqrt() + h.eps) * h.lr, m, v)
 }

@@ -334,7 +334,7 @@ fn gemm_conv_runs_without_autodiff() {
 }
 
 /// The in-place SGD step on burn-flex gives the bits of the tensor formula (as Burn's own ops
-/// compute it), first step and later ones, shared or owned inputs, and leaves a tensor that
+/// compute it: [`sgd_tensors`], the other backends' path), first step and later ones, shared or owned inputs, and leaves a tensor that
 /// shares the weight's storage untouched.
 #[test]
 fn sgd_step_matches_the_tensor_formula() {
@@ -342,20 +342,15 @@ fn sgd_step_matches_the_tensor_formula() {
     let n = 70_001;
     let rand = || Tensor::<1>::random([n], Distribution::Normal(0.0, 1.0), &device);
     let (w0, g0, g1) = (rand(), rand(), rand());
-    let h = sgd::SgdStep {
+    let h = update::SgdStep {
         lr: 0.1,
         weight_decay: 5e-4,
         momentum: 0.9,
         nesterov: true,
     };
-    let formula = |w: Tensor<1>, g: Tensor<1>, buf: Option<Tensor<1>>| {
-        let g = g + w.clone() * h.weight_decay;
-        let buf = match buf {
-            Some(b) => b * h.momentum + g.clone(),
-            None => g.clone(),
-        };
-        let d = g + buf.clone() * h.momentum;
-        (w - d * h.lr, buf)
+    let formula = |w, g, buf| {
+        let (w, b) = sgd_tensors(w, g, buf, h);
+        (w, b.unwrap())
     };
     let bits = |t: &Tensor<1>| t.to_data().try_to_vec::<f32>().unwrap();
     let (want_w1, want_b1) = formula(w0.clone(), g0.clone(), None);
@@ -370,4 +365,40 @@ fn sgd_step_matches_the_tensor_formula() {
     let (w2, b2) = sgd_step(w1, g1, Some(b1), h);
     assert_eq!(bits(&w2), bits(&want_w2));
     assert_eq!(bits(&b2.unwrap()), bits(&want_b2));
+}
+
+/// The in-place AdamW step on burn-flex gives the bits of the tensor formula (Burn's ops:
+/// [`adamw_tensors`], the other backends' path), first step and a later one.
+#[test]
+fn adamw_step_matches_the_tensor_formula() {
+    let device = Device::flex();
+    let n = 70_001;
+    let rand = || Tensor::<1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+    let (w0, g0, g1) = (rand(), rand(), rand());
+    let hyper = |t: i32| {
+        let (lr, wd, b1, b2) = (1e-3f64, 0.05f64, 0.9f64, 0.999f64);
+        update::AdamwStep {
+            lr: lr as f32,
+            lr_decay: (lr * wd) as f32,
+            b1: b1 as f32,
+            b2: b2 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            correction1: (1.0 - b1.powi(t)) as f32,
+            correction2: (1.0 - b2.powi(t)) as f32,
+            eps: 1e-8,
+        }
+    };
+    let formula = |w, g, mv, t| adamw_tensors(w, g, mv, hyper(t));
+    let bits = |t: &Tensor<1>| t.to_data().try_to_vec::<f32>().unwrap();
+    let (ww1, wm1, wv1) = formula(w0.clone(), g0.clone(), None, 1);
+    let (ww2, wm2, wv2) = formula(ww1.clone(), g1.clone(), Some((wm1.clone(), wv1.clone())), 2);
+    let (w1, m1, v1) = adamw_step(w0.clone(), g0.clone(), None, hyper(1));
+    assert_eq!(bits(&w1), bits(&ww1));
+    assert_eq!(bits(&m1), bits(&wm1));
+    assert_eq!(bits(&v1), bits(&wv1));
+    let (w2, m2, v2) = adamw_step(w1, g1, Some((m1, v1)), hyper(2));
+    assert_eq!(bits(&w2), bits(&ww2));
+    assert_eq!(bits(&m2), bits(&wm2));
+    assert_eq!(bits(&v2), bits(&wv2));
 }

@@ -23,8 +23,8 @@ use burn::module::{Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-use crate::kernels::sgd::SgdStep;
-use crate::kernels::sgd_step;
+use crate::kernels::update::{AdamwStep, SgdStep};
+use crate::kernels::{adamw_step, sgd_step};
 use crate::params::{self, HostTensor, Role, Site, TensorMap, TensorMapper, TensorVisitor};
 use serde::{Deserialize, Serialize};
 
@@ -222,22 +222,28 @@ impl TensorMapper for SgdMapper<'_> {
         if cfg.kind == OptimKind::Adamw {
             let [b1, b2] = cfg.betas;
             let t = self.sgd.steps as i32;
-            let mut w = w;
-            if decays {
-                w = w.clone() - w * (lr * cfg.weight_decay);
-            }
+            // In f64 as written, then f32 (as Burn's scalar operations would take them).
+            let h = AdamwStep {
+                lr: lr as f32,
+                lr_decay: if decays {
+                    (lr * cfg.weight_decay) as f32
+                } else {
+                    0.0
+                },
+                b1: b1 as f32,
+                b2: b2 as f32,
+                one_minus_b1: (1.0 - b1) as f32,
+                one_minus_b2: (1.0 - b2) as f32,
+                correction1: (1.0 - b1.powi(t)) as f32,
+                correction2: (1.0 - b2.powi(t)) as f32,
+                eps: cfg.eps as f32,
+            };
             let (mk, vk) = (format!("m.{key}"), format!("v.{key}"));
-            let m = match self.sgd.buffers.remove(&mk) {
-                Some(m) => m * b1 + g.clone() * (1.0 - b1),
-                None => g.clone() * (1.0 - b1),
+            let moments = match (self.sgd.buffers.remove(&mk), self.sgd.buffers.remove(&vk)) {
+                (Some(m), Some(v)) => Some((m, v)),
+                _ => None,
             };
-            let v = match self.sgd.buffers.remove(&vk) {
-                Some(v) => v * b2 + g.clone().square() * (1.0 - b2),
-                None => g.square() * (1.0 - b2),
-            };
-            let mhat = m.clone() / (1.0 - b1.powi(t));
-            let vhat = v.clone() / (1.0 - b2.powi(t));
-            let w = w - mhat / (vhat.sqrt() + cfg.eps) * lr;
+            let (w, m, v) = adamw_step(w, g, moments, h);
             self.sgd.buffers.insert(mk, m);
             self.sgd.buffers.insert(vk, v);
             return Tensor::from_inner(w.reshape(dims));

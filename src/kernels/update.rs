@@ -1,6 +1,6 @@
-//! SGD with momentum in one pass over each parameter, in place.
+//! The optimisers' updates in one pass over each parameter, in place.
 //!
-//! [`crate::train::optim`] states the update (PyTorch's `torch.optim.SGD`, dampening 0):
+//! [`crate::train::optim`] states them; SGD (PyTorch's `torch.optim.SGD`, dampening 0):
 //! ```text
 //! g'  = g + wd * w
 //! buf = g'  (first step)  or  mu * buf + g'
@@ -13,6 +13,9 @@
 //! live set. Here `w` and `buf` are updated where they lie and the first step's buffer is the
 //! gradient's own storage. Each value is computed with the same f32 operations in the same
 //! order as the tensor formula, so the bits are those of the formula.
+//!
+//! AdamW (Loshchilov & Hutter 2019) as tensor operations took seven temporaries the size of
+//! the parameter; [`adamw`] takes none (its first step keeps `m` in the gradient's storage).
 
 use rayon::prelude::*;
 
@@ -35,7 +38,7 @@ const CHUNK: usize = 1 << 16;
 ///
 /// # Panics
 /// If the lengths differ.
-pub fn step(w: &mut [f32], g: &mut [f32], buf: Option<&mut [f32]>, h: SgdStep) {
+pub fn sgd(w: &mut [f32], g: &mut [f32], buf: Option<&mut [f32]>, h: SgdStep) {
     assert_eq!(w.len(), g.len(), "sgd: weight and gradient lengths differ");
     let wd = h.weight_decay;
     // `g + w * wd`, skipped (not added as 0) where the formula skips it, so -0.0 stays -0.0.
@@ -70,6 +73,132 @@ pub fn step(w: &mut [f32], g: &mut [f32], buf: Option<&mut [f32]>, h: SgdStep) {
                         };
                         *w -= d * h.lr;
                         *g = g1;
+                    }
+                });
+        }
+    }
+}
+
+/// AdamW's step as the f32 scalars the tensor formula multiplies and divides by; the caller
+/// works them out in f64 as the formula does (`lr * wd`, `1 - b1`, `1 - b1^t`, ...).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamwStep {
+    pub lr: f32,
+    /// `lr * weight_decay`; 0 skips the decoupled decay.
+    pub lr_decay: f32,
+    pub b1: f32,
+    pub b2: f32,
+    /// `1 - b1`, `1 - b2`.
+    pub one_minus_b1: f32,
+    pub one_minus_b2: f32,
+    /// The bias corrections `1 - b1^t`, `1 - b2^t`.
+    pub correction1: f32,
+    pub correction2: f32,
+    pub eps: f32,
+}
+
+impl AdamwStep {
+    /// The scalars in field order, for passing through a backend extension.
+    pub fn to_array(self) -> [f64; 9] {
+        [
+            self.lr,
+            self.lr_decay,
+            self.b1,
+            self.b2,
+            self.one_minus_b1,
+            self.one_minus_b2,
+            self.correction1,
+            self.correction2,
+            self.eps,
+        ]
+        .map(f64::from)
+    }
+
+    /// Inverse of [`Self::to_array`].
+    pub fn from_array(a: [f64; 9]) -> Self {
+        let [
+            lr,
+            lr_decay,
+            b1,
+            b2,
+            one_minus_b1,
+            one_minus_b2,
+            correction1,
+            correction2,
+            eps,
+        ] = a.map(|x| x as f32);
+        AdamwStep {
+            lr,
+            lr_decay,
+            b1,
+            b2,
+            one_minus_b1,
+            one_minus_b2,
+            correction1,
+            correction2,
+            eps,
+        }
+    }
+}
+
+/// One AdamW step of every value, `w` in place:
+/// ```text
+/// w = w - w * (lr * wd)
+/// m = b1 * m + (1 - b1) * g          (first step: (1 - b1) * g)
+/// v = b2 * v + (1 - b2) * g^2        (first step: (1 - b2) * g^2)
+/// w = w - (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) * lr
+/// ```
+/// With `moments = None` (the first step) `g` becomes `m` and `v_out` (same length) receives
+/// `v`; otherwise `g` is left as it was and `moments = (m, v)` are updated in place.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn adamw(
+    w: &mut [f32],
+    g: &mut [f32],
+    moments: Option<(&mut [f32], &mut [f32])>,
+    v_out: &mut [f32],
+    h: AdamwStep,
+) {
+    assert_eq!(
+        w.len(),
+        g.len(),
+        "adamw: weight and gradient lengths differ"
+    );
+    let apply = move |w: &mut f32, m: f32, v: f32| {
+        if h.lr_decay != 0.0 {
+            *w -= *w * h.lr_decay;
+        }
+        let (mhat, vhat) = (m / h.correction1, v / h.correction2);
+        *w -= mhat / (vhat.sqrt() + h.eps) * h.lr;
+    };
+    match moments {
+        Some((m, v)) => {
+            assert!(
+                m.len() == w.len() && v.len() == w.len(),
+                "adamw: moment lengths differ"
+            );
+            w.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(|((w, g), (m, v))| {
+                    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v) {
+                        *m = *m * h.b1 + g * h.one_minus_b1;
+                        *v = *v * h.b2 + g * g * h.one_minus_b2;
+                        apply(w, *m, *v);
+                    }
+                });
+        }
+        None => {
+            assert_eq!(w.len(), v_out.len(), "adamw: moment lengths differ");
+            w.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks_mut(CHUNK))
+                .zip(v_out.par_chunks_mut(CHUNK))
+                .for_each(|((w, g), v)| {
+                    for ((w, g), v) in w.iter_mut().zip(g.iter_mut()).zip(v) {
+                        let (m1, v1) = (*g * h.one_minus_b1, *g * *g * h.one_minus_b2);
+                        apply(w, m1, v1);
+                        (*g, *v) = (m1, v1);
                     }
                 });
         }
@@ -128,7 +257,7 @@ mod tests {
                 let g0: Vec<f32> = (0..n).map(|i| val(i, 2)).collect();
                 let b0: Vec<f32> = (0..n).map(|i| val(i, 3)).collect();
                 let (mut w, mut g, mut b) = (w0.clone(), g0.clone(), b0.clone());
-                step(&mut w, &mut g, (!first).then_some(&mut b[..]), h);
+                sgd(&mut w, &mut g, (!first).then_some(&mut b[..]), h);
                 // On the first step the gradient's storage is the new buffer.
                 let new_buf = if first { &g } else { &b };
                 for i in 0..n {
@@ -157,12 +286,12 @@ mod tests {
             nesterov: true,
         };
         let (mut w, mut g) = ([1.0f32], [2.0f32]);
-        step(&mut w, &mut g, None, h);
+        sgd(&mut w, &mut g, None, h);
         assert!((w[0] - 0.525).abs() < 1e-6 && g[0] == 2.5, "{w:?} {g:?}");
         // step 2: g' = 2 + 0.2625, buf = 0.9 * 2.5 + 2.2625 = 4.5125, w = 0.525 - 0.632375.
         let mut buf = g;
         let mut g = [2.0f32];
-        step(&mut w, &mut g, Some(&mut buf), h);
+        sgd(&mut w, &mut g, Some(&mut buf), h);
         assert!((buf[0] - 4.5125).abs() < 1e-5, "{buf:?}");
         assert!((w[0] + 0.107375).abs() < 1e-5, "{w:?}");
     }
