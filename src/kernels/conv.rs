@@ -12,6 +12,7 @@ use super::im2col::im2col_forward_act;
 pub use super::im2col::{im2col_backward, im2col_forward};
 use super::plan::{Algo, Cpu, plan};
 use super::{direct, nhwc, winograd};
+use rayon::prelude::*;
 
 /// The geometry of one convolution (no groups, no dilation, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,16 +154,33 @@ pub fn conv2d_backward(
 }
 
 /// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient as a
-/// convolution ([`ConvGeom::input_grad`]), written in order.
+/// convolution ([`ConvGeom::input_grad`]).
+///
+/// Every backward pass makes it again; written `c` by `c` it read `w` one tap group per
+/// `C_in * taps` floats, a cache miss each (0.9% of a resnet18 128 px fp32 step in `perf`).
+/// Here workers take blocks of input channels and walk `o` outermost, so each read is a
+/// block's contiguous run of `w`.
 pub(super) fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    const BLOCK: usize = 16;
     let taps = g.kh * g.kw;
-    let mut out = Vec::with_capacity(w.len());
-    for c in 0..g.cin {
-        for o in 0..g.cout {
-            let src = &w[(o * g.cin + c) * taps..][..taps];
-            out.extend(src.iter().rev());
-        }
-    }
+    assert_eq!(w.len(), g.cout * g.cin * taps, "rotated: weight length");
+    let mut out = vec![0.0f32; w.len()];
+    let row = g.cout * taps;
+    out.par_chunks_mut(BLOCK * row)
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            let c0 = blk * BLOCK;
+            let cs = dst.len() / row;
+            for o in 0..g.cout {
+                let src = &w[(o * g.cin + c0) * taps..][..cs * taps];
+                for (k, s) in src.chunks_exact(taps).enumerate() {
+                    let d = &mut dst[k * row + o * taps..][..taps];
+                    for (d, s) in d.iter_mut().zip(s.iter().rev()) {
+                        *d = *s;
+                    }
+                }
+            }
+        });
     out
 }
 
@@ -258,6 +276,33 @@ mod tests {
             g(2, 128, 4, 5, 128, [3, 3], 1, 1),
             g(3, 130, 5, 6, 32, [3, 3], 2, 1),
         ]
+    }
+
+    /// The blocked, parallel rotation is the definition `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`,
+    /// with input channels that fill no whole block and a non-square kernel.
+    #[test]
+    fn rotated_is_the_definition() {
+        for (cin, cout, kh, kw) in [(37, 5, 3, 2), (16, 3, 1, 1), (3, 64, 7, 7)] {
+            let g = ConvGeom {
+                cin,
+                cout,
+                kh,
+                kw,
+                ..geoms()[0]
+            };
+            let w = test_data(cout * cin * kh * kw, 9);
+            let r = rotated(&w, &g);
+            for c in 0..cin {
+                for o in 0..cout {
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let want = w[((o * cin + c) * kh + kh - 1 - i) * kw + kw - 1 - j];
+                            assert_eq!(r[((c * cout + o) * kh + i) * kw + j], want);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
