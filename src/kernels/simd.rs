@@ -193,6 +193,63 @@ dispatched! {
     }
 }
 
+/// One output row of a 3-wide, stride-2 max pooling window over `R` input rows: window `o`
+/// is `rows[r][2o..2o + 3]` for each row in order, `offs[r]` the plane offset of `rows[r][0]`.
+#[inline(always)]
+fn max_pool3s2<const R: usize>(y: &mut [f32], at: &mut [u32], rows: [&[f32]; R], offs: [u32; R]) {
+    let n = y.len();
+    let rows = rows.map(|r| &r[..2 * n + 1]);
+    if at.is_empty() {
+        for (o, y) in y.iter_mut().enumerate() {
+            let (mut best, mut i) = (rows[0][2 * o], 0);
+            for (r, row) in rows.iter().enumerate() {
+                for d in usize::from(r == 0)..3 {
+                    pool_take(&mut best, &mut i, row[2 * o + d], 0);
+                }
+            }
+            *y = best;
+        }
+        return;
+    }
+    let at = &mut at[..n];
+    for (o, (y, at)) in y.iter_mut().zip(at).enumerate() {
+        let (mut best, mut i) = (rows[0][2 * o], offs[0] + 2 * o as u32);
+        for (r, row) in rows.iter().enumerate() {
+            for d in usize::from(r == 0)..3 {
+                pool_take(
+                    &mut best,
+                    &mut i,
+                    row[2 * o + d],
+                    offs[r] + (2 * o + d) as u32,
+                );
+            }
+        }
+        (*y, *at) = (best, i);
+    }
+}
+
+dispatched! {
+    /// One output row of 3x3 stride-2 max pooling (ResNet's stem pool) over the first `n`
+    /// of `r0, r1, r2` (the window's rows inside the image, 1 to 3): `y[o]` is the first
+    /// maximum of `r0[2o..2o+3]`, then `r1`'s, then `r2`'s, the first NaN propagating, `at[o]`
+    /// (when `at` is not empty) its plane offset, row `k` starting at plane offset `offs[k]`.
+    pub fn max_pool3s2_row(
+        y: &mut [f32],
+        at: &mut [u32],
+        r0: &[f32],
+        r1: &[f32],
+        r2: &[f32],
+        n: usize,
+        offs: [u32; 3],
+    ) {
+        match n {
+            1 => max_pool3s2(y, at, [r0], [offs[0]]),
+            2 => max_pool3s2(y, at, [r0, r1], [offs[0], offs[1]]),
+            _ => max_pool3s2(y, at, [r0, r1, r2], offs),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
