@@ -33,8 +33,9 @@ pub struct SgdStep {
 /// Values per parallel chunk: large enough that a chunk is many pages of streaming work.
 const CHUNK: usize = 1 << 16;
 
-/// One step of every value: `w` and `buf` in place; `g` is overwritten with `g'` (so on the
-/// first step, `buf = None`, the gradient's storage becomes the momentum buffer).
+/// One step of every value: `w` and `buf` in place. On the first step (`buf = None`) `g` is
+/// overwritten with `g'`, so that the gradient's storage becomes the momentum buffer; later
+/// steps only read it.
 ///
 /// # Panics
 /// If the lengths differ.
@@ -47,15 +48,14 @@ pub fn sgd(w: &mut [f32], g: &mut [f32], buf: Option<&mut [f32]>, h: SgdStep) {
         Some(buf) if h.momentum != 0.0 => {
             assert_eq!(w.len(), buf.len(), "sgd: weight and buffer lengths differ");
             w.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
                 .zip(buf.par_chunks_mut(CHUNK))
                 .for_each(|((w, g), buf)| {
-                    for ((w, g), b) in w.iter_mut().zip(g.iter_mut()).zip(buf.iter_mut()) {
-                        let g1 = decayed(*g, *w);
+                    for ((w, &g), b) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
+                        let g1 = decayed(g, *w);
                         *b = *b * h.momentum + g1;
                         let d = if h.nesterov { g1 + *b * h.momentum } else { *b };
                         *w -= d * h.lr;
-                        *g = g1;
                     }
                 });
         }
