@@ -123,6 +123,14 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     };
     let weight_grad = if direct && (!winograd || (g.wo() >= 32 && fp32)) {
         Algo::Direct
+    } else if fp32 && cpu.tiles == Tiles::Avx512 && direct::fits_strided_weight_grad(g) {
+        // RGB stems by phase planes ([`direct::fits_strided_weight_grad`]). Against im2col's,
+        // fp32, 2 threads, Zen 4 (`CONV_LAYERS_ONLY="3->" conv_layers 2 fp32 MODEL SIZE
+        // BATCH`, ms): resnet18 at 128 px, batch 32, 42.9 -> 23.3; at 224 px 75.6 -> 68.0;
+        // alexnet 224 px 59.1 -> 53.8; alexnet_small 32 px, batch 64, 3.6 -> 1.8. With the
+        // AVX2 kernel (forced on the same CPU) it won at 128 px (41.3 -> 29.6) but lost at
+        // 224 px (74.2 -> 81.4; alexnet 54.3 -> 80.6), so AVX2 keeps im2col.
+        Algo::Direct
     } else if bf16_tiles(g, cpu)
         && nhwc::fits_weight_grad(g)
         && g.wo() >= 28
@@ -223,6 +231,13 @@ mod tests {
 
     use Algo::{ChannelsLast as C, Direct as D, Im2col as I, Winograd as W};
 
+    fn b16(g: ConvGeom) -> ConvGeom {
+        ConvGeom {
+            precision: Precision::Bf16,
+            ..g
+        }
+    }
+
     #[test]
     fn the_rules_on_typical_layers() {
         // Wide 3x3 layers: Winograd forward and input gradient; the weight gradient direct at
@@ -246,7 +261,11 @@ mod tests {
         // Stride 2 and 1x1: im2col for everything.
         assert_eq!(plan(&geom(64, 128, 56, 3, 2), AVX512), p(I, I, I));
         assert_eq!(plan(&geom(64, 256, 56, 1, 1), AVX512), p(I, I, I));
-        assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX512), p(I, I, I));
+        // ... except an RGB stem's fp32 weight gradient, by phase planes on the AVX-512
+        // direct kernel (AVX2 and AMX's bf16 keep im2col).
+        assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX512), p(I, I, D));
+        assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX2), p(I, I, I));
+        assert_eq!(plan(&b16(geom(3, 64, 224, 7, 2)), AMX), p(I, I, I));
         // bf16 on AVX512-BF16 without AMX: the channels-last kernel for 3x3 layers of 128+
         // input channels on maps up to 14 px and for their stride-2 layers (forward; the
         // input gradient where the stride is 1); not for 1x1 layers, 64-channel inputs,
