@@ -375,20 +375,7 @@ fn adamw_step_matches_the_tensor_formula() {
     let n = 70_001;
     let rand = || Tensor::<1>::random([n], Distribution::Normal(0.0, 1.0), &device);
     let (w0, g0, g1) = (rand(), rand(), rand());
-    let hyper = |t: i32| {
-        let (lr, wd, b1, b2) = (1e-3f64, 0.05f64, 0.9f64, 0.999f64);
-        update::AdamwStep {
-            lr: lr as f32,
-            lr_decay: (lr * wd) as f32,
-            b1: b1 as f32,
-            b2: b2 as f32,
-            one_minus_b1: (1.0 - b1) as f32,
-            one_minus_b2: (1.0 - b2) as f32,
-            correction1: (1.0 - b1.powi(t)) as f32,
-            correction2: (1.0 - b2.powi(t)) as f32,
-            eps: 1e-8,
-        }
-    };
+    let hyper = |t| update::AdamwStep::at_step(1e-3, 0.05, [0.9, 0.999], 1e-8, t);
     let formula = |w, g, mv, t| adamw_tensors(w, g, mv, hyper(t));
     let bits = |t: &Tensor<1>| t.to_data().try_to_vec::<f32>().unwrap();
     let (ww1, wm1, wv1) = formula(w0.clone(), g0.clone(), None, 1);

@@ -1,6 +1,7 @@
 //! The optimisers' updates in one pass over each parameter, in place.
 //!
-//! [`crate::train::optim`] states them; SGD (PyTorch's `torch.optim.SGD`, dampening 0):
+//! The optimiser (`src/train/optim.rs`) states them; SGD (PyTorch's `torch.optim.SGD`,
+//! dampening 0):
 //! ```text
 //! g'  = g + wd * w
 //! buf = g'  (first step)  or  mu * buf + g'
@@ -98,6 +99,23 @@ pub struct AdamwStep {
 }
 
 impl AdamwStep {
+    /// Step `t` (from 1) at learning rate `lr` with decoupled decay `weight_decay` (0 for the
+    /// tensors not decayed): the scalars worked out in f64 as the formula writes them, then
+    /// rounded once to f32.
+    pub fn at_step(lr: f64, weight_decay: f64, [b1, b2]: [f64; 2], eps: f64, t: i32) -> Self {
+        AdamwStep {
+            lr: lr as f32,
+            lr_decay: (lr * weight_decay) as f32,
+            b1: b1 as f32,
+            b2: b2 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            correction1: (1.0 - b1.powi(t)) as f32,
+            correction2: (1.0 - b2.powi(t)) as f32,
+            eps: eps as f32,
+        }
+    }
+
     /// The scalars in field order, for passing through a backend extension.
     pub fn to_array(self) -> [f64; 9] {
         [

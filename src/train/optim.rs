@@ -224,24 +224,8 @@ impl TensorMapper for SgdMapper<'_> {
         };
         let cfg = &self.sgd.config;
         if cfg.kind == OptimKind::Adamw {
-            let [b1, b2] = cfg.betas;
-            let t = self.sgd.steps as i32;
-            // In f64 as written, then f32 (as Burn's scalar operations would take them).
-            let h = AdamwStep {
-                lr: lr as f32,
-                lr_decay: if decays {
-                    (lr * cfg.weight_decay) as f32
-                } else {
-                    0.0
-                },
-                b1: b1 as f32,
-                b2: b2 as f32,
-                one_minus_b1: (1.0 - b1) as f32,
-                one_minus_b2: (1.0 - b2) as f32,
-                correction1: (1.0 - b1.powi(t)) as f32,
-                correction2: (1.0 - b2.powi(t)) as f32,
-                eps: cfg.eps as f32,
-            };
+            let wd = if decays { cfg.weight_decay } else { 0.0 };
+            let h = AdamwStep::at_step(lr, wd, cfg.betas, cfg.eps, self.sgd.steps as i32);
             let (mk, vk) = (format!("m.{key}"), format!("v.{key}"));
             let moments = match (self.sgd.buffers.remove(&mk), self.sgd.buffers.remove(&vk)) {
                 (Some(m), Some(v)) => Some((m, v)),
