@@ -572,7 +572,7 @@ impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
 }
 
 #[backend_extension(Flex)]
-pub trait SgdBackend: Backend {
+pub trait UpdateBackend: Backend {
     /// The first SGD step of a parameter ([`super::update::sgd`] without a buffer): returns the
     /// updated weight and the new momentum buffer (the gradient's storage, holding `g'`).
     fn sgd_first(
@@ -627,7 +627,7 @@ fn sgd_hyper(lr: f64, weight_decay: f64, momentum: f64, nesterov: bool) -> super
     }
 }
 
-impl SgdBackend for Flex {
+impl UpdateBackend for Flex {
     fn sgd_first(
         w: FlexTensor,
         g: FlexTensor,

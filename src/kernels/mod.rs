@@ -677,11 +677,11 @@ pub fn sgd_step(
     #[cfg(feature = "flex")]
     if w.dtype() == DType::F32 && g.dtype() == DType::F32 && active_on(&w.device()) {
         use burn::backend::Dispatch;
-        use flex::SgdBackend;
+        use flex::UpdateBackend;
         let (lr, wd, mu) = (h.lr as f64, h.weight_decay as f64, h.momentum as f64);
         let (w, g) = (w.into_dispatch(), g.into_dispatch());
         let (w, b) = match buf {
-            Some(b) if h.momentum != 0.0 => <Dispatch as SgdBackend>::sgd_momentum(
+            Some(b) if h.momentum != 0.0 => <Dispatch as UpdateBackend>::sgd_momentum(
                 w,
                 g,
                 b.into_dispatch(),
@@ -690,7 +690,7 @@ pub fn sgd_step(
                 mu,
                 h.nesterov,
             ),
-            _ => <Dispatch as SgdBackend>::sgd_first(w, g, lr, wd, mu, h.nesterov),
+            _ => <Dispatch as UpdateBackend>::sgd_first(w, g, lr, wd, mu, h.nesterov),
         };
         let buf = (h.momentum != 0.0).then(|| Tensor::from_dispatch(b));
         return (Tensor::from_dispatch(w), buf);
@@ -737,17 +737,17 @@ pub fn adamw_step(
     #[cfg(feature = "flex")]
     if w.dtype() == DType::F32 && g.dtype() == DType::F32 && active_on(&w.device()) {
         use burn::backend::Dispatch;
-        use flex::SgdBackend;
+        use flex::UpdateBackend;
         let (w, g) = (w.into_dispatch(), g.into_dispatch());
         let (w, m, v) = match moments {
-            Some((m, v)) => <Dispatch as SgdBackend>::adamw_next(
+            Some((m, v)) => <Dispatch as UpdateBackend>::adamw_next(
                 w,
                 g,
                 m.into_dispatch(),
                 v.into_dispatch(),
                 h.to_array(),
             ),
-            None => <Dispatch as SgdBackend>::adamw_first(w, g, h.to_array()),
+            None => <Dispatch as UpdateBackend>::adamw_first(w, g, h.to_array()),
         };
         return (
             Tensor::from_dispatch(w),
