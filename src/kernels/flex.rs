@@ -578,28 +578,21 @@ pub trait UpdateBackend: Backend {
     fn sgd_first(
         w: FloatTensor<Self>,
         g: FloatTensor<Self>,
-        lr: f64,
-        weight_decay: f64,
-        momentum: f64,
-        nesterov: bool,
+        h: super::update::SgdStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
     /// A later SGD step: returns the updated weight and momentum buffer, both in place.
     fn sgd_momentum(
         w: FloatTensor<Self>,
         g: FloatTensor<Self>,
         buf: FloatTensor<Self>,
-        lr: f64,
-        weight_decay: f64,
-        momentum: f64,
-        nesterov: bool,
+        h: super::update::SgdStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// The first AdamW step ([`super::update::adamw`], scalars from
-    /// [`super::update::AdamwStep::to_array`]): returns the weight, `m` (the gradient's
+    /// The first AdamW step ([`super::update::adamw`]): returns the weight, `m` (the gradient's
     /// storage) and `v`.
     fn adamw_first(
         w: FloatTensor<Self>,
         g: FloatTensor<Self>,
-        hyper: [f64; 9],
+        h: super::update::AdamwStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// A later AdamW step: the weight, `m` and `v`, in place.
     fn adamw_next(
@@ -607,7 +600,7 @@ pub trait UpdateBackend: Backend {
         g: FloatTensor<Self>,
         m: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        hyper: [f64; 9],
+        h: super::update::AdamwStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -617,27 +610,13 @@ fn owned(t: FlexTensor) -> FlexTensor {
     FlexTensor::from_data(t.into_data())
 }
 
-/// The hyperparameters as the f32 scalars Burn's tensor operations would multiply by.
-fn sgd_hyper(lr: f64, weight_decay: f64, momentum: f64, nesterov: bool) -> super::update::SgdStep {
-    super::update::SgdStep {
-        lr: lr as f32,
-        weight_decay: weight_decay as f32,
-        momentum: momentum as f32,
-        nesterov,
-    }
-}
-
 impl UpdateBackend for Flex {
     fn sgd_first(
         w: FlexTensor,
         g: FlexTensor,
-        lr: f64,
-        weight_decay: f64,
-        momentum: f64,
-        nesterov: bool,
+        h: super::update::SgdStep,
     ) -> (FlexTensor, FlexTensor) {
         let (mut w, mut g) = (owned(w), owned(g));
-        let h = sgd_hyper(lr, weight_decay, momentum, nesterov);
         super::update::sgd(w.storage_mut::<f32>(), g.storage_mut::<f32>(), None, h);
         (w, g)
     }
@@ -645,13 +624,9 @@ impl UpdateBackend for Flex {
         w: FlexTensor,
         g: FlexTensor,
         buf: FlexTensor,
-        lr: f64,
-        weight_decay: f64,
-        momentum: f64,
-        nesterov: bool,
+        h: super::update::SgdStep,
     ) -> (FlexTensor, FlexTensor) {
         let (mut w, mut g, mut buf) = (owned(w), owned(g), owned(buf));
-        let h = sgd_hyper(lr, weight_decay, momentum, nesterov);
         let b = buf.storage_mut::<f32>();
         super::update::sgd(w.storage_mut::<f32>(), g.storage_mut::<f32>(), Some(b), h);
         (w, buf)
@@ -659,12 +634,11 @@ impl UpdateBackend for Flex {
     fn adamw_first(
         w: FlexTensor,
         g: FlexTensor,
-        hyper: [f64; 9],
+        h: super::update::AdamwStep,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let (mut w, mut g) = (owned(w), owned(g));
         let shape = g.shape();
         let mut v = vec![0.0f32; shape.num_elements()];
-        let h = super::update::AdamwStep::from_array(hyper);
         super::update::adamw(w.storage_mut(), g.storage_mut(), None, &mut v, h);
         (w, g, FlexTensor::from_data(TensorData::new(v, shape)))
     }
@@ -673,10 +647,9 @@ impl UpdateBackend for Flex {
         g: FlexTensor,
         m: FlexTensor,
         v: FlexTensor,
-        hyper: [f64; 9],
+        h: super::update::AdamwStep,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let (mut w, mut g, mut m, mut v) = (owned(w), owned(g), owned(m), owned(v));
-        let h = super::update::AdamwStep::from_array(hyper);
         let moments = Some((m.storage_mut::<f32>(), v.storage_mut::<f32>()));
         super::update::adamw(w.storage_mut(), g.storage_mut(), moments, &mut [], h);
         (w, m, v)

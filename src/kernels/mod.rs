@@ -678,19 +678,12 @@ pub fn sgd_step(
     if w.dtype() == DType::F32 && g.dtype() == DType::F32 && active_on(&w.device()) {
         use burn::backend::Dispatch;
         use flex::UpdateBackend;
-        let (lr, wd, mu) = (h.lr as f64, h.weight_decay as f64, h.momentum as f64);
         let (w, g) = (w.into_dispatch(), g.into_dispatch());
         let (w, b) = match buf {
-            Some(b) if h.momentum != 0.0 => <Dispatch as UpdateBackend>::sgd_momentum(
-                w,
-                g,
-                b.into_dispatch(),
-                lr,
-                wd,
-                mu,
-                h.nesterov,
-            ),
-            _ => <Dispatch as UpdateBackend>::sgd_first(w, g, lr, wd, mu, h.nesterov),
+            Some(b) if h.momentum != 0.0 => {
+                <Dispatch as UpdateBackend>::sgd_momentum(w, g, b.into_dispatch(), h)
+            }
+            _ => <Dispatch as UpdateBackend>::sgd_first(w, g, h),
         };
         let buf = (h.momentum != 0.0).then(|| Tensor::from_dispatch(b));
         return (Tensor::from_dispatch(w), buf);
@@ -745,9 +738,9 @@ pub fn adamw_step(
                 g,
                 m.into_dispatch(),
                 v.into_dispatch(),
-                h.to_array(),
+                h,
             ),
-            None => <Dispatch as UpdateBackend>::adamw_first(w, g, h.to_array()),
+            None => <Dispatch as UpdateBackend>::adamw_first(w, g, h),
         };
         return (
             Tensor::from_dispatch(w),

@@ -103,26 +103,12 @@ pub fn max_pool_forward(x: &[f32], g: &PoolGeom, switches: bool) -> (Vec<f32>, V
             return;
         }
         for oy in 0..g.ho {
-            let (y0, y1) = PoolGeom::window(oy, g.kernel[0], g.stride[0], g.pad[0], g.h);
-            for ox in 0..g.wo {
-                let (x0, x1) = PoolGeom::window(ox, g.kernel[1], g.stride[1], g.pad[1], g.w);
-                let (mut best, mut at) = (f32::NEG_INFINITY, y0 * g.w + x0);
-                for iy in y0..y1 {
-                    for ix in x0..x1 {
-                        let v = xp[iy * g.w + ix];
-                        // First maximum wins, and NaN propagates (as PyTorch).
-                        if v > best || v.is_nan() {
-                            best = v;
-                            at = iy * g.w + ix;
-                            if v.is_nan() {
-                                break;
-                            }
-                        }
-                    }
-                }
+            let rows = PoolGeom::window(oy, g.kernel[0], g.stride[0], g.pad[0], g.h);
+            for (ox, &cols) in cols.iter().enumerate() {
+                let (best, at) = window_max(xp, g.w, rows, cols);
                 yp[oy * g.wo + ox] = best;
                 if let Some(ip) = ip.as_deref_mut() {
-                    ip[oy * g.wo + ox] = at as u32;
+                    ip[oy * g.wo + ox] = at;
                 }
             }
         }
@@ -164,8 +150,8 @@ fn window_max(
     (best, at as u32)
 }
 
-/// One plane of 3x3 stride-2 max pooling (ResNet's stem pool, 7% of a resnet18 step at
-/// 128 px through the window loop): the windows that lie inside the row in one vectorised
+/// One plane of 3x3 stride-2 max pooling (ResNet's stem pool, 2.5% of a bf16 resnet18 step at
+/// 224 px window by window): the windows that lie inside the row in one vectorised
 /// pass per output row ([`max_pool3s2_row`], NaN handled there), the clipped ones at the
 /// ends one by one. Same winners as the window loop.
 fn max_pool3s2_plane(

@@ -115,48 +115,6 @@ impl AdamwStep {
             eps: eps as f32,
         }
     }
-
-    /// The scalars in field order, for passing through a backend extension.
-    pub fn to_array(self) -> [f64; 9] {
-        [
-            self.lr,
-            self.lr_decay,
-            self.b1,
-            self.b2,
-            self.one_minus_b1,
-            self.one_minus_b2,
-            self.correction1,
-            self.correction2,
-            self.eps,
-        ]
-        .map(f64::from)
-    }
-
-    /// Inverse of [`Self::to_array`].
-    pub fn from_array(a: [f64; 9]) -> Self {
-        let [
-            lr,
-            lr_decay,
-            b1,
-            b2,
-            one_minus_b1,
-            one_minus_b2,
-            correction1,
-            correction2,
-            eps,
-        ] = a.map(|x| x as f32);
-        AdamwStep {
-            lr,
-            lr_decay,
-            b1,
-            b2,
-            one_minus_b1,
-            one_minus_b2,
-            correction1,
-            correction2,
-            eps,
-        }
-    }
 }
 
 /// One AdamW step of every value, `w` in place:
