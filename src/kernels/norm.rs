@@ -12,7 +12,7 @@
 //! # Shapes
 //! `x, y, dy, dx: [B, C, P]` (any spatial size `P`), `γ, β, μ, σ²: [C]`.
 
-use super::buf::par_zeroed;
+use super::buf::par_lazy;
 use super::simd::{affine_row, bn_dx_row, gated_sums, row_sq_dev, row_sum};
 use rayon::prelude::*;
 
@@ -55,10 +55,9 @@ pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
 pub fn scale_shift(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, g: &NormGeom) -> Vec<f32> {
     assert_eq!(x.len(), g.len(), "batch norm input length");
     let (cp, p) = (g.channels * g.positions, g.positions.max(1));
-    par_zeroed(x.len(), cp, x.par_chunks(cp.max(1)), |yn, xn| {
-        let rows = yn.chunks_mut(p).zip(xn.chunks(p));
-        for ((yc, xc), (&a, &b)) in rows.zip(scale.iter().zip(shift)) {
-            affine_row(yc, xc, a, b, relu);
+    par_lazy(x.len(), cp, x.par_chunks(cp.max(1)), |yn, xn| {
+        for (xc, (&a, &b)) in xn.chunks(p).zip(scale.iter().zip(shift)) {
+            affine_row(yn.take(xc.len()), xc, a, b, relu);
         }
     })
 }
@@ -125,12 +124,11 @@ pub fn backward(
     let count = (g.batch * g.positions).max(1) as f32;
     let (cp, p) = (g.channels * g.positions, g.positions.max(1));
     let inputs = x.par_chunks(cp.max(1)).zip(dy.par_chunks(cp.max(1)));
-    let dx = par_zeroed(x.len(), cp, inputs, |dxn, (xn, dyn_)| {
-        let rows = dxn.chunks_mut(p).zip(xn.chunks(p).zip(dyn_.chunks(p)));
-        for (c, (dxc, (xc, dc))) in rows.enumerate() {
+    let dx = par_lazy(x.len(), cp, inputs, |dxn, (xn, dyn_)| {
+        for (c, (xc, dc)) in xn.chunks(p).zip(dyn_.chunks(p)).enumerate() {
             let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
             let (mb, mg, k) = (dbeta[c] / count, dgamma[c] / count, gamma[c] * s);
-            bn_dx_row(dxc, xc, dc, [a, b, m, s], [mb, mg, k], relu);
+            bn_dx_row(dxn.take(xc.len()), xc, dc, [a, b, m, s], [mb, mg, k], relu);
         }
     });
     (dx, dgamma, dbeta)

@@ -24,7 +24,7 @@
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
-use super::buf::par_zeroed;
+use super::buf::par_lazy;
 use super::conv::ConvGeom;
 use super::simd::{dispatched, relu_row};
 use rayon::prelude::*;
@@ -312,7 +312,7 @@ pub fn forward_act(
     let parts = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per = g.batch.div_ceil(parts).max(1);
     let inputs = x.par_chunks((per * in_len).max(1));
-    par_zeroed(g.batch * out_len, per * out_len, inputs, |yb, xb| {
+    par_lazy(g.batch * out_len, per * out_len, inputs, |yb, xb| {
         let images = xb.len() / in_len.max(1);
         let mut v = vec![0.0f32; 16 * cin * group * tiles];
         let mut m = vec![0.0f32; 16 * cout * group * tiles];
@@ -360,9 +360,11 @@ pub fn forward_act(
                     ),
                 }
             }
+            // Image by image, plane by plane, in the order of the chunk: each plane zeroed
+            // just before its transform writes it ([`par_lazy`]).
             for i in 0..count {
-                let yn = &mut yb[(first + i) * out_len..][..out_len];
                 for o in 0..cout {
+                    let plane = yb.take(ho * wo);
                     output_transform(
                         &m[o * t_all..],
                         cout * t_all,
@@ -372,12 +374,12 @@ pub fn forward_act(
                         ho,
                         wo,
                         bias.map_or(0.0, |b| b[o]),
-                        &mut yn[o * ho * wo..][..ho * wo],
+                        plane,
                         &mut scratch,
                     );
-                }
-                if relu {
-                    relu_row(yn);
+                    if relu {
+                        relu_row(plane);
+                    }
                 }
             }
         }
