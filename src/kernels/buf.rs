@@ -119,11 +119,6 @@ impl<'a> Lazy<'a> {
         // layout of `f32`.
         unsafe { std::slice::from_raw_parts_mut(head.as_mut_ptr().cast::<f32>(), head.len()) }
     }
-
-    /// Values not yet taken.
-    pub fn left(&self) -> usize {
-        self.rest.len()
-    }
 }
 
 /// As [`par_zeroed`], with each chunk zeroed part by part as `f` takes it ([`Lazy`]).
@@ -198,7 +193,6 @@ mod tests {
                 let p = c.take(2);
                 assert_eq!(p, [0.0, 0.0]);
                 p[1] = 2.0;
-                assert_eq!(c.left(), 1);
             } else if i == 2 {
                 c.take(1)[0] = 3.0;
             }
