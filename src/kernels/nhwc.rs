@@ -433,7 +433,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                     super::bf16::round_slice(row, &mut t[oy * wq..][..wo]);
                 }
             }
-            transpose_words(scratch, cout, pairs, bytemuck::cast_slice_mut(d));
+            super::simd::transpose_words(scratch, cout, pairs, bytemuck::cast_slice_mut(d));
         },
     );
     let dyt: &[u32] = bytemuck::cast_slice(&dyt);
@@ -580,100 +580,6 @@ unsafe fn wgrad_tile_bf16<const V: usize>(
     }
 }
 
-/// `dst[c·rows + r] = src[r·cols + c]`: the `[rows, cols]` matrix of 32-bit words transposed,
-/// 16 x 16 blocks in registers where the CPU has AVX-512.
-///
-/// # Panics
-/// If a slice is not `rows · cols` long.
-fn transpose_words(src: &[u32], rows: usize, cols: usize, dst: &mut [u32]) {
-    assert_eq!(src.len(), rows * cols, "transpose source length");
-    assert_eq!(dst.len(), rows * cols, "transpose destination length");
-    #[cfg(target_arch = "x86_64")]
-    let wide = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
-    let (r16, c16) = if wide {
-        (rows / 16 * 16, cols / 16 * 16)
-    } else {
-        (0, 0)
-    };
-    for r0 in (0..r16).step_by(16) {
-        for c0 in (0..c16).step_by(16) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512 F was detected above; rows `r0..r0 + 16` and columns
-            // `c0..c0 + 16` lie inside both `[rows, cols]` and `[cols, rows]` matrices, whose
-            // lengths were asserted.
-            unsafe {
-                transpose16(
-                    src.as_ptr().add(r0 * cols + c0),
-                    cols,
-                    dst.as_mut_ptr().add(c0 * rows + r0),
-                    rows,
-                );
-            }
-        }
-    }
-    // What the blocks left: the last `cols % 16` columns of their rows, and the last
-    // `rows % 16` rows (everything without AVX-512).
-    for r in 0..rows {
-        let from = if r < r16 { c16 } else { 0 };
-        for c in from..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
-}
-
-/// One 16 x 16 block of 32-bit words transposed: row `i` of `src` (`ls` words apart) becomes
-/// column `i` of `dst` (rows `ld` words apart). Interleaves 32- and 64-bit words within each
-/// 128-bit lane (4 x 4 transposes of each lane), then moves the lanes.
-///
-/// # Safety
-/// The CPU has AVX-512 F; `src + i·ls + j` is readable and `dst + i·ld + j` writable for
-/// `i, j < 16`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(src: *const u32, ls: usize, dst: *mut u32, ld: usize) {
-    use std::arch::x86_64::*;
-    let mut r = [_mm512_setzero_si512(); 16];
-    for (i, v) in r.iter_mut().enumerate() {
-        // SAFETY: row `i < 16` of the block, readable by the contract.
-        *v = unsafe { _mm512_loadu_si512(src.add(i * ls).cast()) };
-    }
-    // Lane `L` of `t[2k]` / `t[2k + 1]`: words `4L, 4L + 1` / `4L + 2, 4L + 3` of rows
-    // `2k, 2k + 1`, interleaved.
-    let mut t = [_mm512_setzero_si512(); 16];
-    for k in 0..8 {
-        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-    }
-    // `u[4G + k]`, lane `L`: column `4L + k` of rows `4G..4G + 4`.
-    let mut u = [_mm512_setzero_si512(); 16];
-    for grp in 0..4 {
-        let b = 4 * grp;
-        u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
-        u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
-        u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
-        u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
-    }
-    // Column `4L + k` is lane `L` of `u[k], u[4 + k], u[8 + k], u[12 + k]`.
-    for k in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0x44>(u[k], u[4 + k]);
-        let v1 = _mm512_shuffle_i32x4::<0xee>(u[k], u[4 + k]);
-        let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + k], u[12 + k]);
-        let v3 = _mm512_shuffle_i32x4::<0xee>(u[8 + k], u[12 + k]);
-        let cols = [
-            _mm512_shuffle_i32x4::<0x88>(v0, v2),
-            _mm512_shuffle_i32x4::<0xdd>(v0, v2),
-            _mm512_shuffle_i32x4::<0x88>(v1, v3),
-            _mm512_shuffle_i32x4::<0xdd>(v1, v3),
-        ];
-        for (lane, c) in cols.into_iter().enumerate() {
-            // SAFETY: column `4·lane + k < 16` of the block, writable by the contract.
-            unsafe { _mm512_storeu_si512(dst.add((4 * lane + k) * ld).cast(), c) };
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,25 +710,6 @@ mod tests {
                 .install(|| forward_act(&x, &w, Some(&b), &g, true))
         };
         assert_eq!(run(1), run(3));
-    }
-
-    /// The 16 x 16 register blocks and the edges they leave against the definition.
-    #[test]
-    fn transpose_words_is_the_transpose() {
-        for (rows, cols) in [(16, 16), (32, 37), (48, 5), (19, 33), (1, 1), (0, 4)] {
-            let src: Vec<u32> = (0..rows * cols).map(|v| v as u32 * 7 + 3).collect();
-            let mut dst = vec![0u32; rows * cols];
-            transpose_words(&src, rows, cols, &mut dst);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(
-                        dst[c * rows + r],
-                        src[r * cols + c],
-                        "{rows}x{cols} at {r},{c}"
-                    );
-                }
-            }
-        }
     }
 
     #[test]
