@@ -294,8 +294,7 @@ pub(super) fn transpose_words(src: &[u32], rows: usize, cols: usize, dst: &mut [
 }
 
 /// One 16 x 16 block of 32-bit words transposed: row `i` of `src` (`ls` words apart) becomes
-/// column `i` of `dst` (rows `ld` words apart). Interleaves 32- and 64-bit words within each
-/// 128-bit lane (4 x 4 transposes of each lane), then moves the lanes.
+/// column `i` of `dst` (rows `ld` words apart).
 ///
 /// # Safety
 /// The CPU has AVX-512 F; `src + i·ls + j` is readable and `dst + i·ld + j` writable for
@@ -309,6 +308,20 @@ pub(super) unsafe fn transpose16(src: *const u32, ls: usize, dst: *mut u32, ld: 
         // SAFETY: row `i < 16` of the block, readable by the contract.
         *v = unsafe { _mm512_loadu_si512(src.add(i * ls).cast()) };
     }
+    transpose16_regs(&mut r);
+    for (i, v) in r.into_iter().enumerate() {
+        // SAFETY: row `i < 16` of the transposed block, writable by the contract.
+        unsafe { _mm512_storeu_si512(dst.add(i * ld).cast(), v) };
+    }
+}
+
+/// 16 vectors of 16 words as a 16 x 16 matrix, transposed in registers: word `j` of `r[i]`
+/// moves to word `i` of `r[j]`. Interleaves 32- and 64-bit words within each 128-bit lane
+/// (4 x 4 transposes of each lane), then moves the lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) fn transpose16_regs(r: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
     // Lane `L` of `t[2k]` / `t[2k + 1]`: words `4L, 4L + 1` / `4L + 2, 4L + 3` of rows
     // `2k, 2k + 1`, interleaved.
     let mut t = [_mm512_setzero_si512(); 16];
@@ -331,16 +344,10 @@ pub(super) unsafe fn transpose16(src: *const u32, ls: usize, dst: *mut u32, ld: 
         let v1 = _mm512_shuffle_i32x4::<0xee>(u[k], u[4 + k]);
         let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + k], u[12 + k]);
         let v3 = _mm512_shuffle_i32x4::<0xee>(u[8 + k], u[12 + k]);
-        let cols = [
-            _mm512_shuffle_i32x4::<0x88>(v0, v2),
-            _mm512_shuffle_i32x4::<0xdd>(v0, v2),
-            _mm512_shuffle_i32x4::<0x88>(v1, v3),
-            _mm512_shuffle_i32x4::<0xdd>(v1, v3),
-        ];
-        for (lane, c) in cols.into_iter().enumerate() {
-            // SAFETY: column `4·lane + k < 16` of the block, writable by the contract.
-            unsafe { _mm512_storeu_si512(dst.add((4 * lane + k) * ld).cast(), c) };
-        }
+        r[k] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+        r[4 + k] = _mm512_shuffle_i32x4::<0xdd>(v0, v2);
+        r[8 + k] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+        r[12 + k] = _mm512_shuffle_i32x4::<0xdd>(v1, v3);
     }
 }
 
@@ -366,7 +373,6 @@ mod tests {
             }
         }
     }
-
 
     #[test]
     fn sums_match_the_obvious_loop() {
