@@ -4,7 +4,8 @@
 //! overwrites it. The binary keeps freed memory on its heap (`mallopt`, `src/main.rs`), so
 //! calloc cannot hand out fresh zero pages and really runs `memset`: 45% of the main thread's
 //! samples in a resnet18_small training step (`perf record -s`, 2026-12-01), while both rayon
-//! workers waited for it. Here each chunk is zeroed by the worker that then writes it.
+//! workers waited for it. Here each chunk is zeroed by the worker that then writes it, whole
+//! ([`par_zeroed`]) or part by part as the kernel takes the parts ([`par_lazy`]).
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -27,31 +28,10 @@ where
     Init: Fn() -> S + Sync + Send,
     F: Fn(&mut S, &mut [f32], I::Item) + Sync + Send,
 {
-    if n == 0 {
-        return Vec::new();
-    }
-    let chunk = chunk.max(1);
-    assert_eq!(
-        inputs.len(),
-        n.div_ceil(chunk),
-        "par_zeroed: {n} values in chunks of {chunk} need one input per chunk"
-    );
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
-        .zip(inputs)
-        .for_each_init(init, |state, (c, item)| {
-            c.fill(MaybeUninit::new(0.0));
-            // SAFETY: every element of `c` was just written, and `MaybeUninit<f32>` has the
-            // layout of `f32`.
-            let c =
-                unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
-            f(state, c, item);
-        });
-    // SAFETY: `inputs` has one item per chunk (asserted above) and the zip visits each pair
-    // exactly once, so all `n` values were written; a panic in `f` propagates before this.
-    unsafe { out.set_len(n) };
-    out
+    par_lazy_with(n, chunk, inputs, init, |state, c, item| {
+        let whole = c.take(c.rest.len());
+        f(state, whole, item)
+    })
 }
 
 /// [`par_zeroed_with`] without per-worker state.
@@ -130,6 +110,17 @@ where
     I: IndexedParallelIterator,
     F: Fn(&mut Lazy<'_>, I::Item) + Sync + Send,
 {
+    par_lazy_with(n, chunk, inputs, || (), |_, c, item| f(c, item))
+}
+
+/// The one loop under [`par_zeroed_with`] and [`par_lazy`]: chunk `i` of `n` values handed
+/// to `f` as a [`Lazy`] with item `i` of `inputs`, `init` making each worker's state.
+fn par_lazy_with<I, S, Init, F>(n: usize, chunk: usize, inputs: I, init: Init, f: F) -> Vec<f32>
+where
+    I: IndexedParallelIterator,
+    Init: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, &mut Lazy<'_>, I::Item) + Sync + Send,
+{
     if n == 0 {
         return Vec::new();
     }
@@ -137,15 +128,15 @@ where
     assert_eq!(
         inputs.len(),
         n.div_ceil(chunk),
-        "par_lazy: {n} values in chunks of {chunk} need one input per chunk"
+        "{n} values in chunks of {chunk} need one input per chunk"
     );
     let mut out: Vec<f32> = Vec::with_capacity(n);
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(chunk)
         .zip(inputs)
-        .for_each(|(c, item)| {
+        .for_each_init(init, |state, (c, item)| {
             let mut lazy = Lazy { rest: c };
-            f(&mut lazy, item);
+            f(state, &mut lazy, item);
             // `f` holds the `Lazy` only by reference, so it cannot keep or forget it: what it
             // did not take is zeroed here.
             lazy.rest.fill(MaybeUninit::new(0.0));
