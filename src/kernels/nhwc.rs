@@ -86,10 +86,14 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<u32> {
 }
 
 /// `count` images of `x` (NCHW f32) into `xq` as zero-padded channels-last bf16 pairs.
+///
+/// Only the images' own positions are written: the padding words of `xq` must already be
+/// zero. The callers allocate `xq` zeroed and reuse it image group after image group, so the
+/// padding stays zero; zeroing the whole group buffer (up to 4 MiB) on every call went out
+/// to memory ahead of the values, as [`super::buf::par_lazy`] describes.
 fn pad_pack(x: &[f32], count: usize, g: &ConvGeom, xq: &mut [u32]) {
     let (hp, wp, kp) = padded(g);
     let (plane, in_len) = (g.h * g.w, g.in_len());
-    xq.fill(0);
     #[cfg(target_arch = "x86_64")]
     if super::bf16::available() {
         assert!(x.len() >= count * in_len && xq.len() >= count * hp * wp * kp);
