@@ -7,15 +7,27 @@
 # e.g. build the example at two commits, copy each `target/release/examples/conv_layers` aside,
 #   bench/conv_layers_ab.sh /tmp/cl_old /tmp/cl_new 5 "px 3x3/1" bf16 resnet18 224 32
 # ONLY is CONV_LAYERS_ONLY (a substring of the layer's description; "->" keeps them all).
+# Each run uses 2 threads.
 set -euo pipefail
+if [ $# -lt 8 ]; then
+  echo "usage: $0 OLD_BIN NEW_BIN ROUNDS ONLY PRECISION MODEL SIZE BATCH" >&2
+  exit 2
+fi
 OLD=$1 NEW=$2 ROUNDS=$3 ONLY=$4
 shift 4
+for bin in "$OLD" "$NEW"; do
+  [ -x "$bin" ] || { echo "$0: $bin is not an executable conv_layers build" >&2; exit 2; }
+done
 out=$(mktemp)
 for _ in $(seq "$ROUNDS"); do
   for b in old new; do
     bin=$OLD; [ $b = new ] && bin=$NEW
-    CONV_LAYERS_ONLY="$ONLY" "$bin" 2 "$@" 2>&1 | grep -E '^ +[0-9]+->[0-9]+ .* fwd' |
-      awk -v b=$b '{print b, $1"_"$2"_"$3, $6, $(NF-6), $(NF-3)}' >> "$out"
+    if ! run=$(CONV_LAYERS_ONLY="$ONLY" "$bin" 2 "$@" 2>&1); then
+      echo "$0: $bin 2 $* failed:" >&2; echo "$run" >&2; exit 1
+    fi
+    echo "$run" | grep -E '^ +[0-9]+->[0-9]+ .* fwd' |
+      awk -v b=$b '{print b, $1"_"$2"_"$3, $6, $(NF-6), $(NF-3)}' >> "$out" ||
+      { echo "$0: no layer of $* matches ONLY=\"$ONLY\"" >&2; exit 1; }
   done
 done
 python3 - "$out" <<'PY'
