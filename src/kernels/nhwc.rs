@@ -61,25 +61,38 @@ fn padded(g: &ConvGeom) -> (usize, usize, usize) {
 /// The weights as `[C_out / 64 blocks][taps][C_in / 2][width]` pair words, `width` 64 except
 /// for a narrower last block: block `o0`'s word `(t, p, o)` is `(w[o0 + o][2p][t],
 /// w[o0 + o][2p + 1][t])`.
+///
+/// Each run of 16 output channels is rounded into 16 rows of `taps · C_in / 2` pairs (read in
+/// the order `w` is stored), then transposed 16 x 16 in registers into its 16 columns of the
+/// block. Writing each half-word straight to its place (256 bytes after the one before) was a
+/// third of the 4 px 512 -> 512 layer's forward samples (Zen 4, bf16, 128 px).
 fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<u32> {
     use rayon::prelude::*;
     let (taps, kp) = (g.kh * g.kw, g.cin / 2);
-    let mut out = vec![0u32; g.cout * taps * kp];
+    let words = taps * kp;
+    let mut out = vec![0u32; g.cout * words];
     // One block per task (4.7 MB of weights for 512 -> 512 3x3, a third of the layer's time
-    // at 4 px when one thread packed them), each in the order `w` is stored: walking the packed
-    // order instead read `w` 18 KB apart (7% of the layer's forward samples at 7 px).
-    out.par_chunks_mut(BLOCK * taps * kp)
+    // at 4 px when one thread packed them).
+    out.par_chunks_mut(BLOCK * words)
         .zip(w.par_chunks(BLOCK * g.cin * taps))
         .for_each(|(block, wb)| {
             let width = wb.len() / (g.cin * taps);
-            let halves: &mut [u16] = bytemuck::cast_slice_mut(block);
-            for (o, wo) in wb.chunks_exact(g.cin * taps).enumerate() {
-                for (c, wc) in wo.chunks_exact(taps).enumerate() {
-                    for (t, &v) in wc.iter().enumerate() {
-                        let word = (t * kp + c / 2) * width + o;
-                        halves[2 * word + c % 2] = super::bf16::round_bits(v) as u16;
+            let mut rows = vec![0u32; LANES.min(width) * words];
+            for o0 in (0..width).step_by(LANES) {
+                let n = LANES.min(width - o0);
+                let rows = &mut rows[..n * words];
+                for (wo, row) in wb[o0 * g.cin * taps..]
+                    .chunks_exact(g.cin * taps)
+                    .zip(rows.chunks_exact_mut(words))
+                {
+                    for (p, wc) in wo.chunks_exact(2 * taps).enumerate() {
+                        let (lo, hi) = wc.split_at(taps);
+                        for t in 0..taps {
+                            row[t * kp + p] = pair(lo[t], hi[t]);
+                        }
                     }
                 }
+                super::simd::transpose_words_into(rows, n, words, &mut block[o0..], width);
             }
         });
     out
@@ -429,9 +442,9 @@ const CHUNK_WORDS: usize = 64;
 /// The weight gradient `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] · X[n][c][s·q + (i, j)]`,
 /// products in bf16 and sums in f32.
 ///
-/// Positions run over `H_out` rows of `W_p` padded columns (the extra columns' `dY` is zero;
-/// with a stride, over the phase planes described below), so positions `q` and `q + 1` read
-/// neighbouring inputs for every tap: one 32-bit load from the bf16 padded image
+/// Positions run in pairs along each output row of the padded image (with a stride, of the
+/// phase planes described below), so positions `q` and `q + 1` read neighbouring inputs for
+/// every tap: one 32-bit load from the bf16 padded image
 /// (`[C_in, H_p, W_p]`, NCHW) is the pair `VDPBF16PS` multiplies with
 /// the pair `(dY[q], dY[q + 1])` of 16 output channels, from `dY` transposed to
 /// `[positions / 2, C_out]` pairs. A register tile is 6 `(c, i, j)` rows x 64 output
@@ -466,7 +479,15 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     // read consecutive values at any stride (stride 1: one plane, the padded image).
     let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
     let plane = hq * wq;
-    let pairs = (ho * wq).div_ceil(2);
+    // Position pairs within each output row only: the row's last `W_q - W_out` columns (a
+    // third of the positions at 4 px, 512 -> 512) have no `dY`, and pairs running over them
+    // multiplied zeros.
+    let positions = Rows {
+        count: ho,
+        pairs: wo.div_ceil(2),
+        stride: wq,
+    };
+    let pairs = positions.count * positions.pairs;
     // The last pair of the last tap of the last plane reads up to `wq` halves past the planes.
     let img_x = (g.cin * sh * sw * plane + wq + 2).next_multiple_of(2);
     let img_d = pairs * cout;
@@ -518,7 +539,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
             for (o, so) in s.chunks_exact(ho * wo).enumerate() {
                 let t = &mut halves[o * 2 * pairs..][..2 * pairs];
                 for (oy, row) in so.chunks_exact(wo).enumerate() {
-                    super::bf16::round_slice(row, &mut t[oy * wq..][..wo]);
+                    super::bf16::round_slice(row, &mut t[oy * 2 * positions.pairs..][..wo]);
                 }
             }
             super::simd::transpose_words(scratch, cout, pairs, bytemuck::cast_slice_mut(d));
@@ -557,7 +578,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                         xb,
                         img_x,
                         images,
-                        pairs,
+                        positions,
                         dyt,
                         d0,
                         img_d,
@@ -576,8 +597,18 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     super::gemm::sum_transposed_in_order(&[&dwt], k, cout)
 }
 
-/// One weight-gradient tile: `c[r][o] = Σ_{n < images} Σ_{m < pairs} xb[a[r] + n·img_x + 2m ..+2]
-/// · dyt[d0 + n·img_d + m·ld + o]` (pairs), for `vectors` vectors of output channels.
+/// The output positions a weight-gradient tile sums over, per image: `count` rows of `pairs`
+/// position pairs, rows `stride` halves apart in the bf16 image.
+#[derive(Clone, Copy, Debug)]
+struct Rows {
+    count: usize,
+    pairs: usize,
+    stride: usize,
+}
+
+/// One weight-gradient tile: `c[r][o] = Σ_{n < images} Σ_{y < rows.count} Σ_{m < rows.pairs}
+/// xb[a[r] + n·img_x + y·rows.stride + 2m ..+2] · dyt[d0 + n·img_d + (y·rows.pairs + m)·ld + o]`
+/// (pairs), for `vectors` vectors of output channels.
 #[allow(clippy::too_many_arguments)]
 fn wgrad_tile(
     vectors: usize,
@@ -585,33 +616,34 @@ fn wgrad_tile(
     xb: &[u16],
     img_x: usize,
     images: usize,
-    pairs: usize,
+    rows: Rows,
     dyt: &[u32],
     d0: usize,
     img_d: usize,
     ld: usize,
     c: &mut [[f32; BLOCK]; TILE],
 ) {
-    if images == 0 || pairs == 0 {
+    if images == 0 || rows.count == 0 || rows.pairs == 0 {
         c.iter_mut().for_each(|r| r.fill(0.0));
         return;
     }
-    let last_x = (images - 1) * img_x + 2 * pairs;
+    let pairs = rows.count * rows.pairs;
+    let last_x = (images - 1) * img_x + (rows.count - 1) * rows.stride + 2 * rows.pairs;
     assert!(a.iter().all(|&at| at + last_x <= xb.len()), "tile rows");
     let last_d = d0 + (images - 1) * img_d + (pairs - 1) * ld + LANES * vectors;
     assert!(last_d <= dyt.len(), "tile output gradient");
     #[cfg(target_arch = "x86_64")]
     {
-        let rows: [*const u16; TILE] = std::array::from_fn(|r| xb.as_ptr().wrapping_add(a[r]));
+        let at: [*const u16; TILE] = std::array::from_fn(|r| xb.as_ptr().wrapping_add(a[r]));
         let d = dyt.as_ptr().wrapping_add(d0);
         // SAFETY: `weight_grad` asserted AVX512-BF16; the asserts above bound the last pair
         // of every row and the last vector of `dyt` the tile reads.
         unsafe {
             match vectors {
-                4 => wgrad_tile_bf16::<4>(&rows, img_x, images, pairs, d, img_d, ld, c),
-                3 => wgrad_tile_bf16::<3>(&rows, img_x, images, pairs, d, img_d, ld, c),
-                2 => wgrad_tile_bf16::<2>(&rows, img_x, images, pairs, d, img_d, ld, c),
-                1 => wgrad_tile_bf16::<1>(&rows, img_x, images, pairs, d, img_d, ld, c),
+                4 => wgrad_tile_bf16::<4>(&at, img_x, images, rows, d, img_d, ld, c),
+                3 => wgrad_tile_bf16::<3>(&at, img_x, images, rows, d, img_d, ld, c),
+                2 => wgrad_tile_bf16::<2>(&at, img_x, images, rows, d, img_d, ld, c),
+                1 => wgrad_tile_bf16::<1>(&at, img_x, images, rows, d, img_d, ld, c),
                 _ => unreachable!("1 to 4 vectors of output channels"),
             }
         }
@@ -623,8 +655,9 @@ fn wgrad_tile(
 /// [`wgrad_tile`] on `V` vectors.
 ///
 /// # Safety
-/// The CPU has AVX-512 F and BF16; every `a[r] + n·img_x` is valid for `2·pairs` halves and
-/// `d + n·img_d + m·ld` for `16·V` words, for `n < images`, `m < pairs`.
+/// The CPU has AVX-512 F and BF16; every `a[r] + n·img_x + y·rows.stride` is valid for
+/// `2·rows.pairs` halves and `d + n·img_d + m·ld` for `16·V` words, for `n < images`,
+/// `y < rows.count`, `m < rows.count·rows.pairs`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -632,7 +665,7 @@ unsafe fn wgrad_tile_bf16<const V: usize>(
     a: &[*const u16; TILE],
     img_x: usize,
     images: usize,
-    pairs: usize,
+    rows: Rows,
     d: *const u32,
     img_d: usize,
     ld: usize,
@@ -646,16 +679,20 @@ unsafe fn wgrad_tile_bf16<const V: usize>(
         for n in 0..images {
             let at: [*const u16; TILE] = std::array::from_fn(|r| a[r].add(n * img_x));
             let dn = d.add(n * img_d);
-            for m in 0..pairs {
-                let dm = dn.add(m * ld);
-                let dv: [__m512bh; V] = std::array::from_fn(|v| {
-                    std::mem::transmute(_mm512_loadu_si512(dm.add(LANES * v).cast()))
-                });
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let word = at[r].add(2 * m).cast::<i32>().read_unaligned();
-                    let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
-                    for v in 0..V {
-                        row[v] = _mm512_dpbf16_ps(row[v], xv, dv[v]);
+            for y in 0..rows.count {
+                let xy: [*const u16; TILE] = std::array::from_fn(|r| at[r].add(y * rows.stride));
+                let dy = dn.add(y * rows.pairs * ld);
+                for m in 0..rows.pairs {
+                    let dm = dy.add(m * ld);
+                    let dv: [__m512bh; V] = std::array::from_fn(|v| {
+                        std::mem::transmute(_mm512_loadu_si512(dm.add(LANES * v).cast()))
+                    });
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let word = xy[r].add(2 * m).cast::<i32>().read_unaligned();
+                        let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
+                        for v in 0..V {
+                            row[v] = _mm512_dpbf16_ps(row[v], xv, dv[v]);
+                        }
                     }
                 }
             }

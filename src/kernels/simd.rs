@@ -256,8 +256,32 @@ dispatched! {
 /// # Panics
 /// If a slice is not `rows · cols` long.
 pub(super) fn transpose_words(src: &[u32], rows: usize, cols: usize, dst: &mut [u32]) {
-    assert_eq!(src.len(), rows * cols, "transpose source length");
     assert_eq!(dst.len(), rows * cols, "transpose destination length");
+    transpose_words_into(src, rows, cols, dst, rows);
+}
+
+/// [`transpose_words`] into a wider matrix: `dst[c·ld + r] = src[r·cols + c]`, the words of
+/// `dst` past column `rows` of each row left as they are.
+///
+/// # Panics
+/// If `src` is not `rows · cols` long, `ld < rows`, or `dst` is shorter than `cols` rows of
+/// `ld` (the last one `rows` words).
+pub(super) fn transpose_words_into(
+    src: &[u32],
+    rows: usize,
+    cols: usize,
+    dst: &mut [u32],
+    ld: usize,
+) {
+    assert_eq!(src.len(), rows * cols, "transpose source length");
+    assert!(
+        ld >= rows,
+        "transpose destination stride {ld} < {rows} rows"
+    );
+    assert!(
+        cols == 0 || dst.len() >= (cols - 1) * ld + rows,
+        "transpose destination length"
+    );
     #[cfg(target_arch = "x86_64")]
     let wide = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
@@ -271,14 +295,14 @@ pub(super) fn transpose_words(src: &[u32], rows: usize, cols: usize, dst: &mut [
         for c0 in (0..c16).step_by(16) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512 F was detected above; rows `r0..r0 + 16` and columns
-            // `c0..c0 + 16` lie inside both `[rows, cols]` and `[cols, rows]` matrices, whose
-            // lengths were asserted.
+            // `c0..c0 + 16` lie inside the `[rows, cols]` source and, `ld` apart, inside the
+            // destination, whose lengths were asserted.
             unsafe {
                 transpose16(
                     src.as_ptr().add(r0 * cols + c0),
                     cols,
-                    dst.as_mut_ptr().add(c0 * rows + r0),
-                    rows,
+                    dst.as_mut_ptr().add(c0 * ld + r0),
+                    ld,
                 );
             }
         }
@@ -288,7 +312,7 @@ pub(super) fn transpose_words(src: &[u32], rows: usize, cols: usize, dst: &mut [
     for r in 0..rows {
         let from = if r < r16 { c16 } else { 0 };
         for c in from..cols {
-            dst[c * rows + r] = src[r * cols + c];
+            dst[c * ld + r] = src[r * cols + c];
         }
     }
 }
@@ -369,6 +393,27 @@ mod tests {
                         src[r * cols + c],
                         "{rows}x{cols} at {r},{c}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Into a wider destination: the transpose lands in the first `rows` words of each row and
+    /// the words past them keep their values.
+    #[test]
+    fn transpose_words_into_keeps_the_rest_of_each_row() {
+        for (rows, cols, ld) in [(16, 32, 64), (32, 37, 48), (17, 5, 20), (0, 3, 2)] {
+            let src: Vec<u32> = (0..rows * cols).map(|v| v as u32 * 5 + 1).collect();
+            let mut dst = vec![u32::MAX; cols * ld];
+            transpose_words_into(&src, rows, cols, &mut dst, ld);
+            for c in 0..cols {
+                for r in 0..ld {
+                    let want = if r < rows {
+                        src[r * cols + c]
+                    } else {
+                        u32::MAX
+                    };
+                    assert_eq!(dst[c * ld + r], want, "{rows}x{cols} ld {ld} at {c},{r}");
                 }
             }
         }
