@@ -10,7 +10,8 @@
 //! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
 //!   the stride-1 input gradient of layers with 1152+ products per output and at least two
 //!   taps, in place of im2col, and of Winograd on maps up to 14 px; and its weight gradient
-//!   in place of im2col's for stride-1 layers and RGB stems on maps from 28 px;
+//!   in place of im2col's for every layer of more than one tap, and 1x1 stride-1 layers on
+//!   maps from 28 px;
 //! - forward: Winograd F(2x2, 3x3) where it fits, except layers of fewer than 64 input
 //!   channels that the direct kernels take in bf16 or with AVX-512 tiles; else the direct
 //!   kernels where they fit and the CPU has AVX2 or AVX-512; else im2col + GEMM. In bf16 on
@@ -133,20 +134,25 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         Algo::Direct
     } else if bf16_tiles(g, cpu)
         && nhwc::fits_weight_grad(g)
-        && g.wo() >= 28
-        && (g.stride == [1, 1] || g.cin < 16)
+        && (g.kh * g.kw > 1 || (g.stride == [1, 1] && g.wo() >= 28))
     {
         // Measured against im2col's (Zen 4, 2 threads, two alternated runs each, ms):
         // resnet18 at 224 px, batch 32 (`conv_layers 2 bf16 resnet18 224 32`): 64 -> 64 at
         // 56 px 29.3-29.5 -> 24.2-24.7, 128 -> 128 at 28 px 22.9-23.5 -> 21.4-22.4; vgg16 at
         // 224 px, batch 8: 64 -> 64 at 224 px 117-124 -> 112-113, 128 -> 128 at 112 px
         // 93-96 -> 80-85, 256 -> 256 at 56 px 80-81 -> 75-78, 512 -> 512 at 28 px 81-82 ->
-        // 77. Below 28 px it lost (256 -> 256 at 14 px 20.2 -> 21.4-22.7, 512 -> 512 at 7 px
-        // 24.8-27.0 -> 26.6-28.2): too few positions per tile for its stores. Strided, only
-        // the RGB stems (their 3 input channels split unevenly over im2col's threads):
-        // resnet18's 7x7/2 57-66 -> 39-40 ms at 224 px and 19-20 -> 13.5-13.7 at 128 px,
-        // alexnet's 11x11/4 42 -> 20.5-20.8 at 224 px, batch 32; a 64-channel 3x3/2 (16.4-16.8
-        // -> 18.0) and the 1x1/2 projections (4.5-5.3 -> 9.5-10.5 at 56 px) were slower.
+        // 77. Below 28 px it lost until its position pairs stopped running over the padded
+        // columns (2026-12-04, fastest of 2-3 alternated runs, `bench/conv_layers_ab.sh`):
+        // resnet18 at 128 px 128 -> 128 16 px 8.4 -> 6.3, 256 -> 256 8 px 9.5 -> 7.4,
+        // 512 -> 512 4 px 12.7 -> 10.6; at 224 px 256 -> 256 14 px 23.1 -> 20.2, 512 -> 512
+        // 7 px 29.9 -> 27.3; vgg16's 512 -> 512 14 px 27.2 -> 19.8. Strided 3x3 then won
+        // too, except one: resnet18 at 128 px 64 -> 128 5.2 -> 4.6, 128 -> 256 4.5 -> 4.1,
+        // 256 -> 512 5.2 -> 4.2; at 224 px 15.6 -> 14.3, 12.6 -> 12.3, but 256 -> 512 at 14 px
+        // 13.4 -> 14.0. The RGB stems: resnet18's 7x7/2 57-66 -> 39-40 ms at 224 px and
+        // 19-20 -> 13.5-13.7 at 128 px, alexnet's 11x11/4 42 -> 20.5-20.8 at 224 px, batch
+        // 32. The 1x1 layers only from 28 px and stride 1: the 1x1/2 projections were slower
+        // (4.5-5.3 -> 9.5-10.5 at 56 px), and so were resnet50's 1x1/1 below 28 px after the
+        // change above (256 -> 1024 at 14 px 5.1 -> 7.6, 512 -> 2048 at 7 px 5.6 -> 9.9).
         Algo::ChannelsLast
     } else {
         Algo::Im2col
@@ -274,15 +280,17 @@ mod tests {
             precision: Precision::Bf16,
             ..g
         };
-        assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AVX512), p(C, C, I));
-        assert_eq!(plan(&b(geom(256, 256, 14, 3, 1)), AVX512), p(C, C, I));
-        assert_eq!(plan(&b(geom(128, 256, 28, 3, 2)), AVX512), p(C, I, I));
-        // Its weight gradient from 28 px maps up: stride 1, or an RGB stem.
+        assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AVX512), p(C, C, C));
+        assert_eq!(plan(&b(geom(256, 256, 14, 3, 1)), AVX512), p(C, C, C));
+        assert_eq!(plan(&b(geom(128, 256, 28, 3, 2)), AVX512), p(C, I, C));
+        // Its weight gradient for every layer of more than one tap (any map, any stride, the
+        // RGB stems too), and for 1x1 layers from 28 px maps up at stride 1.
         assert_eq!(plan(&b(geom(128, 128, 28, 3, 1)), AVX512), p(W, W, C));
         assert_eq!(plan(&b(geom(64, 64, 56, 3, 1)), AVX512), p(W, W, C));
         assert_eq!(plan(&b(geom(3, 64, 224, 7, 2)), AVX512), p(I, I, C));
-        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, I));
-        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, C));
+        assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(I, I, C));
+        assert_eq!(plan(&b(geom(256, 1024, 14, 1, 1)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(I, I, I));
         // Without AVX2 the direct kernels never run.
