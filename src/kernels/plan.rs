@@ -182,7 +182,9 @@ fn bf16_tiles(g: &ConvGeom, cpu: Cpu) -> bool {
 /// -> 6.4: too few products per output for its per-tile stores), 1x1 layers (2.2 -> 6.7 ms
 /// at 56 px: the whole image is copied for one tap) and Winograd's 28-56 px maps (128 ->
 /// 128 at 28 px 13.7-15.1 -> 19.6); at 8 px the two were within the VM's noise (5.2-8.3 vs
-/// 6.4-7.2).
+/// 6.4-7.2). RGB stems, their third channel paired with a zero, lost too (2026-12-04,
+/// resnet18's 7x7/2 at 128 px 10.5 -> 25.5 ms, at 224 px 33.6 -> 41.2): 147 products per
+/// output do not pay for a tile's 384 scattered NCHW stores.
 fn channels_last(g: &ConvGeom, cpu: Cpu, winograd: bool, direct: bool) -> bool {
     bf16_tiles(g, cpu)
         && nhwc::fits(g)
