@@ -11,10 +11,10 @@
 //! broadcast channel pair per position and four weight vectors per step, `VDPBF16PS` summing
 //! in f32; every tap and channel of a tile is summed in registers before one store.
 //!
-//! The weight gradient of stride-1 layers ([`weight_grad`]) reads its left operand in place
-//! too, from the padded image kept NCHW: over padded rows, positions `q` and `q + 1` read
-//! neighbouring inputs for every tap, so one 32-bit load is the position pair `VDPBF16PS`
-//! multiplies with `(dY[q], dY[q + 1])` of 16 output channels.
+//! The weight gradient ([`weight_grad`]; strided layers by phase planes) reads its left operand
+//! in place too, from the padded image kept NCHW: along each output row, positions `q` and
+//! `q + 1` read neighbouring inputs for every tap, so one 32-bit load is the position pair
+//! `VDPBF16PS` multiplies with `(dY[q], dY[q + 1])` of 16 output channels.
 //!
 //! Which layers use which kernel is the plan's call ([`super::plan`], measured there).
 //!
