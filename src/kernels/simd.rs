@@ -48,23 +48,16 @@ macro_rules! dispatched {
 
 pub(crate) use dispatched;
 
-/// `Σ f(a_i, b_i)` in [`LANES`] partial sums.
+/// `Σ f(a_i, b_i)` in [`LANES`] partial sums ([`lane_sum2`] with its second sum unused, which
+/// the compiler drops).
 #[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += f(xa[l], xb[l]);
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
-    acc.iter().sum::<f32>() + tail
+    lane_sum2(a, b, f, |_, _| 0.0).0
 }
 
-/// `(Σ f(a_i, b_i), Σ g(a_i, b_i))` in one pass over `a` and `b`: each sum in the order
-/// [`lane_sum`] takes, so the bits are the two calls' bits.
+/// `(Σ f(a_i, b_i), Σ g(a_i, b_i))` in one pass over `a` and `b`, each in [`LANES`] partial
+/// sums (lane `l` adds elements `l, l + LANES, ..`, then the lanes and the tail are added):
+/// the same bits as two passes.
 #[inline(always)]
 fn lane_sum2(
     a: &[f32],
