@@ -95,9 +95,9 @@ pub fn conv2d_forward_act(
     relu: bool,
 ) -> Vec<f32> {
     match plan(g, Cpu::detect()).forward {
-        Algo::Winograd => {
-            let u = winograd::transform_weights(w, g.cout, g.cin, false);
-            winograd::forward_act(x, &u, bias, g, relu)
+        Algo::Winograd(tile) => {
+            let u = winograd::transform_weights(w, g.cout, g.cin, false, tile);
+            winograd::forward_act(x, &u, bias, g, relu, tile)
         }
         Algo::Direct => direct::forward_act(x, w, bias, g, relu),
         Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
@@ -137,10 +137,10 @@ pub fn conv2d_backward(
         _ => im2col_backward(x, w, dy, g, rest),
     };
     let dx = need[0].then(|| match plan.input_grad {
-        Algo::Winograd => {
+        Algo::Winograd(tile) => {
             let gi = g.input_grad();
-            let ut = winograd::transform_weights(w, g.cout, g.cin, true);
-            winograd::forward(dy, &ut, None, &gi)
+            let ut = winograd::transform_weights(w, g.cout, g.cin, true, tile);
+            winograd::forward(dy, &ut, None, &gi, tile)
         }
         Algo::Direct => direct::backward(x, w, dy, g, [true, false, false])
             .0

@@ -12,7 +12,8 @@
 //!   taps, in place of im2col, and of Winograd on maps up to 14 px; and its weight gradient
 //!   in place of im2col's for every layer of more than one tap, and 1x1 stride-1 layers on
 //!   maps from 28 px;
-//! - forward: Winograd F(2x2, 3x3) where it fits, except layers of fewer than 64 input
+//! - forward: Winograd where it fits (F(4x4, 3x3) in f32 on maps from 16 px, else
+//!   F(2x2, 3x3): [`winograd_tile`]), except layers of fewer than 64 input
 //!   channels that the direct kernels take in bf16 or with AVX-512 tiles; else the direct
 //!   kernels where they fit and the CPU has AVX2 or AVX-512; else im2col + GEMM. In bf16 on
 //!   a CPU with AMX the direct kernels never run (the tiles make the GEMM faster);
@@ -23,13 +24,14 @@
 
 use super::Precision;
 use super::conv::ConvGeom;
-use super::{direct, nhwc, winograd};
+use super::winograd::{self, Tile};
+use super::{direct, nhwc};
 
 /// A convolution algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
-    /// Winograd's F(2x2, 3x3) ([`super::winograd`]).
-    Winograd,
+    /// Winograd's F(2x2, 3x3) or F(4x4, 3x3) ([`super::winograd`]).
+    Winograd(Tile),
     /// Register-tiled direct convolution ([`super::direct`]).
     Direct,
     /// im2col + GEMM ([`super::conv`]), any geometry.
@@ -41,7 +43,8 @@ pub enum Algo {
 impl Algo {
     pub fn as_str(self) -> &'static str {
         match self {
-            Algo::Winograd => "winograd",
+            Algo::Winograd(Tile::F2) => "winograd",
+            Algo::Winograd(Tile::F4) => "winograd4",
             Algo::Direct => "direct",
             Algo::Im2col => "im2col",
             Algo::ChannelsLast => "nhwc",
@@ -105,7 +108,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     let forward = if channels_last(g, cpu, winograd, direct) {
         Algo::ChannelsLast
     } else if winograd {
-        Algo::Winograd
+        Algo::Winograd(winograd_tile(g))
     } else if direct {
         Algo::Direct
     } else {
@@ -116,7 +119,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     {
         Algo::ChannelsLast
     } else if winograd {
-        Algo::Winograd
+        Algo::Winograd(winograd_tile(g))
     } else if direct && g.cin >= 16 {
         Algo::Direct
     } else {
@@ -161,6 +164,27 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         forward,
         input_grad,
         weight_grad,
+    }
+}
+
+/// Which Winograd variant a layer that runs Winograd uses ([`Tile`]): F(4x4, 3x3) in f32 on
+/// outputs of 16 px and more, F(2x2, 3x3) otherwise (bf16 always, for its rounding error:
+/// the numbers are beside [`Tile`]).
+///
+/// Below 16 px F(4x4, 3x3) has so few tiles per plane (4 at 8 px) that its transforms'
+/// per-plane work outweighs the smaller GEMMs. resnet18 at 128 px, batch 32, 2 threads, f32,
+/// Zen 4, fastest of 5 alternated runs (`bench/conv_layers_ab.sh OLD NEW 5 "px 3x3/1" fp32
+/// resnet18 128 32`), forward / input gradient ms, F(2x2) -> F(4x4): 64 -> 64 at 32 px
+/// 8.9 / 8.3 -> 6.6 / 6.6, 128 -> 128 at 16 px 7.1 / 7.7 -> 7.0 / 6.7, 256 -> 256 at 8 px
+/// 7.7 / 8.1 -> 9.1 / 9.5; resnet50 at 224 px, batch 16 (3 runs): 64 -> 64 at 56 px
+/// 14.7 / 12.8 -> 11.7 / 8.8, 128 -> 128 at 28 px 11.0 / 11.3 -> 9.0 / 9.0, and 256 -> 256
+/// at 14 px 13.8 / 14.4 -> 15.4 / 15.9 (4 runs; 16 tiles a plane, the last row and column
+/// of tiles half empty).
+fn winograd_tile(g: &ConvGeom) -> Tile {
+    if g.precision == Precision::Fp32 && g.ho() >= 16 && g.wo() >= 16 {
+        Tile::F4
+    } else {
+        Tile::F2
     }
 }
 
@@ -237,7 +261,10 @@ mod tests {
         }
     }
 
-    use Algo::{ChannelsLast as C, Direct as D, Im2col as I, Winograd as W};
+    use Algo::{ChannelsLast as C, Direct as D, Im2col as I};
+    /// Winograd F(2x2, 3x3) and F(4x4, 3x3).
+    const W: Algo = Algo::Winograd(Tile::F2);
+    const W4: Algo = Algo::Winograd(Tile::F4);
 
     fn b16(g: ConvGeom) -> ConvGeom {
         ConvGeom {
@@ -248,13 +275,15 @@ mod tests {
 
     #[test]
     fn the_rules_on_typical_layers() {
-        // Wide 3x3 layers: Winograd forward and input gradient; the weight gradient direct at
-        // 32 px and up in fp32, im2col below.
-        assert_eq!(plan(&geom(64, 64, 56, 3, 1), AVX512), p(W, W, D));
-        assert_eq!(plan(&geom(128, 128, 16, 3, 1), AVX512), p(W, W, I));
+        // Wide 3x3 layers: Winograd forward and input gradient (F(4x4, 3x3) in fp32 from
+        // 16 px, F(2x2, 3x3) below and in bf16); the weight gradient direct at 32 px and up
+        // in fp32, im2col below.
+        assert_eq!(plan(&geom(64, 64, 56, 3, 1), AVX512), p(W4, W4, D));
+        assert_eq!(plan(&geom(128, 128, 16, 3, 1), AVX512), p(W4, W4, I));
+        assert_eq!(plan(&geom(256, 256, 14, 3, 1), AVX512), p(W, W, I));
         // 32 -> 32: the AVX-512 direct tiles win; the AVX2 ones keep Winograd in fp32.
         assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX512), p(D, D, D));
-        assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX2), p(W, W, I));
+        assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX2), p(W4, W4, I));
         let bf16 = ConvGeom {
             precision: Precision::Bf16,
             ..geom(32, 32, 16, 3, 1)
@@ -297,6 +326,6 @@ mod tests {
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(I, I, I));
         // Without AVX2 the direct kernels never run.
         assert_eq!(plan(&geom(16, 16, 32, 3, 1), PLAIN), p(I, I, I));
-        assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W, W, I));
+        assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W4, W4, I));
     }
 }

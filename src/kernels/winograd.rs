@@ -1,7 +1,7 @@
-//! 3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016,
-//! "Fast Algorithms for Convolutional Neural Networks"): each 2x2 block of outputs comes from a
-//! 4x4 block of input with 16 multiplies per channel pair instead of 36, so the GEMM work of a
-//! 3x3 layer drops 2.25x, at the price of cheap add-only transforms:
+//! 3x3 stride-1 convolutions by Winograd's minimal filtering (Lavin & Gray, 2016, "Fast
+//! Algorithms for Convolutional Neural Networks"). F(2x2, 3x3): each 2x2 block of outputs
+//! comes from a 4x4 block of input with 16 multiplies per channel pair instead of 36, so the
+//! GEMM work of a 3x3 layer drops 2.25x, at the price of cheap add-only transforms:
 //!
 //! ```text
 //! Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A        Bᵀ = | 1  0 -1  0 |   G = | 1    0    0  |   Aᵀ = | 1 1  1  0 |
@@ -10,16 +10,23 @@
 //!                                              | 0  1  0 -1 |       | 0    0    1  |
 //! ```
 //!
-//! Summed over input channels, the elementwise product becomes 16 GEMMs, one per position ξ of
-//! the 4x4 transformed tile: `M[ξ] (C_out x T) = U[ξ] (C_out x C_in) · V[ξ] (C_in x T)` over the
-//! `T` tiles of a group of images. The input gradient of a stride-1 convolution is itself a
-//! stride-1 convolution of the output gradient (kernel rotated 180°, channels swapped, padding
-//! `2 - p`), so it runs through the same code; the weight gradient stays im2col + GEMM.
+//! F(4x4, 3x3) ([`Tile::F4`]): 4x4 outputs from a 6x6 input block with 36 multiplies instead of
+//! 144 (4x fewer), and 2.25 transformed values per output instead of 4 (Lavin & Gray's
+//! matrices; [`b4`], [`a4`], [`Tile::filter`]).
+//!
+//! Summed over input channels, the elementwise product becomes one GEMM per position ξ of
+//! the transformed tile (16 or 36): `M[ξ] (C_out x T) = U[ξ] (C_out x C_in) · V[ξ] (C_in x T)`
+//! over the `T` tiles of a group of images. The input gradient of a stride-1 convolution is
+//! itself a stride-1 convolution of the output gradient (kernel rotated 180°, channels
+//! swapped, padding `2 - p`), so it runs through the same code; the weight gradient stays
+//! im2col + GEMM or the direct kernels. Which variant a layer runs is the kernel plan's call.
 //!
 //! F(2x2, 3x3) keeps f32 accuracy (its transforms have entries 0, ±1/2, ±1: rounding errors are
-//! of the order of the direct method's, Lavin & Gray table 4); the tests bound the difference
-//! from the definition at 1e-4. With `precision = "bf16"` the 16 GEMMs run on the bf16 kernel
-//! ([`super::bf16`]), the transforms in f32; the tests keep that within bf16 rounding of f32.
+//! of the order of the direct method's, Lavin & Gray table 4); F(4x4, 3x3)'s larger entries
+//! cost more of it, which f32 can afford and bf16 cannot ([`Tile`]). The tests bound both
+//! variants' difference from the definition at 1e-4 in f32. With `precision = "bf16"` the
+//! GEMMs of F(2x2, 3x3) run on the bf16 kernel ([`super::bf16`]), the transforms in f32; the
+//! tests keep that within bf16 rounding of f32.
 //!
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
@@ -51,7 +58,10 @@ const GROUP_TILES: usize = 64;
 /// were not measured against Winograd there, so they keep it). At 64 channels Winograd still
 /// wins (bench-vgg's 64 -> 128 16 px in bf16: 5.5 against 6.0 ms forward).
 pub fn applies(g: &ConvGeom) -> bool {
-    super::plan::plan(g, super::plan::Cpu::detect()).forward == super::plan::Algo::Winograd
+    matches!(
+        super::plan::plan(g, super::plan::Cpu::detect()).forward,
+        super::plan::Algo::Winograd(_)
+    )
 }
 
 /// The geometry F(2x2, 3x3) computes exactly and is worth it for: 3x3 stride 1, symmetric
@@ -70,58 +80,142 @@ pub fn fits(g: &ConvGeom) -> bool {
         && g.wo() >= 8
 }
 
+/// Which of Lavin & Gray's algorithms a layer runs: F(2x2, 3x3) (4x4 input tiles, 16
+/// products per 2x2 outputs) or F(4x4, 3x3) (6x6 input tiles, 36 products per 4x4 outputs:
+/// 4x fewer multiplies than the direct method instead of 2.25x, and 2.25 transformed values
+/// per output instead of 4).
+///
+/// F(4x4, 3x3)'s transforms have entries up to 5 (`Bᵀ`) and 8 (`Aᵀ`), which scale the
+/// operands' rounding errors: on bf16-rounded operands its output error was 1.55e-2 of the
+/// output's mean magnitude against 3.6e-3 for F(2x2, 3x3) and 3.0e-3 for the direct method
+/// (one output block of a 64-channel layer, random normal data and 0.1-scaled weights,
+/// `bench/winograd_bf16_error.py`).
+/// So bf16 keeps F(2x2, 3x3), and f32, whose rounding is 2^16 times finer, runs F(4x4, 3x3)
+/// where the kernel plan says so ([`super::plan`]: on maps of 16 px and more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    F2,
+    F4,
+}
+
+impl Tile {
+    /// Outputs per tile side (`m`).
+    fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+    /// Transformed values per tile: `(m + 2)²`, one GEMM each.
+    pub fn xis(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+    /// `G · (a, b, c)`: one column of a 3x3 kernel through the filter transform.
+    fn filter(self, [a, b, c]: [f32; 3]) -> [f32; 6] {
+        match self {
+            Tile::F2 => [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c, 0.0, 0.0],
+            Tile::F4 => [
+                a / 4.0,
+                -(a + b + c) / 6.0,
+                -(a - b + c) / 6.0,
+                a / 24.0 + b / 12.0 + c / 6.0,
+                a / 24.0 - b / 12.0 + c / 6.0,
+                c,
+            ],
+        }
+    }
+}
+
 /// `U[ξ][o][c] = (G g_oc Gᵀ)[ξ]` for `w: [C_out, C_in, 3, 3]`; with `for_input_grad`, of the
-/// rotated, channel-swapped kernel (`U[ξ][c][o]` from `g_oc` turned 180°).
-pub fn transform_weights(w: &[f32], cout: usize, cin: usize, for_input_grad: bool) -> Vec<f32> {
+/// rotated, channel-swapped kernel (`U[ξ][c][o]` from `g_oc` turned 180°). `ξ` runs over the
+/// `tile.xis()` transformed positions, row by row.
+pub fn transform_weights(
+    w: &[f32],
+    cout: usize,
+    cin: usize,
+    for_input_grad: bool,
+    tile: Tile,
+) -> Vec<f32> {
     let (rows, cols) = if for_input_grad {
         (cin, cout)
     } else {
         (cout, cin)
     };
-    // Each kernel's 16 values (in parallel: a serial step here held back the thread scaling),
-    // then regrouped by ξ.
-    let tiles: Vec<[f32; 16]> = (0..cout * cin)
-        .into_par_iter()
-        .map(|oc| {
-            let k = &w[oc * 9..][..9];
-            let at = |i: usize, j: usize| {
-                if for_input_grad {
-                    k[(2 - i) * 3 + (2 - j)]
-                } else {
-                    k[i * 3 + j]
+    let xis = tile.xis();
+    // Row by row of `U` (`o` forward, `c` for the input gradient): the row's kernels gathered
+    // tap by tap (`taps[t][s]`, turned 180° for the input gradient), transformed as runs over
+    // `s` ([`transform_row`]), then each ξ plane gathers its rows as contiguous runs. Kernels
+    // transformed one by one into `[kernel][ξ]` and regrouped plane by plane read that whole
+    // array once per ξ, a cache line per value at F(4x4, 3x3)'s 36 (9.4 MB for 256 -> 256,
+    // twice per step), and ran scalar.
+    let mut by_row = vec![0.0f32; rows * xis * cols];
+    by_row
+        .par_chunks_mut(xis * cols)
+        .enumerate()
+        .for_each_init(Vec::new, |taps, (r, out)| {
+            taps.resize(9 * cols, 0.0);
+            for s in 0..cols {
+                let (o, c) = if for_input_grad { (s, r) } else { (r, s) };
+                let k = &w[(o * cin + c) * 9..][..9];
+                for (t, &v) in k.iter().enumerate() {
+                    let t = if for_input_grad { 8 - t } else { t };
+                    taps[t * cols + s] = v;
                 }
-            };
-            // G g: 4x3, then (G g) Gᵀ: 4x4.
-            let col = |j: usize| {
-                let (a, b, c2) = (at(0, j), at(1, j), at(2, j));
-                [a, 0.5 * (a + b + c2), 0.5 * (a - b + c2), c2]
-            };
-            let gcols = [col(0), col(1), col(2)];
-            let mut t = [0.0f32; 16];
-            for (i, out) in t.chunks_exact_mut(4).enumerate() {
-                let row = [gcols[0][i], gcols[1][i], gcols[2][i]];
-                out.copy_from_slice(&[
-                    row[0],
-                    0.5 * (row[0] + row[1] + row[2]),
-                    0.5 * (row[0] - row[1] + row[2]),
-                    row[2],
-                ]);
             }
-            t
-        })
-        .collect();
-    let mut u = vec![0.0f32; 16 * rows * cols];
+            transform_row(taps, cols, tile == Tile::F4, out);
+        });
+    let mut u = vec![0.0f32; xis * rows * cols];
     u.par_chunks_mut(rows * cols)
         .enumerate()
         .for_each(|(xi, plane)| {
-            for o in 0..cout {
-                for c in 0..cin {
-                    let (r, s) = if for_input_grad { (c, o) } else { (o, c) };
-                    plane[r * cols + s] = tiles[o * cin + c][xi];
-                }
+            for (r, dst) in plane.chunks_exact_mut(cols).enumerate() {
+                dst.copy_from_slice(&by_row[(r * xis + xi) * cols..][..cols]);
             }
         });
     u
+}
+
+/// `G g Gᵀ` for the `cols` kernels of one row of `U`: `taps[t · cols + s]` is tap `t` (row
+/// major) of kernel `s`, `out[ξ · cols + s]` its transformed value `ξ`.
+fn transform_row(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
+    #[inline(always)]
+    fn rows<const F4: bool>(taps: &[f32], cols: usize, out: &mut [f32]) {
+        let tile = if F4 { Tile::F4 } else { Tile::F2 };
+        let side = tile.m() + 2;
+        let tap = |t: usize| &taps[t * cols..][..cols];
+        // `G g` row by row of the kernel (a, 0..3) -> gk[i][b], then `(G g) Gᵀ`.
+        let mut gk = vec![0.0f32; 3 * side * cols];
+        for b in 0..3 {
+            let (k0, k1, k2) = (tap(b), tap(3 + b), tap(6 + b));
+            for s in 0..cols {
+                let col = tile.filter([k0[s], k1[s], k2[s]]);
+                for (i, &v) in col[..side].iter().enumerate() {
+                    gk[(i * 3 + b) * cols + s] = v;
+                }
+            }
+        }
+        for i in 0..side {
+            let row = |b: usize| &gk[(i * 3 + b) * cols..][..cols];
+            let (g0, g1, g2) = (row(0), row(1), row(2));
+            let dst = &mut out[i * side * cols..][..side * cols];
+            for s in 0..cols {
+                let t = tile.filter([g0[s], g1[s], g2[s]]);
+                for (j, &v) in t[..side].iter().enumerate() {
+                    dst[j * cols + s] = v;
+                }
+            }
+        }
+    }
+    dispatched! {
+        fn run(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
+            if f4 {
+                rows::<true>(taps, cols, out)
+            } else {
+                rows::<false>(taps, cols, out)
+            }
+        }
+    }
+    run(taps, cols, f4, out)
 }
 
 dispatched! {
@@ -211,9 +305,189 @@ dispatched! {
     }
 }
 
-/// Scratch floats [`input_transform`] and [`output_transform`] need for `th x tw` tiles.
-fn scratch_len(th: usize, tw: usize) -> usize {
-    (8 * (th + 1) * tw + 4 * tw + 4).max(10 * th * tw)
+/// Scratch floats the transforms of `tile` need for `th x tw` tiles.
+fn scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
+    match tile {
+        Tile::F2 => (8 * (th + 1) * tw + 4 * tw + 4).max(10 * th * tw),
+        Tile::F4 => (24 * (th + 1) * tw + 8 * tw + 8).max(28 * th * tw),
+    }
+}
+
+/// `Bᵀ d` for F(4x4, 3x3), `d` six consecutive values of a row or column.
+#[inline(always)]
+fn b4([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        -4.0 * (d1 + d2) + d3 + d4,
+        4.0 * (d1 - d2) - d3 + d4,
+        2.0 * (d3 - d1) - d2 + d4,
+        2.0 * (d1 - d3) - d2 + d4,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// `Aᵀ m` for F(4x4, 3x3), `m` six transformed values of a row or column.
+#[inline(always)]
+fn a4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [
+        m0 + s12 + s34,
+        d12 + 2.0 * d34,
+        s12 + 4.0 * s34,
+        d12 + 8.0 * d34 + m5,
+    ]
+}
+
+dispatched! {
+    /// [`input_transform`] for F(4x4, 3x3): `Bᵀ d B` of every 6x6 tile (4 apart) of one
+    /// channel plane, written to `v[ξ · plane_stride + t0 + ty · tw + tx]`, `ξ = 6a + b`.
+    fn input_transform4(
+        plane: &[f32],
+        h: usize,
+        w: usize,
+        pad: usize,
+        th: usize,
+        tw: usize,
+        v: &mut [f32],
+        plane_stride: usize,
+        t0: usize,
+        scratch: &mut [f32],
+    ) {
+        // As in `input_transform`, with rows and columns split four ways instead of two:
+        // tile `tx` reads columns 4tx .. 4tx + 5, which are phases 0-3 at `tx` and phases 0-1
+        // at `tx + 1`, so each transform is a loop over all tiles of contiguous runs. The
+        // horizontal transform of padded row `r` goes to hrows[b][r % 4][(r / 4) · tw + tx].
+        let rows = 4 * th + 2;
+        let quarter = (th + 1) * tw;
+        let (hrows, rest) = scratch.split_at_mut(24 * quarter);
+        let (padded, rest) = rest.split_at_mut(4 * tw + 4);
+        let phases = &mut rest[..4 * (tw + 1)];
+        for r in 0..rows {
+            let at = (r / 4) * tw;
+            let src_row = r as isize - pad as isize;
+            let out = |b: usize| (b * 4 + r % 4) * quarter + at;
+            if src_row < 0 || src_row as usize >= h {
+                for b in 0..6 {
+                    hrows[out(b)..][..tw].fill(0.0);
+                }
+                continue;
+            }
+            let src = &plane[src_row as usize * w..(src_row as usize + 1) * w];
+            let n = w.min(4 * tw + 4 - pad);
+            padded[..pad].fill(0.0);
+            padded[pad..pad + n].copy_from_slice(&src[..n]);
+            padded[pad + n..].fill(0.0);
+            let (p0, rest) = phases.split_at_mut(tw + 1);
+            let (p1, rest) = rest.split_at_mut(tw + 1);
+            let (p2, p3) = rest.split_at_mut(tw + 1);
+            for (t, q) in padded.chunks_exact(4).enumerate() {
+                (p0[t], p1[t], p2[t], p3[t]) = (q[0], q[1], q[2], q[3]);
+            }
+            let (q0, q1, q2, q3, q4, q5) = (&p0[..tw], &p1[..tw], &p2[..tw], &p3[..tw], &p0[1..], &p1[1..]);
+            let mut hb: [&mut [f32]; 6] = [&mut [], &mut [], &mut [], &mut [], &mut [], &mut []];
+            // The six outputs are disjoint runs of `hrows` (different `b`).
+            let mut rest: &mut [f32] = hrows;
+            let mut taken = 0;
+            for (b, slot) in hb.iter_mut().enumerate() {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(out(b) - taken);
+                let (run, tail) = tail.split_at_mut(tw);
+                *slot = run;
+                rest = tail;
+                taken = out(b) + tw;
+            }
+            let [h0, h1, h2, h3, h4, h5] = hb;
+            for x in 0..tw {
+                let t = b4([q0[x], q1[x], q2[x], q3[x], q4[x], q5[x]]);
+                (h0[x], h1[x], h2[x], h3[x], h4[x], h5[x]) = (t[0], t[1], t[2], t[3], t[4], t[5]);
+            }
+        }
+        // The vertical transform: tile t = ty · tw + tx reads rows 4ty .. 4ty + 5, phases 0-3
+        // at `t` and phases 0-1 at `t + tw`.
+        let n = th * tw;
+        for b in 0..6 {
+            let ph = |k: usize, off: usize| &hrows[(b * 4 + k) * quarter + off..][..n];
+            let (r0, r1, r2, r3, r4, r5) = (ph(0, 0), ph(1, 0), ph(2, 0), ph(3, 0), ph(0, tw), ph(1, tw));
+            let mut outs = [0usize; 6].map(|_| &mut [][..]);
+            let mut rest: &mut [f32] = v;
+            let mut taken = 0;
+            for (a, slot) in outs.iter_mut().enumerate() {
+                let start = (a * 6 + b) * plane_stride + t0;
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - taken);
+                let (run, tail) = tail.split_at_mut(n);
+                *slot = run;
+                rest = tail;
+                taken = start + n;
+            }
+            let [v0, v1, v2, v3, v4, v5] = outs;
+            for x in 0..n {
+                let t = b4([r0[x], r1[x], r2[x], r3[x], r4[x], r5[x]]);
+                (v0[x], v1[x], v2[x], v3[x], v4[x], v5[x]) = (t[0], t[1], t[2], t[3], t[4], t[5]);
+            }
+        }
+    }
+}
+
+dispatched! {
+    /// [`output_transform`] for F(4x4, 3x3): `Aᵀ m A` (+ bias) of every tile of one output
+    /// channel, from `m[ξ · plane_stride + t0 + ty · tw + tx]` into the `ho x wo` plane `y`.
+    fn output_transform4(
+        m: &[f32],
+        plane_stride: usize,
+        t0: usize,
+        th: usize,
+        tw: usize,
+        ho: usize,
+        wo: usize,
+        bias: f32,
+        y: &mut [f32],
+        s: &mut [f32],
+    ) {
+        // The four rows of `Aᵀ m` (six columns each), flat over all tiles: r[i][b][t]; then
+        // per output row phase i the four output columns of every tile, interleaved into the
+        // rows 4ty + i.
+        let n = th * tw;
+        let q = |xi: usize| &m[xi * plane_stride + t0..][..n];
+        let (r, rest) = s.split_at_mut(24 * n);
+        let cols = &mut rest[..4 * n];
+        for b in 0..6 {
+            let (m0, m1, m2, m3, m4, m5) = (q(b), q(6 + b), q(12 + b), q(18 + b), q(24 + b), q(30 + b));
+            let (r0, rest) = r[b * n..].split_at_mut(6 * n);
+            let (r1, rest) = rest.split_at_mut(6 * n);
+            let (r2, r3) = rest.split_at_mut(6 * n);
+            for x in 0..n {
+                let t = a4([m0[x], m1[x], m2[x], m3[x], m4[x], m5[x]]);
+                (r0[x], r1[x], r2[x], r3[x]) = (t[0], t[1], t[2], t[3]);
+            }
+        }
+        for i in 0..4 {
+            let ri = &r[i * 6 * n..][..6 * n];
+            let c = |b: usize| &ri[b * n..][..n];
+            let (c0, c1, c2, c3, c4, c5) = (c(0), c(1), c(2), c(3), c(4), c(5));
+            let (y0, rest) = cols.split_at_mut(n);
+            let (y1, rest) = rest.split_at_mut(n);
+            let (y2, y3) = rest.split_at_mut(n);
+            for x in 0..n {
+                let t = a4([c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]]);
+                (y0[x], y1[x], y2[x], y3[x]) = (t[0] + bias, t[1] + bias, t[2] + bias, t[3] + bias);
+            }
+            for ty in 0..th {
+                let oy = 4 * ty + i;
+                if oy >= ho {
+                    break;
+                }
+                let at = ty * tw;
+                let row = &mut y[oy * wo..(oy + 1) * wo];
+                let (full, last) = row.split_at_mut(wo / 4 * 4);
+                for (tx, out) in full.chunks_exact_mut(4).enumerate() {
+                    out.copy_from_slice(&[y0[at + tx], y1[at + tx], y2[at + tx], y3[at + tx]]);
+                }
+                let tx = wo / 4;
+                for (k, out) in last.iter_mut().enumerate() {
+                    *out = [&*y0, &*y1, &*y2, &*y3][k][at + tx];
+                }
+            }
+        }
+    }
 }
 
 dispatched! {
@@ -282,29 +556,37 @@ dispatched! {
 /// already transformed ([`transform_weights`] with `for_input_grad = false`; for an input
 /// gradient pass the output gradient as `x`, the transformed rotated weights as `u` and the
 /// geometry of that convolution, see [`ConvGeom::input_grad`]).
-pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
-    forward_act(x, u, bias, g, false)
+pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom, tile: Tile) -> Vec<f32> {
+    forward_act(x, u, bias, g, false, tile)
 }
 
 /// [`forward`], then `max(·, 0)` on each image's output when `relu`, while it is in cache.
+///
+/// `u` is transformed for `tile` ([`transform_weights`]).
 pub fn forward_act(
     x: &[f32],
     u: &[f32],
     bias: Option<&[f32]>,
     g: &ConvGeom,
     relu: bool,
+    tile: Tile,
 ) -> Vec<f32> {
     let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
     let (ho, wo) = (g.ho(), g.wo());
-    let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
+    let (th, tw) = (ho.div_ceil(tile.m()), wo.div_ceil(tile.m()));
     let tiles = th * tw;
+    let xis = tile.xis();
     let (in_len, out_len) = (cin * h * w, cout * ho * wo);
     assert_eq!(x.len(), g.batch * in_len, "winograd input length");
-    assert_eq!(u.len(), 16 * cout * cin, "winograd weight length");
+    assert_eq!(u.len(), xis * cout * cin, "winograd weight length");
+    assert!(
+        tile == Tile::F2 || g.precision == super::Precision::Fp32,
+        "F(4x4, 3x3) runs in f32 only"
+    );
     let group = (GROUP_TILES / tiles).max(1);
-    // In bf16 the 16 transformed weight matrices are rounded and packed once per call.
+    // In bf16 the transformed weight matrices are rounded and packed once per call.
     let packed = (g.precision == super::Precision::Bf16).then(|| {
-        (0..16)
+        (0..xis)
             .into_par_iter()
             .map(|xi| super::bf16::PackedLhs::new(cout, cin, &u[xi * cout * cin..], cin, 1))
             .collect::<Vec<_>>()
@@ -314,16 +596,24 @@ pub fn forward_act(
     let inputs = x.par_chunks((per * in_len).max(1));
     par_lazy(g.batch * out_len, per * out_len, inputs, |yb, xb| {
         let images = xb.len() / in_len.max(1);
-        let mut v = vec![0.0f32; 16 * cin * group * tiles];
-        let mut m = vec![0.0f32; 16 * cout * group * tiles];
-        let mut scratch = vec![0.0f32; scratch_len(th, tw)];
+        let mut v = vec![0.0f32; xis * cin * group * tiles];
+        let mut m = vec![0.0f32; xis * cout * group * tiles];
+        let mut scratch = vec![0.0f32; scratch_len(tile, th, tw)];
+        let transform_in = match tile {
+            Tile::F2 => input_transform,
+            Tile::F4 => input_transform4,
+        };
+        let transform_out = match tile {
+            Tile::F2 => output_transform,
+            Tile::F4 => output_transform4,
+        };
         for first in (0..images).step_by(group) {
             let count = group.min(images - first);
             let t_all = count * tiles;
             for i in 0..count {
                 let xn = &xb[(first + i) * in_len..][..in_len];
                 for c in 0..cin {
-                    input_transform(
+                    transform_in(
                         &xn[c * h * w..][..h * w],
                         h,
                         w,
@@ -337,7 +627,7 @@ pub fn forward_act(
                     );
                 }
             }
-            for xi in 0..16 {
+            for xi in 0..xis {
                 let (mx, vx) = (&mut m[xi * cout * t_all..], &v[xi * cin * t_all..]);
                 match &packed {
                     Some(p) => {
@@ -365,7 +655,7 @@ pub fn forward_act(
             for i in 0..count {
                 for o in 0..cout {
                     let plane = yb.take(ho * wo);
-                    output_transform(
+                    transform_out(
                         &m[o * t_all..],
                         cout * t_all,
                         i * tiles,
@@ -417,39 +707,48 @@ mod tests {
     }
 
     /// Forward and input gradient against the im2col kernel (itself tested against the
-    /// definition), over odd and even sizes, every padding, tiles spanning image groups.
+    /// definition), both variants, over odd and even sizes (F(4x4, 3x3)'s tiles cut off one
+    /// to three outputs), every padding, tiles spanning image groups.
     #[test]
     fn matches_im2col_forward_and_input_gradient() {
-        for g in [
-            geom(3, 16, 16, 8, 8, 1),
-            geom(2, 17, 19, 7, 9, 1),
-            geom(5, 16, 18, 5, 6, 0),
-            geom(2, 16, 16, 3, 4, 2),
-            geom(40, 16, 16, 2, 2, 1),
-            geom(1, 20, 16, 1, 1, 1),
-            geom(2, 32, 40, 8, 8, 1),
-        ] {
-            // `forward` is exact for every size; `applies` only says where it is faster.
-            let x = data(g.batch * g.cin * g.h * g.w, 1);
-            let w = data(g.cout * g.cin * 9, 2);
-            let b = data(g.cout, 3);
-            let u = transform_weights(&w, g.cout, g.cin, false);
-            close(
-                &forward(&x, &u, Some(&b), &g),
-                &im2col_forward(&x, &w, Some(&b), &g),
-                &format!("forward {g:?}"),
-            );
-            let dy = data(g.batch * g.cout * g.ho() * g.wo(), 4);
-            let gi = g.input_grad();
-            let ut = transform_weights(&w, g.cout, g.cin, true);
-            let want = im2col_backward(&x, &w, &dy, &g, [true, false, false])
-                .0
-                .unwrap();
-            close(&forward(&dy, &ut, None, &gi), &want, &format!("dx {g:?}"));
+        for tile in [Tile::F2, Tile::F4] {
+            for g in [
+                geom(3, 16, 16, 8, 8, 1),
+                geom(2, 17, 19, 7, 9, 1),
+                geom(5, 16, 18, 5, 6, 0),
+                geom(2, 16, 16, 3, 4, 2),
+                geom(40, 16, 16, 2, 2, 1),
+                geom(1, 20, 16, 1, 1, 1),
+                geom(2, 32, 40, 8, 8, 1),
+                geom(2, 8, 8, 13, 11, 1),
+                geom(3, 8, 9, 10, 14, 2),
+            ] {
+                // `forward` is exact for every size; `applies` only says where it is faster.
+                let x = data(g.batch * g.cin * g.h * g.w, 1);
+                let w = data(g.cout * g.cin * 9, 2);
+                let b = data(g.cout, 3);
+                let u = transform_weights(&w, g.cout, g.cin, false, tile);
+                close(
+                    &forward_act(&x, &u, Some(&b), &g, false, tile),
+                    &im2col_forward(&x, &w, Some(&b), &g),
+                    &format!("forward {tile:?} {g:?}"),
+                );
+                let dy = data(g.batch * g.cout * g.ho() * g.wo(), 4);
+                let gi = g.input_grad();
+                let ut = transform_weights(&w, g.cout, g.cin, true, tile);
+                let want = im2col_backward(&x, &w, &dy, &g, [true, false, false])
+                    .0
+                    .unwrap();
+                close(
+                    &forward_act(&dy, &ut, None, &gi, false, tile),
+                    &want,
+                    &format!("dx {tile:?} {g:?}"),
+                );
+            }
         }
     }
 
-    /// In bf16 the 16 GEMMs multiply rounded transformed operands: the result stays within
+    /// In bf16 the GEMMs multiply rounded transformed operands: the result stays within
     /// bf16 rounding of the f32 convolution, as the im2col bf16 path does.
     #[test]
     fn bf16_stays_within_rounding_of_f32() {
@@ -464,7 +763,7 @@ mod tests {
         };
         let x = data(g.batch * g.cin * g.h * g.w, 1);
         let w = data(g.cout * g.cin * 9, 2);
-        let u = transform_weights(&w, g.cout, g.cin, false);
+        let u = transform_weights(&w, g.cout, g.cin, false, Tile::F2);
         let exact = im2col_forward(&x, &w, None, &g);
         let scale = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let err = |got: &[f32]| {
@@ -473,7 +772,7 @@ mod tests {
                 .fold(0.0f32, |m, (a, e)| m.max((a - e).abs()))
                 / scale
         };
-        let wino = err(&forward(&x, &u, None, &g16));
+        let wino = err(&forward(&x, &u, None, &g16, Tile::F2));
         let im2col = err(&im2col_forward(&x, &w, None, &g16));
         assert!(wino > 0.0 && wino < 2e-2, "winograd bf16 error {wino}");
         assert!(
