@@ -119,8 +119,9 @@ pub fn conv2d_backward(
     g: &ConvGeom,
     need: [bool; 3],
 ) -> ConvGrads {
-    // Which algorithm computes each gradient is the kernel plan's ([`super::plan`]). Measured
-    // for its weight-gradient rule: on Winograd layers narrower than 32 px im2col's weight
+    // Which algorithm computes each gradient is the kernel plan's ([`super::plan`]); in fp32
+    // the weight gradient of Winograd layers now runs through Winograd too (measured beside
+    // the rule). Measured for the older rule: on Winograd layers narrower than 32 px im2col's weight
     // gradient was faster than the direct one (bench-vgg's 16 px layers: 24.7 vs 30.8 ms for
     // 128 -> 128, 12.4-14.4 vs 16 ms for 64 -> 128; at 32 px 64 -> 64 direct won, 26.3 vs
     // 29.5-33 ms: `cargo run --release --example conv_layers 2 fp32 bench-vgg`). In bf16,
@@ -133,6 +134,14 @@ pub fn conv2d_backward(
         Algo::ChannelsLast => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
             (None, need[1].then(|| nhwc::weight_grad(x, dy, g)), db)
+        }
+        Algo::Winograd(tile) => {
+            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
+            (
+                None,
+                need[1].then(|| winograd::weight_grad(x, dy, g, tile)),
+                db,
+            )
         }
         _ => im2col_backward(x, w, dy, g, rest),
     };

@@ -19,8 +19,9 @@
 //!   a CPU with AMX the direct kernels never run (the tiles make the GEMM faster);
 //! - input gradient: Winograd where the forward is Winograd, else direct where it fits with
 //!   16+ input channels, else im2col;
-//! - weight gradient: direct where it fits, unless Winograd runs the forward (then direct only
-//!   for fp32 outputs 32+ wide), else im2col.
+//! - weight gradient: in fp32 through Winograd where the forward is Winograd (the same
+//!   variant); else direct where it fits, unless Winograd runs the forward (bf16), else
+//!   im2col.
 
 use super::Precision;
 use super::conv::ConvGeom;
@@ -125,7 +126,17 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     } else {
         Algo::Im2col
     };
-    let weight_grad = if direct && (!winograd || (g.wo() >= 32 && fp32)) {
+    let weight_grad = if winograd && fp32 {
+        // Through the forward's Winograd variant ([`winograd::weight_grad`]), against the
+        // direct kernels (32 px and up) and im2col (below), fp32, 2 threads, Zen 4, fastest
+        // of alternated runs (`bench/conv_layers_ab.sh OLD NEW 3 "px 3x3/1" fp32 MODEL SIZE
+        // BATCH`), ms: resnet18 at 128 px, batch 32: 64 -> 64 32 px 12.2 -> 7.7, 128 -> 128
+        // 16 px 13.5 -> 6.8, 256 -> 256 8 px (F(2x2)) 12.6 -> 8.4; resnet50 at 224 px, batch
+        // 16: 56 px 17.9 -> 10.1, 28 px 18.1 -> 8.6, 14 px 17.2 -> 11.1; vgg16 at 224 px,
+        // batch 8: 64 -> 64 224 px 183.8 -> 84.2, 256 -> 256 56 px 139.2 -> 58.8, 512 -> 512
+        // 14 px 37.3 -> 28.6.
+        Algo::Winograd(winograd_tile(g))
+    } else if direct && (!winograd || (g.wo() >= 32 && fp32)) {
         Algo::Direct
     } else if fp32 && cpu.tiles == Tiles::Avx512 && direct::fits_strided_weight_grad(g) {
         // RGB stems by phase planes ([`direct::fits_strided_weight_grad`]). Against im2col's,
@@ -275,15 +286,14 @@ mod tests {
 
     #[test]
     fn the_rules_on_typical_layers() {
-        // Wide 3x3 layers: Winograd forward and input gradient (F(4x4, 3x3) in fp32 from
-        // 16 px, F(2x2, 3x3) below and in bf16); the weight gradient direct at 32 px and up
-        // in fp32, im2col below.
-        assert_eq!(plan(&geom(64, 64, 56, 3, 1), AVX512), p(W4, W4, D));
-        assert_eq!(plan(&geom(128, 128, 16, 3, 1), AVX512), p(W4, W4, I));
-        assert_eq!(plan(&geom(256, 256, 14, 3, 1), AVX512), p(W, W, I));
+        // Wide 3x3 layers: Winograd for all three products in fp32 (F(4x4, 3x3) from 16 px,
+        // F(2x2, 3x3) below).
+        assert_eq!(plan(&geom(64, 64, 56, 3, 1), AVX512), p(W4, W4, W4));
+        assert_eq!(plan(&geom(128, 128, 16, 3, 1), AVX512), p(W4, W4, W4));
+        assert_eq!(plan(&geom(256, 256, 14, 3, 1), AVX512), p(W, W, W));
         // 32 -> 32: the AVX-512 direct tiles win; the AVX2 ones keep Winograd in fp32.
         assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX512), p(D, D, D));
-        assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX2), p(W4, W4, I));
+        assert_eq!(plan(&geom(32, 32, 16, 3, 1), AVX2), p(W4, W4, W4));
         let bf16 = ConvGeom {
             precision: Precision::Bf16,
             ..geom(32, 32, 16, 3, 1)
@@ -326,6 +336,6 @@ mod tests {
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(I, I, I));
         // Without AVX2 the direct kernels never run.
         assert_eq!(plan(&geom(16, 16, 32, 3, 1), PLAIN), p(I, I, I));
-        assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W4, W4, I));
+        assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W4, W4, W4));
     }
 }
