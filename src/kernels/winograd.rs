@@ -39,7 +39,18 @@ use rayon::prelude::*;
 /// Tiles per group of images (the GEMMs' `N`): small enough that a group's transformed input
 /// and output stay in the per-core L2 cache when both cores run. `conv_layers 2` totals for
 /// bench-vgg's layers: 16: 258 ms, 32: 276, 64: 252, 128: 267, 256: 269, 512: 289 (noisy, ±5%).
+#[cfg(not(test))]
 const GROUP_TILES: usize = 64;
+/// Bytes of transformed input and output per band of one image, for images whose own take
+/// more ([`Bands`]).
+#[cfg(not(test))]
+const BAND_BYTES: usize = 8 << 20;
+/// Small in tests, so that their images span groups, bands of several tile rows, bands of
+/// one row, and a shorter last band.
+#[cfg(test)]
+const GROUP_TILES: usize = 8;
+#[cfg(test)]
+const BAND_BYTES: usize = 6 * 16 * 40 * 4;
 
 /// Whether a convolution goes through Winograd: 3x3, stride 1, padding at most 2 (else the
 /// output would need input tiles entirely outside the image), at least 32 channels in and
@@ -219,13 +230,15 @@ fn transform_row(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
 }
 
 dispatched! {
-    /// `Bᵀ d B` for every tile of one channel plane (`h x w`, padding `pad`), written to
+    /// `Bᵀ d B` for every tile of one channel plane (`h x w`, padding `pad` left and right,
+    /// `pad_top` above: 0 for a band that starts inside the plane), written to
     /// `v[ξ · plane_stride + t0 + ty · tw + tx]`; `scratch` holds [`scratch_len`] floats.
     fn input_transform(
         plane: &[f32],
         h: usize,
         w: usize,
         pad: usize,
+        pad_top: usize,
         th: usize,
         tw: usize,
         v: &mut [f32],
@@ -254,7 +267,7 @@ dispatched! {
                 outs.next().unwrap(),
                 outs.next().unwrap(),
             );
-            let src_row = r as isize - pad as isize;
+            let src_row = r as isize - pad_top as isize;
             if src_row < 0 || src_row as usize >= h {
                 for o in [h0, h1, h2, h3] {
                     o.fill(0.0);
@@ -346,6 +359,7 @@ dispatched! {
         h: usize,
         w: usize,
         pad: usize,
+        pad_top: usize,
         th: usize,
         tw: usize,
         v: &mut [f32],
@@ -364,7 +378,7 @@ dispatched! {
         let phases = &mut rest[..4 * (tw + 1)];
         for r in 0..rows {
             let at = (r / 4) * tw;
-            let src_row = r as isize - pad as isize;
+            let src_row = r as isize - pad_top as isize;
             let out = |b: usize| (b * 4 + r % 4) * quarter + at;
             if src_row < 0 || src_row as usize >= h {
                 for b in 0..6 {
@@ -571,7 +585,7 @@ pub fn forward_act(
     relu: bool,
     tile: Tile,
 ) -> Vec<f32> {
-    let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
+    let (cin, cout, h, w) = (g.cin, g.cout, g.h, g.w);
     let (ho, wo) = (g.ho(), g.wo());
     let (th, tw) = (ho.div_ceil(tile.m()), wo.div_ceil(tile.m()));
     let tiles = th * tw;
@@ -583,7 +597,6 @@ pub fn forward_act(
         tile == Tile::F2 || g.precision == super::Precision::Fp32,
         "F(4x4, 3x3) runs in f32 only"
     );
-    let group = (GROUP_TILES / tiles).max(1);
     // In bf16 the transformed weight matrices are rounded and packed once per call.
     let packed = (g.precision == super::Precision::Bf16).then(|| {
         (0..xis)
@@ -594,39 +607,21 @@ pub fn forward_act(
     let parts = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per = g.batch.div_ceil(parts).max(1);
     let inputs = x.par_chunks((per * in_len).max(1));
+    let bands = Bands::new(tile, g);
     par_lazy(g.batch * out_len, per * out_len, inputs, |yb, xb| {
         let images = xb.len() / in_len.max(1);
-        let mut v = vec![0.0f32; xis * cin * group * tiles];
-        let mut m = vec![0.0f32; xis * cout * group * tiles];
-        let mut scratch = vec![0.0f32; scratch_len(tile, th, tw)];
-        let transform_in = match tile {
-            Tile::F2 => input_transform,
-            Tile::F4 => input_transform4,
-        };
+        let mut v = vec![0.0f32; xis * cin * bands.max_tiles];
+        let mut m = vec![0.0f32; xis * cout * bands.max_tiles];
+        let mut scratch = vec![0.0f32; scratch_len(tile, bands.rows, tw)];
         let transform_out = match tile {
             Tile::F2 => output_transform,
             Tile::F4 => output_transform4,
         };
-        for first in (0..images).step_by(group) {
-            let count = group.min(images - first);
-            let t_all = count * tiles;
-            for i in 0..count {
-                let xn = &xb[(first + i) * in_len..][..in_len];
-                for c in 0..cin {
-                    transform_in(
-                        &xn[c * h * w..][..h * w],
-                        h,
-                        w,
-                        pad,
-                        th,
-                        tw,
-                        &mut v[c * t_all..],
-                        cin * t_all,
-                        i * tiles,
-                        &mut scratch,
-                    );
-                }
-            }
+        // A banded image's output, taken whole before its first band.
+        let mut image_out: &mut [f32] = &mut [];
+        for b in bands.blocks(images) {
+            let t_all = b.count * b.tiles(tw);
+            bands.transform_input(xb, b, &mut v, &mut scratch);
             for xi in 0..xis {
                 let (mx, vx) = (&mut m[xi * cout * t_all..], &v[xi * cin * t_all..]);
                 match &packed {
@@ -650,30 +645,168 @@ pub fn forward_act(
                     ),
                 }
             }
-            // Image by image, plane by plane, in the order of the chunk: each plane zeroed
-            // just before its transform writes it ([`par_lazy`]).
-            for i in 0..count {
-                for o in 0..cout {
-                    let plane = yb.take(ho * wo);
-                    transform_out(
-                        &m[o * t_all..],
-                        cout * t_all,
-                        i * tiles,
-                        th,
-                        tw,
-                        ho,
-                        wo,
-                        bias.map_or(0.0, |b| b[o]),
-                        plane,
-                        &mut scratch,
-                    );
-                    if relu {
-                        relu_row(plane);
+            if b.rows == th {
+                // Whole images, plane by plane, in the order of the chunk: each plane zeroed
+                // just before its transform writes it ([`par_lazy`]).
+                for i in 0..b.count {
+                    for o in 0..cout {
+                        let plane = yb.take(ho * wo);
+                        transform_out(
+                            &m[o * t_all..],
+                            cout * t_all,
+                            i * tiles,
+                            th,
+                            tw,
+                            ho,
+                            wo,
+                            bias.map_or(0.0, |b| b[o]),
+                            plane,
+                            &mut scratch,
+                        );
+                        if relu {
+                            relu_row(plane);
+                        }
                     }
+                }
+                continue;
+            }
+            if b.ty0 == 0 {
+                image_out = yb.take(out_len);
+            }
+            let (y0, y1) = (tile.m() * b.ty0, (tile.m() * (b.ty0 + b.rows)).min(ho));
+            for (o, plane) in image_out.chunks_exact_mut(ho * wo).enumerate() {
+                let band = &mut plane[y0 * wo..];
+                transform_out(
+                    &m[o * t_all..],
+                    cout * t_all,
+                    0,
+                    b.rows,
+                    tw,
+                    ho - y0,
+                    wo,
+                    bias.map_or(0.0, |b| b[o]),
+                    band,
+                    &mut scratch,
+                );
+                if relu {
+                    relu_row(&mut band[..(y1 - y0) * wo]);
                 }
             }
         }
     })
+}
+
+/// The units the transforms and GEMMs of one thread's images run in: groups of whole images
+/// while an image has at most [`GROUP_TILES`] tiles, whole images while their transformed
+/// input and output fit in [`BAND_BYTES`], else bands of whole rows of tiles of that size. A 224 px image had all its tiles in one GEMM: 12544
+/// for F(2x2, 3x3), whose 16 transformed copies of the input (51 MB for 64 channels) and of
+/// the output went out to memory and back between the transform and the GEMMs.
+struct Bands {
+    tile: Tile,
+    g: ConvGeom,
+    th: usize,
+    tw: usize,
+    /// Tile rows per block (`th` for whole images).
+    rows: usize,
+    /// Images per block of whole images.
+    group: usize,
+    /// The most tiles one block has.
+    max_tiles: usize,
+}
+
+/// `count` images from `first` (of a thread's chunk), tile rows `ty0 .. ty0 + rows` of each.
+#[derive(Clone, Copy)]
+struct Block {
+    first: usize,
+    count: usize,
+    ty0: usize,
+    rows: usize,
+}
+
+impl Block {
+    fn tiles(&self, tw: usize) -> usize {
+        self.rows * tw
+    }
+}
+
+impl Bands {
+    fn new(tile: Tile, g: &ConvGeom) -> Bands {
+        let (th, tw) = (g.ho().div_ceil(tile.m()), g.wo().div_ceil(tile.m()));
+        let tiles = th * tw;
+        // Bytes of transformed input and output per tile.
+        let per_tile = tile.xis() * (g.cin + g.cout) * 4;
+        let (rows, group) = if tiles <= GROUP_TILES {
+            (th, (GROUP_TILES / tiles.max(1)).max(1))
+        } else if tiles * per_tile <= BAND_BYTES || tile.xis() * g.cin * g.cout * 4 > BAND_BYTES / 4
+        {
+            // Every band multiplies by all of `U`: for wide layers reading it once per band
+            // cost more than the bands saved (vgg16 at 224 px, bf16: 256 -> 256 at 56 px
+            // 58.3 -> 69.3 ms forward, 512 -> 512 at 28 px 56.5 -> 68.3 with 8 MB bands).
+            (th, 1)
+        } else {
+            ((BAND_BYTES / per_tile / tw).clamp(1, th), 1)
+        };
+        Bands {
+            tile,
+            g: *g,
+            th,
+            tw,
+            rows,
+            group,
+            max_tiles: group * rows * tw,
+        }
+    }
+
+    /// The blocks of a chunk of `images` images, in order.
+    fn blocks(&self, images: usize) -> impl Iterator<Item = Block> + '_ {
+        (0..images).step_by(self.group).flat_map(move |first| {
+            let count = self.group.min(images - first);
+            (0..self.th).step_by(self.rows).map(move |ty0| Block {
+                first,
+                count,
+                ty0,
+                rows: self.rows.min(self.th - ty0),
+            })
+        })
+    }
+
+    /// `V = Bᵀ d B` of block `b` of the images `xb` (`[images, C_in, H, W]`) into
+    /// `v[ξ][c][t]`, `t` running over the block's tiles image by image.
+    fn transform_input(&self, xb: &[f32], b: Block, v: &mut [f32], scratch: &mut [f32]) {
+        let g = &self.g;
+        let (cin, h, w, pad, m) = (g.cin, g.h, g.w, g.pad[0], self.tile.m());
+        let in_len = cin * h * w;
+        let (tiles, t_all) = (b.tiles(self.tw), b.count * b.tiles(self.tw));
+        let transform = match self.tile {
+            Tile::F2 => input_transform,
+            Tile::F4 => input_transform4,
+        };
+        // A band below the first starts at input row `m·ty0 - pad` with no padding above.
+        let (start, pad_top) = if b.ty0 == 0 {
+            (0, pad)
+        } else {
+            ((m * b.ty0 - pad).min(h), 0)
+        };
+        for i in 0..b.count {
+            let xn = &xb[(b.first + i) * in_len..][..in_len];
+            for c in 0..cin {
+                let plane = &xn[c * h * w..][..h * w];
+                transform(
+                    &plane[start * w..],
+                    h - start,
+                    w,
+                    pad,
+                    pad_top,
+                    b.rows,
+                    self.tw,
+                    &mut v[c * t_all..],
+                    cin * t_all,
+                    i * tiles,
+                    scratch,
+                );
+            }
+        }
+    }
 }
 
 /// Scratch floats [`dy_transform`] needs.
@@ -835,10 +968,10 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, tile: Tile) -> Vec<f32> 
         g.precision == super::Precision::Fp32,
         "the Winograd weight gradient runs in f32 only"
     );
-    let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
+    let (cin, cout, h, w) = (g.cin, g.cout, g.h, g.w);
     let (ho, wo) = (g.ho(), g.wo());
-    let (th, tw) = (ho.div_ceil(tile.m()), wo.div_ceil(tile.m()));
-    let (tiles, xis) = (th * tw, tile.xis());
+    let tw = wo.div_ceil(tile.m());
+    let xis = tile.xis();
     let (in_len, out_len) = (cin * h * w, cout * ho * wo);
     assert_eq!(x.len(), g.batch * in_len, "winograd input length");
     assert_eq!(
@@ -846,55 +979,42 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, tile: Tile) -> Vec<f32> 
         g.batch * out_len,
         "winograd output gradient length"
     );
-    let group = (GROUP_TILES / tiles).max(1);
     let parts = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per = g.batch.div_ceil(parts).max(1);
-    let transform_in = match tile {
-        Tile::F2 => input_transform,
-        Tile::F4 => input_transform4,
-    };
+    let bands = Bands::new(tile, g);
     let partial: Vec<Vec<f32>> = (0..g.batch.div_ceil(per))
         .into_par_iter()
         .map(|p| {
             let images = p * per..((p + 1) * per).min(g.batch);
+            let (xb, dyb) = (
+                &x[images.start * in_len..images.end * in_len],
+                &dy[images.start * out_len..images.end * out_len],
+            );
             let mut du = vec![0.0f32; xis * cout * cin];
-            let mut v = vec![0.0f32; xis * cin * group * tiles];
-            let mut dm = vec![0.0f32; xis * cout * group * tiles];
-            let mut scratch =
-                vec![0.0f32; scratch_len(tile, th, tw).max(dy_scratch_len(tile, th, tw))];
-            for (gi, first) in images.clone().step_by(group).enumerate() {
-                let count = group.min(images.end - first);
-                let t_all = count * tiles;
-                for i in 0..count {
-                    let (xn, dyn_) = (
-                        &x[(first + i) * in_len..][..in_len],
-                        &dy[(first + i) * out_len..][..out_len],
-                    );
-                    for c in 0..cin {
-                        transform_in(
-                            &xn[c * h * w..][..h * w],
-                            h,
-                            w,
-                            pad,
-                            th,
-                            tw,
-                            &mut v[c * t_all..],
-                            cin * t_all,
-                            i * tiles,
-                            &mut scratch,
-                        );
-                    }
+            let mut v = vec![0.0f32; xis * cin * bands.max_tiles];
+            let mut dm = vec![0.0f32; xis * cout * bands.max_tiles];
+            let mut scratch = vec![
+                0.0f32;
+                scratch_len(tile, bands.rows, tw)
+                    .max(dy_scratch_len(tile, bands.rows, tw))
+            ];
+            for (bi, b) in bands.blocks(images.len()).enumerate() {
+                let t_all = b.count * b.tiles(tw);
+                bands.transform_input(xb, b, &mut v, &mut scratch);
+                let y0 = tile.m() * b.ty0;
+                for i in 0..b.count {
+                    let dyn_ = &dyb[(b.first + i) * out_len..][..out_len];
                     for o in 0..cout {
                         dy_transform(
                             tile == Tile::F4,
-                            &dyn_[o * ho * wo..][..ho * wo],
-                            ho,
+                            &dyn_[o * ho * wo + y0 * wo..(o + 1) * ho * wo],
+                            ho - y0,
                             wo,
-                            th,
+                            b.rows,
                             tw,
                             &mut dm[o * t_all..],
                             cout * t_all,
-                            i * tiles,
+                            i * b.tiles(tw),
                             &mut scratch,
                         );
                     }
@@ -906,7 +1026,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, tile: Tile) -> Vec<f32> 
                         t_all,
                         &mut du[xi * cout * cin..],
                         cin,
-                        gi > 0,
+                        bi > 0,
                         &dm[xi * cout * t_all..],
                         t_all,
                         1,
