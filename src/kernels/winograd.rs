@@ -229,6 +229,28 @@ fn transform_row(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
     run(taps, cols, f4, out)
 }
 
+/// Row `r` of a plane (`h x w`) as the transforms read it, padded by `pad_top` rows above
+/// and `pad` columns on the left: `padded[j] = plane[r - pad_top][j - pad]`, zero outside the
+/// plane (`padded` may be longer than `pad + w`, or shorter: the row is cut). False, with
+/// `padded` untouched, when row `r` lies entirely in the padding.
+#[inline(always)]
+fn padded_row(
+    plane: &[f32],
+    [h, w]: [usize; 2],
+    [pad_top, pad]: [usize; 2],
+    r: usize,
+    padded: &mut [f32],
+) -> bool {
+    let Some(y) = r.checked_sub(pad_top).filter(|&y| y < h) else {
+        return false;
+    };
+    let n = w.min(padded.len() - pad);
+    padded[..pad].fill(0.0);
+    padded[pad..pad + n].copy_from_slice(&plane[y * w..][..n]);
+    padded[pad + n..].fill(0.0);
+    true
+}
+
 dispatched! {
     /// `Bᵀ d B` for every tile of one channel plane (`h x w`, padding `pad` left and right,
     /// `pad_top` above: 0 for a band that starts inside the plane), written to
@@ -267,20 +289,13 @@ dispatched! {
                 outs.next().unwrap(),
                 outs.next().unwrap(),
             );
-            let src_row = r as isize - pad_top as isize;
-            if src_row < 0 || src_row as usize >= h {
+            if !padded_row(plane, [h, w], [pad_top, pad], r, padded) {
                 for o in [h0, h1, h2, h3] {
                     o.fill(0.0);
                 }
                 continue;
             }
-            let src = &plane[src_row as usize * w..(src_row as usize + 1) * w];
-            // padded[j] = row[j - pad], zero outside; split into even and odd columns so that
-            // the loop below is contiguous.
-            let n = w.min(2 * tw + 2 - pad);
-            padded[..pad].fill(0.0);
-            padded[pad..pad + n].copy_from_slice(&src[..n]);
-            padded[pad + n..].fill(0.0);
+            // Split into even and odd columns so that the loop below is contiguous.
             for ((e, o), pair) in ev.iter_mut().zip(od.iter_mut()).zip(padded.chunks_exact(2)) {
                 *e = pair[0];
                 *o = pair[1];
@@ -378,19 +393,13 @@ dispatched! {
         let phases = &mut rest[..4 * (tw + 1)];
         for r in 0..rows {
             let at = (r / 4) * tw;
-            let src_row = r as isize - pad_top as isize;
             let out = |b: usize| (b * 4 + r % 4) * quarter + at;
-            if src_row < 0 || src_row as usize >= h {
+            if !padded_row(plane, [h, w], [pad_top, pad], r, padded) {
                 for b in 0..6 {
                     hrows[out(b)..][..tw].fill(0.0);
                 }
                 continue;
             }
-            let src = &plane[src_row as usize * w..(src_row as usize + 1) * w];
-            let n = w.min(4 * tw + 4 - pad);
-            padded[..pad].fill(0.0);
-            padded[pad..pad + n].copy_from_slice(&src[..n]);
-            padded[pad + n..].fill(0.0);
             let (p0, rest) = phases.split_at_mut(tw + 1);
             let (p1, rest) = rest.split_at_mut(tw + 1);
             let (p2, p3) = rest.split_at_mut(tw + 1);
@@ -873,10 +882,7 @@ dispatched! {
             let phases = &mut phases[..M * tw];
             for oy in 0..M * th {
                 let (ty, i) = (oy / M, oy % M);
-                if oy < ho {
-                    row[..wo].copy_from_slice(&dy[oy * wo..][..wo]);
-                    row[wo..].fill(0.0);
-                } else {
+                if !padded_row(dy, [ho, wo], [0, 0], oy, row) {
                     row.fill(0.0);
                 }
                 for (tx, q) in row.chunks_exact(M).enumerate() {
