@@ -193,6 +193,17 @@ pub(super) fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
     out
 }
 
+/// `f` run on a fresh rayon pool of `threads` threads (the kernels' tests of thread-count
+/// determinism).
+#[cfg(test)]
+pub(super) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 /// Deterministic test values in [-1, 1), different for each seed.
 #[cfg(test)]
 pub(super) fn test_data(len: usize, seed: u32) -> Vec<f32> {
@@ -509,11 +520,9 @@ mod tests {
         let w = data(g.cout * g.k(), 12);
         let dy = data(g.batch * g.out_len(), 13);
         let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| conv2d_backward(&x, &w, &dy, &g, [true, true, true]))
+            on_threads(threads, || {
+                conv2d_backward(&x, &w, &dy, &g, [true, true, true])
+            })
         };
         let (a, b) = (run(3), run(3));
         assert_eq!(a, b);

@@ -1225,11 +1225,7 @@ mod tests {
         let w = data(g.cout * g.k(), 11);
         let dy = data(g.cout * g.ho() * g.wo(), 12);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            crate::kernels::conv::on_threads(threads, || {
                 let y = forward_with(&x, &w, None, &g, Isa::best(), false);
                 let (_, dw, _) = backward_with(&x, &w, &dy, &g, [false, true, false], Isa::best());
                 (y, dw.unwrap())

@@ -828,13 +828,8 @@ mod tests {
                 .1
                 .unwrap();
             assert_close(&got, &want, &g);
-            let run = |threads| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-                    .install(|| weight_grad(&x, &dy, &g))
-            };
+            let run =
+                |threads| crate::kernels::conv::on_threads(threads, || weight_grad(&x, &dy, &g));
             assert_eq!(run(1), run(3), "{g:?}");
         }
     }
@@ -851,11 +846,7 @@ mod tests {
         let w = data(g.cout * g.k(), 8);
         let b = data(g.cout, 9);
         let run = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| forward_act(&x, &w, Some(&b), &g, true))
+            crate::kernels::conv::on_threads(threads, || forward_act(&x, &w, Some(&b), &g, true))
         };
         assert_eq!(run(1), run(3));
     }

@@ -163,8 +163,9 @@ pub fn transform_weights(
     by_row
         .par_chunks_mut(xis * cols)
         .enumerate()
-        .for_each_init(Vec::new, |taps, (r, out)| {
-            taps.resize(9 * cols, 0.0);
+        .for_each_init(Vec::new, |scratch, (r, out)| {
+            scratch.resize(27 * cols, 0.0);
+            let (taps, gk) = scratch.split_at_mut(9 * cols);
             for s in 0..cols {
                 let (o, c) = if for_input_grad { (s, r) } else { (r, s) };
                 let k = &w[(o * cin + c) * 9..][..9];
@@ -173,7 +174,7 @@ pub fn transform_weights(
                     taps[t * cols + s] = v;
                 }
             }
-            transform_row(taps, cols, tile == Tile::F4, out);
+            transform_row(taps, gk, cols, tile == Tile::F4, out);
         });
     let mut u = vec![0.0f32; xis * rows * cols];
     u.par_chunks_mut(rows * cols)
@@ -187,15 +188,15 @@ pub fn transform_weights(
 }
 
 /// `G g Gᵀ` for the `cols` kernels of one row of `U`: `taps[t · cols + s]` is tap `t` (row
-/// major) of kernel `s`, `out[ξ · cols + s]` its transformed value `ξ`.
-fn transform_row(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
+/// major) of kernel `s`, `out[ξ · cols + s]` its transformed value `ξ`; `gk` is scratch of
+/// `18 · cols` floats.
+fn transform_row(taps: &[f32], gk: &mut [f32], cols: usize, f4: bool, out: &mut [f32]) {
     #[inline(always)]
-    fn rows<const F4: bool>(taps: &[f32], cols: usize, out: &mut [f32]) {
+    fn rows<const F4: bool>(taps: &[f32], gk: &mut [f32], cols: usize, out: &mut [f32]) {
         let tile = if F4 { Tile::F4 } else { Tile::F2 };
         let side = tile.m() + 2;
         let tap = |t: usize| &taps[t * cols..][..cols];
         // `G g` row by row of the kernel (a, 0..3) -> gk[i][b], then `(G g) Gᵀ`.
-        let mut gk = vec![0.0f32; 3 * side * cols];
         for b in 0..3 {
             let (k0, k1, k2) = (tap(b), tap(3 + b), tap(6 + b));
             for s in 0..cols {
@@ -218,15 +219,15 @@ fn transform_row(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
         }
     }
     dispatched! {
-        fn run(taps: &[f32], cols: usize, f4: bool, out: &mut [f32]) {
+        fn run(taps: &[f32], gk: &mut [f32], cols: usize, f4: bool, out: &mut [f32]) {
             if f4 {
-                rows::<true>(taps, cols, out)
+                rows::<true>(taps, gk, cols, out)
             } else {
-                rows::<false>(taps, cols, out)
+                rows::<false>(taps, gk, cols, out)
             }
         }
     }
-    run(taps, cols, f4, out)
+    run(taps, gk, cols, f4, out)
 }
 
 /// Row `r` of a plane (`h x w`) as the transforms read it, padded by `pad_top` rows above
@@ -619,8 +620,8 @@ pub fn forward_act(
     let bands = Bands::new(tile, g);
     par_lazy(g.batch * out_len, per * out_len, inputs, |yb, xb| {
         let images = xb.len() / in_len.max(1);
-        let mut v = vec![0.0f32; xis * cin * bands.max_tiles];
-        let mut m = vec![0.0f32; xis * cout * bands.max_tiles];
+        let mut v = vec![0.0f32; xis * cin * bands.max_tiles()];
+        let mut m = vec![0.0f32; xis * cout * bands.max_tiles()];
         let mut scratch = vec![0.0f32; scratch_len(tile, bands.rows, tw)];
         let transform_out = match tile {
             Tile::F2 => output_transform,
@@ -719,8 +720,6 @@ struct Bands {
     rows: usize,
     /// Images per block of whole images.
     group: usize,
-    /// The most tiles one block has.
-    max_tiles: usize,
 }
 
 /// `count` images from `first` (of a thread's chunk), tile rows `ty0 .. ty0 + rows` of each.
@@ -762,8 +761,12 @@ impl Bands {
             tw,
             rows,
             group,
-            max_tiles: group * rows * tw,
         }
+    }
+
+    /// The most tiles one block has.
+    fn max_tiles(&self) -> usize {
+        self.group * self.rows * self.tw
     }
 
     /// The blocks of a chunk of `images` images, in order.
@@ -918,8 +921,17 @@ dispatched! {
 
 dispatched! {
     /// `Gᵀ dU G` for `cols` kernels: `du[ξ · plane + at + c]` is value ξ of kernel `c`;
-    /// writes tap `i · 3 + j` of kernel `c` to `out[(i · 3 + j) · cols + c]`.
-    fn filter_adjoint(du: &[f32], plane: usize, at: usize, cols: usize, f4: bool, out: &mut [f32]) {
+    /// writes tap `i · 3 + j` of kernel `c` to `out[(i · 3 + j) · cols + c]`; `right` is
+    /// scratch of `18 · cols` floats.
+    fn filter_adjoint(
+        du: &[f32],
+        plane: usize,
+        at: usize,
+        cols: usize,
+        f4: bool,
+        right: &mut [f32],
+        out: &mut [f32],
+    ) {
         let tile = if f4 { Tile::F4 } else { Tile::F2 };
         let side = tile.m() + 2;
         // Column i of G is G e_i.
@@ -929,7 +941,7 @@ dispatched! {
             tile.filter(e)
         });
         // (dU G)[a][j] = Σ_b dU[a][b] G[b][j], then dW[i][j] = Σ_a G[a][i] (dU G)[a][j].
-        let mut right = vec![0.0f32; side * 3 * cols];
+        right[..side * 3 * cols].fill(0.0);
         for a in 0..side {
             for j in 0..3 {
                 let dst = &mut right[(a * 3 + j) * cols..][..cols];
@@ -997,8 +1009,8 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, tile: Tile) -> Vec<f32> 
                 &dy[images.start * out_len..images.end * out_len],
             );
             let mut du = vec![0.0f32; xis * cout * cin];
-            let mut v = vec![0.0f32; xis * cin * bands.max_tiles];
-            let mut dm = vec![0.0f32; xis * cout * bands.max_tiles];
+            let mut v = vec![0.0f32; xis * cin * bands.max_tiles()];
+            let mut dm = vec![0.0f32; xis * cout * bands.max_tiles()];
             let mut scratch = vec![
                 0.0f32;
                 scratch_len(tile, bands.rows, tw)
@@ -1053,9 +1065,10 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, tile: Tile) -> Vec<f32> 
     let mut dw = vec![0.0f32; cout * cin * 9];
     dw.par_chunks_mut(cin * 9)
         .enumerate()
-        .for_each_init(Vec::new, |t, (o, row)| {
-            t.resize(9 * cin, 0.0);
-            filter_adjoint(&du, cout * cin, o * cin, cin, tile == Tile::F4, t);
+        .for_each_init(Vec::new, |scratch, (o, row)| {
+            scratch.resize(27 * cin, 0.0);
+            let (t, right) = scratch.split_at_mut(9 * cin);
+            filter_adjoint(&du, cout * cin, o * cin, cin, tile == Tile::F4, right, t);
             for (c, k) in row.chunks_exact_mut(9).enumerate() {
                 for (ij, v) in k.iter_mut().enumerate() {
                     *v = t[ij * cin + c];
@@ -1167,11 +1180,7 @@ mod tests {
                     );
                 }
                 let run = |threads| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap()
-                        .install(|| weight_grad(&x, &dy, &g, tile))
+                    crate::kernels::conv::on_threads(threads, || weight_grad(&x, &dy, &g, tile))
                 };
                 assert_eq!(run(2), run(2), "{tile:?} {g:?}");
             }
