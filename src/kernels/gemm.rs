@@ -186,13 +186,22 @@ pub(super) fn sum_in_order<'a>(parts: impl Iterator<Item = &'a Vec<f32>>) -> Vec
 /// threads, on the AMX Xeon; this pass is 3.8% (`perf record --call-graph dwarf` of `convlab
 /// bench train`, 2026-12-03). Each element still adds its parts in block order, so the bits
 /// are those of the sum and then the transpose.
-pub(super) fn sum_transposed_in_order(parts: &[&[f32]], rows: usize, cols: usize) -> Vec<f32> {
+///
+/// With `slot_of`, row `r` (column `r` of the result) is read from row `slot_of[r]` of the
+/// parts: a kernel that fills its rows in another order hands them over without a copy.
+pub(super) fn sum_transposed_in_order(
+    parts: &[&[f32]],
+    rows: usize,
+    cols: usize,
+    slot_of: Option<&[usize]>,
+) -> Vec<f32> {
     use rayon::prelude::*;
     const TILE_C: usize = 16;
     let Some((first, rest)) = parts.split_first() else {
         return Vec::new();
     };
     assert!(parts.iter().all(|p| p.len() == rows * cols));
+    assert!(slot_of.is_none_or(|s| s.len() == rows && s.iter().all(|&r| r < rows)));
     #[cfg(target_arch = "x86_64")]
     let wide = std::arch::is_x86_feature_detected!("avx512f");
     super::buf::par_zeroed(
@@ -211,7 +220,7 @@ pub(super) fn sum_transposed_in_order(parts: &[&[f32]], rows: usize, cols: usize
             for r0 in (0..rows).step_by(TILE_C) {
                 let r1 = (r0 + TILE_C).min(rows);
                 for (r, b) in (r0..r1).zip(block.iter_mut()) {
-                    let at = r * cols + c0;
+                    let at = slot_of.map_or(r, |s| s[r]) * cols + c0;
                     if width == TILE_C {
                         // A constant length: copied inline, where a variable-length copy is a
                         // memmove call per row (memmove 7.7% -> 4.5% of the samples of the
@@ -276,13 +285,24 @@ mod tests {
                 .collect();
             let sum = sum_in_order(parts.iter());
             let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
-            let got = sum_transposed_in_order(&refs, rows, cols);
+            let got = sum_transposed_in_order(&refs, rows, cols, None);
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(got[c * rows + r].to_bits(), sum[r * cols + c].to_bits());
                 }
             }
+            // Rows handed over in another order: row `r` of the result from slot `(5r+2) % rows`.
+            let slot_of: Vec<usize> = (0..rows).map(|r| (5 * r + 2) % rows).collect();
+            if rows % 5 != 0 {
+                let got = sum_transposed_in_order(&refs, rows, cols, Some(&slot_of));
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let want = sum[slot_of[r] * cols + c];
+                        assert_eq!(got[c * rows + r].to_bits(), want.to_bits());
+                    }
+                }
+            }
         }
-        assert!(sum_transposed_in_order(&[], 2, 2).is_empty());
+        assert!(sum_transposed_in_order(&[], 2, 2, None).is_empty());
     }
 }

@@ -760,7 +760,7 @@ fn weight_grad(
         }
     });
     let dw = if transposed {
-        sum_transposed_in_order(&[&dw], k, cout)
+        sum_transposed_in_order(&[&dw], k, cout, None)
     } else {
         dw
     };
