@@ -338,12 +338,14 @@ mod tests {
             (13, 37, 0, true),
             (3, 3, 1, false),
             (2, 5, 1, false),
+            // Two whole vectors of 16 windows per row and 8 left.
+            (5, 80, 1, false),
         ] {
             let mut x: Vec<f32> = (0..2 * h * w)
                 .map(|i| (((i * 7919) % 13) as f32 - 6.0).max(0.0))
                 .collect();
             let n = x.len();
-            for i in [5, 6, 90, 91, n - 1] {
+            for i in [5, 6, 90, 91, n - 1].into_iter().chain((17..n).step_by(97)) {
                 x[i % n] = f32::NAN;
             }
             x[(3 * w + 4) % n] = f32::NEG_INFINITY;
