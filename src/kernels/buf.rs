@@ -148,6 +148,104 @@ where
     out
 }
 
+/// The runs of one channel of an NCHW output being filled by [`par_channels`]: image `n`'s
+/// `positions` values of the channel, handed out image by image, each zeroed just before the
+/// task writes it (as [`Lazy::take`]).
+pub struct ChannelRuns<'a> {
+    /// The channel's first value in image 0.
+    base: *mut MaybeUninit<f32>,
+    next: usize,
+    batch: usize,
+    /// Values from one image's run to the next: `channels · positions`.
+    stride: usize,
+    len: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> ChannelRuns<'a> {
+    /// The channel's run in the next image, zeroed.
+    ///
+    /// # Panics
+    /// When every image's run was already taken.
+    pub fn next_run(&mut self) -> &'a mut [f32] {
+        assert!(
+            self.next < self.batch,
+            "ChannelRuns: all {} runs taken",
+            self.batch
+        );
+        // SAFETY: run `next < batch` of this channel lies inside the output (`par_channels`
+        // sized it `batch · stride` with `base` at channel `c`'s offset `c · len < stride`);
+        // the runs of different images, and of different channels, do not overlap, and each is
+        // handed out once, so no other reference to it exists.
+        let run = unsafe {
+            std::slice::from_raw_parts_mut(self.base.add(self.next * self.stride), self.len)
+        };
+        self.next += 1;
+        run.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element was just written; `MaybeUninit<f32>` has the layout of `f32`.
+        unsafe { std::slice::from_raw_parts_mut(run.as_mut_ptr().cast::<f32>(), run.len()) }
+    }
+}
+
+/// A pointer the channel tasks share; each writes only its own channel's runs.
+struct Shared(*mut MaybeUninit<f32>);
+// SAFETY: the tasks write disjoint runs through it ([`ChannelRuns`]), and the output outlives
+// the parallel loop.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+/// An NCHW output of `batch · channels · positions` values filled channel by channel: task
+/// `c` gets the channel's runs ([`ChannelRuns`], image by image) and returns a value kept in
+/// channel order. What a task did not take is zeroed when it returns.
+///
+/// For a batch norm, whose statistics need the whole channel before any output: the channel's
+/// `batch · positions` inputs (512 KB for resnet18's stem at 128 px, batch 32) are read again
+/// for the output while they are still in L2, where the statistics pass and then an image by
+/// image output pass read every activation from memory twice. Batch 32, 2 threads, Zen 4,
+/// inputs evicted from cache before each run (as in a training step), fastest of 15, forward /
+/// backward ms, image by image -> channel by channel: 64 channels of 64 x 64 4.00 / 7.03 ->
+/// 3.17 / 6.02, 64 of 32 x 32 0.92 / 1.96 -> 0.79 / 1.67, 128 of 16 x 16 0.40 / 1.03 -> 0.44 /
+/// 0.98, 256 of 8 x 8 0.35 / 1.49 -> 0.33 / 0.62.
+pub fn par_channels<T, F>(
+    batch: usize,
+    channels: usize,
+    positions: usize,
+    f: F,
+) -> (Vec<f32>, Vec<T>)
+where
+    T: Send,
+    F: Fn(usize, &mut ChannelRuns<'_>) -> T + Sync + Send,
+{
+    let n = batch * channels * positions;
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let shared = Shared(out.spare_capacity_mut().as_mut_ptr());
+    let shared = &shared;
+    let values = (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let mut runs = ChannelRuns {
+                // SAFETY: `c · positions <= n` (the channel's first value in image 0, or the end
+                // of an empty output).
+                base: unsafe { shared.0.add(c * positions) },
+                next: 0,
+                batch,
+                stride: channels * positions,
+                len: positions,
+                _out: std::marker::PhantomData,
+            };
+            let value = f(c, &mut runs);
+            while runs.next < runs.batch {
+                runs.next_run();
+            }
+            value
+        })
+        .collect();
+    // SAFETY: every channel's task took (and so zeroed or wrote) each of its `batch` runs, and
+    // the channels' runs cover all `n` values; a panic in `f` propagates before this.
+    unsafe { out.set_len(n) };
+    (out, values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +294,35 @@ mod tests {
     fn lazy_refuses_to_take_past_its_chunk() {
         par_lazy(4, 4, (0..1usize).into_par_iter(), |c, _| {
             c.take(5);
+        });
+    }
+
+    #[test]
+    fn channel_runs_cover_the_output_and_values_keep_channel_order() {
+        // 2 images, 3 channels, 2 positions: channel 1 writes only image 0's run, channel 2
+        // both, channel 0 none (zeros).
+        let (y, v) = par_channels(2, 3, 2, |c, runs| {
+            if c >= 1 {
+                runs.next_run()[1] = c as f32;
+            }
+            if c == 2 {
+                runs.next_run()[0] = 20.0;
+            }
+            c * 10
+        });
+        assert_eq!(
+            y,
+            [0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 20.0, 0.0]
+        );
+        assert_eq!(v, [0, 10, 20]);
+    }
+
+    #[test]
+    #[should_panic(expected = "runs taken")]
+    fn channel_runs_refuse_a_run_past_the_batch() {
+        par_channels(1, 2, 3, |_, runs| {
+            runs.next_run();
+            runs.next_run();
         });
     }
 

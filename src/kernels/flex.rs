@@ -7,7 +7,7 @@
 
 use super::buf::par_zeroed;
 use super::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_forward_act};
-use super::norm::{NormGeom, affine, backward as norm_backward, batch_stats, scale_shift};
+use super::norm::{NormGeom, affine, backward as norm_backward, scale_shift, train_forward};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
 use super::simd;
 use burn::backend::autodiff::NodeId;
@@ -286,10 +286,7 @@ fn bn_train(
     relu: bool,
 ) -> (FlexTensor, Vec<f32>, Vec<f32>) {
     let g = norm_geom(x);
-    let xv = values(x);
-    let (mean, var) = batch_stats(&xv, &g);
-    let (scale, shift) = affine(&values(gamma), &values(beta), &mean, &var, eps);
-    let y = scale_shift(&xv, &scale, &shift, relu, &g);
+    let (y, mean, var) = train_forward(&values(x), &values(gamma), &values(beta), eps, relu, &g);
     (
         FlexTensor::from_data(TensorData::new(y, x.shape())),
         mean,

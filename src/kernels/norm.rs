@@ -6,13 +6,15 @@
 //! transposes) and the ReLU adds one more; here the forward pass reads the input twice (statistics,
 //! then output) and the backward pass reads input and gradient twice, writing each result once.
 //!
-//! Statistics are accumulated in `f64`, per channel, one channel per task, and the elementwise
-//! passes go one image per task: the results do not depend on the thread count.
+//! Statistics are accumulated in `f64`, per channel, one channel per task; in training the
+//! channel's output (or input gradient) is written by the same task right after its sums
+//! ([`train_forward`], [`backward`]), inference's elementwise pass goes one image per task: the
+//! results do not depend on the thread count.
 //!
 //! # Shapes
 //! `x, y, dy, dx: [B, C, P]` (any spatial size `P`), `γ, β, μ, σ²: [C]`.
 
-use super::buf::par_lazy;
+use super::buf::{par_channels, par_lazy};
 use super::simd::{affine_row, bn_dx_row, gated_sums, row_sq_dev, row_sum};
 use rayon::prelude::*;
 
@@ -38,17 +40,49 @@ impl NormGeom {
 /// Per-channel mean and biased variance of `x`.
 pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len(), "batch norm input length");
-    let count = (g.batch * g.positions).max(1) as f64;
     (0..g.channels)
         .into_par_iter()
-        .map(|c| {
-            let sum: f64 = g.rows(x, c).map(|r| row_sum(r) as f64).sum();
-            let mean = sum / count;
-            let m = mean as f32;
-            let sq: f64 = g.rows(x, c).map(|r| row_sq_dev(r, m) as f64).sum();
-            (mean as f32, (sq / count) as f32)
-        })
+        .map(|c| channel_stats(x, c, g))
         .unzip()
+}
+
+/// Channel `c`'s mean and biased variance.
+fn channel_stats(x: &[f32], c: usize, g: &NormGeom) -> (f32, f32) {
+    let count = (g.batch * g.positions).max(1) as f64;
+    let sum: f64 = g.rows(x, c).map(|r| row_sum(r) as f64).sum();
+    let mean = sum / count;
+    let m = mean as f32;
+    let sq: f64 = g.rows(x, c).map(|r| row_sq_dev(r, m) as f64).sum();
+    (mean as f32, (sq / count) as f32)
+}
+
+/// The training forward pass, channel by channel: `(y, mean, variance)`, the values of
+/// [`batch_stats`], [`affine`] and [`scale_shift`] bit for bit. Each channel's output is
+/// written right after its statistics, while the channel's inputs are still in cache
+/// ([`par_channels`]).
+pub fn train_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    relu: bool,
+    g: &NormGeom,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), g.len(), "batch norm input length");
+    assert!(
+        gamma.len() == g.channels && beta.len() == g.channels,
+        "batch norm γ, β length"
+    );
+    let (y, stats) = par_channels(g.batch, g.channels, g.positions, |c, runs| {
+        let (mean, var) = channel_stats(x, c, g);
+        let (a, b) = channel_affine(gamma[c], beta[c], mean, var, eps);
+        for xr in g.rows(x, c) {
+            affine_row(runs.next_run(), xr, a, b, relu);
+        }
+        (mean, var)
+    });
+    let (mean, var) = stats.into_iter().unzip();
+    (y, mean, var)
 }
 
 /// `y = act(x · scale[c] + shift[c])`: the whole forward pass once the statistics are known.
@@ -70,18 +104,15 @@ pub fn affine(
     var: &[f32],
     eps: f64,
 ) -> (Vec<f32>, Vec<f32>) {
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(var)
-        .map(|(&g, &v)| g / ((v as f64 + eps).sqrt() as f32))
-        .collect();
-    let shift = beta
-        .iter()
-        .zip(mean)
-        .zip(&scale)
-        .map(|((&b, &m), &s)| b - m * s)
-        .collect();
-    (scale, shift)
+    (0..gamma.len())
+        .map(|c| channel_affine(gamma[c], beta[c], mean[c], var[c], eps))
+        .unzip()
+}
+
+/// One channel's `(scale, shift)` of [`affine`].
+fn channel_affine(gamma: f32, beta: f32, mean: f32, var: f32, eps: f64) -> (f32, f32) {
+    let scale = gamma / ((var as f64 + eps).sqrt() as f32);
+    (scale, beta - mean * scale)
 }
 
 /// Gradients of the training-mode forward pass (batch statistics) given `dy`: `(dx, dγ, dβ)`.
@@ -106,31 +137,27 @@ pub fn backward(
         .iter()
         .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
         .collect();
-    // The ReLU passes the gradient where the forward pass's pre-activation was positive; it is
-    // recomputed with the forward pass's own expression, so the mask is the same bit for bit.
-    let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..g.channels)
-        .into_par_iter()
-        .map(|c| {
-            let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
-                let (u, v) = gated_sums(xr, dr, a, b, m, s, relu);
-                sg += u as f64;
-                sgx += v as f64;
-            }
-            (sg as f32, sgx as f32)
-        })
-        .unzip();
     let count = (g.batch * g.positions).max(1) as f32;
-    let (cp, p) = (g.channels * g.positions, g.positions.max(1));
-    let inputs = x.par_chunks(cp.max(1)).zip(dy.par_chunks(cp.max(1)));
-    let dx = par_lazy(x.len(), cp, inputs, |dxn, (xn, dyn_)| {
-        for (c, (xc, dc)) in xn.chunks(p).zip(dyn_.chunks(p)).enumerate() {
-            let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
-            let (mb, mg, k) = (dbeta[c] / count, dgamma[c] / count, gamma[c] * s);
-            bn_dx_row(dxn.take(xc.len()), xc, dc, [a, b, m, s], [mb, mg, k], relu);
+    // Channel by channel ([`par_channels`]): the sums over the channel's `x` and `dy`, then its
+    // `dx` while they are still in cache. The ReLU passes the gradient where the forward pass's
+    // pre-activation was positive; it is recomputed with the forward pass's own expression, so
+    // the mask is the same bit for bit.
+    let (dx, sums) = par_channels(g.batch, g.channels, g.positions, |c, runs| {
+        let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
+        let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+        for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
+            let (u, v) = gated_sums(xr, dr, a, b, m, s, relu);
+            sg += u as f64;
+            sgx += v as f64;
         }
+        let (dbeta, dgamma) = (sg as f32, sgx as f32);
+        let (mb, mg, k) = (dbeta / count, dgamma / count, gamma[c] * s);
+        for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
+            bn_dx_row(runs.next_run(), xr, dr, [a, b, m, s], [mb, mg, k], relu);
+        }
+        (dbeta, dgamma)
     });
+    let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
     (dx, dgamma, dbeta)
 }
 
@@ -160,6 +187,37 @@ mod tests {
             let m = vals.iter().sum::<f32>() / 15.0;
             let v = vals.iter().map(|a| (a - m) * (a - m)).sum::<f32>() / 15.0;
             assert!((mean[c] - m).abs() < 1e-5 && (var[c] - v).abs() < 1e-5);
+        }
+    }
+
+    /// The fused training pass is the three separate ones bit for bit, and neither it nor the
+    /// backward pass depends on the thread count.
+    #[test]
+    fn the_training_pass_is_stats_then_affine_and_threads_do_not_matter() {
+        let g = NormGeom {
+            batch: 3,
+            channels: 5,
+            positions: 37,
+        };
+        let x = data(g.len(), 11);
+        let dy = data(g.len(), 12);
+        let (gamma, beta) = (data(5, 13), data(5, 14));
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for relu in [false, true] {
+            let (y, mean, var) = train_forward(&x, &gamma, &beta, 1e-5, relu, &g);
+            let (m0, v0) = batch_stats(&x, &g);
+            let (a, b) = affine(&gamma, &beta, &m0, &v0, 1e-5);
+            assert_eq!(bits(&y), bits(&scale_shift(&x, &a, &b, relu, &g)));
+            assert_eq!((bits(&mean), bits(&var)), (bits(&m0), bits(&v0)));
+            let run = |threads| {
+                crate::kernels::conv::on_threads(threads, || {
+                    let (y, ..) = train_forward(&x, &gamma, &beta, 1e-5, relu, &g);
+                    let (dx, dg, db) =
+                        backward(&x, &dy, &gamma, &beta, &mean, &var, 1e-5, relu, &g);
+                    [y, dx, dg, db].map(|v| bits(&v))
+                })
+            };
+            assert_eq!(run(1), run(3), "relu {relu}");
         }
     }
 
