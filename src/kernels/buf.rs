@@ -201,11 +201,8 @@ unsafe impl Send for Shared {}
 /// For a batch norm, whose statistics need the whole channel before any output: the channel's
 /// `batch · positions` inputs (512 KB for resnet18's stem at 128 px, batch 32) are read again
 /// for the output while they are still in L2, where the statistics pass and then an image by
-/// image output pass read every activation from memory twice. Batch 32, 2 threads, Zen 4,
-/// inputs evicted from cache before each run (as in a training step), fastest of 15, forward /
-/// backward ms, image by image -> channel by channel: 64 channels of 64 x 64 4.00 / 7.03 ->
-/// 3.17 / 6.02, 64 of 32 x 32 0.92 / 1.96 -> 0.79 / 1.67, 128 of 16 x 16 0.40 / 1.03 -> 0.44 /
-/// 0.98, 256 of 8 x 8 0.35 / 1.49 -> 0.33 / 0.62.
+/// image output pass read every activation from memory twice (the numbers are beside
+/// `norm::FUSED_POSITIONS`; `cargo run --release --example norm_pool` times both).
 pub fn par_channels<T, F>(
     batch: usize,
     channels: usize,

@@ -251,8 +251,9 @@ fn max_pool3s2<const R: usize>(y: &mut [f32], at: &mut [u32], rows: [&[f32]; R],
 /// With AVX-512, 16 windows at a time ([`max_pool3s2_avx512`]); the compiler's vectorisation
 /// of the window loop (stride-2 reads and offsets beside the values) was 2.5% of a bf16
 /// resnet18 training step at 128 px. resnet18's stem pool at 128 px, batch 32 (64 planes of
-/// 64 x 64 per image), with offsets, 2 threads, Zen 4, fastest of 30: 15.0 -> 8.5 ms, the
-/// rest mostly the fresh output pages of that one-off measurement.
+/// 64 x 64 per image), with offsets, 2 threads, Zen 4: 15.0 -> 8.5 ms in a first harness
+/// without the binary's allocator settings (fresh output pages every run), 2.5 ms now with
+/// them (`cargo run --release --example norm_pool`).
 pub fn max_pool3s2_row(
     y: &mut [f32],
     at: &mut [u32],
