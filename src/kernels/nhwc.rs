@@ -229,10 +229,12 @@ pub fn forward_act(
         assert_eq!(b.len(), g.cout, "conv2d bias length");
     }
     let wq = pack_weights(w, g);
+    // The position classes once per call: every group, block and image shares them.
+    let windows = Windows::new(g);
     let (hp, wp, kp) = padded(g);
     let per_image = hp * wp * kp;
     if g.batch < rayon::current_num_threads() {
-        return forward_by_channels(x, &wq, bias, g, relu);
+        return forward_by_channels(x, &wq, &windows, bias, g, relu);
     }
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
@@ -246,7 +248,7 @@ pub fn forward_act(
             pad_pack(&x[first * g.in_len()..], count, g, xq);
             let at = (first - images.start) * g.out_len();
             let y = &mut y[at..][..count * g.out_len()];
-            product(&wq, xq, count, g, bias, relu, 0..g.cout, y);
+            product(&wq, &windows, xq, count, g, bias, relu, 0..g.cout, y);
         }
     })
 }
@@ -256,6 +258,7 @@ pub fn forward_act(
 fn forward_by_channels(
     x: &[f32],
     wq: &[u32],
+    windows: &Windows,
     bias: Option<&[f32]>,
     g: &ConvGeom,
     relu: bool,
@@ -275,6 +278,7 @@ fn forward_by_channels(
                 let o0 = b * BLOCK;
                 product(
                     wq,
+                    windows,
                     &xq,
                     1,
                     g,
@@ -303,6 +307,7 @@ fn forward_by_channels(
 #[allow(clippy::too_many_arguments)]
 fn product(
     wq: &[u32],
+    windows: &Windows,
     xq: &[u32],
     count: usize,
     g: &ConvGeom,
@@ -314,7 +319,6 @@ fn product(
     let (hp, wp, kp) = padded(g);
     let (wo, p) = (g.wo(), g.p());
     let taps = g.kh * g.kw;
-    let windows = Windows::new(g, wp, kp);
     // The word where output position `pos` of image `n` has its window's top-left tap.
     let base = |n: usize, pos: usize| {
         ((n * hp + (pos / wo) * g.stride[0]) * wp + (pos % wo) * g.stride[1]) * kp
@@ -373,7 +377,8 @@ struct Class {
 }
 
 impl Windows {
-    fn new(g: &ConvGeom, wp: usize, kp: usize) -> Windows {
+    fn new(g: &ConvGeom) -> Windows {
+        let (_, wp, kp) = padded(g);
         let rows = Self::runs(g.ho(), g.stride[0], g.pad[0], g.kh, g.h);
         let cols = Self::runs(g.wo(), g.stride[1], g.pad[1], g.kw, g.w);
         let mut classes = Vec::with_capacity(rows.len() * cols.len());
