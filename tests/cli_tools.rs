@@ -166,6 +166,7 @@ fn bench_reports_the_documented_keys() {
         assert_eq!(
             keys,
             [
+                "activations",
                 "batch",
                 "device",
                 "gflops_per_sec",
@@ -180,6 +181,7 @@ fn bench_reports_the_documented_keys() {
         );
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
         assert_eq!(v["matrix_unit"], "fp32");
+        assert_eq!(v["activations"], "f32");
     }
     // bf16 names the unit this CPU has (the AMX tiles, AVX512-BF16, or fp32 when neither),
     // and CONVLAB_AMX=0 keeps it off the tiles.
@@ -202,6 +204,30 @@ fn bench_reports_the_documented_keys() {
     };
     assert_eq!(unit("0"), without);
     assert!(fails(&tiny_bench("infer", &[], "maybe")).contains("CONVLAB_AMX=maybe"));
+    // CONVLAB_ACTIVATIONS=bf16 keeps a bf16 ConvNet's maps in bf16 where bf16 runs at all;
+    // a typo is refused naming the variable.
+    let acts = |value: &str| {
+        convlab()
+            .args([
+                "bench",
+                "infer",
+                "--model",
+                "convnet_small",
+                "--input",
+                "1x28x28",
+            ])
+            .args(bf16)
+            .env("CONVLAB_ACTIVATIONS", value)
+            .output()
+            .unwrap()
+    };
+    let runs_bf16 = convlab::kernels::bf16::available();
+    assert_eq!(
+        json(&acts("bf16"))["activations"],
+        if runs_bf16 { "bf16" } else { "f32" }
+    );
+    assert_eq!(json(&acts("f32"))["activations"], "f32");
+    assert!(fails(&acts("half")).contains("CONVLAB_ACTIVATIONS=half"));
     let e = fails(
         &convlab()
             .args(["bench", "train", "--input", "3x32"])

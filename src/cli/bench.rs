@@ -100,6 +100,9 @@ struct Report {
     /// What multiplied the convolutions' matrices: `amx-bf16`, `avx512-bf16` or `fp32`
     /// (`kernels::matrix_unit`; `backend` when convlab's kernels did not run).
     matrix_unit: String,
+    /// The dtype of the activations between layers: `f32`, or `bf16` for a bf16 model of a
+    /// family that keeps them in bf16 with `CONVLAB_ACTIVATIONS=bf16`.
+    activations: String,
 }
 
 fn parse_input(s: &str) -> Result<(usize, usize)> {
@@ -330,13 +333,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "backend"
         }
         .into(),
+        activations: if precision == Precision::Bf16
+            && convlab::kernels::active_on(&dev)
+            && convlab::kernels::activation_dtype() == convlab::kernels::ActivationDtype::Bf16
+            && cfg.name.family().keeps_bf16_activations()
+        {
+            "bf16"
+        } else {
+            "f32"
+        }
+        .into(),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} {:?} {} batch {} on {} ({} kernels, {} on {}, {} threads): {:.1} img/s median (slowest \
-             step {:.1}, fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
+            "{} {:?} {} batch {} on {} ({} kernels, {} on {}, {} activations, {} threads): {:.1} img/s \
+             median (slowest step {:.1}, fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
             r.model,
             a.what,
             r.input,
@@ -345,6 +358,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.kernels,
             r.precision,
             r.matrix_unit,
+            r.activations,
             r.threads,
             ips,
             slowest,

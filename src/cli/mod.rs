@@ -94,6 +94,10 @@ pub fn run(cli: Cli) -> Result<()> {
     let amx = convlab::kernels::parse_amx(std::env::var("CONVLAB_AMX").ok().as_deref())
         .map_err(anyhow::Error::msg)?;
     convlab::kernels::amx::allow(amx);
+    let activations =
+        convlab::kernels::parse_activations(std::env::var("CONVLAB_ACTIVATIONS").ok().as_deref())
+            .map_err(anyhow::Error::msg)?;
+    convlab::kernels::select_activations(activations);
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),

@@ -7,6 +7,7 @@
 //! workers waited for it. Here each chunk is zeroed by the worker that then writes it, whole
 //! ([`par_zeroed`]) or part by part as the kernel takes the parts ([`par_lazy`]).
 
+use super::act::Act;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -16,17 +17,18 @@ use std::mem::MaybeUninit;
 ///
 /// # Panics
 /// If `inputs` does not have exactly one item per chunk.
-pub fn par_zeroed_with<I, S, Init, F>(
+pub fn par_zeroed_with<E, I, S, Init, F>(
     n: usize,
     chunk: usize,
     inputs: I,
     init: Init,
     f: F,
-) -> Vec<f32>
+) -> Vec<E>
 where
+    E: Act,
     I: IndexedParallelIterator,
     Init: Fn() -> S + Sync + Send,
-    F: Fn(&mut S, &mut [f32], I::Item) + Sync + Send,
+    F: Fn(&mut S, &mut [E], I::Item) + Sync + Send,
 {
     par_lazy_with(n, chunk, inputs, init, |state, c, item| {
         let whole = c.take(c.rest.len());
@@ -35,10 +37,11 @@ where
 }
 
 /// [`par_zeroed_with`] without per-worker state.
-pub fn par_zeroed<I, F>(n: usize, chunk: usize, inputs: I, f: F) -> Vec<f32>
+pub fn par_zeroed<E, I, F>(n: usize, chunk: usize, inputs: I, f: F) -> Vec<E>
 where
+    E: Act,
     I: IndexedParallelIterator,
-    F: Fn(&mut [f32], I::Item) + Sync + Send,
+    F: Fn(&mut [E], I::Item) + Sync + Send,
 {
     par_zeroed_with(n, chunk, inputs, || (), |_, c, item| f(c, item))
 }
@@ -77,16 +80,16 @@ where
 /// does) writes every byte twice; for a chunk larger than the L2 cache (a batch norm's image,
 /// 3.2 MB for resnet18's stem at 224 px; Winograd's half batch) the zeros go out to memory
 /// before the values do. A part zeroed just before it is written is still in L1.
-pub struct Lazy<'a> {
-    rest: &'a mut [MaybeUninit<f32>],
+pub struct Lazy<'a, E = f32> {
+    rest: &'a mut [MaybeUninit<E>],
 }
 
-impl<'a> Lazy<'a> {
+impl<'a, E: Act> Lazy<'a, E> {
     /// The next `len` values, zeroed.
     ///
     /// # Panics
     /// If fewer than `len` values are left.
-    pub fn take(&mut self, len: usize) -> &'a mut [f32] {
+    pub fn take(&mut self, len: usize) -> &'a mut [E] {
         assert!(
             len <= self.rest.len(),
             "Lazy::take: {len} values asked, {} left",
@@ -94,10 +97,10 @@ impl<'a> Lazy<'a> {
         );
         let (head, tail) = std::mem::take(&mut self.rest).split_at_mut(len);
         self.rest = tail;
-        head.fill(MaybeUninit::new(0.0));
-        // SAFETY: every element of `head` was just written, and `MaybeUninit<f32>` has the
-        // layout of `f32`.
-        unsafe { std::slice::from_raw_parts_mut(head.as_mut_ptr().cast::<f32>(), head.len()) }
+        head.fill(MaybeUninit::new(E::ZERO));
+        // SAFETY: every element of `head` was just written, and `MaybeUninit<E>` has the
+        // layout of `E`.
+        unsafe { std::slice::from_raw_parts_mut(head.as_mut_ptr().cast::<E>(), head.len()) }
     }
 }
 
@@ -105,21 +108,23 @@ impl<'a> Lazy<'a> {
 ///
 /// # Panics
 /// If `inputs` does not have exactly one item per chunk.
-pub fn par_lazy<I, F>(n: usize, chunk: usize, inputs: I, f: F) -> Vec<f32>
+pub fn par_lazy<E, I, F>(n: usize, chunk: usize, inputs: I, f: F) -> Vec<E>
 where
+    E: Act,
     I: IndexedParallelIterator,
-    F: Fn(&mut Lazy<'_>, I::Item) + Sync + Send,
+    F: Fn(&mut Lazy<'_, E>, I::Item) + Sync + Send,
 {
     par_lazy_with(n, chunk, inputs, || (), |_, c, item| f(c, item))
 }
 
 /// The one loop under [`par_zeroed_with`] and [`par_lazy`]: chunk `i` of `n` values handed
 /// to `f` as a [`Lazy`] with item `i` of `inputs`, `init` making each worker's state.
-fn par_lazy_with<I, S, Init, F>(n: usize, chunk: usize, inputs: I, init: Init, f: F) -> Vec<f32>
+fn par_lazy_with<E, I, S, Init, F>(n: usize, chunk: usize, inputs: I, init: Init, f: F) -> Vec<E>
 where
+    E: Act,
     I: IndexedParallelIterator,
     Init: Fn() -> S + Sync + Send,
-    F: Fn(&mut S, &mut Lazy<'_>, I::Item) + Sync + Send,
+    F: Fn(&mut S, &mut Lazy<'_, E>, I::Item) + Sync + Send,
 {
     if n == 0 {
         return Vec::new();
@@ -130,7 +135,7 @@ where
         n.div_ceil(chunk),
         "{n} values in chunks of {chunk} need one input per chunk"
     );
-    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let mut out: Vec<E> = Vec::with_capacity(n);
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(chunk)
         .zip(inputs)
@@ -139,7 +144,7 @@ where
             f(state, &mut lazy, item);
             // `f` holds the `Lazy` only by reference, so it cannot keep or forget it: what it
             // did not take is zeroed here.
-            lazy.rest.fill(MaybeUninit::new(0.0));
+            lazy.rest.fill(MaybeUninit::new(E::ZERO));
         });
     // SAFETY: `inputs` has one item per chunk (asserted above) and the zip visits each pair
     // exactly once; every value of a chunk was zeroed either by `take` or after `f` returned,
@@ -151,23 +156,23 @@ where
 /// The runs of one channel of an NCHW output being filled by [`par_channels`]: image `n`'s
 /// `positions` values of the channel, handed out image by image, each zeroed just before the
 /// task writes it (as [`Lazy::take`]).
-pub struct ChannelRuns<'a> {
+pub struct ChannelRuns<'a, E = f32> {
     /// The channel's first value in image 0.
-    base: *mut MaybeUninit<f32>,
+    base: *mut MaybeUninit<E>,
     next: usize,
     batch: usize,
     /// Values from one image's run to the next: `channels · positions`.
     stride: usize,
     len: usize,
-    _out: std::marker::PhantomData<&'a mut [f32]>,
+    _out: std::marker::PhantomData<&'a mut [E]>,
 }
 
-impl<'a> ChannelRuns<'a> {
+impl<'a, E: Act> ChannelRuns<'a, E> {
     /// The channel's run in the next image, zeroed.
     ///
     /// # Panics
     /// When every image's run was already taken.
-    pub fn next_run(&mut self) -> &'a mut [f32] {
+    pub fn next_run(&mut self) -> &'a mut [E] {
         assert!(
             self.next < self.batch,
             "ChannelRuns: all {} runs taken",
@@ -181,18 +186,18 @@ impl<'a> ChannelRuns<'a> {
             std::slice::from_raw_parts_mut(self.base.add(self.next * self.stride), self.len)
         };
         self.next += 1;
-        run.fill(MaybeUninit::new(0.0));
-        // SAFETY: every element was just written; `MaybeUninit<f32>` has the layout of `f32`.
-        unsafe { std::slice::from_raw_parts_mut(run.as_mut_ptr().cast::<f32>(), run.len()) }
+        run.fill(MaybeUninit::new(E::ZERO));
+        // SAFETY: every element was just written; `MaybeUninit<E>` has the layout of `E`.
+        unsafe { std::slice::from_raw_parts_mut(run.as_mut_ptr().cast::<E>(), run.len()) }
     }
 }
 
 /// A pointer the channel tasks share; each writes only its own channel's runs.
-struct Shared(*mut MaybeUninit<f32>);
+struct Shared<E>(*mut MaybeUninit<E>);
 // SAFETY: the tasks write disjoint runs through it ([`ChannelRuns`]), and the output outlives
-// the parallel loop.
-unsafe impl Sync for Shared {}
-unsafe impl Send for Shared {}
+// the parallel loop; `E` is plain data (`f32`, `bf16`).
+unsafe impl<E: Act> Sync for Shared<E> {}
+unsafe impl<E: Act> Send for Shared<E> {}
 
 /// An NCHW output of `batch · channels · positions` values filled channel by channel: task
 /// `c` gets the channel's runs ([`ChannelRuns`], image by image) and returns a value kept in
@@ -203,18 +208,19 @@ unsafe impl Send for Shared {}
 /// for the output while they are still in L2, where the statistics pass and then an image by
 /// image output pass read every activation from memory twice (the numbers are beside
 /// `norm::FUSED_POSITIONS`; `cargo run --release --example norm_pool` times both).
-pub fn par_channels<T, F>(
+pub fn par_channels<E, T, F>(
     batch: usize,
     channels: usize,
     positions: usize,
     f: F,
-) -> (Vec<f32>, Vec<T>)
+) -> (Vec<E>, Vec<T>)
 where
+    E: Act,
     T: Send,
-    F: Fn(usize, &mut ChannelRuns<'_>) -> T + Sync + Send,
+    F: Fn(usize, &mut ChannelRuns<'_, E>) -> T + Sync + Send,
 {
     let n = batch * channels * positions;
-    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let mut out: Vec<E> = Vec::with_capacity(n);
     let shared = Shared(out.spare_capacity_mut().as_mut_ptr());
     let shared = &shared;
     let values = (0..channels)
@@ -255,7 +261,7 @@ mod tests {
             c[0] = (i + 1) as f32 * 10.0 + c.len() as f32;
         });
         assert_eq!(y, [14.0, 0.0, 0.0, 0.0, 24.0, 0.0, 0.0, 0.0, 32.0, 0.0]);
-        assert!(par_zeroed(0, 4, (0..0usize).into_par_iter(), |_, _| {}).is_empty());
+        assert!(par_zeroed::<f32, _, _>(0, 4, (0..0usize).into_par_iter(), |_, _| {}).is_empty());
     }
 
     #[test]
@@ -289,7 +295,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "values asked")]
     fn lazy_refuses_to_take_past_its_chunk() {
-        par_lazy(4, 4, (0..1usize).into_par_iter(), |c, _| {
+        par_lazy::<f32, _, _>(4, 4, (0..1usize).into_par_iter(), |c, _| {
             c.take(5);
         });
     }
@@ -317,7 +323,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "runs taken")]
     fn channel_runs_refuse_a_run_past_the_batch() {
-        par_channels(1, 2, 3, |_, runs| {
+        par_channels::<f32, _, _>(1, 2, 3, |_, runs| {
             runs.next_run();
             runs.next_run();
         });
@@ -326,6 +332,6 @@ mod tests {
     #[test]
     #[should_panic(expected = "one input per chunk")]
     fn too_few_inputs_are_refused() {
-        par_zeroed(10, 4, (0..2usize).into_par_iter(), |_, _| {});
+        par_zeroed::<f32, _, _>(10, 4, (0..2usize).into_par_iter(), |_, _| {});
     }
 }

@@ -5,8 +5,9 @@
 //! execution backend (`Flex`) and for `Autodiff<Flex>`, reached from backend-independent code
 //! through `Dispatch` (`Tensor::into_dispatch` / `Tensor::from_dispatch`).
 
-use super::buf::par_zeroed;
-use super::conv::{ConvGeom, conv2d_backward, conv2d_forward, conv2d_forward_act};
+use super::act::{self, Act, bf16};
+use super::buf::par_zeroed_with;
+use super::conv::{ConvGeom, conv2d_backward, conv2d_forward_act};
 use super::norm::{NormGeom, affine, backward as norm_backward, scale_shift, train_forward};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
 use super::simd;
@@ -17,7 +18,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, TensorMetadata, backend_extension};
-use burn::tensor::TensorData;
+use burn::tensor::{DType, Element, Shape, TensorData};
+use std::borrow::Cow;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait GemmConvBackend: Backend {
@@ -68,8 +70,7 @@ impl ConvActInferBackend for Flex {
         bf16: bool,
     ) -> FlexTensor {
         let g = geom(&x, &w, stride, pad, bf16);
-        let y = conv2d_forward_act(&values(&x), &values(&w), Some(&values(&b)), &g, relu);
-        FlexTensor::from_data(TensorData::new(y, [g.batch, g.cout, g.ho(), g.wo()]))
+        forward_act(&x, &w, Some(&b), &g, relu)
     }
 }
 
@@ -100,19 +101,193 @@ fn geom(
     }
 }
 
-/// The values of a float tensor in row-major order (a copy only when it is strided or shared
-/// storage that does not start at its first element).
-fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    match t.as_slice::<f32>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
+/// The values of an f32 tensor in row-major order (a copy only when it is strided or shared
+/// storage that does not start at its first element): weights, statistics, and activations of
+/// f32 models.
+fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    slice::<f32>(t)
+}
+
+/// An activation element as Burn stores it.
+trait Stored: Act + Element + bytemuck::Pod {}
+impl Stored for f32 {}
+impl Stored for bf16 {}
+
+/// The values of a tensor of element `E` in row-major order, as [`values`].
+///
+/// # Panics
+/// If the tensor's dtype is not `E`'s.
+fn slice<E: Stored>(t: &FlexTensor) -> Cow<'_, [E]> {
+    match t.as_slice::<E>() {
+        Some(s) => Cow::Borrowed(s),
+        None => {
+            let c = t.to_contiguous();
+            let s = c.as_slice::<E>().unwrap_or_else(|| {
+                panic!(
+                    "a {:?} tensor where {:?} was expected",
+                    t.dtype(),
+                    E::dtype()
+                )
+            });
+            Cow::Owned(s.to_vec())
+        }
     }
 }
 
+fn tensor<E: Stored>(v: Vec<E>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+/// Whether an activation is stored in bf16 (a model running bf16 end to end); else f32.
+fn is_bf16(t: &FlexTensor) -> bool {
+    t.dtype() == DType::BF16
+}
+
+/// `t` in `like`'s dtype: a gradient handed to a backward pass in another dtype than its
+/// forward pass's input (not produced by convlab's own ops, which keep each node's dtype).
+fn same_dtype(t: FlexTensor, like: &FlexTensor) -> FlexTensor {
+    to_dtype(t, like.dtype())
+}
+
+/// `t` in `dtype` (bf16 or f32).
+fn to_dtype(t: FlexTensor, dtype: DType) -> FlexTensor {
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::FloatDType;
+    if t.dtype() == dtype {
+        return t;
+    }
+    let to = if dtype == DType::BF16 {
+        FloatDType::BF16
+    } else {
+        FloatDType::F32
+    };
+    <Flex as FloatTensorOps<Flex>>::float_cast(t, to)
+}
+
+/// Runs `$body` with `$E` the element type of `$t` (`bf16` or `f32`).
+macro_rules! on_dtype {
+    ($t:expr, $E:ident => $body:expr) => {
+        if is_bf16($t) {
+            type $E = bf16;
+            $body
+        } else {
+            type $E = f32;
+            $body
+        }
+    };
+}
+
+/// Bytes of f32 input and output per chunk of images that a convolution on bf16 activations
+/// widens, convolves and rounds back: a few images, so both stay in the last-level cache
+/// between the widening, the kernel and the rounding, while memory sees bf16 only.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Images per chunk of [`CHUNK_BYTES`]: a multiple of the thread count (the kernels share a
+/// chunk's images out among the threads), at most the batch.
+fn images_per_chunk(g: &ConvGeom, budget: usize) -> usize {
+    let per_image = 4 * (g.in_len() + g.out_len()).max(1);
+    let threads = rayon::current_num_threads().max(1);
+    (budget / per_image)
+        .max(1)
+        .next_multiple_of(threads)
+        .min(g.batch.max(1))
+}
+
+/// `(x, dy)`'s chunks of images of about `budget` bytes for a convolution of geometry `g`:
+/// the chunk's geometry and its range of images.
+fn chunks(
+    g: &ConvGeom,
+    budget: usize,
+) -> impl Iterator<Item = (ConvGeom, std::ops::Range<usize>)> + '_ {
+    let n = images_per_chunk(g, budget);
+    (0..g.batch).step_by(n.max(1)).map(move |i| {
+        let m = n.min(g.batch - i);
+        (ConvGeom { batch: m, ..*g }, i..i + m)
+    })
+}
+
+/// The forward convolution (then `max(·, 0)` with `relu`) on bf16 activations, chunk by
+/// chunk ([`CHUNK_BYTES`]): the chunk widened to f32, convolved, rounded into `y`.
+fn forward_bf16(
+    x: &[bf16],
+    w: &[f32],
+    b: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+    budget: usize,
+) -> Vec<bf16> {
+    let (il, ol) = (g.in_len(), g.out_len());
+    let mut y = vec![bf16::ZERO; g.batch * ol];
+    for (gc, r) in chunks(g, budget) {
+        let xf = act::to_f32(&x[r.start * il..r.end * il]);
+        let yf = conv2d_forward_act(&xf, w, b, &gc, relu);
+        act::narrow_into(&yf, &mut y[r.start * ol..r.end * ol]);
+    }
+    y
+}
+
+/// `(dx, dw, db)` of a convolution on bf16 activations: `dx` in bf16, the rest f32.
+type Bf16Grads = (Option<Vec<bf16>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// [`conv2d_backward`] on bf16 activations, chunk by chunk as [`forward_bf16`]: `dx` rounded
+/// to bf16, `dw` and `db` (f32) summed over the chunks in order.
+fn backward_bf16(
+    x: &[bf16],
+    w: &[f32],
+    dy: &[bf16],
+    g: &ConvGeom,
+    need: [bool; 3],
+    budget: usize,
+) -> Bf16Grads {
+    let (il, ol) = (g.in_len(), g.out_len());
+    let mut dx = need[0].then(|| vec![bf16::ZERO; g.batch * il]);
+    let (mut dw, mut db): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
+    let add = |sum: &mut Option<Vec<f32>>, part: Option<Vec<f32>>| match (sum.as_mut(), part) {
+        (Some(s), Some(p)) => s.iter_mut().zip(&p).for_each(|(s, p)| *s += p),
+        (None, p) => *sum = p,
+        _ => {}
+    };
+    for (gc, r) in chunks(g, budget) {
+        let xf = act::to_f32(&x[r.start * il..r.end * il]);
+        let dyf = act::to_f32(&dy[r.start * ol..r.end * ol]);
+        let (dxc, dwc, dbc) = conv2d_backward(&xf, w, &dyf, &gc, need);
+        if let (Some(dx), Some(dxc)) = (dx.as_mut(), dxc) {
+            act::narrow_into(&dxc, &mut dx[r.start * il..r.end * il]);
+        }
+        add(&mut dw, dwc);
+        add(&mut db, dbc);
+    }
+    (dx, dw, db)
+}
+
 fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, g: &ConvGeom) -> FlexTensor {
+    forward_act(x, w, b, g, false)
+}
+
+/// The forward convolution in `x`'s dtype (bf16 activations in, bf16 out).
+fn forward_act(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    b: Option<&FlexTensor>,
+    g: &ConvGeom,
+    relu: bool,
+) -> FlexTensor {
     let b = b.map(values);
-    let y = conv2d_forward(&values(x), &values(w), b.as_deref(), g);
-    FlexTensor::from_data(TensorData::new(y, [g.batch, g.cout, g.ho(), g.wo()]))
+    let shape = [g.batch, g.cout, g.ho(), g.wo()];
+    if is_bf16(x) {
+        let y = forward_bf16(
+            &slice::<bf16>(x),
+            &values(w),
+            b.as_deref(),
+            g,
+            relu,
+            CHUNK_BYTES,
+        );
+        tensor(y, shape)
+    } else {
+        let y = conv2d_forward_act(&values(x), &values(w), b.as_deref(), g, relu);
+        tensor(y, shape)
+    }
 }
 
 impl GemmConvBackend for Flex {
@@ -148,16 +323,23 @@ fn backward<const N: usize>(
     checkpointer: &mut Checkpointer,
 ) {
     let (x_id, w_id, g) = ops.state;
-    let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
     let x: FlexTensor = checkpointer.retrieve_node_output(x_id);
+    let dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
     let w: FlexTensor = checkpointer.retrieve_node_output(w_id);
     let need = [0, 1, 2].map(|i| ops.parents.get(i).is_some_and(|p| p.is_some()));
-    let (dx, dw, db) = conv2d_backward(&values(&x), &values(&w), &values(&dy), &g, need);
-    let shapes = [x.shape(), w.shape(), [g.cout].into()];
-    for ((parent, grad), shape) in ops.parents.iter().zip([dx, dw, db]).zip(shapes) {
+    let (dx, dw, db) = if is_bf16(&x) {
+        let (dx, dw, db) =
+            backward_bf16(&slice(&x), &values(&w), &slice(&dy), &g, need, CHUNK_BYTES);
+        (dx.map(|v| tensor(v, x.shape())), dw, db)
+    } else {
+        let (dx, dw, db) = conv2d_backward(&values(&x), &values(&w), &values(&dy), &g, need);
+        (dx.map(|v| tensor(v, x.shape())), dw, db)
+    };
+    let dw = dw.map(|v| tensor(v, w.shape()));
+    let db = db.map(|v| tensor(v, [g.cout]));
+    for (parent, grad) in ops.parents.iter().zip([dx, dw, db]) {
         if let (Some(node), Some(grad)) = (parent, grad) {
-            let t = FlexTensor::from_data(TensorData::new(grad, shape));
-            grads.register::<Flex>(node.id, t);
+            grads.register::<Flex>(node.id, grad);
         }
     }
 }
@@ -286,12 +468,11 @@ fn bn_train(
     relu: bool,
 ) -> (FlexTensor, Vec<f32>, Vec<f32>) {
     let g = norm_geom(x);
-    let (y, mean, var) = train_forward(&values(x), &values(gamma), &values(beta), eps, relu, &g);
-    (
-        FlexTensor::from_data(TensorData::new(y, x.shape())),
-        mean,
-        var,
-    )
+    let (gamma, beta) = (values(gamma), values(beta));
+    on_dtype!(x, E => {
+        let (y, mean, var) = train_forward(&slice::<E>(x), &gamma, &beta, eps, relu, &g);
+        (tensor(y, x.shape()), mean, var)
+    })
 }
 
 impl BatchNormBackend for Flex {
@@ -325,8 +506,7 @@ impl BatchNormInferBackend for Flex {
             &values(&variance),
             epsilon,
         );
-        let y = scale_shift(&values(&x), &scale, &shift, relu, &g);
-        FlexTensor::from_data(TensorData::new(y, x.shape()))
+        on_dtype!(&x, E => tensor(scale_shift(&slice::<E>(&x), &scale, &shift, relu, &g), x.shape()))
     }
 }
 
@@ -348,25 +528,24 @@ impl Backward<Flex, 3> for BnActTrain {
     type State = BnState;
     fn backward(self, ops: Ops<BnState, 3>, grads: &mut Gradients, cp: &mut Checkpointer) {
         let (x_id, gamma, beta, mean, var, eps, relu) = ops.state;
-        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
         let x: FlexTensor = cp.retrieve_node_output(x_id);
+        let dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
         let g = norm_geom(&x);
-        let (dx, dgamma, dbeta) = norm_backward(
-            &values(&x),
-            &values(&dy),
-            &values(&gamma),
-            &values(&beta),
-            &mean,
-            &var,
-            eps,
-            relu,
-            &g,
-        );
-        let shapes = [x.shape(), gamma.shape(), beta.shape()];
-        for ((parent, grad), shape) in ops.parents.iter().zip([dx, dgamma, dbeta]).zip(shapes) {
+        let (gv, bv) = (values(&gamma), values(&beta));
+        let dx = on_dtype!(&x, E => {
+            let (dx, dgamma, dbeta) =
+                norm_backward(&slice::<E>(&x), &slice::<E>(&dy), &gv, &bv, &mean, &var, eps, relu, &g);
+            (tensor(dx, x.shape()), dgamma, dbeta)
+        });
+        let (dx, dgamma, dbeta) = dx;
+        let grads3 = [
+            dx,
+            tensor(dgamma, gamma.shape()),
+            tensor(dbeta, beta.shape()),
+        ];
+        for (parent, grad) in ops.parents.iter().zip(grads3) {
             if let Some(node) = parent {
-                grads
-                    .register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(grad, shape)));
+                grads.register::<Flex>(node.id, grad);
             }
         }
     }
@@ -437,9 +616,13 @@ fn pool_geom(
     PoolGeom::new(b * c, [h, w], kernel, stride, pad, ceil)
 }
 
-fn pool_output(y: Vec<f32>, x: &FlexTensor, g: &PoolGeom) -> FlexTensor {
+/// The pooled `x` in its dtype, with the switches when asked for.
+fn pool(x: &FlexTensor, g: &PoolGeom, switches: bool) -> (FlexTensor, Vec<u32>) {
     let [b, c, _, _] = x.shape().dims();
-    FlexTensor::from_data(TensorData::new(y, [b, c, g.ho, g.wo]))
+    on_dtype!(x, E => {
+        let (y, at) = max_pool_forward(&slice::<E>(x), g, switches);
+        (tensor(y, [b, c, g.ho, g.wo]), at)
+    })
 }
 
 impl MaxPoolBackend for Flex {
@@ -451,8 +634,7 @@ impl MaxPoolBackend for Flex {
         ceil: bool,
     ) -> FlexTensor {
         let g = pool_geom(&x, kernel, stride, padding, ceil);
-        let (y, _) = max_pool_forward(&values(&x), &g, false);
-        pool_output(y, &x, &g)
+        pool(&x, &g, false).0
     }
 }
 
@@ -460,14 +642,15 @@ impl MaxPoolBackend for Flex {
 struct MaxPoolOp;
 
 impl Backward<Flex, 1> for MaxPoolOp {
-    /// The switches, the input's shape and the geometry.
-    type State = (Vec<u32>, burn::tensor::Shape, PoolGeom);
+    /// The switches, the input's shape and dtype (its gradient's), and the geometry.
+    type State = (Vec<u32>, Shape, DType, PoolGeom);
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (switches, shape, g) = ops.state;
+        let (switches, shape, dtype, g) = ops.state;
         let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
         if let Some(node) = &ops.parents[0] {
-            let dx = max_pool_backward(&values(&dy), &switches, &g);
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+            let dy = to_dtype(dy, dtype);
+            let dx = on_dtype!(&dy, E => tensor(max_pool_backward(&slice::<E>(&dy), &switches, &g), shape));
+            grads.register::<Flex>(node.id, dx);
         }
     }
 }
@@ -487,14 +670,11 @@ impl<C: CheckpointStrategy> MaxPoolBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (y, switches) = max_pool_forward(&values(x.primitive()), &g, true);
-                let y = pool_output(y, x.primitive(), &g);
-                prep.finish((switches, x.primitive().shape(), g), y)
+                let (y, switches) = pool(x.primitive(), &g, true);
+                let (shape, dtype) = (x.primitive().shape(), x.primitive().dtype());
+                prep.finish((switches, shape, dtype, g), y)
             }
-            OpsKind::UnTracked(prep) => {
-                let (y, _) = max_pool_forward(&values(x.primitive()), &g, false);
-                prep.finish(pool_output(y, x.primitive(), &g))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(pool(x.primitive(), &g, false).0),
         }
     }
 }
@@ -509,20 +689,47 @@ pub trait AddReluBackend: Backend {
 const CHUNK: usize = 1 << 14;
 
 fn add_relu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
-    use rayon::prelude::*;
-    let (av, bv) = (values(a), values(b));
     assert_eq!(
-        av.len(),
-        bv.len(),
-        "add_relu: shapes {:?} and {:?}",
-        a.shape(),
-        b.shape()
+        (a.shape(), a.dtype()),
+        (b.shape(), b.dtype()),
+        "add_relu: the summands' shapes and dtypes"
     );
-    let inputs = av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK));
-    let y = par_zeroed(av.len(), CHUNK, inputs, |y, (a, b)| {
-        simd::add_relu_row(y, a, b)
-    });
-    FlexTensor::from_data(TensorData::new(y, a.shape()))
+    on_dtype!(a, E => tensor(add_relu_values(&slice::<E>(a), &slice::<E>(b)), a.shape()))
+}
+
+/// Three rows of f32 scratch per worker: two inputs and an output ([`Act::read`],
+/// [`Act::write`]; unused on f32).
+type Rows3 = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+fn add_relu_values<E: Act>(a: &[E], b: &[E]) -> Vec<E> {
+    use rayon::prelude::*;
+    let inputs = a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK));
+    par_zeroed_with(
+        a.len(),
+        CHUNK,
+        inputs,
+        Rows3::default,
+        |(sa, sb, sy): &mut Rows3, y, (a, b)| {
+            let (a, b) = (E::read(a, sa), E::read(b, sb));
+            E::write(y, sy, |y| simd::add_relu_row(y, a, b))
+        },
+    )
+}
+
+/// `dy · [y > 0]`.
+fn relu_grad_values<E: Act>(dy: &[E], y: &[E]) -> Vec<E> {
+    use rayon::prelude::*;
+    let inputs = dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK));
+    par_zeroed_with(
+        y.len(),
+        CHUNK,
+        inputs,
+        Rows3::default,
+        |(sd, sy, sx): &mut Rows3, dx, (dy, y)| {
+            let (dy, y) = (E::read(dy, sd), E::read(y, sy));
+            E::write(dx, sx, |dx| simd::relu_grad_row(dx, dy, y))
+        },
+    )
 }
 
 impl AddReluBackend for Flex {
@@ -538,16 +745,10 @@ impl Backward<Flex, 2> for AddRelu {
     /// The output (shared storage, not a copy): the ReLU's gate.
     type State = FlexTensor;
     fn backward(self, ops: Ops<FlexTensor, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        use rayon::prelude::*;
         let y = ops.state;
-        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
-        let (yv, dyv) = (values(&y), values(&dy));
-        let inputs = dyv.par_chunks(CHUNK).zip(yv.par_chunks(CHUNK));
-        let dx = par_zeroed(yv.len(), CHUNK, inputs, |dx, (dy, y)| {
-            simd::relu_grad_row(dx, dy, y)
-        });
+        let dy = same_dtype(grads.consume::<Flex>(&ops.node), &y);
+        let dx = on_dtype!(&y, E => tensor(relu_grad_values(&slice::<E>(&dy), &slice::<E>(&y)), y.shape()));
         // Both summands get the same gradient: one buffer, shared.
-        let dx = FlexTensor::from_data(TensorData::new(dx, y.shape()));
         for node in ops.parents.iter().flatten() {
             grads.register::<Flex>(node.id, dx.clone());
         }
@@ -650,5 +851,60 @@ impl UpdateBackend for Flex {
         let moments = Some((m.storage_mut::<f32>(), v.storage_mut::<f32>()));
         super::update::adamw(w.storage_mut(), g.storage_mut(), moments, &mut [], h);
         (w, m, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::conv::test_data;
+
+    /// A batch split into chunks gives the one-chunk output and input gradient bit for bit
+    /// (each image is computed alone), and the weight and bias gradients up to the order of
+    /// the chunks' sums.
+    #[test]
+    fn chunks_of_images_give_the_whole_batch_result() {
+        let g = ConvGeom {
+            batch: 5,
+            cin: 6,
+            h: 9,
+            w: 8,
+            cout: 7,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1, 1],
+            precision: crate::kernels::Precision::Fp32,
+        };
+        let one = 4 * (g.in_len() + g.out_len());
+        let ranges: Vec<_> = chunks(&g, one).map(|(_, r)| r).collect();
+        assert!(
+            ranges.len() > 1 || rayon::current_num_threads() >= 5,
+            "{ranges:?}"
+        );
+        assert!(chunks(&g, one).all(|(c, r)| c.batch == r.len()));
+        assert_eq!(ranges.first().map(|r| r.start), Some(0));
+        assert_eq!(ranges.last().map(|r| r.end), Some(5));
+        assert!(ranges.windows(2).all(|p| p[0].end == p[1].start));
+        let x = act::to_bf16(&test_data(g.batch * g.in_len(), 1));
+        let w = test_data(g.cout * g.k(), 2);
+        let b = test_data(g.cout, 3);
+        let dy = act::to_bf16(&test_data(g.batch * g.out_len(), 4));
+        let whole = usize::MAX / 2;
+        assert_eq!(
+            forward_bf16(&x, &w, Some(&b), &g, true, one),
+            forward_bf16(&x, &w, Some(&b), &g, true, whole)
+        );
+        let (dx1, dw1, db1) = backward_bf16(&x, &w, &dy, &g, [true; 3], one);
+        let (dx0, dw0, db0) = backward_bf16(&x, &w, &dy, &g, [true; 3], whole);
+        assert_eq!(dx1, dx0);
+        for (a, e) in dw1
+            .unwrap()
+            .iter()
+            .chain(&db1.unwrap())
+            .zip(dw0.unwrap().iter().chain(&db0.unwrap()))
+        {
+            assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "{a} vs {e}");
+        }
     }
 }

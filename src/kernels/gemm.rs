@@ -208,7 +208,7 @@ pub(super) fn sum_transposed_in_order(
         rows * cols,
         TILE_C * rows,
         (0..cols.div_ceil(TILE_C)).into_par_iter(),
-        |out, t| {
+        |out: &mut [f32], t| {
             let c0 = t * TILE_C;
             let width = out.len() / rows.max(1);
             // 16 x 16 blocks: 16 rows of the parts (one cache line of 16 columns each, read

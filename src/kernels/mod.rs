@@ -10,6 +10,7 @@
 //! [`select`]`(Kernels::Burn)` turns the fast paths off, for comparing the two (the binary does
 //! it for `CONVLAB_KERNELS=burn`; `convlab bench` prints which one ran).
 
+pub mod act;
 pub mod amx;
 pub mod bf16;
 mod buf;
@@ -95,9 +96,85 @@ pub fn extended_on(device: &Device) -> bool {
     active_on(device) || (kernels() == Kernels::Convlab && is_tch(device))
 }
 
-/// Whether convlab's kernels apply to `x`: f32 on burn-flex, and not switched off.
+/// Whether convlab's kernels apply to `x`: f32 or bf16 activations ([`activations`]) on
+/// burn-flex, and not switched off.
 fn fast_path(x: &Tensor<4>) -> bool {
-    x.dtype() == DType::F32 && active_on(&x.device())
+    matches!(x.dtype(), DType::F32 | DType::BF16) && active_on(&x.device())
+}
+
+/// The dtype bf16 models keep their activations in between layers ([`activations`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationDtype {
+    /// f32 activations; bf16 only inside the convolutions (the default).
+    F32,
+    /// bf16 activations end to end (ResNet, VGG and the plain ConvNets in bf16).
+    Bf16,
+}
+
+/// Reads a `CONVLAB_ACTIVATIONS` value: unset, empty or `f32` keeps bf16 models' activations
+/// in f32 (the default: faster today, see [`activations`]); `bf16` stores them in bf16.
+/// Anything else is an error naming the variable.
+pub fn parse_activations(value: Option<&str>) -> Result<ActivationDtype, String> {
+    match value {
+        None | Some("") | Some("f32") => Ok(ActivationDtype::F32),
+        Some("bf16") => Ok(ActivationDtype::Bf16),
+        Some(other) => Err(format!(
+            "CONVLAB_ACTIVATIONS={other}: expected `f32` (the default) or `bf16`"
+        )),
+    }
+}
+
+/// The process-wide activation dtype: false = f32 (the default), true = bf16.
+static BF16_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the activation dtype of bf16 models for this process (the binary calls it once at
+/// start from `CONVLAB_ACTIVATIONS`, [`parse_activations`]).
+pub fn select_activations(dtype: ActivationDtype) {
+    BF16_ACTIVATIONS.store(dtype == ActivationDtype::Bf16, Ordering::Relaxed);
+}
+
+/// The activation dtype bf16 models use in this process ([`select_activations`]).
+pub fn activation_dtype() -> ActivationDtype {
+    if BF16_ACTIVATIONS.load(Ordering::Relaxed) {
+        ActivationDtype::Bf16
+    } else {
+        ActivationDtype::F32
+    }
+}
+
+/// The activations a model computing in `precision` keeps between its layers: `x` stored in
+/// bf16 when bf16 activations are selected ([`select_activations`]), `precision` is bf16 and
+/// it runs ([`runnable`]) on convlab's kernels; else `x` as it is. Every convlab op takes
+/// bf16 activations and returns its output (and its input's gradient) in bf16, with f32
+/// weights, statistics and sums; a model calls this on its input and [`f32_activations`] on
+/// its last feature map, so nothing outside it sees bf16.
+///
+/// PyTorch's `torch.autocast(dtype=torch.bfloat16)` with channels-last on oneDNN keeps the
+/// same tensors in bf16 (convolution outputs, batch norm, ReLU, pooling, the residual add).
+/// Here batch norm, pooling and the residual add read and write bf16 natively (a row at a
+/// time widened in cache, [`act`]); the convolutions still widen a chunk of images to f32
+/// for their f32-input packers, which costs more than the halved traffic saves (resnet50
+/// 224 px bf16 training 8.0-8.7 vs 10.2 img/s, peak memory 940 vs 1524 MB, BENCHMARKS.md):
+/// hence not the default.
+pub fn activations(x: Tensor<4>, precision: Precision) -> Tensor<4> {
+    if activation_dtype() == ActivationDtype::Bf16
+        && runnable(precision) == Precision::Bf16
+        && x.dtype() == DType::F32
+        && fast_path(&x)
+    {
+        x.cast(DType::BF16)
+    } else {
+        x
+    }
+}
+
+/// `x` in f32 (a no-op on f32): where a model's bf16 activations ([`activations`]) leave it.
+pub fn f32_activations<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    }
 }
 
 /// Whether the libtorch extension applies to `x`: f32 on libtorch, and not switched off.
@@ -640,7 +717,7 @@ fn fast_max_pool(_: Tensor<4>, _: [usize; 2], _: [usize; 2], _: [usize; 2], _: b
 /// # Shapes
 /// `a`, `b`: `[B, C, H, W]` (the same) -> `[B, C, H, W]`.
 pub fn add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
-    if fast_path(&a) && b.dtype() == DType::F32 && a.dims() == b.dims() {
+    if fast_path(&a) && b.dtype() == a.dtype() && a.dims() == b.dims() {
         fast_add_relu(a, b)
     } else {
         activation::relu(a + b)

@@ -582,7 +582,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         g.batch * img_x / 2,
         img_x / 2,
         x.par_chunks(g.in_len()),
-        |d, s| {
+        |d: &mut [f32], s| {
             let d: &mut [u16] = bytemuck::cast_slice_mut(d);
             for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
                 for (y, row) in sc.chunks_exact(g.w).enumerate() {
@@ -617,7 +617,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
         img_d,
         dy.par_chunks(g.out_len()),
         || vec![0u32; img_d],
-        |scratch, d, s| {
+        |scratch, d: &mut [f32], s| {
             let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
             for (o, so) in s.chunks_exact(ho * wo).enumerate() {
                 let t = &mut halves[o * 2 * pairs..][..2 * pairs];

@@ -14,6 +14,7 @@
 //! # Shapes
 //! `x, y, dy, dx: [B, C, P]` (any spatial size `P`), `γ, β, μ, σ²: [C]`.
 
+use super::act::Act;
 use super::buf::{par_channels, par_lazy};
 use super::simd::{affine_row, bn_dx_row, gated_sums, row_sq_dev, row_sum};
 use rayon::prelude::*;
@@ -31,14 +32,14 @@ impl NormGeom {
         self.batch * self.channels * self.positions
     }
     /// The rows of channel `c`, one per image.
-    fn rows<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+    fn rows<'a, E>(&self, x: &'a [E], c: usize) -> impl Iterator<Item = &'a [E]> + 'a {
         let (cp, p) = (self.channels * self.positions, self.positions);
         (0..self.batch).map(move |n| &x[n * cp + c * p..n * cp + (c + 1) * p])
     }
 }
 
 /// Per-channel mean and biased variance of `x`.
-pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
+pub fn batch_stats<E: Act>(x: &[E], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len(), "batch norm input length");
     (0..g.channels)
         .into_par_iter()
@@ -56,12 +57,19 @@ pub fn batch_stats(x: &[f32], g: &NormGeom) -> (Vec<f32>, Vec<f32>) {
 const FUSED_POSITIONS: usize = 56 * 56;
 
 /// Channel `c`'s mean and biased variance.
-fn channel_stats(x: &[f32], c: usize, g: &NormGeom) -> (f32, f32) {
+fn channel_stats<E: Act>(x: &[E], c: usize, g: &NormGeom) -> (f32, f32) {
     let count = (g.batch * g.positions).max(1) as f64;
-    let sum: f64 = g.rows(x, c).map(|r| row_sum(r) as f64).sum();
+    let mut s = Vec::new();
+    let sum: f64 = g
+        .rows(x, c)
+        .map(|r| row_sum(E::read(r, &mut s)) as f64)
+        .sum();
     let mean = sum / count;
     let m = mean as f32;
-    let sq: f64 = g.rows(x, c).map(|r| row_sq_dev(r, m) as f64).sum();
+    let sq: f64 = g
+        .rows(x, c)
+        .map(|r| row_sq_dev(E::read(r, &mut s), m) as f64)
+        .sum();
     (mean as f32, (sq / count) as f32)
 }
 
@@ -69,14 +77,14 @@ fn channel_stats(x: &[f32], c: usize, g: &NormGeom) -> (f32, f32) {
 /// [`affine`] and [`scale_shift`] bit for bit. On maps of [`FUSED_POSITIONS`] and more, each
 /// channel's output is written right after its statistics, while the channel's inputs are
 /// still in cache ([`par_channels`]); on smaller maps by those three passes.
-pub fn train_forward(
-    x: &[f32],
+pub fn train_forward<E: Act>(
+    x: &[E],
     gamma: &[f32],
     beta: &[f32],
     eps: f64,
     relu: bool,
     g: &NormGeom,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<E>, Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len(), "batch norm input length");
     assert!(
         gamma.len() == g.channels && beta.len() == g.channels,
@@ -90,8 +98,11 @@ pub fn train_forward(
     let (y, stats) = par_channels(g.batch, g.channels, g.positions, |c, runs| {
         let (mean, var) = channel_stats(x, c, g);
         let (a, b) = channel_affine(gamma[c], beta[c], mean, var, eps);
+        let (mut sx, mut sy) = (Vec::new(), Vec::new());
         for xr in g.rows(x, c) {
-            affine_row(runs.next_run(), xr, a, b, relu);
+            E::write(runs.next_run(), &mut sy, |y| {
+                affine_row(y, E::read(xr, &mut sx), a, b, relu)
+            });
         }
         (mean, var)
     });
@@ -100,12 +111,21 @@ pub fn train_forward(
 }
 
 /// `y = act(x · scale[c] + shift[c])`: the whole forward pass once the statistics are known.
-pub fn scale_shift(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, g: &NormGeom) -> Vec<f32> {
+pub fn scale_shift<E: Act>(
+    x: &[E],
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+    g: &NormGeom,
+) -> Vec<E> {
     assert_eq!(x.len(), g.len(), "batch norm input length");
     let (cp, p) = (g.channels * g.positions, g.positions.max(1));
     par_lazy(x.len(), cp, x.par_chunks(cp.max(1)), |yn, xn| {
+        let (mut sx, mut sy) = (Vec::new(), Vec::new());
         for (xc, (&a, &b)) in xn.chunks(p).zip(scale.iter().zip(shift)) {
-            affine_row(yn.take(xc.len()), xc, a, b, relu);
+            E::write(yn.take(xc.len()), &mut sy, |y| {
+                affine_row(y, E::read(xc, &mut sx), a, b, relu)
+            });
         }
     })
 }
@@ -134,9 +154,9 @@ fn channel_affine(gamma: f32, beta: f32, mean: f32, var: f32, eps: f64) -> (f32,
 /// With `g = dy · [pre-activation > 0]` (or `dy` without the ReLU) and `x̂ = (x - μ) / √(σ² + ε)`:
 /// `dβ = Σ g`, `dγ = Σ g · x̂`, `dx = γ / √(σ² + ε) · (g - dβ / N - x̂ · dγ / N)`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
-    x: &[f32],
-    dy: &[f32],
+pub fn backward<E: Act>(
+    x: &[E],
+    dy: &[E],
     gamma: &[f32],
     beta: &[f32],
     mean: &[f32],
@@ -144,7 +164,7 @@ pub fn backward(
     eps: f64,
     relu: bool,
     g: &NormGeom,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<E>, Vec<f32>, Vec<f32>) {
     assert_eq!(dy.len(), g.len(), "batch norm gradient length");
     let (scale, shift) = affine(gamma, beta, mean, var, eps);
     let inv_std: Vec<f32> = var
@@ -159,7 +179,9 @@ pub fn backward(
     let (dx, sums) = par_channels(g.batch, g.channels, g.positions, |c, runs| {
         let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
         let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+        let (mut sx, mut sd, mut so) = (Vec::new(), Vec::new(), Vec::new());
         for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
+            let (xr, dr) = (E::read(xr, &mut sx), E::read(dr, &mut sd));
             let (u, v) = gated_sums(xr, dr, a, b, m, s, relu);
             sg += u as f64;
             sgx += v as f64;
@@ -167,7 +189,10 @@ pub fn backward(
         let (dbeta, dgamma) = (sg as f32, sgx as f32);
         let (mb, mg, k) = (dbeta / count, dgamma / count, gamma[c] * s);
         for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
-            bn_dx_row(runs.next_run(), xr, dr, [a, b, m, s], [mb, mg, k], relu);
+            let (xr, dr) = (E::read(xr, &mut sx), E::read(dr, &mut sd));
+            E::write(runs.next_run(), &mut so, |dx| {
+                bn_dx_row(dx, xr, dr, [a, b, m, s], [mb, mg, k], relu)
+            });
         }
         (dbeta, dgamma)
     });

@@ -8,7 +8,8 @@
 //! # Shapes
 //! `x: [B, C, H, W]` -> `y: [B, C, H_out, W_out]`, the sizes given by [`PoolGeom::new`].
 
-use super::buf::par_zeroed;
+use super::act::Act;
+use super::buf::par_zeroed_with;
 use super::simd::{max_pool2_row, max_pool3s2_row};
 use rayon::prelude::*;
 
@@ -67,10 +68,12 @@ impl PoolGeom {
 }
 
 /// Forward pass; with `switches`, also the winning input offset (within its plane) per output.
-pub fn max_pool_forward(x: &[f32], g: &PoolGeom, switches: bool) -> (Vec<f32>, Vec<u32>) {
+/// On bf16 (`E`) each plane is widened, pooled in f32 and rounded back: exact, as the maximum
+/// is one of the inputs.
+pub fn max_pool_forward<E: Act>(x: &[E], g: &PoolGeom, switches: bool) -> (Vec<E>, Vec<u32>) {
     let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
     assert_eq!(x.len(), g.planes * in_len, "max pool input length");
-    let mut y = vec![0.0f32; g.planes * out_len];
+    let mut y = vec![E::ZERO; g.planes * out_len];
     let mut idx = vec![0u32; if switches { y.len() } else { 0 }];
     let pairs = g.kernel == [2, 2] && g.stride == [2, 2] && g.pad == [0, 0];
     let cols: Vec<(usize, usize)> = (0..g.wo)
@@ -113,15 +116,19 @@ pub fn max_pool_forward(x: &[f32], g: &PoolGeom, switches: bool) -> (Vec<f32>, V
             }
         }
     };
+    let scratch = || (Vec::new(), Vec::new());
+    let plane = |(sx, sy): &mut (Vec<f32>, Vec<f32>), xp: &[E], yp: &mut [E], ip| {
+        E::write(yp, sy, |yp| plane(E::read(xp, sx), yp, ip))
+    };
     if switches {
         y.par_chunks_mut(out_len.max(1))
             .zip(idx.par_chunks_mut(out_len.max(1)))
             .zip(x.par_chunks(in_len.max(1)))
-            .for_each(|((yp, ip), xp)| plane(xp, yp, Some(ip)));
+            .for_each_init(scratch, |s, ((yp, ip), xp)| plane(s, xp, yp, Some(ip)));
     } else {
         y.par_chunks_mut(out_len.max(1))
             .zip(x.par_chunks(in_len.max(1)))
-            .for_each(|(yp, xp)| plane(xp, yp, None));
+            .for_each_init(scratch, |s, (yp, xp)| plane(s, xp, yp, None));
     }
     (y, idx)
 }
@@ -233,17 +240,28 @@ fn max_pool_plane_finite(
 }
 
 /// Backward pass: each output gradient added at its switch.
-pub fn max_pool_backward(dy: &[f32], switches: &[u32], g: &PoolGeom) -> Vec<f32> {
+/// On bf16 (`E`) a plane's sums are f32, rounded once.
+pub fn max_pool_backward<E: Act>(dy: &[E], switches: &[u32], g: &PoolGeom) -> Vec<E> {
     let (in_len, out_len) = (g.h * g.w, g.ho * g.wo);
     assert_eq!(dy.len(), g.planes * out_len, "max pool gradient length");
     let inputs = dy
         .par_chunks(out_len.max(1))
         .zip(switches.par_chunks(out_len.max(1)));
-    par_zeroed(g.planes * in_len, in_len, inputs, |dxp, (dyp, ip)| {
-        for (&d, &i) in dyp.iter().zip(ip) {
-            dxp[i as usize] += d;
-        }
-    })
+    let scratch = || (Vec::new(), Vec::new());
+    par_zeroed_with(
+        g.planes * in_len,
+        in_len,
+        inputs,
+        scratch,
+        |(sd, sx): &mut (Vec<f32>, Vec<f32>), dxp, (dyp, ip)| {
+            let dyp = E::read(dyp, sd);
+            E::write(dxp, sx, |dxp| {
+                for (&d, &i) in dyp.iter().zip(ip) {
+                    dxp[i as usize] += d;
+                }
+            })
+        },
+    )
 }
 
 #[cfg(test)]

@@ -389,3 +389,80 @@ fn adamw_step_matches_the_tensor_formula() {
     assert_eq!(bits(&m2), bits(&wm2));
     assert_eq!(bits(&v2), bits(&wv2));
 }
+
+/// bf16 activations in, bf16 out: each convlab op on a bf16 tensor returns the f32 op on the
+/// same (widened) values rounded once to bf16, bit for bit, and its input's gradient likewise
+/// in bf16; the weights' and batch norm's parameters' gradients stay f32 and equal.
+#[test]
+fn bf16_activations_are_the_f32_ops_rounded_once() {
+    let device = Device::flex().autodiff();
+    let rounded = |t: Tensor<4>| t.cast(DType::BF16).cast(DType::F32);
+    let bits = |t: Tensor<4>| t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
+    let x0 = Tensor::<4>::random([3, 8, 9, 9], Distribution::Normal(0.0, 1.0), &device);
+    let xb = x0.clone().cast(DType::BF16).detach();
+    let xf = xb.clone().cast(DType::F32).detach();
+    let w = Tensor::<4>::random([6, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+    let bn = burn::nn::BatchNormConfig::new(8).init(&device);
+    let pool = burn::nn::pool::MaxPool2dConfig::new([3, 3])
+        .with_strides([2, 2])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init();
+    let other = rounded(Tensor::<4>::random(
+        [3, 8, 9, 9],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    ));
+    // Each op: output and the gradients of x (and the weight) for the weights `dy` (bf16
+    // values, so both runs see the same ones).
+    type Op<'a> = Box<dyn Fn(Tensor<4>, Tensor<4>) -> Tensor<4> + 'a>;
+    let ops: Vec<(&str, Op)> = vec![
+        (
+            "conv",
+            Box::new(|x: Tensor<4>, w: Tensor<4>| {
+                gemm_conv2d(x, w, None, [1, 1], [1, 1], Precision::Bf16)
+            }),
+        ),
+        ("batch norm", Box::new(|x, _| batch_norm(&bn, x, true))),
+        ("max pool", Box::new(|x, _| max_pool2d(&pool, x))),
+        (
+            "add relu",
+            Box::new(|x: Tensor<4>, _| {
+                let o = other.clone().cast(x.dtype());
+                add_relu(x, o)
+            }),
+        ),
+    ];
+    for (name, op) in &ops {
+        let run = |x: Tensor<4>| {
+            let (x, w) = (x.require_grad(), w.clone().require_grad());
+            let y = op(x.clone(), w.clone());
+            let dy = rounded(Tensor::<4>::random(
+                y.dims(),
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            ))
+            .cast(y.dtype());
+            let grads = (y.clone() * dy).sum().backward();
+            let gx = x.grad(&grads).unwrap();
+            let gw = w.grad(&grads);
+            (y.inner(), gx, gw)
+        };
+        // Same random `dy` in both runs: reseed.
+        device.seed(7);
+        let (yb, gxb, gwb) = run(xb.clone());
+        device.seed(7);
+        let (yf, gxf, gwf) = run(xf.clone());
+        assert_eq!(yb.dtype(), DType::BF16, "{name}: output dtype");
+        assert_eq!(gxb.dtype(), DType::BF16, "{name}: input gradient dtype");
+        assert_eq!(
+            bits(yb),
+            bits(rounded(yf.cast(DType::F32))),
+            "{name}: output"
+        );
+        assert_eq!(bits(gxb), bits(rounded(gxf)), "{name}: input gradient");
+        if let (Some(a), Some(e)) = (gwb, gwf) {
+            assert_eq!(a.dtype(), DType::F32, "{name}: weight gradient dtype");
+            assert_eq!(bits(a), bits(e), "{name}: weight gradient");
+        }
+    }
+}

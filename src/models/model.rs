@@ -29,8 +29,19 @@ pub struct TrainOutput {
 }
 
 impl Model {
-    /// Runs the feature extractor, passing every named intermediate map through `tap`.
+    /// Runs the feature extractor, passing every named intermediate map through `tap`, in
+    /// f32 (a model running bf16 end to end keeps its maps in bf16, [`crate::kernels::activations`];
+    /// the tap sees them widened, and what it returns goes on in the model's dtype).
     pub fn features_tapped(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
+        self.features_raw(x, &mut |name, t| {
+            let dtype = t.dtype();
+            let t = tap(name, crate::kernels::f32_activations(t));
+            if t.dtype() == dtype { t } else { t.cast(dtype) }
+        })
+    }
+
+    /// [`Self::features_tapped`] with the maps in the model's own dtype.
+    fn features_raw(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         match self {
             Model::AlexNet(m) => m.features(x, tap),
             Model::ConvNet(m) => m.features(x, tap),
@@ -45,7 +56,7 @@ impl Model {
     /// # Shapes
     /// `[B, C, H, W]` -> `[B, C', h, w]`.
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        self.features_tapped(x, &mut |_, x| x)
+        self.features_raw(x, &mut |_, x| x)
     }
 
     /// Features to logits.

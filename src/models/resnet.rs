@@ -240,8 +240,11 @@ impl ResNetConfig {
 
 impl ResNet {
     /// Runs stem and stages, calling `tap` with `stem`, `layer1` .. `layer4`.
-    pub fn features(&self, mut x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
+    /// In bf16 the activations between the layers are bf16 ([`crate::kernels::activations`]);
+    /// the last map comes out f32.
+    pub fn features(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let p = self.precision;
+        let mut x = crate::kernels::activations(x, p);
         for c in &self.stem {
             x = c.forward(x, true, p);
         }
@@ -255,7 +258,7 @@ impl ResNet {
             }
             x = tap(format!("layer{}", i + 1), x);
         }
-        x
+        crate::kernels::f32_activations(x)
     }
 
     /// # Shapes

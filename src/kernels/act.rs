@@ -1,0 +1,191 @@
+//! The element types activations are stored in between layers: `f32`, or `bf16` when a model
+//! runs in bf16 end to end ([`super::Precision::Bf16`] on burn-flex).
+//!
+//! A kernel on bf16 activations reads a row (a channel's run, a plane, a chunk of images) into
+//! f32, runs the f32 row kernel on it while it is in cache, and rounds its results to bf16 as it
+//! writes them ([`Act::read`], [`Act::write`]): statistics and sums stay f32, as in oneDNN's
+//! bf16 batch norm, and memory sees half the bytes. On `f32` both are the identity (no copy),
+//! so the f32 path is the same code and the same bits as before.
+//!
+//! Rounding is to nearest, ties to even ([`super::bf16::round_slice`], the rounding the bf16
+//! GEMM applies to its operands), so a bf16 activation is exactly the operand the next
+//! convolution would have multiplied.
+
+pub use half::bf16;
+
+/// An activation element: `f32` or `bf16`.
+pub trait Act: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
+    /// Zero, which output buffers are initialised with.
+    const ZERO: Self;
+    /// `src` as f32 values: `src` itself for `f32`; widened into `scratch` (exactly) for bf16.
+    fn read<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+    /// Fills `dst` with the f32 values `f` writes into the (zeroed) slice it is given: `dst`
+    /// itself for `f32`; for bf16 a scratch row, rounded into `dst` afterwards.
+    fn write(dst: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
+    /// Whether this is bf16 (for the tensor's dtype).
+    const IS_BF16: bool;
+}
+
+impl Act for f32 {
+    const ZERO: f32 = 0.0;
+    const IS_BF16: bool = false;
+    #[inline]
+    fn read<'a>(src: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+    #[inline]
+    fn write(dst: &mut [f32], _: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+        f(dst)
+    }
+}
+
+impl Act for bf16 {
+    const ZERO: bf16 = bf16::ZERO;
+    const IS_BF16: bool = true;
+    #[inline]
+    fn read<'a>(src: &'a [bf16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.resize(src.len(), 0.0);
+        widen(src, scratch);
+        scratch
+    }
+    #[inline]
+    fn write(dst: &mut [bf16], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+        scratch.clear();
+        scratch.resize(dst.len(), 0.0);
+        f(scratch);
+        narrow(scratch, dst);
+    }
+}
+
+/// `dst[i] = src[i]` as f32 (exact).
+///
+/// # Panics
+/// If the lengths differ.
+pub fn widen(src: &[bf16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths");
+    widen_row(as_bits(src), dst);
+}
+
+super::simd::dispatched! {
+    /// bf16 bits to f32: the bits moved to the upper half (vectorises to a zero-extend and
+    /// a shift).
+    fn widen_row(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s as u32) << 16);
+        }
+    }
+}
+
+/// `dst[i] = src[i]` rounded to the nearest bf16, ties to even.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn narrow(src: &[f32], dst: &mut [bf16]) {
+    assert_eq!(src.len(), dst.len(), "narrow: lengths");
+    super::bf16::round_slice(src, as_bits_mut(dst));
+}
+
+/// `src` rounded into `dst` (same length), in parallel chunks (a whole activation).
+pub fn narrow_into(src: &[f32], dst: &mut [bf16]) {
+    use rayon::prelude::*;
+    assert_eq!(src.len(), dst.len(), "narrow_into: lengths");
+    dst.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(d, s)| narrow(s, d));
+}
+
+/// The bits of bf16 values.
+pub fn as_bits(v: &[bf16]) -> &[u16] {
+    // SAFETY: `half::bf16` is `#[repr(transparent)]` over `u16`: same size, alignment and
+    // validity; the borrow is carried over.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) }
+}
+
+/// The bits of bf16 values, mutably.
+pub fn as_bits_mut(v: &mut [bf16]) -> &mut [u16] {
+    // SAFETY: as in [`as_bits`]; every `u16` is a valid `bf16`, so writes keep it valid.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), v.len()) }
+}
+
+/// `v` rounded to bf16, in parallel chunks (a whole activation).
+pub fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; v.len()];
+    narrow_into(v, &mut out);
+    out
+}
+
+/// `v` widened to f32, in parallel chunks (a whole activation), written once: no zeroing
+/// pass ahead of the widening (a `memset` of every byte, as `vec![0.0; n]` is here).
+pub fn to_f32(v: &[bf16]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out: Vec<f32> = Vec::with_capacity(v.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(1 << 16)
+        .zip(v.par_chunks(1 << 16))
+        .for_each(|(d, s)| {
+            d.fill(std::mem::MaybeUninit::new(0.0));
+            // SAFETY: every element of `d` was just initialised; `MaybeUninit<f32>` has the
+            // layout of `f32`.
+            let d =
+                unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<f32>(), d.len()) };
+            widen(s, d)
+        });
+    // SAFETY: the chunks cover all `v.len()` values, each written above.
+    unsafe { out.set_len(v.len()) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widening_is_exact_and_narrowing_rounds_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values (ties to even: down to 1), 1 + 3·2^-8
+        // halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): up.
+        let x = [
+            1.0f32,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -2.5,
+            1e-3,
+            f32::INFINITY,
+        ];
+        let mut b = vec![bf16::ZERO; x.len()];
+        narrow(&x, &mut b);
+        let mut back = vec![0.0; x.len()];
+        widen(&b, &mut back);
+        assert_eq!(back[0], 1.0);
+        assert_eq!(back[1], 1.0);
+        assert_eq!(back[2], 1.0 + 4.0 / 256.0);
+        assert_eq!(back[3], -2.5);
+        assert_eq!(back[5], f32::INFINITY);
+        for (v, r) in x.iter().zip(&back) {
+            assert_eq!(*r, super::super::bf16::round(*v), "{v}");
+        }
+        // 37 values: the vector body and a tail.
+        let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.377 - 5.0).collect();
+        let b = to_bf16(&x);
+        assert_eq!(
+            to_f32(&b),
+            x.iter()
+                .map(|&v| super::super::bf16::round(v))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn read_and_write_are_the_identity_on_f32_and_round_on_bf16() {
+        let mut s = Vec::new();
+        let x = [1.5f32, -3.0];
+        assert_eq!(f32::read(&x, &mut s).as_ptr(), x.as_ptr());
+        let mut y = [bf16::ZERO; 2];
+        bf16::write(&mut y, &mut s, |r| {
+            r[0] = 1.0 + 1.0 / 512.0;
+            r[1] = 7.0;
+        });
+        assert_eq!(y, [bf16::from_f32(1.0), bf16::from_f32(7.0)]);
+        assert_eq!(bf16::read(&y, &mut s), [1.0, 7.0]);
+    }
+}
