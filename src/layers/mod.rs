@@ -246,3 +246,15 @@ pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
     let [b, c, _, _] = x.dims();
     x.mean_dim(3).mean_dim(2).reshape([b, c])
 }
+
+/// The activations a model computing in `precision` keeps between its layers: bf16 with
+/// bf16 activations selected, else `x` as it is ([`crate::kernels::activations`]). Called on
+/// a model's input; [`f32_activations`] on its last map.
+pub fn activations(x: Tensor<4>, precision: Precision) -> Tensor<4> {
+    crate::kernels::activations(x, precision)
+}
+
+/// `x` in f32 (a no-op on f32): where a model's bf16 activations leave it.
+pub fn f32_activations<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    crate::kernels::f32_activations(x)
+}

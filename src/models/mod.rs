@@ -91,7 +91,7 @@ impl Family {
     }
 
     /// Whether the family's models keep their activations in bf16 between layers when they
-    /// compute in bf16 and bf16 activations are selected ([`crate::kernels::activations`],
+    /// compute in bf16 and bf16 activations are selected ([`crate::layers::activations`],
     /// called at the top of their `features`): the plain ConvNets, VGG and ResNet. AlexNet's
     /// LRN and GoogLeNet's concatenations are Burn ops, kept in f32.
     pub fn keeps_bf16_activations(self) -> bool {

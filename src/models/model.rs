@@ -30,12 +30,12 @@ pub struct TrainOutput {
 
 impl Model {
     /// Runs the feature extractor, passing every named intermediate map through `tap`, in
-    /// f32 (a model running bf16 end to end keeps its maps in bf16, [`crate::kernels::activations`];
+    /// f32 (a model running bf16 end to end keeps its maps in bf16, [`crate::layers::activations`];
     /// the tap sees them widened, and what it returns goes on in the model's dtype).
     pub fn features_tapped(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         self.features_raw(x, &mut |name, t| {
             let dtype = t.dtype();
-            let t = tap(name, crate::kernels::f32_activations(t));
+            let t = tap(name, crate::layers::f32_activations(t));
             if t.dtype() == dtype { t } else { t.cast(dtype) }
         })
     }

@@ -240,11 +240,11 @@ impl ResNetConfig {
 
 impl ResNet {
     /// Runs stem and stages, calling `tap` with `stem`, `layer1` .. `layer4`.
-    /// In bf16 the activations between the layers are bf16 ([`crate::kernels::activations`]);
+    /// In bf16 the activations between the layers are bf16 ([`crate::layers::activations`]);
     /// the last map comes out f32.
     pub fn features(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
         let p = self.precision;
-        let mut x = crate::kernels::activations(x, p);
+        let mut x = crate::layers::activations(x, p);
         for c in &self.stem {
             x = c.forward(x, true, p);
         }
@@ -258,7 +258,7 @@ impl ResNet {
             }
             x = tap(format!("layer{}", i + 1), x);
         }
-        crate::kernels::f32_activations(x)
+        crate::layers::f32_activations(x)
     }
 
     /// # Shapes

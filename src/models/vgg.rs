@@ -157,10 +157,10 @@ impl VggConfig {
 
 impl Vgg {
     /// Runs the trunk, calling `tap` with `conv1`.. and `pool1`..; in bf16 the activations
-    /// between the layers are bf16 ([`crate::kernels::activations`]), the last map f32.
+    /// between the layers are bf16 ([`crate::layers::activations`]), the last map f32.
     pub fn features(&self, x: Tensor<4>, tap: &mut crate::layers::Tap) -> Tensor<4> {
-        let x = crate::kernels::activations(x, self.precision);
-        crate::kernels::f32_activations(self.trunk.forward(x, tap, self.precision))
+        let x = crate::layers::activations(x, self.precision);
+        crate::layers::f32_activations(self.trunk.forward(x, tap, self.precision))
     }
 
     /// # Shapes
