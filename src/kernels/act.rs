@@ -115,25 +115,28 @@ pub fn to_bf16(v: &[f32]) -> Vec<bf16> {
     out
 }
 
-/// `v` widened to f32, in parallel chunks (a whole activation), written once: no zeroing
-/// pass ahead of the widening (a `memset` of every byte, as `vec![0.0; n]` is here).
+/// `v` widened to f32, in parallel chunks (a whole activation), each value written once (no
+/// zeroing pass ahead of the widening, which `vec![0.0; n]` is here: a `memset`).
 pub fn to_f32(v: &[bf16]) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out: Vec<f32> = Vec::with_capacity(v.len());
-    out.spare_capacity_mut()
+    out.spare_capacity_mut()[..v.len()]
         .par_chunks_mut(1 << 16)
         .zip(v.par_chunks(1 << 16))
-        .for_each(|(d, s)| {
-            d.fill(std::mem::MaybeUninit::new(0.0));
-            // SAFETY: every element of `d` was just initialised; `MaybeUninit<f32>` has the
-            // layout of `f32`.
-            let d =
-                unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<f32>(), d.len()) };
-            widen(s, d)
-        });
-    // SAFETY: the chunks cover all `v.len()` values, each written above.
+        .for_each(|(d, s)| widen_uninit(as_bits(s), d));
+    // SAFETY: the chunks cover all `v.len()` values and `widen_uninit` wrote each of them.
     unsafe { out.set_len(v.len()) };
     out
+}
+
+super::simd::dispatched! {
+    /// [`widen_row`] into memory not yet written.
+    fn widen_uninit(src: &[u16], dst: &mut [std::mem::MaybeUninit<f32>]) {
+        assert_eq!(src.len(), dst.len(), "widen: lengths");
+        for (d, &s) in dst.iter_mut().zip(src) {
+            d.write(f32::from_bits((s as u32) << 16));
+        }
+    }
 }
 
 #[cfg(test)]

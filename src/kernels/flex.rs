@@ -217,11 +217,13 @@ fn forward_bf16(
     budget: usize,
 ) -> Vec<bf16> {
     let (il, ol) = (g.in_len(), g.out_len());
-    let mut y = vec![bf16::ZERO; g.batch * ol];
+    // Grown chunk by chunk: each chunk's zeros are written just before its values, in cache.
+    let mut y = Vec::with_capacity(g.batch * ol);
     for (gc, r) in chunks(g, budget) {
         let xf = act::to_f32(&x[r.start * il..r.end * il]);
         let yf = conv2d_forward_act(&xf, w, b, &gc, relu);
-        act::narrow_into(&yf, &mut y[r.start * ol..r.end * ol]);
+        y.resize(r.end * ol, bf16::ZERO);
+        act::narrow_into(&yf, &mut y[r.start * ol..]);
     }
     y
 }
@@ -240,7 +242,8 @@ fn backward_bf16(
     budget: usize,
 ) -> Bf16Grads {
     let (il, ol) = (g.in_len(), g.out_len());
-    let mut dx = need[0].then(|| vec![bf16::ZERO; g.batch * il]);
+    // Grown chunk by chunk, as `forward_bf16`'s output.
+    let mut dx = need[0].then(|| Vec::with_capacity(g.batch * il));
     let (mut dw, mut db): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
     let add = |sum: &mut Option<Vec<f32>>, part: Option<Vec<f32>>| match (sum.as_mut(), part) {
         (Some(s), Some(p)) => s.iter_mut().zip(&p).for_each(|(s, p)| *s += p),
@@ -252,7 +255,8 @@ fn backward_bf16(
         let dyf = act::to_f32(&dy[r.start * ol..r.end * ol]);
         let (dxc, dwc, dbc) = conv2d_backward(&xf, w, &dyf, &gc, need);
         if let (Some(dx), Some(dxc)) = (dx.as_mut(), dxc) {
-            act::narrow_into(&dxc, &mut dx[r.start * il..r.end * il]);
+            dx.resize(r.end * il, bf16::ZERO);
+            act::narrow_into(&dxc, &mut dx[r.start * il..]);
         }
         add(&mut dw, dwc);
         add(&mut db, dbc);
@@ -532,12 +536,11 @@ impl Backward<Flex, 3> for BnActTrain {
         let dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
         let g = norm_geom(&x);
         let (gv, bv) = (values(&gamma), values(&beta));
-        let dx = on_dtype!(&x, E => {
+        let (dx, dgamma, dbeta) = on_dtype!(&x, E => {
             let (dx, dgamma, dbeta) =
                 norm_backward(&slice::<E>(&x), &slice::<E>(&dy), &gv, &bv, &mean, &var, eps, relu, &g);
             (tensor(dx, x.shape()), dgamma, dbeta)
         });
-        let (dx, dgamma, dbeta) = dx;
         let grads3 = [
             dx,
             tensor(dgamma, gamma.shape()),
