@@ -140,5 +140,20 @@ fn bf16_activations_stay_inside_the_model() {
             e16 < 1.5 * e32 + 0.02,
             "{name:?} input gradient: {e16} from fp32's with bf16 activations, {e32} without"
         );
+        assert!(name.family().keeps_bf16_activations(), "{name:?}");
     }
+    // A family that keeps f32 activations computes the same bits with the selection on
+    // (in inference: no dropout draws).
+    let device = Device::flex();
+    let cfg = ModelConfig::for_model(ModelName::AlexnetSmall, 5, 3);
+    assert!(!ModelName::AlexnetSmall.family().keeps_bf16_activations());
+    let model = cfg.build(&device).unwrap().with_precision(Precision::Bf16);
+    let x = Tensor::<4>::random([2, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+    let logits = |dtype| {
+        select_activations(dtype);
+        let l = model.forward(x.clone()).into_data();
+        select_activations(ActivationDtype::F32);
+        l
+    };
+    assert_eq!(logits(ActivationDtype::Bf16), logits(ActivationDtype::F32));
 }

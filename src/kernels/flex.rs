@@ -705,6 +705,17 @@ fn add_relu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
 type Rows3 = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 fn add_relu_values<E: Act>(a: &[E], b: &[E]) -> Vec<E> {
+    two_rows(a, b, simd::add_relu_row)
+}
+
+/// `dy · [y > 0]`.
+fn relu_grad_values<E: Act>(dy: &[E], y: &[E]) -> Vec<E> {
+    two_rows(dy, y, simd::relu_grad_row)
+}
+
+/// `f(out, a, b)` over [`CHUNK`]-value rows of two inputs, in parallel, in their element type
+/// (rows widened to f32 and the result rounded once on bf16).
+fn two_rows<E: Act>(a: &[E], b: &[E], f: fn(&mut [f32], &[f32], &[f32])) -> Vec<E> {
     use rayon::prelude::*;
     let inputs = a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK));
     par_zeroed_with(
@@ -712,25 +723,9 @@ fn add_relu_values<E: Act>(a: &[E], b: &[E]) -> Vec<E> {
         CHUNK,
         inputs,
         Rows3::default,
-        |(sa, sb, sy): &mut Rows3, y, (a, b)| {
+        |(sa, sb, so): &mut Rows3, out, (a, b)| {
             let (a, b) = (E::read(a, sa), E::read(b, sb));
-            E::write(y, sy, |y| simd::add_relu_row(y, a, b))
-        },
-    )
-}
-
-/// `dy · [y > 0]`.
-fn relu_grad_values<E: Act>(dy: &[E], y: &[E]) -> Vec<E> {
-    use rayon::prelude::*;
-    let inputs = dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK));
-    par_zeroed_with(
-        y.len(),
-        CHUNK,
-        inputs,
-        Rows3::default,
-        |(sd, sy, sx): &mut Rows3, dx, (dy, y)| {
-            let (dy, y) = (E::read(dy, sd), E::read(y, sy));
-            E::write(dx, sx, |dx| simd::relu_grad_row(dx, dy, y))
+            E::write(out, so, |out| f(out, a, b))
         },
     )
 }

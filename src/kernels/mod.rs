@@ -153,9 +153,9 @@ pub fn activation_dtype() -> ActivationDtype {
 /// same tensors in bf16 (convolution outputs, batch norm, ReLU, pooling, the residual add).
 /// Here batch norm, pooling and the residual add read and write bf16 natively (a row at a
 /// time widened in cache, [`act`]); the convolutions still widen a chunk of images to f32
-/// for their f32-input packers, which costs more than the halved traffic saves (resnet50
-/// 224 px bf16 training 8.0-8.7 vs 10.2 img/s, peak memory 940 vs 1524 MB, BENCHMARKS.md):
-/// hence not the default.
+/// for their f32-input packers, which costs more than the halved traffic saves (slower in
+/// nine of ten measured pairs, with 12-41% less peak memory: BENCHMARKS.md "bf16
+/// activations between layers"): hence not the default.
 pub fn activations(x: Tensor<4>, precision: Precision) -> Tensor<4> {
     if activation_dtype() == ActivationDtype::Bf16
         && runnable(precision) == Precision::Bf16
