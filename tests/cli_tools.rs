@@ -136,6 +136,11 @@ fn distillation_mixup_and_init_from_runs() {
 
 /// `convlab bench WHAT` on convnet_small at 1x28x28 with `extra` arguments and `CONVLAB_AMX`.
 fn tiny_bench(what: &str, extra: &[&str], amx: &str) -> std::process::Output {
+    tiny_bench_env(what, extra, &[("CONVLAB_AMX", amx)])
+}
+
+/// [`tiny_bench`] with the environment variables `env`.
+fn tiny_bench_env(what: &str, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     convlab()
         .args([
             "bench",
@@ -146,7 +151,7 @@ fn tiny_bench(what: &str, extra: &[&str], amx: &str) -> std::process::Output {
             "1x28x28",
         ])
         .args(extra)
-        .env("CONVLAB_AMX", amx)
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -206,21 +211,7 @@ fn bench_reports_the_documented_keys() {
     assert!(fails(&tiny_bench("infer", &[], "maybe")).contains("CONVLAB_AMX=maybe"));
     // CONVLAB_ACTIVATIONS=bf16 keeps a bf16 ConvNet's maps in bf16 where bf16 runs at all;
     // a typo is refused naming the variable.
-    let acts = |value: &str| {
-        convlab()
-            .args([
-                "bench",
-                "infer",
-                "--model",
-                "convnet_small",
-                "--input",
-                "1x28x28",
-            ])
-            .args(bf16)
-            .env("CONVLAB_ACTIVATIONS", value)
-            .output()
-            .unwrap()
-    };
+    let acts = |value: &str| tiny_bench_env("infer", &bf16, &[("CONVLAB_ACTIVATIONS", value)]);
     let runs_bf16 = convlab::kernels::bf16::available();
     assert_eq!(
         json(&acts("bf16"))["activations"],
@@ -284,19 +275,11 @@ fn bad_kernel_switch_is_an_error() {
             .unwrap(),
     );
     assert!(e.contains("CONVLAB_KERNELS=torch"), "{e}");
-    let o = convlab()
-        .env("CONVLAB_KERNELS", "burn")
-        .args([
-            "bench",
-            "infer",
-            "--model",
-            "convnet_small",
-            "--input",
-            "1x28x28",
-        ])
-        .args(["--batch", "2", "--steps", "1"])
-        .output()
-        .unwrap();
+    let o = tiny_bench_env(
+        "infer",
+        &["--batch", "2", "--steps", "1"],
+        &[("CONVLAB_KERNELS", "burn")],
+    );
     assert!(ok(&o).contains("backend kernels"));
 }
 
