@@ -24,11 +24,32 @@ pub trait Act: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     fn write(dst: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
     /// Whether this is bf16 (for the tensor's dtype).
     const IS_BF16: bool;
+    /// The value as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// The value's bf16 bits: rounded to nearest even from f32
+    /// ([`super::bf16::round_bits`]), the value's own bits for bf16. A kernel's packer that
+    /// reads bf16 activations this way copies them (no widening, no rounding).
+    fn bf16_bits(self) -> u16;
+    /// `src` as f32 values: borrowed for `f32`, widened into a new vector for bf16 (the
+    /// paths that have no bf16 reader).
+    fn widened(src: &[Self]) -> std::borrow::Cow<'_, [f32]>;
 }
 
 impl Act for f32 {
     const ZERO: f32 = 0.0;
     const IS_BF16: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        super::bf16::round_bits(self) as u16
+    }
+    #[inline]
+    fn widened(src: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(src)
+    }
     #[inline]
     fn read<'a>(src: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
         src
@@ -42,6 +63,18 @@ impl Act for f32 {
 impl Act for bf16 {
     const ZERO: bf16 = bf16::ZERO;
     const IS_BF16: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+    #[inline]
+    fn widened(src: &[bf16]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(to_f32(src))
+    }
     #[inline]
     fn read<'a>(src: &'a [bf16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
         scratch.clear();

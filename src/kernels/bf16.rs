@@ -19,6 +19,8 @@
 //! Rounding is to nearest even, as PyTorch's autocast and the hardware's `VCVTNE2PS2BF16` do.
 //! Accumulation is in f32 in a fixed order, so results are deterministic.
 
+use super::act::Act;
+
 /// Columns of a wide `B` panel (four 16-lane vectors), multiplied by [`WIDE_ROWS`] rows of `A`
 /// at a time: the best of 6 x 64, 8 x 32, 12 x 32 and 8 x 48 on the layers of `bench-vgg`
 /// (`cargo run --release --example conv_layers 1 bf16`: 157, 159, 141 and 130 GFLOP/s).
@@ -157,21 +159,40 @@ pub(super) fn pair(lo: f32, hi: f32) -> u32 {
     round_bits(lo) | (round_bits(hi) << 16)
 }
 
+/// [`pair`] of two activations: bf16 ones are copied as they are (they are already the
+/// rounded values), f32 ones rounded.
+#[inline(always)]
+pub(super) fn pair_of<E: Act>(lo: E, hi: E) -> u32 {
+    lo.bf16_bits() as u32 | ((hi.bf16_bits() as u32) << 16)
+}
+
 /// A strided read-only matrix: element `(r, c)` is `data[r * rs + c * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
+struct View<'a, E = f32> {
+    data: &'a [E],
     rs: usize,
     cs: usize,
 }
+
+impl<E> Clone for View<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for View<'_, E> {}
 
 /// Rounds `src` to bf16 into `dst` in order: consecutive pairs of `src` become the words of
 /// `dst` (`dst` holds `src.len().div_ceil(2)` words, the last one's upper half zero if odd).
 #[inline(always)]
 fn round_into(src: &[f32], dst: &mut [u32]) {
+    round_into_of(src, dst)
+}
+
+/// [`round_into`] of activations (bf16 ones copied).
+#[inline(always)]
+fn round_into_of<E: Act>(src: &[E], dst: &mut [u32]) {
     let halves: &mut [u16] = bytemuck::cast_slice_mut(dst);
     for (h, &x) in halves.iter_mut().zip(src) {
-        *h = round_bits(x) as u16;
+        *h = x.bf16_bits();
     }
     halves[src.len()..].fill(0);
 }
@@ -212,11 +233,11 @@ impl PackedLhs {
 
     /// As [`Self::new`], in `words`' allocation (grown, never cleared: packing writes every
     /// word a product reads), for the AMX tiles or not.
-    fn new_in(
+    fn new_in<L: Act>(
         mut words: Vec<u32>,
         m: usize,
         k: usize,
-        lhs: &[f32],
+        lhs: &[L],
         rs: usize,
         cs: usize,
         amx: bool,
@@ -234,7 +255,7 @@ impl PackedLhs {
         }
         let a = View { data: lhs, rs, cs };
         #[inline(always)]
-        fn pack_all(a: View, m: usize, k: usize, amx: bool, words: &mut [u32]) {
+        fn pack_all<L: Act>(a: View<L>, m: usize, k: usize, amx: bool, words: &mut [u32]) {
             let rows = m.next_multiple_of(ROW_PAD);
             let full = kc(amx);
             for (b, k0) in (0..k).step_by(full).enumerate() {
@@ -245,7 +266,7 @@ impl PackedLhs {
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw")]
-        fn pack_avx512(a: View, m: usize, k: usize, amx: bool, words: &mut [u32]) {
+        fn pack_avx512<L: Act>(a: View<L>, m: usize, k: usize, amx: bool, words: &mut [u32]) {
             pack_all(a, m, k, amx, words)
         }
         #[cfg(target_arch = "x86_64")]
@@ -307,21 +328,21 @@ impl PackedLhs {
 /// Rows `0..rows`, columns `k0..k0 + kc` of `a`, as rows of `kp` pair words (zero past the
 /// last column and in the rows past `rows`).
 #[inline(always)]
-fn pack_a(a: View, rows: usize, k0: usize, kc: usize, kp: usize, out: &mut [u32]) {
+fn pack_a<L: Act>(a: View<L>, rows: usize, k0: usize, kc: usize, kp: usize, out: &mut [u32]) {
     if a.rs == 1 && a.cs != 1 {
         return pack_a_transposed(a, rows, k0, kc, kp, out);
     }
-    let mut run = vec![0.0f32; kc];
+    let mut run = vec![L::ZERO; kc];
     for (i, dst) in out.chunks_mut(kp).enumerate() {
         if i >= rows {
             dst.fill(0);
         } else if a.cs == 1 {
-            round_into(&a.data[i * a.rs + k0..][..kc], dst);
+            round_into_of(&a.data[i * a.rs + k0..][..kc], dst);
         } else {
             run.iter_mut()
                 .enumerate()
                 .for_each(|(j, v)| *v = a.data[i * a.rs + (k0 + j) * a.cs]);
-            round_into(&run, dst);
+            round_into_of(&run, dst);
         }
     }
 }
@@ -337,7 +358,14 @@ fn pack_a(a: View, rows: usize, k0: usize, kc: usize, kp: usize, out: &mut [u32]
 /// 512 3x3/2 at 14 px 18.3 -> 15.2, 512 -> 1024 1x1/2 at 28 px 11.7 -> 11.1, 256 -> 512
 /// 1x1/2 at 56 px 13.2 -> 12.9.
 #[inline(always)]
-fn pack_a_transposed(a: View, rows: usize, k0: usize, kc: usize, kp: usize, out: &mut [u32]) {
+fn pack_a_transposed<L: Act>(
+    a: View<L>,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    kp: usize,
+    out: &mut [u32],
+) {
     let (mut block, mut t) = (vec![0u32; kc * 16], vec![0u32; 16 * kc]);
     for (c, chunk) in out.chunks_mut(16 * kp).enumerate() {
         let i0 = c * 16;
@@ -348,7 +376,9 @@ fn pack_a_transposed(a: View, rows: usize, k0: usize, kc: usize, kp: usize, out:
         }
         for (j, dst) in block.chunks_exact_mut(16).enumerate() {
             let src = &a.data[i0 + (k0 + j) * a.cs..][..live];
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_bits());
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = s.to_f32().to_bits());
             dst[live..].fill(0);
         }
         // `t[r·kc + j] = block[j·16 + r]`: row `i0 + r`'s values in order.
@@ -368,8 +398,8 @@ fn pack_a_transposed(a: View, rows: usize, k0: usize, kc: usize, kp: usize, out:
 /// `out[p · width + j] = (b[k0 + 2p, j0 + j], b[k0 + 2p + 1, j0 + j])`, zero past the edges.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_panel(
-    b: View,
+fn pack_panel<E: Act>(
+    b: View<E>,
     j0: usize,
     cols: usize,
     width: usize,
@@ -389,11 +419,11 @@ fn pack_panel(
             if 2 * p + 1 < kc {
                 let hi = &b.data[(k0 + 2 * p + 1) * b.rs + j0..][..cols];
                 for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = pair(l, h);
+                    *d = pair_of(l, h);
                 }
             } else {
                 for (d, &l) in dst.iter_mut().zip(lo) {
-                    *d = pair(l, 0.0);
+                    *d = l.bf16_bits() as u32;
                 }
             }
             dst[cols..].fill(0);
@@ -404,7 +434,7 @@ fn pack_panel(
         run.resize(kp, 0);
         for j in 0..width {
             if j < cols {
-                round_into(&b.data[(j0 + j) * b.cs + k0..][..kc], run);
+                round_into_of(&b.data[(j0 + j) * b.cs + k0..][..kc], run);
                 for (p, &w) in run.iter().enumerate() {
                     out[p * width + j] = w;
                 }
@@ -417,12 +447,12 @@ fn pack_panel(
             for j in 0..width {
                 let at = |kk: usize| {
                     if j < cols && kk < kc {
-                        b.data[(k0 + kk) * b.rs + (j0 + j) * b.cs]
+                        b.data[(k0 + kk) * b.rs + (j0 + j) * b.cs].bf16_bits() as u32
                     } else {
-                        0.0
+                        0
                     }
                 };
-                out[p * width + j] = pair(at(2 * p), at(2 * p + 1));
+                out[p * width + j] = at(2 * p) | (at(2 * p + 1) << 16);
             }
         }
     }
@@ -507,14 +537,14 @@ unsafe fn microkernel<const R: usize, const V: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block(
+unsafe fn gemm_block<E: Act>(
     a: &PackedLhs,
     rows: std::ops::Range<usize>,
     n: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    b: View,
+    b: View<E>,
     bp: &mut [u32],
 ) {
     let mut run = Vec::new();
@@ -691,13 +721,13 @@ unsafe fn amx_panel(
 /// # Panics
 /// When [`available`] is false, or an operand is too short for its shape and strides.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_packed(
+pub fn gemm_packed<E: Act>(
     a: &PackedLhs,
     n: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    rhs: &[f32],
+    rhs: &[E],
     rhs_rs: usize,
     rhs_cs: usize,
     threads: usize,
@@ -760,17 +790,17 @@ pub fn gemm_packed(
 /// # Panics
 /// When [`available`] is false, or an operand is too short for its shape and strides.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(
+pub fn gemm<L: Act, E: Act>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    lhs: &[f32],
+    lhs: &[L],
     lhs_rs: usize,
     lhs_cs: usize,
-    rhs: &[f32],
+    rhs: &[E],
     rhs_rs: usize,
     rhs_cs: usize,
     threads: usize,
@@ -786,12 +816,12 @@ pub fn gemm(
 }
 
 /// [`gemm`] on the AMX tiles (`amx`) or the AVX512-BF16 kernel.
-fn gemm_on(
+fn gemm_on<L: Act, E: Act>(
     amx: bool,
     [m, n, k]: [usize; 3],
     (dst, dst_rs, accumulate): (&mut [f32], usize, bool),
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+    (lhs, lhs_rs, lhs_cs): (&[L], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[E], usize, usize),
     threads: usize,
 ) {
     // The weight gradient packs a new `A` (the column matrix) per image: reuse its storage.

@@ -7,6 +7,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
+use super::act::Act;
 pub(super) use super::gemm::{image_blocks, sum_in_order};
 use super::im2col::im2col_forward_act;
 pub use super::im2col::{im2col_backward, im2col_forward};
@@ -87,8 +88,11 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) 
 /// [`conv2d_forward`], then `max(·, 0)` when `relu`: applied to each image's output by the
 /// thread that computed it, while it is still in cache (inference with batch norm folded into
 /// the weights, [`super::conv_bn`]).
-pub fn conv2d_forward_act(
-    x: &[f32],
+///
+/// `x` is f32, or bf16 activations (a model running bf16 end to end), which the packers that
+/// have a bf16 reader copy as they are and the others widen first ([`Act::widened`]).
+pub fn conv2d_forward_act<E: Act>(
+    x: &[E],
     w: &[f32],
     bias: Option<&[f32]>,
     g: &ConvGeom,
@@ -97,10 +101,10 @@ pub fn conv2d_forward_act(
     match plan(g, Cpu::detect()).forward {
         Algo::Winograd(tile) => {
             let u = winograd::transform_weights(w, g.cout, g.cin, false, tile);
-            winograd::forward_act(x, &u, bias, g, relu, tile)
+            winograd::forward_act(&E::widened(x), &u, bias, g, relu, tile)
         }
-        Algo::Direct => direct::forward_act(x, w, bias, g, relu),
-        Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
+        Algo::Direct => direct::forward_act(&E::widened(x), w, bias, g, relu),
+        Algo::ChannelsLast => nhwc::forward_act(&E::widened(x), w, bias, g, relu),
         Algo::Im2col => im2col_forward_act(x, w, bias, g, relu),
     }
 }
@@ -112,10 +116,12 @@ pub type ConvGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
 /// asked for. The input gradient of a Winograd-eligible layer is a Winograd convolution of `dy`
 /// with the rotated kernel; the rest come from the direct kernels ([`super::direct`]) or
 /// im2col + GEMM, whichever was faster for such a layer.
-pub fn conv2d_backward(
-    x: &[f32],
+///
+/// `x` and `dy` are f32 or bf16 activations, as in [`conv2d_forward_act`].
+pub fn conv2d_backward<E: Act>(
+    x: &[E],
     w: &[f32],
-    dy: &[f32],
+    dy: &[E],
     g: &ConvGeom,
     need: [bool; 3],
 ) -> ConvGrads {
@@ -130,18 +136,17 @@ pub fn conv2d_backward(
     let plan = plan(g, Cpu::detect());
     let rest = [false, need[1], need[2]];
     let (_, dw, db) = match plan.weight_grad {
-        Algo::Direct => direct::backward(x, w, dy, g, rest),
+        Algo::Direct => direct::backward(&E::widened(x), w, &E::widened(dy), g, rest),
         Algo::ChannelsLast => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            (None, need[1].then(|| nhwc::weight_grad(x, dy, g)), db)
+            let dw = need[1].then(|| nhwc::weight_grad(&E::widened(x), &E::widened(dy), g));
+            (None, dw, db)
         }
         Algo::Winograd(tile) => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            (
-                None,
-                need[1].then(|| winograd::weight_grad(x, dy, g, tile)),
-                db,
-            )
+            let dw =
+                need[1].then(|| winograd::weight_grad(&E::widened(x), &E::widened(dy), g, tile));
+            (None, dw, db)
         }
         _ => im2col_backward(x, w, dy, g, rest),
     };
@@ -149,12 +154,20 @@ pub fn conv2d_backward(
         Algo::Winograd(tile) => {
             let gi = g.input_grad();
             let ut = winograd::transform_weights(w, g.cout, g.cin, true, tile);
-            winograd::forward(dy, &ut, None, &gi, tile)
+            winograd::forward(&E::widened(dy), &ut, None, &gi, tile)
         }
-        Algo::Direct => direct::backward(x, w, dy, g, [true, false, false])
-            .0
-            .unwrap(),
-        Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
+        Algo::Direct => {
+            direct::backward(&E::widened(x), w, &E::widened(dy), g, [true, false, false])
+                .0
+                .unwrap()
+        }
+        Algo::ChannelsLast => nhwc::forward_act(
+            &E::widened(dy),
+            &rotated(w, g),
+            None,
+            &g.input_grad(),
+            false,
+        ),
         Algo::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),
@@ -543,6 +556,86 @@ mod tests {
                     (lo..hi).contains(&o),
                     i >= 0 && i < len as isize,
                     "{len} {s} {j} {p} {o}"
+                );
+            }
+        }
+    }
+
+    /// Every algorithm reads bf16 activations as the f32 values they widen to: a convolution
+    /// of bf16 `x` (and `dy`) gives the bits of the same convolution of the widened values,
+    /// forward and backward, in f32 and bf16 products, on geometries that the plan sends to
+    /// each algorithm this CPU has (checked: none silently missed).
+    #[test]
+    fn bf16_activations_read_as_their_widened_values() {
+        use super::super::act::{bf16, to_bf16, to_f32};
+        use super::super::plan::{Algo, Tiles};
+        use std::collections::BTreeSet;
+        let geoms = [
+            // (cin, cout, size, k, stride, pad)
+            (16, 24, 28, 1, 1, 0),
+            (24, 40, 9, 1, 2, 0),
+            (64, 64, 8, 3, 1, 1),
+            (128, 32, 6, 3, 1, 1),
+            (32, 48, 9, 3, 2, 1),
+            (3, 16, 20, 7, 2, 3),
+            (8, 16, 16, 3, 1, 1),
+            (8, 16, 16, 5, 1, 2),
+        ];
+        let cpu = Cpu::detect();
+        let mut precisions = vec![crate::kernels::Precision::Fp32];
+        if crate::kernels::bf16::available() {
+            precisions.push(crate::kernels::Precision::Bf16);
+        }
+        for precision in precisions {
+            let mut seen = BTreeSet::new();
+            for (i, &(cin, cout, size, k, s, p)) in geoms.iter().enumerate() {
+                let g = ConvGeom {
+                    batch: 2,
+                    cin,
+                    h: size,
+                    w: size,
+                    cout,
+                    kh: k,
+                    kw: k,
+                    stride: [s; 2],
+                    pad: [p; 2],
+                    precision,
+                };
+                let pl = plan(&g, cpu);
+                seen.extend([pl.forward, pl.input_grad, pl.weight_grad].map(|a| a.as_str()));
+                let xb: Vec<bf16> = to_bf16(&data(g.batch * g.in_len(), 3 + i as u32));
+                let dyb: Vec<bf16> = to_bf16(&data(g.batch * g.out_len(), 7 + i as u32));
+                let w = data(g.cout * g.k(), 11 + i as u32);
+                let b = data(g.cout, 13);
+                let (xf, dyf) = (to_f32(&xb), to_f32(&dyb));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let at = format!("{g:?} planned {pl:?}");
+                assert_eq!(
+                    bits(&conv2d_forward_act(&xb, &w, Some(&b), &g, true)),
+                    bits(&conv2d_forward_act(&xf, &w, Some(&b), &g, true)),
+                    "forward of {at}"
+                );
+                let (gb, gf) = (
+                    conv2d_backward(&xb, &w, &dyb, &g, [true; 3]),
+                    conv2d_backward(&xf, &w, &dyf, &g, [true; 3]),
+                );
+                assert_eq!(bits(&gb.0.unwrap()), bits(&gf.0.unwrap()), "dx of {at}");
+                assert_eq!(bits(&gb.1.unwrap()), bits(&gf.1.unwrap()), "dw of {at}");
+                assert_eq!(bits(&gb.2.unwrap()), bits(&gf.2.unwrap()), "db of {at}");
+            }
+            let mut want = vec![Algo::Im2col.as_str()];
+            if cpu.tiles != Tiles::None {
+                want.push("winograd");
+                if precision == crate::kernels::Precision::Fp32 {
+                    want.push(Algo::Direct.as_str());
+                } else if cpu.tiles == Tiles::Avx512 && !cpu.amx {
+                    want.push(Algo::ChannelsLast.as_str());
+                }
+            }
+            for a in want {
+                assert!(
+                    seen.contains(a),
+                    "{precision:?}: no geometry ran {a}: {seen:?}"
                 );
             }
         }

@@ -220,8 +220,7 @@ fn forward_bf16(
     // Grown chunk by chunk: each chunk's zeros are written just before its values, in cache.
     let mut y = Vec::with_capacity(g.batch * ol);
     for (gc, r) in chunks(g, budget) {
-        let xf = act::to_f32(&x[r.start * il..r.end * il]);
-        let yf = conv2d_forward_act(&xf, w, b, &gc, relu);
+        let yf = conv2d_forward_act(&x[r.start * il..r.end * il], w, b, &gc, relu);
         y.resize(r.end * ol, bf16::ZERO);
         act::narrow_into(&yf, &mut y[r.start * ol..]);
     }
@@ -251,9 +250,8 @@ fn backward_bf16(
         _ => {}
     };
     for (gc, r) in chunks(g, budget) {
-        let xf = act::to_f32(&x[r.start * il..r.end * il]);
-        let dyf = act::to_f32(&dy[r.start * ol..r.end * ol]);
-        let (dxc, dwc, dbc) = conv2d_backward(&xf, w, &dyf, &gc, need);
+        let (xc, dyc) = (&x[r.start * il..r.end * il], &dy[r.start * ol..r.end * ol]);
+        let (dxc, dwc, dbc) = conv2d_backward(xc, w, dyc, &gc, need);
         if let (Some(dx), Some(dxc)) = (dx.as_mut(), dxc) {
             dx.resize(r.end * il, bf16::ZERO);
             act::narrow_into(&dxc, &mut dx[r.start * il..]);

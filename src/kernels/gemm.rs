@@ -2,10 +2,12 @@
 //! bf16 kernels in bf16), and how work is split over images and threads so the same thread
 //! count always sums in the same order.
 
+use super::act::Act;
+
 /// `dst[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]` in `precision`, every operand given by (row,
 /// column) strides.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(
+pub(super) fn gemm<L: Act, E: Act>(
     precision: super::Precision,
     m: usize,
     n: usize,
@@ -13,21 +15,34 @@ pub(super) fn gemm(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    lhs: &[f32],
+    lhs: &[L],
     lhs_rs: usize,
     lhs_cs: usize,
-    rhs: &[f32],
+    rhs: &[E],
     rhs_rs: usize,
     rhs_cs: usize,
     threads: usize,
 ) {
-    let f = match precision {
-        super::Precision::Fp32 => gemm_f32,
-        super::Precision::Bf16 => super::bf16::gemm,
-    };
-    f(
-        m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, threads,
-    )
+    match precision {
+        super::Precision::Fp32 => gemm_f32(
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            &L::widened(lhs),
+            lhs_rs,
+            lhs_cs,
+            &E::widened(rhs),
+            rhs_rs,
+            rhs_cs,
+            threads,
+        ),
+        super::Precision::Bf16 => super::bf16::gemm(
+            m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, threads,
+        ),
+    }
 }
 
 /// A left operand used for every image of a batch (the weights, or their transpose), prepared
@@ -60,20 +75,34 @@ impl<'a> Lhs<'a> {
 
     /// `dst[m, n] (+)= self · rhs[k, n]`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn mul(
+    pub(super) fn mul<E: Act>(
         &self,
         n: usize,
         dst: &mut [f32],
         dst_rs: usize,
         accumulate: bool,
-        rhs: &[f32],
+        rhs: &[E],
         rhs_rs: usize,
         rhs_cs: usize,
         threads: usize,
     ) {
         match *self {
+            // f32 products of bf16 activations (no model runs them: bf16 activations come
+            // with bf16 products) widen the operand.
             Lhs::F32 { m, k, data, rs, cs } => gemm_f32(
-                m, n, k, dst, dst_rs, accumulate, data, rs, cs, rhs, rhs_rs, rhs_cs, threads,
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                data,
+                rs,
+                cs,
+                &E::widened(rhs),
+                rhs_rs,
+                rhs_cs,
+                threads,
             ),
             Lhs::Bf16(ref a) => super::bf16::gemm_packed(
                 a, n, dst, dst_rs, accumulate, rhs, rhs_rs, rhs_cs, threads,

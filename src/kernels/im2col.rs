@@ -24,6 +24,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
+use super::act::Act;
 use super::buf::{par_zeroed_parts, par_zeroed_with};
 use super::conv::{ConvGeom, ConvGrads};
 use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_transposed_in_order};
@@ -168,42 +169,34 @@ impl Shift {
 /// [`super::bf16::round_bits`] does) where the bf16 GEMM reads it as its packed operand.
 trait ColValue: Copy {
     const ZERO: Self;
-    fn from_f32(x: f32) -> Self;
-    /// `dst[i] = from_f32(src[i])`.
-    fn copy_run(dst: &mut [Self], src: &[f32]);
+    /// `dst[i] = src[i]` as this type: f32 widened exactly, bf16 bits rounded from f32 or
+    /// copied from bf16 activations.
+    fn copy_run<E: Act>(dst: &mut [Self], src: &[E]);
 }
 
 impl ColValue for f32 {
     const ZERO: Self = 0.0;
     #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn copy_run(dst: &mut [f32], src: &[f32]) {
-        dst.copy_from_slice(src);
+    fn copy_run<E: Act>(dst: &mut [f32], src: &[E]) {
+        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x.to_f32());
     }
 }
 
 impl ColValue for u16 {
     const ZERO: Self = 0;
     #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        super::bf16::round_bits(x) as u16
-    }
-    #[inline(always)]
-    fn copy_run(dst: &mut [u16], src: &[f32]) {
+    fn copy_run<E: Act>(dst: &mut [u16], src: &[E]) {
         dst.iter_mut()
             .zip(src)
-            .for_each(|(d, &x)| *d = Self::from_f32(x));
+            .for_each(|(d, &x)| *d = x.bf16_bits());
     }
 }
 
 /// Fills `col` (`K` rows of `rows · W_out` values, `ld` apart) with the patches of output rows
 /// `oy0..oy1` of one image.
 #[inline(always)]
-fn im2col_into<T: ColValue>(
-    x: &[f32],
+fn im2col_into<T: ColValue, E: Act>(
+    x: &[E],
     g: &ConvGeom,
     oy0: usize,
     oy1: usize,
@@ -220,7 +213,7 @@ fn im2col_into<T: ColValue>(
     // `j` then copies a contiguous run of one phase.
     let phase_len = g.w.div_ceil(sw);
     let mut phases = if sw > 1 {
-        vec![0.0f32; sw * phase_len]
+        vec![E::ZERO; sw * phase_len]
     } else {
         Vec::new()
     };
@@ -290,7 +283,7 @@ fn im2col_into<T: ColValue>(
 /// `out[q · len + t] = src[t · stride + q]`: the `stride` phases of an input row, each `len`
 /// long (the last values of the shorter phases are left as they were).
 #[inline(always)]
-fn split_phases(src: &[f32], stride: usize, len: usize, out: &mut [f32]) {
+fn split_phases<E: Copy>(src: &[E], stride: usize, len: usize, out: &mut [E]) {
     if stride == 2 {
         // Constant stride: the compiler turns this into shuffles.
         let (even, odd) = out[..2 * len].split_at_mut(len);
@@ -310,7 +303,7 @@ fn split_phases(src: &[f32], stride: usize, len: usize, out: &mut [f32]) {
 
 dispatched! {
     /// [`im2col_into`] in f32.
-    fn im2col(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32], ld: usize) {
+    fn im2col<E: Act>(x: &[E], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [f32], ld: usize) {
         im2col_into(x, g, oy0, oy1, col, ld)
     }
 }
@@ -318,7 +311,7 @@ dispatched! {
 dispatched! {
     /// [`im2col_into`] in bf16 bits, rows `ld` apart: the packed left operand of the bf16
     /// weight gradient ([`super::bf16::PackedLhs::from_rows`]).
-    fn im2col_bf16(x: &[f32], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [u16], ld: usize) {
+    fn im2col_bf16<E: Act>(x: &[E], g: &ConvGeom, oy0: usize, oy1: usize, col: &mut [u16], ld: usize) {
         im2col_into(x, g, oy0, oy1, col, ld)
     }
 }
@@ -373,13 +366,13 @@ fn add_row_inline(d: &mut [f32], s: &[f32]) {
 }
 
 /// [`conv2d_forward`] by im2col + GEMM, whatever the geometry.
-pub fn im2col_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
+pub fn im2col_forward<E: Act>(x: &[E], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom) -> Vec<f32> {
     im2col_forward_act(x, w, bias, g, false)
 }
 
 /// [`im2col_forward`], then `max(·, 0)` on each image's output when `relu`.
-pub(super) fn im2col_forward_act(
-    x: &[f32],
+pub(super) fn im2col_forward_act<E: Act>(
+    x: &[E],
     w: &[f32],
     bias: Option<&[f32]>,
     g: &ConvGeom,
@@ -461,10 +454,10 @@ pub(super) fn im2col_forward_act(
 
 /// [`conv2d_backward`] by im2col + GEMM, whatever the geometry: the input gradient from
 /// [`input_grad`], the weight and bias gradients from [`weight_grad`].
-pub fn im2col_backward(
-    x: &[f32],
+pub fn im2col_backward<E: Act>(
+    x: &[E],
     w: &[f32],
-    dy: &[f32],
+    dy: &[E],
     g: &ConvGeom,
     need: [bool; 3],
 ) -> ConvGrads {
@@ -508,7 +501,7 @@ pub fn im2col_backward(
 
 /// `dX`: per image (or group of small images), `dcol[K, P] = Wᵀ[K, C_out] · dY[C_out, P]`,
 /// then col2im; one contiguous block of images per thread.
-fn input_grad(w: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+fn input_grad<E: Act>(w: &[f32], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     let (k, p, cout, in_len, out_len) = (g.k(), g.p(), g.cout, g.in_len(), g.out_len());
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
@@ -526,7 +519,7 @@ fn input_grad(w: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
             for first in range.clone().step_by(group) {
                 let images = group.min(range.end - first);
                 let n = images * p;
-                dyg.resize(cout * n, 0.0);
+                dyg.resize(cout * n, E::ZERO);
                 gather(dy, g, first, images, 0, cout, &mut dyg);
                 dcol.resize(k * n, 0.0);
                 wt.mul(n, &mut dcol, n, false, &dyg, n, 1, threads);
@@ -568,14 +561,14 @@ fn input_grad(w: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
 
 /// Rows `o0..o0 + os` of `dY` for images `first..first + images`, gathered side by side into
 /// `dyg` (`[os, images · P]`, image `i` in columns `i·P..`).
-fn gather(
-    dy: &[f32],
+fn gather<E: Copy>(
+    dy: &[E],
     g: &ConvGeom,
     first: usize,
     images: usize,
     o0: usize,
     os: usize,
-    dyg: &mut [f32],
+    dyg: &mut [E],
 ) {
     let (p, out_len) = (g.p(), g.out_len());
     let n = images * p;
@@ -600,9 +593,9 @@ fn gather(
 /// The transposed layout: for the 64 -> 64 channel 32 px layer it took the weight gradient
 /// from 85.7 to 32.0 ms per batch of 64, while the first layer (K = 27) is faster as
 /// `[C_out, K]` (`cargo run --release --example conv_layers`, before and after).
-fn weight_grad(
-    x: &[f32],
-    dy: &[f32],
+fn weight_grad<E: Act>(
+    x: &[E],
+    dy: &[E],
     g: &ConvGeom,
     need_dw: bool,
     need_db: bool,
@@ -613,7 +606,12 @@ fn weight_grad(
             .into_par_iter()
             .map(|o| {
                 (0..g.batch)
-                    .map(|i| dy[i * out_len + o * p..][..p].iter().sum::<f32>())
+                    .map(|i| {
+                        dy[i * out_len + o * p..][..p]
+                            .iter()
+                            .map(|v| v.to_f32())
+                            .sum::<f32>()
+                    })
                     .fold(0.0, |acc, s| acc + s)
             })
             .collect()
@@ -651,7 +649,7 @@ fn weight_grad(
         // (f32) or `fill16` (bf16 bits, straight into the packed operand) writes the column
         // matrix, rows `ld` apart.
         let mut product = |dw: &mut [f32],
-                           dy_t: &[f32],
+                           dy_t: &[E],
                            ld: usize,
                            n: usize,
                            fill: &dyn Fn(&mut [f32], usize),
@@ -707,7 +705,7 @@ fn weight_grad(
             for first in (0..g.batch).step_by(group) {
                 let images = group.min(g.batch - first);
                 let n = images * p;
-                dyg.resize(os * n, 0.0);
+                dyg.resize(os * n, E::ZERO);
                 gather(dy, g, first, images, o0, os, &mut dyg);
                 let fill = |c: &mut [f32], ld: usize| {
                     for i in 0..images {

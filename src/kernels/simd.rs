@@ -13,35 +13,39 @@ const LANES: usize = 16;
 
 /// Defines `pub fn $name` that runs its body compiled for the best instruction set present.
 macro_rules! dispatched {
-    ($(#[doc = $doc:literal])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[doc = $doc:literal])* $vis:vis fn $name:ident $(<$($g:ident: $bound:path),+>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[doc = $doc])*
         #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            fn imp $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                fn v4 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                    imp $(::<$($g),+>)? ($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                fn v3 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                    imp $(::<$($g),+>)? ($($arg),*)
+                }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                 {
                     // SAFETY: the features v4 is compiled for were detected just above.
-                    return unsafe { v4($($arg),*) };
+                    return unsafe { v4 $(::<$($g),+>)? ($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: as above, for v3's features.
-                    return unsafe { v3($($arg),*) };
+                    return unsafe { v3 $(::<$($g),+>)? ($($arg),*) };
                 }
             }
-            imp($($arg),*)
+            imp $(::<$($g),+>)? ($($arg),*)
         }
     };
 }
