@@ -26,6 +26,9 @@ pub trait Act: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     const IS_BF16: bool;
     /// The value as f32 (exact).
     fn to_f32(self) -> f32;
+    /// `v` in this type: itself, or rounded to the nearest bf16, ties to even (a NaN stays a
+    /// NaN).
+    fn from_f32(v: f32) -> Self;
     /// The value's bf16 bits: rounded to nearest even from f32
     /// ([`super::bf16::round_bits`]), the value's own bits for bf16. A kernel's packer that
     /// reads bf16 activations this way copies them (no widening, no rounding).
@@ -33,6 +36,13 @@ pub trait Act: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     /// `src` as f32 values: borrowed for `f32`, widened into a new vector for bf16 (the
     /// paths that have no bf16 reader).
     fn widened(src: &[Self]) -> std::borrow::Cow<'_, [f32]>;
+    /// `dst[i] = src[i].bf16_bits()` for every `i < dst.len()`: rounded 16 at a time where
+    /// the CPU has AVX512-BF16 ([`super::bf16::round_slice`]), or copied.
+    fn bits_into(src: &[Self], dst: &mut [u16]);
+    /// The bits of bf16 activations; `None` for f32.
+    fn as_bf16_bits(src: &[Self]) -> Option<&[u16]>;
+    /// f32 activations; `None` for bf16.
+    fn as_f32s(src: &[Self]) -> Option<&[f32]>;
 }
 
 impl Act for f32 {
@@ -43,12 +53,28 @@ impl Act for f32 {
         self
     }
     #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
     fn bf16_bits(self) -> u16 {
         super::bf16::round_bits(self) as u16
     }
     #[inline]
     fn widened(src: &[f32]) -> std::borrow::Cow<'_, [f32]> {
         std::borrow::Cow::Borrowed(src)
+    }
+    #[inline]
+    fn bits_into(src: &[f32], dst: &mut [u16]) {
+        super::bf16::round_slice(src, dst)
+    }
+    #[inline]
+    fn as_bf16_bits(_: &[f32]) -> Option<&[u16]> {
+        None
+    }
+    #[inline]
+    fn as_f32s(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
     }
     #[inline]
     fn read<'a>(src: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
@@ -68,12 +94,34 @@ impl Act for bf16 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
+    fn from_f32(v: f32) -> bf16 {
+        // Branch-free, so rows of it vectorise: `round_bits`, with a NaN kept a quiet NaN of
+        // its sign and payload as `VCVTNEPS2BF16` does ([`super::bf16::round_slice`]).
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        let nan = ((b >> 16) as u16) | 0x40;
+        bf16::from_bits(if v.is_nan() { nan } else { rounded })
+    }
+    #[inline(always)]
     fn bf16_bits(self) -> u16 {
         self.to_bits()
     }
     #[inline]
     fn widened(src: &[bf16]) -> std::borrow::Cow<'_, [f32]> {
         std::borrow::Cow::Owned(to_f32(src))
+    }
+    #[inline]
+    fn bits_into(src: &[bf16], dst: &mut [u16]) {
+        let n = dst.len();
+        dst.copy_from_slice(&as_bits(src)[..n]);
+    }
+    #[inline]
+    fn as_bf16_bits(src: &[bf16]) -> Option<&[u16]> {
+        Some(as_bits(src))
+    }
+    #[inline]
+    fn as_f32s(_: &[bf16]) -> Option<&[f32]> {
+        None
     }
     #[inline]
     fn read<'a>(src: &'a [bf16], scratch: &'a mut Vec<f32>) -> &'a [f32] {

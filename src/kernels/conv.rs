@@ -104,7 +104,7 @@ pub fn conv2d_forward_act<E: Act>(
             winograd::forward_act(&E::widened(x), &u, bias, g, relu, tile)
         }
         Algo::Direct => direct::forward_act(&E::widened(x), w, bias, g, relu),
-        Algo::ChannelsLast => nhwc::forward_act(&E::widened(x), w, bias, g, relu),
+        Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
         Algo::Im2col => im2col_forward_act(x, w, bias, g, relu),
     }
 }
@@ -139,7 +139,7 @@ pub fn conv2d_backward<E: Act>(
         Algo::Direct => direct::backward(&E::widened(x), w, &E::widened(dy), g, rest),
         Algo::ChannelsLast => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            let dw = need[1].then(|| nhwc::weight_grad(&E::widened(x), &E::widened(dy), g));
+            let dw = need[1].then(|| nhwc::weight_grad(x, dy, g));
             (None, dw, db)
         }
         Algo::Winograd(tile) => {
@@ -161,13 +161,7 @@ pub fn conv2d_backward<E: Act>(
                 .0
                 .unwrap()
         }
-        Algo::ChannelsLast => nhwc::forward_act(
-            &E::widened(dy),
-            &rotated(w, g),
-            None,
-            &g.input_grad(),
-            false,
-        ),
+        Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
         Algo::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),

@@ -6,7 +6,7 @@
 //! through `Dispatch` (`Tensor::into_dispatch` / `Tensor::from_dispatch`).
 
 use super::act::{self, Act, bf16};
-use super::buf::par_zeroed_with;
+use super::buf::par_zeroed;
 use super::conv::{ConvGeom, conv2d_backward, conv2d_forward_act};
 use super::norm::{NormGeom, affine, backward as norm_backward, scale_shift, train_forward};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
@@ -698,10 +698,6 @@ fn add_relu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     on_dtype!(a, E => tensor(add_relu_values(&slice::<E>(a), &slice::<E>(b)), a.shape()))
 }
 
-/// Three rows of f32 scratch per worker: two inputs and an output ([`Act::read`],
-/// [`Act::write`]; unused on f32).
-type Rows3 = (Vec<f32>, Vec<f32>, Vec<f32>);
-
 fn add_relu_values<E: Act>(a: &[E], b: &[E]) -> Vec<E> {
     two_rows(a, b, simd::add_relu_row)
 }
@@ -712,20 +708,11 @@ fn relu_grad_values<E: Act>(dy: &[E], y: &[E]) -> Vec<E> {
 }
 
 /// `f(out, a, b)` over [`CHUNK`]-value rows of two inputs, in parallel, in their element type
-/// (rows widened to f32 and the result rounded once on bf16).
-fn two_rows<E: Act>(a: &[E], b: &[E], f: fn(&mut [f32], &[f32], &[f32])) -> Vec<E> {
+/// (the row kernels widen bf16 values in registers and round each result once).
+fn two_rows<E: Act>(a: &[E], b: &[E], f: fn(&mut [E], &[E], &[E])) -> Vec<E> {
     use rayon::prelude::*;
     let inputs = a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK));
-    par_zeroed_with(
-        a.len(),
-        CHUNK,
-        inputs,
-        Rows3::default,
-        |(sa, sb, so): &mut Rows3, out, (a, b)| {
-            let (a, b) = (E::read(a, sa), E::read(b, sb));
-            E::write(out, so, |out| f(out, a, b))
-        },
-    )
+    par_zeroed(a.len(), CHUNK, inputs, |out, (a, b)| f(out, a, b))
 }
 
 impl AddReluBackend for Flex {

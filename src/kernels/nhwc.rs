@@ -29,7 +29,8 @@
 //! `y: [B, C_out, H_out, W_out]` (NCHW at the boundary, as everywhere in [`super::conv`]);
 //! `C_in` even and `C_out` a multiple of 16 ([`fits`]).
 
-use super::bf16::pair;
+use super::act::Act;
+use super::bf16::{pair, pair_of};
 use super::buf::{par_zeroed, par_zeroed_parts, par_zeroed_with};
 use super::conv::{ConvGeom, image_blocks};
 
@@ -104,26 +105,34 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<u32> {
 /// zero. The callers allocate `xq` zeroed and reuse it image group after image group, so the
 /// padding stays zero; zeroing the whole group buffer (up to 4 MiB) on every call went out
 /// to memory ahead of the values, as [`super::buf::par_lazy`] describes.
-fn pad_pack(x: &[f32], count: usize, g: &ConvGeom, xq: &mut [u32]) {
+fn pad_pack<E: Act>(x: &[E], count: usize, g: &ConvGeom, xq: &mut [u32]) {
     let (hp, wp, kp) = padded(g);
     let (plane, in_len) = (g.h * g.w, g.in_len());
     #[cfg(target_arch = "x86_64")]
-    if super::bf16::available() {
+    if super::bf16::available()
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
         assert!(x.len() >= count * in_len && xq.len() >= count * hp * wp * kp);
+        let (bits, floats) = (E::as_bf16_bits(x), E::as_f32s(x));
         for n in 0..count {
             for y in 0..g.h {
                 let at = ((n * hp + y + g.pad[0]) * wp + g.pad[1]) * kp;
-                // SAFETY: AVX-512 F and BF16 were detected; image `n` is inside `x` and its
-                // padded row `y + pad` (`W` positions from column `pad`) inside `xq`, both
-                // asserted just above.
+                let from = n * in_len + y * g.w;
+                let dst = xq[at..].as_mut_ptr();
+                // SAFETY: AVX-512 F, BW, VL and BF16 were detected (`available`); image `n`
+                // is inside `x` and its padded row `y + pad` (`W` positions from column
+                // `pad`) inside `xq`, both asserted just above.
                 unsafe {
-                    pack_row_avx512(
-                        x.as_ptr().add(n * in_len + y * g.w),
-                        plane,
-                        g.w,
-                        kp,
-                        xq.as_mut_ptr().add(at),
-                    )
+                    match (bits, floats) {
+                        (Some(b), _) => {
+                            pack_row_bits_avx512(b.as_ptr().add(from), plane, g.w, kp, dst)
+                        }
+                        (None, Some(f)) => {
+                            pack_row_avx512(f.as_ptr().add(from), plane, g.w, kp, dst)
+                        }
+                        (None, None) => unreachable!("an activation is f32 or bf16"),
+                    }
                 };
             }
         }
@@ -134,7 +143,7 @@ fn pad_pack(x: &[f32], count: usize, g: &ConvGeom, xq: &mut [u32]) {
 
 /// [`pad_pack`] word by word with [`pair`]: the definition the vector path is tested against,
 /// and the path without AVX512-BF16.
-fn pad_pack_words(x: &[f32], count: usize, g: &ConvGeom, xq: &mut [u32]) {
+fn pad_pack_words<E: Act>(x: &[E], count: usize, g: &ConvGeom, xq: &mut [u32]) {
     let (hp, wp, kp) = padded(g);
     let (plane, in_len) = (g.h * g.w, g.in_len());
     for n in 0..count {
@@ -144,7 +153,7 @@ fn pad_pack_words(x: &[f32], count: usize, g: &ConvGeom, xq: &mut [u32]) {
                 let dst = &mut xq[((n * hp + y + g.pad[0]) * wp + xx + g.pad[1]) * kp..][..kp];
                 let at = y * g.w + xx;
                 for (p, d) in dst.iter_mut().enumerate() {
-                    *d = pair(xn[2 * p * plane + at], xn[(2 * p + 1) * plane + at]);
+                    *d = pair_of(xn[2 * p * plane + at], xn[(2 * p + 1) * plane + at]);
                 }
             }
         }
@@ -205,14 +214,56 @@ unsafe fn pack_row_avx512(src: *const f32, plane: usize, w: usize, kp: usize, ds
     }
 }
 
+/// [`pack_row_avx512`] of bf16 activations (their bits): each pair's 16 positions are two
+/// 16-bit loads interleaved, nothing to round.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `src + c·plane + x` is readable for `c < 2·kp`, `x < w`,
+/// and `dst + x·kp + p` writable for `x < w`, `p < kp`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_row_bits_avx512(src: *const u16, plane: usize, w: usize, kp: usize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    for x0 in (0..w).step_by(16) {
+        let nx = 16.min(w - x0);
+        let lanes: __mmask16 = (1u32 << nx).wrapping_sub(1) as __mmask16;
+        for p0 in (0..kp).step_by(16) {
+            let np = 16.min(kp - p0);
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (j, v) in r.iter_mut().enumerate().take(np) {
+                let c = 2 * (p0 + j);
+                // SAFETY: channels `c, c + 1 < 2·kp`, positions `x0..x0 + nx` (the mask) of
+                // the row: readable by the contract.
+                let (a, b) = unsafe {
+                    (
+                        _mm256_maskz_loadu_epi16(lanes, src.add(c * plane + x0).cast()),
+                        _mm256_maskz_loadu_epi16(lanes, src.add((c + 1) * plane + x0).cast()),
+                    )
+                };
+                *v = _mm512_or_si512(
+                    _mm512_cvtepu16_epi32(a),
+                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
+                );
+            }
+            super::simd::transpose16_regs(&mut r);
+            let pairs: __mmask16 = (1u32 << np).wrapping_sub(1) as __mmask16;
+            for (i, v) in r.into_iter().enumerate().take(nx) {
+                // SAFETY: position `x0 + i < w`, pairs `p0..p0 + np` (the mask): writable
+                // by the contract.
+                unsafe { _mm512_mask_storeu_epi32(dst.add((x0 + i) * kp + p0).cast(), pairs, v) };
+            }
+        }
+    }
+}
+
 /// Forward convolution (`y = conv(x, w) + bias`, then `max(·, 0)` when `relu`), products in
 /// bf16 and sums in f32.
 ///
 /// # Panics
 /// When the CPU has no AVX512-BF16, `g` does not [`fits`], or a slice's length does not match
 /// `g`.
-pub fn forward_act(
-    x: &[f32],
+pub fn forward_act<E: Act>(
+    x: &[E],
     w: &[f32],
     bias: Option<&[f32]>,
     g: &ConvGeom,
@@ -255,8 +306,8 @@ pub fn forward_act(
 
 /// [`forward_act`] for fewer images than threads (a single photo in `predict`): one image at a
 /// time, its blocks of 64 output channels split over the threads, so none waits.
-fn forward_by_channels(
-    x: &[f32],
+fn forward_by_channels<E: Act>(
+    x: &[E],
     wq: &[u32],
     windows: &Windows,
     bias: Option<&[f32]>,
@@ -536,7 +587,7 @@ const CHUNK_WORDS: usize = 64;
 /// # Panics
 /// When the CPU has no AVX512-BF16, `g` does not [`fits_weight_grad`], or a slice's length
 /// does not match `g`.
-pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(
         super::bf16::available(),
@@ -574,7 +625,6 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
     // The last pair of the last tap of the last plane reads up to `wq` halves past the planes.
     let img_x = (g.cin * sh * sw * plane + wq + 2).next_multiple_of(2);
     let img_d = pairs * cout;
-    let round = |v: f32| super::bf16::round_bits(v) as u16;
     // Both copies zeroed image by image by the worker that fills the image ([`par_zeroed`]:
     // `vec![0; n]` zeroed all of them on the calling thread, 5% of the 64 -> 64 56 px layer's
     // weight-gradient samples), as f32 words cast to the halves and pairs they hold.
@@ -593,11 +643,11 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
                         let first = (b + sw - g.pad[1] % sw) % sw;
                         let at = ((rows * sw + b) * hq + py / sh) * wq + (first + g.pad[1]) / sw;
                         if sw == 1 {
-                            super::bf16::round_slice(row, &mut d[at..at + g.w]);
+                            E::bits_into(row, &mut d[at..at + g.w]);
                             continue;
                         }
                         for (d, &v) in d[at..].iter_mut().zip(row.iter().skip(first).step_by(sw)) {
-                            *d = round(v);
+                            *d = v.bf16_bits();
                         }
                     }
                 }
@@ -622,7 +672,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom) -> Vec<f32> {
             for (o, so) in s.chunks_exact(ho * wo).enumerate() {
                 let t = &mut halves[o * 2 * pairs..][..2 * pairs];
                 for (oy, row) in so.chunks_exact(wo).enumerate() {
-                    super::bf16::round_slice(row, &mut t[oy * 2 * positions.pairs..][..wo]);
+                    E::bits_into(row, &mut t[oy * 2 * positions.pairs..][..wo]);
                 }
             }
             super::simd::transpose_words(scratch, cout, pairs, bytemuck::cast_slice_mut(d));

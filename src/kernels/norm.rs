@@ -59,17 +59,10 @@ const FUSED_POSITIONS: usize = 56 * 56;
 /// Channel `c`'s mean and biased variance.
 fn channel_stats<E: Act>(x: &[E], c: usize, g: &NormGeom) -> (f32, f32) {
     let count = (g.batch * g.positions).max(1) as f64;
-    let mut s = Vec::new();
-    let sum: f64 = g
-        .rows(x, c)
-        .map(|r| row_sum(E::read(r, &mut s)) as f64)
-        .sum();
+    let sum: f64 = g.rows(x, c).map(|r| row_sum(r) as f64).sum();
     let mean = sum / count;
     let m = mean as f32;
-    let sq: f64 = g
-        .rows(x, c)
-        .map(|r| row_sq_dev(E::read(r, &mut s), m) as f64)
-        .sum();
+    let sq: f64 = g.rows(x, c).map(|r| row_sq_dev(r, m) as f64).sum();
     (mean as f32, (sq / count) as f32)
 }
 
@@ -98,11 +91,8 @@ pub fn train_forward<E: Act>(
     let (y, stats) = par_channels(g.batch, g.channels, g.positions, |c, runs| {
         let (mean, var) = channel_stats(x, c, g);
         let (a, b) = channel_affine(gamma[c], beta[c], mean, var, eps);
-        let (mut sx, mut sy) = (Vec::new(), Vec::new());
         for xr in g.rows(x, c) {
-            E::write(runs.next_run(), &mut sy, |y| {
-                affine_row(y, E::read(xr, &mut sx), a, b, relu)
-            });
+            affine_row(runs.next_run(), xr, a, b, relu);
         }
         (mean, var)
     });
@@ -121,11 +111,8 @@ pub fn scale_shift<E: Act>(
     assert_eq!(x.len(), g.len(), "batch norm input length");
     let (cp, p) = (g.channels * g.positions, g.positions.max(1));
     par_lazy(x.len(), cp, x.par_chunks(cp.max(1)), |yn, xn| {
-        let (mut sx, mut sy) = (Vec::new(), Vec::new());
         for (xc, (&a, &b)) in xn.chunks(p).zip(scale.iter().zip(shift)) {
-            E::write(yn.take(xc.len()), &mut sy, |y| {
-                affine_row(y, E::read(xc, &mut sx), a, b, relu)
-            });
+            affine_row(yn.take(xc.len()), xc, a, b, relu);
         }
     })
 }
@@ -179,9 +166,7 @@ pub fn backward<E: Act>(
     let (dx, sums) = par_channels(g.batch, g.channels, g.positions, |c, runs| {
         let (a, b, m, s) = (scale[c], shift[c], mean[c], inv_std[c]);
         let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-        let (mut sx, mut sd, mut so) = (Vec::new(), Vec::new(), Vec::new());
         for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
-            let (xr, dr) = (E::read(xr, &mut sx), E::read(dr, &mut sd));
             let (u, v) = gated_sums(xr, dr, a, b, m, s, relu);
             sg += u as f64;
             sgx += v as f64;
@@ -189,10 +174,7 @@ pub fn backward<E: Act>(
         let (dbeta, dgamma) = (sg as f32, sgx as f32);
         let (mb, mg, k) = (dbeta / count, dgamma / count, gamma[c] * s);
         for (xr, dr) in g.rows(x, c).zip(g.rows(dy, c)) {
-            let (xr, dr) = (E::read(xr, &mut sx), E::read(dr, &mut sd));
-            E::write(runs.next_run(), &mut so, |dx| {
-                bn_dx_row(dx, xr, dr, [a, b, m, s], [mb, mg, k], relu)
-            });
+            bn_dx_row(runs.next_run(), xr, dr, [a, b, m, s], [mb, mg, k], relu);
         }
         (dbeta, dgamma)
     });

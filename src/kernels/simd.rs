@@ -8,6 +8,8 @@
 // The fused residual and ReLU-gradient rows serve burn-flex's ops only (`flex.rs`).
 #![cfg_attr(not(feature = "flex"), allow(dead_code))]
 
+use super::act::Act;
+
 /// Partial sums per reduction.
 const LANES: usize = 16;
 
@@ -55,7 +57,7 @@ pub(crate) use dispatched;
 /// `Σ f(a_i, b_i)` in [`LANES`] partial sums ([`lane_sum2`] with its second sum unused, which
 /// the compiler drops).
 #[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+fn lane_sum<E: Act>(a: &[E], b: &[E], f: impl Fn(f32, f32) -> f32) -> f32 {
     lane_sum2(a, b, f, |_, _| 0.0).0
 }
 
@@ -63,9 +65,9 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 /// sums (lane `l` adds elements `l, l + LANES, ..`, then the lanes and the tail are added):
 /// the same bits as two passes.
 #[inline(always)]
-fn lane_sum2(
-    a: &[f32],
-    b: &[f32],
+fn lane_sum2<E: Act>(
+    a: &[E],
+    b: &[E],
     f: impl Fn(f32, f32) -> f32,
     g: impl Fn(f32, f32) -> f32,
 ) -> (f32, f32) {
@@ -74,43 +76,53 @@ fn lane_sum2(
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
         for l in 0..LANES {
-            af[l] += f(xa[l], xb[l]);
-            ag[l] += g(xa[l], xb[l]);
+            let (x, y) = (xa[l].to_f32(), xb[l].to_f32());
+            af[l] += f(x, y);
+            ag[l] += g(x, y);
         }
     }
-    let tf: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
-    let tg: f32 = ra.iter().zip(rb).map(|(&x, &y)| g(x, y)).sum();
+    let tf: f32 = ra
+        .iter()
+        .zip(rb)
+        .map(|(&x, &y)| f(x.to_f32(), y.to_f32()))
+        .sum();
+    let tg: f32 = ra
+        .iter()
+        .zip(rb)
+        .map(|(&x, &y)| g(x.to_f32(), y.to_f32()))
+        .sum();
     (af.iter().sum::<f32>() + tf, ag.iter().sum::<f32>() + tg)
 }
 
 dispatched! {
     /// `Σ r_i`.
-    pub fn row_sum(r: &[f32]) -> f32 {
+    pub fn row_sum<E: Act>(r: &[E]) -> f32 {
         lane_sum(r, r, |v, _| v)
     }
 }
 
 dispatched! {
     /// `Σ (r_i - m)²`.
-    pub fn row_sq_dev(r: &[f32], m: f32) -> f32 {
+    pub fn row_sq_dev<E: Act>(r: &[E], m: f32) -> f32 {
         lane_sum(r, r, |v, _| (v - m) * (v - m))
     }
 }
 
 dispatched! {
     /// `y = x · a + b`, then `max(·, 0)` when `relu`.
-    pub fn affine_row(y: &mut [f32], x: &[f32], a: f32, b: f32, relu: bool) {
+    pub fn affine_row<E: Act>(y: &mut [E], x: &[E], a: f32, b: f32, relu: bool) {
+        let it = y.iter_mut().zip(x);
         if relu {
-            y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x * a + b).max(0.0));
+            it.for_each(|(y, &x)| *y = E::from_f32((x.to_f32() * a + b).max(0.0)));
         } else {
-            y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * a + b);
+            it.for_each(|(y, &x)| *y = E::from_f32(x.to_f32() * a + b));
         }
     }
 }
 
 dispatched! {
     /// `(Σ g_i, Σ g_i · (x_i - m) · s)` with `g = dy`, gated by `x · a + b > 0` when `relu`.
-    pub fn gated_sums(x: &[f32], dy: &[f32], a: f32, b: f32, m: f32, s: f32, relu: bool) -> (f32, f32) {
+    pub fn gated_sums<E: Act>(x: &[E], dy: &[E], a: f32, b: f32, m: f32, s: f32, relu: bool) -> (f32, f32) {
         // One pass for both sums: two passes read `x` and `dy` twice, and batch norm's
         // backward is memory-bound at photo sizes.
         if relu {
@@ -124,10 +136,10 @@ dispatched! {
 
 dispatched! {
     /// `dx = k · (g - mb - (x - m) · s · mg)`, `g` as in [`gated_sums`].
-    pub fn bn_dx_row(
-        dx: &mut [f32],
-        x: &[f32],
-        dy: &[f32],
+    pub fn bn_dx_row<E: Act>(
+        dx: &mut [E],
+        x: &[E],
+        dy: &[E],
         abms: [f32; 4],
         mbgk: [f32; 3],
         relu: bool,
@@ -136,30 +148,35 @@ dispatched! {
         let it = dx.iter_mut().zip(x).zip(dy);
         if relu {
             it.for_each(|((d, &x), &g)| {
+                let (x, g) = (x.to_f32(), g.to_f32());
                 let g = if x * a + b > 0.0 { g } else { 0.0 };
-                *d = k * (g - mb - (x - m) * s * mg);
+                *d = E::from_f32(k * (g - mb - (x - m) * s * mg));
             });
         } else {
-            it.for_each(|((d, &x), &g)| *d = k * (g - mb - (x - m) * s * mg));
+            it.for_each(|((d, &x), &g)| {
+                let (x, g) = (x.to_f32(), g.to_f32());
+                *d = E::from_f32(k * (g - mb - (x - m) * s * mg));
+            });
         }
     }
 }
 
 dispatched! {
     /// `y = relu(a + b)`, NaN kept (as Burn's `relu`: only `<= 0` becomes 0).
-    pub fn add_relu_row(y: &mut [f32], a: &[f32], b: &[f32]) {
+    pub fn add_relu_row<E: Act>(y: &mut [E], a: &[E], b: &[E]) {
         for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-            let s = a + b;
-            *y = if s <= 0.0 { 0.0 } else { s };
+            let s = a.to_f32() + b.to_f32();
+            *y = E::from_f32(if s <= 0.0 { 0.0 } else { s });
         }
     }
 }
 
 dispatched! {
     /// `dx = dy` where `y > 0`, else 0: the gradient through a ReLU from its output.
-    pub fn relu_grad_row(dx: &mut [f32], dy: &[f32], y: &[f32]) {
+    pub fn relu_grad_row<E: Act>(dx: &mut [E], dy: &[E], y: &[E]) {
         for ((d, &g), &y) in dx.iter_mut().zip(dy).zip(y) {
-            *d = if y > 0.0 { g } else { 0.0 };
+            // A selection, exact in either type.
+            *d = if y.to_f32() > 0.0 { g } else { E::ZERO };
         }
     }
 }
