@@ -120,9 +120,96 @@ dispatched! {
     }
 }
 
+/// `(Σ g_i, Σ g_i · (x_i - m) · s)` with `g = dy`, gated by `x · a + b > 0` when `relu`: batch
+/// norm's backward sums.
+///
+/// On AVX-512 the [`LANES`] partial sums are one vector each, written out here: compiled from
+/// the generic loop, the ungated sums of bf16 rows ran as scalar code and the gated ones kept
+/// their sums on the stack (4.8% of a resnet50 bf16 training step at 224 px on Zen 4, the
+/// largest elementwise kernel). Same order of additions, so the same bits as the loop.
+pub fn gated_sums<E: Act>(
+    x: &[E],
+    dy: &[E],
+    a: f32,
+    b: f32,
+    m: f32,
+    s: f32,
+    relu: bool,
+) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        let n = x.len().min(dy.len());
+        let body = n / LANES * LANES;
+        // SAFETY: the features were detected just above; both rows hold `body` values.
+        let (u, v) = unsafe { gated_sums_avx512(&x[..body], &dy[..body], [a, b, m, s], relu) };
+        // The tail as `lane_sum2` adds it.
+        let gate = |x: f32, d: f32| if !relu || x * a + b > 0.0 { d } else { 0.0 };
+        let tail = |f: &dyn Fn(f32, f32) -> f32| -> f32 {
+            x[body..n]
+                .iter()
+                .zip(&dy[body..n])
+                .map(|(&x, &d)| f(x.to_f32(), d.to_f32()))
+                .sum()
+        };
+        let tu = tail(&|x, d| gate(x, d));
+        let tv = tail(&|x, d| gate(x, d) * (x - m) * s);
+        return (u + tu, v + tv);
+    }
+    gated_sums_loop(x, dy, a, b, m, s, relu)
+}
+
+/// [`gated_sums`]' body: whole vectors of [`LANES`] values, each lane's sums in order, then
+/// the lanes added in order (as [`lane_sum2`], whose tail the caller adds).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL; `x` and `dy` are equally long, a multiple of [`LANES`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gated_sums_avx512<E: Act>(x: &[E], dy: &[E], abms: [f32; 4], relu: bool) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 16);
+    let [a, b, m, s] = abms.map(|v| _mm512_set1_ps(v));
+    let load = |v: &[E], i: usize| -> __m512 {
+        match (E::as_bf16_bits(v), E::as_f32s(v)) {
+            (Some(h), _) => {
+                // SAFETY: `i + 16 <= len`, checked by the slice index.
+                let h = unsafe { _mm256_loadu_si256(h[i..i + 16].as_ptr().cast()) };
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            // SAFETY: as above.
+            (None, Some(f)) => unsafe { _mm512_loadu_ps(f[i..i + 16].as_ptr()) },
+            (None, None) => unreachable!("an activation is f32 or bf16"),
+        }
+    };
+    let (mut su, mut sv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for i in (0..x.len()).step_by(LANES) {
+        let (xv, dv) = (load(x, i), load(dy, i));
+        let g = if relu {
+            // `x · a + b > 0` without a fused multiply-add, as the scalar expression.
+            let pre = _mm512_add_ps(_mm512_mul_ps(xv, a), b);
+            let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(pre, _mm512_setzero_ps());
+            _mm512_maskz_mov_ps(keep, dv)
+        } else {
+            dv
+        };
+        su = _mm512_add_ps(su, g);
+        sv = _mm512_add_ps(sv, _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(xv, m)), s));
+    }
+    let (mut lu, mut lv) = ([0.0f32; LANES], [0.0f32; LANES]);
+    // SAFETY: each array holds 16 floats.
+    unsafe {
+        _mm512_storeu_ps(lu.as_mut_ptr(), su);
+        _mm512_storeu_ps(lv.as_mut_ptr(), sv);
+    }
+    (lu.iter().sum(), lv.iter().sum())
+}
+
 dispatched! {
-    /// `(Σ g_i, Σ g_i · (x_i - m) · s)` with `g = dy`, gated by `x · a + b > 0` when `relu`.
-    pub fn gated_sums<E: Act>(x: &[E], dy: &[E], a: f32, b: f32, m: f32, s: f32, relu: bool) -> (f32, f32) {
+    /// [`gated_sums`] by the generic loop ([`lane_sum2`]).
+    fn gated_sums_loop<E: Act>(x: &[E], dy: &[E], a: f32, b: f32, m: f32, s: f32, relu: bool) -> (f32, f32) {
         // One pass for both sums: two passes read `x` and `dy` twice, and batch norm's
         // backward is memory-bound at photo sizes.
         if relu {
@@ -558,6 +645,37 @@ mod tests {
                     };
                     assert_eq!(dst[c * ld + r], want, "{rows}x{cols} ld {ld} at {c},{r}");
                 }
+            }
+        }
+    }
+
+    /// The written-out vector sums are the generic loop's, bit for bit: f32 and bf16 rows,
+    /// gated and not, with and without a tail.
+    #[test]
+    fn vector_gated_sums_are_the_loops() {
+        use crate::kernels::act::{bf16, to_bf16};
+        for n in [0, 5, 16, 37, 64, 1000] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 113) as f32 / 37.0 - 1.4)
+                .collect();
+            let dy: Vec<f32> = (0..n)
+                .map(|i| ((i * 104729) % 97) as f32 / 29.0 - 1.6)
+                .collect();
+            let (xb, dyb): (Vec<bf16>, Vec<bf16>) = (to_bf16(&x), to_bf16(&dy));
+            for relu in [false, true] {
+                let args = (1.3, -0.2, 0.1, 0.7, relu);
+                let bits = |(u, v): (f32, f32)| (u.to_bits(), v.to_bits());
+                let (a, b, m, s, r) = args;
+                assert_eq!(
+                    bits(gated_sums(&x, &dy, a, b, m, s, r)),
+                    bits(gated_sums_loop(&x, &dy, a, b, m, s, r)),
+                    "f32, {n} values, relu {relu}"
+                );
+                assert_eq!(
+                    bits(gated_sums(&xb, &dyb, a, b, m, s, r)),
+                    bits(gated_sums_loop(&xb, &dyb, a, b, m, s, r)),
+                    "bf16, {n} values, relu {relu}"
+                );
             }
         }
     }
