@@ -101,7 +101,7 @@ pub fn conv2d_forward_act<E: Act>(
     match plan(g, Cpu::detect()).forward {
         Algo::Winograd(tile) => {
             let u = winograd::transform_weights(w, g.cout, g.cin, false, tile);
-            winograd::forward_act(&E::widened(x), &u, bias, g, relu, tile)
+            winograd::forward_act(x, &u, bias, g, relu, tile)
         }
         Algo::Direct => direct::forward_act(&E::widened(x), w, bias, g, relu),
         Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
@@ -154,7 +154,7 @@ pub fn conv2d_backward<E: Act>(
         Algo::Winograd(tile) => {
             let gi = g.input_grad();
             let ut = winograd::transform_weights(w, g.cout, g.cin, true, tile);
-            winograd::forward(&E::widened(dy), &ut, None, &gi, tile)
+            winograd::forward(dy, &ut, None, &gi, tile)
         }
         Algo::Direct => {
             direct::backward(&E::widened(x), w, &E::widened(dy), g, [true, false, false])

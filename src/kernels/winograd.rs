@@ -31,6 +31,7 @@
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
+use super::act::Act;
 use super::buf::par_lazy;
 use super::conv::ConvGeom;
 use super::simd::{dispatched, relu_row};
@@ -235,8 +236,8 @@ fn transform_row(taps: &[f32], gk: &mut [f32], cols: usize, f4: bool, out: &mut 
 /// plane (`padded` may be longer than `pad + w`, or shorter: the row is cut). False, with
 /// `padded` untouched, when row `r` lies entirely in the padding.
 #[inline(always)]
-fn padded_row(
-    plane: &[f32],
+fn padded_row<E: Act>(
+    plane: &[E],
     [h, w]: [usize; 2],
     [pad_top, pad]: [usize; 2],
     r: usize,
@@ -247,7 +248,11 @@ fn padded_row(
     };
     let n = w.min(padded.len() - pad);
     padded[..pad].fill(0.0);
-    padded[pad..pad + n].copy_from_slice(&plane[y * w..][..n]);
+    let src = &plane[y * w..][..n];
+    padded[pad..pad + n]
+        .iter_mut()
+        .zip(src)
+        .for_each(|(d, &v)| *d = v.to_f32());
     padded[pad + n..].fill(0.0);
     true
 }
@@ -256,8 +261,8 @@ dispatched! {
     /// `Bᵀ d B` for every tile of one channel plane (`h x w`, padding `pad` left and right,
     /// `pad_top` above: 0 for a band that starts inside the plane), written to
     /// `v[ξ · plane_stride + t0 + ty · tw + tx]`; `scratch` holds [`scratch_len`] floats.
-    fn input_transform(
-        plane: &[f32],
+    fn input_transform<E: Act>(
+        plane: &[E],
         h: usize,
         w: usize,
         pad: usize,
@@ -370,8 +375,8 @@ fn a4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
 dispatched! {
     /// [`input_transform`] for F(4x4, 3x3): `Bᵀ d B` of every 6x6 tile (4 apart) of one
     /// channel plane, written to `v[ξ · plane_stride + t0 + ty · tw + tx]`, `ξ = 6a + b`.
-    fn input_transform4(
-        plane: &[f32],
+    fn input_transform4<E: Act>(
+        plane: &[E],
         h: usize,
         w: usize,
         pad: usize,
@@ -580,15 +585,21 @@ dispatched! {
 /// already transformed ([`transform_weights`] with `for_input_grad = false`; for an input
 /// gradient pass the output gradient as `x`, the transformed rotated weights as `u` and the
 /// geometry of that convolution, see [`ConvGeom::input_grad`]).
-pub fn forward(x: &[f32], u: &[f32], bias: Option<&[f32]>, g: &ConvGeom, tile: Tile) -> Vec<f32> {
+pub fn forward<E: Act>(
+    x: &[E],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    tile: Tile,
+) -> Vec<f32> {
     forward_act(x, u, bias, g, false, tile)
 }
 
 /// [`forward`], then `max(·, 0)` on each image's output when `relu`, while it is in cache.
 ///
 /// `u` is transformed for `tile` ([`transform_weights`]).
-pub fn forward_act(
-    x: &[f32],
+pub fn forward_act<E: Act>(
+    x: &[E],
     u: &[f32],
     bias: Option<&[f32]>,
     g: &ConvGeom,
@@ -784,14 +795,14 @@ impl Bands {
 
     /// `V = Bᵀ d B` of block `b` of the images `xb` (`[images, C_in, H, W]`) into
     /// `v[ξ][c][t]`, `t` running over the block's tiles image by image.
-    fn transform_input(&self, xb: &[f32], b: Block, v: &mut [f32], scratch: &mut [f32]) {
+    fn transform_input<E: Act>(&self, xb: &[E], b: Block, v: &mut [f32], scratch: &mut [f32]) {
         let g = &self.g;
         let (cin, h, w, pad, m) = (g.cin, g.h, g.w, g.pad[0], self.tile.m());
         let in_len = cin * h * w;
         let (tiles, t_all) = (b.tiles(self.tw), b.count * b.tiles(self.tw));
         let transform = match self.tile {
-            Tile::F2 => input_transform,
-            Tile::F4 => input_transform4,
+            Tile::F2 => input_transform::<E>,
+            Tile::F4 => input_transform4::<E>,
         };
         // A band below the first starts at input row `m·ty0 - pad` with no padding above.
         let (start, pad_top) = if b.ty0 == 0 {
