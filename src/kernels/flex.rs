@@ -177,15 +177,16 @@ macro_rules! on_dtype {
     };
 }
 
-/// Bytes of f32 input and output per chunk of images that a convolution on bf16 activations
-/// widens, convolves and rounds back: a few images, so both stay in the last-level cache
-/// between the widening, the kernel and the rounding, while memory sees bf16 only.
-const CHUNK_BYTES: usize = 8 << 20;
+/// Bytes of f32 results per chunk of images of a convolution on bf16 activations: the kernels
+/// read the bf16 activations themselves and write f32 (their sums), which the chunk rounds to
+/// bf16 while it is still in the last-level cache.
+const CHUNK_BYTES: usize = 16 << 20;
 
 /// Images per chunk of [`CHUNK_BYTES`]: a multiple of the thread count (the kernels share a
 /// chunk's images out among the threads), at most the batch.
 fn images_per_chunk(g: &ConvGeom, budget: usize) -> usize {
-    let per_image = 4 * (g.in_len() + g.out_len()).max(1);
+    // The forward pass's output, or the input gradient.
+    let per_image = 4 * g.in_len().max(g.out_len()).max(1);
     let threads = rayon::current_num_threads().max(1);
     (budget / per_image)
         .max(1)
