@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bf16 models with their activations in f32 (the default) against bf16 between layers
-# (`CONVLAB_ACTIVATIONS=bf16`), alternated in one run on the issue-20 training workloads:
+# bf16 models with their activations in f32 (`CONVLAB_ACTIVATIONS=f32`) against bf16 between
+# layers (`CONVLAB_ACTIVATIONS=bf16`, the default), alternated in one run on the issue-20 training workloads:
 # throughput and peak RSS of `convlab bench train --precision bf16`.
 #   bench/bf16_activations.sh [ROUNDS] [THREADS] [STEPS]   (default: 2 rounds, 2 threads, 4 steps)
 set -euo pipefail
@@ -18,7 +18,7 @@ echo "|---|---|---|---|---|---|---|"
 while read -r model size batch; do
   args=(bench train --model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T" --precision bf16 --json)
   for r in $(seq "$R"); do
-    a=$($BIN "${args[@]}")
+    a=$(CONVLAB_ACTIVATIONS=f32 $BIN "${args[@]}")
     b=$(CONVLAB_ACTIVATIONS=bf16 $BIN "${args[@]}")
     python3 - "$model $size px" "$batch" "$r" "$a" "$b" <<'PY'
 import json, sys

@@ -67,7 +67,7 @@ fn precision_travels_with_the_model() {
     );
 }
 
-/// With bf16 activations selected (`CONVLAB_ACTIVATIONS=bf16`), a bf16 ResNet and a bf16
+/// With bf16 activations selected (the default), a bf16 ResNet and a bf16
 /// ConvNet keep their maps in bf16 between layers, yet their logits and the gradient that
 /// reaches the (f32) input stay f32 and within bf16 rounding of the f32-activation run; the
 /// maps a tap sees are f32. The selection is process-wide (this binary's other test passes
@@ -94,7 +94,7 @@ fn bf16_activations_stay_inside_the_model() {
             let grads = logits.clone().powi_scalar(2).sum().backward();
             let dx = x.grad(&grads).unwrap();
             let maps = model.feature_maps(x.clone().detach(), &[]).unwrap();
-            select_activations(ActivationDtype::F32);
+            select_activations(ActivationDtype::default());
             (logits.inner(), dx, maps)
         };
         let (l32, dx32, _) = run(ActivationDtype::F32);
@@ -129,7 +129,6 @@ fn bf16_activations_stay_inside_the_model() {
         // The input gradient of an untrained network is ill-conditioned: bf16 products alone
         // (f32 activations) move it 37% from fp32's here. Storing the activations in bf16
         // must not add much to that.
-        select_activations(ActivationDtype::F32);
         let fp32 = model.clone().with_precision(Precision::Fp32);
         let xg = x.clone().require_grad();
         let grads = fp32.forward(xg.clone()).powi_scalar(2).sum().backward();
@@ -152,7 +151,7 @@ fn bf16_activations_stay_inside_the_model() {
     let logits = |dtype| {
         select_activations(dtype);
         let l = model.forward(x.clone()).into_data();
-        select_activations(ActivationDtype::F32);
+        select_activations(ActivationDtype::default());
         l
     };
     assert_eq!(logits(ActivationDtype::Bf16), logits(ActivationDtype::F32));

@@ -101,7 +101,7 @@ struct Report {
     /// (`kernels::matrix_unit`; `backend` when convlab's kernels did not run).
     matrix_unit: String,
     /// The dtype of the activations between layers: `f32`, or `bf16` for a bf16 model of a
-    /// family that keeps them in bf16 with `CONVLAB_ACTIVATIONS=bf16`.
+    /// family that keeps them in bf16 (the default; `CONVLAB_ACTIVATIONS=f32` keeps f32).
     activations: String,
 }
 

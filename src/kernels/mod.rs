@@ -103,29 +103,30 @@ fn fast_path(x: &Tensor<4>) -> bool {
 }
 
 /// The dtype bf16 models keep their activations in between layers ([`activations`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActivationDtype {
-    /// f32 activations; bf16 only inside the convolutions (the default).
+    /// f32 activations; bf16 only inside the convolutions.
     F32,
-    /// bf16 activations end to end (ResNet, VGG and the plain ConvNets in bf16).
+    /// bf16 activations end to end (ResNet, VGG and the plain ConvNets in bf16): the default.
+    #[default]
     Bf16,
 }
 
-/// Reads a `CONVLAB_ACTIVATIONS` value: unset, empty or `f32` keeps bf16 models' activations
-/// in f32 (the default: faster today, see [`activations`]); `bf16` stores them in bf16.
+/// Reads a `CONVLAB_ACTIVATIONS` value: unset, empty or `bf16` stores bf16 models'
+/// activations in bf16 (the default, see [`activations`]); `f32` keeps them in f32.
 /// Anything else is an error naming the variable.
 pub fn parse_activations(value: Option<&str>) -> Result<ActivationDtype, String> {
     match value {
-        None | Some("") | Some("f32") => Ok(ActivationDtype::F32),
-        Some("bf16") => Ok(ActivationDtype::Bf16),
+        None | Some("") | Some("bf16") => Ok(ActivationDtype::Bf16),
+        Some("f32") => Ok(ActivationDtype::F32),
         Some(other) => Err(format!(
-            "CONVLAB_ACTIVATIONS={other}: expected `f32` (the default) or `bf16`"
+            "CONVLAB_ACTIVATIONS={other}: expected `bf16` (the default) or `f32`"
         )),
     }
 }
 
-/// The process-wide activation dtype: false = f32 (the default), true = bf16.
-static BF16_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The process-wide activation dtype: true = bf16 (the default), false = f32.
+static BF16_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Chooses the activation dtype of bf16 models for this process (the binary calls it once at
 /// start from `CONVLAB_ACTIVATIONS`, [`parse_activations`]).
@@ -151,11 +152,12 @@ pub fn activation_dtype() -> ActivationDtype {
 ///
 /// PyTorch's `torch.autocast(dtype=torch.bfloat16)` with channels-last on oneDNN keeps the
 /// same tensors in bf16 (convolution outputs, batch norm, ReLU, pooling, the residual add).
-/// Here batch norm, pooling and the residual add read and write bf16 natively (a row at a
-/// time widened in cache, [`act`]); the convolutions still widen a chunk of images to f32
-/// for their f32-input packers, which costs more than the halved traffic saves (slower in
-/// nine of ten measured pairs, with 12-41% less peak memory: BENCHMARKS.md "bf16
-/// activations between layers"): hence not the default.
+/// Here batch norm, the residual add and the ReLU gradient read bf16 in registers and round
+/// each result once ([`simd`]); the convolutions' packers (im2col's column matrix, the bf16
+/// GEMM's panels, the channels-last pairs, Winograd's padded rows) read the bf16 values as
+/// they are, and their f32 sums are rounded to bf16 a few images at a time. Training speed
+/// is within noise of f32 activations with 12-41% less peak memory (BENCHMARKS.md "bf16
+/// activations between layers"); `CONVLAB_ACTIVATIONS=f32` keeps the f32 ones.
 pub fn activations(x: Tensor<4>, precision: Precision) -> Tensor<4> {
     if activation_dtype() == ActivationDtype::Bf16
         && runnable(precision) == Precision::Bf16
