@@ -17,8 +17,8 @@ flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx512
 echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs ($flags);" \
   "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), $T threads, $STEPS timed steps"
 echo
-echo "| workload | batch | convlab fp32 img/s | PyTorch fp32 img/s | ratio | convlab bf16 AVX512 img/s | convlab bf16 img/s (unit) | PyTorch bf16+CL img/s | ratio | peak RSS fp32 train convlab / PyTorch MB |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| workload | batch | convlab fp32 img/s | PyTorch fp32 img/s | ratio | convlab bf16 AVX512 img/s | convlab bf16 img/s (unit) | PyTorch bf16+CL img/s | ratio | peak RSS fp32 train convlab / PyTorch MB | peak RSS bf16 train convlab / PyTorch MB |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 while read -r what model size batch; do
   args=(bench "$what" --model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T" --json)
   c32=$($BIN "${args[@]}")
@@ -32,10 +32,11 @@ import json, sys
 name, b = sys.argv[1], sys.argv[2]
 c32, p32, c16a, c16, p16 = map(json.loads, sys.argv[3:8])
 ips = lambda r: r["images_per_sec"]
-rss = f"{c32['peak_rss_mb']:.0f} / {p32['peak_rss_mb']:.0f}" if name.startswith("train") else "-"
+train = name.startswith("train")
+rss = lambda c, p: f"{c['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f}" if train else "-"
 print(f"| {name} | {b} | {ips(c32):.1f} | {ips(p32):.1f} | {ips(c32) / ips(p32):.2f}x | "
-      f"{ips(c16a):.1f} | {ips(c16):.1f} ({c16['matrix_unit']}) | {ips(p16):.1f} | "
-      f"{ips(c16) / ips(p16):.2f}x | {rss} |")
+      f"{ips(c16a):.1f} | {ips(c16):.1f} ({c16['matrix_unit']}, {c16['activations']} activations) | "
+      f"{ips(p16):.1f} | {ips(c16) / ips(p16):.2f}x | {rss(c32, p32)} | {rss(c16, p16)} |")
 PY
 done <<'EOF'
 train resnet18 128 32
