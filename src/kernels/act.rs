@@ -1,11 +1,13 @@
 //! The element types activations are stored in between layers: `f32`, or `bf16` when a model
 //! runs in bf16 end to end ([`super::Precision::Bf16`] on burn-flex).
 //!
-//! A kernel on bf16 activations reads a row (a channel's run, a plane, a chunk of images) into
-//! f32, runs the f32 row kernel on it while it is in cache, and rounds its results to bf16 as it
-//! writes them ([`Act::read`], [`Act::write`]): statistics and sums stay f32, as in oneDNN's
-//! bf16 batch norm, and memory sees half the bytes. On `f32` both are the identity (no copy),
-//! so the f32 path is the same code and the same bits as before.
+//! A kernel on bf16 activations widens each value to f32 in registers ([`Act::to_f32`]), computes
+//! in f32 and rounds each result once as it writes it ([`Act::from_f32`]): statistics and sums
+//! stay f32, as in oneDNN's bf16 batch norm, and memory sees half the bytes. A convolution's
+//! packer copies the bf16 bits as they are ([`Act::bf16_bits`]), the operand it would have
+//! rounded an f32 value to. Max pooling still widens a plane into a scratch row
+//! ([`Act::read`], [`Act::write`]). On `f32` all of these are the identity, so the f32 path is
+//! the same code and the same bits as before.
 //!
 //! Rounding is to nearest, ties to even ([`super::bf16::round_slice`], the rounding the bf16
 //! GEMM applies to its operands), so a bf16 activation is exactly the operand the next

@@ -208,7 +208,8 @@ fn chunks(
 }
 
 /// The forward convolution (then `max(·, 0)` with `relu`) on bf16 activations, chunk by
-/// chunk ([`CHUNK_BYTES`]): the chunk widened to f32, convolved, rounded into `y`.
+/// chunk ([`CHUNK_BYTES`]): the kernels read the chunk's bf16 values, and their f32 sums are
+/// rounded into `y`.
 fn forward_bf16(
     x: &[bf16],
     w: &[f32],

@@ -162,11 +162,9 @@ fn pad_pack_words<E: Act>(x: &[E], count: usize, g: &ConvGeom, xq: &mut [u32]) {
 
 /// One row of `W` positions of an image into channels-last pairs: word `(x, p)` at
 /// `dst + x·kp + p` is channels `2p, 2p + 1` at `src + x` (channel `c` `plane` floats after
-/// channel `c - 1`), rounded with `VCVTNEPS2BF16`. Blocks of 16 positions x 16 pairs: each
-/// pair's 16 positions rounded from two contiguous reads into one vector, the 16 vectors
-/// transposed in registers ([`super::simd::transpose16_regs`]) and stored as 16 runs of
-/// pairs. The word-by-word loop (a read `plane` floats apart for every value, rounded one at
-/// a time) was 10% of the forward kernel's samples in bf16 inference.
+/// channel `c - 1`), rounded with `VCVTNEPS2BF16` ([`pack_blocks`]). The word-by-word loop (a
+/// read `plane` floats apart for every value, rounded one at a time) was 10% of the forward
+/// kernel's samples in bf16 inference.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and BF16; `src + c·plane + x` is readable for `c < 2·kp`, `x < w`,
@@ -175,47 +173,18 @@ fn pad_pack_words<E: Act>(x: &[E], count: usize, g: &ConvGeom, xq: &mut [u32]) {
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pack_row_avx512(src: *const f32, plane: usize, w: usize, kp: usize, dst: *mut u32) {
     use std::arch::x86_64::*;
-    for x0 in (0..w).step_by(16) {
-        let nx = 16.min(w - x0);
-        let lanes: __mmask16 = (1u32 << nx).wrapping_sub(1) as __mmask16;
-        for p0 in (0..kp).step_by(16) {
-            let np = 16.min(kp - p0);
-            let mut r = [_mm512_setzero_si512(); 16];
-            for (j, v) in r.iter_mut().enumerate().take(np) {
-                let c = 2 * (p0 + j);
-                // SAFETY: channels `c, c + 1 < 2·kp`, positions `x0..x0 + nx` (the mask) of
-                // the row: readable by the contract.
-                let (a, b) = unsafe {
-                    (
-                        _mm512_maskz_loadu_ps(lanes, src.add(c * plane + x0)),
-                        _mm512_maskz_loadu_ps(lanes, src.add((c + 1) * plane + x0)),
-                    )
-                };
-                // SAFETY: same-size bit casts of plain vectors.
-                let (a, b): (__m256i, __m256i) = unsafe {
-                    (
-                        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(a)),
-                        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(b)),
-                    )
-                };
-                *v = _mm512_or_si512(
-                    _mm512_cvtepu16_epi32(a),
-                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
-                );
-            }
-            super::simd::transpose16_regs(&mut r);
-            let pairs: __mmask16 = (1u32 << np).wrapping_sub(1) as __mmask16;
-            for (i, v) in r.into_iter().enumerate().take(nx) {
-                // SAFETY: position `x0 + i < w`, pairs `p0..p0 + np` (the mask): writable
-                // by the contract.
-                unsafe { _mm512_mask_storeu_epi32(dst.add((x0 + i) * kp + p0).cast(), pairs, v) };
-            }
-        }
+    // SAFETY: `dst` as the contract says; `half` reads channel `c < 2·kp`, positions
+    // `x0..x0 + 16` masked to the row's `w` (readable by the contract).
+    unsafe {
+        pack_blocks(w, kp, dst, |c, x0, lanes| {
+            let v = _mm512_maskz_loadu_ps(lanes, src.add(c * plane + x0));
+            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v))
+        })
     }
 }
 
-/// [`pack_row_avx512`] of bf16 activations (their bits): each pair's 16 positions are two
-/// 16-bit loads interleaved, nothing to round.
+/// [`pack_row_avx512`] of bf16 activations (their bits, `u16` apart): each pair's 16
+/// positions are two 16-bit loads interleaved, nothing to round.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW and VL; `src + c·plane + x` is readable for `c < 2·kp`, `x < w`,
@@ -224,33 +193,53 @@ unsafe fn pack_row_avx512(src: *const f32, plane: usize, w: usize, kp: usize, ds
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_row_bits_avx512(src: *const u16, plane: usize, w: usize, kp: usize, dst: *mut u32) {
     use std::arch::x86_64::*;
+    // SAFETY: as in `pack_row_avx512`.
+    unsafe {
+        pack_blocks(w, kp, dst, |c, x0, lanes| {
+            _mm256_maskz_loadu_epi16(lanes, src.add(c * plane + x0).cast())
+        })
+    }
+}
+
+/// The blocks of 16 positions x 16 pairs of one row: `half(c, x0, lanes)` gives channel `c`'s
+/// 16 bf16 values at positions `x0..` (the `lanes` mask of them in the row, the rest zero);
+/// two channels' halves make each pair's vector, the 16 vectors are transposed in registers
+/// ([`super::simd::transpose16_regs`]) and stored as 16 runs of pairs.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `half` may be called for every `c < 2·kp` and `x0 < w` a multiple of
+/// 16; `dst + x·kp + p` is writable for `x < w`, `p < kp`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pack_blocks(
+    w: usize,
+    kp: usize,
+    dst: *mut u32,
+    half: impl Fn(usize, usize, std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
     for x0 in (0..w).step_by(16) {
         let nx = 16.min(w - x0);
         let lanes: __mmask16 = (1u32 << nx).wrapping_sub(1) as __mmask16;
         for p0 in (0..kp).step_by(16) {
             let np = 16.min(kp - p0);
-            let mut r = [_mm512_setzero_si512(); 16];
-            for (j, v) in r.iter_mut().enumerate().take(np) {
-                let c = 2 * (p0 + j);
-                // SAFETY: channels `c, c + 1 < 2·kp`, positions `x0..x0 + nx` (the mask) of
-                // the row: readable by the contract.
-                let (a, b) = unsafe {
-                    (
-                        _mm256_maskz_loadu_epi16(lanes, src.add(c * plane + x0).cast()),
-                        _mm256_maskz_loadu_epi16(lanes, src.add((c + 1) * plane + x0).cast()),
-                    )
-                };
-                *v = _mm512_or_si512(
-                    _mm512_cvtepu16_epi32(a),
-                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
-                );
-            }
-            super::simd::transpose16_regs(&mut r);
-            let pairs: __mmask16 = (1u32 << np).wrapping_sub(1) as __mmask16;
-            for (i, v) in r.into_iter().enumerate().take(nx) {
-                // SAFETY: position `x0 + i < w`, pairs `p0..p0 + np` (the mask): writable
-                // by the contract.
-                unsafe { _mm512_mask_storeu_epi32(dst.add((x0 + i) * kp + p0).cast(), pairs, v) };
+            // SAFETY (whole block): AVX-512 F by the contract; the stores write positions
+            // `x0 + i < w`, pairs `p0..p0 + np` (the mask): writable by the contract.
+            unsafe {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (j, v) in r.iter_mut().enumerate().take(np) {
+                    let c = 2 * (p0 + j);
+                    let (a, b) = (half(c, x0, lanes), half(c + 1, x0, lanes));
+                    *v = _mm512_or_si512(
+                        _mm512_cvtepu16_epi32(a),
+                        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
+                    );
+                }
+                super::simd::transpose16_regs(&mut r);
+                let pairs: __mmask16 = (1u32 << np).wrapping_sub(1) as __mmask16;
+                for (i, v) in r.into_iter().enumerate().take(nx) {
+                    _mm512_mask_storeu_epi32(dst.add((x0 + i) * kp + p0).cast(), pairs, v);
+                }
             }
         }
     }
