@@ -209,17 +209,18 @@ fn bench_reports_the_documented_keys() {
     };
     assert_eq!(unit("0"), without);
     assert!(fails(&tiny_bench("infer", &[], "maybe")).contains("CONVLAB_AMX=maybe"));
-    // A bf16 ConvNet keeps its maps in bf16 where bf16 runs at all (the default, and
-    // CONVLAB_ACTIVATIONS=bf16); CONVLAB_ACTIVATIONS=f32 keeps them in f32; a typo is refused
-    // naming the variable.
-    let acts = |value: &str| tiny_bench_env("infer", &bf16, &[("CONVLAB_ACTIVATIONS", value)]);
+    // A bf16 ConvNet keeps its maps in bf16 while training where bf16 runs at all (the
+    // default, and CONVLAB_ACTIVATIONS=bf16), f32 in inference; CONVLAB_ACTIVATIONS=f32 keeps
+    // them in f32; a typo is refused naming the variable.
+    let acts = |value: &str| tiny_bench_env("train", &bf16, &[("CONVLAB_ACTIVATIONS", value)]);
     let runs_bf16 = convlab::kernels::bf16::available();
     let bf16_maps = if runs_bf16 { "bf16" } else { "f32" };
     assert_eq!(json(&acts("bf16"))["activations"], bf16_maps);
     assert_eq!(
-        json(&tiny_bench("infer", &bf16, "1"))["activations"],
+        json(&tiny_bench("train", &bf16, "1"))["activations"],
         bf16_maps
     );
+    assert_eq!(json(&tiny_bench("infer", &bf16, "1"))["activations"], "f32");
     assert_eq!(json(&acts("f32"))["activations"], "f32");
     assert!(fails(&acts("half")).contains("CONVLAB_ACTIVATIONS=half"));
     let e = fails(

@@ -101,7 +101,8 @@ struct Report {
     /// (`kernels::matrix_unit`; `backend` when convlab's kernels did not run).
     matrix_unit: String,
     /// The dtype of the activations between layers: `f32`, or `bf16` for a bf16 model of a
-    /// family that keeps them in bf16 (the default; `CONVLAB_ACTIVATIONS=f32` keeps f32).
+    /// family that keeps them in bf16 while training (the default; `CONVLAB_ACTIVATIONS=f32`
+    /// keeps f32; inference keeps f32).
     activations: String,
 }
 
@@ -334,6 +335,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         .into(),
         activations: if precision == Precision::Bf16
+            && dev.is_autodiff()
             && convlab::kernels::active_on(&dev)
             && convlab::kernels::activation_dtype() == convlab::kernels::ActivationDtype::Bf16
             && cfg.name.family().keeps_bf16_activations()

@@ -107,13 +107,15 @@ fn fast_path(x: &Tensor<4>) -> bool {
 pub enum ActivationDtype {
     /// f32 activations; bf16 only inside the convolutions.
     F32,
-    /// bf16 activations end to end (ResNet, VGG and the plain ConvNets in bf16): the default.
+    /// bf16 activations end to end while training (ResNet, VGG and the plain ConvNets in bf16,
+    /// on an autodiff device: [`activations`]): the default.
     #[default]
     Bf16,
 }
 
 /// Reads a `CONVLAB_ACTIVATIONS` value: unset, empty or `bf16` stores bf16 models'
-/// activations in bf16 (the default, see [`activations`]); `f32` keeps them in f32.
+/// activations in bf16 while training (the default, see [`activations`]); `f32` keeps them in
+/// f32.
 /// Anything else is an error naming the variable.
 pub fn parse_activations(value: Option<&str>) -> Result<ActivationDtype, String> {
     match value {
@@ -145,7 +147,8 @@ pub fn activation_dtype() -> ActivationDtype {
 
 /// The activations a model computing in `precision` keeps between its layers: `x` stored in
 /// bf16 when bf16 activations are selected ([`select_activations`]), `precision` is bf16 and
-/// it runs ([`runnable`]) on convlab's kernels; else `x` as it is. Every convlab op takes
+/// it runs ([`runnable`]) on convlab's kernels on an autodiff device (training, or gradients
+/// of the input); else `x` as it is. Every convlab op takes
 /// bf16 activations and returns its output (and its input's gradient) in bf16, with f32
 /// weights, statistics and sums; a model calls this on its input and [`f32_activations`] on
 /// its last feature map, so nothing outside it sees bf16.
@@ -158,10 +161,18 @@ pub fn activation_dtype() -> ActivationDtype {
 /// they are, and their f32 sums are rounded to bf16 a few images at a time. Training speed
 /// is within noise of f32 activations with 12-41% less peak memory (BENCHMARKS.md "bf16
 /// activations between layers"); `CONVLAB_ACTIVATIONS=f32` keeps the f32 ones.
+///
+/// Only on an autodiff device: a training step keeps every activation for its backward pass,
+/// and bf16 halves that memory at the same speed, but inference frees each map after the next
+/// layer, so it saves little there while each convolution's rounding of its f32 sums costs
+/// time: bf16 inference with bf16 activations ran at 0.90-0.93x of f32 activations on
+/// resnet18 at 128 and 224 px and 0.92-1.00x on resnet50 (BENCHMARKS.md "bf16 activations
+/// read by the kernels themselves").
 pub fn activations(x: Tensor<4>, precision: Precision) -> Tensor<4> {
     if activation_dtype() == ActivationDtype::Bf16
         && runnable(precision) == Precision::Bf16
         && x.dtype() == DType::F32
+        && x.device().is_autodiff()
         && fast_path(&x)
     {
         x.cast(DType::BF16)
