@@ -165,7 +165,7 @@ pub fn activation_dtype() -> ActivationDtype {
 /// Only on an autodiff device: a training step keeps every activation for its backward pass,
 /// and bf16 halves that memory at the same speed, but inference frees each map after the next
 /// layer, so it saves little there while each convolution's rounding of its f32 sums costs
-/// time: bf16 inference with bf16 activations ran at 0.90-0.93x of f32 activations on
+/// time: bf16 inference with bf16 activations ran at 0.88-0.93x of f32 activations on
 /// resnet18 at 128 and 224 px and 0.92-1.00x on resnet50 (BENCHMARKS.md "bf16 activations
 /// read by the kernels themselves").
 pub fn activations(x: Tensor<4>, precision: Precision) -> Tensor<4> {
