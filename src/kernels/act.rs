@@ -24,8 +24,6 @@ pub trait Act: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     /// Fills `dst` with the f32 values `f` writes into the (zeroed) slice it is given: `dst`
     /// itself for `f32`; for bf16 a scratch row, rounded into `dst` afterwards.
     fn write(dst: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
-    /// Whether this is bf16 (for the tensor's dtype).
-    const IS_BF16: bool;
     /// The value as f32 (exact).
     fn to_f32(self) -> f32;
     /// `v` in this type: itself, or rounded to the nearest bf16, ties to even (a NaN stays a
@@ -49,7 +47,6 @@ pub trait Act: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
 
 impl Act for f32 {
     const ZERO: f32 = 0.0;
-    const IS_BF16: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -90,7 +87,6 @@ impl Act for f32 {
 
 impl Act for bf16 {
     const ZERO: bf16 = bf16::ZERO;
-    const IS_BF16: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)

@@ -14,6 +14,8 @@ pub use super::im2col::{im2col_backward, im2col_forward};
 use super::plan::{Algo, Cpu, plan};
 use super::{direct, nhwc, winograd};
 use rayon::prelude::*;
+use std::borrow::Cow;
+use std::cell::OnceCell;
 
 /// The geometry of one convolution (no groups, no dilation, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,8 +137,15 @@ pub fn conv2d_backward<E: Act>(
     // bench-vgg's 64 -> 64 layer (`conv_layers 1 bf16 bench-vgg`).
     let plan = plan(g, Cpu::detect());
     let rest = [false, need[1], need[2]];
+    // The products without a bf16 reader (the direct kernels, Winograd's weight gradient)
+    // share one widened copy of bf16 `x` and `dy` (a borrow on f32): widened per product, a
+    // layer whose weight and input gradients both run direct (the default run's ConvNet in
+    // bf16) copied each twice.
+    let (xw, dyw) = (OnceCell::new(), OnceCell::new());
+    let xf = || widened_once(&xw, x);
+    let dyf = || widened_once(&dyw, dy);
     let (_, dw, db) = match plan.weight_grad {
-        Algo::Direct => direct::backward(&E::widened(x), w, &E::widened(dy), g, rest),
+        Algo::Direct => direct::backward(xf(), w, dyf(), g, rest),
         Algo::ChannelsLast => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
             let dw = need[1].then(|| nhwc::weight_grad(x, dy, g));
@@ -144,8 +153,7 @@ pub fn conv2d_backward<E: Act>(
         }
         Algo::Winograd(tile) => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            let dw =
-                need[1].then(|| winograd::weight_grad(&E::widened(x), &E::widened(dy), g, tile));
+            let dw = need[1].then(|| winograd::weight_grad(xf(), dyf(), g, tile));
             (None, dw, db)
         }
         _ => im2col_backward(x, w, dy, g, rest),
@@ -156,17 +164,20 @@ pub fn conv2d_backward<E: Act>(
             let ut = winograd::transform_weights(w, g.cout, g.cin, true, tile);
             winograd::forward(dy, &ut, None, &gi, tile)
         }
-        Algo::Direct => {
-            direct::backward(&E::widened(x), w, &E::widened(dy), g, [true, false, false])
-                .0
-                .unwrap()
-        }
+        Algo::Direct => direct::backward(xf(), w, dyf(), g, [true, false, false])
+            .0
+            .unwrap(),
         Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
         Algo::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),
     });
     (dx, dw, db)
+}
+
+/// `v` as f32, widened into `cell` on first use ([`Act::widened`]).
+fn widened_once<'a, E: Act>(cell: &'a OnceCell<Cow<'a, [f32]>>, v: &'a [E]) -> &'a [f32] {
+    cell.get_or_init(|| E::widened(v))
 }
 
 /// `w'[c][o][i][j] = w[o][c][kh-1-i][kw-1-j]`: the kernel of the input gradient as a
