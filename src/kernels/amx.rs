@@ -325,6 +325,116 @@ pub unsafe fn block<const R: usize, const V: usize>(
     }
 }
 
+/// One block of an implicit-GEMM convolution ([`super::nhwc_amx`]): for 32 output positions
+/// (two A tiles of 16 rows, `step` words apart) and `16·V` output channels (`V` B tiles),
+/// `C = Σ_{(x_off, w_off) ∈ taps} Σ_{p < kp, step 16} A(a + x_off + p) · B(b + (w_off + p)·width)`,
+/// stored as f32 tiles to `out`: tile `2·ri + vi` (positions `16·ri..`, channels `16·vi..`) at
+/// `out + 256·(2·ri + vi)`, rows of 16 floats. Every row is computed: rows past the caller's
+/// positions read whatever lies there and their sums are the caller's to drop (a tile row's
+/// sums depend on that row of `A` only).
+///
+/// # Safety
+/// A [`Tiles`] is live on this thread; `kp` is a multiple of [`PAIRS`]; for every tap, `a +
+/// x_off + r·step + p` is readable for `r < 32`, `p < kp`, and `b + (w_off + p)·width + j` for
+/// `p < kp`, `j < 16·V`; `out` is writable for `256·2·V` floats, 64-byte aligned.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn conv_block<const V: usize>(
+    a: *const u32,
+    step: usize,
+    taps: &[(usize, usize)],
+    kp: usize,
+    b: *const u32,
+    width: usize,
+    out: *mut f32,
+) {
+    debug_assert!(kp.is_multiple_of(PAIRS) && (1..=2).contains(&V));
+    let (a_s, b_s) = (step * 4, width * 4);
+    // SAFETY (whole body): the caller's contract bounds every tile load and store.
+    unsafe {
+        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
+        if V > 1 {
+            std::arch::asm!("tilezero tmm1", "tilezero tmm3", options(nostack, nomem));
+        }
+        for &(xo, wo) in taps {
+            let (at, bt) = (a.add(xo), b.add(wo * width));
+            for p in (0..kp).step_by(PAIRS) {
+                load!(4, at.add(p), a_s);
+                load!(6, bt.add(p * width), b_s);
+                dot!(0, 4, 6);
+                load!(5, at.add(16 * step + p), a_s);
+                dot!(2, 5, 6);
+                if V > 1 {
+                    load!(7, bt.add(p * width + 16), b_s);
+                    dot!(1, 4, 7);
+                    dot!(3, 5, 7);
+                }
+            }
+        }
+        store!(0, out, 64usize);
+        store!(2, out.add(512), 64usize);
+        if V > 1 {
+            store!(1, out.add(256), 64usize);
+            store!(3, out.add(768), 64usize);
+        }
+    }
+}
+
+/// One block of a weight gradient ([`super::nhwc_amx::weight_grad`]): `C[32 rows, 16·V] =
+/// Σ_{n < images} Σ_{s < steps} A_n,s · B_n,s` with `A_n,s` two tiles of 16 rows of 32 bf16
+/// values at `a + n·a_img + 32·s` (rows `a_rs` halves apart, the second tile `16·a_rs` after
+/// the first) and `B_n,s` `V` tiles of 16 pair rows at `b + n·b_img + 16·s·b_rs` (rows `b_rs`
+/// words apart, the second tile 16 words right); stored as [`conv_block`] stores.
+///
+/// # Safety
+/// A [`Tiles`] is live on this thread; every row read is readable (`a + n·a_img + r·a_rs +
+/// 32·s + (0..32)` halves for `r < 32`, `b + n·b_img + (16·s + p)·b_rs + (0..16·V)` words for
+/// `p < 16`); `out` as in [`conv_block`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn wgrad_block<const V: usize>(
+    a: *const u16,
+    a_rs: usize,
+    a_img: usize,
+    b: *const u32,
+    b_rs: usize,
+    b_img: usize,
+    images: usize,
+    steps: usize,
+    out: *mut f32,
+) {
+    debug_assert!((1..=2).contains(&V));
+    let (a_s, b_s) = (a_rs * 2, b_rs * 4);
+    // SAFETY (whole body): the caller's contract bounds every tile load and store.
+    unsafe {
+        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
+        if V > 1 {
+            std::arch::asm!("tilezero tmm1", "tilezero tmm3", options(nostack, nomem));
+        }
+        for n in 0..images {
+            let (an, bn) = (a.add(n * a_img), b.add(n * b_img));
+            for s in 0..steps {
+                let (at, bt) = (an.add(32 * s), bn.add(16 * s * b_rs));
+                load!(4, at, a_s);
+                load!(6, bt, b_s);
+                dot!(0, 4, 6);
+                load!(5, at.add(16 * a_rs), a_s);
+                dot!(2, 5, 6);
+                if V > 1 {
+                    load!(7, bt.add(16), b_s);
+                    dot!(1, 4, 7);
+                    dot!(3, 5, 7);
+                }
+            }
+        }
+        store!(0, out, 64usize);
+        store!(2, out.add(512), 64usize);
+        if V > 1 {
+            store!(1, out.add(256), 64usize);
+            store!(3, out.add(768), 64usize);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -630,11 +630,15 @@ mod tests {
             }
             let mut want = vec![Algo::Im2col.as_str()];
             if cpu.tiles != Tiles::None {
-                want.push("winograd");
                 if precision == crate::kernels::Precision::Fp32 {
-                    want.push(Algo::Direct.as_str());
-                } else if cpu.tiles == Tiles::Avx512 && !cpu.amx {
+                    want.extend(["winograd", Algo::Direct.as_str()]);
+                } else if cpu.amx {
+                    // The tiles' implicit GEMM takes these geometries' 3x3 layers.
                     want.push(Algo::ChannelsLast.as_str());
+                } else if cpu.tiles == Tiles::Avx512 {
+                    want.extend(["winograd", Algo::ChannelsLast.as_str()]);
+                } else {
+                    want.push("winograd");
                 }
             }
             for a in want {

@@ -21,6 +21,7 @@ mod flex;
 mod gemm;
 pub mod im2col;
 pub mod nhwc;
+mod nhwc_amx;
 pub mod norm;
 pub mod plan;
 pub mod pool;

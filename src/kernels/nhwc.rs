@@ -37,7 +37,7 @@ use super::conv::{ConvGeom, image_blocks};
 /// Output positions per register tile.
 const TILE: usize = 6;
 /// Output channels per weight block: four 16-lane vectors (the last block may be narrower).
-const BLOCK: usize = 64;
+pub(super) const BLOCK: usize = 64;
 const LANES: usize = 16;
 /// Padded channels-last words per group of images convolved together (4 MiB): every weight
 /// block sweeps a group, so at small maps, where the weights outweigh the images, a larger
@@ -55,7 +55,7 @@ pub fn fits(g: &ConvGeom) -> bool {
 }
 
 /// Padded channels-last geometry of one image: `(H_p, W_p, C_in / 2)`.
-fn padded(g: &ConvGeom) -> (usize, usize, usize) {
+pub(super) fn padded(g: &ConvGeom) -> (usize, usize, usize) {
     (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1], g.cin / 2)
 }
 
@@ -276,16 +276,18 @@ pub fn forward_act<E: Act>(
     if g.batch < rayon::current_num_threads() {
         return forward_by_channels(x, &wq, &windows, bias, g, relu);
     }
+    // The AMX kernel's last block of positions reads on past the last image.
+    let slack = super::nhwc_amx::slack(g);
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
     par_zeroed_parts(&lens, |t, y| {
         let images = blocks[t].clone();
         let group = (GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
-        let mut xq = vec![0u32; group * per_image];
+        let mut xq = vec![0u32; group * per_image + slack];
         for first in images.clone().step_by(group) {
             let count = group.min(images.end - first);
-            let xq = &mut xq[..count * per_image];
-            pad_pack(&x[first * g.in_len()..], count, g, xq);
+            pad_pack(&x[first * g.in_len()..], count, g, &mut xq);
+            let xq = &xq[..count * per_image + slack];
             let at = (first - images.start) * g.out_len();
             let y = &mut y[at..][..count * g.out_len()];
             product(&wq, &windows, xq, count, g, bias, relu, 0..g.cout, y);
@@ -305,7 +307,7 @@ fn forward_by_channels<E: Act>(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let (hp, wp, kp) = padded(g);
-    let mut xq = vec![0u32; hp * wp * kp];
+    let mut xq = vec![0u32; hp * wp * kp + super::nhwc_amx::slack(g)];
     let mut y = vec![0.0f32; g.batch * g.out_len()];
     for (xn, yn) in x
         .chunks_exact(g.in_len())
@@ -356,6 +358,9 @@ fn product(
     couts: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
+    if super::amx::enabled() && super::nhwc_amx::fits(g) {
+        return super::nhwc_amx::product(wq, xq, count, g, bias, relu, couts, y);
+    }
     let (hp, wp, kp) = padded(g);
     let (wo, p) = (g.wo(), g.p());
     let taps = g.kh * g.kw;
@@ -578,6 +583,9 @@ const CHUNK_WORDS: usize = 64;
 /// does not match `g`.
 pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     use rayon::prelude::*;
+    if super::amx::enabled() && super::nhwc_amx::fits_weight_grad(g) {
+        return super::nhwc_amx::weight_grad(x, dy, g);
+    }
     assert!(
         super::bf16::available(),
         "the bf16 weight gradient needs AVX512-BF16"

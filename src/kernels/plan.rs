@@ -7,6 +7,10 @@
 //!
 //! The rules, each measured (the numbers are beside [`super::winograd::applies`],
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
+//! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
+//!   the forward pass and the stride-1 input gradient of layers of more than one tap with
+//!   whole tiles of channels (stride 2 from 14 outputs a row), and for the weight gradient of
+//!   their stride-1 layers and of 1x1 layers that do not widen;
 //! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
 //!   the stride-1 input gradient of layers with 1152+ products per output and at least two
 //!   taps, in place of im2col, and of Winograd on maps up to 14 px; and its weight gradient
@@ -146,6 +150,24 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // AVX2 kernel (forced on the same CPU) it won at 128 px (41.3 -> 29.6) but lost at
         // 224 px (74.2 -> 81.4; alexnet 54.3 -> 80.6), so AVX2 keeps im2col.
         Algo::Direct
+    } else if g.precision == Precision::Bf16
+        && cpu.amx
+        && nhwc::fits_weight_grad(g)
+        && super::nhwc_amx::fits_weight_grad(g)
+        && (g.kh * g.kw > 1 || g.cout <= g.cin)
+    {
+        // On AMX ([`super::nhwc_amx::weight_grad`]) against im2col on the tiles, bf16,
+        // 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, fastest of two alternated
+        // runs (`bench/conv_layers_ab.sh OLD NEW 2 "->" bf16 MODEL SIZE BATCH`), ms: resnet18
+        // at 224 px, batch 32: 64 -> 64 at 56 px 24.1 -> 9.0, 128 -> 128 at 28 px 12.6 ->
+        // 6.8, 256 -> 256 at 14 px 11.9 -> 8.0, 512 -> 512 at 7 px 12.6 -> 12.2; bench-vgg at
+        // 32 px, batch 64: 64 -> 64 at 32 px 11.1 -> 4.9, 128 -> 128 at 16 px 8.0 -> 5.7.
+        // resnet50's 1x1 layers at 224 px, batch 16, only where they do not widen: 64 -> 64
+        // at 56 px 3.8 -> 1.8, 256 -> 128 11.2 -> 8.4, 512 -> 256 at 28 px 5.9 -> 5.4; the
+        // widening ones lost (64 -> 256 5.3 -> 8.3, 256 -> 1024 at 14 px 1.6 -> 5.4, 512 ->
+        // 2048 at 7 px 2.4 -> 6.0: their `dY` chunks are wide, so fewer images share a
+        // block's sum into `dW`).
+        Algo::ChannelsLast
     } else if bf16_tiles(g, cpu)
         && nhwc::fits_weight_grad(g)
         && (g.kh * g.kw > 1 || (g.stride == [1, 1] && g.wo() >= 28))
@@ -221,6 +243,22 @@ fn bf16_tiles(g: &ConvGeom, cpu: Cpu) -> bool {
 /// resnet18's 7x7/2 at 128 px 10.5 -> 25.5 ms, at 224 px 33.6 -> 41.2): 147 products per
 /// output do not pay for a tile's 384 scattered NCHW stores.
 fn channels_last(g: &ConvGeom, cpu: Cpu, winograd: bool, direct: bool) -> bool {
+    // On AMX the implicit GEMM of [`super::nhwc_amx`], against Winograd F(2x2, 3x3) and
+    // im2col on the tiles, bf16, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05,
+    // fastest of two alternated runs (`bench/conv_layers_ab.sh OLD NEW 2 "->" bf16 MODEL SIZE
+    // BATCH`), forward / input gradient ms: resnet18 at 224 px, batch 32: 64 -> 64 at 56 px
+    // 15.3 / 14.9 -> 8.2 / 7.6, 128 -> 128 at 28 px 8.7 / 8.7 -> 5.1 / 4.8, 256 -> 256 at
+    // 14 px 9.2 / 9.4 -> 4.2 / 5.0, 512 -> 512 at 7 px 10.6 / 15.4 -> 6.2 / 7.5; strided
+    // 3x3 (forward only) 64 -> 128 at 56 px 8.3 -> 4.2, 128 -> 256 7.1 -> 4.4, but 256 -> 512
+    // at 14 px 8.0 -> 8.2 (7 outputs a row: a block of 32 rows computes 7) and resnet50's
+    // 512 -> 512 at 14 px 6.5 -> 11.2; the 1x1 layers lost (64 -> 64 at 56 px 0.9 -> 2.2,
+    // 256 -> 64 2.9 -> 5.8: a whole copy of the image for one tap).
+    if g.precision == Precision::Bf16 && cpu.amx {
+        return nhwc::fits(g)
+            && super::nhwc_amx::fits(g)
+            && g.kh * g.kw > 1
+            && (g.stride == [1, 1] || g.wo() >= 14);
+    }
     bf16_tiles(g, cpu)
         && nhwc::fits(g)
         && g.kh * g.kw > 1
@@ -299,8 +337,8 @@ mod tests {
             ..geom(32, 32, 16, 3, 1)
         };
         assert_eq!(plan(&bf16, AVX2), p(D, D, D));
-        // On AMX, bf16 leaves the direct kernels for Winograd and im2col; fp32 keeps them.
-        assert_eq!(plan(&bf16, AMX), p(W, W, I));
+        // On AMX, bf16 leaves the direct kernels for the tiles' implicit GEMM; fp32 keeps them.
+        assert_eq!(plan(&bf16, AMX), p(C, C, C));
         assert_eq!(plan(&geom(32, 32, 16, 3, 1), AMX), p(D, D, D));
         // RGB stem: direct forward and weight gradient, the input gradient (never needed
         // there) from im2col.
@@ -333,7 +371,16 @@ mod tests {
         assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(I, I, C));
         assert_eq!(plan(&b(geom(256, 1024, 14, 1, 1)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
-        assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(I, I, I));
+        // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (stride 2
+        // from 14 outputs a row, forward only); 1x1 layers keep im2col except the weight
+        // gradient of those that do not widen.
+        assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
+        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, I));
+        assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, I, I));
+        assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(I, I, C));
+        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(I, I, I));
+        // 16 input channels are half a tile: im2col forward; the input gradient reads 64.
+        assert_eq!(plan(&b(geom(16, 64, 56, 3, 1)), AMX), p(I, C, I));
         // Without AVX2 the direct kernels never run.
         assert_eq!(plan(&geom(16, 16, 32, 3, 1), PLAIN), p(I, I, I));
         assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W4, W4, W4));

@@ -1,0 +1,535 @@
+//! The channels-last bf16 convolution on AMX tiles: an implicit GEMM that loads its `A` tiles
+//! straight out of the padded channels-last image, as oneDNN's AMX convolutions do.
+//!
+//! [`super::nhwc`] copies each image once into zero-padded channels-last bf16 pairs
+//! (`[H_p, W_p, C_in / 2]` words). Along one output row, output positions `q, q + 1, ...` of
+//! tap `(i, j)` read windows `stride · C_in / 2` words apart, so 16 consecutive positions and
+//! 32 input channels are one `TDPBF16PS` `A` tile (16 rows of 64 bytes, a fixed row stride)
+//! with no im2col matrix and no packing: `Y[q][o] = Σ_{tap, c} X[q + tap][c] · W[tap, c][o]`,
+//! every tap and channel summed in the tile registers ([`super::amx::conv_block`]), the `B`
+//! tiles read from [`super::nhwc`]'s packed weights (pairs of input channels by 64 output
+//! channels).
+//!
+//! At stride 1 the positions run on across output rows: position `v = r · W_p + c` of the
+//! padded grid reads its window `v · C_in / 2` words from the image's first, whatever its row,
+//! so one run of `(H_out - 1) · W_p + W_out` grid positions covers the whole image in tiles
+//! of 16 and the `W_p - W_out` columns of each row that are not outputs are computed and
+//! dropped (3% of the products at 56 px, 12% at 14 px, 22% at 7 px). Strided layers run one
+//! output row at a time.
+//!
+//! The f32 tiles (16 positions x 16 output channels) are transposed in registers and stored
+//! NCHW, with the bias and ReLU, as [`super::nhwc::forward_act`]'s other kernel does.
+//!
+//! # Shapes
+//! As [`super::nhwc`]: `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `y: [B, C_out, H_out,
+//! W_out]`; here `C_in` a multiple of 32 and `C_out` of 16 ([`fits`]).
+
+use super::act::Act;
+use super::amx::PAIRS;
+use super::buf::{par_zeroed, par_zeroed_parts, par_zeroed_with};
+use super::conv::ConvGeom;
+use super::nhwc::{BLOCK, padded};
+
+/// Output positions per block: two `A` tiles.
+const ROWS: usize = 32;
+
+/// Whether the AMX kernel computes `g` (on a CPU where [`super::amx::enabled`]): whole tiles of
+/// input channel pairs and whole tiles of output channels.
+pub fn fits(g: &ConvGeom) -> bool {
+    g.cin.is_multiple_of(2 * PAIRS) && g.cout.is_multiple_of(16)
+}
+
+/// Words past the last image that a block of [`ROWS`] positions may read (its rows past the
+/// image's last position): the padded channels-last buffer is this much longer.
+pub(super) fn slack(g: &ConvGeom) -> usize {
+    let (_, _, kp) = padded(g);
+    ROWS * g.stride[1] * kp
+}
+
+/// One run of output positions whose windows lie `step` words apart: positions `v <
+/// len` from the word `base`; position `v` is output row `row0 + v / wrap`, column `v % wrap`
+/// (an output only when that column is below `W_out`).
+struct Run {
+    base: usize,
+    len: usize,
+    image: usize,
+    row0: usize,
+    wrap: usize,
+}
+
+/// The runs of `count` images: one per image at stride 1, one per output row otherwise.
+fn runs(g: &ConvGeom, count: usize) -> Vec<Run> {
+    let (hp, wp, kp) = padded(g);
+    let (ho, wo) = (g.ho(), g.wo());
+    if g.stride == [1, 1] {
+        (0..count)
+            .map(|n| Run {
+                base: n * hp * wp * kp,
+                len: (ho - 1) * wp + wo,
+                image: n,
+                row0: 0,
+                wrap: wp,
+            })
+            .collect()
+    } else {
+        (0..count)
+            .flat_map(|n| {
+                (0..ho).map(move |r| Run {
+                    base: (n * hp + r * g.stride[0]) * wp * kp,
+                    len: wo,
+                    image: n,
+                    row0: r,
+                    wrap: wo,
+                })
+            })
+            .collect()
+    }
+}
+
+/// [`super::nhwc`]'s `product` on the AMX tiles: output channels `couts` (a range starting on a
+/// block of [`BLOCK`]) of `count` images from the padded channels-last images `xq` (followed
+/// by at least [`slack`] readable words) and the packed weights `wq`; `y` as there (NCHW, per
+/// image those channels' `H_out·W_out` values).
+///
+/// # Panics
+/// When AMX is not [`super::amx::enabled`], `g` does not [`fits`], or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn product(
+    wq: &[u32],
+    xq: &[u32],
+    count: usize,
+    g: &ConvGeom,
+    bias: Option<&[f32]>,
+    relu: bool,
+    couts: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
+    assert!(super::amx::enabled() && fits(g), "AMX convolution of {g:?}");
+    let (hp, wp, kp) = padded(g);
+    let taps: Vec<(usize, usize)> = (0..g.kh)
+        .flat_map(|i| (0..g.kw).map(move |j| ((i * wp + j) * kp, (i * g.kw + j) * kp)))
+        .collect();
+    let step = g.stride[1] * kp;
+    // Every run's last window ends inside its image, so a block reads at most `slack` words
+    // past the last image.
+    assert!(count * hp * wp * kp + slack(g) <= xq.len(), "padded images");
+    let (wo, p) = (g.wo(), g.p());
+    assert_eq!(wq.len(), g.cout * taps.len() * kp, "packed weights");
+    assert!(couts.start.is_multiple_of(BLOCK) && couts.end <= g.cout);
+    let per_image = couts.len() * p;
+    assert_eq!(y.len(), count * per_image, "output");
+    let runs = runs(g, count);
+    let mut c = Scratch([0.0; 4 * 256]);
+    let zero = [0.0f32; 16];
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX is enabled (asserted), so the CPU has it and the process may use it.
+    let _tiles = unsafe { super::amx::Tiles::configure() };
+    for o0 in couts.clone().step_by(BLOCK) {
+        let width = BLOCK.min(couts.end - o0);
+        let wb = &wq[o0 * taps.len() * kp..][..width * taps.len() * kp];
+        for run in &runs {
+            for v0 in (0..run.len).step_by(ROWS) {
+                // The block's first window; its rows past the run read on into the slack
+                // (`base + v0·step + 31·step + last_tap <= count·hp·wp·kp + slack`, asserted
+                // above: `base + (len - 1)·step + last_tap` is inside the run's image).
+                let a = xq[run.base + v0 * step..].as_ptr();
+                for s0 in (0..width).step_by(32) {
+                    let v = if width - s0 > 16 { 2 } else { 1 };
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the tiles are configured on this thread; kp is a multiple of
+                    // PAIRS (`fits`); the A rows are inside `xq` (above), the B rows inside
+                    // `wb` (`(w_off + p)·width + s0 + 16·v <= taps·kp·width`); `c` holds four
+                    // aligned tiles.
+                    unsafe {
+                        let b = wb.as_ptr().add(s0);
+                        let out = c.0.as_mut_ptr();
+                        if v == 2 {
+                            super::amx::conv_block::<2>(a, step, &taps, kp, b, width, out);
+                        } else {
+                            super::amx::conv_block::<1>(a, step, &taps, kp, b, width, out);
+                        }
+                    }
+                    for ri in 0..2 {
+                        let first = v0 + 16 * ri;
+                        if first >= run.len {
+                            break;
+                        }
+                        for vi in 0..v {
+                            let o = o0 + s0 + 16 * vi;
+                            let b = bias.map_or(&zero[..], |b| &b[o..o + 16]);
+                            let at = run.image * per_image + (o - couts.start) * p;
+                            let tile = &c.0[256 * (2 * ri + vi)..][..256];
+                            store_tile(tile, run, first, wo, b, relu, &mut y[at..][..16 * p], p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A tile of 16 positions (`first..` of `run`) by 16 output channels (rows of `tile`) into `y`
+/// (those 16 channels of one image, `p` apart): plus `bias`, `max(·, 0)` when `relu`; only the
+/// positions that are outputs are written.
+#[allow(clippy::too_many_arguments)]
+fn store_tile(
+    tile: &[f32],
+    run: &Run,
+    first: usize,
+    wo: usize,
+    bias: &[f32],
+    relu: bool,
+    y: &mut [f32],
+    p: usize,
+) {
+    // Segments of lanes that are consecutive outputs: (first lane, end lane, output index).
+    let mut segs = [(0usize, 0usize, 0usize); 17];
+    let mut n = 0;
+    for lane in 0..16 {
+        let v = first + lane;
+        if v >= run.len {
+            break;
+        }
+        let (row, col) = (run.row0 + v / run.wrap, v % run.wrap);
+        if col >= wo {
+            continue;
+        }
+        let out = row * wo + col;
+        if n > 0 && segs[n - 1].1 == lane && segs[n - 1].2 + (lane - segs[n - 1].0) == out {
+            segs[n - 1].1 = lane + 1;
+        } else {
+            segs[n] = (lane, lane + 1, out);
+            n += 1;
+        }
+    }
+    let segs = &segs[..n];
+    assert!(
+        segs.iter().all(|&(l0, l1, out)| out + (l1 - l0) <= p) && y.len() >= 15 * p + p,
+        "tile outputs"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F detected; `tile` holds 256 floats, `bias` 16; every store writes
+        // lanes `l0..l1` of channel `j` at `y[j·p + out..][..l1 - l0]`, inside `y` (asserted).
+        unsafe { store_tile_avx512(tile, segs, bias, relu, y.as_mut_ptr(), p) };
+        return;
+    }
+    for &(l0, l1, out) in segs {
+        for (j, &b) in bias.iter().enumerate() {
+            for lane in l0..l1 {
+                let v = tile[lane * 16 + j] + b;
+                y[j * p + out + lane - l0] = if relu { v.max(0.0) } else { v };
+            }
+        }
+    }
+}
+
+/// [`store_tile`]'s stores: the tile transposed in registers, each channel's lanes stored by
+/// segment under a mask.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `tile` holds 256 floats and `bias` 16; for each `(l0, l1, out)` of
+/// `segs` and `j < 16`, `y + j·p + out + (0..l1 - l0)` is writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile_avx512(
+    tile: &[f32],
+    segs: &[(usize, usize, usize)],
+    bias: &[f32],
+    relu: bool,
+    y: *mut f32,
+    p: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (i, v) in r.iter_mut().enumerate() {
+        // SAFETY: row `i < 16` of the 256-float tile.
+        *v = unsafe { _mm512_loadu_si512(tile.as_ptr().add(16 * i).cast()) };
+    }
+    super::simd::transpose16_regs(&mut r);
+    for (j, v) in r.into_iter().enumerate() {
+        let mut v = _mm512_add_ps(_mm512_castsi512_ps(v), _mm512_set1_ps(bias[j]));
+        if relu {
+            v = _mm512_max_ps(v, _mm512_setzero_ps());
+        }
+        for &(l0, l1, out) in segs {
+            let mask = (((1u32 << (l1 - l0)) - 1) << l0) as __mmask16;
+            // Lane `l` lands on `out + l - l0`: the pointer is shifted back `l0` lanes, which
+            // only the masked-off lanes would touch.
+            let at = y.wrapping_add(j * p + out).wrapping_sub(l0);
+            // SAFETY: the masked lanes `l0..l1` write `y + j·p + out + (0..l1 - l0)`, writable
+            // by the contract; masked-off lanes are not accessed.
+            unsafe { _mm512_mask_storeu_ps(at, mask, v) };
+        }
+    }
+}
+
+/// Whether [`weight_grad`] computes `g` (on a CPU where [`super::amx::enabled`]): stride 1
+/// and whole tiles of channels, as [`fits`].
+pub fn fits_weight_grad(g: &ConvGeom) -> bool {
+    fits(g) && g.stride == [1, 1]
+}
+
+/// Bytes of padded images and output gradients summed per weight-gradient block before the
+/// block is added to `dW`: about half of a Sapphire Rapids core's 2 MiB L2, so a chunk stays
+/// there while every block of the layer reads it.
+#[cfg(not(test))]
+const CHUNK_BYTES: usize = 1 << 20;
+#[cfg(test)]
+const CHUNK_BYTES: usize = 4096;
+
+/// The weight gradient of a stride-1 layer, `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] ·
+/// X[n][c][q + (i, j)]`, on the AMX tiles: products in bf16, sums in f32.
+///
+/// As in the forward pass the output positions run over the padded grid (`v = r·W_p + c`,
+/// the columns past `W_out` with a zero `dY`), so tap `(i, j)` of position `v` is the padded
+/// image's value `v + i·W_p + j` of its channel's plane and 32 consecutive positions are one
+/// 64-byte run of every plane: the `A` tiles are 16 channels' runs (the padded image NCHW in
+/// bf16), the `B` tiles 16 position pairs of `dY` transposed to `[positions / 2, C_out]`
+/// pairs, the `K` of the product all positions of a chunk of images
+/// ([`super::amx::wgrad_block`]). Threads split the `(tap, 32 channels)` rows of `dWᵀ`, so
+/// each sum has one order whatever the thread count.
+///
+/// # Panics
+/// When AMX is not enabled, `g` does not [`fits_weight_grad`], or a slice's length does not
+/// match `g`.
+pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(
+        super::amx::enabled() && fits_weight_grad(g),
+        "AMX weight gradient of {g:?}"
+    );
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.out_len(),
+        "conv2d output gradient length"
+    );
+    let (hp, wp, _) = padded(g);
+    let (ho, wo, cin, cout, taps) = (g.ho(), g.wo(), g.cin, g.cout, g.kh * g.kw);
+    let plane = hp * wp;
+    let vpad = (ho * wp).next_multiple_of(32);
+    let last_tap = (g.kh - 1) * wp + g.kw - 1;
+    // The last channel's last run reads `last_tap + vpad` halves from its plane's start.
+    let img_x = (cin * plane)
+        .max((cin - 1) * plane + last_tap + vpad)
+        .next_multiple_of(2);
+    let img_d = vpad / 2 * cout;
+    let xb = par_zeroed(
+        g.batch * img_x / 2,
+        img_x / 2,
+        x.par_chunks(g.in_len()),
+        |d: &mut [f32], s| {
+            let d: &mut [u16] = bytemuck::cast_slice_mut(d);
+            for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
+                for (y, row) in sc.chunks_exact(g.w).enumerate() {
+                    let at = c * plane + (y + g.pad[0]) * wp + g.pad[1];
+                    E::bits_into(row, &mut d[at..at + g.w]);
+                }
+            }
+        },
+    );
+    let xb: &[u16] = bytemuck::cast_slice(&xb);
+    // dY on the padded grid (zero past each row's `W_out` outputs and past the last row),
+    // `[C_out, vpad]` halves, then transposed as pairs to `[vpad / 2, C_out]` words. The
+    // scratch's zero columns are never written, so they stay zero from image to image.
+    let dyv = par_zeroed_with(
+        g.batch * img_d,
+        img_d,
+        dy.par_chunks(g.out_len()),
+        || vec![0u32; img_d],
+        |scratch, d: &mut [f32], s| {
+            let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
+            for (o, so) in s.chunks_exact(ho * wo).enumerate() {
+                for (oy, row) in so.chunks_exact(wo).enumerate() {
+                    E::bits_into(row, &mut halves[o * vpad + oy * wp..][..wo]);
+                }
+            }
+            super::simd::transpose_words(scratch, cout, vpad / 2, bytemuck::cast_slice_mut(d));
+        },
+    );
+    let dyv: &[u32] = bytemuck::cast_slice(&dyv);
+    let blocks = cin / 32;
+    let units = taps * blocks;
+    let parts = rayon::current_num_threads().clamp(1, units);
+    let part_units = |t: usize| t * units / parts..(t + 1) * units / parts;
+    let chunk = (CHUNK_BYTES / (2 * img_x + 4 * img_d)).clamp(1, g.batch.max(1));
+    let lens: Vec<usize> = (0..parts)
+        .map(|t| part_units(t).len() * 32 * cout)
+        .collect();
+    // Part `t`: the rows `slot = tap·C_in + c` of `dWᵀ` of its units, `[slots, C_out]`.
+    let dwt = par_zeroed_parts(&lens, |t, part| {
+        let first_slot = part_units(t).start * 32;
+        let mut c = Scratch([0.0; 4 * 256]);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AMX is enabled (asserted above).
+        let _tiles = unsafe { super::amx::Tiles::configure() };
+        for n0 in (0..g.batch).step_by(chunk) {
+            let images = chunk.min(g.batch - n0);
+            // The chunk's last A row ends inside its last image (`img_x`, above); its dY
+            // inside `dyv`.
+            assert!((n0 + images) * img_x <= xb.len() && (n0 + images) * img_d <= dyv.len());
+            for u in part_units(t) {
+                let (tap, cb) = (u / blocks, u % blocks);
+                let off = (tap / g.kw) * wp + tap % g.kw;
+                let a = xb[n0 * img_x + cb * 32 * plane + off..].as_ptr();
+                for o0 in (0..cout).step_by(32) {
+                    let v = if cout - o0 > 16 { 2 } else { 1 };
+                    let b = dyv[n0 * img_d + o0..].as_ptr();
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the tiles are configured on this thread; image `n` of the
+                    // chunk's A rows `r < 32` read `(n0 + n)·img_x + (32·cb + r)·plane + off
+                    // + (0..vpad)`, inside `xb` (`img_x` covers the last channel's last
+                    // run); its B rows `(0..vpad / 2)·C_out + o0 + (0..16·v)` inside its
+                    // `img_d` words of `dyv`; `c` holds four aligned tiles.
+                    unsafe {
+                        let out = c.0.as_mut_ptr();
+                        let steps = vpad / 32;
+                        if v == 2 {
+                            super::amx::wgrad_block::<2>(
+                                a, plane, img_x, b, cout, img_d, images, steps, out,
+                            );
+                        } else {
+                            super::amx::wgrad_block::<1>(
+                                a, plane, img_x, b, cout, img_d, images, steps, out,
+                            );
+                        }
+                    }
+                    for ri in 0..2 {
+                        for vi in 0..v {
+                            for r in 0..16 {
+                                let slot = u * 32 + 16 * ri + r - first_slot;
+                                let dst = &mut part[slot * cout + o0 + 16 * vi..][..16];
+                                let src = &c.0[256 * (2 * ri + vi) + 16 * r..][..16];
+                                dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let slot_of: Vec<usize> = (0..cin * taps)
+        .map(|row| (row % taps) * cin + row / taps)
+        .collect();
+    super::gemm::sum_transposed_in_order(&[&dwt], cin * taps, cout, Some(&slot_of))
+}
+
+/// Four f32 tiles (16 x 16 each), aligned for `TILESTORED`.
+#[repr(C, align(64))]
+struct Scratch([f32; 4 * 256]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Precision;
+    use crate::kernels::conv::test_data as data;
+
+    fn geom(
+        batch: usize,
+        cin: usize,
+        h: usize,
+        w: usize,
+        cout: usize,
+        k: usize,
+        s: usize,
+    ) -> ConvGeom {
+        ConvGeom {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh: k,
+            kw: k,
+            stride: [s, s],
+            pad: [k / 2, k / 2],
+            precision: Precision::Bf16,
+        }
+    }
+
+    /// Through [`super::super::nhwc::forward_act`] (which takes this kernel wherever AMX runs
+    /// and the layer [`fits`]) against im2col on the same bf16-rounded operands: runs across
+    /// output rows, maps narrower and wider than a tile, strides 1 and 2, a 1x1, blocks of 64
+    /// output channels with a 16- and a 48-channel remainder, groups of images, bias and ReLU.
+    #[test]
+    fn matches_im2col_in_bf16() {
+        if !super::super::amx::enabled() {
+            // `amx::tests::a_cpu_that_reports_amx_runs_it` fails where the CPU has AMX and it
+            // is not enabled, so this skip is never silent there.
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        for g in [
+            geom(3, 32, 5, 6, 16, 3, 1),
+            geom(2, 64, 7, 7, 80, 3, 1),
+            geom(2, 32, 18, 21, 48, 3, 1),
+            geom(2, 64, 9, 8, 112, 3, 2),
+            geom(3, 32, 4, 4, 64, 1, 1),
+            geom(2, 32, 11, 9, 32, 1, 2),
+            geom(1, 96, 20, 17, 64, 5, 1),
+            geom(4, 32, 3, 3, 144, 3, 1),
+        ] {
+            assert!(fits(&g) && super::super::nhwc::fits(&g), "{g:?}");
+            let x = data(g.batch * g.in_len(), 1);
+            let w = data(g.cout * g.k(), 2);
+            let b = data(g.cout, 3);
+            for relu in [false, true] {
+                let got = super::super::nhwc::forward_act(&x, &w, Some(&b), &g, relu);
+                let want = super::super::im2col::im2col_forward_act(&x, &w, Some(&b), &g, relu);
+                assert_eq!(got.len(), want.len(), "{g:?}");
+                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "{g:?} relu={relu} [{i}]: {a} vs {e}"
+                    );
+                }
+            }
+            // One image on three threads splits by output channels: the same values.
+            let one = &x[..g.in_len()];
+            let g1 = ConvGeom { batch: 1, ..g };
+            let run = |t| {
+                crate::kernels::conv::on_threads(t, || {
+                    super::super::nhwc::forward_act(one, &w, Some(&b), &g1, false)
+                })
+            };
+            assert_eq!(run(1), run(3), "{g1:?}");
+        }
+    }
+
+    /// The weight gradient against im2col's on the same bf16-rounded operands (3x3, 5x5 and
+    /// 1x1 kernels; maps narrower and wider than a tile; 16- and 32-wide output blocks;
+    /// several chunks of images), and the same bits for 1 and 3 threads.
+    #[test]
+    fn weight_grad_matches_im2col_in_bf16() {
+        if !super::super::amx::enabled() {
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        for g in [
+            geom(3, 32, 5, 6, 16, 3, 1),
+            geom(2, 64, 7, 7, 80, 3, 1),
+            geom(2, 32, 18, 21, 48, 3, 1),
+            geom(3, 32, 4, 4, 64, 1, 1),
+            geom(2, 96, 9, 11, 32, 5, 1),
+        ] {
+            assert!(fits_weight_grad(&g), "{g:?}");
+            let x = data(g.batch * g.in_len(), 4);
+            let dy = data(g.batch * g.out_len(), 5);
+            let w = data(g.cout * g.k(), 6);
+            let got = weight_grad(&x, &dy, &g);
+            let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
+                .1
+                .unwrap();
+            assert_eq!(got.len(), want.len(), "{g:?}");
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                    "{g:?} [{i}]: {a} vs {e}"
+                );
+            }
+            let run = |t| crate::kernels::conv::on_threads(t, || weight_grad(&x, &dy, &g));
+            assert_eq!(run(1), run(3), "{g:?}");
+        }
+    }
+}
