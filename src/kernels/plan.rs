@@ -9,7 +9,7 @@
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
 //!   the forward pass and the stride-1 input gradient of layers of more than one tap with
-//!   whole tiles of channels (stride 2 from 14 outputs a row), and for the weight gradient of
+//!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the weight gradient of
 //!   their stride-1 layers and of 1x1 layers that do not widen;
 //! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
 //!   the stride-1 input gradient of layers with 1152+ products per output and at least two
@@ -154,6 +154,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         && cpu.amx
         && nhwc::fits_weight_grad(g)
         && super::nhwc_amx::fits_weight_grad(g)
+        && g.wo() >= 7
         && (g.kh * g.kw > 1 || g.cout <= g.cin)
     {
         // On AMX ([`super::nhwc_amx::weight_grad`]) against im2col on the tiles, bf16,
@@ -252,11 +253,14 @@ fn channels_last(g: &ConvGeom, cpu: Cpu, winograd: bool, direct: bool) -> bool {
     // 3x3 (forward only) 64 -> 128 at 56 px 8.3 -> 4.2, 128 -> 256 7.1 -> 4.4, but 256 -> 512
     // at 14 px 8.0 -> 8.2 (7 outputs a row: a block of 32 rows computes 7) and resnet50's
     // 512 -> 512 at 14 px 6.5 -> 11.2; the 1x1 layers lost (64 -> 64 at 56 px 0.9 -> 2.2,
-    // 256 -> 64 2.9 -> 5.8: a whole copy of the image for one tap).
+    // 256 -> 64 2.9 -> 5.8: a whole copy of the image for one tap), and so did 4 px maps
+    // (resnet18 at 128 px, 512 -> 512: forward 3.8 -> 4.9, weight gradient 5.7 -> 6.5, input
+    // gradient 6.4 -> 5.7; a block of 32 grid positions holds 16 outputs there).
     if g.precision == Precision::Bf16 && cpu.amx {
         return nhwc::fits(g)
             && super::nhwc_amx::fits(g)
             && g.kh * g.kw > 1
+            && g.wo() >= 7
             && (g.stride == [1, 1] || g.wo() >= 14);
     }
     bf16_tiles(g, cpu)
@@ -375,6 +379,7 @@ mod tests {
         // from 14 outputs a row, forward only); 1x1 layers keep im2col except the weight
         // gradient of those that do not widen.
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
+        assert_eq!(plan(&b(geom(512, 512, 4, 3, 1)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(I, I, C));
