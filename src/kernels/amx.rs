@@ -17,6 +17,11 @@
 //! deterministic on a given CPU; they differ in the last bits from the AVX512-BF16 kernel,
 //! which adds the pairs of a word in another order.
 //!
+//! The convolutions of [`super::nhwc_amx`] use the same tiles without the GEMM's packing:
+//! [`conv_block`] loads its `A` tiles straight from a padded channels-last image (16 output
+//! positions a fixed stride apart, 32 input channels) and sums every tap in the tile registers;
+//! [`wgrad_block`] loads 16 channels' runs of 32 positions against position pairs of `dY`.
+//!
 //! Stable Rust has no AMX intrinsics (`x86_amx_intrinsics` is unstable, and so is
 //! `is_x86_feature_detected!("amx-bf16")`), so the instructions are inline `asm!` and the
 //! detection reads CPUID and XCR0 itself. Linux keeps the 8 KiB tile state off until a process

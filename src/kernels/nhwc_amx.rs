@@ -264,10 +264,11 @@ unsafe fn store_tile_avx512(
     }
 }
 
-/// Whether [`weight_grad`] computes `g` (on a CPU where [`super::amx::enabled`]): stride 1
-/// and whole tiles of channels, as [`fits`].
+/// Whether [`weight_grad`] computes `g` (on a CPU where [`super::amx::enabled`]): whole tiles
+/// of channels, as [`fits`], and padding smaller than the kernel (strided layers by phase
+/// planes).
 pub fn fits_weight_grad(g: &ConvGeom) -> bool {
-    fits(g) && g.stride == [1, 1]
+    fits(g) && g.pad[0] < g.kh && g.pad[1] < g.kw && g.stride[0] > 0 && g.stride[1] > 0
 }
 
 /// Bytes of padded images and output gradients summed per weight-gradient block before the
@@ -278,17 +279,20 @@ const CHUNK_BYTES: usize = 1 << 20;
 #[cfg(test)]
 const CHUNK_BYTES: usize = 4096;
 
-/// The weight gradient of a stride-1 layer, `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] ·
-/// X[n][c][q + (i, j)]`, on the AMX tiles: products in bf16, sums in f32.
+/// The weight gradient `dW[o][c, i, j] = Σ_n Σ_q dY[n][o][q] · X[n][c][s·q + (i, j)]` on the
+/// AMX tiles: products in bf16, sums in f32.
 ///
-/// As in the forward pass the output positions run over the padded grid (`v = r·W_p + c`,
-/// the columns past `W_out` with a zero `dY`), so tap `(i, j)` of position `v` is the padded
-/// image's value `v + i·W_p + j` of its channel's plane and 32 consecutive positions are one
-/// 64-byte run of every plane: the `A` tiles are 16 channels' runs (the padded image NCHW in
-/// bf16), the `B` tiles 16 position pairs of `dY` transposed to `[positions / 2, C_out]`
-/// pairs, the `K` of the product all positions of a chunk of images
-/// ([`super::amx::wgrad_block`]). Threads split the `(tap, 32 channels)` rows of `dWᵀ`, so
-/// each sum has one order whatever the thread count.
+/// Each channel's padded image is split into `s_h x s_w` phase planes (`H_q x W_q`), plane
+/// `(a, b)` holding rows `a, a + s_h, ..` and columns `b, b + s_w, ..` (stride 1: one plane,
+/// the padded image), so tap `(i, j)` of output `(r, c)` reads plane `(i % s_h, j % s_w)` at
+/// `(r + i / s_h, c + j / s_w)`. As in the forward pass the output positions run over the
+/// plane's grid (`v = r·W_q + c`, the columns past `W_out` with a zero `dY`), so tap `(i, j)`
+/// of position `v` is value `v + (i / s_h)·W_q + j / s_w` of its phase plane and 32
+/// consecutive positions are one 64-byte run of it: the `A` tiles are 16 channels' runs (the
+/// planes in bf16, channel after channel), the `B` tiles 16 position pairs of `dY` transposed
+/// to `[positions / 2, C_out]` pairs, the `K` of the product all positions of a chunk of
+/// images ([`super::amx::wgrad_block`]). Threads split the `(tap, 32 channels)` rows of `dWᵀ`,
+/// so each sum has one order whatever the thread count.
 ///
 /// # Panics
 /// When AMX is not enabled, `g` does not [`fits_weight_grad`], or a slice's length does not
@@ -307,12 +311,20 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     );
     let (hp, wp, _) = padded(g);
     let (ho, wo, cin, cout, taps) = (g.ho(), g.wo(), g.cin, g.cout, g.kh * g.kw);
-    let plane = hp * wp;
-    let vpad = (ho * wp).next_multiple_of(32);
-    let last_tap = (g.kh - 1) * wp + g.kw - 1;
-    // The last channel's last run reads `last_tap + vpad` halves from its plane's start.
-    let img_x = (cin * plane)
-        .max((cin - 1) * plane + last_tap + vpad)
+    let [sh, sw] = g.stride;
+    let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
+    let plane = hq * wq;
+    // Halves from one channel's planes to the next's: the A tiles' row stride.
+    let per_channel = sh * sw * plane;
+    let tap_offset = |t: usize| {
+        let (i, j) = (t / g.kw, t % g.kw);
+        ((i % sh) * sw + j % sw) * plane + (i / sh) * wq + j / sw
+    };
+    let vpad = (ho * wq).next_multiple_of(32);
+    let last_tap = (0..taps).map(tap_offset).max().unwrap_or(0);
+    // The last channel's last run reads `last_tap + vpad` halves from its planes' start.
+    let img_x = (cin * per_channel)
+        .max((cin - 1) * per_channel + last_tap + vpad)
         .next_multiple_of(2);
     let img_d = vpad / 2 * cout;
     let xb = par_zeroed(
@@ -323,8 +335,22 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
             let d: &mut [u16] = bytemuck::cast_slice_mut(d);
             for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
                 for (y, row) in sc.chunks_exact(g.w).enumerate() {
-                    let at = c * plane + (y + g.pad[0]) * wp + g.pad[1];
-                    E::bits_into(row, &mut d[at..at + g.w]);
+                    let py = y + g.pad[0];
+                    for b in 0..sw {
+                        // Columns `x` with `(x + pw) % sw == b`, at `(x + pw) / sw`.
+                        let first = (b + sw - g.pad[1] % sw) % sw;
+                        let at = c * per_channel
+                            + ((py % sh) * sw + b) * plane
+                            + (py / sh) * wq
+                            + (first + g.pad[1]) / sw;
+                        if sw == 1 {
+                            E::bits_into(row, &mut d[at..at + g.w]);
+                            continue;
+                        }
+                        for (d, &v) in d[at..].iter_mut().zip(row.iter().skip(first).step_by(sw)) {
+                            *d = v.bf16_bits();
+                        }
+                    }
                 }
             }
         },
@@ -342,7 +368,7 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
             let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
             for (o, so) in s.chunks_exact(ho * wo).enumerate() {
                 for (oy, row) in so.chunks_exact(wo).enumerate() {
-                    E::bits_into(row, &mut halves[o * vpad + oy * wp..][..wo]);
+                    E::bits_into(row, &mut halves[o * vpad + oy * wq..][..wo]);
                 }
             }
             super::simd::transpose_words(scratch, cout, vpad / 2, bytemuck::cast_slice_mut(d));
@@ -371,15 +397,14 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
             assert!((n0 + images) * img_x <= xb.len() && (n0 + images) * img_d <= dyv.len());
             for u in part_units(t) {
                 let (tap, cb) = (u / blocks, u % blocks);
-                let off = (tap / g.kw) * wp + tap % g.kw;
-                let a = xb[n0 * img_x + cb * 32 * plane + off..].as_ptr();
+                let a = xb[n0 * img_x + cb * 32 * per_channel + tap_offset(tap)..].as_ptr();
                 for o0 in (0..cout).step_by(32) {
                     let v = if cout - o0 > 16 { 2 } else { 1 };
                     let b = dyv[n0 * img_d + o0..].as_ptr();
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the tiles are configured on this thread; image `n` of the
-                    // chunk's A rows `r < 32` read `(n0 + n)·img_x + (32·cb + r)·plane + off
-                    // + (0..vpad)`, inside `xb` (`img_x` covers the last channel's last
+                    // chunk's A rows `r < 32` read `(n0 + n)·img_x + (32·cb + r)·per_channel
+                    // + tap_offset + (0..vpad)`, inside `xb` (`img_x` covers the last channel's last
                     // run); its B rows `(0..vpad / 2)·C_out + o0 + (0..16·v)` inside its
                     // `img_d` words of `dyv`; `c` holds four aligned tiles.
                     unsafe {
@@ -387,11 +412,27 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
                         let steps = vpad / 32;
                         if v == 2 {
                             super::amx::wgrad_block::<2>(
-                                a, plane, img_x, b, cout, img_d, images, steps, out,
+                                a,
+                                per_channel,
+                                img_x,
+                                b,
+                                cout,
+                                img_d,
+                                images,
+                                steps,
+                                out,
                             );
                         } else {
                             super::amx::wgrad_block::<1>(
-                                a, plane, img_x, b, cout, img_d, images, steps, out,
+                                a,
+                                per_channel,
+                                img_x,
+                                b,
+                                cout,
+                                img_d,
+                                images,
+                                steps,
+                                out,
                             );
                         }
                     }
@@ -512,6 +553,11 @@ mod tests {
             geom(2, 32, 18, 21, 48, 3, 1),
             geom(3, 32, 4, 4, 64, 1, 1),
             geom(2, 96, 9, 11, 32, 5, 1),
+            // Strided, by phase planes: a 3x3/2 on even and odd sides, a 1x1/2, a 5x5/3.
+            geom(2, 32, 10, 9, 48, 3, 2),
+            geom(3, 64, 7, 8, 16, 3, 2),
+            geom(2, 32, 9, 9, 64, 1, 2),
+            geom(2, 32, 11, 10, 32, 5, 3),
         ] {
             assert!(fits_weight_grad(&g), "{g:?}");
             let x = data(g.batch * g.in_len(), 4);

@@ -9,8 +9,8 @@
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
 //!   the forward pass and the stride-1 input gradient of layers of more than one tap with
-//!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the weight gradient of
-//!   their stride-1 layers and of 1x1 layers that do not widen;
+//!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the
+//!   weight gradient of those layers and of 1x1 layers that do not widen;
 //! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
 //!   the stride-1 input gradient of layers with 1152+ products per output and at least two
 //!   taps, in place of im2col, and of Winograd on maps up to 14 px; and its weight gradient
@@ -155,6 +155,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         && nhwc::fits_weight_grad(g)
         && super::nhwc_amx::fits_weight_grad(g)
         && g.wo() >= 7
+        && (g.stride == [1, 1] || g.wo() >= 14)
         && (g.kh * g.kw > 1 || g.cout <= g.cin)
     {
         // On AMX ([`super::nhwc_amx::weight_grad`]) against im2col on the tiles, bf16,
@@ -167,7 +168,11 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // at 56 px 3.8 -> 1.8, 256 -> 128 11.2 -> 8.4, 512 -> 256 at 28 px 5.9 -> 5.4; the
         // widening ones lost (64 -> 256 5.3 -> 8.3, 256 -> 1024 at 14 px 1.6 -> 5.4, 512 ->
         // 2048 at 7 px 2.4 -> 6.0: their `dY` chunks are wide, so fewer images share a
-        // block's sum into `dW`).
+        // block's sum into `dW`). Strided layers by phase planes from 14 outputs a row (the
+        // same runs, minimum of two or three): resnet18's 64 -> 128 at 56 px 13.9 -> 9.8, 128
+        // -> 256 at 28 px 10.7 -> 7.4; resnet50's 128 -> 128 at 56 px 12.2 -> 10.9, 256 -> 256
+        // at 28 px 10.7 -> 9.6; at 7 outputs a row even or worse (resnet18's 256 -> 512 11.0
+        // -> 10.7, resnet50's 512 -> 512 11.7 -> 12.3).
         Algo::ChannelsLast
     } else if bf16_tiles(g, cpu)
         && nhwc::fits_weight_grad(g)
@@ -380,8 +385,9 @@ mod tests {
         // gradient of those that do not widen.
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
         assert_eq!(plan(&b(geom(512, 512, 4, 3, 1)), AMX), p(I, I, I));
-        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, C));
         assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, I, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(I, I, C));
         assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(I, I, I));
         // 16 input channels are half a tile: im2col forward; the input gradient reads 64.
