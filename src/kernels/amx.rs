@@ -330,6 +330,42 @@ pub unsafe fn block<const R: usize, const V: usize>(
     }
 }
 
+/// Zeroes the C tiles of a block of 32 rows by `16·V` columns (`tmm0`, `tmm2`; `tmm1`,
+/// `tmm3` when `V` is 2).
+///
+/// # Safety
+/// A [`Tiles`] is live on this thread.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn zero_c<const V: usize>() {
+    // SAFETY: the tiles are configured (the caller's contract); TILEZERO touches no memory.
+    unsafe {
+        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
+        if V > 1 {
+            std::arch::asm!("tilezero tmm1", "tilezero tmm3", options(nostack, nomem));
+        }
+    }
+}
+
+/// Stores [`zero_c`]'s tiles to `out`: tile `2·ri + vi` at `out + 256·(2·ri + vi)`, rows of
+/// 16 floats.
+///
+/// # Safety
+/// A [`Tiles`] is live on this thread; `out` is writable for `256·2·V` floats, 64-byte aligned.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_c<const V: usize>(out: *mut f32) {
+    // SAFETY: every store stays inside the `256·2·V` floats of `out` (the caller's contract).
+    unsafe {
+        store!(0, out, 64usize);
+        store!(2, out.add(512), 64usize);
+        if V > 1 {
+            store!(1, out.add(256), 64usize);
+            store!(3, out.add(768), 64usize);
+        }
+    }
+}
+
 /// One block of an implicit-GEMM convolution ([`super::nhwc_amx`]): for 32 output positions
 /// (two A tiles of 16 rows, `step` words apart) and `16·V` output channels (`V` B tiles),
 /// `C = Σ_{(x_off, w_off) ∈ taps} Σ_{p < kp, step 16} A(a + x_off + p) · B(b + (w_off + p)·width)`,
@@ -356,10 +392,7 @@ pub unsafe fn conv_block<const V: usize>(
     let (a_s, b_s) = (step * 4, width * 4);
     // SAFETY (whole body): the caller's contract bounds every tile load and store.
     unsafe {
-        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
-        if V > 1 {
-            std::arch::asm!("tilezero tmm1", "tilezero tmm3", options(nostack, nomem));
-        }
+        zero_c::<V>();
         for &(xo, wo) in taps {
             let (at, bt) = (a.add(xo), b.add(wo * width));
             for p in (0..kp).step_by(PAIRS) {
@@ -375,12 +408,7 @@ pub unsafe fn conv_block<const V: usize>(
                 }
             }
         }
-        store!(0, out, 64usize);
-        store!(2, out.add(512), 64usize);
-        if V > 1 {
-            store!(1, out.add(256), 64usize);
-            store!(3, out.add(768), 64usize);
-        }
+        store_c::<V>(out);
     }
 }
 
@@ -411,10 +439,7 @@ pub unsafe fn wgrad_block<const V: usize>(
     let (a_s, b_s) = (a_rs * 2, b_rs * 4);
     // SAFETY (whole body): the caller's contract bounds every tile load and store.
     unsafe {
-        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
-        if V > 1 {
-            std::arch::asm!("tilezero tmm1", "tilezero tmm3", options(nostack, nomem));
-        }
+        zero_c::<V>();
         for n in 0..images {
             let (an, bn) = (a.add(n * a_img), b.add(n * b_img));
             for s in 0..steps {
@@ -431,12 +456,7 @@ pub unsafe fn wgrad_block<const V: usize>(
                 }
             }
         }
-        store!(0, out, 64usize);
-        store!(2, out.add(512), 64usize);
-        if V > 1 {
-            store!(1, out.add(256), 64usize);
-            store!(3, out.add(768), 64usize);
-        }
+        store_c::<V>(out);
     }
 }
 

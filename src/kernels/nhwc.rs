@@ -629,51 +629,17 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         g.batch * img_x / 2,
         img_x / 2,
         x.par_chunks(g.in_len()),
-        |d: &mut [f32], s| {
-            let d: &mut [u16] = bytemuck::cast_slice_mut(d);
-            for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
-                for (y, row) in sc.chunks_exact(g.w).enumerate() {
-                    let py = y + g.pad[0];
-                    let rows = c * sh + py % sh;
-                    for b in 0..sw {
-                        // Columns `x` with `(x + pw) % sw == b`, at `(x + pw) / sw`.
-                        let first = (b + sw - g.pad[1] % sw) % sw;
-                        let at = ((rows * sw + b) * hq + py / sh) * wq + (first + g.pad[1]) / sw;
-                        if sw == 1 {
-                            E::bits_into(row, &mut d[at..at + g.w]);
-                            continue;
-                        }
-                        for (d, &v) in d[at..].iter_mut().zip(row.iter().skip(first).step_by(sw)) {
-                            *d = v.bf16_bits();
-                        }
-                    }
-                }
-            }
-        },
+        |d: &mut [f32], s| phase_planes_into(s, g, hq, wq, bytemuck::cast_slice_mut(d)),
     );
     let xb: &[u16] = bytemuck::cast_slice(&xb);
-    // dY of an image as position pairs `[positions / 2, C_out]`, in two passes: each channel's
-    // rows rounded into a scratch `[C_out, positions]` (read in order, so the hardware
-    // prefetcher streams them), then that transposed as 32-bit pairs, 16 x 16 words in
-    // registers. Reading 16 positions of every channel at a time (one cache line per channel,
-    // `H_out·W_out` floats apart) and writing them position by position was, with the copies'
-    // zeroing, 30% of the samples of the 64 -> 64 56 px layer's weight gradient. The scratch's padded columns are never written,
-    // so they stay zero from image to image.
+    // dY of an image as position pairs `[positions / 2, C_out]` ([`dy_pairs_into`]), pairs
+    // within each output row.
     let dyt = par_zeroed_with(
         g.batch * img_d,
         img_d,
         dy.par_chunks(g.out_len()),
         || vec![0u32; img_d],
-        |scratch, d: &mut [f32], s| {
-            let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
-            for (o, so) in s.chunks_exact(ho * wo).enumerate() {
-                let t = &mut halves[o * 2 * pairs..][..2 * pairs];
-                for (oy, row) in so.chunks_exact(wo).enumerate() {
-                    E::bits_into(row, &mut t[oy * 2 * positions.pairs..][..wo]);
-                }
-            }
-            super::simd::transpose_words(scratch, cout, pairs, bytemuck::cast_slice_mut(d));
-        },
+        |scratch, d: &mut [f32], s| dy_pairs_into(s, g, 2 * pairs, 2 * positions.pairs, scratch, d),
     );
     let dyt: &[u32] = bytemuck::cast_slice(&dyt);
     let k = g.cin * taps;
@@ -777,6 +743,67 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         slot_of[row] = slot;
     }
     super::gemm::sum_transposed_in_order(&[&dwt], k, cout, Some(&slot_of))
+}
+
+/// One image (`[C_in, H, W]`) into `d` as each channel's zero-padded image split into
+/// `s_h x s_w` phase planes of `H_q x W_q` halves (bf16 bits), channel after channel: plane
+/// `(a, b)` of channel `c` starts at `((c·s_h + a)·s_w + b)·H_q·W_q` and holds padded rows
+/// `a, a + s_h, ..` and columns `b, b + s_w, ..` (stride 1: the padded image). Only the
+/// image's own positions are written; the rest of `d` keeps what it holds (zeros).
+pub(super) fn phase_planes_into<E: Act>(
+    image: &[E],
+    g: &ConvGeom,
+    hq: usize,
+    wq: usize,
+    d: &mut [u16],
+) {
+    let [sh, sw] = g.stride;
+    for (c, sc) in image.chunks_exact(g.h * g.w).enumerate() {
+        for (y, row) in sc.chunks_exact(g.w).enumerate() {
+            let py = y + g.pad[0];
+            let rows = c * sh + py % sh;
+            for b in 0..sw {
+                // Columns `x` with `(x + pw) % sw == b`, at `(x + pw) / sw`.
+                let first = (b + sw - g.pad[1] % sw) % sw;
+                let at = ((rows * sw + b) * hq + py / sh) * wq + (first + g.pad[1]) / sw;
+                if sw == 1 {
+                    E::bits_into(row, &mut d[at..at + g.w]);
+                    continue;
+                }
+                for (d, &v) in d[at..].iter_mut().zip(row.iter().skip(first).step_by(sw)) {
+                    *d = v.bf16_bits();
+                }
+            }
+        }
+    }
+}
+
+/// One image's `dY` (`[C_out, H_out, W_out]`) into `d` as position pairs `[len / 2, C_out]`:
+/// output row `r` at position `r · row_stride` of `len` per channel (the positions between
+/// rows and past the last stay zero), in two passes: each channel's rows copied into the
+/// scratch `[C_out, len]` (read in order, so the hardware prefetcher streams them), then that
+/// transposed as 32-bit pairs, 16 x 16 words in registers. Reading 16 positions of every
+/// channel at a time (one cache line per channel, `H_out·W_out` floats apart) and writing
+/// them position by position was, with the copies' zeroing, 30% of the samples of the
+/// 64 -> 64 56 px layer's weight gradient. The scratch's other positions are never written,
+/// so they stay zero from image to image.
+pub(super) fn dy_pairs_into<E: Act>(
+    dy: &[E],
+    g: &ConvGeom,
+    len: usize,
+    row_stride: usize,
+    scratch: &mut [u32],
+    d: &mut [f32],
+) {
+    let (ho, wo) = (g.ho(), g.wo());
+    let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
+    for (o, so) in dy.chunks_exact(ho * wo).enumerate() {
+        let t = &mut halves[o * len..][..len];
+        for (oy, row) in so.chunks_exact(wo).enumerate() {
+            E::bits_into(row, &mut t[oy * row_stride..][..wo]);
+        }
+    }
+    super::simd::transpose_words(scratch, g.cout, len / 2, bytemuck::cast_slice_mut(d));
 }
 
 /// The output positions a weight-gradient tile sums over, per image: `count` rows from row

@@ -310,7 +310,7 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         "conv2d output gradient length"
     );
     let (hp, wp, _) = padded(g);
-    let (ho, wo, cin, cout, taps) = (g.ho(), g.wo(), g.cin, g.cout, g.kh * g.kw);
+    let (ho, cin, cout, taps) = (g.ho(), g.cin, g.cout, g.kh * g.kw);
     let [sh, sw] = g.stride;
     let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
     let plane = hq * wq;
@@ -332,27 +332,7 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         img_x / 2,
         x.par_chunks(g.in_len()),
         |d: &mut [f32], s| {
-            let d: &mut [u16] = bytemuck::cast_slice_mut(d);
-            for (c, sc) in s.chunks_exact(g.h * g.w).enumerate() {
-                for (y, row) in sc.chunks_exact(g.w).enumerate() {
-                    let py = y + g.pad[0];
-                    for b in 0..sw {
-                        // Columns `x` with `(x + pw) % sw == b`, at `(x + pw) / sw`.
-                        let first = (b + sw - g.pad[1] % sw) % sw;
-                        let at = c * per_channel
-                            + ((py % sh) * sw + b) * plane
-                            + (py / sh) * wq
-                            + (first + g.pad[1]) / sw;
-                        if sw == 1 {
-                            E::bits_into(row, &mut d[at..at + g.w]);
-                            continue;
-                        }
-                        for (d, &v) in d[at..].iter_mut().zip(row.iter().skip(first).step_by(sw)) {
-                            *d = v.bf16_bits();
-                        }
-                    }
-                }
-            }
+            super::nhwc::phase_planes_into(s, g, hq, wq, bytemuck::cast_slice_mut(d))
         },
     );
     let xb: &[u16] = bytemuck::cast_slice(&xb);
@@ -364,15 +344,7 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         img_d,
         dy.par_chunks(g.out_len()),
         || vec![0u32; img_d],
-        |scratch, d: &mut [f32], s| {
-            let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
-            for (o, so) in s.chunks_exact(ho * wo).enumerate() {
-                for (oy, row) in so.chunks_exact(wo).enumerate() {
-                    E::bits_into(row, &mut halves[o * vpad + oy * wq..][..wo]);
-                }
-            }
-            super::simd::transpose_words(scratch, cout, vpad / 2, bytemuck::cast_slice_mut(d));
-        },
+        |scratch, d: &mut [f32], s| super::nhwc::dy_pairs_into(s, g, vpad, wq, scratch, d),
     );
     let dyv: &[u32] = bytemuck::cast_slice(&dyv);
     let blocks = cin / 32;
@@ -489,6 +461,17 @@ mod tests {
         }
     }
 
+    /// Equal lengths and every value within bf16-summation-order rounding of the other.
+    fn assert_close(got: &[f32], want: &[f32], at: &str) {
+        assert_eq!(got.len(), want.len(), "{at}");
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-4 * (1.0 + e.abs()),
+                "{at} [{i}]: {a} vs {e}"
+            );
+        }
+    }
+
     /// Through [`super::super::nhwc::forward_act`] (which takes this kernel wherever AMX runs
     /// and the layer [`fits`]) against im2col on the same bf16-rounded operands: runs across
     /// output rows, maps narrower and wider than a tile, strides 1 and 2, a 1x1, blocks of 64
@@ -518,13 +501,7 @@ mod tests {
             for relu in [false, true] {
                 let got = super::super::nhwc::forward_act(&x, &w, Some(&b), &g, relu);
                 let want = super::super::im2col::im2col_forward_act(&x, &w, Some(&b), &g, relu);
-                assert_eq!(got.len(), want.len(), "{g:?}");
-                for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - e).abs() < 1e-4 * (1.0 + e.abs()),
-                        "{g:?} relu={relu} [{i}]: {a} vs {e}"
-                    );
-                }
+                assert_close(&got, &want, &format!("{g:?} relu={relu}"));
             }
             // One image on three threads splits by output channels: the same values.
             let one = &x[..g.in_len()];
@@ -567,13 +544,7 @@ mod tests {
             let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
                 .1
                 .unwrap();
-            assert_eq!(got.len(), want.len(), "{g:?}");
-            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - e).abs() < 1e-4 * (1.0 + e.abs()),
-                    "{g:?} [{i}]: {a} vs {e}"
-                );
-            }
+            assert_close(&got, &want, &format!("{g:?}"));
             let run = |t| crate::kernels::conv::on_threads(t, || weight_grad(&x, &dy, &g));
             assert_eq!(run(1), run(3), "{g:?}");
         }
