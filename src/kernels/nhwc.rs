@@ -916,12 +916,19 @@ unsafe fn wgrad_tile_bf16<const V: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::Precision;
     use crate::kernels::conv::test_data as data;
 
-    fn geom(batch: usize, cin: usize, side: usize, cout: usize, k: usize, s: usize) -> ConvGeom {
+    pub(in crate::kernels) fn geom(
+        batch: usize,
+        cin: usize,
+        side: usize,
+        cout: usize,
+        k: usize,
+        s: usize,
+    ) -> ConvGeom {
         ConvGeom {
             batch,
             cin,
@@ -937,12 +944,12 @@ mod tests {
     }
 
     /// Equal lengths and every value within bf16-summation-order rounding of the other.
-    fn assert_close(got: &[f32], want: &[f32], g: &ConvGeom) {
-        assert_eq!(got.len(), want.len(), "{g:?}");
+    pub(in crate::kernels) fn assert_close(got: &[f32], want: &[f32], at: &dyn std::fmt::Debug) {
+        assert_eq!(got.len(), want.len(), "{at:?}");
         for (i, (a, e)) in got.iter().zip(want).enumerate() {
             assert!(
                 (a - e).abs() < 1e-4 * (1.0 + e.abs()),
-                "{g:?} [{i}]: {a} vs {e}"
+                "{at:?} [{i}]: {a} vs {e}"
             );
         }
     }

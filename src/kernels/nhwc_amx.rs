@@ -435,9 +435,11 @@ struct Scratch([f32; 4 * 256]);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Precision;
     use crate::kernels::conv::test_data as data;
 
+    use super::super::nhwc::tests::assert_close;
+
+    /// [`super::super::nhwc::tests::geom`] with its own width.
     fn geom(
         batch: usize,
         cin: usize,
@@ -448,28 +450,20 @@ mod tests {
         s: usize,
     ) -> ConvGeom {
         ConvGeom {
-            batch,
-            cin,
-            h,
             w,
-            cout,
-            kh: k,
-            kw: k,
-            stride: [s, s],
-            pad: [k / 2, k / 2],
-            precision: Precision::Bf16,
+            ..super::super::nhwc::tests::geom(batch, cin, h, cout, k, s)
         }
     }
 
-    /// Equal lengths and every value within bf16-summation-order rounding of the other.
-    fn assert_close(got: &[f32], want: &[f32], at: &str) {
-        assert_eq!(got.len(), want.len(), "{at}");
-        for (i, (a, e)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (a - e).abs() < 1e-4 * (1.0 + e.abs()),
-                "{at} [{i}]: {a} vs {e}"
-            );
+    /// Whether AMX runs here; else says the test is skipped. `amx::tests::
+    /// a_cpu_that_reports_amx_runs_it` fails where the CPU has AMX and it is not enabled, so
+    /// a skip is never silent there.
+    fn amx_or_skip() -> bool {
+        let on = super::super::amx::enabled();
+        if !on {
+            eprintln!("skipped: no AMX on this CPU");
         }
+        on
     }
 
     /// Through [`super::super::nhwc::forward_act`] (which takes this kernel wherever AMX runs
@@ -478,10 +472,7 @@ mod tests {
     /// output channels with a 16- and a 48-channel remainder, groups of images, bias and ReLU.
     #[test]
     fn matches_im2col_in_bf16() {
-        if !super::super::amx::enabled() {
-            // `amx::tests::a_cpu_that_reports_amx_runs_it` fails where the CPU has AMX and it
-            // is not enabled, so this skip is never silent there.
-            eprintln!("skipped: no AMX on this CPU");
+        if !amx_or_skip() {
             return;
         }
         for g in [
@@ -501,7 +492,7 @@ mod tests {
             for relu in [false, true] {
                 let got = super::super::nhwc::forward_act(&x, &w, Some(&b), &g, relu);
                 let want = super::super::im2col::im2col_forward_act(&x, &w, Some(&b), &g, relu);
-                assert_close(&got, &want, &format!("{g:?} relu={relu}"));
+                assert_close(&got, &want, &(g, relu));
             }
             // One image on three threads splits by output channels: the same values.
             let one = &x[..g.in_len()];
@@ -520,8 +511,7 @@ mod tests {
     /// several chunks of images), and the same bits for 1 and 3 threads.
     #[test]
     fn weight_grad_matches_im2col_in_bf16() {
-        if !super::super::amx::enabled() {
-            eprintln!("skipped: no AMX on this CPU");
+        if !amx_or_skip() {
             return;
         }
         for g in [
@@ -544,7 +534,7 @@ mod tests {
             let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
                 .1
                 .unwrap();
-            assert_close(&got, &want, &format!("{g:?}"));
+            assert_close(&got, &want, &g);
             let run = |t| crate::kernels::conv::on_threads(t, || weight_grad(&x, &dy, &g));
             assert_eq!(run(1), run(3), "{g:?}");
         }
