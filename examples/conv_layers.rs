@@ -6,8 +6,12 @@
 //! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64). `CONV_LAYERS_ONLY=TEXT` times only
 //! the layers whose description (`512->512 4px 3x3/1`) contains `TEXT`; `CONV_LAYERS_REPEAT=
 //! fwd|dw|dx` runs only that product of each layer, 30 times and untimed, for `perf record`.
+//! In bf16 the kernels read and write bf16 activations, as in training on burn-flex.
 use convlab::kernels::Precision;
-use convlab::kernels::conv::{ConvGeom, conv2d_backward, conv2d_forward};
+use convlab::kernels::act::to_bf16;
+use convlab::kernels::conv::{
+    ConvGeom, conv2d_backward, conv2d_backward_bf16, conv2d_forward, conv2d_forward_bf16,
+};
 use convlab::kernels::plan::{Cpu, plan};
 use convlab::models::{ModelConfig, ModelName};
 use std::time::Instant;
@@ -215,26 +219,45 @@ fn main() {
                 })
                 .fold(f64::INFINITY, f64::min)
         };
-        let backward_once = |need: [bool; 3]| conv2d_backward(&x, &w, &y, &g, need);
-        let backward = |need: [bool; 3]| {
-            time(&|| {
-                std::hint::black_box(backward_once(need));
-            })
+        // In bf16 on the activations training keeps between layers (bf16 in, bf16 out), as
+        // burn-flex calls the kernels.
+        let bf16_act = precision == Precision::Bf16;
+        let (xb, yb) = if bf16_act {
+            (to_bf16(&x), to_bf16(&y))
+        } else {
+            (Vec::new(), Vec::new())
         };
+        let forward_once = || {
+            if bf16_act {
+                drop(std::hint::black_box(conv2d_forward_bf16(
+                    &xb, &w, None, &g, false,
+                )));
+            } else {
+                drop(std::hint::black_box(conv2d_forward(&x, &w, None, &g)));
+            }
+        };
+        let backward_once = |need: [bool; 3]| {
+            if bf16_act {
+                drop(std::hint::black_box(conv2d_backward_bf16(
+                    &xb, &w, &yb, &g, need,
+                )));
+            } else {
+                drop(std::hint::black_box(conv2d_backward(&x, &w, &y, &g, need)));
+            }
+        };
+        let backward = |need: [bool; 3]| time(&|| backward_once(need));
         if let Some(part) = repeat.as_deref() {
             for _ in 0..30 {
                 match part {
-                    "fwd" => drop(std::hint::black_box(conv2d_forward(&x, &w, None, &g))),
-                    "dw" => drop(std::hint::black_box(backward_once([false, true, false]))),
-                    "dx" => drop(std::hint::black_box(backward_once([true, false, false]))),
+                    "fwd" => forward_once(),
+                    "dw" => backward_once([false, true, false]),
+                    "dx" => backward_once([true, false, false]),
                     _ => unreachable!("checked at start"),
                 }
             }
             continue;
         }
-        let f = time(&|| {
-            std::hint::black_box(conv2d_forward(&x, &w, None, &g));
-        });
+        let f = time(&forward_once);
         let b = backward([cin != 3, true, false]);
         let bfl = if cin == 3 { flops } else { 2.0 * flops };
         let bw = backward([false, true, false]);

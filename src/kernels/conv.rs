@@ -7,12 +7,12 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, kh, kw]`, `bias: [C_out]`, `y: [B, C_out, H_out, W_out]`,
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
-use super::act::Act;
+use super::act::{Act, bf16};
 pub(super) use super::gemm::{image_blocks, sum_in_order};
 use super::im2col::im2col_forward_act;
 pub use super::im2col::{im2col_backward, im2col_forward};
 use super::plan::{Algo, Cpu, plan};
-use super::{direct, nhwc, winograd};
+use super::{direct, nhwc, pointwise, winograd};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::cell::OnceCell;
@@ -107,8 +107,129 @@ pub fn conv2d_forward_act<E: Act>(
         }
         Algo::Direct => direct::forward_act(&E::widened(x), w, bias, g, relu),
         Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
+        Algo::Pointwise => pointwise::forward(x, w, bias, g, relu),
         Algo::Im2col => im2col_forward_act(x, w, bias, g, relu),
     }
+}
+
+/// The forward convolution (then `max(·, 0)` with `relu`) on bf16 activations into bf16
+/// activations: rounded in the kernel's epilogue where the plan's algorithm does that
+/// ([`Algo::Pointwise`]), else the f32 sums of chunks of images rounded while in cache.
+pub fn conv2d_forward_bf16(
+    x: &[bf16],
+    w: &[f32],
+    b: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<bf16> {
+    forward_bf16_in(x, w, b, g, relu, BF16_CHUNK_BYTES)
+}
+
+/// [`conv2d_backward`] on bf16 activations: `dx` in bf16 (rounded as
+/// [`conv2d_forward_bf16`]'s output), `dw` and `db` in f32.
+pub fn conv2d_backward_bf16(
+    x: &[bf16],
+    w: &[f32],
+    dy: &[bf16],
+    g: &ConvGeom,
+    need: [bool; 3],
+) -> Bf16Grads {
+    backward_bf16_in(x, w, dy, g, need, BF16_CHUNK_BYTES)
+}
+
+/// Bytes of f32 results per chunk of images of a convolution on bf16 activations: the kernels
+/// read the bf16 activations themselves and write f32 (their sums), which the chunk rounds to
+/// bf16 while it is still in the last-level cache.
+const BF16_CHUNK_BYTES: usize = 16 << 20;
+
+/// Images per chunk of [`BF16_CHUNK_BYTES`]: a multiple of the thread count (the kernels share a
+/// chunk's images out among the threads), at most the batch.
+fn images_per_chunk(g: &ConvGeom, budget: usize) -> usize {
+    // The forward pass's output, or the input gradient.
+    let per_image = 4 * g.in_len().max(g.out_len()).max(1);
+    let threads = rayon::current_num_threads().max(1);
+    (budget / per_image)
+        .max(1)
+        .next_multiple_of(threads)
+        .min(g.batch.max(1))
+}
+
+/// `(x, dy)`'s chunks of images of about `budget` bytes for a convolution of geometry `g`:
+/// the chunk's geometry and its range of images.
+fn chunks(
+    g: &ConvGeom,
+    budget: usize,
+) -> impl Iterator<Item = (ConvGeom, std::ops::Range<usize>)> + '_ {
+    let n = images_per_chunk(g, budget);
+    (0..g.batch).step_by(n.max(1)).map(move |i| {
+        let m = n.min(g.batch - i);
+        (ConvGeom { batch: m, ..*g }, i..i + m)
+    })
+}
+
+/// The forward convolution (then `max(·, 0)` with `relu`) on bf16 activations, chunk by
+/// chunk ([`BF16_CHUNK_BYTES`]): the kernels read the chunk's bf16 values, and their f32 sums are
+/// rounded into `y`.
+fn forward_bf16_in(
+    x: &[bf16],
+    w: &[f32],
+    b: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+    budget: usize,
+) -> Vec<bf16> {
+    if plan(g, Cpu::detect()).forward == Algo::Pointwise {
+        // Rounded in the kernel's own epilogue.
+        return pointwise::forward(x, w, b, g, relu);
+    }
+    let (il, ol) = (g.in_len(), g.out_len());
+    // Grown chunk by chunk: each chunk's zeros are written just before its values, in cache.
+    let mut y = Vec::with_capacity(g.batch * ol);
+    for (gc, r) in chunks(g, budget) {
+        let yf = conv2d_forward_act(&x[r.start * il..r.end * il], w, b, &gc, relu);
+        y.resize(r.end * ol, bf16::ZERO);
+        super::act::narrow_into(&yf, &mut y[r.start * ol..]);
+    }
+    y
+}
+
+/// `(dx, dw, db)` of a convolution on bf16 activations: `dx` in bf16, the rest f32.
+pub type Bf16Grads = (Option<Vec<bf16>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// [`conv2d_backward`] on bf16 activations, chunk by chunk as [`conv2d_forward_bf16`]: `dx` rounded
+/// to bf16, `dw` and `db` (f32) summed over the chunks in order.
+fn backward_bf16_in(
+    x: &[bf16],
+    w: &[f32],
+    dy: &[bf16],
+    g: &ConvGeom,
+    need: [bool; 3],
+    budget: usize,
+) -> Bf16Grads {
+    let (il, ol) = (g.in_len(), g.out_len());
+    // Whole, where the kernel rounds its own output; else grown chunk by chunk, as
+    // `conv2d_forward_bf16`'s output.
+    let whole = (need[0] && plan(g, Cpu::detect()).input_grad == Algo::Pointwise)
+        .then(|| pointwise::input_grad(w, dy, g));
+    let need = [need[0] && whole.is_none(), need[1], need[2]];
+    let mut dx = need[0].then(|| Vec::with_capacity(g.batch * il));
+    let (mut dw, mut db): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
+    let add = |sum: &mut Option<Vec<f32>>, part: Option<Vec<f32>>| match (sum.as_mut(), part) {
+        (Some(s), Some(p)) => s.iter_mut().zip(&p).for_each(|(s, p)| *s += p),
+        (None, p) => *sum = p,
+        _ => {}
+    };
+    for (gc, r) in chunks(g, budget) {
+        let (xc, dyc) = (&x[r.start * il..r.end * il], &dy[r.start * ol..r.end * ol]);
+        let (dxc, dwc, dbc) = conv2d_backward(xc, w, dyc, &gc, need);
+        if let (Some(dx), Some(dxc)) = (dx.as_mut(), dxc) {
+            dx.resize(r.end * il, bf16::ZERO);
+            super::act::narrow_into(&dxc, &mut dx[r.start * il..]);
+        }
+        add(&mut dw, dwc);
+        add(&mut db, dbc);
+    }
+    (whole.or(dx), dw, db)
 }
 
 /// `(dx, dw, db)`, each present when it was asked for.
@@ -168,6 +289,7 @@ pub fn conv2d_backward<E: Act>(
             .0
             .unwrap(),
         Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
+        Algo::Pointwise => pointwise::input_grad(w, dy, g),
         Algo::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),
@@ -647,6 +769,61 @@ mod tests {
                     "{precision:?}: no geometry ran {a}: {seen:?}"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bf16_tests {
+    use super::*;
+    use crate::kernels::act;
+
+    /// A batch split into chunks gives the one-chunk output and input gradient bit for bit
+    /// (each image is computed alone), and the weight and bias gradients up to the order of
+    /// the chunks' sums.
+    #[test]
+    fn chunks_of_images_give_the_whole_batch_result() {
+        let g = ConvGeom {
+            batch: 5,
+            cin: 6,
+            h: 9,
+            w: 8,
+            cout: 7,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1, 1],
+            precision: crate::kernels::Precision::Fp32,
+        };
+        let one = 4 * (g.in_len() + g.out_len());
+        let ranges: Vec<_> = chunks(&g, one).map(|(_, r)| r).collect();
+        assert!(
+            ranges.len() > 1 || rayon::current_num_threads() >= 5,
+            "{ranges:?}"
+        );
+        assert!(chunks(&g, one).all(|(c, r)| c.batch == r.len()));
+        assert_eq!(ranges.first().map(|r| r.start), Some(0));
+        assert_eq!(ranges.last().map(|r| r.end), Some(5));
+        assert!(ranges.windows(2).all(|p| p[0].end == p[1].start));
+        let x = act::to_bf16(&test_data(g.batch * g.in_len(), 1));
+        let w = test_data(g.cout * g.k(), 2);
+        let b = test_data(g.cout, 3);
+        let dy = act::to_bf16(&test_data(g.batch * g.out_len(), 4));
+        let whole = usize::MAX / 2;
+        assert_eq!(
+            forward_bf16_in(&x, &w, Some(&b), &g, true, one),
+            forward_bf16_in(&x, &w, Some(&b), &g, true, whole)
+        );
+        let (dx1, dw1, db1) = backward_bf16_in(&x, &w, &dy, &g, [true; 3], one);
+        let (dx0, dw0, db0) = backward_bf16_in(&x, &w, &dy, &g, [true; 3], whole);
+        assert_eq!(dx1, dx0);
+        for (a, e) in dw1
+            .unwrap()
+            .iter()
+            .chain(&db1.unwrap())
+            .zip(dw0.unwrap().iter().chain(&db0.unwrap()))
+        {
+            assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "{a} vs {e}");
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod nhwc;
 mod nhwc_amx;
 pub mod norm;
 pub mod plan;
+pub mod pointwise;
 pub mod pool;
 mod simd;
 #[cfg(feature = "tch")]

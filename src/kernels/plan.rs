@@ -7,6 +7,9 @@
 //!
 //! The rules, each measured (the numbers are beside [`super::winograd::applies`],
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
+//! - bf16 on AMX: 1x1 layers of up to 1024 input channels (for the input gradient, output
+//!   channels) on [`super::pointwise`], the forward pass at any stride, the input gradient
+//!   at stride 1;
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
 //!   the forward pass and the stride-1 input gradient of layers of more than one tap with
 //!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the
@@ -43,6 +46,9 @@ pub enum Algo {
     Im2col,
     /// The channels-last bf16 direct convolution ([`super::nhwc`]).
     ChannelsLast,
+    /// 1x1 layers on the AMX tiles, the epilogue writing the output type
+    /// ([`super::pointwise`]).
+    Pointwise,
 }
 
 impl Algo {
@@ -53,6 +59,7 @@ impl Algo {
             Algo::Direct => "direct",
             Algo::Im2col => "im2col",
             Algo::ChannelsLast => "nhwc",
+            Algo::Pointwise => "pointwise",
         }
     }
 }
@@ -110,7 +117,9 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     let direct = cpu.tiles != Tiles::None && direct::fits(g) && (fp32 || !cpu.amx);
     let winograd =
         winograd::fits(g) && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512));
-    let forward = if channels_last(g, cpu, winograd, direct) {
+    let forward = if pointwise(g, cpu) {
+        Algo::Pointwise
+    } else if channels_last(g, cpu, winograd, direct) {
         Algo::ChannelsLast
     } else if winograd {
         Algo::Winograd(winograd_tile(g))
@@ -119,7 +128,9 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     } else {
         Algo::Im2col
     };
-    let input_grad = if g.stride == [1, 1]
+    let input_grad = if g.stride == [1, 1] && pointwise(&g.input_grad(), cpu) {
+        Algo::Pointwise
+    } else if g.stride == [1, 1]
         && channels_last(&g.input_grad(), cpu, winograd, direct && g.cin >= 16)
     {
         Algo::ChannelsLast
@@ -227,6 +238,25 @@ fn winograd_tile(g: &ConvGeom) -> Tile {
     }
 }
 
+/// Whether [`super::pointwise`] computes `g` (a forward convolution, or the one that gives a
+/// stride-1 layer's input gradient): bf16 on AMX, 1x1 layers with whole tiles of channels and
+/// at most 1024 products per output.
+///
+/// Against im2col on the tiles (whose f32 output the caller rounded), bf16 activations in and
+/// out, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, fastest of three alternated
+/// runs (`CONV_LAYERS_ONLY=1x1 cargo run --release --example conv_layers 2 bf16 resnet50 224
+/// 16`), forward / input gradient ms: 64 -> 256 at 56 px 11.9 / 7.1 -> 2.4 / 2.4, 256 -> 64
+/// 6.0 / 13.4 -> 2.4 / 2.5, 256 -> 128 11.3 / 13.9 -> 2.9 / 3.3, the 1x1/2 projection 256 ->
+/// 512 12.6 -> 5.1 (forward only: its input gradient stays im2col); at 28 px 128 -> 512 5.1
+/// / 2.7 -> 2.0 / 1.8, 512 -> 128 2.5 / 7.3 -> 1.8 / 1.6; at 14 px 256 -> 1024 3.4 / 2.6 ->
+/// 1.6 / 2.0, 1024 -> 256 2.9 / 3.5 -> 1.5 / 1.5, 1024 -> 512 5.1 / 5.5 -> 2.9 / 3.9. With
+/// 2048 products per output it lost or tied: the input gradient of 512 -> 2048 at 7 px 2.9 ->
+/// 4.7, the forward of 2048 -> 512 2.2 -> 2.5 (both operands of a 32 x 32 block, 128 KiB
+/// each, stream from L2 for 49 positions).
+fn pointwise(g: &ConvGeom, cpu: Cpu) -> bool {
+    g.precision == Precision::Bf16 && cpu.amx && super::pointwise::fits(g) && g.cin <= 1024
+}
+
 /// bf16 on AVX512-BF16 without AMX: where [`super::nhwc`]'s kernels were measured.
 fn bf16_tiles(g: &ConvGeom, cpu: Cpu) -> bool {
     g.precision == Precision::Bf16 && !cpu.amx && cpu.tiles == Tiles::Avx512
@@ -319,7 +349,7 @@ mod tests {
         }
     }
 
-    use Algo::{ChannelsLast as C, Direct as D, Im2col as I};
+    use Algo::{ChannelsLast as C, Direct as D, Im2col as I, Pointwise as PW};
     /// Winograd F(2x2, 3x3) and F(4x4, 3x3).
     const W: Algo = Algo::Winograd(Tile::F2);
     const W4: Algo = Algo::Winograd(Tile::F4);
@@ -381,15 +411,20 @@ mod tests {
         assert_eq!(plan(&b(geom(256, 1024, 14, 1, 1)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
         // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (stride 2
-        // from 14 outputs a row, forward only); 1x1 layers keep im2col except the weight
-        // gradient of those that do not widen.
+        // from 14 outputs a row, forward only); 1x1 layers on the pointwise kernel (input
+        // gradient at stride 1; up to 1024 products per output), the weight gradient of those
+        // that do not widen on the implicit GEMM.
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
         assert_eq!(plan(&b(geom(512, 512, 4, 3, 1)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, C));
         assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, I, I));
-        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(I, I, I));
-        assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(I, I, C));
-        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(I, I, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(PW, I, I));
+        assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(PW, PW, C));
+        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(PW, PW, I));
+        assert_eq!(plan(&b(geom(2048, 512, 7, 1, 1)), AMX), p(I, PW, C));
+        assert_eq!(plan(&b(geom(512, 2048, 7, 1, 1)), AMX), p(PW, I, I));
+        // A 1x1 layer of 16 input channels: half a tile of `K`, so im2col forward.
+        assert_eq!(plan(&b(geom(16, 64, 28, 1, 1)), AMX), p(I, PW, I));
         // 16 input channels are half a tile: im2col forward; the input gradient reads 64.
         assert_eq!(plan(&b(geom(16, 64, 56, 3, 1)), AMX), p(I, C, I));
         // Without AVX2 the direct kernels never run.
