@@ -8,8 +8,7 @@
 //! The rules, each measured (the numbers are beside [`super::winograd::applies`],
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
 //! - bf16 on AMX: 1x1 layers of up to 1024 input channels (for the input gradient, output
-//!   channels) on [`super::pointwise`], the forward pass at any stride, the input gradient
-//!   at stride 1;
+//!   channels) on [`super::pointwise`], the forward pass and the input gradient;
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
 //!   the forward pass and the stride-1 input gradient of layers of more than one tap with
 //!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the
@@ -128,7 +127,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     } else {
         Algo::Im2col
     };
-    let input_grad = if g.stride == [1, 1] && pointwise(&g.input_grad(), cpu) {
+    let input_grad = if super::pointwise::input_grad_geom(g).is_some_and(|gi| pointwise(&gi, cpu)) {
         Algo::Pointwise
     } else if g.stride == [1, 1]
         && channels_last(&g.input_grad(), cpu, winograd, direct && g.cin >= 16)
@@ -239,20 +238,24 @@ fn winograd_tile(g: &ConvGeom) -> Tile {
 }
 
 /// Whether [`super::pointwise`] computes `g` (a forward convolution, or the one that gives a
-/// stride-1 layer's input gradient): bf16 on AMX, 1x1 layers with whole tiles of channels and
-/// at most 1024 products per output.
+/// 1x1 layer's input gradient, [`super::pointwise::input_grad_geom`]): bf16 on AMX, 1x1
+/// layers with whole tiles of channels and at most 1024 products per output.
 ///
 /// Against im2col on the tiles (whose f32 output the caller rounded), bf16 activations in and
-/// out, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, fastest of three alternated
-/// runs (`CONV_LAYERS_ONLY=1x1 cargo run --release --example conv_layers 2 bf16 resnet50 224
-/// 16`), forward / input gradient ms: 64 -> 256 at 56 px 11.9 / 7.1 -> 2.4 / 2.4, 256 -> 64
-/// 6.0 / 13.4 -> 2.4 / 2.5, 256 -> 128 11.3 / 13.9 -> 2.9 / 3.3, the 1x1/2 projection 256 ->
-/// 512 12.6 -> 5.1 (forward only: its input gradient stays im2col); at 28 px 128 -> 512 5.1
-/// / 2.7 -> 2.0 / 1.8, 512 -> 128 2.5 / 7.3 -> 1.8 / 1.6; at 14 px 256 -> 1024 3.4 / 2.6 ->
-/// 1.6 / 2.0, 1024 -> 256 2.9 / 3.5 -> 1.5 / 1.5, 1024 -> 512 5.1 / 5.5 -> 2.9 / 3.9. With
-/// 2048 products per output it lost or tied: the input gradient of 512 -> 2048 at 7 px 2.9 ->
-/// 4.7, the forward of 2048 -> 512 2.2 -> 2.5 (both operands of a 32 x 32 block, 128 KiB
-/// each, stream from L2 for 49 positions).
+/// out, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, the rule off and on in
+/// alternated runs (`CONV_LAYERS_ONLY=1x1 cargo run --release --example conv_layers 2 bf16
+/// resnet50 224 16`; one pair at 56 and 28 px, the fastest of three at 14 and 7 px), forward
+/// / input gradient ms: 64 -> 256 at 56 px 11.9 / 7.1 -> 2.4 / 2.4, 256 -> 64
+/// 6.0 / 13.4 -> 2.4 / 2.5, 256 -> 128 11.3 / 13.9 -> 2.9 / 3.3; at 28 px 128 -> 512 5.1 /
+/// 2.7 -> 2.0 / 1.8, 512 -> 128 2.5 / 7.3 -> 1.8 / 1.6; at 14 px 256 -> 1024 3.4 / 2.6 -> 1.6
+/// / 2.0, 1024 -> 256 2.9 / 3.5 -> 1.5 / 1.5, 1024 -> 512 5.1 / 5.5 -> 2.9 / 3.9; the 1x1/2
+/// projection 256 -> 512 forward 12.6 -> 5.1. Their input gradient (the sampled positions
+/// scattered into zeros, against im2col + col2im; `bench/conv_layers_ab.sh OLD NEW 3 1x1/2
+/// bf16 MODEL SIZE BATCH`): resnet50's 256 -> 512 at 56 px 7.2 -> 3.5, 512 -> 1024 at 28 px
+/// 5.3 -> 4.2; resnet18's (batch 32) 64 -> 128 at 56 px 2.4 -> 0.9, 128 -> 256 1.4 -> 0.6,
+/// 256 -> 512 1.1 -> 0.7. With 2048 products per output it lost or tied: the input gradient
+/// of 512 -> 2048 at 7 px 2.9 -> 4.7, the forward of 2048 -> 512 2.2 -> 2.5 (both operands of
+/// a 32 x 32 block, 128 KiB each, stream from L2 for 49 positions).
 fn pointwise(g: &ConvGeom, cpu: Cpu) -> bool {
     g.precision == Precision::Bf16 && cpu.amx && super::pointwise::fits(g) && g.cin <= 1024
 }
@@ -412,13 +415,13 @@ mod tests {
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
         // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (stride 2
         // from 14 outputs a row, forward only); 1x1 layers on the pointwise kernel (input
-        // gradient at stride 1; up to 1024 products per output), the weight gradient of those
+        // gradient too; up to 1024 products per output), the weight gradient of those
         // that do not widen on the implicit GEMM.
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
         assert_eq!(plan(&b(geom(512, 512, 4, 3, 1)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, C));
         assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, I, I));
-        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(PW, I, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(PW, PW, I));
         assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(PW, PW, C));
         assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(PW, PW, I));
         assert_eq!(plan(&b(geom(2048, 512, 7, 1, 1)), AMX), p(I, PW, C));

@@ -18,8 +18,8 @@
 //! L2 cache beside the weights; strided layers (the 1x1/2 projections) first gather their
 //! positions into a compact `[C_in, P]` copy.
 //!
-//! The input gradient of a stride-1 1x1 layer is the same product with `Wᵀ`
-//! ([`super::conv::ConvGeom::input_grad`]).
+//! The input gradient of a 1x1 layer is the same product with `Wᵀ` ([`input_grad_geom`]); at
+//! stride 2 it gives the sampled positions, scattered into a zeroed gradient.
 //!
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in]` (1x1), `y: [B, C_out, H_out, W_out]`; `C_in` a
@@ -97,18 +97,46 @@ pub fn forward<E: Act, O: Act>(
     unsafe { par_parts_uninit(&lens, Scratch::default, run) }
 }
 
-/// The input gradient of a stride-1 1x1 layer that [`fits`] with its transposed geometry:
-/// `dx = Wᵀ · dy`, in the output type `O`.
+/// The geometry of the product that gives a 1x1 layer's input gradient, `dx = Wᵀ · dy`: `C_out`
+/// channels in, `C_in` out, on the `H_out x W_out` positions the layer sampled (all of `dx`
+/// at stride 1, [`ConvGeom::input_grad`]; at stride 2 a quarter, the rest of `dx` being zero).
+/// `None` unless `g` is a 1x1 layer without padding.
+pub fn input_grad_geom(g: &ConvGeom) -> Option<ConvGeom> {
+    (g.kh == 1 && g.kw == 1 && g.pad == [0, 0]).then(|| ConvGeom {
+        cin: g.cout,
+        cout: g.cin,
+        h: g.ho(),
+        w: g.wo(),
+        stride: [1, 1],
+        ..*g
+    })
+}
+
+/// The input gradient of a 1x1 layer whose [`input_grad_geom`] [`fits`], in the output type
+/// `O`: the sampled positions' values from [`forward`] with `Wᵀ`, and at stride > 1 scattered
+/// into a zeroed `dx` (im2col's path wrote a column gradient and added it back tap by tap).
 ///
 /// # Panics
-/// As [`forward`], for the geometry [`ConvGeom::input_grad`].
+/// As [`forward`], for the geometry [`input_grad_geom`].
 pub fn input_grad<E: Act, O: Act>(w: &[f32], dy: &[E], g: &ConvGeom) -> Vec<O> {
-    forward(
-        dy,
-        &super::conv::rotated(w, g),
-        None,
-        &g.input_grad(),
-        false,
+    let gi = input_grad_geom(g).expect("a 1x1 layer without padding");
+    let sampled: Vec<O> = forward(dy, &super::conv::rotated(w, g), None, &gi, false);
+    if g.stride == [1, 1] {
+        return sampled;
+    }
+    let ((sy, sx), (ho, wo), plane) = ((g.stride[0], g.stride[1]), (g.ho(), g.wo()), g.h * g.w);
+    super::buf::par_zeroed(
+        g.batch * g.in_len(),
+        plane,
+        sampled.par_chunks(ho * wo),
+        |dx: &mut [O], src| {
+            for (oy, row) in src.chunks_exact(wo).enumerate() {
+                let line = &mut dx[oy * sy * g.w..];
+                row.iter()
+                    .enumerate()
+                    .for_each(|(ox, &v)| line[ox * sx] = v);
+            }
+        },
     )
 }
 
@@ -489,14 +517,20 @@ mod tests {
         }
     }
 
-    /// The stride-1 input gradient against im2col's on the same operands.
+    /// The input gradient against im2col's on the same operands, at strides 1 and 2.
     #[test]
     fn input_grad_matches_im2col() {
         if !amx_or_skip() {
             return;
         }
-        for g in [geom(2, 32, 5, 6, 32, 1), geom(3, 48, 9, 7, 64, 1)] {
-            assert!(fits(&g.input_grad()), "{g:?}");
+        for g in [
+            geom(2, 32, 5, 6, 32, 1),
+            geom(3, 48, 9, 7, 64, 1),
+            // The 1x1/2 projections, on even and odd sides.
+            geom(2, 32, 8, 10, 64, 2),
+            geom(2, 64, 9, 7, 32, 2),
+        ] {
+            assert!(fits(&input_grad_geom(&g).unwrap()), "{g:?}");
             let x = vec![bf16::ZERO; g.batch * g.in_len()];
             let dy: Vec<bf16> = data(g.batch * g.out_len(), 4)
                 .iter()
