@@ -52,8 +52,31 @@ pub fn par_zeroed_parts<F>(lens: &[usize], f: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
+    let fill = |i: usize, c: &mut [MaybeUninit<f32>], _: &mut ()| {
+        c.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element of `c` was just written, and `MaybeUninit<f32>` has the
+        // layout of `f32`.
+        let c = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
+        f(i, c);
+    };
+    // SAFETY: `fill` writes every value of its part before `f` sees it.
+    unsafe { par_parts_uninit(lens, || (), fill) }
+}
+
+/// Consecutive parts of `lens[i]` values each, part `i` handed uninitialised to `f(i, part,
+/// state)` on the worker that runs it (`init` making each worker's state), for a kernel that
+/// writes every value itself: no zero fill first.
+///
+/// # Safety
+/// `f` writes every value of the part it is given.
+pub unsafe fn par_parts_uninit<E, S, Init, F>(lens: &[usize], init: Init, f: F) -> Vec<E>
+where
+    E: Send,
+    Init: Fn() -> S + Sync + Send,
+    F: Fn(usize, &mut [MaybeUninit<E>], &mut S) + Sync + Send,
+{
     let n: usize = lens.iter().sum();
-    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let mut out: Vec<E> = Vec::with_capacity(n);
     let mut rest = &mut out.spare_capacity_mut()[..n];
     let mut parts = Vec::with_capacity(lens.len());
     for &len in lens {
@@ -61,15 +84,12 @@ where
         parts.push(head);
         rest = tail;
     }
-    parts.into_par_iter().enumerate().for_each(|(i, c)| {
-        c.fill(MaybeUninit::new(0.0));
-        // SAFETY: every element of `c` was just written, and `MaybeUninit<f32>` has the
-        // layout of `f32`.
-        let c = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
-        f(i, c);
-    });
-    // SAFETY: the parts cover all `n` values (their lengths sum to `n`) and each was written
-    // just above; a panic in `f` propagates before this.
+    parts
+        .into_par_iter()
+        .enumerate()
+        .for_each_init(init, |state, (i, part)| f(i, part, state));
+    // SAFETY: the parts cover all `n` values (their lengths sum to `n`) and `f` wrote each
+    // (the caller's contract); a panic in `f` propagates before this.
     unsafe { out.set_len(n) };
     out
 }

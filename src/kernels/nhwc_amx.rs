@@ -433,14 +433,14 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
 struct Scratch([f32; 4 * 256]);
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::conv::test_data as data;
 
     use super::super::nhwc::tests::assert_close;
 
     /// [`super::super::nhwc::tests::geom`] with its own width.
-    fn geom(
+    pub(in crate::kernels) fn geom(
         batch: usize,
         cin: usize,
         h: usize,
@@ -458,7 +458,7 @@ mod tests {
     /// Whether AMX runs here; else says the test is skipped. `amx::tests::
     /// a_cpu_that_reports_amx_runs_it` fails where the CPU has AMX and it is not enabled, so
     /// a skip is never silent there.
-    fn amx_or_skip() -> bool {
+    pub(in crate::kernels) fn amx_or_skip() -> bool {
         let on = super::super::amx::enabled();
         if !on {
             eprintln!("skipped: no AMX on this CPU");

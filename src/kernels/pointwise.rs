@@ -94,7 +94,7 @@ pub fn forward<E: Act, O: Act>(
         unit(xn, &wq, bias, relu, g, rows.clone(), out, scratch);
     };
     // SAFETY: `unit` writes every value of its part (all of its rows at every position).
-    unsafe { par_parts_uninit(&lens, Scratch::default, run) }
+    unsafe { super::buf::par_parts_uninit(&lens, Scratch::default, run) }
 }
 
 /// The geometry of the product that gives a 1x1 layer's input gradient, `dx = Wᵀ · dy`: `C_out`
@@ -412,65 +412,17 @@ unsafe fn epilogue_avx512<O: Act>(
     }
 }
 
-/// Consecutive parts of `lens[i]` values each, part `i` handed uninitialised to `f(i, part,
-/// state)` on the worker that runs it (`init` making each worker's state).
-///
-/// # Safety
-/// `f` writes every value of the part it is given.
-unsafe fn par_parts_uninit<E, S, Init, F>(lens: &[usize], init: Init, f: F) -> Vec<E>
-where
-    E: Send,
-    Init: Fn() -> S + Sync + Send,
-    F: Fn(usize, &mut [MaybeUninit<E>], &mut S) + Sync + Send,
-{
-    let n: usize = lens.iter().sum();
-    let mut out: Vec<E> = Vec::with_capacity(n);
-    let mut rest = &mut out.spare_capacity_mut()[..n];
-    let mut parts = Vec::with_capacity(lens.len());
-    for &len in lens {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
-        parts.push(head);
-        rest = tail;
-    }
-    parts
-        .into_par_iter()
-        .enumerate()
-        .for_each_init(init, |state, (i, part)| f(i, part, state));
-    // SAFETY: the parts cover all `n` values and `f` wrote each (the caller's contract); a
-    // panic in `f` propagates before this.
-    unsafe { out.set_len(n) };
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Precision;
-    use crate::kernels::act::bf16;
+    use crate::kernels::act::{bf16, to_bf16};
     use crate::kernels::conv::test_data as data;
     use crate::kernels::nhwc::tests::assert_close;
+    use crate::kernels::nhwc_amx::tests::amx_or_skip;
 
+    /// A 1x1 layer, no padding ([`super::super::nhwc_amx::tests::geom`]).
     fn geom(batch: usize, cin: usize, h: usize, w: usize, cout: usize, s: usize) -> ConvGeom {
-        ConvGeom {
-            batch,
-            cin,
-            h,
-            w,
-            cout,
-            kh: 1,
-            kw: 1,
-            stride: [s, s],
-            pad: [0, 0],
-            precision: Precision::Bf16,
-        }
-    }
-
-    fn amx_or_skip() -> bool {
-        let on = super::super::amx::enabled();
-        if !on {
-            eprintln!("skipped: no AMX on this CPU (amx::tests fails where the CPU has it)");
-        }
-        on
+        super::super::nhwc_amx::tests::geom(batch, cin, h, w, cout, 1, s)
     }
 
     /// Against im2col on the same bf16 operands (its `K` blocks are small in tests, so its sums
@@ -494,7 +446,7 @@ mod tests {
             let x = data(g.batch * g.in_len(), 1);
             let w = data(g.cout * g.cin, 2);
             let b = data(g.cout, 3);
-            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xb = to_bf16(&x);
             for relu in [false, true] {
                 let want = super::super::im2col::im2col_forward_act(&xb, &w, Some(&b), &g, relu);
                 let got: Vec<f32> = forward(&xb, &w, Some(&b), &g, relu);
@@ -503,7 +455,7 @@ mod tests {
                 let from_f32: Vec<f32> = forward(&xr, &w, Some(&b), &g, relu);
                 assert_eq!(from_f32, got, "f32 input {g:?}");
                 let narrow: Vec<bf16> = forward(&xb, &w, Some(&b), &g, relu);
-                let rounded: Vec<bf16> = got.iter().map(|&v| bf16::from_f32(v)).collect();
+                let rounded = to_bf16(&got);
                 assert_eq!(narrow, rounded, "bf16 output {g:?}");
             }
             let one = &xb[..g.in_len()];
@@ -532,10 +484,7 @@ mod tests {
         ] {
             assert!(fits(&input_grad_geom(&g).unwrap()), "{g:?}");
             let x = vec![bf16::ZERO; g.batch * g.in_len()];
-            let dy: Vec<bf16> = data(g.batch * g.out_len(), 4)
-                .iter()
-                .map(|&v| bf16::from_f32(v))
-                .collect();
+            let dy = to_bf16(&data(g.batch * g.out_len(), 4));
             let w = data(g.cout * g.cin, 5);
             let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [true, false, false])
                 .0
