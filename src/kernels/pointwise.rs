@@ -447,11 +447,11 @@ mod tests {
             let w = data(g.cout * g.cin, 2);
             let b = data(g.cout, 3);
             let xb = to_bf16(&x);
+            let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
             for relu in [false, true] {
                 let want = super::super::im2col::im2col_forward_act(&xb, &w, Some(&b), &g, relu);
                 let got: Vec<f32> = forward(&xb, &w, Some(&b), &g, relu);
                 assert_close(&got, &want, &(g, relu));
-                let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
                 let from_f32: Vec<f32> = forward(&xr, &w, Some(&b), &g, relu);
                 assert_eq!(from_f32, got, "f32 input {g:?}");
                 let narrow: Vec<bf16> = forward(&xb, &w, Some(&b), &g, relu);
