@@ -330,40 +330,38 @@ pub unsafe fn block<const R: usize, const V: usize>(
     }
 }
 
-/// Zeroes the C tiles of a block of 32 rows by `16·V` columns (`tmm0`, `tmm2`; `tmm1`,
-/// `tmm3` when `V` is 2).
+/// Zeroes the C tiles of a block of `16·R` rows by `16·V` columns (tile `2·row + column`).
 ///
 /// # Safety
 /// A [`Tiles`] is live on this thread.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn zero_c<const V: usize>() {
-    // SAFETY: the tiles are configured (the caller's contract); TILEZERO touches no memory.
-    unsafe {
-        std::arch::asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
-        if V > 1 {
-            std::arch::asm!("tilezero tmm1", "tilezero tmm3", options(nostack, nomem));
-        }
+unsafe fn zero_c<const R: usize, const V: usize>() {
+    macro_rules! zero {
+        ($t:literal, $ri:expr, $vi:expr) => {
+            std::arch::asm!(concat!("tilezero tmm", $t), options(nostack, nomem))
+        };
     }
+    // SAFETY: the tiles are configured (the caller's contract); TILEZERO touches no memory.
+    unsafe { c_tiles!(R, V, zero) }
 }
 
 /// Stores [`zero_c`]'s tiles to `out`: tile `2·ri + vi` at `out + 256·(2·ri + vi)`, rows of
 /// 16 floats.
 ///
 /// # Safety
-/// A [`Tiles`] is live on this thread; `out` is writable for `256·2·V` floats, 64-byte aligned.
+/// A [`Tiles`] is live on this thread; `out` is writable for `256·2·R` floats, 64-byte aligned.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store_c<const V: usize>(out: *mut f32) {
-    // SAFETY: every store stays inside the `256·2·V` floats of `out` (the caller's contract).
-    unsafe {
-        store!(0, out, 64usize);
-        store!(2, out.add(512), 64usize);
-        if V > 1 {
-            store!(1, out.add(256), 64usize);
-            store!(3, out.add(768), 64usize);
-        }
+unsafe fn store_c<const R: usize, const V: usize>(out: *mut f32) {
+    macro_rules! put {
+        ($t:literal, $ri:expr, $vi:expr) => {
+            store!($t, out.add(256 * $t), 64usize)
+        };
     }
+    // SAFETY: tile `t < 2·R` goes to `out + 256·t`, inside the `256·2·R` floats of `out` (the
+    // caller's contract).
+    unsafe { c_tiles!(R, V, put) }
 }
 
 /// One block of an implicit-GEMM convolution ([`super::nhwc_amx`]): for 32 output positions
@@ -392,7 +390,7 @@ pub unsafe fn conv_block<const V: usize>(
     let (a_s, b_s) = (step * 4, width * 4);
     // SAFETY (whole body): the caller's contract bounds every tile load and store.
     unsafe {
-        zero_c::<V>();
+        zero_c::<2, V>();
         for &(xo, wo) in taps {
             let (at, bt) = (a.add(xo), b.add(wo * width));
             for p in (0..kp).step_by(PAIRS) {
@@ -408,26 +406,37 @@ pub unsafe fn conv_block<const V: usize>(
                 }
             }
         }
-        store_c::<V>(out);
+        store_c::<2, V>(out);
     }
 }
 
-/// One block of a weight gradient ([`super::nhwc_amx::weight_grad`]): `C[32 rows, 16·V] =
-/// Σ_{n < images} Σ_{s < steps} A_n,s · B_n,s` with `A_n,s` two tiles of 16 rows of 32 bf16
-/// values at `a + n·a_img + 32·s` (rows `a_rs` halves apart, the second tile `16·a_rs` after
-/// the first) and `B_n,s` `V` tiles of 16 pair rows at `b + n·b_img + 16·s·b_rs` (rows `b_rs`
-/// words apart, the second tile 16 words right); stored as [`conv_block`] stores.
+/// Runs of 32 bf16 values, the `A` tiles of a [`wgrad_block`]: row `r` of image `n` starts at
+/// `ptr + n·img + r·rs` (halves).
+#[derive(Clone, Copy, Debug)]
+pub struct Runs {
+    pub ptr: *const u16,
+    pub rs: usize,
+    pub img: usize,
+}
+
+/// One block of a weight gradient ([`super::nhwc_amx::weight_grad`],
+/// [`super::pointwise::weight_grad`]): `C[16·R rows, 16·V] = Σ_{n < images} (Σ_{s < steps}
+/// A_n,s · B_n,s + T_n · B_n,steps)` with `A_n,s` `R` tiles of 16 rows of 32 bf16 values at
+/// `a.ptr + n·a.img + 32·s` (rows `a.rs` halves apart, the second tile `16·a.rs` after the
+/// first), `T_n` the same tiles of `tail` (when given) at `tail.ptr + n·tail.img`, and `B_n,s`
+/// `V` tiles of 16 pair rows at `b + n·b_img + 16·s·b_rs` (rows `b_rs` words apart, the second
+/// tile 16 words right); stored as [`conv_block`] stores (`2·R` tiles).
 ///
 /// # Safety
-/// A [`Tiles`] is live on this thread; every row read is readable (`a + n·a_img + r·a_rs +
-/// 32·s + (0..32)` halves for `r < 32`, `b + n·b_img + (16·s + p)·b_rs + (0..16·V)` words for
-/// `p < 16`); `out` as in [`conv_block`].
+/// A [`Tiles`] is live on this thread; every row read is readable (`a.ptr + n·a.img + r·a.rs +
+/// 32·s + (0..32)` halves for `r < 16·R`, the same of `tail` at `s = 0`, `b + n·b_img + (16·s +
+/// p)·b_rs + (0..16·V)` words for `p < 16`, `s <= steps` with a tail); `out` is writable for
+/// `256·2·R` floats, 64-byte aligned.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn wgrad_block<const V: usize>(
-    a: *const u16,
-    a_rs: usize,
-    a_img: usize,
+pub unsafe fn wgrad_block<const R: usize, const V: usize>(
+    a: Runs,
+    tail: Option<Runs>,
     b: *const u32,
     b_rs: usize,
     b_img: usize,
@@ -435,28 +444,39 @@ pub unsafe fn wgrad_block<const V: usize>(
     steps: usize,
     out: *mut f32,
 ) {
-    debug_assert!((1..=2).contains(&V));
-    let (a_s, b_s) = (a_rs * 2, b_rs * 4);
+    debug_assert!((1..=2).contains(&R) && (1..=2).contains(&V));
+    let b_s = b_rs * 4;
     // SAFETY (whole body): the caller's contract bounds every tile load and store.
     unsafe {
-        zero_c::<V>();
-        for n in 0..images {
-            let (an, bn) = (a.add(n * a_img), b.add(n * b_img));
-            for s in 0..steps {
-                let (at, bt) = (an.add(32 * s), bn.add(16 * s * b_rs));
-                load!(4, at, a_s);
-                load!(6, bt, b_s);
-                dot!(0, 4, 6);
-                load!(5, at.add(16 * a_rs), a_s);
+        // The `A` tiles at `at` (rows `rs` halves apart) against the `B` tiles at `bt`.
+        let step = |at: *const u16, rs: usize, bt: *const u32| {
+            let a_s = rs * 2;
+            load!(4, at, a_s);
+            load!(6, bt, b_s);
+            dot!(0, 4, 6);
+            if R > 1 {
+                load!(5, at.add(16 * rs), a_s);
                 dot!(2, 5, 6);
-                if V > 1 {
-                    load!(7, bt.add(16), b_s);
-                    dot!(1, 4, 7);
+            }
+            if V > 1 {
+                load!(7, bt.add(16), b_s);
+                dot!(1, 4, 7);
+                if R > 1 {
                     dot!(3, 5, 7);
                 }
             }
+        };
+        zero_c::<R, V>();
+        for n in 0..images {
+            let (an, bn) = (a.ptr.add(n * a.img), b.add(n * b_img));
+            for s in 0..steps {
+                step(an.add(32 * s), a.rs, bn.add(16 * s * b_rs));
+            }
+            if let Some(t) = tail {
+                step(t.ptr.add(n * t.img), t.rs, bn.add(16 * steps * b_rs));
+            }
         }
-        store_c::<V>(out);
+        store_c::<R, V>(out);
     }
 }
 

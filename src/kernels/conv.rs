@@ -209,9 +209,17 @@ fn backward_bf16_in(
     let (il, ol) = (g.in_len(), g.out_len());
     // Whole, where the kernel rounds its own output; else grown chunk by chunk, as
     // `conv2d_forward_bf16`'s output.
-    let whole = (need[0] && plan(g, Cpu::detect()).input_grad == Algo::Pointwise)
-        .then(|| pointwise::input_grad(w, dy, g));
-    let need = [need[0] && whole.is_none(), need[1], need[2]];
+    let plan = plan(g, Cpu::detect());
+    let whole =
+        (need[0] && plan.input_grad == Algo::Pointwise).then(|| pointwise::input_grad(w, dy, g));
+    // The pointwise weight gradient reads the bf16 activations and sums in f32 itself: whole.
+    let whole_dw =
+        (need[1] && plan.weight_grad == Algo::Pointwise).then(|| pointwise::weight_grad(x, dy, g));
+    let need = [
+        need[0] && whole.is_none(),
+        need[1] && whole_dw.is_none(),
+        need[2],
+    ];
     let mut dx = need[0].then(|| Vec::with_capacity(g.batch * il));
     let (mut dw, mut db): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
     let add = |sum: &mut Option<Vec<f32>>, part: Option<Vec<f32>>| match (sum.as_mut(), part) {
@@ -219,7 +227,7 @@ fn backward_bf16_in(
         (None, p) => *sum = p,
         _ => {}
     };
-    for (gc, r) in chunks(g, budget) {
+    for (gc, r) in chunks(g, budget).filter(|_| need.contains(&true)) {
         let (xc, dyc) = (&x[r.start * il..r.end * il], &dy[r.start * ol..r.end * ol]);
         let (dxc, dwc, dbc) = conv2d_backward(xc, w, dyc, &gc, need);
         if let (Some(dx), Some(dxc)) = (dx.as_mut(), dxc) {
@@ -229,7 +237,7 @@ fn backward_bf16_in(
         add(&mut dw, dwc);
         add(&mut db, dbc);
     }
-    (whole.or(dx), dw, db)
+    (whole.or(dx), whole_dw.or(dw), db)
 }
 
 /// `(dx, dw, db)`, each present when it was asked for.
@@ -270,6 +278,11 @@ pub fn conv2d_backward<E: Act>(
         Algo::ChannelsLast => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
             let dw = need[1].then(|| nhwc::weight_grad(x, dy, g));
+            (None, dw, db)
+        }
+        Algo::Pointwise => {
+            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
+            let dw = need[1].then(|| pointwise::weight_grad(x, dy, g));
             (None, dw, db)
         }
         Algo::Winograd(tile) => {

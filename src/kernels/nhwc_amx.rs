@@ -382,29 +382,18 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
                     unsafe {
                         let out = c.0.as_mut_ptr();
                         let steps = vpad / 32;
+                        let a = super::amx::Runs {
+                            ptr: a,
+                            rs: per_channel,
+                            img: img_x,
+                        };
                         if v == 2 {
-                            super::amx::wgrad_block::<2>(
-                                a,
-                                per_channel,
-                                img_x,
-                                b,
-                                cout,
-                                img_d,
-                                images,
-                                steps,
-                                out,
+                            super::amx::wgrad_block::<2, 2>(
+                                a, None, b, cout, img_d, images, steps, out,
                             );
                         } else {
-                            super::amx::wgrad_block::<1>(
-                                a,
-                                per_channel,
-                                img_x,
-                                b,
-                                cout,
-                                img_d,
-                                images,
-                                steps,
-                                out,
+                            super::amx::wgrad_block::<2, 1>(
+                                a, None, b, cout, img_d, images, steps, out,
                             );
                         }
                     }

@@ -140,7 +140,22 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     } else {
         Algo::Im2col
     };
-    let weight_grad = if winograd && fp32 {
+    let weight_grad = if g.precision == Precision::Bf16 && cpu.amx && super::pointwise::fits(g) {
+        // Every 1x1 layer ([`super::pointwise::weight_grad`]) against the kernels it replaced
+        // (im2col on the tiles for the widening and strided layers, the implicit GEMM for the
+        // rest), bf16, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, two
+        // alternated runs (`CONV_LAYERS_ONLY=1x1 conv_layers 2 bf16 MODEL SIZE BATCH`), ms:
+        // resnet50 at 224 px, batch 16: 64 -> 256 at 56 px 5.7-5.8 -> 1.5, 256 -> 64 3.9-4.1
+        // -> 1.7, 256 -> 128 5.7-5.9 -> 3.2-3.3, 128 -> 512 at 28 px 3.2-3.3 -> 1.6, 512 -> 128
+        // 2.9 -> 1.2-1.3, 256 -> 1024 at 14 px 1.8 -> 1.6, 1024 -> 256 2.5-2.7 -> 1.6-1.7,
+        // 1024 -> 512 6.5-6.6 -> 3.5-3.8, 512 -> 2048 at 7 px 4.0-4.1 -> 2.6-2.7, 2048 -> 512
+        // 4.7-4.9 -> 2.9-4.4; the 1x1/2 projections 256 -> 512 at 56 px 10.5-10.6 -> 4.7, 512
+        // -> 1024 7.2-7.3 -> 3.9-4.1, but 1024 -> 2048 at 14 px 6.2-6.4 -> 6.6-6.9 (49 outputs
+        // per image: one whole run of 32 positions and a copied tail); resnet18 at 224 px,
+        // batch 32: 64 -> 128 /2 3.7-4.1 -> 1.1, 128 -> 256 2.1-2.3 -> 0.8, 256 -> 512
+        // 1.6-1.7 -> 0.7-0.8. All of a resnet50 step's 1x1 weight gradients: 142 -> 81 ms.
+        Algo::Pointwise
+    } else if winograd && fp32 {
         // Through the forward's Winograd variant ([`winograd::weight_grad`]), against the
         // direct kernels (32 px and up) and im2col (below), fp32, 2 threads, Zen 4, fastest
         // of alternated runs (`bench/conv_layers_ab.sh OLD NEW 3 "px 3x3/1" fp32 MODEL SIZE
@@ -166,7 +181,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         && super::nhwc_amx::fits_weight_grad(g)
         && g.wo() >= 7
         && (g.stride == [1, 1] || g.wo() >= 14)
-        && (g.kh * g.kw > 1 || g.cout <= g.cin)
+        && g.kh * g.kw > 1
     {
         // On AMX ([`super::nhwc_amx::weight_grad`]) against im2col on the tiles, bf16,
         // 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, fastest of two alternated
@@ -174,11 +189,8 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // at 224 px, batch 32: 64 -> 64 at 56 px 24.1 -> 9.0, 128 -> 128 at 28 px 12.6 ->
         // 6.8, 256 -> 256 at 14 px 11.9 -> 8.0, 512 -> 512 at 7 px 12.6 -> 12.2; bench-vgg at
         // 32 px, batch 64: 64 -> 64 at 32 px 11.1 -> 4.9, 128 -> 128 at 16 px 8.0 -> 5.7.
-        // resnet50's 1x1 layers at 224 px, batch 16, only where they do not widen: 64 -> 64
-        // at 56 px 3.8 -> 1.8, 256 -> 128 11.2 -> 8.4, 512 -> 256 at 28 px 5.9 -> 5.4; the
-        // widening ones lost (64 -> 256 5.3 -> 8.3, 256 -> 1024 at 14 px 1.6 -> 5.4, 512 ->
-        // 2048 at 7 px 2.4 -> 6.0: their `dY` chunks are wide, so fewer images share a
-        // block's sum into `dW`). Strided layers by phase planes from 14 outputs a row (the
+        // (resnet50's 1x1 layers ran here too, until the pointwise kernel above.) Strided
+        // layers by phase planes from 14 outputs a row (the
         // same runs, minimum of two or three): resnet18's 64 -> 128 at 56 px 13.9 -> 9.8, 128
         // -> 256 at 28 px 10.7 -> 7.4; resnet50's 128 -> 128 at 56 px 12.2 -> 10.9, 256 -> 256
         // at 28 px 10.7 -> 9.6; at 7 outputs a row even or worse (resnet18's 256 -> 512 11.0
@@ -415,17 +427,16 @@ mod tests {
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
         // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (stride 2
         // from 14 outputs a row, forward only); 1x1 layers on the pointwise kernel (input
-        // gradient too; up to 1024 products per output), the weight gradient of those
-        // that do not widen on the implicit GEMM.
+        // gradient too, up to 1024 products per output; the weight gradient of every one).
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
         assert_eq!(plan(&b(geom(512, 512, 4, 3, 1)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, I, C));
         assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, I, I));
-        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(PW, PW, I));
-        assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(PW, PW, C));
-        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(PW, PW, I));
-        assert_eq!(plan(&b(geom(2048, 512, 7, 1, 1)), AMX), p(I, PW, C));
-        assert_eq!(plan(&b(geom(512, 2048, 7, 1, 1)), AMX), p(PW, I, I));
+        assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(PW, PW, PW));
+        assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(PW, PW, PW));
+        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(PW, PW, PW));
+        assert_eq!(plan(&b(geom(2048, 512, 7, 1, 1)), AMX), p(I, PW, PW));
+        assert_eq!(plan(&b(geom(512, 2048, 7, 1, 1)), AMX), p(PW, I, PW));
         // A 1x1 layer of 16 input channels: half a tile of `K`, so im2col forward.
         assert_eq!(plan(&b(geom(16, 64, 28, 1, 1)), AMX), p(I, PW, I));
         // 16 input channels are half a tile: im2col forward; the input gradient reads 64.

@@ -140,6 +140,276 @@ pub fn input_grad<E: Act, O: Act>(w: &[f32], dy: &[E], g: &ConvGeom) -> Vec<O> {
     )
 }
 
+/// Bytes of one chunk of images' transposed operand (all of its blocks) and one 32-row block
+/// of the other: about half of a Sapphire Rapids core's 2 MiB L2, so the chunk stays there while
+/// every block of the layer reads it. Small in tests, so they cover several chunks.
+#[cfg(not(test))]
+const WGRAD_CHUNK_BYTES: usize = 1 << 20;
+#[cfg(test)]
+const WGRAD_CHUNK_BYTES: usize = 8192;
+
+/// The weight gradient of a 1x1 layer that [`fits`], `dW[o][c] = Σ_n Σ_p dY[n][o][p] ·
+/// X[n][c][s·p]` (`s·p` the input position sampled for output `p`), `[C_out, C_in]`: products in
+/// bf16, sums in f32.
+///
+/// A product of two activations over their positions, `M = A · Bᵀ` with `A` and `B`
+/// `[channels, P]` per image. The operand with more channels is `A` (`dY`, or `X` when the layer
+/// narrows; `dY` for the 1x1/2 projections, whose `X` is strided): its tile rows are 32
+/// consecutive positions of one channel, read straight from the NCHW activation (the last
+/// `P % 32` positions from a zero-padded copy). The other, `B`, is transposed per block of 32
+/// channels to position pairs `[P / 2, 32]`, which the tiles take as they are. The channels-last
+/// kernel ([`super::nhwc_amx::weight_grad`]) instead copied `X` and transposed `dY`, so on the
+/// widening layers it transposed the larger operand (plan.rs has its times).
+///
+/// Threads split `B`'s channel blocks and each packs its own, so every sum has one order (chunk
+/// by chunk of images, positions ascending) whatever the thread count.
+///
+/// # Panics
+/// When AMX is not enabled, `g` does not [`fits`], or a slice's length does not match `g`.
+pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
+    assert!(
+        super::amx::enabled() && fits(g),
+        "AMX 1x1 weight gradient of {g:?}"
+    );
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.out_len(),
+        "conv2d output gradient length"
+    );
+    let (xb, dyb) = (bf16_bits(x), bf16_bits(dy));
+    let (ho, wo) = (g.ho(), g.wo());
+    let dense = |bits, ch| Operand {
+        bits,
+        ch,
+        h: ho,
+        w: wo,
+        stride: [1, 1],
+    };
+    let xs = Operand {
+        bits: &xb,
+        ch: g.cin,
+        h: g.h,
+        w: g.w,
+        stride: g.stride,
+    };
+    let a_is_dy = g.cout >= g.cin || g.stride != [1, 1];
+    let (a, b) = if a_is_dy {
+        (dense(&dyb, g.cout), xs)
+    } else {
+        (dense(&xb, g.cin), dense(&dyb, g.cout))
+    };
+    let m = gram(&a, &b, g.batch, ho, wo);
+    if a_is_dy {
+        m
+    } else {
+        // `M = dWᵀ`.
+        super::gemm::sum_transposed_in_order(&[&m], g.cin, g.cout, None)
+    }
+}
+
+/// The bf16 bits of `v`: borrowed from bf16 activations, rounded from f32 ones.
+fn bf16_bits<E: Act>(v: &[E]) -> std::borrow::Cow<'_, [u16]> {
+    match E::as_bf16_bits(v) {
+        Some(b) => b.into(),
+        None => {
+            let mut b = vec![0; v.len()];
+            E::bits_into(v, &mut b);
+            b.into()
+        }
+    }
+}
+
+/// One activation as an operand of [`gram`]: `ch` channels of `h x w` bf16 values per image, of
+/// which the positions `(s_y·r, s_x·c)` for the `r < H_out`, `c < W_out` of the product count.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    bits: &'a [u16],
+    ch: usize,
+    h: usize,
+    w: usize,
+    stride: [usize; 2],
+}
+
+impl Operand<'_> {
+    fn image(&self, n: usize) -> &[u16] {
+        &self.bits[n * self.ch * self.h * self.w..][..self.ch * self.h * self.w]
+    }
+}
+
+/// [`weight_grad`]'s product, `[A.ch, B.ch]`: `M[i][j] = Σ_n Σ_{p < ho·wo} A[n][i][p] ·
+/// B[n][j][sampled p]` with `A` dense (stride 1, `ho x wo`).
+///
+/// Each worker sums one part of `M`: all its rows and a range of `B`'s 32-channel blocks, or,
+/// where `B` has fewer blocks than there are threads (and than `A`), a range of `A`'s blocks
+/// against all of `B` (a narrow `dY`, which then each worker packs whole).
+fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32> {
+    let p = ho * wo;
+    assert!(a.stride == [1, 1] && a.h * a.w == p && a.ch.is_multiple_of(16));
+    assert!(b.ch.is_multiple_of(16) && a.bits.len() == batch * a.ch * p);
+    let (ra, rb) = (a.ch, b.ch);
+    let vpad = p.next_multiple_of(32);
+    let (steps, tail) = (p / 32, p % 32);
+    let panel = vpad / 2 * COLS;
+    let chunk = (WGRAD_CHUNK_BYTES / (2 * vpad * (rb + 32)).max(1)).clamp(1, batch.max(1));
+    let (a_blocks, b_blocks) = (ra.div_ceil(32), rb.div_ceil(32));
+    let threads = rayon::current_num_threads().max(1);
+    let split_b = b_blocks >= threads || b_blocks >= a_blocks;
+    let parts = threads
+        .min(if split_b { b_blocks } else { a_blocks })
+        .max(1);
+    let share = |t: usize, n: usize| t * n / parts..(t + 1) * n / parts;
+    // Part `t`'s blocks of `A` rows and of `B` channels.
+    let own = |t: usize| {
+        if split_b {
+            (0..a_blocks, share(t, b_blocks))
+        } else {
+            (share(t, a_blocks), 0..b_blocks)
+        }
+    };
+    let span = |r: &std::ops::Range<usize>, n: usize| 32 * r.start..(32 * r.end).min(n);
+    let sums: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|t| {
+            let (own_a, own_b) = own(t);
+            let (rows, cols) = (span(&own_a, ra), span(&own_b, rb));
+            let (nrows, ncols, nown) = (rows.len(), cols.len(), own_b.len());
+            let mut part = vec![0.0f32; nrows * ncols];
+            let mut packed = vec![0u32; chunk * nown * panel];
+            let mut compact = vec![0u32; 32 * vpad / 2];
+            let mut tails = vec![0u16; if tail > 0 { chunk * nrows * 32 } else { 0 }];
+            let mut c = Block::default();
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AMX is enabled (`weight_grad` asserts it).
+            let _tiles = unsafe { super::amx::Tiles::configure() };
+            for n0 in (0..batch).step_by(chunk) {
+                let images = chunk.min(batch - n0);
+                for i in 0..images {
+                    let bn = b.image(n0 + i);
+                    for (k, cb) in own_b.clone().enumerate() {
+                        let dst = &mut packed[(i * nown + k) * panel..][..panel];
+                        let chans = 32 * cb..(32 * cb + 32).min(rb);
+                        pack_pairs(b, bn, chans, ho, wo, vpad, &mut compact, dst);
+                    }
+                    if tail > 0 {
+                        let an = a.image(n0 + i);
+                        let ti = tails[i * nrows * 32..][..nrows * 32].chunks_exact_mut(32);
+                        for (r, t) in rows.clone().zip(ti) {
+                            t[..tail].copy_from_slice(&an[r * p + 32 * steps..][..tail]);
+                        }
+                    }
+                }
+                for ob in rows.clone().step_by(32) {
+                    let r2 = ra - ob > 16;
+                    let runs = super::amx::Runs {
+                        ptr: a.bits[n0 * ra * p + ob * p..].as_ptr(),
+                        rs: p,
+                        img: ra * p,
+                    };
+                    let tail_runs = (tail > 0).then(|| super::amx::Runs {
+                        ptr: tails[(ob - rows.start) * 32..].as_ptr(),
+                        rs: 32,
+                        img: nrows * 32,
+                    });
+                    for k in 0..nown {
+                        let c0 = 32 * k;
+                        let v2 = ncols - c0 > 16;
+                        let bp = packed[k * panel..].as_ptr();
+                        let b_img = nown * panel;
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the tiles are configured on this thread. Image `i < images`
+                        // of the block reads `A` rows `ob + r` (`r < 16·R <= ra - ob`) at
+                        // positions `32·s + (0..32) <= 32·steps <= p` of its own row, inside
+                        // `a.bits` (`(n0 + i)·ra·p + (ob + r)·p`, `n0 + i < batch`); the tail's
+                        // rows `ob + r - rows.start < nrows` of 32 halves inside image `i`'s
+                        // `nrows·32`; `B` pair rows `< 16·(steps + 1) <= vpad / 2` (`< vpad /
+                        // 2` without a tail) of `COLS` words, inside block `k` of image `i`'s
+                        // panels; `c` holds four aligned tiles.
+                        unsafe {
+                            use super::amx::wgrad_block;
+                            let out = c.0.as_mut_ptr();
+                            let (ta, bi) = (tail_runs, b_img);
+                            match (r2, v2) {
+                                (true, true) => {
+                                    wgrad_block::<2, 2>(runs, ta, bp, COLS, bi, images, steps, out)
+                                }
+                                (true, false) => {
+                                    wgrad_block::<2, 1>(runs, ta, bp, COLS, bi, images, steps, out)
+                                }
+                                (false, true) => {
+                                    wgrad_block::<1, 2>(runs, ta, bp, COLS, bi, images, steps, out)
+                                }
+                                (false, false) => {
+                                    wgrad_block::<1, 1>(runs, ta, bp, COLS, bi, images, steps, out)
+                                }
+                            }
+                        }
+                        for ri in 0..1 + r2 as usize {
+                            for vi in 0..1 + v2 as usize {
+                                for r in 0..16 {
+                                    let row = ob - rows.start + 16 * ri + r;
+                                    let dst = &mut part[row * ncols + c0 + 16 * vi..][..16];
+                                    let src = &c.0[256 * (2 * ri + vi) + 16 * r..][..16];
+                                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            part
+        })
+        .collect();
+    // The parts into `M`, row by row.
+    let mut m = vec![0.0f32; ra * rb];
+    m.par_chunks_mut(rb).enumerate().for_each(|(i, row)| {
+        for (t, part) in sums.iter().enumerate() {
+            let (own_a, own_b) = own(t);
+            let (rows, cols) = (span(&own_a, ra), span(&own_b, rb));
+            if rows.contains(&i) {
+                let at = (i - rows.start) * cols.len();
+                row[cols.clone()].copy_from_slice(&part[at..][..cols.len()]);
+            }
+        }
+    });
+    m
+}
+
+/// Channels `chans` of `bn` (one image of `b`), at the sampled positions, as position pairs:
+/// `dst[q·COLS + j] = (v[j][2q], v[j][2q + 1])` for channel `chans.start + j` (zero past `P`
+/// and past the channels), through `compact` (`[32, vpad]` halves).
+#[allow(clippy::too_many_arguments)]
+fn pack_pairs(
+    b: &Operand,
+    bn: &[u16],
+    chans: std::ops::Range<usize>,
+    ho: usize,
+    wo: usize,
+    vpad: usize,
+    compact: &mut [u32],
+    dst: &mut [u32],
+) {
+    let (hw, p, [sy, sx]) = (b.h * b.w, ho * wo, b.stride);
+    let halves: &mut [u16] = bytemuck::cast_slice_mut(compact);
+    for (j, c) in chans.clone().enumerate() {
+        let plane = &bn[c * hw..][..hw];
+        let row = &mut halves[j * vpad..][..vpad];
+        if b.stride == [1, 1] {
+            row[..p].copy_from_slice(&plane[..p]);
+        } else {
+            for (oy, out) in row[..p].chunks_exact_mut(wo).enumerate() {
+                let line = &plane[oy * sy * b.w..];
+                out.iter_mut()
+                    .enumerate()
+                    .for_each(|(ox, d)| *d = line[ox * sx]);
+            }
+        }
+        row[p..].fill(0);
+    }
+    let rows = chans.len();
+    super::simd::transpose_words_into(&compact[..rows * vpad / 2], rows, vpad / 2, dst, COLS);
+}
+
 /// `w` (`[rows, k]`, f32) rounded to bf16 pairs along `k`: row `o`'s word `q` holds
 /// `(w[o][2q], w[o][2q + 1])`, rows `k / 2` words apart (the tiles' `A` layout).
 fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
@@ -491,6 +761,47 @@ mod tests {
                 .unwrap();
             let got: Vec<f32> = input_grad(&w, &dy, &g);
             assert_close(&got, &want, &g);
+        }
+    }
+
+    /// The weight gradient against im2col's on the same bf16 operands: widening and narrowing
+    /// layers (either operand read straight, the other transposed), `P` a multiple of 32 or
+    /// not (the tail's copy), odd `P`, strided projections, 16-row and 16-column edge blocks,
+    /// several chunks of images; the same bits from f32 and bf16 inputs and on 1 and 3 threads
+    /// (the narrow-`dY` layers split `A`'s rows on 3).
+    #[test]
+    fn weight_grad_matches_im2col() {
+        if !amx_or_skip() {
+            return;
+        }
+        for g in [
+            geom(3, 32, 8, 8, 96, 1),
+            geom(2, 32, 5, 7, 48, 1),
+            geom(3, 96, 6, 6, 32, 1),
+            geom(3, 160, 7, 7, 16, 1),
+            geom(2, 64, 7, 7, 48, 1),
+            geom(5, 32, 9, 5, 64, 1),
+            geom(2, 64, 9, 11, 96, 2),
+            geom(3, 32, 8, 10, 64, 2),
+            geom(2, 64, 7, 7, 16, 2),
+        ] {
+            assert!(fits(&g), "{g:?}");
+            let x = to_bf16(&data(g.batch * g.in_len(), 6));
+            let dy = to_bf16(&data(g.batch * g.out_len(), 7));
+            let w = data(g.cout * g.cin, 8);
+            let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
+                .1
+                .unwrap();
+            let got = weight_grad(&x, &dy, &g);
+            assert_close(&got, &want, &g);
+            let widen = |v: &[bf16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+            assert_eq!(
+                weight_grad(&widen(&x), &widen(&dy), &g),
+                got,
+                "f32 input {g:?}"
+            );
+            let run = |t| crate::kernels::conv::on_threads(t, || weight_grad(&x, &dy, &g));
+            assert_eq!(run(1), run(3), "{g:?}");
         }
     }
 }
