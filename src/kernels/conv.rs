@@ -12,7 +12,7 @@ pub(super) use super::gemm::{image_blocks, sum_in_order};
 use super::im2col::im2col_forward_act;
 pub use super::im2col::{im2col_backward, im2col_forward};
 use super::plan::{Algo, Cpu, plan};
-use super::{direct, nhwc, pointwise, winograd};
+use super::{direct, nhwc, pointwise, stem, winograd};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::cell::OnceCell;
@@ -108,6 +108,7 @@ pub fn conv2d_forward_act<E: Act>(
         Algo::Direct => direct::forward_act(&E::widened(x), w, bias, g, relu),
         Algo::ChannelsLast => nhwc::forward_act(x, w, bias, g, relu),
         Algo::Pointwise => pointwise::forward(x, w, bias, g, relu),
+        Algo::Stem => stem::forward(x, w, bias, g, relu),
         Algo::Im2col => im2col_forward_act(x, w, bias, g, relu),
     }
 }
@@ -178,9 +179,11 @@ fn forward_bf16_in(
     relu: bool,
     budget: usize,
 ) -> Vec<bf16> {
-    if plan(g, Cpu::detect()).forward == Algo::Pointwise {
-        // Rounded in the kernel's own epilogue.
-        return pointwise::forward(x, w, b, g, relu);
+    // Rounded in the kernel's own epilogue.
+    match plan(g, Cpu::detect()).forward {
+        Algo::Pointwise => return pointwise::forward(x, w, b, g, relu),
+        Algo::Stem => return stem::forward(x, w, b, g, relu),
+        _ => {}
     }
     let (il, ol) = (g.in_len(), g.out_len());
     // Grown chunk by chunk: each chunk's zeros are written just before its values, in cache.
@@ -212,9 +215,13 @@ fn backward_bf16_in(
     let plan = plan(g, Cpu::detect());
     let whole =
         (need[0] && plan.input_grad == Algo::Pointwise).then(|| pointwise::input_grad(w, dy, g));
-    // The pointwise weight gradient reads the bf16 activations and sums in f32 itself: whole.
-    let whole_dw =
-        (need[1] && plan.weight_grad == Algo::Pointwise).then(|| pointwise::weight_grad(x, dy, g));
+    // The tile kernels' weight gradients read the bf16 activations and sum in f32 themselves:
+    // whole.
+    let whole_dw = match plan.weight_grad {
+        Algo::Pointwise if need[1] => Some(pointwise::weight_grad(x, dy, g)),
+        Algo::Stem if need[1] => Some(stem::weight_grad(x, dy, g)),
+        _ => None,
+    };
     let need = [
         need[0] && whole.is_none(),
         need[1] && whole_dw.is_none(),
@@ -285,6 +292,11 @@ pub fn conv2d_backward<E: Act>(
             let dw = need[1].then(|| pointwise::weight_grad(x, dy, g));
             (None, dw, db)
         }
+        Algo::Stem => {
+            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
+            let dw = need[1].then(|| stem::weight_grad(x, dy, g));
+            (None, dw, db)
+        }
         Algo::Winograd(tile) => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
             let dw = need[1].then(|| winograd::weight_grad(xf(), dyf(), g, tile));
@@ -303,7 +315,8 @@ pub fn conv2d_backward<E: Act>(
             .unwrap(),
         Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
         Algo::Pointwise => pointwise::input_grad(w, dy, g),
-        Algo::Im2col => im2col_backward(x, w, dy, g, [true, false, false])
+        // The plan never gives the stem kernel an input gradient (a stem has none to give).
+        Algo::Im2col | Algo::Stem => im2col_backward(x, w, dy, g, [true, false, false])
             .0
             .unwrap(),
     });

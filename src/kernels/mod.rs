@@ -27,6 +27,7 @@ pub mod plan;
 pub mod pointwise;
 pub mod pool;
 mod simd;
+mod stem;
 #[cfg(feature = "tch")]
 mod torch;
 pub mod update;

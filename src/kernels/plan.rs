@@ -7,12 +7,15 @@
 //!
 //! The rules, each measured (the numbers are beside [`super::winograd::applies`],
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
-//! - bf16 on AMX: 1x1 layers of up to 1024 input channels (for the input gradient, output
-//!   channels) on [`super::pointwise`], the forward pass and the input gradient;
+//! - bf16 on AMX: 1x1 layers on [`super::pointwise`]: the forward pass and the input gradient
+//!   up to 1024 input channels (for the input gradient, output channels), the weight
+//!   gradient of every one;
+//! - bf16 on AMX: layers of fewer than 32 input channels on [`super::stem`] by phase planes
+//!   (the forward pass; the weight gradient of stems of up to 4 channels);
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
 //!   the forward pass and the stride-1 input gradient of layers of more than one tap with
 //!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the
-//!   weight gradient of those layers and of 1x1 layers that do not widen;
+//!   weight gradient of those layers;
 //! - bf16 without AMX: the channels-last kernel ([`super::nhwc`]) for the forward pass and
 //!   the stride-1 input gradient of layers with 1152+ products per output and at least two
 //!   taps, in place of im2col, and of Winograd on maps up to 14 px; and its weight gradient
@@ -48,6 +51,9 @@ pub enum Algo {
     /// 1x1 layers on the AMX tiles, the epilogue writing the output type
     /// ([`super::pointwise`]).
     Pointwise,
+    /// Layers of few input channels (the RGB stems) on the AMX tiles by phase planes
+    /// ([`super::stem`]).
+    Stem,
 }
 
 impl Algo {
@@ -59,6 +65,7 @@ impl Algo {
             Algo::Im2col => "im2col",
             Algo::ChannelsLast => "nhwc",
             Algo::Pointwise => "pointwise",
+            Algo::Stem => "stem",
         }
     }
 }
@@ -118,6 +125,8 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         winograd::fits(g) && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512));
     let forward = if pointwise(g, cpu) {
         Algo::Pointwise
+    } else if stem(g, cpu) {
+        Algo::Stem
     } else if channels_last(g, cpu, winograd, direct) {
         Algo::ChannelsLast
     } else if winograd {
@@ -155,6 +164,10 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // batch 32: 64 -> 128 /2 3.7-4.1 -> 1.1, 128 -> 256 2.1-2.3 -> 0.8, 256 -> 512
         // 1.6-1.7 -> 0.7-0.8. All of a resnet50 step's 1x1 weight gradients: 142 -> 81 ms.
         Algo::Pointwise
+    } else if stem(g, cpu) && g.cin <= 4 {
+        // The RGB stems only (numbers beside `stem`): on GoogLeNet's 16- and 24-channel 5x5
+        // and 3x3 layers it lost or tied below 32 px maps.
+        Algo::Stem
     } else if winograd && fp32 {
         // Through the forward's Winograd variant ([`winograd::weight_grad`]), against the
         // direct kernels (32 px and up) and im2col (below), fp32, 2 threads, Zen 4, fastest
@@ -272,6 +285,25 @@ fn pointwise(g: &ConvGeom, cpu: Cpu) -> bool {
     g.precision == Precision::Bf16 && cpu.amx && super::pointwise::fits(g) && g.cin <= 1024
 }
 
+/// Whether [`super::stem`] computes `g` (forward and weight gradient): bf16 on AMX, layers of
+/// fewer than 32 input channels that [`super::stem::fits`].
+///
+/// Against im2col on the tiles, bf16, 2 threads, Xeon with AMX (family 6 model 207),
+/// 2026-12-05, fastest of two alternated runs (`CONV_LAYERS_ONLY="3->" conv_layers 2 bf16 MODEL
+/// SIZE BATCH`), forward / weight gradient ms: resnet18's 7x7/2 at 224 px, batch 32, 34.6 /
+/// 46.2-52.7 -> 12.5 / 18.1-20.5; at 128 px 10.2 / 15.7 -> 3.9 / 5.7; alexnet's 11x11/4 at
+/// 224 px, batch 32, 27.4 / 32.0-39.2 -> 6.5 / 7.9-9.5; vgg16's 3x3/1 at 224 px, batch 8, 21.7
+/// / 11.5-12.1 -> 3.4 / 8.5 (13.4 before its weight gradient was summed per chunk of images);
+/// bench-vgg's at 32 px, batch 64, 2.1 / 1.3-1.4 -> 0.8 / 0.7. GoogLeNet's layers of 16 and 24
+/// input channels (224 px, batch 32; `googlenet_small` at 32 px, batch 64), forward: 16 -> 32
+/// 5x5 at 28 px 2.5 -> 1.0, 16 -> 48 5x5 at 14 px 0.9 -> 0.3, 24 -> 64 5x5 1.3 -> 0.7;
+/// 16 -> 48 3x3 at 32 px 3.0 -> 1.2-1.3, 24 -> 32 at 16 px 0.9 -> 0.4. Their weight gradient
+/// lost or tied (16 -> 32 5x5 1.4 -> 1.6, 24 -> 32 at 16 px 0.6 -> 0.9, only 16 -> 48 at 32 px
+/// won, 2.2-2.3 -> 1.7-2.0), so it runs here for stems of up to 4 channels only.
+fn stem(g: &ConvGeom, cpu: Cpu) -> bool {
+    g.precision == Precision::Bf16 && cpu.amx && super::stem::fits(g)
+}
+
 /// bf16 on AVX512-BF16 without AMX: where [`super::nhwc`]'s kernels were measured.
 fn bf16_tiles(g: &ConvGeom, cpu: Cpu) -> bool {
     g.precision == Precision::Bf16 && !cpu.amx && cpu.tiles == Tiles::Avx512
@@ -364,7 +396,7 @@ mod tests {
         }
     }
 
-    use Algo::{ChannelsLast as C, Direct as D, Im2col as I, Pointwise as PW};
+    use Algo::{ChannelsLast as C, Direct as D, Im2col as I, Pointwise as PW, Stem as ST};
     /// Winograd F(2x2, 3x3) and F(4x4, 3x3).
     const W: Algo = Algo::Winograd(Tile::F2);
     const W4: Algo = Algo::Winograd(Tile::F4);
@@ -401,10 +433,13 @@ mod tests {
         assert_eq!(plan(&geom(64, 128, 56, 3, 2), AVX512), p(I, I, I));
         assert_eq!(plan(&geom(64, 256, 56, 1, 1), AVX512), p(I, I, I));
         // ... except an RGB stem's fp32 weight gradient, by phase planes on the AVX-512
-        // direct kernel (AVX2 and AMX's bf16 keep im2col).
+        // direct kernel (AVX2 keeps im2col).
         assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX512), p(I, I, D));
         assert_eq!(plan(&geom(3, 64, 224, 7, 2), AVX2), p(I, I, I));
-        assert_eq!(plan(&b16(geom(3, 64, 224, 7, 2)), AMX), p(I, I, I));
+        // On AMX the bf16 stems run on the stem kernel (its input gradient, never needed, on
+        // im2col).
+        assert_eq!(plan(&b16(geom(3, 64, 224, 7, 2)), AMX), p(ST, I, ST));
+        assert_eq!(plan(&b16(geom(3, 64, 224, 3, 1)), AMX), p(ST, I, ST));
         // bf16 on AVX512-BF16 without AMX: the channels-last kernel for 3x3 layers of 128+
         // input channels on maps up to 14 px and for their stride-2 layers (forward; the
         // input gradient where the stride is 1); not for 1x1 layers, 64-channel inputs,
@@ -439,8 +474,9 @@ mod tests {
         assert_eq!(plan(&b(geom(512, 2048, 7, 1, 1)), AMX), p(PW, I, PW));
         // A 1x1 layer of 16 input channels: half a tile of `K`, so im2col forward.
         assert_eq!(plan(&b(geom(16, 64, 28, 1, 1)), AMX), p(I, PW, I));
-        // 16 input channels are half a tile: im2col forward; the input gradient reads 64.
-        assert_eq!(plan(&b(geom(16, 64, 56, 3, 1)), AMX), p(I, C, I));
+        // 16 input channels are half a tile: the stem kernel forward; the input gradient
+        // reads 64 on the implicit GEMM.
+        assert_eq!(plan(&b(geom(16, 64, 56, 3, 1)), AMX), p(ST, C, I));
         // Without AVX2 the direct kernels never run.
         assert_eq!(plan(&geom(16, 16, 32, 3, 1), PLAIN), p(I, I, I));
         assert_eq!(plan(&geom(64, 64, 56, 3, 1), PLAIN), p(W4, W4, W4));

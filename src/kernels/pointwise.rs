@@ -32,11 +32,11 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Positions per `B` panel: two column tiles.
-const COLS: usize = 32;
+pub(super) const COLS: usize = 32;
 
 /// Bytes of packed `B` per chunk of positions: with a 32-row block of weights (up to 128 KiB
 /// at 2048 channels) it stays in a core's L2 while every block of output channels reads it.
-const CHUNK_BYTES: usize = 512 << 10;
+pub(super) const CHUNK_BYTES: usize = 512 << 10;
 
 /// Whether this kernel computes `g` (on a CPU where [`super::amx::enabled`]): a 1x1 kernel
 /// without padding, whole tiles of input channel pairs and of output channels.
@@ -145,6 +145,9 @@ pub fn input_grad<E: Act, O: Act>(w: &[f32], dy: &[E], g: &ConvGeom) -> Vec<O> {
 /// every block of the layer reads it. Small in tests, so they cover several chunks.
 #[cfg(not(test))]
 const WGRAD_CHUNK_BYTES: usize = 1 << 20;
+
+/// Entries of a [`gram`] product small enough to sum one copy per chunk of images (256 KiB).
+const SMALL_GRAM: usize = 1 << 16;
 #[cfg(test)]
 const WGRAD_CHUNK_BYTES: usize = 8192;
 
@@ -179,19 +182,14 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     );
     let (xb, dyb) = (bf16_bits(x), bf16_bits(dy));
     let (ho, wo) = (g.ho(), g.wo());
-    let dense = |bits, ch| Operand {
-        bits,
-        ch,
-        h: ho,
-        w: wo,
-        stride: [1, 1],
-    };
+    let dense = |bits, ch| Operand::dense(bits, ch, ho * wo, wo);
+    let hw = g.h * g.w;
     let xs = Operand {
         bits: &xb,
-        ch: g.cin,
-        h: g.h,
-        w: g.w,
-        stride: g.stride,
+        img: g.cin * hw,
+        rows: (0..g.cin).map(|c| c * hw).collect(),
+        line: g.stride[0] * g.w,
+        step: g.stride[1],
     };
     let a_is_dy = g.cout >= g.cin || g.stride != [1, 1];
     let (a, b) = if a_is_dy {
@@ -209,7 +207,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
 }
 
 /// The bf16 bits of `v`: borrowed from bf16 activations, rounded from f32 ones.
-fn bf16_bits<E: Act>(v: &[E]) -> std::borrow::Cow<'_, [u16]> {
+pub(super) fn bf16_bits<E: Act>(v: &[E]) -> std::borrow::Cow<'_, [u16]> {
     match E::as_bf16_bits(v) {
         Some(b) => b.into(),
         None => {
@@ -220,20 +218,31 @@ fn bf16_bits<E: Act>(v: &[E]) -> std::borrow::Cow<'_, [u16]> {
     }
 }
 
-/// One activation as an operand of [`gram`]: `ch` channels of `h x w` bf16 values per image, of
-/// which the positions `(s_y·r, s_x·c)` for the `r < H_out`, `c < W_out` of the product count.
-#[derive(Clone, Copy)]
-struct Operand<'a> {
-    bits: &'a [u16],
-    ch: usize,
-    h: usize,
-    w: usize,
-    stride: [usize; 2],
+/// One operand of [`gram`], `img` bf16 values per image: row `r`'s value at output position
+/// `(y, x)` is `bits[n·img + rows[r] + y·line + x·step]` (a channel at its sampled positions, or
+/// a tap of a phase-planed image, [`super::stem`]).
+pub(super) struct Operand<'a> {
+    pub bits: &'a [u16],
+    pub img: usize,
+    pub rows: Vec<usize>,
+    pub line: usize,
+    pub step: usize,
 }
 
-impl Operand<'_> {
+impl<'a> Operand<'a> {
+    /// `ch` channels of `p` positions per image, `wo` a row, every one counted.
+    pub fn dense(bits: &'a [u16], ch: usize, p: usize, wo: usize) -> Self {
+        Operand {
+            bits,
+            img: ch * p,
+            rows: (0..ch).map(|c| c * p).collect(),
+            line: wo,
+            step: 1,
+        }
+    }
+
     fn image(&self, n: usize) -> &[u16] {
-        &self.bits[n * self.ch * self.h * self.w..][..self.ch * self.h * self.w]
+        &self.bits[n * self.img..][..self.img]
     }
 }
 
@@ -242,36 +251,54 @@ impl Operand<'_> {
 ///
 /// Each worker sums one part of `M`: all its rows and a range of `B`'s 32-channel blocks, or,
 /// where `B` has fewer blocks than there are threads (and than `A`), a range of `A`'s blocks
-/// against all of `B` (a narrow `dY`, which then each worker packs whole).
-fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32> {
+/// against all of `B` (a narrow `dY`, which then each worker packs whole). A small `M` whose
+/// `B` has fewer blocks than threads (a stem's taps, [`super::stem`]) is summed one part per
+/// chunk of images instead, so no worker packs what another packs too.
+pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32> {
     let p = ho * wo;
-    assert!(a.stride == [1, 1] && a.h * a.w == p && a.ch.is_multiple_of(16));
-    assert!(b.ch.is_multiple_of(16) && a.bits.len() == batch * a.ch * p);
-    let (ra, rb) = (a.ch, b.ch);
+    let (ra, rb) = (a.rows.len(), b.rows.len());
+    // `A` is read as runs of 32 positions of each row, rows `p` apart.
+    assert!(a.rows.iter().enumerate().all(|(r, &at)| at == r * p) && a.img == ra * p);
+    assert!(ra.is_multiple_of(16) && a.bits.len() == batch * a.img);
+    assert!(b.bits.len() >= batch * b.img);
     let vpad = p.next_multiple_of(32);
     let (steps, tail) = (p / 32, p % 32);
     let panel = vpad / 2 * COLS;
     let chunk = (WGRAD_CHUNK_BYTES / (2 * vpad * (rb + 32)).max(1)).clamp(1, batch.max(1));
     let (a_blocks, b_blocks) = (ra.div_ceil(32), rb.div_ceil(32));
     let threads = rayon::current_num_threads().max(1);
+    let chunks = batch.div_ceil(chunk);
+    // A small `M` whose `B` has fewer blocks than threads: one part per chunk of images, summed
+    // in order (the same additions as one part's, so the same bits on any thread count).
+    let by_chunk = b_blocks < threads && chunks > 1 && ra * rb <= SMALL_GRAM;
     let split_b = b_blocks >= threads || b_blocks >= a_blocks;
-    let parts = threads
-        .min(if split_b { b_blocks } else { a_blocks })
-        .max(1);
+    let parts = if by_chunk {
+        chunks
+    } else {
+        threads
+            .min(if split_b { b_blocks } else { a_blocks })
+            .max(1)
+    };
     let share = |t: usize, n: usize| t * n / parts..(t + 1) * n / parts;
-    // Part `t`'s blocks of `A` rows and of `B` channels.
+    // Part `t`'s blocks of `A` rows and of `B` channels, and its images.
     let own = |t: usize| {
-        if split_b {
-            (0..a_blocks, share(t, b_blocks))
+        if by_chunk {
+            (
+                0..a_blocks,
+                0..b_blocks,
+                t * chunk..((t + 1) * chunk).min(batch),
+            )
+        } else if split_b {
+            (0..a_blocks, share(t, b_blocks), 0..batch)
         } else {
-            (share(t, a_blocks), 0..b_blocks)
+            (share(t, a_blocks), 0..b_blocks, 0..batch)
         }
     };
     let span = |r: &std::ops::Range<usize>, n: usize| 32 * r.start..(32 * r.end).min(n);
     let sums: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
         .map(|t| {
-            let (own_a, own_b) = own(t);
+            let (own_a, own_b, imgs) = own(t);
             let (rows, cols) = (span(&own_a, ra), span(&own_b, rb));
             let (nrows, ncols, nown) = (rows.len(), cols.len(), own_b.len());
             let mut part = vec![0.0f32; nrows * ncols];
@@ -282,8 +309,8 @@ fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AMX is enabled (`weight_grad` asserts it).
             let _tiles = unsafe { super::amx::Tiles::configure() };
-            for n0 in (0..batch).step_by(chunk) {
-                let images = chunk.min(batch - n0);
+            for n0 in imgs.clone().step_by(chunk) {
+                let images = chunk.min(imgs.end - n0);
                 for i in 0..images {
                     let bn = b.image(n0 + i);
                     for (k, cb) in own_b.clone().enumerate() {
@@ -346,10 +373,12 @@ fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32
                         }
                         for ri in 0..1 + r2 as usize {
                             for vi in 0..1 + v2 as usize {
+                                // `B`'s last block may end inside a tile (a stem's 147 taps).
+                                let w = 16.min(ncols - c0 - 16 * vi);
                                 for r in 0..16 {
                                     let row = ob - rows.start + 16 * ri + r;
-                                    let dst = &mut part[row * ncols + c0 + 16 * vi..][..16];
-                                    let src = &c.0[256 * (2 * ri + vi) + 16 * r..][..16];
+                                    let dst = &mut part[row * ncols + c0 + 16 * vi..][..w];
+                                    let src = &c.0[256 * (2 * ri + vi) + 16 * r..][..w];
                                     dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
                                 }
                             }
@@ -360,11 +389,18 @@ fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32
             part
         })
         .collect();
+    if by_chunk {
+        let mut m = vec![0.0f32; ra * rb];
+        for part in &sums {
+            m.iter_mut().zip(part).for_each(|(m, p)| *m += p);
+        }
+        return m;
+    }
     // The parts into `M`, row by row.
     let mut m = vec![0.0f32; ra * rb];
     m.par_chunks_mut(rb).enumerate().for_each(|(i, row)| {
         for (t, part) in sums.iter().enumerate() {
-            let (own_a, own_b) = own(t);
+            let (own_a, own_b, _) = own(t);
             let (rows, cols) = (span(&own_a, ra), span(&own_b, rb));
             if rows.contains(&i) {
                 let at = (i - rows.start) * cols.len();
@@ -375,7 +411,7 @@ fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32
     m
 }
 
-/// Channels `chans` of `bn` (one image of `b`), at the sampled positions, as position pairs:
+/// Rows `chans` of `bn` (one image of `b`), at the sampled positions, as position pairs:
 /// `dst[q·COLS + j] = (v[j][2q], v[j][2q + 1])` for channel `chans.start + j` (zero past `P`
 /// and past the channels), through `compact` (`[32, vpad]` halves).
 #[allow(clippy::too_many_arguments)]
@@ -389,19 +425,23 @@ fn pack_pairs(
     compact: &mut [u32],
     dst: &mut [u32],
 ) {
-    let (hw, p, [sy, sx]) = (b.h * b.w, ho * wo, b.stride);
+    let p = ho * wo;
     let halves: &mut [u16] = bytemuck::cast_slice_mut(compact);
     for (j, c) in chans.clone().enumerate() {
-        let plane = &bn[c * hw..][..hw];
+        let src = &bn[b.rows[c]..];
         let row = &mut halves[j * vpad..][..vpad];
-        if b.stride == [1, 1] {
-            row[..p].copy_from_slice(&plane[..p]);
+        if b.step == 1 && b.line == wo {
+            row[..p].copy_from_slice(&src[..p]);
         } else {
             for (oy, out) in row[..p].chunks_exact_mut(wo).enumerate() {
-                let line = &plane[oy * sy * b.w..];
-                out.iter_mut()
-                    .enumerate()
-                    .for_each(|(ox, d)| *d = line[ox * sx]);
+                let line = &src[oy * b.line..];
+                if b.step == 1 {
+                    out.copy_from_slice(&line[..wo]);
+                } else {
+                    out.iter_mut()
+                        .enumerate()
+                        .for_each(|(ox, d)| *d = line[ox * b.step]);
+                }
             }
         }
         row[p..].fill(0);
@@ -412,7 +452,7 @@ fn pack_pairs(
 
 /// `w` (`[rows, k]`, f32) rounded to bf16 pairs along `k`: row `o`'s word `q` holds
 /// `(w[o][2q], w[o][2q + 1])`, rows `k / 2` words apart (the tiles' `A` layout).
-fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
+pub(super) fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
     let mut bits = vec![0u16; rows * k];
     super::bf16::round_slice(w, &mut bits);
     bits.chunks_exact(2)
@@ -426,13 +466,14 @@ fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
 struct Scratch {
     bits: Vec<u16>,
     compact: Vec<u16>,
+    rows: Vec<usize>,
     panels: Vec<u32>,
     block: Block,
 }
 
 /// A 32 x 32 f32 block (four tiles), aligned for `TILESTORED`.
 #[repr(C, align(64))]
-struct Block([f32; 4 * 256]);
+pub(super) struct Block(pub [f32; 4 * 256]);
 
 impl Default for Block {
     fn default() -> Self {
@@ -482,6 +523,8 @@ fn unit<E: Act, O: Act>(
         &s.compact
     };
     let chunk = (CHUNK_BYTES / (4 * kp * COLS)).max(1) * COLS;
+    s.rows.clear();
+    s.rows.extend((0..g.cin).map(|c| c * p));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AMX is enabled (`forward` asserts it), so the CPU has it and the process may use it.
     let _tiles = unsafe { super::amx::Tiles::configure() };
@@ -489,7 +532,7 @@ fn unit<E: Act, O: Act>(
         let np = chunk.min(p - pos0);
         let panels = np.div_ceil(COLS);
         s.panels.resize(panels * kp * COLS, 0);
-        pack_panels(src, p, pos0, np, kp, &mut s.panels);
+        pack_panels(src, &s.rows, pos0, np, kp, &mut s.panels);
         for o0 in rows.clone().step_by(32) {
             let r = 32.min(rows.end - o0);
             let a = &wq[o0 * kp..][..r * kp];
@@ -531,28 +574,39 @@ fn unit<E: Act, O: Act>(
                     }
                 }
                 let at = (o0 - rows.start) * p + pos0 + j * COLS;
-                epilogue(&s.block.0, r, cols, b, relu, &mut out[at..], p);
+                epilogue(&s.block.0, r, 0, cols, b, relu, &mut out[at..], p);
             }
         }
     }
 }
 
-/// Packs positions `pos0..pos0 + np` of `src` (`[C_in, p]` bf16 bits) into panels of
-/// [`COLS`] positions: panel `j`'s word `(q, c)` is `(src[2q][pos], src[2q + 1][pos])` for
-/// position `pos0 + j·COLS + c`, zero past `np`.
-fn pack_panels(src: &[u16], p: usize, pos0: usize, np: usize, kp: usize, out: &mut [u32]) {
+/// Packs positions `pos0..pos0 + np` of the `2·kp` rows of `src` (bf16 bits; row `r`'s
+/// position `v` at `src[rows[r] + v]`) into panels of [`COLS`] positions: panel `j`'s word
+/// `(q, c)` is `(row 2q, row 2q + 1)` at position `pos0 + j·COLS + c`, zero past `np`.
+pub(super) fn pack_panels(
+    src: &[u16],
+    rows: &[usize],
+    pos0: usize,
+    np: usize,
+    kp: usize,
+    out: &mut [u32],
+) {
     let panels = np.div_ceil(COLS);
-    assert!(src.len() >= 2 * kp * p && pos0 + np <= p && out.len() >= panels * kp * COLS);
+    assert!(rows.len() == 2 * kp && out.len() >= panels * kp * COLS);
+    assert!(
+        rows.iter().all(|&r| r + pos0 + np <= src.len()),
+        "panel rows"
+    );
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: AVX-512 BW detected; the bounds were asserted just above.
-        unsafe { pack_panels_avx512(src, p, pos0, np, kp, out) };
+        unsafe { pack_panels_avx512(src, rows, pos0, np, kp, out) };
         return;
     }
     for q in 0..kp {
         let (r0, r1) = (
-            &src[2 * q * p + pos0..][..np],
-            &src[(2 * q + 1) * p + pos0..][..np],
+            &src[rows[2 * q] + pos0..][..np],
+            &src[rows[2 * q + 1] + pos0..][..np],
         );
         for j in 0..panels {
             let dst = &mut out[(j * kp + q) * COLS..][..COLS];
@@ -576,7 +630,7 @@ fn pack_panels(src: &[u16], p: usize, pos0: usize, np: usize, kp: usize, out: &m
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_panels_avx512(
     src: &[u16],
-    p: usize,
+    rows: &[usize],
     pos0: usize,
     np: usize,
     kp: usize,
@@ -588,7 +642,7 @@ unsafe fn pack_panels_avx512(
     let lo: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
     let hi: [u16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as u16);
     // SAFETY (whole body): row reads are masked to the `np - j·COLS` positions left, inside
-    // `src` (`(2q + 1)·p + pos0 + np <= 2·kp·p`); each panel's stores cover words `(j·kp +
+    // `src` (`rows[r] + pos0 + np <= src.len()`); each panel's stores cover words `(j·kp +
     // q)·COLS..+COLS` of `out`.
     unsafe {
         let (lo, hi) = (
@@ -597,8 +651,8 @@ unsafe fn pack_panels_avx512(
         );
         for q in 0..kp {
             let (r0, r1) = (
-                src.as_ptr().add(2 * q * p + pos0),
-                src.as_ptr().add((2 * q + 1) * p + pos0),
+                src.as_ptr().add(rows[2 * q] + pos0),
+                src.as_ptr().add(rows[2 * q + 1] + pos0),
             );
             for j in 0..np.div_ceil(COLS) {
                 let left = np - j * COLS;
@@ -613,29 +667,31 @@ unsafe fn pack_panels_avx512(
     }
 }
 
-/// Rows `0..r` and columns `0..cols` of the 32 x 32 `block`, plus `bias[row]`, `max(·, 0)` with
-/// `relu`, written to `out` (row `i` at `out[i·p..]`) as `O`.
-fn epilogue<O: Act>(
+/// Rows `0..r` and columns `c0..c0 + cols` of the 32 x 32 `block`, plus `bias[row]`, `max(·,
+/// 0)` with `relu`, written to `out` (row `i` at `out[i·p..]`) as `O`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn epilogue<O: Act>(
     block: &[f32; 1024],
     r: usize,
+    c0: usize,
     cols: usize,
     bias: Option<&[f32]>,
     relu: bool,
     out: &mut [MaybeUninit<O>],
     p: usize,
 ) {
-    assert!(r <= 32 && cols <= 32 && (r == 0 || out.len() >= (r - 1) * p + cols));
+    assert!(r <= 32 && c0 + cols <= 32 && (r == 0 || out.len() >= (r - 1) * p + cols));
     #[cfg(target_arch = "x86_64")]
     if super::bf16::available() {
         // SAFETY: AVX512-BF16 (and F, BW) detected; row `i`'s `cols` values are inside `out`
-        // (asserted).
-        unsafe { epilogue_avx512(block, r, cols, bias, relu, out.as_mut_ptr(), p) };
+        // (asserted), and `c0 + cols <= 32` inside the block's row.
+        unsafe { epilogue_avx512(block, r, c0, cols, bias, relu, out.as_mut_ptr(), p) };
         return;
     }
     for i in 0..r {
         let b = bias.map_or(0.0, |b| b[i]);
         for c in 0..cols {
-            let v = block[32 * i + c] + b;
+            let v = block[32 * i + c0 + c] + b;
             out[i * p + c] = MaybeUninit::new(O::from_f32(if relu { v.max(0.0) } else { v }));
         }
     }
@@ -644,12 +700,15 @@ fn epilogue<O: Act>(
 /// [`epilogue`]'s rows as two 16-lane vectors, stored under a mask.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and BF16; `out + i·p + (0..cols)` is writable for `i < r`.
+/// The CPU has AVX-512 F, BW and BF16; `c0 + cols <= 32`; `out + i·p + (0..cols)` is writable
+/// for `i < r`.
+#[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn epilogue_avx512<O: Act>(
     block: &[f32; 1024],
     r: usize,
+    c0: usize,
     cols: usize,
     bias: Option<&[f32]>,
     relu: bool,
@@ -659,13 +718,16 @@ unsafe fn epilogue_avx512<O: Act>(
     use std::arch::x86_64::*;
     let to_bf16 = std::any::TypeId::of::<O>() == std::any::TypeId::of::<super::act::bf16>();
     let mask: u32 = if cols >= 32 { !0 } else { (1u32 << cols) - 1 };
-    // SAFETY (whole body): row `i < r` of the block is 32 floats; the stores write the `cols`
-    // masked values of row `i` at `out + i·p`, writable by the contract.
+    // SAFETY (whole body): the loads read the `cols` masked values from column `c0` of row `i
+    // < r` of the block (`c0 + cols <= 32`); the stores write them at `out + i·p`, writable by
+    // the contract.
     unsafe {
         for i in 0..r {
             let b = _mm512_set1_ps(bias.map_or(0.0, |b| b[i]));
-            let mut v0 = _mm512_add_ps(_mm512_loadu_ps(block.as_ptr().add(32 * i)), b);
-            let mut v1 = _mm512_add_ps(_mm512_loadu_ps(block.as_ptr().add(32 * i + 16)), b);
+            let row = block.as_ptr().add(32 * i + c0);
+            let (m0, m1) = (mask as u16, (mask >> 16) as u16);
+            let mut v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), b);
+            let mut v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), b);
             if relu {
                 v0 = _mm512_max_ps(v0, _mm512_setzero_ps());
                 v1 = _mm512_max_ps(v1, _mm512_setzero_ps());
