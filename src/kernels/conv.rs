@@ -72,6 +72,16 @@ impl ConvGeom {
     pub(super) fn out_len(&self) -> usize {
         self.cout * self.p()
     }
+    /// Panics unless `x` and `dy` are `batch` images of this layer's input and output (the
+    /// weight-gradient kernels' arguments).
+    pub(super) fn assert_grad_lens(&self, x: usize, dy: usize) {
+        assert_eq!(x, self.batch * self.in_len(), "conv2d input length");
+        assert_eq!(
+            dy,
+            self.batch * self.out_len(),
+            "conv2d output gradient length"
+        );
+    }
     /// A 1x1 stride-1 unpadded convolution reads the image itself as its column matrix.
     pub(super) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0, 0]

@@ -594,12 +594,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         fits_weight_grad(g),
         "channels-last weight gradient of {g:?}"
     );
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(
-        dy.len(),
-        g.batch * g.out_len(),
-        "conv2d output gradient length"
-    );
+    g.assert_grad_lens(x.len(), dy.len());
     let (hp, wp, _) = padded(g);
     let (ho, wo, cout, taps) = (g.ho(), g.wo(), g.cout, g.kh * g.kw);
     let [sh, sw] = g.stride;

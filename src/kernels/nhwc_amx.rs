@@ -303,12 +303,7 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         super::amx::enabled() && fits_weight_grad(g),
         "AMX weight gradient of {g:?}"
     );
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(
-        dy.len(),
-        g.batch * g.out_len(),
-        "conv2d output gradient length"
-    );
+    g.assert_grad_lens(x.len(), dy.len());
     let (hp, wp, _) = padded(g);
     let (ho, cin, cout, taps) = (g.ho(), g.cin, g.cout, g.kh * g.kw);
     let [sh, sw] = g.stride;

@@ -174,12 +174,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         super::amx::enabled() && fits(g),
         "AMX 1x1 weight gradient of {g:?}"
     );
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(
-        dy.len(),
-        g.batch * g.out_len(),
-        "conv2d output gradient length"
-    );
+    g.assert_grad_lens(x.len(), dy.len());
     let (xb, dyb) = (bf16_bits(x), bf16_bits(dy));
     let (ho, wo) = (g.ho(), g.wo());
     let dense = |bits, ch| Operand::dense(bits, ch, ho * wo, wo);

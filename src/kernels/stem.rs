@@ -186,12 +186,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
         super::amx::enabled() && fits(g),
         "AMX stem weight gradient of {g:?}"
     );
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(
-        dy.len(),
-        g.batch * g.out_len(),
-        "conv2d output gradient length"
-    );
+    g.assert_grad_lens(x.len(), dy.len());
     let pl = Planes::new(g);
     let mut planes = vec![0u16; g.batch * pl.img];
     planes
