@@ -292,27 +292,20 @@ pub fn conv2d_backward<E: Act>(
     let dyf = || widened_once(&dyw, dy);
     let (_, dw, db) = match plan.weight_grad {
         Algo::Direct => direct::backward(xf(), w, dyf(), g, rest),
-        Algo::ChannelsLast => {
+        Algo::Im2col => im2col_backward(x, w, dy, g, rest),
+        // The kernels that give the weight gradient alone; the bias gradient (a sum of `dy`)
+        // from im2col's.
+        algo => {
             let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            let dw = need[1].then(|| nhwc::weight_grad(x, dy, g));
+            let dw = need[1].then(|| match algo {
+                Algo::ChannelsLast => nhwc::weight_grad(x, dy, g),
+                Algo::Pointwise => pointwise::weight_grad(x, dy, g),
+                Algo::Stem => stem::weight_grad(x, dy, g),
+                Algo::Winograd(tile) => winograd::weight_grad(xf(), dyf(), g, tile),
+                Algo::Direct | Algo::Im2col => unreachable!("matched above"),
+            });
             (None, dw, db)
         }
-        Algo::Pointwise => {
-            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            let dw = need[1].then(|| pointwise::weight_grad(x, dy, g));
-            (None, dw, db)
-        }
-        Algo::Stem => {
-            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            let dw = need[1].then(|| stem::weight_grad(x, dy, g));
-            (None, dw, db)
-        }
-        Algo::Winograd(tile) => {
-            let db = im2col_backward(x, w, dy, g, [false, false, need[2]]).2;
-            let dw = need[1].then(|| winograd::weight_grad(xf(), dyf(), g, tile));
-            (None, dw, db)
-        }
-        _ => im2col_backward(x, w, dy, g, rest),
     };
     let dx = need[0].then(|| match plan.input_grad {
         Algo::Winograd(tile) => {
