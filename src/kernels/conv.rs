@@ -72,6 +72,15 @@ impl ConvGeom {
     pub(super) fn out_len(&self) -> usize {
         self.cout * self.p()
     }
+    /// Panics unless `x` is `batch` images of this layer's input, `w` its `[C_out, C_in, kh,
+    /// kw]` weights and `bias` (when given) `C_out` values (the forward kernels' arguments).
+    pub(super) fn assert_forward_lens(&self, x: usize, w: usize, bias: Option<usize>) {
+        assert_eq!(x, self.batch * self.in_len(), "conv2d input length");
+        assert_eq!(w, self.cout * self.k(), "conv2d weight length");
+        if let Some(b) = bias {
+            assert_eq!(b, self.cout, "conv2d bias length");
+        }
+    }
     /// Panics unless `x` and `dy` are `batch` images of this layer's input and output (the
     /// weight-gradient kernels' arguments).
     pub(super) fn assert_grad_lens(&self, x: usize, dy: usize) {

@@ -263,11 +263,7 @@ pub fn forward_act<E: Act>(
         "the channels-last bf16 convolution needs AVX512-BF16"
     );
     assert!(fits(g), "channels-last convolution of {g:?}");
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), g.cout, "conv2d bias length");
-    }
+    g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let wq = pack_weights(w, g);
     // The position classes once per call: every group, block and image shares them.
     let windows = Windows::new(g);

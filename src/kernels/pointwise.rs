@@ -64,11 +64,7 @@ pub fn forward<E: Act, O: Act>(
         super::amx::enabled() && fits(g),
         "AMX 1x1 convolution of {g:?}"
     );
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(w.len(), g.cout * g.cin, "conv2d weight length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), g.cout, "conv2d bias length");
-    }
+    g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let (p, in_len) = (g.p(), g.in_len());
     let wq = pack_weights(w, g.cout, g.cin);
     // Work units: whole images, or, with fewer images than threads, images split into blocks

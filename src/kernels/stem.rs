@@ -99,11 +99,7 @@ pub fn forward<E: Act, O: Act>(
     relu: bool,
 ) -> Vec<O> {
     assert!(super::amx::enabled() && fits(g), "AMX stem of {g:?}");
-    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
-    assert_eq!(w.len(), g.cout * g.k(), "conv2d weight length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), g.cout, "conv2d bias length");
-    }
+    g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let pl = Planes::new(g);
     let (k, kpad) = (g.k(), pl.rows.len());
     let kp = kpad / 2;
