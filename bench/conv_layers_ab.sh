@@ -25,7 +25,7 @@ for _ in $(seq "$ROUNDS"); do
     if ! run=$(CONV_LAYERS_ONLY="$ONLY" "$bin" 2 "$@" 2>&1); then
       echo "$0: $bin 2 $* failed:" >&2; echo "$run" >&2; exit 1
     fi
-    echo "$run" | grep -E '^ +[0-9]+->[0-9]+ .* fwd' |
+    echo "$run" | grep -E '^ *[0-9]+->[0-9]+ .* fwd' |
       awk -v b=$b '{print b, $1"_"$2"_"$3, $6, $(NF-6), $(NF-3)}' >> "$out" ||
       { echo "$0: no layer of $* matches ONLY=\"$ONLY\"" >&2; exit 1; }
   done
