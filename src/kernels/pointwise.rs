@@ -84,10 +84,12 @@ pub fn forward<E: Act, O: Act>(
         })
         .collect();
     let lens: Vec<usize> = units.iter().map(|(_, r)| r.len() * p).collect();
+    // Where each channel's positions start in an image's `[C_in, P]` bits.
+    let starts: Vec<usize> = (0..g.cin).map(|c| c * p).collect();
     let run = |u: usize, out: &mut [MaybeUninit<O>], scratch: &mut Scratch| {
         let (n, rows) = &units[u];
         let xn = &x[n * in_len..][..in_len];
-        unit(xn, &wq, bias, relu, g, rows.clone(), out, scratch);
+        unit(xn, &wq, bias, relu, g, rows.clone(), &starts, out, scratch);
     };
     // SAFETY: `unit` writes every value of its part (all of its rows at every position).
     unsafe { super::buf::par_parts_uninit(&lens, Scratch::default, run) }
@@ -457,7 +459,6 @@ pub(super) fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
 struct Scratch {
     bits: Vec<u16>,
     compact: Vec<u16>,
-    rows: Vec<usize>,
     panels: Vec<u32>,
     block: Block,
 }
@@ -472,7 +473,8 @@ impl Default for Block {
     }
 }
 
-/// Output channels `rows` of one image `xn` into `out` (`rows.len()` channels of `P` values).
+/// Output channels `rows` of one image `xn` into `out` (`rows.len()` channels of `P` values);
+/// `starts[c]` is where channel `c`'s positions begin in the image's `[C_in, P]` bits.
 #[allow(clippy::too_many_arguments)]
 fn unit<E: Act, O: Act>(
     xn: &[E],
@@ -481,6 +483,7 @@ fn unit<E: Act, O: Act>(
     relu: bool,
     g: &ConvGeom,
     rows: std::ops::Range<usize>,
+    starts: &[usize],
     out: &mut [MaybeUninit<O>],
     s: &mut Scratch,
 ) {
@@ -514,8 +517,6 @@ fn unit<E: Act, O: Act>(
         &s.compact
     };
     let chunk = (CHUNK_BYTES / (4 * kp * COLS)).max(1) * COLS;
-    s.rows.clear();
-    s.rows.extend((0..g.cin).map(|c| c * p));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AMX is enabled (`forward` asserts it), so the CPU has it and the process may use it.
     let _tiles = unsafe { super::amx::Tiles::configure() };
@@ -523,7 +524,7 @@ fn unit<E: Act, O: Act>(
         let np = chunk.min(p - pos0);
         let panels = np.div_ceil(COLS);
         s.panels.resize(panels * kp * COLS, 0);
-        pack_panels(src, &s.rows, pos0, np, kp, &mut s.panels);
+        pack_panels(src, starts, pos0, np, kp, &mut s.panels);
         for o0 in rows.clone().step_by(32) {
             let r = 32.min(rows.end - o0);
             let a = &wq[o0 * kp..][..r * kp];
