@@ -425,13 +425,17 @@ pub struct Runs {
 /// `a.ptr + n·a.img + 32·s` (rows `a.rs` halves apart, the second tile `16·a.rs` after the
 /// first), `T_n` the same tiles of `tail` (when given) at `tail.ptr + n·tail.img`, and `B_n,s`
 /// `V` tiles of 16 pair rows at `b + n·b_img + 16·s·b_rs` (rows `b_rs` words apart, the second
-/// tile 16 words right); stored as [`conv_block`] stores (`2·R` tiles).
+/// tile 16 words right). With `acc: None`, stored as [`conv_block`] stores (`2·R` tiles); with
+/// `acc: Some(rs)`, `C` is added to the block of `out` whose rows are `rs` floats apart (tile
+/// `(ri, vi)` at `out + 16·ri·rs + 16·vi`): loaded into the tiles first and stored back, so
+/// a gradient summed chunk by chunk needs no copy of the tiles and no add of its own.
 ///
 /// # Safety
 /// A [`Tiles`] is live on this thread; every row read is readable (`a.ptr + n·a.img + r·a.rs +
 /// 32·s + (0..32)` halves for `r < 16·R`, the same of `tail` at `s = 0`, `b + n·b_img + (16·s +
-/// p)·b_rs + (0..16·V)` words for `p < 16`, `s <= steps` with a tail); `out` is writable for
-/// `256·2·R` floats, 64-byte aligned.
+/// p)·b_rs + (0..16·V)` words for `p < 16`, `s <= steps` with a tail); with `acc: None`,
+/// `out` is writable for `256·2·R` floats, 64-byte aligned; with `Some(rs)`, `out + r·rs +
+/// (0..16·V)` is readable and writable for `r < 16·R`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn wgrad_block<const R: usize, const V: usize>(
@@ -443,6 +447,7 @@ pub unsafe fn wgrad_block<const R: usize, const V: usize>(
     images: usize,
     steps: usize,
     out: *mut f32,
+    acc: Option<usize>,
 ) {
     debug_assert!((1..=2).contains(&R) && (1..=2).contains(&V));
     let b_s = b_rs * 4;
@@ -466,7 +471,18 @@ pub unsafe fn wgrad_block<const R: usize, const V: usize>(
                 }
             }
         };
-        zero_c::<R, V>();
+        let tile = |rs: usize, ri: usize, vi: usize| out.add(16 * ri * rs + 16 * vi);
+        match acc {
+            Some(rs) => {
+                macro_rules! get {
+                    ($t:literal, $ri:expr, $vi:expr) => {
+                        load!($t, tile(rs, $ri, $vi), rs * 4)
+                    };
+                }
+                c_tiles!(R, V, get);
+            }
+            None => zero_c::<R, V>(),
+        }
         for n in 0..images {
             let (an, bn) = (a.ptr.add(n * a.img), b.add(n * b_img));
             for s in 0..steps {
@@ -476,7 +492,17 @@ pub unsafe fn wgrad_block<const R: usize, const V: usize>(
                 step(t.ptr.add(n * t.img), t.rs, bn.add(16 * steps * b_rs));
             }
         }
-        store_c::<R, V>(out);
+        match acc {
+            Some(rs) => {
+                macro_rules! put {
+                    ($t:literal, $ri:expr, $vi:expr) => {
+                        store!($t, tile(rs, $ri, $vi), rs * 4)
+                    };
+                }
+                c_tiles!(R, V, put);
+            }
+            None => store_c::<R, V>(out),
+        }
     }
 }
 

@@ -353,7 +353,6 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     // Part `t`: the rows `slot = tap·C_in + c` of `dWᵀ` of its units, `[slots, C_out]`.
     let dwt = par_zeroed_parts(&lens, |t, part| {
         let first_slot = part_units(t).start * 32;
-        let mut c = Scratch([0.0; 4 * 256]);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AMX is enabled (asserted above).
         let _tiles = unsafe { super::amx::Tiles::configure() };
@@ -365,41 +364,52 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
             for u in part_units(t) {
                 let (tap, cb) = (u / blocks, u % blocks);
                 let a = xb[n0 * img_x + cb * 32 * per_channel + tap_offset(tap)..].as_ptr();
+                let a = super::amx::Runs {
+                    ptr: a,
+                    rs: per_channel,
+                    img: img_x,
+                };
+                let steps = vpad / 32;
                 for o0 in (0..cout).step_by(32) {
-                    let v = if cout - o0 > 16 { 2 } else { 1 };
                     let b = dyv[n0 * img_d + o0..].as_ptr();
+                    // The unit's 32 rows of `dWᵀ` from column `o0`: the block's sums over
+                    // the chunk are added to them in the tiles.
+                    let dst = part[(u * 32 - first_slot) * cout + o0..]
+                        [..31 * cout + 32.min(cout - o0)]
+                        .as_mut_ptr();
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the tiles are configured on this thread; image `n` of the
                     // chunk's A rows `r < 32` read `(n0 + n)·img_x + (32·cb + r)·per_channel
-                    // + tap_offset + (0..vpad)`, inside `xb` (`img_x` covers the last channel's last
-                    // run); its B rows `(0..vpad / 2)·C_out + o0 + (0..16·v)` inside its
-                    // `img_d` words of `dyv`; `c` holds four aligned tiles.
+                    // + tap_offset + (0..vpad)`, inside `xb` (`img_x` covers the last
+                    // channel's last run); its B rows `(0..vpad / 2)·C_out + o0 + (0..16·v)`
+                    // inside its `img_d` words of `dyv`; `dst + r·C_out + (0..16·v)` for
+                    // `r < 32` is inside `part` (the slice just taken).
                     unsafe {
-                        let out = c.0.as_mut_ptr();
-                        let steps = vpad / 32;
-                        let a = super::amx::Runs {
-                            ptr: a,
-                            rs: per_channel,
-                            img: img_x,
-                        };
-                        if v == 2 {
-                            super::amx::wgrad_block::<2, 2>(
-                                a, None, b, cout, img_d, images, steps, out,
+                        use super::amx::wgrad_block;
+                        if cout - o0 > 16 {
+                            wgrad_block::<2, 2>(
+                                a,
+                                None,
+                                b,
+                                cout,
+                                img_d,
+                                images,
+                                steps,
+                                dst,
+                                Some(cout),
                             );
                         } else {
-                            super::amx::wgrad_block::<2, 1>(
-                                a, None, b, cout, img_d, images, steps, out,
+                            wgrad_block::<2, 1>(
+                                a,
+                                None,
+                                b,
+                                cout,
+                                img_d,
+                                images,
+                                steps,
+                                dst,
+                                Some(cout),
                             );
-                        }
-                    }
-                    for ri in 0..2 {
-                        for vi in 0..v {
-                            for r in 0..16 {
-                                let slot = u * 32 + 16 * ri + r - first_slot;
-                                let dst = &mut part[slot * cout + o0 + 16 * vi..][..16];
-                                let src = &c.0[256 * (2 * ri + vi) + 16 * r..][..16];
-                                dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
-                            }
                         }
                     }
                 }

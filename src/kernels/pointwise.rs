@@ -350,18 +350,18 @@ pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize)
                             let out = c.0.as_mut_ptr();
                             let (ta, bi) = (tail_runs, b_img);
                             match (r2, v2) {
-                                (true, true) => {
-                                    wgrad_block::<2, 2>(runs, ta, bp, COLS, bi, images, steps, out)
-                                }
-                                (true, false) => {
-                                    wgrad_block::<2, 1>(runs, ta, bp, COLS, bi, images, steps, out)
-                                }
-                                (false, true) => {
-                                    wgrad_block::<1, 2>(runs, ta, bp, COLS, bi, images, steps, out)
-                                }
-                                (false, false) => {
-                                    wgrad_block::<1, 1>(runs, ta, bp, COLS, bi, images, steps, out)
-                                }
+                                (true, true) => wgrad_block::<2, 2>(
+                                    runs, ta, bp, COLS, bi, images, steps, out, None,
+                                ),
+                                (true, false) => wgrad_block::<2, 1>(
+                                    runs, ta, bp, COLS, bi, images, steps, out, None,
+                                ),
+                                (false, true) => wgrad_block::<1, 2>(
+                                    runs, ta, bp, COLS, bi, images, steps, out, None,
+                                ),
+                                (false, false) => wgrad_block::<1, 1>(
+                                    runs, ta, bp, COLS, bi, images, steps, out, None,
+                                ),
                             }
                         }
                         for ri in 0..1 + r2 as usize {
