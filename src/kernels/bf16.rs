@@ -20,6 +20,7 @@
 //! Accumulation is in f32 in a fixed order, so results are deterministic.
 
 use super::act::Act;
+use super::buf::Lines;
 
 /// Columns of a wide `B` panel (four 16-lane vectors), multiplied by [`WIDE_ROWS`] rows of `A`
 /// at a time: the best of 6 x 64, 8 x 32, 12 x 32 and 8 x 48 on the layers of `bench-vgg`
@@ -81,9 +82,10 @@ thread_local! {
     /// Packed `B` panels, kept per thread: a fresh zeroed buffer per call (half a MiB for a
     /// 32 px image) was a memset in every GEMM, and `pack_panel` writes every word it hands
     /// to the microkernel.
-    static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PANELS: std::cell::RefCell<Option<Lines<u32>>> =
+        const { std::cell::RefCell::new(None) };
     /// The storage of the `A` that [`gemm`] packs for one product, kept for the next one.
-    static LHS_WORDS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static LHS_WORDS: std::cell::Cell<Option<Lines<u32>>> = const { std::cell::Cell::new(None) };
 }
 
 /// Whether this CPU has the instructions the kernel needs (AVX-512 F and BF16).
@@ -208,7 +210,8 @@ pub struct PackedLhs {
     k: usize,
     /// Packed for the AMX tiles ([`super::amx`]): every block's pairs padded to whole tiles.
     amx: bool,
-    words: Vec<u32>,
+    /// On a cache line: the tiles load its rows ([`super::buf::Lines`]).
+    words: Lines<u32>,
 }
 
 /// Pair words a packed row of `kc` columns takes: `kc / 2` rounded up, and up to whole AMX
@@ -228,13 +231,13 @@ impl PackedLhs {
     /// # Panics
     /// When `lhs` is too short for the shape and strides.
     pub fn new(m: usize, k: usize, lhs: &[f32], rs: usize, cs: usize) -> Self {
-        Self::new_in(Vec::new(), m, k, lhs, rs, cs, super::amx::enabled())
+        Self::new_in(None, m, k, lhs, rs, cs, super::amx::enabled())
     }
 
     /// As [`Self::new`], in `words`' allocation (grown, never cleared: packing writes every
     /// word a product reads), for the AMX tiles or not.
     fn new_in<L: Act>(
-        mut words: Vec<u32>,
+        words: Option<Lines<u32>>,
         m: usize,
         k: usize,
         lhs: &[L],
@@ -250,6 +253,7 @@ impl PackedLhs {
             assert!(lhs.len() > (m - 1) * rs + (k - 1) * cs);
         }
         let need = m.next_multiple_of(ROW_PAD) * k.div_ceil(kc(amx)) * pairs(kc(amx), amx);
+        let mut words = words.unwrap_or_else(|| Lines::default());
         if words.len() < need {
             words.resize(need, 0);
         }
@@ -294,7 +298,7 @@ impl PackedLhs {
             return None;
         }
         let (kp, rows) = (pairs(k, amx), m.next_multiple_of(ROW_PAD));
-        let mut words = LHS_WORDS.take();
+        let mut words = LHS_WORDS.take().unwrap_or_else(|| Lines::default());
         if words.len() < rows * kp {
             words.resize(rows * kp, 0);
         }
@@ -313,7 +317,7 @@ impl PackedLhs {
 
     /// Gives the storage back to this thread for the next packed operand.
     pub fn recycle(self) {
-        LHS_WORDS.set(self.words);
+        LHS_WORDS.set(Some(self.words));
     }
 
     /// The packed rows of the `b`-th `KC` block.
@@ -760,6 +764,7 @@ pub fn gemm_packed<E: Act>(
         let run = |(t, part): (usize, &mut [f32])| {
             let range = t * per..((t + 1) * per).min(m);
             PANELS.with_borrow_mut(|bp| {
+                let bp = bp.get_or_insert_with(|| Lines::default());
                 let need = panel_words(a.amx);
                 if bp.len() < need {
                     bp.resize(need, 0);

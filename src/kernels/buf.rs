@@ -17,11 +17,44 @@ use std::mem::MaybeUninit;
 /// and the channels-last 3x3 block ran at a third of its speed: 0.87-0.90 against 2.4-2.7
 /// TFLOP/s on one core (64 -> 64 at 56 px, 128 -> 128 at 28 px, 512 -> 512 at 7 px; the
 /// kernel's loop on its own, best of 5, Xeon with AMX, 2026-12-05).
-pub type Lines<T> = aligned_vec::AVec<T>;
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lines<T>(aligned_vec::AVec<T>);
 
-/// `n` zeros in a [`Lines`] buffer.
-pub fn lines_zeroed<T: Copy + bytemuck::Zeroable>(n: usize) -> Lines<T> {
-    aligned_vec::avec![T::zeroed(); n]
+impl<T> Default for Lines<T> {
+    fn default() -> Self {
+        Lines(aligned_vec::AVec::new(0))
+    }
+}
+
+impl<T: Copy + bytemuck::Zeroable> Lines<T> {
+    /// `n` zeros.
+    pub fn zeroed(n: usize) -> Self {
+        Lines(aligned_vec::avec![T::zeroed(); n])
+    }
+
+    /// Grown or shrunk to `n` values, new ones `value` (what it held before stays).
+    pub fn resize(&mut self, n: usize, value: T) {
+        self.0.resize(n, value);
+    }
+}
+
+impl<T> FromIterator<T> for Lines<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        Lines(aligned_vec::AVec::from_iter(0, iter))
+    }
+}
+
+impl<T> std::ops::Deref for Lines<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Lines<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.0
+    }
 }
 
 /// `n` values in chunks of `chunk` (the last one shorter), chunk `i` zeroed and then passed

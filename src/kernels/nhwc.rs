@@ -71,7 +71,7 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> super::buf::Lines<u32> {
     use rayon::prelude::*;
     let (taps, kp) = (g.kh * g.kw, g.cin / 2);
     let words = taps * kp;
-    let mut out = super::buf::lines_zeroed(g.cout * words);
+    let mut out = super::buf::Lines::zeroed(g.cout * words);
     // One block per task (4.7 MB of weights for 512 -> 512 3x3, a third of the layer's time
     // at 4 px when one thread packed them).
     out.par_chunks_mut(BLOCK * words)
@@ -279,7 +279,7 @@ pub fn forward_act<E: Act>(
     par_zeroed_parts(&lens, |t, y| {
         let images = blocks[t].clone();
         let group = (GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
-        let mut xq = super::buf::lines_zeroed(group * per_image + slack);
+        let mut xq = super::buf::Lines::zeroed(group * per_image + slack);
         for first in images.clone().step_by(group) {
             let count = group.min(images.end - first);
             pad_pack(&x[first * g.in_len()..], count, g, &mut xq);
@@ -303,7 +303,7 @@ fn forward_by_channels<E: Act>(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let (hp, wp, kp) = padded(g);
-    let mut xq = super::buf::lines_zeroed(hp * wp * kp + super::nhwc_amx::slack(g));
+    let mut xq = super::buf::Lines::zeroed(hp * wp * kp + super::nhwc_amx::slack(g));
     let mut y = vec![0.0f32; g.batch * g.out_len()];
     for (xn, yn) in x
         .chunks_exact(g.in_len())

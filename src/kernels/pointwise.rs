@@ -27,6 +27,7 @@
 
 use super::act::Act;
 use super::amx::PAIRS;
+use super::buf::Lines;
 use super::conv::ConvGeom;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -295,9 +296,9 @@ pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize)
             let (rows, cols) = (span(&own_a, ra), span(&own_b, rb));
             let (nrows, ncols, nown) = (rows.len(), cols.len(), own_b.len());
             let mut part = vec![0.0f32; nrows * ncols];
-            let mut packed = vec![0u32; chunk * nown * panel];
+            let mut packed = Lines::<u32>::zeroed(chunk * nown * panel);
             let mut compact = vec![0u32; 32 * vpad / 2];
-            let mut tails = vec![0u16; if tail > 0 { chunk * nrows * 32 } else { 0 }];
+            let mut tails = Lines::<u16>::zeroed(if tail > 0 { chunk * nrows * 32 } else { 0 });
             let mut c = Block::default();
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AMX is enabled (`weight_grad` asserts it).
@@ -445,7 +446,7 @@ fn pack_pairs(
 
 /// `w` (`[rows, k]`, f32) rounded to bf16 pairs along `k`: row `o`'s word `q` holds
 /// `(w[o][2q], w[o][2q + 1])`, rows `k / 2` words apart (the tiles' `A` layout).
-pub(super) fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
+pub(super) fn pack_weights(w: &[f32], rows: usize, k: usize) -> Lines<u32> {
     let mut bits = vec![0u16; rows * k];
     super::bf16::round_slice(w, &mut bits);
     bits.chunks_exact(2)
@@ -459,7 +460,7 @@ pub(super) fn pack_weights(w: &[f32], rows: usize, k: usize) -> Vec<u32> {
 struct Scratch {
     bits: Vec<u16>,
     compact: Vec<u16>,
-    panels: Vec<u32>,
+    panels: Lines<u32>,
     block: Block,
 }
 

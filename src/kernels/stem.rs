@@ -20,6 +20,7 @@
 //! `C_out` a multiple of 16 ([`fits`]).
 
 use super::act::Act;
+use super::buf::Lines;
 use super::conv::ConvGeom;
 use super::pointwise::{Block, COLS, Operand};
 use rayon::prelude::*;
@@ -206,7 +207,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
 #[derive(Default)]
 struct Scratch {
     planes: Vec<u16>,
-    panels: Vec<u32>,
+    panels: Lines<u32>,
     block: Block,
 }
 
