@@ -253,7 +253,7 @@ impl PackedLhs {
             assert!(lhs.len() > (m - 1) * rs + (k - 1) * cs);
         }
         let need = m.next_multiple_of(ROW_PAD) * k.div_ceil(kc(amx)) * pairs(kc(amx), amx);
-        let mut words = words.unwrap_or_else(|| Lines::default());
+        let mut words = words.unwrap_or_default();
         if words.len() < need {
             words.resize(need, 0);
         }
@@ -298,7 +298,7 @@ impl PackedLhs {
             return None;
         }
         let (kp, rows) = (pairs(k, amx), m.next_multiple_of(ROW_PAD));
-        let mut words = LHS_WORDS.take().unwrap_or_else(|| Lines::default());
+        let mut words = LHS_WORDS.take().unwrap_or_default();
         if words.len() < rows * kp {
             words.resize(rows * kp, 0);
         }
@@ -764,7 +764,7 @@ pub fn gemm_packed<E: Act>(
         let run = |(t, part): (usize, &mut [f32])| {
             let range = t * per..((t + 1) * per).min(m);
             PANELS.with_borrow_mut(|bp| {
-                let bp = bp.get_or_insert_with(|| Lines::default());
+                let bp = bp.get_or_insert_default();
                 let need = panel_words(a.amx);
                 if bp.len() < need {
                     bp.resize(need, 0);
