@@ -192,8 +192,62 @@ where
     Init: Fn() -> S + Sync + Send,
     F: Fn(&mut S, &mut Lazy<'_, E>, I::Item) + Sync + Send,
 {
+    let mut out: Vec<E> = Vec::with_capacity(n);
+    fill_lazy(&mut out.spare_capacity_mut()[..n], chunk, inputs, init, f);
+    // SAFETY: `fill_lazy` wrote all `n` values (its contract); a panic propagates before this.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// [`par_zeroed_with`] into a [`Lines`] buffer: for the output of a kernel whose values the
+/// AMX tiles then load.
+pub fn par_zeroed_lines_with<E, I, S, Init, F>(
+    n: usize,
+    chunk: usize,
+    inputs: I,
+    init: Init,
+    f: F,
+) -> Lines<E>
+where
+    E: Act,
+    I: IndexedParallelIterator,
+    Init: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, &mut [E], I::Item) + Sync + Send,
+{
+    let mut out = Lines::<E>(aligned_vec::AVec::with_capacity(0, n));
+    // SAFETY: the allocation holds `n` values (capacity `n`, asked for just above); none is
+    // initialised yet, which `MaybeUninit` says.
+    let spare =
+        unsafe { std::slice::from_raw_parts_mut(out.0.as_mut_ptr().cast::<MaybeUninit<E>>(), n) };
+    fill_lazy(spare, chunk, inputs, init, |state, c, item| {
+        let whole = c.take(c.rest.len());
+        f(state, whole, item)
+    });
+    // SAFETY: `fill_lazy` wrote all `n` values; a panic propagates before this.
+    unsafe { out.0.set_len(n) };
+    out
+}
+
+/// Every value of `out` written: chunk `i` of `chunk` values handed to `f` as a [`Lazy`] with
+/// item `i` of `inputs`, `init` making each worker's state, and what `f` did not take zeroed.
+///
+/// # Panics
+/// If `inputs` does not have exactly one item per chunk.
+fn fill_lazy<E, I, S, Init, F>(
+    out: &mut [MaybeUninit<E>],
+    chunk: usize,
+    inputs: I,
+    init: Init,
+    f: F,
+) where
+    E: Act,
+    I: IndexedParallelIterator,
+    Init: Fn() -> S + Sync + Send,
+    F: Fn(&mut S, &mut Lazy<'_, E>, I::Item) + Sync + Send,
+{
+    let n = out.len();
     if n == 0 {
-        return Vec::new();
+        return;
     }
     let chunk = chunk.max(1);
     assert_eq!(
@@ -201,9 +255,9 @@ where
         n.div_ceil(chunk),
         "{n} values in chunks of {chunk} need one input per chunk"
     );
-    let mut out: Vec<E> = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
+    // `inputs` has one item per chunk (asserted above) and the zip visits each pair exactly
+    // once; every value of a chunk is zeroed either by `take` or after `f` returns.
+    out.par_chunks_mut(chunk)
         .zip(inputs)
         .for_each_init(init, |state, (c, item)| {
             let mut lazy = Lazy { rest: c };
@@ -212,11 +266,6 @@ where
             // did not take is zeroed here.
             lazy.rest.fill(MaybeUninit::new(E::ZERO));
         });
-    // SAFETY: `inputs` has one item per chunk (asserted above) and the zip visits each pair
-    // exactly once; every value of a chunk was zeroed either by `take` or after `f` returned,
-    // so all `n` are written; a panic in `f` propagates before this.
-    unsafe { out.set_len(n) };
-    out
 }
 
 /// The runs of one channel of an NCHW output being filled by [`par_channels`]: image `n`'s

@@ -26,7 +26,7 @@
 
 use super::act::Act;
 use super::amx::PAIRS;
-use super::buf::{par_zeroed, par_zeroed_parts, par_zeroed_with};
+use super::buf::{par_zeroed, par_zeroed_lines_with, par_zeroed_parts};
 use super::conv::ConvGeom;
 use super::nhwc::{BLOCK, padded};
 
@@ -334,7 +334,7 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     // dY on the padded grid (zero past each row's `W_out` outputs and past the last row),
     // `[C_out, vpad]` halves, then transposed as pairs to `[vpad / 2, C_out]` words. The
     // scratch's zero columns are never written, so they stay zero from image to image.
-    let dyv = par_zeroed_with(
+    let dyv = par_zeroed_lines_with(
         g.batch * img_d,
         img_d,
         dy.par_chunks(g.out_len()),
