@@ -202,6 +202,9 @@ fn forward_bf16_in(
     match plan(g, Cpu::detect()).forward {
         Algo::Pointwise => return pointwise::forward(x, w, b, g, relu),
         Algo::Stem => return stem::forward(x, w, b, g, relu),
+        Algo::ChannelsLast if nhwc::rounds_itself(g) => {
+            return nhwc::forward_rounded(x, w, b, g, relu);
+        }
         _ => {}
     }
     let (il, ol) = (g.in_len(), g.out_len());
@@ -233,7 +236,14 @@ fn backward_bf16_in(
     // `conv2d_forward_bf16`'s output.
     let plan = plan(g, Cpu::detect());
     let whole =
-        (need[0] && plan.input_grad == Algo::Pointwise).then(|| pointwise::input_grad(w, dy, g));
+        match plan.input_grad {
+            _ if !need[0] => None,
+            Algo::Pointwise => Some(pointwise::input_grad(w, dy, g)),
+            Algo::ChannelsLast if nhwc::rounds_itself(&g.input_grad()) => Some(
+                nhwc::forward_rounded(dy, &rotated(w, g), None, &g.input_grad(), false),
+            ),
+            _ => None,
+        };
     // The tile kernels' weight gradients read the bf16 activations and sum in f32 themselves:
     // whole.
     let whole_dw = match plan.weight_grad {

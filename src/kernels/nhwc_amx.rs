@@ -29,6 +29,7 @@ use super::amx::PAIRS;
 use super::buf::{par_zeroed, par_zeroed_lines_with, par_zeroed_parts};
 use super::conv::ConvGeom;
 use super::nhwc::{BLOCK, padded};
+use std::mem::MaybeUninit;
 
 /// Output positions per block: two `A` tiles.
 const ROWS: usize = 32;
@@ -89,12 +90,13 @@ fn runs(g: &ConvGeom, count: usize) -> Vec<Run> {
 /// [`super::nhwc`]'s `product` on the AMX tiles: output channels `couts` (a range starting on a
 /// block of [`BLOCK`]) of `count` images from the padded channels-last images `xq` (followed
 /// by at least [`slack`] readable words) and the packed weights `wq`; `y` as there (NCHW, per
-/// image those channels' `H_out·W_out` values).
+/// image those channels' `H_out·W_out` values), every value written, in f32 or rounded once
+/// to bf16 by the tile epilogue (`O`).
 ///
 /// # Panics
 /// When AMX is not [`super::amx::enabled`], `g` does not [`fits`], or a slice is too short.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn product(
+pub(super) fn product<O: Act>(
     wq: &[u32],
     xq: &[u32],
     count: usize,
@@ -102,7 +104,7 @@ pub(super) fn product(
     bias: Option<&[f32]>,
     relu: bool,
     couts: std::ops::Range<usize>,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<O>],
 ) {
     assert!(super::amx::enabled() && fits(g), "AMX convolution of {g:?}");
     let (hp, wp, kp) = padded(g);
@@ -172,14 +174,14 @@ pub(super) fn product(
 /// (those 16 channels of one image, `p` apart): plus `bias`, `max(·, 0)` when `relu`; only the
 /// positions that are outputs are written.
 #[allow(clippy::too_many_arguments)]
-fn store_tile(
+fn store_tile<O: Act>(
     tile: &[f32],
     run: &Run,
     first: usize,
     wo: usize,
     bias: &[f32],
     relu: bool,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<O>],
     p: usize,
 ) {
     // Segments of lanes that are consecutive outputs: (first lane, end lane, output index).
@@ -208,9 +210,10 @@ fn store_tile(
         "tile outputs"
     );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512 F detected; `tile` holds 256 floats, `bias` 16; every store writes
-        // lanes `l0..l1` of channel `j` at `y[j·p + out..][..l1 - l0]`, inside `y` (asserted).
+    if super::bf16::available() {
+        // SAFETY: AVX-512 F, BW and BF16 detected (`bf16::available`, which AMX implies);
+        // `tile` holds 256 floats, `bias` 16; every store writes lanes `l0..l1` of channel `j`
+        // at `y[j·p + out..][..l1 - l0]`, inside `y` (asserted).
         unsafe { store_tile_avx512(tile, segs, bias, relu, y.as_mut_ptr(), p) };
         return;
     }
@@ -218,29 +221,31 @@ fn store_tile(
         for (j, &b) in bias.iter().enumerate() {
             for lane in l0..l1 {
                 let v = tile[lane * 16 + j] + b;
-                y[j * p + out + lane - l0] = if relu { v.max(0.0) } else { v };
+                y[j * p + out + lane - l0] =
+                    MaybeUninit::new(O::from_f32(if relu { v.max(0.0) } else { v }));
             }
         }
     }
 }
 
 /// [`store_tile`]'s stores: the tile transposed in registers, each channel's lanes stored by
-/// segment under a mask.
+/// segment under a mask (as bf16 rounded to nearest even, `VCVTNEPS2BF16`, when `O` is bf16).
 ///
 /// # Safety
-/// The CPU has AVX-512 F; `tile` holds 256 floats and `bias` 16; for each `(l0, l1, out)` of
-/// `segs` and `j < 16`, `y + j·p + out + (0..l1 - l0)` is writable.
+/// The CPU has AVX-512 F, BW and BF16; `tile` holds 256 floats and `bias` 16; for each `(l0,
+/// l1, out)` of `segs` and `j < 16`, `y + j·p + out + (0..l1 - l0)` is writable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn store_tile_avx512(
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
+unsafe fn store_tile_avx512<O: Act>(
     tile: &[f32],
     segs: &[(usize, usize, usize)],
     bias: &[f32],
     relu: bool,
-    y: *mut f32,
+    y: *mut MaybeUninit<O>,
     p: usize,
 ) {
     use std::arch::x86_64::*;
+    let to_bf16 = std::any::TypeId::of::<O>() == std::any::TypeId::of::<super::act::bf16>();
     let mut r = [_mm512_setzero_si512(); 16];
     for (i, v) in r.iter_mut().enumerate() {
         // SAFETY: row `i < 16` of the 256-float tile.
@@ -252,6 +257,8 @@ unsafe fn store_tile_avx512(
         if relu {
             v = _mm512_max_ps(v, _mm512_setzero_ps());
         }
+        // SAFETY: a same-size bit cast of a plain vector.
+        let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
         for &(l0, l1, out) in segs {
             let mask = (((1u32 << (l1 - l0)) - 1) << l0) as __mmask16;
             // Lane `l` lands on `out + l - l0`: the pointer is shifted back `l0` lanes, which
@@ -259,7 +266,13 @@ unsafe fn store_tile_avx512(
             let at = y.wrapping_add(j * p + out).wrapping_sub(l0);
             // SAFETY: the masked lanes `l0..l1` write `y + j·p + out + (0..l1 - l0)`, writable
             // by the contract; masked-off lanes are not accessed.
-            unsafe { _mm512_mask_storeu_ps(at, mask, v) };
+            unsafe {
+                if to_bf16 {
+                    _mm256_mask_storeu_epi16(at.cast(), mask, h);
+                } else {
+                    _mm512_mask_storeu_ps(at.cast(), mask, v);
+                }
+            }
         }
     }
 }
@@ -497,6 +510,41 @@ pub(super) mod tests {
                 })
             };
             assert_eq!(run(1), run(3), "{g1:?}");
+        }
+    }
+
+    /// [`super::super::nhwc::forward_rounded`] in bf16 is [`super::super::nhwc::forward_act`]'s
+    /// f32 output rounded once (the same bits), and in f32 its output itself, from f32 and
+    /// bf16 inputs: strides 1 and 2, 16-, 48- and 80-channel blocks, bias and ReLU, 1 and 3
+    /// threads.
+    #[test]
+    fn rounded_output_is_the_f32_output_rounded_once() {
+        use crate::kernels::act::{bf16, to_bf16};
+        use crate::kernels::nhwc::{forward_act, forward_rounded};
+        if !amx_or_skip() {
+            return;
+        }
+        for g in [
+            geom(3, 32, 5, 6, 16, 3, 1),
+            geom(4, 64, 9, 8, 112, 3, 2),
+            geom(3, 32, 18, 21, 48, 3, 1),
+            geom(3, 96, 7, 7, 80, 5, 1),
+        ] {
+            let x = data(g.batch * g.in_len(), 7);
+            let xb = to_bf16(&x);
+            let w = data(g.cout * g.k(), 8);
+            let b = data(g.cout, 9);
+            for relu in [false, true] {
+                for threads in [1, 3] {
+                    crate::kernels::conv::on_threads(threads, || {
+                        let want = forward_act(&xb, &w, Some(&b), &g, relu);
+                        let got: Vec<bf16> = forward_rounded(&xb, &w, Some(&b), &g, relu);
+                        assert_eq!(got, to_bf16(&want), "{g:?} relu {relu}");
+                        let got: Vec<f32> = forward_rounded(&x, &w, Some(&b), &g, relu);
+                        assert_eq!(got, forward_act(&x, &w, Some(&b), &g, relu), "{g:?}");
+                    });
+                }
+            }
         }
     }
 
