@@ -11,49 +11,89 @@ use super::act::Act;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// A buffer that starts on a cache line (`aligned_vec`'s `CACHELINE_ALIGN`, 128 bytes on
-/// x86-64), for the operands the AMX tiles load. A tile row is 64 bytes; where the buffer
-/// starts 16 bytes into a line (what `malloc` gives a `Vec`), every row straddles two lines,
-/// and the channels-last 3x3 block ran at a third of its speed: 0.87-0.90 against 2.4-2.7
-/// TFLOP/s on one core (64 -> 64 at 56 px, 128 -> 128 at 28 px, 512 -> 512 at 7 px; the
-/// kernel's loop on its own, best of 5, Xeon with AMX, 2026-12-05).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Lines<T>(aligned_vec::AVec<T>);
-
-impl<T> Default for Lines<T> {
-    fn default() -> Self {
-        Lines(aligned_vec::AVec::new(0))
-    }
+/// A buffer that starts on a cache line, for the operands the AMX tiles load. A tile row is 64
+/// bytes; where the buffer starts 16 bytes into a line (what `malloc` gives a `Vec`), every
+/// row straddles two lines, and the channels-last 3x3 block ran at a third of its speed:
+/// 0.87-0.90 against 2.4-2.7 TFLOP/s on one core (64 -> 64 at 56 px, 128 -> 128 at 28 px,
+/// 512 -> 512 at 7 px; the kernel's loop on its own, best of 5, Xeon with AMX, 2026-12-05).
+///
+/// A plain `Vec` one line longer, the values starting at its first line boundary: an
+/// over-aligned allocation (`aligned-vec`'s `AVec`, which this replaced) goes through glibc's
+/// `memalign`, whose split-off heads and tails raised the peak memory of a resnet18 bf16
+/// step at 224 px from 527 to 620 MB.
+#[derive(Clone, Debug, Default)]
+pub struct Lines<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
 }
 
+/// Bytes of a cache line.
+const LINE: usize = 64;
+
 impl<T: Copy + bytemuck::Zeroable> Lines<T> {
+    /// Values of `T` in one line: the slack a [`Lines`] buffer carries.
+    fn slack() -> usize {
+        LINE / std::mem::size_of::<T>().clamp(1, LINE)
+    }
+
+    /// `buf` holding the values from its first line boundary on, `len` of them.
+    fn around(buf: Vec<T>, len: usize) -> Self {
+        let off = buf.as_ptr().align_offset(LINE);
+        assert!(
+            off + len <= buf.len(),
+            "Lines: {off} + {len} > {}",
+            buf.len()
+        );
+        Lines { buf, off, len }
+    }
+
     /// `n` zeros.
     pub fn zeroed(n: usize) -> Self {
-        Lines(aligned_vec::avec![T::zeroed(); n])
+        Self::around(vec![T::zeroed(); n + Self::slack()], n)
     }
 
     /// Grown or shrunk to `n` values, new ones `value` (what it held before stays).
     pub fn resize(&mut self, n: usize, value: T) {
-        self.0.resize(n, value);
+        if n <= self.len || self.off + n <= self.buf.len() {
+            let end = self.off + n;
+            if n > self.len {
+                self.buf[self.off + self.len..end].fill(value);
+            }
+            self.len = n;
+            return;
+        }
+        let mut grown = Self::around(vec![value; n + Self::slack()], n);
+        grown[..self.len].copy_from_slice(self);
+        *self = grown;
     }
 }
 
-impl<T> FromIterator<T> for Lines<T> {
+impl<T: Copy + bytemuck::Zeroable> FromIterator<T> for Lines<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
-        Lines(aligned_vec::AVec::from_iter(0, iter))
+        let values: Vec<T> = iter.into_iter().collect();
+        let mut out = Self::zeroed(values.len());
+        out.copy_from_slice(&values);
+        out
+    }
+}
+
+impl<T: PartialEq> PartialEq for Lines<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
     }
 }
 
 impl<T> std::ops::Deref for Lines<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.0
+        &self.buf[self.off..self.off + self.len]
     }
 }
 
 impl<T> std::ops::DerefMut for Lines<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.0
+        &mut self.buf[self.off..self.off + self.len]
     }
 }
 
@@ -214,18 +254,21 @@ where
     Init: Fn() -> S + Sync + Send,
     F: Fn(&mut S, &mut [E], I::Item) + Sync + Send,
 {
-    let mut out = Lines::<E>(aligned_vec::AVec::with_capacity(0, n));
-    // SAFETY: the allocation holds `n` values (capacity `n`, asked for just above); none is
-    // initialised yet, which `MaybeUninit` says.
-    let spare =
-        unsafe { std::slice::from_raw_parts_mut(out.0.as_mut_ptr().cast::<MaybeUninit<E>>(), n) };
-    fill_lazy(spare, chunk, inputs, init, |state, c, item| {
+    let slack = LINE / std::mem::size_of::<E>().clamp(1, LINE);
+    let mut buf: Vec<E> = Vec::with_capacity(n + slack);
+    let off = buf.as_ptr().align_offset(LINE);
+    assert!(off <= slack, "a line boundary within {slack} values");
+    let spare = &mut buf.spare_capacity_mut()[..off + n];
+    let (head, values) = spare.split_at_mut(off);
+    head.fill(MaybeUninit::new(E::ZERO));
+    fill_lazy(values, chunk, inputs, init, |state, c, item| {
         let whole = c.take(c.rest.len());
         f(state, whole, item)
     });
-    // SAFETY: `fill_lazy` wrote all `n` values; a panic propagates before this.
-    unsafe { out.0.set_len(n) };
-    out
+    // SAFETY: the head was zeroed just above and `fill_lazy` wrote the `n` values after it; a
+    // panic propagates before this.
+    unsafe { buf.set_len(off + n) };
+    Lines { buf, off, len: n }
 }
 
 /// Every value of `out` written: chunk `i` of `chunk` values handed to `f` as a [`Lazy`] with
@@ -367,6 +410,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every [`Lines`] buffer starts on a line, however it was made or grown, and keeps its
+    /// values when grown.
+    #[test]
+    fn lines_start_on_a_line_and_keep_their_values() {
+        let on_line = |p: *const u8| (p as usize).is_multiple_of(LINE);
+        for n in [0, 1, 15, 16, 17, 1000] {
+            let z = Lines::<u32>::zeroed(n);
+            assert!(n == 0 || on_line(z.as_ptr().cast()), "{n}");
+            assert!(z.len() == n && z.iter().all(|&v| v == 0));
+            let h = Lines::<u16>::zeroed(n);
+            assert!(n == 0 || on_line(h.as_ptr().cast()), "{n}");
+        }
+        let mut g = Lines::<u32>::default();
+        for n in [3, 40, 20, 5000] {
+            let before: Vec<u32> = g.to_vec();
+            g.resize(n, 7);
+            assert!(on_line(g.as_ptr().cast()), "{n}");
+            let kept = before.len().min(n);
+            assert_eq!(&g[..kept], &before[..kept]);
+            assert!(g[kept..].iter().all(|&v| v == 7), "{n}");
+            g.iter_mut().enumerate().for_each(|(i, v)| *v = i as u32);
+        }
+        let c: Lines<u32> = (0..33u32).collect();
+        assert!(on_line(c.as_ptr().cast()) && c.iter().copied().eq(0..33));
+        let d = par_zeroed_lines_with(
+            10,
+            4,
+            (0..3usize).into_par_iter(),
+            || (),
+            |_, c: &mut [f32], i| c[0] = i as f32 + 1.0,
+        );
+        assert!(on_line(d.as_ptr().cast()));
+        assert_eq!(&d[..], &[1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0]);
+    }
 
     #[test]
     fn every_chunk_is_zeroed_then_written_with_its_own_input() {
