@@ -394,9 +394,10 @@ pub(super) fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
                     // SAFETY: the tiles are configured on this thread; image `n` of the
                     // chunk's A rows `r < 32` read `(n0 + n)·img_x + (32·cb + r)·per_channel
                     // + tap_offset + (0..vpad)`, inside `xb` (`img_x` covers the last
-                    // channel's last run); its B rows `(0..vpad / 2)·C_out + o0 + (0..16·v)`
-                    // inside its `img_d` words of `dyv`; `dst + r·C_out + (0..16·v)` for
-                    // `r < 32` is inside `part` (the slice just taken).
+                    // channel's last run); its B rows `(0..vpad / 2)·C_out + o0 + (0..w)`,
+                    // `w = min(32, C_out - o0)` (the tiles `V` cover), inside its `img_d`
+                    // words of `dyv`; `dst + r·C_out + (0..w)` for `r < 32` is inside `part`
+                    // (the slice just taken).
                     unsafe {
                         use super::amx::wgrad_block;
                         if cout - o0 > 16 {
