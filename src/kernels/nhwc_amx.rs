@@ -210,10 +210,13 @@ fn store_tile<O: Act>(
         "tile outputs"
     );
     #[cfg(target_arch = "x86_64")]
-    if super::bf16::available() {
-        // SAFETY: AVX-512 F, BW and BF16 detected (`bf16::available`, which AMX implies);
-        // `tile` holds 256 floats, `bias` 16; every store writes lanes `l0..l1` of channel `j`
-        // at `y[j·p + out..][..l1 - l0]`, inside `y` (asserted).
+    if super::bf16::available()
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        // SAFETY: AVX-512 F, BF16 (`bf16::available`), BW and VL detected; `tile` holds 256
+        // floats, `bias` 16; every store writes lanes `l0..l1` of channel `j` at `y[j·p +
+        // out..][..l1 - l0]`, inside `y` (asserted).
         unsafe { store_tile_avx512(tile, segs, bias, relu, y.as_mut_ptr(), p) };
         return;
     }
@@ -232,8 +235,8 @@ fn store_tile<O: Act>(
 /// segment under a mask (as bf16 rounded to nearest even, `VCVTNEPS2BF16`, when `O` is bf16).
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and BF16; `tile` holds 256 floats and `bias` 16; for each `(l0,
-/// l1, out)` of `segs` and `j < 16`, `y + j·p + out + (0..l1 - l0)` is writable.
+/// The CPU has AVX-512 F, BW, VL and BF16; `tile` holds 256 floats and `bias` 16; for each
+/// `(l0, l1, out)` of `segs` and `j < 16`, `y + j·p + out + (0..l1 - l0)` is writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
 unsafe fn store_tile_avx512<O: Act>(
