@@ -267,28 +267,41 @@ pub fn forward_act<E: Act>(
     let wq = pack_weights(w, g);
     // The position classes once per call: every group, block and image shares them.
     let windows = Windows::new(g);
-    let (hp, wp, kp) = padded(g);
-    let per_image = hp * wp * kp;
     if g.batch < rayon::current_num_threads() {
         return forward_by_channels(x, &wq, &windows, bias, g, relu);
     }
-    // The AMX kernel's last block of positions reads on past the last image.
-    let slack = super::nhwc_amx::slack(g);
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
     par_zeroed_parts(&lens, |t, y| {
-        let images = blocks[t].clone();
-        let group = (GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
-        let mut xq = super::buf::Lines::zeroed(group * per_image + slack);
-        for first in images.clone().step_by(group) {
-            let count = group.min(images.end - first);
-            pad_pack(&x[first * g.in_len()..], count, g, &mut xq);
-            let xq = &xq[..count * per_image + slack];
-            let at = (first - images.start) * g.out_len();
-            let y = &mut y[at..][..count * g.out_len()];
-            product(&wq, &windows, xq, count, g, bias, relu, 0..g.cout, y);
-        }
+        by_groups(x, g, blocks[t].clone(), y, |xq, count, y| {
+            product(&wq, &windows, xq, count, g, bias, relu, 0..g.cout, y)
+        })
     })
+}
+
+/// Images `images` of `x` through `product(xq, count, y)` a group at a time: each group padded
+/// and packed into one channels-last buffer (`xq`: `count` images and the AMX kernel's
+/// [`super::nhwc_amx::slack`], which its last block of positions reads past the last image),
+/// `y` the group's part of `out` (the images' outputs, `C_out·H_out·W_out` values each).
+fn by_groups<E: Act, O>(
+    x: &[E],
+    g: &ConvGeom,
+    images: std::ops::Range<usize>,
+    out: &mut [O],
+    mut product: impl FnMut(&[u32], usize, &mut [O]),
+) {
+    let (hp, wp, kp) = padded(g);
+    let per_image = hp * wp * kp;
+    let slack = super::nhwc_amx::slack(g);
+    let group = (GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
+    let mut xq = super::buf::Lines::zeroed(group * per_image + slack);
+    for first in images.clone().step_by(group) {
+        let count = group.min(images.end - first);
+        pad_pack(&x[first * g.in_len()..], count, g, &mut xq);
+        let at = (first - images.start) * g.out_len();
+        let y = &mut out[at..][..count * g.out_len()];
+        product(&xq[..count * per_image + slack], count, y);
+    }
 }
 
 /// Whether [`forward_rounded`] computes `g` here: the AMX kernel's layers, at least one image
@@ -313,9 +326,6 @@ pub fn forward_rounded<E: Act, O: Act>(
     assert!(rounds_itself(g), "channels-last AMX convolution of {g:?}");
     g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let wq = pack_weights(w, g);
-    let (hp, wp, kp) = padded(g);
-    let per_image = hp * wp * kp;
-    let slack = super::nhwc_amx::slack(g);
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
     // SAFETY: each part is its images' whole output, and the AMX kernel writes every value of
@@ -325,17 +335,9 @@ pub fn forward_rounded<E: Act, O: Act>(
             &lens,
             || (),
             |t, y, _| {
-                let images = blocks[t].clone();
-                let group = (GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
-                let mut xq = super::buf::Lines::zeroed(group * per_image + slack);
-                for first in images.clone().step_by(group) {
-                    let count = group.min(images.end - first);
-                    pad_pack(&x[first * g.in_len()..], count, g, &mut xq);
-                    let xq = &xq[..count * per_image + slack];
-                    let at = (first - images.start) * g.out_len();
-                    let y = &mut y[at..][..count * g.out_len()];
-                    super::nhwc_amx::product(&wq, xq, count, g, bias, relu, 0..g.cout, y);
-                }
+                by_groups(x, g, blocks[t].clone(), y, |xq, count, y| {
+                    super::nhwc_amx::product(&wq, xq, count, g, bias, relu, 0..g.cout, y)
+                })
             },
         )
     }
