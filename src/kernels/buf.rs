@@ -17,10 +17,10 @@ use std::mem::MaybeUninit;
 /// 0.87-0.90 against 2.4-2.7 TFLOP/s on one core (64 -> 64 at 56 px, 128 -> 128 at 28 px,
 /// 512 -> 512 at 7 px; the kernel's loop on its own, best of 5, Xeon with AMX, 2026-12-05).
 ///
-/// A plain `Vec` one line longer, the values starting at its first line boundary: an
-/// over-aligned allocation (`aligned-vec`'s `AVec`, which this replaced) goes through glibc's
-/// `memalign`, whose split-off heads and tails raised the peak memory of a resnet18 bf16
-/// step at 224 px from 527 to 620 MB.
+/// A plain `Vec` one line longer, the values starting at its first line boundary. An
+/// over-aligned allocation (`aligned-vec`'s `AVec`, which this replaced; glibc's `memalign`
+/// underneath) raised the peak memory of a resnet18 bf16 step at 224 px from 527 to 611-624
+/// MB; with this one it is 576 MB.
 #[derive(Clone, Debug, Default)]
 pub struct Lines<T> {
     buf: Vec<T>,
