@@ -13,9 +13,9 @@ use std::mem::MaybeUninit;
 
 /// A buffer that starts on a cache line, for the operands the AMX tiles load. A tile row is 64
 /// bytes; where the buffer starts 16 bytes into a line (what `malloc` gives a `Vec`), every
-/// row straddles two lines, and the channels-last 3x3 block ran at a third of its speed:
-/// 0.87-0.90 against 2.4-2.7 TFLOP/s on one core (64 -> 64 at 56 px, 128 -> 128 at 28 px,
-/// 512 -> 512 at 7 px; the kernel's loop on its own, best of 5, Xeon with AMX, 2026-12-05).
+/// row straddles two lines, and the channels-last 3x3 block ran at 0.75-0.8 against 1.9-2.0
+/// TFLOP/s on one core (resnet18's 64-, 128- and 256-channel layers; `cargo run --release
+/// --example amx_alignment`, Xeon with AMX, 2026-12-05).
 ///
 /// A plain `Vec` one line longer, the values starting at its first line boundary. An
 /// over-aligned allocation (`aligned-vec`'s `AVec`, which this replaced; glibc's `memalign`
@@ -31,12 +31,12 @@ pub struct Lines<T> {
 /// Bytes of a cache line.
 const LINE: usize = 64;
 
-impl<T: Copy + bytemuck::Zeroable> Lines<T> {
-    /// Values of `T` in one line: the slack a [`Lines`] buffer carries.
-    fn slack() -> usize {
-        LINE / std::mem::size_of::<T>().clamp(1, LINE)
-    }
+/// Values of `T` in one line: the slack a [`Lines`] buffer carries.
+fn slack<T>() -> usize {
+    LINE / std::mem::size_of::<T>().clamp(1, LINE)
+}
 
+impl<T: Copy + bytemuck::Zeroable> Lines<T> {
     /// `buf` holding the values from its first line boundary on, `len` of them.
     fn around(buf: Vec<T>, len: usize) -> Self {
         let off = buf.as_ptr().align_offset(LINE);
@@ -50,7 +50,7 @@ impl<T: Copy + bytemuck::Zeroable> Lines<T> {
 
     /// `n` zeros.
     pub fn zeroed(n: usize) -> Self {
-        Self::around(vec![T::zeroed(); n + Self::slack()], n)
+        Self::around(vec![T::zeroed(); n + slack::<T>()], n)
     }
 
     /// Grown or shrunk to `n` values, new ones `value` (what it held before stays).
@@ -63,7 +63,7 @@ impl<T: Copy + bytemuck::Zeroable> Lines<T> {
             self.len = n;
             return;
         }
-        let mut grown = Self::around(vec![value; n + Self::slack()], n);
+        let mut grown = Self::around(vec![value; n + slack::<T>()], n);
         grown[..self.len].copy_from_slice(self);
         *self = grown;
     }
@@ -75,15 +75,6 @@ impl<T: Copy + bytemuck::Zeroable> Clone for Lines<T> {
     fn clone(&self) -> Self {
         let mut out = Self::zeroed(self.len);
         out.copy_from_slice(self);
-        out
-    }
-}
-
-impl<T: Copy + bytemuck::Zeroable> FromIterator<T> for Lines<T> {
-    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
-        let values: Vec<T> = iter.into_iter().collect();
-        let mut out = Self::zeroed(values.len());
-        out.copy_from_slice(&values);
         out
     }
 }
@@ -264,7 +255,7 @@ where
     Init: Fn() -> S + Sync + Send,
     F: Fn(&mut S, &mut [E], I::Item) + Sync + Send,
 {
-    let slack = LINE / std::mem::size_of::<E>().clamp(1, LINE);
+    let slack = slack::<E>();
     let mut buf: Vec<E> = Vec::with_capacity(n + slack);
     let off = buf.as_ptr().align_offset(LINE);
     assert!(off <= slack, "a line boundary within {slack} values");
@@ -443,7 +434,8 @@ mod tests {
             assert!(g[kept..].iter().all(|&v| v == 7), "{n}");
             g.iter_mut().enumerate().for_each(|(i, v)| *v = i as u32);
         }
-        let c: Lines<u32> = (0..33u32).collect();
+        let mut c = Lines::<u32>::zeroed(33);
+        c.iter_mut().zip(0..).for_each(|(v, i)| *v = i);
         assert!(on_line(c.as_ptr().cast()) && c.iter().copied().eq(0..33));
         let copy = c.clone();
         assert!(on_line(copy.as_ptr().cast()) && copy == c);

@@ -263,6 +263,10 @@ pub fn forward_act<E: Act>(
         "the channels-last bf16 convolution needs AVX512-BF16"
     );
     assert!(fits(g), "channels-last convolution of {g:?}");
+    if rounds_itself(g) {
+        // Every output written by the tiles' epilogue: no zero fill first.
+        return forward_rounded(x, w, bias, g, relu);
+    }
     g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let wq = pack_weights(w, g);
     // The position classes once per call: every group, block and image shares them.

@@ -517,13 +517,15 @@ pub(super) mod tests {
         }
     }
 
-    /// [`super::super::nhwc::forward_rounded`] in bf16 is [`super::super::nhwc::forward_act`]'s
-    /// f32 output rounded once (the same bits), and in f32 its output itself, from f32 and
-    /// bf16 inputs: strides 1 and 2, 16-, 48- and 80-channel blocks, bias and ReLU, 1 and 3
-    /// threads.
+    /// [`super::super::nhwc::forward_rounded`] (which `forward_act` now takes for a batch of at
+    /// least one image per thread) against the other path to the same tiles, one image at a
+    /// time with its output channels split over 3 threads (an f32 output zeroed first): in f32
+    /// the same bits, in bf16 those rounded once; from f32 and bf16 inputs, strides 1 and 2,
+    /// 16-, 48-, 80- and 112-channel blocks, bias and ReLU, on 1 and 3 threads.
     #[test]
     fn rounded_output_is_the_f32_output_rounded_once() {
         use crate::kernels::act::{bf16, to_bf16};
+        use crate::kernels::conv::on_threads;
         use crate::kernels::nhwc::{forward_act, forward_rounded};
         if !amx_or_skip() {
             return;
@@ -539,13 +541,33 @@ pub(super) mod tests {
             let w = data(g.cout * g.k(), 8);
             let b = data(g.cout, 9);
             for relu in [false, true] {
+                // Image by image: fewer images than threads, so not `forward_rounded`.
+                fn by_image<E: Act>(
+                    x: &[E],
+                    w: &[f32],
+                    b: &[f32],
+                    g: &ConvGeom,
+                    relu: bool,
+                ) -> Vec<f32> {
+                    let g1 = ConvGeom { batch: 1, ..*g };
+                    on_threads(3, || {
+                        x.chunks(g.in_len())
+                            .flat_map(|xn| forward_act(xn, w, Some(b), &g1, relu))
+                            .collect()
+                    })
+                }
+                let (want, want_b) = (
+                    by_image(&x, &w, &b, &g, relu),
+                    by_image(&xb, &w, &b, &g, relu),
+                );
                 for threads in [1, 3] {
-                    crate::kernels::conv::on_threads(threads, || {
-                        let want = forward_act(&xb, &w, Some(&b), &g, relu);
+                    on_threads(threads, || {
                         let got: Vec<bf16> = forward_rounded(&xb, &w, Some(&b), &g, relu);
-                        assert_eq!(got, to_bf16(&want), "{g:?} relu {relu}");
+                        assert_eq!(got, to_bf16(&want_b), "{g:?} relu {relu}");
+                        let got: Vec<f32> = forward_rounded(&xb, &w, Some(&b), &g, relu);
+                        assert_eq!(got, want_b, "{g:?} relu {relu}");
                         let got: Vec<f32> = forward_rounded(&x, &w, Some(&b), &g, relu);
-                        assert_eq!(got, forward_act(&x, &w, Some(&b), &g, relu), "{g:?}");
+                        assert_eq!(got, want, "{g:?} relu {relu}");
                     });
                 }
             }

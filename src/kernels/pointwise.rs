@@ -447,11 +447,15 @@ fn pack_pairs(
 /// `w` (`[rows, k]`, f32) rounded to bf16 pairs along `k`: row `o`'s word `q` holds
 /// `(w[o][2q], w[o][2q + 1])`, rows `k / 2` words apart (the tiles' `A` layout).
 pub(super) fn pack_weights(w: &[f32], rows: usize, k: usize) -> Lines<u32> {
-    let mut bits = vec![0u16; rows * k];
-    super::bf16::round_slice(w, &mut bits);
-    bits.chunks_exact(2)
-        .map(|pair| pair[0] as u32 | (pair[1] as u32) << 16)
-        .collect()
+    assert!(
+        k.is_multiple_of(2) && w.len() == rows * k,
+        "1x1 weights [{rows}, {k}]"
+    );
+    let mut out = Lines::zeroed(rows * k / 2);
+    // A pair word's low half is its first value: the words' halves in memory order are `w`'s
+    // values in order (as `PackedLhs::from_rows` writes them).
+    super::bf16::round_slice(w, bytemuck::cast_slice_mut(&mut out));
+    out
 }
 
 /// A worker's buffers: the image's bits (when it is f32 or strided), the packed panels of a
