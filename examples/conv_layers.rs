@@ -5,7 +5,8 @@
 //! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [MODEL] [SIZE] [BATCH]`
 //! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64). `CONV_LAYERS_ONLY=TEXT` times only
 //! the layers whose description (`512->512 4px 3x3/1`) contains `TEXT`; `CONV_LAYERS_REPEAT=
-//! fwd|dw|dx` runs only that product of each layer, 30 times and untimed, for `perf record`.
+//! fwd|dw|dx` runs only that product of each layer, 30 times and untimed, for `perf record`;
+//! `CONV_LAYERS_RUNS=N` times the fastest of `N` calls instead of 5 (a loaded host).
 //! In bf16 the kernels read and write bf16 activations, as in training on burn-flex.
 use convlab::kernels::Precision;
 use convlab::kernels::act::to_bf16;
@@ -203,15 +204,19 @@ fn main() {
             continue;
         }
         let p = plan(&g, cpu);
+        let runs: usize = std::env::var("CONV_LAYERS_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
         let x = vec![0.5f32; batch * cin * hw * hw];
         let w = vec![0.01f32; cout * g.k()];
         let flops = 2.0 * (batch * cout * g.k() * g.p()) as f64;
         let y = conv2d_forward(&x, &w, None, &g);
-        // Seconds per call, the fastest of 5.
-        // The fastest of 5 runs: on a VM whose neighbours take 10-40% of the CPU at times, the
+        // Seconds per call, the fastest of `runs` (5, or `CONV_LAYERS_RUNS`).
+        // The fastest of several runs: on a VM whose neighbours take 10-40% of the CPU at times, the
         // minimum is the steadiest estimate of what the kernel itself costs.
         let time = |f: &dyn Fn()| {
-            (0..5)
+            (0..runs)
                 .map(|_| {
                     let t = Instant::now();
                     f();

@@ -67,7 +67,7 @@ pub(super) fn padded(g: &ConvGeom) -> (usize, usize, usize) {
 /// the order `w` is stored), then transposed 16 x 16 in registers into its 16 columns of the
 /// block. Writing each half-word straight to its place (256 bytes after the one before) was a
 /// third of the 4 px 512 -> 512 layer's forward samples (Zen 4, bf16, 128 px).
-fn pack_weights(w: &[f32], g: &ConvGeom) -> super::buf::Lines<u32> {
+pub(super) fn pack_weights(w: &[f32], g: &ConvGeom) -> super::buf::Lines<u32> {
     use rayon::prelude::*;
     let (taps, kp) = (g.kh * g.kw, g.cin / 2);
     let words = taps * kp;
@@ -105,7 +105,7 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> super::buf::Lines<u32> {
 /// zero. The callers allocate `xq` zeroed and reuse it image group after image group, so the
 /// padding stays zero; zeroing the whole group buffer (up to 4 MiB) on every call went out
 /// to memory ahead of the values, as [`super::buf::par_lazy`] describes.
-fn pad_pack<E: Act>(x: &[E], count: usize, g: &ConvGeom, xq: &mut [u32]) {
+pub(super) fn pad_pack<E: Act>(x: &[E], count: usize, g: &ConvGeom, xq: &mut [u32]) {
     let (hp, wp, kp) = padded(g);
     let (plane, in_len) = (g.h * g.w, g.in_len());
     #[cfg(target_arch = "x86_64")]
@@ -277,7 +277,7 @@ pub fn forward_act<E: Act>(
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
     par_zeroed_parts(&lens, |t, y| {
-        by_groups(x, g, blocks[t].clone(), y, |xq, count, y| {
+        by_groups(x, g, blocks[t].clone(), y, g.out_len(), |xq, count, y| {
             product(&wq, &windows, xq, count, g, bias, relu, 0..g.cout, y)
         })
     })
@@ -286,12 +286,13 @@ pub fn forward_act<E: Act>(
 /// Images `images` of `x` through `product(xq, count, y)` a group at a time: each group padded
 /// and packed into one channels-last buffer (`xq`: `count` images and the AMX kernel's
 /// [`super::nhwc_amx::slack`], which its last block of positions reads past the last image),
-/// `y` the group's part of `out` (the images' outputs, `C_out·H_out·W_out` values each).
-fn by_groups<E: Act, O>(
+/// `y` the group's part of `out` (the images' outputs, `out_len` values each).
+pub(super) fn by_groups<E: Act, O>(
     x: &[E],
     g: &ConvGeom,
     images: std::ops::Range<usize>,
     out: &mut [O],
+    out_len: usize,
     mut product: impl FnMut(&[u32], usize, &mut [O]),
 ) {
     let (hp, wp, kp) = padded(g);
@@ -302,8 +303,8 @@ fn by_groups<E: Act, O>(
     for first in images.clone().step_by(group) {
         let count = group.min(images.end - first);
         pad_pack(&x[first * g.in_len()..], count, g, &mut xq);
-        let at = (first - images.start) * g.out_len();
-        let y = &mut out[at..][..count * g.out_len()];
+        let at = (first - images.start) * out_len;
+        let y = &mut out[at..][..count * out_len];
         product(&xq[..count * per_image + slack], count, y);
     }
 }
@@ -339,7 +340,7 @@ pub fn forward_rounded<E: Act, O: Act>(
             &lens,
             || (),
             |t, y, _| {
-                by_groups(x, g, blocks[t].clone(), y, |xq, count, y| {
+                by_groups(x, g, blocks[t].clone(), y, g.out_len(), |xq, count, y| {
                     super::nhwc_amx::product(&wq, xq, count, g, bias, relu, 0..g.cout, y)
                 })
             },
