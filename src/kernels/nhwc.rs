@@ -45,9 +45,9 @@ const LANES: usize = 16;
 /// 2 threads, Zen 4, `conv_layers 2 bf16 resnet18 128 32`): forward of the 4 px 512 -> 512
 /// layer 10.0 -> 8.0 ms, the 8 px 256 -> 512 stride-2 one 5.3 -> 4.3 ms.
 #[cfg(not(test))]
-const GROUP_WORDS: usize = 1 << 20;
+pub(super) const GROUP_WORDS: usize = 1 << 20;
 #[cfg(test)]
-const GROUP_WORDS: usize = 256;
+pub(super) const GROUP_WORDS: usize = 256;
 
 /// Whether the kernel computes `g`: channel pairs and whole vectors of output channels.
 pub fn fits(g: &ConvGeom) -> bool {
@@ -340,7 +340,22 @@ pub fn forward_rounded<E: Act, O: Act>(
             &lens,
             || (),
             |t, y, _| {
-                by_groups(x, g, blocks[t].clone(), y, g.out_len(), |xq, count, y| {
+                let images = blocks[t].clone();
+                // Strided layers of fewer than 28 outputs a row on phase planes (one run an
+                // image), against one run per output row, bf16, 2 threads, Xeon with AMX
+                // (family 6 model 207), 2026-12-05 20:40 UTC, three alternated runs, fastest
+                // of 10-15 calls (`CONV_LAYERS_ONLY=3x3/2 conv_layers 2 bf16 MODEL 224
+                // BATCH`), forward ms: resnet18 (batch 32) 128 -> 256 at 28 px 4.2-4.7 ->
+                // 3.2-3.6, 256 -> 512 at 14 px (im2col before: 7 outputs a row) 6.7-7.8 ->
+                // 3.4-3.9; resnet50 (batch 16) 256 -> 256 at 28 px 4.2-4.3 -> 3.1-3.4, 512
+                // -> 512 at 14 px (im2col) 6.1-6.5 -> 4.5-4.7; at 28 outputs a row the
+                // planes' copy did not pay: resnet18's 64 -> 128 4.2-4.4 -> 4.1-4.2,
+                // resnet50's 128 -> 128 3.4-3.5 -> 3.9.
+                if g.stride != [1, 1] && g.wo() < 28 {
+                    super::nhwc_amx::forward_planes(x, &wq, g, bias, relu, images, y);
+                    return;
+                }
+                by_groups(x, g, images, y, g.out_len(), |xq, count, y| {
                     super::nhwc_amx::product(&wq, xq, count, g, bias, relu, 0..g.cout, y)
                 })
             },

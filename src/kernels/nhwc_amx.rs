@@ -111,6 +111,35 @@ impl Grid {
         Grid::new(kp, g.stride[1] * kp, taps, runs(g, count), g.wo(), g.p())
     }
 
+    /// The grid of a strided layer over `count` images split into phase planes
+    /// ([`by_plane_groups`]): tap `(i, j)` of output `(r, c)` reads plane `(i mod s_h, j mod
+    /// s_w)` at `(r + i / s_h, c + j / s_w)`, so the positions run over the planes' grid as at
+    /// stride 1, one run an image, instead of one run per output row (a block of 32 rows
+    /// held 7 outputs of a 7-wide row).
+    fn planes(g: &ConvGeom, count: usize) -> Grid {
+        let (kp, [sh, sw]) = (g.cin / 2, g.stride);
+        let (hq, wq, plane) = plane_dims(g);
+        let taps = (0..g.kh)
+            .flat_map(|i| {
+                (0..g.kw).map(move |j| {
+                    let x_off = ((i % sh) * sw + j % sw) * plane + ((i / sh) * wq + j / sw) * kp;
+                    (x_off, (i * g.kw + j) * kp)
+                })
+            })
+            .collect();
+        let runs = (0..count)
+            .map(|n| Run {
+                base: n * sh * sw * plane,
+                len: (g.ho() - 1) * wq + g.wo(),
+                image: n,
+                row0: 0,
+                wrap: wq,
+            })
+            .collect();
+        debug_assert!(hq > 0);
+        Grid::new(kp, kp, taps, runs, g.wo(), g.p())
+    }
+
     /// The grid of one phase of a strided layer's input gradient
     /// ([`super::nhwc::input_grad_strided`]): `count` padded output gradients (`gd`: `C_out`
     /// channels, `H_out x W_out` padded by `gd.pad`), an `h x w` output whose position `(m,
@@ -167,6 +196,71 @@ impl Grid {
             p,
             reads,
         }
+    }
+}
+
+/// A strided layer's phase planes: `(H_q, W_q, words a plane)`, `H_q = ceil(H_p / s_h)`.
+fn plane_dims(g: &ConvGeom) -> (usize, usize, usize) {
+    let (hp, wp, kp) = padded(g);
+    let (hq, wq) = (hp.div_ceil(g.stride[0]), wp.div_ceil(g.stride[1]));
+    (hq, wq, hq * wq * kp)
+}
+
+/// A strided layer's forward pass on the tiles over phase planes ([`Grid::planes`]): images
+/// `images` of `x` (NCHW) into `y` (their outputs, NCHW, every value written), `wq` as
+/// [`super::nhwc`] packs the layer's weights.
+///
+/// Each image is padded and packed channels-last as at stride 1 ([`super::nhwc::pad_pack`]),
+/// then its positions are copied to their planes, `s_h·s_w` planes of `H_q x W_q` positions
+/// an image, a group of images at a time (as [`super::nhwc::by_groups`]).
+///
+/// # Panics
+/// When AMX is not enabled, `g` does not [`fits`] or a slice's length does not match.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_planes<E: Act, O: Act>(
+    x: &[E],
+    wq: &[u32],
+    g: &ConvGeom,
+    bias: Option<&[f32]>,
+    relu: bool,
+    images: std::ops::Range<usize>,
+    y: &mut [MaybeUninit<O>],
+) {
+    assert!(super::amx::enabled() && fits(g), "AMX convolution of {g:?}");
+    assert_eq!(wq.len(), g.cout * g.kh * g.kw * g.cin / 2, "packed weights");
+    assert_eq!(y.len(), images.len() * g.out_len(), "output");
+    let (hp, wp, kp) = padded(g);
+    let [sh, sw] = g.stride;
+    let (_, wq_, plane) = plane_dims(g);
+    let per_image = sh * sw * plane;
+    let group = (super::nhwc::GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
+    // The padding words of both stay zero: only the images' own positions are written.
+    let mut image = super::buf::Lines::zeroed(hp * wp * kp);
+    let mut xq = super::buf::Lines::zeroed(group * per_image + ROWS * kp);
+    for first in images.clone().step_by(group) {
+        let count = group.min(images.end - first);
+        for n in 0..count {
+            super::nhwc::pad_pack(&x[(first + n) * g.in_len()..], 1, g, &mut image);
+            let dst = &mut xq[n * per_image..][..per_image];
+            for (r, row) in image.chunks_exact(wp * kp).enumerate() {
+                for (c, v) in row.chunks_exact(kp).enumerate() {
+                    let at = ((r % sh) * sw + c % sw) * plane + ((r / sh) * wq_ + c / sw) * kp;
+                    dst[at..at + kp].copy_from_slice(v);
+                }
+            }
+        }
+        let at = (first - images.start) * g.out_len();
+        let grid = Grid::planes(g, count);
+        let out = &mut y[at..][..count * g.out_len()];
+        product_on(
+            &grid,
+            wq,
+            &xq[..count * per_image + ROWS * kp],
+            bias,
+            relu,
+            0..g.cout,
+            out,
+        );
     }
 }
 
@@ -933,6 +1027,12 @@ pub(super) mod tests {
             geom(4, 64, 9, 8, 112, 3, 2),
             geom(3, 32, 18, 21, 48, 3, 1),
             geom(3, 96, 7, 7, 80, 5, 1),
+            // Strided on phase planes: odd and even maps, 7 outputs a row, 5x5 at stride 3,
+            // a 1x1 at stride 2.
+            geom(3, 32, 14, 13, 64, 3, 2),
+            geom(3, 64, 14, 14, 32, 3, 2),
+            geom(3, 32, 11, 12, 48, 5, 3),
+            geom(3, 32, 9, 9, 32, 1, 2),
         ] {
             let x = data(g.batch * g.in_len(), 7);
             let xb = to_bf16(&x);

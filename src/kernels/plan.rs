@@ -347,16 +347,14 @@ fn channels_last(g: &ConvGeom, cpu: Cpu, winograd: bool, direct: bool) -> bool {
     // 14 px 9.2 / 9.4 -> 4.2 / 5.0, 512 -> 512 at 7 px 10.6 / 15.4 -> 6.2 / 7.5; strided
     // 3x3 (forward only) 64 -> 128 at 56 px 8.3 -> 4.2, 128 -> 256 7.1 -> 4.4, but 256 -> 512
     // at 14 px 8.0 -> 8.2 (7 outputs a row: a block of 32 rows computes 7) and resnet50's
-    // 512 -> 512 at 14 px 6.5 -> 11.2; the 1x1 layers lost (64 -> 64 at 56 px 0.9 -> 2.2,
+    // 512 -> 512 at 14 px 6.5 -> 11.2, until such layers ran on phase planes (numbers in
+    // [`nhwc::forward_rounded`]: 256 -> 512 6.7-7.8 -> 3.4-3.9, 512 -> 512 6.1-6.5 ->
+    // 4.5-4.7); the 1x1 layers lost (64 -> 64 at 56 px 0.9 -> 2.2,
     // 256 -> 64 2.9 -> 5.8: a whole copy of the image for one tap), and so did 4 px maps
     // (resnet18 at 128 px, 512 -> 512: forward 3.8 -> 4.9, weight gradient 5.7 -> 6.5, input
     // gradient 6.4 -> 5.7; a block of 32 grid positions holds 16 outputs there).
     if g.precision == Precision::Bf16 && cpu.amx {
-        return nhwc::fits(g)
-            && super::nhwc_amx::fits(g)
-            && g.kh * g.kw > 1
-            && g.wo() >= 7
-            && (g.stride == [1, 1] || g.wo() >= 14);
+        return nhwc::fits(g) && super::nhwc_amx::fits(g) && g.kh * g.kw > 1 && g.wo() >= 7;
     }
     bf16_tiles(g, cpu)
         && nhwc::fits(g)
@@ -473,14 +471,13 @@ mod tests {
         assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(I, I, C));
         assert_eq!(plan(&b(geom(256, 1024, 14, 1, 1)), AVX512), p(I, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
-        // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (the
-        // forward pass of stride 2 from 14 outputs a row, the input gradient of stride 2 by
-        // phases at any size); 1x1 layers on the pointwise kernel (input
+        // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (stride 2
+        // too: the forward pass on phase planes, the input gradient by phases); 1x1 layers on the pointwise kernel (input
         // gradient too, up to 1024 products per output; the weight gradient of every one).
         assert_eq!(plan(&b(geom(512, 512, 7, 3, 1)), AMX), p(C, C, C));
         assert_eq!(plan(&b(geom(512, 512, 4, 3, 1)), AMX), p(I, I, I));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AMX), p(C, C, C));
-        assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(I, C, I));
+        assert_eq!(plan(&b(geom(256, 512, 14, 3, 2)), AMX), p(C, C, I));
         assert_eq!(plan(&b(geom(64, 128, 56, 1, 2)), AMX), p(PW, PW, PW));
         assert_eq!(plan(&b(geom(256, 64, 56, 1, 1)), AMX), p(PW, PW, PW));
         assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AMX), p(PW, PW, PW));
