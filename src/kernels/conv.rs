@@ -235,18 +235,19 @@ fn backward_bf16_in(
     // Whole, where the kernel rounds its own output; else grown chunk by chunk, as
     // `conv2d_forward_bf16`'s output.
     let plan = plan(g, Cpu::detect());
-    let whole =
-        match plan.input_grad {
-            _ if !need[0] => None,
-            Algo::Pointwise => Some(pointwise::input_grad(w, dy, g)),
-            Algo::ChannelsLast if g.stride != [1, 1] => {
-                Some(nhwc_amx::input_grad_strided(dy, w, g))
-            }
-            Algo::ChannelsLast if nhwc::rounds_itself(&g.input_grad()) => Some(
-                nhwc::forward_rounded(dy, &rotated(w, g), None, &g.input_grad(), false),
-            ),
-            _ => None,
-        };
+    let whole = match plan.input_grad {
+        _ if !need[0] => None,
+        Algo::Pointwise => Some(pointwise::input_grad(w, dy, g)),
+        Algo::ChannelsLast if g.stride != [1, 1] => Some(nhwc_amx::input_grad_strided(dy, w, g)),
+        Algo::ChannelsLast if nhwc::rounds_itself(&g.input_grad()) => Some(nhwc::forward_packed(
+            dy,
+            &nhwc_amx::pack_rotated(w, g),
+            None,
+            &g.input_grad(),
+            false,
+        )),
+        _ => None,
+    };
     // The tile kernels' weight gradients read the bf16 activations and sum in f32 themselves:
     // whole.
     let whole_dw = match plan.weight_grad {

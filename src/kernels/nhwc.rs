@@ -328,9 +328,27 @@ pub fn forward_rounded<E: Act, O: Act>(
     g: &ConvGeom,
     relu: bool,
 ) -> Vec<O> {
-    assert!(rounds_itself(g), "channels-last AMX convolution of {g:?}");
     g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
-    let wq = pack_weights(w, g);
+    forward_packed(x, &pack_weights(w, g), bias, g, relu)
+}
+
+/// [`forward_rounded`] with the weights already packed (`wq`, as `pack_weights` packs them):
+/// the input gradient's rotated kernel is packed straight from the layer's
+/// ([`super::nhwc_amx::pack_rotated`]).
+///
+/// # Panics
+/// Where not [`rounds_itself`], or a slice's length does not match `g`.
+pub fn forward_packed<E: Act, O: Act>(
+    x: &[E],
+    wq: &[u32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<O> {
+    assert!(rounds_itself(g), "channels-last AMX convolution of {g:?}");
+    assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(wq.len(), g.cout * g.k() / 2, "packed weights");
+    assert!(bias.is_none_or(|b| b.len() == g.cout), "bias length");
     let blocks = image_blocks(g.batch);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * g.out_len()).collect();
     // SAFETY: each part is its images' whole output, and the AMX kernel writes every value of
@@ -352,11 +370,11 @@ pub fn forward_rounded<E: Act, O: Act>(
                 // planes' copy did not pay: resnet18's 64 -> 128 4.2-4.4 -> 4.1-4.2,
                 // resnet50's 128 -> 128 3.4-3.5 -> 3.9.
                 if g.stride != [1, 1] && g.wo() < 28 {
-                    super::nhwc_amx::forward_planes(x, &wq, g, bias, relu, images, y);
+                    super::nhwc_amx::forward_planes(x, wq, g, bias, relu, images, y);
                     return;
                 }
                 by_groups(x, g, images, y, g.out_len(), |xq, count, y| {
-                    super::nhwc_amx::product(&wq, xq, count, g, bias, relu, 0..g.cout, y)
+                    super::nhwc_amx::product(wq, xq, count, g, bias, relu, 0..g.cout, y)
                 })
             },
         )
