@@ -12,7 +12,7 @@ pub(super) use super::gemm::{image_blocks, sum_in_order};
 use super::im2col::im2col_forward_act;
 pub use super::im2col::{im2col_backward, im2col_forward};
 use super::plan::{Algo, Cpu, plan};
-use super::{direct, nhwc, nhwc_amx, pointwise, stem, winograd};
+use super::{direct, nhwc, nhwc_phases, pointwise, stem, winograd};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::cell::OnceCell;
@@ -238,10 +238,10 @@ fn backward_bf16_in(
     let whole = match plan.input_grad {
         _ if !need[0] => None,
         Algo::Pointwise => Some(pointwise::input_grad(w, dy, g)),
-        Algo::ChannelsLast if g.stride != [1, 1] => Some(nhwc_amx::input_grad_strided(dy, w, g)),
+        Algo::ChannelsLast if g.stride != [1, 1] => Some(nhwc_phases::input_grad_strided(dy, w, g)),
         Algo::ChannelsLast if nhwc::rounds_itself(&g.input_grad()) => Some(nhwc::forward_packed(
             dy,
-            &nhwc_amx::pack_rotated(w, g),
+            &nhwc_phases::pack_rotated(w, g),
             None,
             &g.input_grad(),
             false,
@@ -339,7 +339,7 @@ pub fn conv2d_backward<E: Act>(
         Algo::Direct => direct::backward(xf(), w, dyf(), g, [true, false, false])
             .0
             .unwrap(),
-        Algo::ChannelsLast if g.stride != [1, 1] => nhwc_amx::input_grad_strided(dy, w, g),
+        Algo::ChannelsLast if g.stride != [1, 1] => nhwc_phases::input_grad_strided(dy, w, g),
         Algo::ChannelsLast => nhwc::forward_act(dy, &rotated(w, g), None, &g.input_grad(), false),
         Algo::Pointwise => pointwise::input_grad(w, dy, g),
         // The plan never gives the stem kernel an input gradient (a stem has none to give).

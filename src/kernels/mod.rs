@@ -22,6 +22,7 @@ mod gemm;
 pub mod im2col;
 pub mod nhwc;
 mod nhwc_amx;
+mod nhwc_phases;
 pub mod norm;
 pub mod plan;
 pub mod pointwise;

@@ -334,7 +334,7 @@ pub fn forward_rounded<E: Act, O: Act>(
 
 /// [`forward_rounded`] with the weights already packed (`wq`, as `pack_weights` packs them):
 /// the input gradient's rotated kernel is packed straight from the layer's
-/// ([`super::nhwc_amx::pack_rotated`]).
+/// ([`super::nhwc_phases::pack_rotated`]).
 ///
 /// # Panics
 /// Where not [`rounds_itself`], or a slice's length does not match `g`.
@@ -370,7 +370,7 @@ pub fn forward_packed<E: Act, O: Act>(
                 // planes' copy did not pay: resnet18's 64 -> 128 4.2-4.4 -> 4.1-4.2,
                 // resnet50's 128 -> 128 3.4-3.5 -> 3.9.
                 if g.stride != [1, 1] && g.wo() < 28 {
-                    super::nhwc_amx::forward_planes(x, wq, g, bias, relu, images, y);
+                    super::nhwc_phases::forward_planes(x, wq, g, bias, relu, images, y);
                     return;
                 }
                 by_groups(x, g, images, y, g.out_len(), |xq, count, y| {

@@ -145,9 +145,9 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     } else if g.precision == Precision::Bf16
         && cpu.amx
         && g.kh * g.kw > 1
-        && super::nhwc_amx::fits_input_grad_strided(g)
+        && super::nhwc_phases::fits_input_grad_strided(g)
     {
-        // Strided layers by phases ([`super::nhwc_amx::input_grad_strided`]) against im2col
+        // Strided layers by phases ([`super::nhwc_phases::input_grad_strided`]) against im2col
         // on the tiles (a GEMM then a scatter-add of the columns), resnet18 at 224 px, batch
         // 32, bf16, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05 20:20 UTC, two
         // alternated runs, fastest of 15 calls (`CONV_LAYERS_RUNS=15 CONV_LAYERS_ONLY=3x3/2
