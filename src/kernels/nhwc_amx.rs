@@ -183,6 +183,7 @@ impl Grid {
         let last_tap = taps.iter().map(|t| t.0).max().unwrap_or(0);
         let reads = runs
             .iter()
+            .filter(|r| r.len > 0)
             .map(|r| r.base + (r.len.next_multiple_of(ROWS) - 1) * step)
             .max()
             .map_or(0, |last| last + last_tap + kp);

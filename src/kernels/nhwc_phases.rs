@@ -46,10 +46,12 @@ pub(super) fn forward_planes<E: Act, O: Act>(
     assert_eq!(y.len(), images.len() * g.out_len(), "output");
     let (hp, wp, kp) = padded(g);
     let [sh, sw] = g.stride;
-    let (_, wq_, plane) = plane_dims(g);
+    let (_, plane_w, plane) = plane_dims(g);
     let per_image = sh * sw * plane;
     let group = (super::nhwc::GROUP_WORDS / per_image.max(1)).clamp(1, images.len().max(1));
-    // The padding words of both stay zero: only the images' own positions are written.
+    // `image`'s padding stays zero (`pad_pack` writes the image's own positions only), and
+    // every position of it is copied to its plane; plane positions past the padded image (an
+    // odd `H_p` or `W_p`) are never written and stay zero.
     let mut image = super::buf::Lines::zeroed(hp * wp * kp);
     let mut xq = super::buf::Lines::zeroed(group * per_image + ROWS * kp);
     for first in images.clone().step_by(group) {
@@ -59,7 +61,7 @@ pub(super) fn forward_planes<E: Act, O: Act>(
             let dst = &mut xq[n * per_image..][..per_image];
             for (r, row) in image.chunks_exact(wp * kp).enumerate() {
                 for (c, v) in row.chunks_exact(kp).enumerate() {
-                    let at = ((r % sh) * sw + c % sw) * plane + ((r / sh) * wq_ + c / sw) * kp;
+                    let at = ((r % sh) * sw + c % sw) * plane + ((r / sh) * plane_w + c / sw) * kp;
                     dst[at..at + kp].copy_from_slice(v);
                 }
             }
