@@ -58,20 +58,26 @@ struct Run {
     wrap: usize,
 }
 
+/// One run an image over a grid `wrap` positions wide, `count` images `image` words apart:
+/// `h x w` outputs, the grid's columns past `w` computed and dropped.
+fn image_runs(count: usize, image: usize, [h, w]: [usize; 2], wrap: usize) -> Vec<Run> {
+    (0..count)
+        .map(|n| Run {
+            base: n * image,
+            len: (h - 1) * wrap + w,
+            image: n,
+            row0: 0,
+            wrap,
+        })
+        .collect()
+}
+
 /// The runs of `count` images: one per image at stride 1, one per output row otherwise.
 fn runs(g: &ConvGeom, count: usize) -> Vec<Run> {
     let (hp, wp, kp) = padded(g);
     let (ho, wo) = (g.ho(), g.wo());
     if g.stride == [1, 1] {
-        (0..count)
-            .map(|n| Run {
-                base: n * hp * wp * kp,
-                len: (ho - 1) * wp + wo,
-                image: n,
-                row0: 0,
-                wrap: wp,
-            })
-            .collect()
+        image_runs(count, hp * wp * kp, [ho, wo], wp)
     } else {
         (0..count)
             .flat_map(|n| {
@@ -126,15 +132,7 @@ impl Grid {
                 })
             })
             .collect();
-        let runs = (0..count)
-            .map(|n| Run {
-                base: n * sh * sw * plane,
-                len: (g.ho() - 1) * wq + g.wo(),
-                image: n,
-                row0: 0,
-                wrap: wq,
-            })
-            .collect();
+        let runs = image_runs(count, sh * sw * plane, [g.ho(), g.wo()], wq);
         debug_assert!(hq > 0);
         Grid::new(kp, kp, taps, runs, g.wo(), g.p())
     }
@@ -159,15 +157,7 @@ impl Grid {
         let taps = (0..kh)
             .flat_map(|t| (0..kw).map(move |u| (((r0 + t) * wp + c0 + u) * kp, (t * kw + u) * kp)))
             .collect();
-        let runs = (0..count)
-            .map(|n| Run {
-                base: n * hp * wp * kp,
-                len: (h - 1) * wp + w,
-                image: n,
-                row0: 0,
-                wrap: wp,
-            })
-            .collect();
+        let runs = image_runs(count, hp * wp * kp, [h, w], wp);
         Grid::new(kp, kp, taps, runs, w, h * w)
     }
 
