@@ -196,6 +196,14 @@ pub(super) fn plane_dims(g: &ConvGeom) -> (usize, usize, usize) {
     (hq, wq, hq * wq * kp)
 }
 
+/// Panics unless AMX is enabled, `g` [`fits`] the tiles and `wq` is its kernel packed as
+/// [`super::nhwc`] packs one (`C_out · taps · C_in / 2` pair words): the entry checks of every
+/// product over a layer's own weights.
+pub(super) fn assert_packed_on_tiles(wq: &[u32], g: &ConvGeom) {
+    assert!(super::amx::enabled() && fits(g), "AMX convolution of {g:?}");
+    assert_eq!(wq.len(), g.cout * g.kh * g.kw * g.cin / 2, "packed weights");
+}
+
 /// [`super::nhwc`]'s `product` on the AMX tiles: output channels `couts` (a range starting on a
 /// block of [`BLOCK`]) of `count` images from the padded channels-last images `xq` (followed
 /// by at least [`slack`] readable words) and the packed weights `wq`; `y` as there (NCHW, per
@@ -215,8 +223,7 @@ pub(super) fn product<O: Act>(
     couts: std::ops::Range<usize>,
     y: &mut [MaybeUninit<O>],
 ) {
-    assert!(super::amx::enabled() && fits(g), "AMX convolution of {g:?}");
-    assert_eq!(wq.len(), g.cout * g.kh * g.kw * g.cin / 2, "packed weights");
+    assert_packed_on_tiles(wq, g);
     assert!(couts.end <= g.cout);
     product_on(&Grid::of(g, count), wq, xq, bias, relu, couts, y);
 }

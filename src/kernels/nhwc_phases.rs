@@ -18,7 +18,7 @@ use super::amx::PAIRS;
 use super::bf16::pair;
 use super::conv::{ConvGeom, image_blocks};
 use super::nhwc::{BLOCK, padded};
-use super::nhwc_amx::{Grid, ROWS, fits, plane_dims, product_on};
+use super::nhwc_amx::{Grid, ROWS, plane_dims, product_on};
 use std::mem::MaybeUninit;
 
 /// A strided layer's forward pass on the tiles over phase planes ([`Grid::planes`]): images
@@ -30,7 +30,7 @@ use std::mem::MaybeUninit;
 /// an image, a group of images at a time (as [`super::nhwc::by_groups`]).
 ///
 /// # Panics
-/// When AMX is not enabled, `g` does not [`fits`] or a slice's length does not match.
+/// When AMX is not enabled, `g` does not [`super::nhwc_amx::fits`] or a slice's length does not match.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_planes<E: Act, O: Act>(
     x: &[E],
@@ -41,8 +41,7 @@ pub(super) fn forward_planes<E: Act, O: Act>(
     images: std::ops::Range<usize>,
     y: &mut [MaybeUninit<O>],
 ) {
-    assert!(super::amx::enabled() && fits(g), "AMX convolution of {g:?}");
-    assert_eq!(wq.len(), g.cout * g.kh * g.kw * g.cin / 2, "packed weights");
+    super::nhwc_amx::assert_packed_on_tiles(wq, g);
     assert_eq!(y.len(), images.len() * g.out_len(), "output");
     let (hp, wp, kp) = padded(g);
     let [sh, sw] = g.stride;
