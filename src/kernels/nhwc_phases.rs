@@ -30,7 +30,8 @@ use std::mem::MaybeUninit;
 /// an image, a group of images at a time (as [`super::nhwc::by_groups`]).
 ///
 /// # Panics
-/// When AMX is not enabled, `g` does not [`super::nhwc_amx::fits`] or a slice's length does not match.
+/// When AMX is not enabled, `g` does not [`super::nhwc_amx::fits`] or a slice's length does
+/// not match.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_planes<E: Act, O: Act>(
     x: &[E],
