@@ -268,6 +268,7 @@ pub(super) fn product_on<O: Act>(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AMX is enabled (asserted), so the CPU has it and the process may use it.
     let _tiles = unsafe { super::amx::Tiles::configure() };
+    let mut segs = Segments::EMPTY;
     for o0 in couts.clone().step_by(BLOCK) {
         let width = BLOCK.min(couts.end - o0);
         let wb = &wq[o0 * per_block..][..width * per_block];
@@ -276,6 +277,9 @@ pub(super) fn product_on<O: Act>(
                 // The block's first window; its rows read at most `reads` words (asserted
                 // above, [`Grid::new`]).
                 let a = xq[run.base + v0 * step..].as_ptr();
+                // Where the block's positions land: the same for every tile of output
+                // channels, so found once here.
+                segs.fill(run, v0, wo);
                 for s0 in (0..width).step_by(32) {
                     let v = if width - s0 > 16 { 2 } else { 1 };
                     #[cfg(target_arch = "x86_64")]
@@ -292,18 +296,13 @@ pub(super) fn product_on<O: Act>(
                             super::amx::conv_block::<1>(a, step, taps, kp, b, width, out);
                         }
                     }
-                    for ri in 0..2 {
-                        let first = v0 + 16 * ri;
-                        if first >= run.len {
-                            break;
-                        }
-                        for vi in 0..v {
-                            let o = o0 + s0 + 16 * vi;
-                            let b = bias.map_or(&zero[..], |b| &b[o..o + 16]);
-                            let at = run.image * per_image + (o - couts.start) * p;
-                            let tile = &c.0[256 * (2 * ri + vi)..][..256];
-                            store_tile(tile, run, first, wo, b, relu, &mut y[at..][..16 * p], p);
-                        }
+                    for vi in 0..v {
+                        let o = o0 + s0 + 16 * vi;
+                        let b = bias.map_or(&zero[..], |b| &b[o..o + 16]);
+                        let at = run.image * per_image + (o - couts.start) * p;
+                        // Tile `(ri, vi)` is at `256·(2·ri + vi)`.
+                        let tiles = [&c.0[256 * vi..][..256], &c.0[256 * (2 + vi)..][..256]];
+                        store_tiles(tiles, segs.get(), b, relu, &mut y[at..][..16 * p], p);
                     }
                 }
             }
@@ -311,48 +310,79 @@ pub(super) fn product_on<O: Act>(
     }
 }
 
-/// A tile of 16 positions (`first..` of `run`) by 16 output channels (rows of `tile`) into `y`
-/// (those 16 channels of one image, `p` apart): plus `bias`, `max(·, 0)` when `relu`; only the
-/// positions that are outputs are written.
-#[allow(clippy::too_many_arguments)]
-fn store_tile<O: Act>(
-    tile: &[f32],
-    run: &Run,
-    first: usize,
-    wo: usize,
+/// The lanes of a block of [`ROWS`] positions that are outputs, as segments of consecutive
+/// outputs: `(first lane, end lane, output index)`, at most one a lane. In `u32`s: a `usize`
+/// array (17 entries) was zeroed by a `memset` call on every tile, 2.5% of a resnet18 bf16
+/// step.
+struct Segments {
+    segs: [(u32, u32, u32); ROWS],
+    n: usize,
+}
+
+impl Segments {
+    const EMPTY: Segments = Segments {
+        segs: [(0, 0, 0); ROWS],
+        n: 0,
+    };
+
+    /// The segments of positions `first..first + ROWS` of `run` (those below its length) on
+    /// an output `wo` columns wide. One division for the block, then the column counted on.
+    /// A division a lane, found again for each of the block's tiles of output channels, held
+    /// resnet18's 64 -> 64 forward at 56 px (batch 32, 2 threads, AMX Xeon) at 4.3-4.7 ms
+    /// outside the tile products, 3.5-3.9 ms with this (six alternated runs, fastest of 10
+    /// calls each, the products switched off in a throwaway build).
+    fn fill(&mut self, run: &Run, first: usize, wo: usize) {
+        let s = self;
+        s.n = 0;
+        let end = run.len.min(first + ROWS);
+        if first >= end {
+            return;
+        }
+        let (mut row, mut col) = (run.row0 + first / run.wrap, first % run.wrap);
+        for lane in 0..(end - first) as u32 {
+            if col < wo {
+                let out = u32::try_from(row * wo + col).expect("output positions fit u32");
+                match s.n.checked_sub(1).map(|i| &mut s.segs[i]) {
+                    Some(last) if last.1 == lane && last.2 + (lane - last.0) == out => {
+                        last.1 = lane + 1
+                    }
+                    _ => {
+                        s.segs[s.n] = (lane, lane + 1, out);
+                        s.n += 1;
+                    }
+                }
+            }
+            col += 1;
+            if col == run.wrap {
+                (row, col) = (row + 1, 0);
+            }
+        }
+    }
+
+    fn get(&self) -> &[(u32, u32, u32)] {
+        &self.segs[..self.n]
+    }
+}
+
+/// Two tiles of 16 positions (lanes `0..16` and `16..32` of a block) by 16 output channels
+/// (rows of each tile) into `y` (those 16 channels of one image, `p` apart): plus `bias`,
+/// `max(·, 0)` when `relu`; lanes `l0..l1` of each segment `(l0, l1, out)` ([`Segments`]) to
+/// outputs `out..`.
+fn store_tiles<O: Act>(
+    tiles: [&[f32]; 2],
+    segs: &[(u32, u32, u32)],
     bias: &[f32],
     relu: bool,
     y: &mut [MaybeUninit<O>],
     p: usize,
 ) {
-    // Segments of lanes that are consecutive outputs: (first lane, end lane, output index),
-    // at most one a lane. In `u32`s: the `usize` array (17 entries) was zeroed by a `memset`
-    // call on every tile, 2.5% of a resnet18 bf16 step.
-    let mut segs = [(0u32, 0u32, 0u32); 16];
-    let mut n = 0;
-    for lane in 0..16 {
-        let v = first + lane;
-        if v >= run.len {
-            break;
-        }
-        let (row, col) = (run.row0 + v / run.wrap, v % run.wrap);
-        if col >= wo {
-            continue;
-        }
-        let out = u32::try_from(row * wo + col).expect("output positions fit u32");
-        let lane = lane as u32;
-        if n > 0 && segs[n - 1].1 == lane && segs[n - 1].2 + (lane - segs[n - 1].0) == out {
-            segs[n - 1].1 = lane + 1;
-        } else {
-            segs[n] = (lane, lane + 1, out);
-            n += 1;
-        }
-    }
-    let segs = &segs[..n];
     assert!(
-        segs.iter()
-            .all(|&(l0, l1, out)| (out + l1 - l0) as usize <= p)
-            && y.len() >= 15 * p + p,
+        tiles.iter().all(|t| t.len() >= 256)
+            && bias.len() >= 16
+            && segs.iter().all(|&(l0, l1, out)| l0 < l1
+                && l1 as usize <= ROWS
+                && (out + l1 - l0) as usize <= p)
+            && y.len() >= 16 * p,
         "tile outputs"
     );
     #[cfg(target_arch = "x86_64")]
@@ -360,17 +390,17 @@ fn store_tile<O: Act>(
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
     {
-        // SAFETY: AVX-512 F, BF16 (`bf16::available`), BW and VL detected; `tile` holds 256
+        // SAFETY: AVX-512 F, BF16 (`bf16::available`), BW and VL detected; each tile holds 256
         // floats, `bias` 16; every store writes lanes `l0..l1` of channel `j` at `y[j·p +
         // out..][..l1 - l0]`, inside `y` (asserted).
-        unsafe { store_tile_avx512(tile, segs, bias, relu, y.as_mut_ptr(), p) };
+        unsafe { store_tiles_avx512(tiles, segs, bias, relu, y.as_mut_ptr(), p) };
         return;
     }
     for &(l0, l1, out) in segs {
         let (l0, l1, out) = (l0 as usize, l1 as usize, out as usize);
-        for (j, &b) in bias.iter().enumerate() {
+        for (j, &b) in bias[..16].iter().enumerate() {
             for lane in l0..l1 {
-                let v = tile[lane * 16 + j] + b;
+                let v = tiles[lane / 16][lane % 16 * 16 + j] + b;
                 y[j * p + out + lane - l0] =
                     MaybeUninit::new(O::from_f32(if relu { v.max(0.0) } else { v }));
             }
@@ -378,16 +408,21 @@ fn store_tile<O: Act>(
     }
 }
 
-/// [`store_tile`]'s stores: the tile transposed in registers, each channel's lanes stored by
-/// segment under a mask (as bf16 rounded to nearest even, `VCVTNEPS2BF16`, when `O` is bf16).
+/// [`store_tiles`]' stores: each tile transposed in registers, each channel's 32 lanes stored
+/// by segment under a mask (as bf16 rounded to nearest even, `VCVTNE2PS2BF16`, when `O` is
+/// bf16). A block's 32 lanes hold one or two segments where a tile of 16 held one or two
+/// (`W_out` 56), so about half the masked stores, and one rounding instruction for two: the
+/// 64 -> 64 forward at 56 px outside the tile products 3.6-3.9 -> 3.3-3.7 ms (as measured for
+/// [`Segments::fill`]).
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW, VL and BF16; `tile` holds 256 floats and `bias` 16; for each
-/// `(l0, l1, out)` of `segs` and `j < 16`, `y + j·p + out + (0..l1 - l0)` is writable.
+/// The CPU has AVX-512 F, BW, VL and BF16; each tile holds 256 floats and `bias` 16; for each
+/// `(l0, l1, out)` of `segs`, `l0 < l1 <= 32`, and `j < 16`, `y + j·p + out + (0..l1 - l0)` is
+/// writable.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
-unsafe fn store_tile_avx512<O: Act>(
-    tile: &[f32],
+unsafe fn store_tiles_avx512<O: Act>(
+    tiles: [&[f32]; 2],
     segs: &[(u32, u32, u32)],
     bias: &[f32],
     relu: bool,
@@ -396,23 +431,31 @@ unsafe fn store_tile_avx512<O: Act>(
 ) {
     use std::arch::x86_64::*;
     let to_bf16 = std::any::TypeId::of::<O>() == std::any::TypeId::of::<super::act::bf16>();
-    let mut r = [_mm512_setzero_si512(); 16];
-    for (i, v) in r.iter_mut().enumerate() {
-        // SAFETY: row `i < 16` of the 256-float tile.
-        *v = unsafe { _mm512_loadu_si512(tile.as_ptr().add(16 * i).cast()) };
-    }
-    super::simd::transpose16_regs(&mut r);
-    // By index: `r.into_iter()` copied the 1 KB array with a `memmove` call on every tile.
-    for j in 0..16 {
-        let mut v = _mm512_add_ps(_mm512_castsi512_ps(r[j]), _mm512_set1_ps(bias[j]));
-        if relu {
-            v = _mm512_max_ps(v, _mm512_setzero_ps());
+    // The second tile only when a segment reaches into it (a run's last block may end early).
+    let both = segs.iter().any(|s| s.1 > 16);
+    let mut r = [[_mm512_setzero_si512(); 16]; 2];
+    for (regs, tile) in r.iter_mut().zip(tiles).take(if both { 2 } else { 1 }) {
+        for (i, v) in regs.iter_mut().enumerate() {
+            // SAFETY: row `i < 16` of a 256-float tile.
+            *v = unsafe { _mm512_loadu_si512(tile.as_ptr().add(16 * i).cast()) };
         }
+        super::simd::transpose16_regs(regs);
+    }
+    // By index: `r.into_iter()` copied the array with a `memmove` call on every tile.
+    for j in 0..16 {
+        let b = _mm512_set1_ps(bias[j]);
+        let mut v0 = _mm512_add_ps(_mm512_castsi512_ps(r[0][j]), b);
+        let mut v1 = _mm512_add_ps(_mm512_castsi512_ps(r[1][j]), b);
+        if relu {
+            v0 = _mm512_max_ps(v0, _mm512_setzero_ps());
+            v1 = _mm512_max_ps(v1, _mm512_setzero_ps());
+        }
+        // Lanes 0..16 from `v0`, 16..32 from `v1`.
         // SAFETY: a same-size bit cast of a plain vector.
-        let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+        let h: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0)) };
         for &(l0, l1, out) in segs {
             let (l0, l1, out) = (l0 as usize, l1 as usize, out as usize);
-            let mask = (((1u32 << (l1 - l0)) - 1) << l0) as __mmask16;
+            let mask = (((1u64 << (l1 - l0)) - 1) << l0) as u32;
             // Lane `l` lands on `out + l - l0`: the pointer is shifted back `l0` lanes, which
             // only the masked-off lanes would touch.
             let at = y.wrapping_add(j * p + out).wrapping_sub(l0);
@@ -420,9 +463,11 @@ unsafe fn store_tile_avx512<O: Act>(
             // by the contract; masked-off lanes are not accessed.
             unsafe {
                 if to_bf16 {
-                    _mm256_mask_storeu_epi16(at.cast(), mask, h);
+                    _mm512_mask_storeu_epi16(at.cast(), mask, h);
                 } else {
-                    _mm512_mask_storeu_ps(at.cast(), mask, v);
+                    let f: *mut f32 = at.cast();
+                    _mm512_mask_storeu_ps(f, mask as u16, v0);
+                    _mm512_mask_storeu_ps(f.wrapping_add(16), (mask >> 16) as u16, v1);
                 }
             }
         }

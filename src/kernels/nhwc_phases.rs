@@ -210,14 +210,70 @@ fn pack_phase_weights(
                 for (part, tap_of) in parts.iter_mut().zip(&used) {
                     for (t, &k) in tap_of.iter().enumerate() {
                         let row = &mut part[(t * kp + p) * width..][..width];
-                        for (c, d) in row.iter_mut().enumerate() {
-                            *d = pair(lo[c * taps + k], hi[c * taps + k]);
-                        }
+                        pair_taps(lo, hi, taps, k, row);
                     }
                 }
             }
         });
     out
+}
+
+/// `row[c] = pair(lo[c·taps + k], hi[c·taps + k])`: tap `k` of two rows of the kernel
+/// (`[channels, taps]` each) as pairs.
+fn pair_taps(lo: &[f32], hi: &[f32], taps: usize, k: usize, row: &mut [u32]) {
+    let n = row.len();
+    assert!(
+        k < taps && lo.len() >= n * taps && hi.len() >= n * taps,
+        "kernel rows"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::bf16::available()
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && i32::try_from(n * taps).is_ok()
+    {
+        // SAFETY: AVX-512 F, BW and BF16 detected; the lengths are checked above.
+        unsafe { pair_taps_avx512(lo, hi, taps, k, row) };
+        return;
+    }
+    for (c, d) in row.iter_mut().enumerate() {
+        *d = pair(lo[c * taps + k], hi[c * taps + k]);
+    }
+}
+
+/// [`pair_taps`] 16 words at a time: the values gathered `taps` floats apart, rounded with
+/// `VCVTNEPS2BF16` (the rounding of [`pair`]) and interleaved, as the forward kernel's rows
+/// are packed ([`super::nhwc`]). The scalar loop was 0.85% of a resnet18 224 px bf16 training
+/// step's samples, this 0.7% (`perf record`, AMX Xeon, 2026-12-05).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and BF16; `k < taps`, `lo` and `hi` hold `row.len()·taps`
+/// floats and `row.len()·taps` is below `i32::MAX`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_taps_avx512(lo: &[f32], hi: &[f32], taps: usize, k: usize, row: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let lanes = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(taps as i32),
+    );
+    for c0 in (0..row.len()).step_by(16) {
+        let m = (((1u32 << 16.min(row.len() - c0)) - 1) & 0xffff) as __mmask16;
+        let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32((c0 * taps + k) as i32));
+        let zero = _mm512_setzero_ps();
+        // SAFETY: lane `l < 16` (masked to the row) reads `lo[(c0 + l)·taps + k]` and the same
+        // of `hi`, inside both; the masked store writes `row[c0..][..l]`.
+        unsafe {
+            let a = _mm512_mask_i32gather_ps::<4>(zero, m, idx, lo.as_ptr());
+            let b = _mm512_mask_i32gather_ps::<4>(zero, m, idx, hi.as_ptr());
+            let a: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(a));
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(b));
+            let w = _mm512_or_si512(
+                _mm512_cvtepu16_epi32(a),
+                _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
+            );
+            _mm512_mask_storeu_epi32(row.as_mut_ptr().add(c0).cast(), m, w);
+        }
+    }
 }
 
 /// The input gradient of a strided layer, `dX[c][u][v] = Σ_{o, i, j} w[o][c][i][j] ·
@@ -375,6 +431,23 @@ mod tests {
                 &g.input_grad(),
             );
             assert_eq!(&pack_rotated(&w, &g)[..], &want[..], "{g:?}");
+        }
+    }
+
+    /// A tap of two kernel rows paired 16 words at a time is the pair-by-pair definition, on
+    /// whole and ragged rows (5, 16, 21 and 64 channels).
+    #[test]
+    fn pair_taps_is_the_pair_by_pair_copy() {
+        for (n, taps) in [(5, 9), (16, 1), (21, 9), (64, 25)] {
+            let (lo, hi) = (data(n * taps, 3), data(n * taps, 4));
+            for k in [0, taps / 2, taps - 1] {
+                let mut got = vec![7u32; n];
+                pair_taps(&lo, &hi, taps, k, &mut got);
+                let want: Vec<u32> = (0..n)
+                    .map(|c| pair(lo[c * taps + k], hi[c * taps + k]))
+                    .collect();
+                assert_eq!(got, want, "{n} channels, tap {k} of {taps}");
+            }
         }
     }
 
