@@ -117,7 +117,9 @@ pub fn round(x: f32) -> f32 {
 
 /// `dst[i] = round_bits(src[i])` for every `i < dst.len()` (`src` at least as long), 16 at a
 /// time with `VCVTNEPS2BF16` where the CPU has AVX512-BF16 (the same rounding, to nearest
-/// even; a NaN stays a quiet NaN of its sign and payload instead of `0x7fc0`).
+/// even, except that a denormal, below 1.2e-38, becomes a zero of its sign, as the
+/// instruction reads it; a NaN stays a quiet NaN of its sign and payload instead of
+/// `0x7fc0`).
 pub fn round_slice(src: &[f32], dst: &mut [u16]) {
     let src = &src[..dst.len()];
     #[cfg(target_arch = "x86_64")]
