@@ -412,8 +412,8 @@ fn store_tiles<O: Act>(
 /// by segment under a mask (as bf16 rounded to nearest even, `VCVTNE2PS2BF16`, when `O` is
 /// bf16). A block's 32 lanes hold one or two segments where a tile of 16 held one or two
 /// (`W_out` 56), so about half the masked stores, and one rounding instruction for two: the
-/// 64 -> 64 forward at 56 px outside the tile products 3.6-3.9 -> 3.3-3.7 ms (as measured for
-/// [`Segments::fill`]).
+/// 64 -> 64 forward at 56 px outside the tile products 4.1-4.7 -> 3.3-3.7 ms (four alternated
+/// runs, as measured for [`Segments::fill`]).
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and BF16; each tile holds 256 floats and `bias` 16; for each
