@@ -1145,7 +1145,12 @@ pub(super) mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        for g in [geom(2, 40, 18, 32, 3, 1), geom(3, 16, 5, 16, 3, 1), odd()] {
+        for g in [
+            geom(2, 40, 18, 32, 3, 1),
+            geom(3, 16, 5, 16, 3, 1),
+            geom(2, 34, 37, 32, 3, 1),
+            odd(),
+        ] {
             let x = data(g.batch * g.in_len(), 10);
             let (hp, wp, kp) = padded(&g);
             let mut got = vec![0u32; g.batch * hp * wp * kp];
@@ -1153,6 +1158,12 @@ pub(super) mod tests {
             pad_pack(&x, g.batch, &g, &mut got);
             pad_pack_words(&x, g.batch, &g, &mut want);
             assert_eq!(got, want, "{g:?}");
+            // bf16 activations: their bits copied as they are (`pack_row_bits_avx512`).
+            let xb = crate::kernels::act::to_bf16(&x);
+            let (mut got, mut want) = (vec![0u32; got.len()], vec![0u32; got.len()]);
+            pad_pack(&xb, g.batch, &g, &mut got);
+            pad_pack_words(&xb, g.batch, &g, &mut want);
+            assert_eq!(got, want, "bf16 {g:?}");
         }
     }
 
