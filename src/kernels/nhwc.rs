@@ -134,10 +134,7 @@ unsafe fn pack_weight_row_avx512(wo: &[f32], taps: usize, row: &mut [u32]) {
     use std::arch::x86_64::*;
     let kp = row.len() / taps;
     let t32 = taps as i32;
-    let lanes = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(t32),
-    );
+    let lanes = super::simd::lanes_times(t32);
     for c0 in (0..2 * kp).step_by(32) {
         for t in 0..taps {
             let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(c0 as i32 * t32 + t as i32));

@@ -572,6 +572,18 @@ pub(super) unsafe fn transpose16(src: *const u32, ls: usize, dst: *mut u32, ld: 
 /// 16 vectors of 16 words as a 16 x 16 matrix, transposed in registers: word `j` of `r[i]`
 /// moves to word `i` of `r[j]`. Interleaves 32- and 64-bit words within each 128-bit lane
 /// (4 x 4 transposes of each lane), then moves the lanes.
+/// Lane `l` holds `l · stride`: the offsets of a gather that reads every `stride`-th value
+/// (the kernel packers' taps, `stride` = taps per channel).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) fn lanes_times(stride: i32) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(stride),
+    )
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(super) fn transpose16_regs(r: &mut [std::arch::x86_64::__m512i; 16]) {
