@@ -4,19 +4,22 @@
 # median. On a VM whose speed moves by 10-40% within minutes, a pair measured seconds apart is
 # fairer than photo_sizes.sh's one run of each.
 #   bench/bf16_pairs.sh [ROUNDS] [THREADS] [STEPS]      (default: 3 2 4)
-# WHAT=infer alternates inference at photo_sizes.sh's inference batches instead.
+# WHAT=infer alternates inference at photo_sizes.sh's inference batches instead; PRECISION=fp32
+# alternates convlab fp32 against PyTorch fp32 (the issue's fp32 targets) instead of bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 T=${2:-2}
 STEPS=${3:-4}
 WHAT=${WHAT:-train}
+PRECISION=${PRECISION:-bf16}
+peer=$([ "$PRECISION" = bf16 ] && echo "bf16+CL" || echo "$PRECISION")
 source bench/setup.sh
 PY="$VENV/bin/python bench/pytorch_peer.py"
 echo "$(date -u '+%F %H:%M UTC'), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs," \
-  "$WHAT, $T threads, $STEPS timed steps, $ROUNDS alternated pairs"
+  "$WHAT $PRECISION, $T threads, $STEPS timed steps, $ROUNDS alternated pairs"
 echo
-echo "| workload | batch | convlab bf16 img/s | PyTorch bf16+CL img/s | ratios | median |"
+echo "| workload | batch | convlab $PRECISION img/s | PyTorch $peer img/s | ratios | median |"
 echo "|---|---|---|---|---|---|"
 if [ "$WHAT" = train ]; then
   list="resnet18 128 32;resnet18 224 32;resnet50 224 16;vgg16 224 8;bench-vgg 32 64"
@@ -26,7 +29,7 @@ fi
 IFS=';' read -ra workloads <<< "$list"
 for wl in "${workloads[@]}"; do
   read -r model size batch <<< "$wl"
-  args=(--model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T" --precision bf16)
+  args=(--model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T" --precision "$PRECISION")
   c=() p=()
   for _ in $(seq "$ROUNDS"); do
     c+=("$($BIN bench "$WHAT" "${args[@]}" --json)")

@@ -33,6 +33,8 @@ mod stem;
 mod torch;
 pub mod update;
 pub mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd_avx512;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;

@@ -342,9 +342,207 @@ dispatched! {
 /// Scratch floats the transforms of `tile` need for `th x tw` tiles.
 fn scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
     match tile {
-        Tile::F2 => (8 * (th + 1) * tw + 4 * tw + 4).max(10 * th * tw),
-        Tile::F4 => (24 * (th + 1) * tw + 8 * tw + 8).max(28 * th * tw),
+        Tile::F2 => (8 * (th + 1) * tw + 4 * tw + 4)
+            .max(10 * th * tw)
+            .max(simd_scratch_len(Tile::F2, th, tw)),
+        Tile::F4 => (24 * (th + 1) * tw + 8 * tw + 8)
+            .max(28 * th * tw)
+            .max(simd_scratch_len(Tile::F4, th, tw)),
     }
+}
+
+/// Scratch floats the AVX-512 transforms need ([`super::winograd_avx512`]).
+fn simd_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    return match tile {
+        Tile::F2 => super::winograd_avx512::scratch_len2(th, tw),
+        Tile::F4 => super::winograd_avx512::scratch_len(th, tw),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    0
+}
+
+/// [`input_transform`], sixteen tiles at a time where the CPU has AVX-512 and the plane is
+/// f32 ([`super::winograd_avx512::input2`], the same bits).
+#[allow(clippy::too_many_arguments)]
+fn input2<E: Act>(
+    plane: &[E],
+    h: usize,
+    w: usize,
+    pad: usize,
+    pad_top: usize,
+    th: usize,
+    tw: usize,
+    v: &mut [f32],
+    plane_stride: usize,
+    t0: usize,
+    scratch: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = E::as_f32s(plane)
+        && super::winograd_avx512::available()
+    {
+        // SAFETY: AVX-512 F was detected just above.
+        unsafe {
+            super::winograd_avx512::input2(
+                p,
+                h,
+                w,
+                pad,
+                pad_top,
+                th,
+                tw,
+                v,
+                plane_stride,
+                t0,
+                scratch,
+            )
+        };
+        return;
+    }
+    input_transform(
+        plane,
+        h,
+        w,
+        pad,
+        pad_top,
+        th,
+        tw,
+        v,
+        plane_stride,
+        t0,
+        scratch,
+    )
+}
+
+/// [`output_transform`], sixteen tiles at a time where the CPU has AVX-512
+/// ([`super::winograd_avx512::output2`], the same bits).
+#[allow(clippy::too_many_arguments)]
+fn output2(
+    m: &[f32],
+    plane_stride: usize,
+    t0: usize,
+    th: usize,
+    tw: usize,
+    ho: usize,
+    wo: usize,
+    bias: f32,
+    y: &mut [f32],
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::winograd_avx512::available() {
+        // SAFETY: AVX-512 F was detected just above.
+        unsafe { super::winograd_avx512::output2(m, plane_stride, t0, th, tw, ho, wo, bias, y, s) };
+        return;
+    }
+    output_transform(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
+}
+
+/// [`input_transform4`], sixteen tiles at a time where the CPU has AVX-512 and the plane is
+/// f32 ([`super::winograd_avx512::input4`], the same bits).
+#[allow(clippy::too_many_arguments)]
+fn input4<E: Act>(
+    plane: &[E],
+    h: usize,
+    w: usize,
+    pad: usize,
+    pad_top: usize,
+    th: usize,
+    tw: usize,
+    v: &mut [f32],
+    plane_stride: usize,
+    t0: usize,
+    scratch: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = E::as_f32s(plane)
+        && super::winograd_avx512::available()
+    {
+        // SAFETY: AVX-512 F was detected just above.
+        unsafe {
+            super::winograd_avx512::input4(
+                p,
+                h,
+                w,
+                pad,
+                pad_top,
+                th,
+                tw,
+                v,
+                plane_stride,
+                t0,
+                scratch,
+            )
+        };
+        return;
+    }
+    input_transform4(
+        plane,
+        h,
+        w,
+        pad,
+        pad_top,
+        th,
+        tw,
+        v,
+        plane_stride,
+        t0,
+        scratch,
+    )
+}
+
+/// [`output_transform4`], sixteen tiles at a time where the CPU has AVX-512
+/// ([`super::winograd_avx512::output4`], the same bits).
+#[allow(clippy::too_many_arguments)]
+fn output4(
+    m: &[f32],
+    plane_stride: usize,
+    t0: usize,
+    th: usize,
+    tw: usize,
+    ho: usize,
+    wo: usize,
+    bias: f32,
+    y: &mut [f32],
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::winograd_avx512::available() {
+        // SAFETY: AVX-512 F was detected just above.
+        unsafe { super::winograd_avx512::output4(m, plane_stride, t0, th, tw, ho, wo, bias, y, s) };
+        return;
+    }
+    output_transform4(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
+}
+
+/// [`dy_transform`], sixteen tiles at a time where the CPU has AVX-512
+/// ([`super::winograd_avx512::dy4`] and [`super::winograd_avx512::dy2`], the same bits).
+#[allow(clippy::too_many_arguments)]
+fn dy_transform_fast(
+    f4: bool,
+    dy: &[f32],
+    ho: usize,
+    wo: usize,
+    th: usize,
+    tw: usize,
+    dm: &mut [f32],
+    plane_stride: usize,
+    t0: usize,
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::winograd_avx512::available() {
+        let run = if f4 {
+            super::winograd_avx512::dy4
+        } else {
+            super::winograd_avx512::dy2
+        };
+        // SAFETY: AVX-512 F was detected just above.
+        unsafe { run(dy, ho, wo, th, tw, dm, plane_stride, t0, s) };
+        return;
+    }
+    dy_transform(f4, dy, ho, wo, th, tw, dm, plane_stride, t0, s)
 }
 
 /// `Bᵀ d` for F(4x4, 3x3), `d` six consecutive values of a row or column.
@@ -635,8 +833,8 @@ pub fn forward_act<E: Act>(
         let mut m = vec![0.0f32; xis * cout * bands.max_tiles()];
         let mut scratch = vec![0.0f32; scratch_len(tile, bands.rows, tw)];
         let transform_out = match tile {
-            Tile::F2 => output_transform,
-            Tile::F4 => output_transform4,
+            Tile::F2 => output2,
+            Tile::F4 => output4,
         };
         // A banded image's output, taken whole before its first band.
         let mut image_out: &mut [f32] = &mut [];
@@ -801,8 +999,8 @@ impl Bands {
         let in_len = cin * h * w;
         let (tiles, t_all) = (b.tiles(self.tw), b.count * b.tiles(self.tw));
         let transform = match self.tile {
-            Tile::F2 => input_transform::<E>,
-            Tile::F4 => input_transform4::<E>,
+            Tile::F2 => input2::<E>,
+            Tile::F4 => input4::<E>,
         };
         // A band below the first starts at input row `m·ty0 - pad` with no padding above.
         let (start, pad_top) = if b.ty0 == 0 {
@@ -835,7 +1033,8 @@ impl Bands {
 /// Scratch floats [`dy_transform`] needs.
 fn dy_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
     let m = tile.m();
-    (m + 2) * m * th * tw + 2 * m * tw
+    let portable = (m + 2) * m * th * tw + 2 * m * tw;
+    portable.max(simd_scratch_len(tile, th, tw))
 }
 
 /// `A y` for one run of `m` output-gradient values: the adjoint of [`a4`] (and of F(2x2)'s
@@ -1034,7 +1233,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, tile: Tile) -> Vec<f32> 
                 for i in 0..b.count {
                     let dyn_ = &dyb[(b.first + i) * out_len..][..out_len];
                     for o in 0..cout {
-                        dy_transform(
+                        dy_transform_fast(
                             tile == Tile::F4,
                             &dyn_[o * ho * wo + y0 * wo..(o + 1) * ho * wo],
                             ho - y0,
@@ -1194,6 +1393,141 @@ mod tests {
                     crate::kernels::conv::on_threads(threads, || weight_grad(&x, &dy, &g, tile))
                 };
                 assert_eq!(run(2), run(2), "{tile:?} {g:?}");
+            }
+        }
+    }
+
+    /// The AVX-512 transforms give the portable loops' bits, both variants, whole planes and
+    /// bands (no padding above, rows cut), rows of 1 to 18 tiles (one vector of tiles spanning
+    /// rows, and rows longer than a vector), every padding, and write nothing else: `v`, `y`
+    /// and `dm` start filled with a marker that must survive outside the outputs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_transforms_are_the_portable_bits() {
+        use super::super::winograd_avx512 as simd;
+        if !simd::available() {
+            eprintln!("no AVX-512 here: the portable transforms run");
+            return;
+        }
+        let same = |got: &[f32], want: &[f32], what: &str| {
+            let first = got
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            if let Some(i) = first {
+                panic!("{what}[{i}]: {} vs {}", got[i], want[i]);
+            }
+        };
+        // (h, w, pad, pad_top, th, tw): the plane and the tiles a call covers.
+        for tile in [Tile::F2, Tile::F4] {
+            let (f4, xis, m) = (tile == Tile::F4, tile.xis(), tile.m());
+            for (h, w, pad, pad_top, th, tw) in [
+                (32, 32, 1, 1, 8, 8),
+                (16, 16, 1, 1, 4, 4),
+                (13, 19, 1, 1, 4, 5),
+                (18, 18, 0, 0, 4, 4),
+                (10, 10, 2, 2, 3, 3),
+                (9, 30, 1, 0, 2, 8),
+                (6, 70, 1, 1, 2, 18),
+                (1, 1, 1, 1, 1, 1),
+                (5, 7, 1, 0, 3, 2),
+                (14, 14, 1, 1, 7, 7),
+                (5, 4, 1, 1, 3, 3),
+            ] {
+                let what = format!("{tile:?} {:?}", (h, w, pad, pad_top, th, tw));
+                let n = th * tw;
+                let (t0, stride) = (3, 3 + n + 5);
+                let plane = data(h * w, 7);
+                let marker = f32::from_bits(0x7fc0_1234);
+                let (mut want, mut got) = (vec![marker; xis * stride], vec![marker; xis * stride]);
+                let mut scratch = vec![0.0; scratch_len(tile, th, tw)];
+                let input = if f4 {
+                    input_transform4::<f32>
+                } else {
+                    input_transform::<f32>
+                };
+                input(
+                    &plane,
+                    h,
+                    w,
+                    pad,
+                    pad_top,
+                    th,
+                    tw,
+                    &mut want,
+                    stride,
+                    t0,
+                    &mut scratch,
+                );
+                let fast = if f4 { simd::input4 } else { simd::input2 };
+                // SAFETY: AVX-512 F was detected above.
+                unsafe {
+                    fast(
+                        &plane,
+                        h,
+                        w,
+                        pad,
+                        pad_top,
+                        th,
+                        tw,
+                        &mut got,
+                        stride,
+                        t0,
+                        &mut scratch,
+                    )
+                };
+                same(&got, &want, &format!("input transform {what}"));
+
+                // The output transform of those tiles into `ho x wo` (cut at the plane's
+                // edge), and the output gradient's transform from such a plane.
+                let mt = data(xis * stride, 8);
+                let (ho, wo) = ((m * th).min(h + 2), (m * tw).min(w + 1));
+                let (mut want, mut got) = (vec![marker; ho * wo + 4], vec![marker; ho * wo + 4]);
+                let output = if f4 {
+                    output_transform4
+                } else {
+                    output_transform
+                };
+                output(
+                    &mt,
+                    stride,
+                    t0,
+                    th,
+                    tw,
+                    ho,
+                    wo,
+                    0.25,
+                    &mut want,
+                    &mut scratch,
+                );
+                let fast = if f4 { simd::output4 } else { simd::output2 };
+                // SAFETY: as above.
+                unsafe {
+                    fast(
+                        &mt,
+                        stride,
+                        t0,
+                        th,
+                        tw,
+                        ho,
+                        wo,
+                        0.25,
+                        &mut got,
+                        &mut scratch,
+                    )
+                };
+                same(&got, &want, &format!("output transform {what}"));
+
+                // Zeros in both column phases: `-0.0` and `0.0` are different bits.
+                let mut dy = data(ho * wo, 9);
+                dy[..2.min(ho * wo)].fill(0.0);
+                let (mut want, mut got) = (vec![marker; xis * stride], vec![marker; xis * stride]);
+                let mut scratch = vec![0.0; dy_scratch_len(tile, th, tw)];
+                dy_transform(f4, &dy, ho, wo, th, tw, &mut want, stride, t0, &mut scratch);
+                let fast = if f4 { simd::dy4 } else { simd::dy2 };
+                // SAFETY: as above.
+                unsafe { fast(&dy, ho, wo, th, tw, &mut got, stride, t0, &mut scratch) };
+                same(&got, &want, &format!("output gradient transform {what}"));
             }
         }
     }
