@@ -28,6 +28,9 @@
 //! GEMMs of F(2x2, 3x3) run on the bf16 kernel ([`super::bf16`]), the transforms in f32; the
 //! tests keep that within bf16 rounding of f32.
 //!
+//! On a CPU with AVX-512 the tile transforms run sixteen tiles at a time where rows of tiles
+//! are short ([`super::winograd_avx512`], the same bits as the portable loops here).
+//!
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
@@ -362,8 +365,20 @@ fn simd_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
     0
 }
 
-/// [`input_transform`], sixteen tiles at a time where the CPU has AVX-512 and the plane is
-/// f32 ([`super::winograd_avx512::input2`], the same bits).
+/// The widest rows of tiles (`tw`) the AVX-512 input and output-gradient transforms take:
+/// one vector of tiles. On wider rows the portable loops already run long vectors, and the
+/// flat copies' larger scratch cost more than the permutes saved (`perf record` of
+/// `CONV_LAYERS_REPEAT=fwd|dw conv_layers 2 fp32 vgg16 224 8` and `CONVLAB_AMX=0 ...
+/// conv_layers 2 bf16 resnet18 224 32`, Xeon with AMX, 2026-12-06, samples in the
+/// transform, portable -> AVX-512: vgg16's 64 -> 64 at 224 px (56 tiles a row) input 555 /
+/// 618 -> 939 / 927, output gradient 634 -> 705; bf16 resnet18's 64 -> 64 at 56 px (28)
+/// input 417-451 -> 492-514; but its 128 -> 128 at 28 px (14) 240 / 250 -> 180 / 210). The
+/// output transform runs on AVX-512 at every width (vgg16 at 224 px 568 / 629 -> 472 / 487).
+const SIMD_MAX_TW: usize = 16;
+
+/// [`input_transform`], sixteen tiles at a time where the CPU has AVX-512 and rows have at
+/// most [`SIMD_MAX_TW`] tiles, on f32 and bf16 planes ([`super::winograd_avx512::input2`],
+/// the same bits).
 #[allow(clippy::too_many_arguments)]
 fn input2<E: Act>(
     plane: &[E],
@@ -379,10 +394,34 @@ fn input2<E: Act>(
     scratch: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(p) = E::as_f32s(plane)
+    if let Some(p) = E::as_bf16_bits(plane)
+        && tw <= SIMD_MAX_TW
         && super::winograd_avx512::available()
     {
-        // SAFETY: AVX-512 F was detected just above.
+        // SAFETY: AVX-512 F, BW and VL were detected just above.
+        unsafe {
+            super::winograd_avx512::input2(
+                p,
+                h,
+                w,
+                pad,
+                pad_top,
+                th,
+                tw,
+                v,
+                plane_stride,
+                t0,
+                scratch,
+            )
+        };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = E::as_f32s(plane)
+        && tw <= SIMD_MAX_TW
+        && super::winograd_avx512::available()
+    {
+        // SAFETY: AVX-512 F, BW and VL were detected just above.
         unsafe {
             super::winograd_avx512::input2(
                 p,
@@ -432,15 +471,16 @@ fn output2(
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::winograd_avx512::available() {
-        // SAFETY: AVX-512 F was detected just above.
+        // SAFETY: AVX-512 F, BW and VL were detected just above.
         unsafe { super::winograd_avx512::output2(m, plane_stride, t0, th, tw, ho, wo, bias, y, s) };
         return;
     }
     output_transform(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
 }
 
-/// [`input_transform4`], sixteen tiles at a time where the CPU has AVX-512 and the plane is
-/// f32 ([`super::winograd_avx512::input4`], the same bits).
+/// [`input_transform4`], sixteen tiles at a time where the CPU has AVX-512, rows have at
+/// most [`SIMD_MAX_TW`] tiles and the plane is f32 ([`super::winograd_avx512::input4`], the
+/// same bits).
 #[allow(clippy::too_many_arguments)]
 fn input4<E: Act>(
     plane: &[E],
@@ -457,9 +497,10 @@ fn input4<E: Act>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Some(p) = E::as_f32s(plane)
+        && tw <= SIMD_MAX_TW
         && super::winograd_avx512::available()
     {
-        // SAFETY: AVX-512 F was detected just above.
+        // SAFETY: AVX-512 F, BW and VL were detected just above.
         unsafe {
             super::winograd_avx512::input4(
                 p,
@@ -509,15 +550,16 @@ fn output4(
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::winograd_avx512::available() {
-        // SAFETY: AVX-512 F was detected just above.
+        // SAFETY: AVX-512 F, BW and VL were detected just above.
         unsafe { super::winograd_avx512::output4(m, plane_stride, t0, th, tw, ho, wo, bias, y, s) };
         return;
     }
     output_transform4(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
 }
 
-/// [`dy_transform`], sixteen tiles at a time where the CPU has AVX-512
-/// ([`super::winograd_avx512::dy4`] and [`super::winograd_avx512::dy2`], the same bits).
+/// [`dy_transform`], sixteen tiles at a time where the CPU has AVX-512 and rows have at most
+/// [`SIMD_MAX_TW`] tiles ([`super::winograd_avx512::dy4`] and
+/// [`super::winograd_avx512::dy2`], the same bits).
 #[allow(clippy::too_many_arguments)]
 fn dy_transform_fast(
     f4: bool,
@@ -532,13 +574,13 @@ fn dy_transform_fast(
     s: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::winograd_avx512::available() {
+    if tw <= SIMD_MAX_TW && super::winograd_avx512::available() {
         let run = if f4 {
             super::winograd_avx512::dy4
         } else {
             super::winograd_avx512::dy2
         };
-        // SAFETY: AVX-512 F was detected just above.
+        // SAFETY: AVX-512 F, BW and VL were detected just above.
         unsafe { run(dy, ho, wo, th, tw, dm, plane_stride, t0, s) };
         return;
     }
@@ -1460,7 +1502,7 @@ mod tests {
                     &mut scratch,
                 );
                 let fast = if f4 { simd::input4 } else { simd::input2 };
-                // SAFETY: AVX-512 F was detected above.
+                // SAFETY: AVX-512 F, BW and VL were detected above.
                 unsafe {
                     fast(
                         &plane,
@@ -1477,6 +1519,42 @@ mod tests {
                     )
                 };
                 same(&got, &want, &format!("input transform {what}"));
+                if !f4 {
+                    // bf16 planes (F(2x2, 3x3) on bf16 activations), widened as they load.
+                    use crate::kernels::act::bf16;
+                    let halves: Vec<bf16> = plane.iter().map(|&x| bf16::from_f32(x)).collect();
+                    let words: Vec<u16> = halves.iter().map(|b| b.to_bits()).collect();
+                    input_transform(
+                        &halves,
+                        h,
+                        w,
+                        pad,
+                        pad_top,
+                        th,
+                        tw,
+                        &mut want,
+                        stride,
+                        t0,
+                        &mut scratch,
+                    );
+                    // SAFETY: as above.
+                    unsafe {
+                        simd::input2(
+                            &words,
+                            h,
+                            w,
+                            pad,
+                            pad_top,
+                            th,
+                            tw,
+                            &mut got,
+                            stride,
+                            t0,
+                            &mut scratch,
+                        )
+                    };
+                    same(&got, &want, &format!("bf16 input transform {what}"));
+                }
 
                 // The output transform of those tiles into `ho x wo` (cut at the plane's
                 // edge), and the output gradient's transform from such a plane.

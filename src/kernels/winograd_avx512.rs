@@ -1,7 +1,8 @@
-//! The tile transforms of Winograd's F(4x4, 3x3) ([`super::winograd`]) sixteen tiles at a
-//! time with AVX-512: the input's `Bᵀ d B`, the output's `Aᵀ m A` and the output gradient's
-//! `A dY Aᵀ`, each the same operations in the same order as the portable loops beside
-//! them, so the same bits.
+//! The tile transforms of Winograd's F(4x4, 3x3) and F(2x2, 3x3) ([`super::winograd`]) sixteen
+//! tiles at a time with AVX-512: the input's `Bᵀ d B`, the output's `Aᵀ m A` and the output
+//! gradient's `A dY Aᵀ`, each the same operations in the same order as the portable loops
+//! beside them, so the same bits (`winograd::tests::avx512_transforms_are_the_portable_bits`).
+//! The portable loops still run on f32 planes without AVX-512 and on bf16 planes.
 //!
 //! Tile `tx` of a row reads columns `4tx .. 4tx + 5`: the portable loops split each row into
 //! its four column phases one value at a time and then ran the transform over the `tw` tiles
@@ -16,10 +17,10 @@
 //!
 //! Measured by `perf record -F 499 convlab bench train --model resnet18 --input 3x128x128
 //! --batch 32 --steps 6 --threads 2 --precision fp32` (Xeon with AMX, family 6 model 207,
-//! 2026-12-06, two runs each, a loaded host): samples in `winograd` functions 1343 / 1370 of
-//! 6215 / 7332 before, 1004 / 913 of 6299 / 5884 after (about 6% of the step); one thread on
-//! 64 planes in L2 (a throwaway harness), µs per plane: 32 px 2.8-3.2 -> 1.6-1.7, 16 px
-//! 1.3 -> 0.5-0.6, 56 px 6.4-8.7 -> 4.1-5.4.
+//! 2026-12-06, two alternated runs each, a loaded host): samples in `winograd` functions 1333
+//! / 1224 of 6147 / 5978 before, 885 / 837 of 5664 / 5556 after (7% of the step); one thread
+//! on 64 planes in L2 (a throwaway harness), µs per F(4x4) input transform of a plane: 32 px
+//! 2.8-3.2 -> 1.6-1.7, 16 px 1.3 -> 0.5-0.6, 56 px 6.4-8.7 -> 4.1-5.4.
 //! Columns `4tx + 4, 4tx + 5` come from a second copy shifted by four columns.
 //!
 //! # Shapes
@@ -28,9 +29,40 @@
 
 use std::arch::x86_64::*;
 
-/// Whether the CPU runs these transforms.
+/// Whether the CPU runs these transforms (AVX-512 F, and BW and VL for bf16 planes' loads).
 pub(super) fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// An element of a plane the input transforms read: f32, or bf16 bits (`u16`) widened
+/// exactly, as the portable loops' `Act::to_f32` does.
+pub(super) trait Lane: Copy {
+    /// Lane `l` = the value at `at + l` for the lanes in `mask`, zero for the others.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VL; `at + l` is readable for every `l` in `mask`.
+    unsafe fn load16(mask: u16, at: *const Self) -> __m512;
+}
+
+impl Lane for f32 {
+    #[inline(always)]
+    unsafe fn load16(mask: u16, at: *const f32) -> __m512 {
+        // SAFETY: the contract.
+        unsafe { _mm512_maskz_loadu_ps(mask, at) }
+    }
+}
+
+impl Lane for u16 {
+    #[inline(always)]
+    unsafe fn load16(mask: u16, at: *const u16) -> __m512 {
+        // SAFETY: the contract (BW and VL for the masked 16-bit load).
+        unsafe {
+            let h = _mm256_maskz_loadu_epi16(mask, at.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
 }
 
 /// Scratch floats any of the three transforms needs for `th x tw` tiles.
@@ -49,7 +81,7 @@ const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 3
 const LOW: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
 const HIGH: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
 
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn index(i: &[i32; 16]) -> __m512i {
     // SAFETY: 16 `i32`s are one 64-byte vector.
@@ -57,7 +89,7 @@ fn index(i: &[i32; 16]) -> __m512i {
 }
 
 /// `s[at..at + 16]`.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn load(s: &[f32], at: usize) -> __m512 {
     let s = &s[at..at + 16];
@@ -66,7 +98,7 @@ fn load(s: &[f32], at: usize) -> __m512 {
 }
 
 /// `d[at..at + 16] = v`.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn store(d: &mut [f32], at: usize, v: __m512) {
     let d = &mut d[at..at + 16];
@@ -75,7 +107,7 @@ fn store(d: &mut [f32], at: usize, v: __m512) {
 }
 
 /// `d[at..at + n] = ` the first `n <= 16` lanes of `v`.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn store_first(d: &mut [f32], at: usize, n: usize, v: __m512) {
     let d = &mut d[at..at + n];
@@ -85,7 +117,7 @@ fn store_first(d: &mut [f32], at: usize, n: usize, v: __m512) {
 }
 
 /// Lane `l` = `row[c + l]` where `0 <= c + l < row.len()`, else zero.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn load_cols(row: &[f32], c: isize) -> __m512 {
     let w = row.len() as isize;
@@ -160,9 +192,9 @@ impl ColMasks {
 /// was a third of [`input4`]'s time.)
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
 #[inline(always)]
-unsafe fn copy_row(row: Option<&[f32]>, masks: &ColMasks, dst: &mut [f32]) {
+unsafe fn copy_row<L: Lane>(row: Option<&[L]>, masks: &ColMasks, dst: &mut [f32]) {
     assert_eq!(dst.len(), masks.len, "copied row length");
     assert!(row.is_none_or(|r| r.len() == masks.w), "source row length");
     let d = dst.as_mut_ptr();
@@ -174,12 +206,12 @@ unsafe fn copy_row(row: Option<&[f32]>, masks: &ColMasks, dst: &mut [f32]) {
             // SAFETY: `read` holds the lanes whose column lies inside the row (`lanes_inside`
             // over the row's length, asserted above); masked-off lanes are not accessed.
             Some(row) => unsafe {
-                _mm512_maskz_loadu_ps(
+                L::load16(
                     read,
                     row.as_ptr().wrapping_offset(16 * j as isize + masks.shift),
                 )
             },
-            // SAFETY: the CPU has AVX-512 F (the contract).
+            // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
             None => unsafe { _mm512_setzero_ps() },
         };
         // SAFETY: `stored` holds the lanes `16j + l < len = dst.len()`.
@@ -188,7 +220,7 @@ unsafe fn copy_row(row: Option<&[f32]>, masks: &ColMasks, dst: &mut [f32]) {
 }
 
 /// Sixteen tiles' values `k = 0..4` from the 64 floats `4f + k` in four vectors.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn phases4(a: [__m512; 4], even: __m512i, odd: __m512i) -> [__m512; 4] {
     // Lane 2t of `e01` holds tile t's value 0, lane 2t + 1 its value 2 (tiles 0..8); `o01`
@@ -206,7 +238,7 @@ fn phases4(a: [__m512; 4], even: __m512i, odd: __m512i) -> [__m512; 4] {
 }
 
 /// Values 0 and 1 only, as [`phases4`].
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn phases01(a: [__m512; 4], even: __m512i, odd: __m512i) -> [__m512; 2] {
     let e01 = _mm512_permutex2var_ps(a[0], even, a[1]);
@@ -219,14 +251,14 @@ fn phases01(a: [__m512; 4], even: __m512i, odd: __m512i) -> [__m512; 2] {
     ]
 }
 
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn splat(v: f32) -> __m512 {
     _mm512_set1_ps(v)
 }
 
 /// [`super::winograd`]'s `b4` on vectors, operation by operation.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn b4([d0, d1, d2, d3, d4, d5]: [__m512; 6]) -> [__m512; 6] {
     let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
@@ -242,7 +274,7 @@ fn b4([d0, d1, d2, d3, d4, d5]: [__m512; 6]) -> [__m512; 6] {
 }
 
 /// [`super::winograd`]'s `a4` on vectors, operation by operation.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn a4([m0, m1, m2, m3, m4, m5]: [__m512; 6]) -> [__m512; 4] {
     let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
@@ -256,7 +288,7 @@ fn a4([m0, m1, m2, m3, m4, m5]: [__m512; 6]) -> [__m512; 4] {
 }
 
 /// [`super::winograd`]'s `a_adjoint::<4>` on vectors, operation by operation.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn a_adjoint([y0, y1, y2, y3]: [__m512; 4]) -> [__m512; 6] {
     let (add, sub, mul) = (_mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps);
@@ -277,8 +309,8 @@ fn a_adjoint([y0, y1, y2, y3]: [__m512; 4]) -> [__m512; 6] {
 /// holds [`scratch_len`] floats.
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn input4(
     plane: &[f32],
@@ -312,7 +344,7 @@ pub(super) unsafe fn input4(
             .checked_sub(pad_top)
             .filter(|&y| y < h)
             .map(|y| &plane[y * w..][..w]);
-        // SAFETY: the CPU has AVX-512 F (the contract).
+        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
         unsafe {
             copy_row(row, &ml, &mut m[q..q + len]);
             copy_row(row, &xl, &mut x[q..q + len]);
@@ -354,8 +386,8 @@ pub(super) unsafe fn input4(
 /// same bits. `s` holds [`scratch_len`] floats.
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn output4(
     m: &[f32],
@@ -422,8 +454,8 @@ pub(super) unsafe fn output4(
 /// `dy_transform` for F(4x4, 3x3), the same bits. `s` holds [`scratch_len`] floats.
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dy4(
     dy: &[f32],
@@ -446,7 +478,7 @@ pub(super) unsafe fn dy4(
     for oy in 0..4 * th {
         let at = ((oy % 4) * th + oy / 4) * len;
         let row = (oy < ho).then(|| &dy[oy * wo..][..wo]);
-        // SAFETY: the CPU has AVX-512 F (the contract).
+        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
         unsafe { copy_row(row, &masks, &mut q[at..at + len]) };
     }
     for f in (0..4 * n).step_by(16) {
@@ -467,7 +499,7 @@ pub(super) unsafe fn dy4(
 }
 
 /// `-v`, the sign flipped (as the scalar negation: `-0.0` from `0.0`).
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn neg(v: __m512) -> __m512 {
     _mm512_castsi512_ps(_mm512_xor_si512(
@@ -488,16 +520,16 @@ pub(super) fn scratch_len2(th: usize, tw: usize) -> usize {
 
 /// `Bᵀ d B` of every 4x4 tile (2 apart) of one channel plane, written to `v[ξ · plane_stride +
 /// t0 + ty · tw + tx]`, `ξ = 4a + b`: [`super::winograd`]'s `input_transform` on f32, the
-/// same bits, as [`input4`] (rows `2·tw` wide, row `r` copied to `(r mod 2)·(th + 1) + r /
+/// same bits, on f32 or bf16 planes, as [`input4`] (rows `2·tw` wide, row `r` copied to `(r mod 2)·(th + 1) + r /
 /// 2`, columns `2tx + 2, 2tx + 3` from a copy shifted by two). `scratch` holds
 /// [`scratch_len2`] floats.
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn input2(
-    plane: &[f32],
+pub(super) unsafe fn input2<L: Lane>(
+    plane: &[L],
     h: usize,
     w: usize,
     pad: usize,
@@ -526,7 +558,7 @@ pub(super) unsafe fn input2(
             .checked_sub(pad_top)
             .filter(|&y| y < h)
             .map(|y| &plane[y * w..][..w]);
-        // SAFETY: the CPU has AVX-512 F (the contract).
+        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
         unsafe {
             copy_row(row, &ml, &mut m[q..q + len]);
             copy_row(row, &xl, &mut x[q..q + len]);
@@ -587,8 +619,8 @@ pub(super) unsafe fn input2(
 /// `output_transform`, the same bits. `s` holds [`scratch_len2`] floats.
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn output2(
     m: &[f32],
@@ -648,8 +680,8 @@ pub(super) unsafe fn output2(
 /// `dy_transform` for F(2x2, 3x3), the same bits. `s` holds [`scratch_len2`] floats.
 ///
 /// # Safety
-/// The CPU has AVX-512 F.
-#[target_feature(enable = "avx512f")]
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dy2(
     dy: &[f32],
@@ -670,7 +702,7 @@ pub(super) unsafe fn dy2(
     for oy in 0..2 * th {
         let at = ((oy % 2) * th + oy / 2) * len;
         let row = (oy < ho).then(|| &dy[oy * wo..][..wo]);
-        // SAFETY: the CPU has AVX-512 F (the contract).
+        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
         unsafe { copy_row(row, &masks, &mut q[at..at + len]) };
     }
     // `A y` of a pair: `[y0, y0 + y1, y0 - y1, -y1]`.
