@@ -376,11 +376,13 @@ fn simd_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
 /// output transform runs on AVX-512 at every width (vgg16 at 224 px 568 / 629 -> 472 / 487).
 const SIMD_MAX_TW: usize = 16;
 
-/// [`input_transform`], sixteen tiles at a time where the CPU has AVX-512 and rows have at
-/// most [`SIMD_MAX_TW`] tiles, on f32 and bf16 planes ([`super::winograd_avx512::input2`],
-/// the same bits).
+/// The input transform of `tile` ([`input_transform`], [`input_transform4`]), sixteen tiles
+/// at a time where the CPU has AVX-512 and rows have at most [`SIMD_MAX_TW`] tiles
+/// ([`super::winograd_avx512::input2`] on f32 and bf16 planes,
+/// [`super::winograd_avx512::input4`] on f32 ones; the same bits).
 #[allow(clippy::too_many_arguments)]
-fn input2<E: Act>(
+fn input_transform_any<E: Act>(
+    tile: Tile,
     plane: &[E],
     h: usize,
     w: usize,
@@ -393,71 +395,34 @@ fn input2<E: Act>(
     t0: usize,
     scratch: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(p) = E::as_bf16_bits(plane)
-        && tw <= SIMD_MAX_TW
-        && super::winograd_avx512::available()
-    {
-        // SAFETY: AVX-512 F, BW and VL were detected just above.
-        unsafe {
-            super::winograd_avx512::input2(
-                p,
-                h,
-                w,
-                pad,
-                pad_top,
-                th,
-                tw,
-                v,
-                plane_stride,
-                t0,
-                scratch,
-            )
+    macro_rules! run {
+        ($f:expr, $p:expr) => {
+            $f($p, h, w, pad, pad_top, th, tw, v, plane_stride, t0, scratch)
         };
-        return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(p) = E::as_f32s(plane)
-        && tw <= SIMD_MAX_TW
-        && super::winograd_avx512::available()
-    {
-        // SAFETY: AVX-512 F, BW and VL were detected just above.
-        unsafe {
-            super::winograd_avx512::input2(
-                p,
-                h,
-                w,
-                pad,
-                pad_top,
-                th,
-                tw,
-                v,
-                plane_stride,
-                t0,
-                scratch,
-            )
-        };
-        return;
+    if tw <= SIMD_MAX_TW && super::winograd_avx512::available() {
+        use super::winograd_avx512 as simd;
+        // SAFETY (each call): AVX-512 F, BW and VL were detected just above.
+        match (tile, E::as_f32s(plane), E::as_bf16_bits(plane)) {
+            (Tile::F2, Some(p), _) => return unsafe { run!(simd::input2, p) },
+            (Tile::F2, None, Some(p)) => return unsafe { run!(simd::input2, p) },
+            (Tile::F4, Some(p), _) => return unsafe { run!(simd::input4, p) },
+            _ => {}
+        }
     }
-    input_transform(
-        plane,
-        h,
-        w,
-        pad,
-        pad_top,
-        th,
-        tw,
-        v,
-        plane_stride,
-        t0,
-        scratch,
-    )
+    match tile {
+        Tile::F2 => run!(input_transform, plane),
+        Tile::F4 => run!(input_transform4, plane),
+    }
 }
 
-/// [`output_transform`], sixteen tiles at a time where the CPU has AVX-512
-/// ([`super::winograd_avx512::output2`], the same bits).
+/// The output transform of `tile` ([`output_transform`], [`output_transform4`]), sixteen
+/// tiles at a time where the CPU has AVX-512 ([`super::winograd_avx512::output2`],
+/// [`super::winograd_avx512::output4`]; the same bits).
 #[allow(clippy::too_many_arguments)]
-fn output2(
+fn output_transform_any(
+    tile: Tile,
     m: &[f32],
     plane_stride: usize,
     t0: usize,
@@ -469,92 +434,24 @@ fn output2(
     y: &mut [f32],
     s: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if super::winograd_avx512::available() {
-        // SAFETY: AVX-512 F, BW and VL were detected just above.
-        unsafe { super::winograd_avx512::output2(m, plane_stride, t0, th, tw, ho, wo, bias, y, s) };
-        return;
-    }
-    output_transform(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
-}
-
-/// [`input_transform4`], sixteen tiles at a time where the CPU has AVX-512, rows have at
-/// most [`SIMD_MAX_TW`] tiles and the plane is f32 ([`super::winograd_avx512::input4`], the
-/// same bits).
-#[allow(clippy::too_many_arguments)]
-fn input4<E: Act>(
-    plane: &[E],
-    h: usize,
-    w: usize,
-    pad: usize,
-    pad_top: usize,
-    th: usize,
-    tw: usize,
-    v: &mut [f32],
-    plane_stride: usize,
-    t0: usize,
-    scratch: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(p) = E::as_f32s(plane)
-        && tw <= SIMD_MAX_TW
-        && super::winograd_avx512::available()
-    {
-        // SAFETY: AVX-512 F, BW and VL were detected just above.
-        unsafe {
-            super::winograd_avx512::input4(
-                p,
-                h,
-                w,
-                pad,
-                pad_top,
-                th,
-                tw,
-                v,
-                plane_stride,
-                t0,
-                scratch,
-            )
+    macro_rules! run {
+        ($f:expr) => {
+            $f(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
         };
-        return;
     }
-    input_transform4(
-        plane,
-        h,
-        w,
-        pad,
-        pad_top,
-        th,
-        tw,
-        v,
-        plane_stride,
-        t0,
-        scratch,
-    )
-}
-
-/// [`output_transform4`], sixteen tiles at a time where the CPU has AVX-512
-/// ([`super::winograd_avx512::output4`], the same bits).
-#[allow(clippy::too_many_arguments)]
-fn output4(
-    m: &[f32],
-    plane_stride: usize,
-    t0: usize,
-    th: usize,
-    tw: usize,
-    ho: usize,
-    wo: usize,
-    bias: f32,
-    y: &mut [f32],
-    s: &mut [f32],
-) {
     #[cfg(target_arch = "x86_64")]
     if super::winograd_avx512::available() {
-        // SAFETY: AVX-512 F, BW and VL were detected just above.
-        unsafe { super::winograd_avx512::output4(m, plane_stride, t0, th, tw, ho, wo, bias, y, s) };
-        return;
+        use super::winograd_avx512 as simd;
+        // SAFETY (each call): AVX-512 F, BW and VL were detected just above.
+        return match tile {
+            Tile::F2 => unsafe { run!(simd::output2) },
+            Tile::F4 => unsafe { run!(simd::output4) },
+        };
     }
-    output_transform4(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
+    match tile {
+        Tile::F2 => run!(output_transform),
+        Tile::F4 => run!(output_transform4),
+    }
 }
 
 /// [`dy_transform`], sixteen tiles at a time where the CPU has AVX-512 and rows have at most
@@ -874,10 +771,6 @@ pub fn forward_act<E: Act>(
         let mut v = vec![0.0f32; xis * cin * bands.max_tiles()];
         let mut m = vec![0.0f32; xis * cout * bands.max_tiles()];
         let mut scratch = vec![0.0f32; scratch_len(tile, bands.rows, tw)];
-        let transform_out = match tile {
-            Tile::F2 => output2,
-            Tile::F4 => output4,
-        };
         // A banded image's output, taken whole before its first band.
         let mut image_out: &mut [f32] = &mut [];
         for b in bands.blocks(images) {
@@ -912,7 +805,8 @@ pub fn forward_act<E: Act>(
                 for i in 0..b.count {
                     for o in 0..cout {
                         let plane = yb.take(ho * wo);
-                        transform_out(
+                        output_transform_any(
+                            tile,
                             &m[o * t_all..],
                             cout * t_all,
                             i * tiles,
@@ -937,7 +831,8 @@ pub fn forward_act<E: Act>(
             let (y0, y1) = (tile.m() * b.ty0, (tile.m() * (b.ty0 + b.rows)).min(ho));
             for (o, plane) in image_out.chunks_exact_mut(ho * wo).enumerate() {
                 let band = &mut plane[y0 * wo..];
-                transform_out(
+                output_transform_any(
+                    tile,
                     &m[o * t_all..],
                     cout * t_all,
                     0,
@@ -1040,10 +935,6 @@ impl Bands {
         let (cin, h, w, pad, m) = (g.cin, g.h, g.w, g.pad[0], self.tile.m());
         let in_len = cin * h * w;
         let (tiles, t_all) = (b.tiles(self.tw), b.count * b.tiles(self.tw));
-        let transform = match self.tile {
-            Tile::F2 => input2::<E>,
-            Tile::F4 => input4::<E>,
-        };
         // A band below the first starts at input row `m·ty0 - pad` with no padding above.
         let (start, pad_top) = if b.ty0 == 0 {
             (0, pad)
@@ -1054,7 +945,8 @@ impl Bands {
             let xn = &xb[(b.first + i) * in_len..][..in_len];
             for c in 0..cin {
                 let plane = &xn[c * h * w..][..h * w];
-                transform(
+                input_transform_any(
+                    self.tile,
                     &plane[start * w..],
                     h - start,
                     w,

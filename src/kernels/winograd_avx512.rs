@@ -219,6 +219,35 @@ unsafe fn copy_row<L: Lane>(row: Option<&[L]>, masks: &ColMasks, dst: &mut [f32]
     }
 }
 
+/// Rows `0..rows` of a plane (`h` rows of `w`), row `r` being plane row `r - pad_top` (zero
+/// outside the plane), copied by [`copy_row`] into each of `dsts` with its masks, row `r` at
+/// `((r mod m)·per + r / m)·len`: the order the vertical transforms read the rows in.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_rows<L: Lane, const N: usize>(
+    plane: &[L],
+    [h, w]: [usize; 2],
+    pad_top: usize,
+    rows: usize,
+    [m, per]: [usize; 2],
+    mut dsts: [(&ColMasks, &mut [f32]); N],
+) {
+    for r in 0..rows {
+        let row = r
+            .checked_sub(pad_top)
+            .filter(|&y| y < h)
+            .map(|y| &plane[y * w..][..w]);
+        for (masks, dst) in dsts.iter_mut() {
+            let (len, at) = (masks.len, ((r % m) * per + r / m) * masks.len);
+            // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
+            unsafe { copy_row(row, masks, &mut dst[at..at + len]) };
+        }
+    }
+}
+
 /// Sixteen tiles' values `k = 0..4` from the 64 floats `4f + k` in four vectors.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
@@ -338,18 +367,17 @@ pub(super) unsafe fn input4(
         ColMasks::new(len, w, -(pad as isize)),
         ColMasks::new(len, w, 4 - pad as isize),
     );
-    for r in 0..4 * th + 2 {
-        let q = ((r % 4) * (th + 1) + r / 4) * len;
-        let row = r
-            .checked_sub(pad_top)
-            .filter(|&y| y < h)
-            .map(|y| &plane[y * w..][..w]);
-        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
-        unsafe {
-            copy_row(row, &ml, &mut m[q..q + len]);
-            copy_row(row, &xl, &mut x[q..q + len]);
-        }
-    }
+    // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
+    unsafe {
+        copy_rows(
+            plane,
+            [h, w],
+            pad_top,
+            4 * th + 2,
+            [4, th + 1],
+            [(&ml, m), (&xl, x)],
+        )
+    };
     // The horizontal transform `d B` of every row, flat over the tiles of all rows: hb[b]'s
     // tile `f` is tile `f mod tw` of copied row `f / tw` (rows never read included).
     for f in (0..flat).step_by(16) {
@@ -475,12 +503,8 @@ pub(super) unsafe fn dy4(
     let (q, rest) = s.split_at_mut(16 * n + 64);
     let sb = &mut rest[..6 * (4 * n + 16)];
     let masks = ColMasks::new(len, wo, 0);
-    for oy in 0..4 * th {
-        let at = ((oy % 4) * th + oy / 4) * len;
-        let row = (oy < ho).then(|| &dy[oy * wo..][..wo]);
-        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
-        unsafe { copy_row(row, &masks, &mut q[at..at + len]) };
-    }
+    // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
+    unsafe { copy_rows(dy, [ho, wo], 0, 4 * th, [4, th], [(&masks, q)]) };
     for f in (0..4 * n).step_by(16) {
         let p = phases4(std::array::from_fn(|j| load(q, 4 * f + 16 * j)), even, odd);
         for (b, h) in a_adjoint(p).into_iter().enumerate() {
@@ -552,18 +576,17 @@ pub(super) unsafe fn input2<L: Lane>(
         ColMasks::new(len, w, -(pad as isize)),
         ColMasks::new(len, w, 2 - pad as isize),
     );
-    for r in 0..2 * th + 2 {
-        let q = ((r % 2) * (th + 1) + r / 2) * len;
-        let row = r
-            .checked_sub(pad_top)
-            .filter(|&y| y < h)
-            .map(|y| &plane[y * w..][..w]);
-        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
-        unsafe {
-            copy_row(row, &ml, &mut m[q..q + len]);
-            copy_row(row, &xl, &mut x[q..q + len]);
-        }
-    }
+    // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
+    unsafe {
+        copy_rows(
+            plane,
+            [h, w],
+            pad_top,
+            2 * th + 2,
+            [2, th + 1],
+            [(&ml, m), (&xl, x)],
+        )
+    };
     // `d B` of every copied row, flat over tiles: columns `2tx, 2tx + 1` (`e0`, `o0`) and
     // `2tx + 2, 2tx + 3` (`e1`, `o1`).
     for i in 0..flat.div_ceil(16) {
@@ -699,12 +722,8 @@ pub(super) unsafe fn dy2(
     let (q, rest) = s.split_at_mut(4 * n + 32);
     let sb = &mut rest[..4 * (2 * n + 16)];
     let masks = ColMasks::new(len, wo, 0);
-    for oy in 0..2 * th {
-        let at = ((oy % 2) * th + oy / 2) * len;
-        let row = (oy < ho).then(|| &dy[oy * wo..][..wo]);
-        // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
-        unsafe { copy_row(row, &masks, &mut q[at..at + len]) };
-    }
+    // SAFETY: the CPU has AVX-512 F, BW and VL (the contract).
+    unsafe { copy_rows(dy, [ho, wo], 0, 2 * th, [2, th], [(&masks, q)]) };
     // `A y` of a pair: `[y0, y0 + y1, y0 - y1, -y1]`.
     let adjoint =
         |y0: __m512, y1: __m512| [y0, _mm512_add_ps(y0, y1), _mm512_sub_ps(y0, y1), neg(y1)];
