@@ -19,13 +19,8 @@
 //! --batch 32 --steps 6 --threads 2 --precision fp32` (Xeon with AMX, family 6 model 207,
 //! 2026-12-06, two alternated runs each, a loaded host): samples in `winograd` functions 1333
 //! / 1224 of 6147 / 5978 before, 885 / 837 of 5664 / 5556 after (7% of the step); one thread
-//! on 64 planes in L2 (a throwaway harness), µs per F(4x4) input transform of a plane: 32 px
-//! 2.8-3.2 -> 1.6-1.7, 16 px 1.3 -> 0.5-0.6, 56 px 6.4-8.7 -> 4.1-5.4.
-//! Columns `4tx + 4, 4tx + 5` come from a second copy shifted by four columns.
-//!
-//! # Shapes
-//! As [`super::winograd`]'s transforms: a plane `h x w` in, `v[ξ · plane_stride + t0 + t]`
-//! out for the `th · tw` tiles `t` (and back for the output transform).
+//! on 64 planes in L2 (a throwaway harness, not committed), µs per F(4x4) input transform of
+//! a plane: 32 px 2.8-3.2 -> 1.6-1.7, 16 px 1.3 -> 0.5-0.6, 56 px 6.4-8.7 -> 4.1-5.4.
 
 use std::arch::x86_64::*;
 
@@ -248,6 +243,24 @@ unsafe fn copy_rows<L: Lane, const N: usize>(
     }
 }
 
+/// Output row phase `i` of every tile row (`flat`, rows `m·tw` wide) into rows `m·ty + i` of
+/// the `ho x wo` plane `y`, cut at its edges.
+fn rows_out(
+    flat: &[f32],
+    [m, i]: [usize; 2],
+    [th, tw]: [usize; 2],
+    [ho, wo]: [usize; 2],
+    y: &mut [f32],
+) {
+    for ty in 0..th {
+        let oy = m * ty + i;
+        if oy >= ho {
+            break;
+        }
+        y[oy * wo..][..wo].copy_from_slice(&flat[m * ty * tw..][..wo]);
+    }
+}
+
 /// Sixteen tiles' values `k = 0..4` from the 64 floats `4f + k` in four vectors.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
@@ -467,13 +480,7 @@ pub(super) unsafe fn output4(
             store(flat, 4 * t + 32, _mm512_permutex2var_ps(b, lo, d));
             store(flat, 4 * t + 48, _mm512_permutex2var_ps(b, hi, d));
         }
-        for ty in 0..th {
-            let oy = 4 * ty + i;
-            if oy >= ho {
-                break;
-            }
-            y[oy * wo..][..wo].copy_from_slice(&flat[4 * ty * tw..][..wo]);
-        }
+        rows_out(flat, [4, i], [th, tw], [ho, wo], y);
     }
 }
 
@@ -689,13 +696,7 @@ pub(super) unsafe fn output2(
             store(flat, 2 * t, _mm512_permutex2var_ps(e, lo, o));
             store(flat, 2 * t + 16, _mm512_permutex2var_ps(e, hi, o));
         }
-        for ty in 0..th {
-            let oy = 2 * ty + i;
-            if oy >= ho {
-                break;
-            }
-            y[oy * wo..][..wo].copy_from_slice(&flat[2 * ty * tw..][..wo]);
-        }
+        rows_out(flat, [2, i], [th, tw], [ho, wo], y);
     }
 }
 
