@@ -111,22 +111,13 @@ fn store_first(d: &mut [f32], at: usize, n: usize, v: __m512) {
     unsafe { _mm512_mask_storeu_ps(d.as_mut_ptr(), mask, v) }
 }
 
-/// Lane `l` = `row[c + l]` where `0 <= c + l < row.len()`, else zero.
+/// Lane `l` = `s[at + l]` for `l < n <= 16`, zero for the others.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-fn load_cols(row: &[f32], c: isize) -> __m512 {
-    let w = row.len() as isize;
-    let (lo, hi) = ((-c).clamp(0, 16), (w - c).clamp(0, 16));
-    if hi <= lo {
-        return _mm512_setzero_ps();
-    }
-    let mask = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
-    let valid = &row[(c + lo) as usize..(c + hi) as usize];
-    // Lane `l` reads `valid[l - lo]`: the pointer is shifted back `lo` lanes, which only the
-    // masked-off lanes would touch.
-    let at = valid.as_ptr().wrapping_sub(lo as usize);
-    // SAFETY: the masked lanes `lo..hi` read `valid`; masked-off lanes are not accessed.
-    unsafe { _mm512_maskz_loadu_ps(mask, at) }
+fn load_first(s: &[f32], at: usize, n: usize) -> __m512 {
+    let s = &s[at..at + n];
+    // SAFETY: the masked lanes `0..n` read `s`; the others are not accessed.
+    unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, s.as_ptr()) }
 }
 
 /// Lanes `l` with `0 <= c + l < w`.
@@ -454,7 +445,7 @@ pub(super) unsafe fn output4(
         for b in 0..6 {
             let col: [__m512; 6] = std::array::from_fn(|a| {
                 let at = (6 * a + b) * plane_stride + t0 + t;
-                load_cols(&m[at..at + cnt], 0)
+                load_first(m, at, cnt)
             });
             for (i, value) in a4(col).into_iter().enumerate() {
                 store(r, (i * 6 + b) * np + t, value);
@@ -676,7 +667,7 @@ pub(super) unsafe fn output2(
         for b in 0..4 {
             let [v0, v1, v2, v3] = std::array::from_fn(|a| {
                 let at = (4 * a + b) * plane_stride + t0 + t;
-                load_cols(&m[at..at + cnt], 0)
+                load_first(m, at, cnt)
             });
             store(r, b * np + t, _mm512_add_ps(_mm512_add_ps(v0, v1), v2));
             store(
