@@ -98,30 +98,141 @@ pub(super) fn valid_range(len: usize, out: usize, s: usize, j: usize, p: usize) 
     (lo.min(hi), hi)
 }
 
-/// For a stride-1 convolution whose output rows are as long as its input rows (a "same" 3x3
-/// with padding 1, say), the column row of kernel tap `(i, j)` over output rows `oy0..oy1` is
-/// the input plane shifted by one offset: one long copy, plus zeros in the columns that wrapped
-/// around from the neighbouring row. Returns, for that tap, the valid output rows `a..b`, the
-/// plane offset of output row `a`'s first element, and the valid columns `lo..hi`.
-fn shifted_tap(g: &ConvGeom, oy0: usize, oy1: usize, i: usize, j: usize) -> Option<Shift> {
-    if g.stride != [1, 1] || g.wo() != g.w {
-        return None;
+/// Whether every kernel tap's column row is one long run of a plane whose rows are `W_out`
+/// long, shifted by the tap ([`tap_run`]): the image itself for a stride-1 convolution whose
+/// output rows are as long as its input rows (a "same" 3x3 with padding 1, say), or for a
+/// strided one the phase plane the tap reads ([`Runs`]), where the tap's valid columns
+/// stay inside the plane's rows (ResNet's 3x3/2, 1x1/2 and 7x7/2 layers at every size).
+fn runs_fit(g: &ConvGeom) -> bool {
+    let [sh, sw] = g.stride;
+    if g.stride == [1, 1] {
+        return g.wo() == g.w;
     }
+    let wo = g.wo() as isize;
+    sh > 0
+        && sw > 0
+        && (0..g.kw).all(|j| {
+            let (lo, hi) = valid_range(g.w, g.wo(), sw, j, g.pad[1]);
+            let b = (j as isize - g.pad[1] as isize).div_euclid(sw as isize);
+            lo >= hi || (lo as isize + b >= 0 && hi as isize + b <= wo)
+        })
+}
+
+/// Tap `(i, j)`'s column row over output rows `oy0..oy1` as one run of the plane it reads (for
+/// a geometry that [`runs_fit`]), and that plane: phase `(q_i, q_j)` of the input, where
+/// input position `(y, x)` is value `(y div s_h, x div s_w)` of phase `(y mod s_h, x mod s_w)`,
+/// stored in rows `W_out` long (stride 1: one phase, the image). With `i - p_h = s_h·b_i + q_i`
+/// (and likewise for `j`), output `(oy, ox)` reads plane value `(oy + b_i, ox + b_j)`, at run
+/// offset `(oy + b_i)·W_out + ox + b_j`: one contiguous run for the whole band, whose entries
+/// outside the image (rows above or below it, columns that wrapped around from the
+/// neighbouring row) are zeroed afterwards. Returns the valid output rows `a..b`, the plane
+/// offset of row `a`'s run, the valid columns `lo..hi`, and the phase's index `q_i·s_w + q_j`.
+fn tap_run(g: &ConvGeom, oy0: usize, oy1: usize, i: usize, j: usize) -> (Shift, usize) {
+    let [sh, sw] = g.stride;
     let [ph, pw] = g.pad;
-    // A tap below the image for every row of the tile (a 5x5 with padding 2 near the bottom)
+    let (ei, ej) = (i as isize - ph as isize, j as isize - pw as isize);
+    // A tap below the image for every row of the band (a 5x5 with padding 2 near the bottom)
     // has no valid rows: `a = b = oy0`.
-    let b = oy1.min((g.h + ph).saturating_sub(i)).max(oy0);
-    let a = oy0.max(ph.saturating_sub(i));
-    let (lo, hi) = valid_range(g.w, g.wo(), 1, j, pw);
-    let start =
-        (a.min(b) + i) as isize * g.w as isize - (ph * g.w) as isize + j as isize - pw as isize;
-    Some(Shift {
-        a: a.min(b),
-        b,
-        start,
-        lo,
-        hi,
-    })
+    let (ra, rb) = valid_range(g.h, g.ho(), sh, i, ph);
+    let b = oy1.min(rb).max(oy0);
+    let a = oy0.max(ra).min(b);
+    let (lo, hi) = valid_range(g.w, g.wo(), sw, j, pw);
+    let (si, sj) = (sh as isize, sw as isize);
+    let start = (a as isize + ei.div_euclid(si)) * g.wo() as isize + ej.div_euclid(sj);
+    let phase = (ei.rem_euclid(si) * sj + ej.rem_euclid(sj)) as usize;
+    (
+        Shift {
+            a,
+            b,
+            start,
+            lo,
+            hi,
+        },
+        phase,
+    )
+}
+
+/// Every tap's run for one band of output rows ([`tap_run`], in the weights' tap order) and,
+/// when strided, the phase planes they read: `s_h·s_w` planes of `H_q = ⌈H / s_h⌉` rows of
+/// `W_out` values, filled per input channel in the rows the band reads, for the phases some tap
+/// reads (a 1x1/2 reads one of four). A phase shorter than that keeps its last row or column as
+/// it was: only entries outside the image read them, and those are zeroed. Made once per band:
+/// the runs' divisions, per tap and channel, cost more than copying a 4 px map's run.
+struct Runs {
+    taps: Vec<(Shift, usize)>,
+    /// Phase rows to fill, `(input row, plane offset, column phase, values)`.
+    rows: Vec<[usize; 4]>,
+    /// Values per phase plane (0 at stride 1: the taps read the image).
+    plane: usize,
+}
+
+impl Runs {
+    fn new(g: &ConvGeom, oy0: usize, oy1: usize) -> Runs {
+        let [sh, sw] = g.stride;
+        let taps: Vec<(Shift, usize)> = (0..g.kh)
+            .flat_map(|i| (0..g.kw).map(move |j| (i, j)))
+            .map(|(i, j)| tap_run(g, oy0, oy1, i, j))
+            .collect();
+        if g.stride == [1, 1] {
+            return Runs {
+                taps,
+                rows: Vec::new(),
+                plane: 0,
+            };
+        }
+        let (wo, hq) = (g.wo(), g.h.div_ceil(sh));
+        let (si, ph) = (sh as isize, g.pad[0] as isize);
+        let first = (oy0 as isize + (-ph).div_euclid(si)).clamp(0, hq as isize) as usize;
+        let last = (oy1 as isize + (g.kh as isize - 1 - ph).div_euclid(si)).clamp(0, hq as isize);
+        let mut rows = Vec::new();
+        for qa in 0..sh {
+            for r in first..(last as usize).max(first) {
+                let y = r * sh + qa;
+                for qb in 0..sw {
+                    let q = qa * sw + qb;
+                    if y < g.h && taps.iter().any(|t| t.1 == q) {
+                        let n = g.w.saturating_sub(qb).div_ceil(sw).min(wo);
+                        rows.push([y, (q * hq + r) * wo, qb, n]);
+                    }
+                }
+            }
+        }
+        Runs {
+            taps,
+            rows,
+            plane: hq * wo,
+        }
+    }
+
+    /// The phase-plane buffer (empty at stride 1).
+    fn buffer<E: Copy>(&self, g: &ConvGeom, zero: E) -> Vec<E> {
+        vec![zero; g.stride[0] * g.stride[1] * self.plane]
+    }
+
+    /// Copies `image`'s band rows into their phase planes in `buf`.
+    #[inline(always)]
+    fn fill<E: Copy>(&self, image: &[E], g: &ConvGeom, buf: &mut [E]) {
+        let sw = g.stride[1];
+        for &[y, at, qb, n] in &self.rows {
+            let src = &image[y * g.w + qb..];
+            for (c, d) in buf[at..at + n].iter_mut().enumerate() {
+                *d = src[c * sw];
+            }
+        }
+    }
+}
+
+/// Copies tap `s`'s run of `plane` (rows `wo` long) into its column row `dst` (output rows
+/// `oy0..`), zeroing the entries outside the image.
+#[inline(always)]
+fn copy_tap<T: ColValue, E: Act>(dst: &mut [T], s: &Shift, plane: &[E], oy0: usize, wo: usize) {
+    let (ra, rb) = ((s.a - oy0) * wo, (s.b - oy0) * wo);
+    dst[..ra].iter_mut().for_each(|v| *v = T::ZERO);
+    dst[rb..].iter_mut().for_each(|v| *v = T::ZERO);
+    let run = &mut dst[ra..rb];
+    let (k_lo, k_hi, p0) = s.clip(wo, plane.len());
+    T::copy_run(&mut run[k_lo..k_hi], &plane[p0..p0 + (k_hi - k_lo)]);
+    s.zero_wrapped(run, wo);
 }
 
 struct Shift {
@@ -207,6 +318,27 @@ fn im2col_into<T: ColValue, E: Act>(
     let [sh, sw] = g.stride;
     let [ph, pw] = g.pad;
     let plane_len = g.h * g.w;
+    if runs_fit(g) {
+        // One run per tap: of the image at stride 1, of a phase plane otherwise. Copied row
+        // by row of 4-16 outputs (resnet18's strided 3x3 layers at 128 px), each row's taps
+        // cost more in bookkeeping than in copying: a third of those layers' forward time.
+        let runs = Runs::new(g, oy0, oy1);
+        let mut buf = runs.buffer(g, E::ZERO);
+        for c in 0..g.cin {
+            let image = &x[c * plane_len..(c + 1) * plane_len];
+            runs.fill(image, g, &mut buf);
+            for (t, (s, q)) in runs.taps.iter().enumerate() {
+                let r = c * g.kh * g.kw + t;
+                let plane = if buf.is_empty() {
+                    image
+                } else {
+                    &buf[q * runs.plane..][..runs.plane]
+                };
+                copy_tap(&mut col[r * ld..r * ld + n], s, plane, oy0, wo);
+            }
+        }
+        return;
+    }
     // Strided taps read every `sw`-th input value; a gather per value ran at about 2 ns on
     // the 7x7/2 stem (its weight gradient's bf16 column matrix took 35 of 44 ms at 128 px,
     // batch 32). Instead each input row is split once into its `sw` phases, and every tap
@@ -252,16 +384,6 @@ fn im2col_into<T: ColValue, E: Act>(
             for j in 0..g.kw {
                 let r = (c * g.kh + i) * g.kw + j;
                 let dst = &mut col[r * ld..r * ld + n];
-                if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
-                    let (ra, rb) = ((sh.a - oy0) * wo, (sh.b - oy0) * wo);
-                    dst[..ra].iter_mut().for_each(|v| *v = T::ZERO);
-                    dst[rb..].iter_mut().for_each(|v| *v = T::ZERO);
-                    let run = &mut dst[ra..rb];
-                    let (k_lo, k_hi, p0) = sh.clip(g.w, plane_len);
-                    T::copy_run(&mut run[k_lo..k_hi], &plane[p0..p0 + (k_hi - k_lo)]);
-                    sh.zero_wrapped(run, g.w);
-                    continue;
-                }
                 let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
                 for oy in oy0..oy1 {
                     let d = &mut dst[(oy - oy0) * wo..(oy - oy0 + 1) * wo];
@@ -325,19 +447,44 @@ dispatched! {
         let [sh, sw] = g.stride;
         let [ph, pw] = g.pad;
         let plane_len = g.h * g.w;
+        if runs_fit(g) {
+            // Each tap's run added whole, into the image at stride 1 or into a phase plane
+            // that is then interleaved into the image: a strided scatter-add per value took a
+            // third of resnet18's strided 3x3 input gradients at 128 px.
+            let runs = Runs::new(g, oy0, oy1);
+            let mut buf = runs.buffer(g, 0.0f32);
+            for c in 0..g.cin {
+                let image = &mut dx[c * plane_len..(c + 1) * plane_len];
+                for &[_, at, _, n] in &runs.rows {
+                    buf[at..at + n].fill(0.0);
+                }
+                for (t, (s, q)) in runs.taps.iter().enumerate() {
+                    let r = c * g.kh * g.kw + t;
+                    let run = &mut dcol[r * ld + (s.a - oy0) * wo..r * ld + (s.b - oy0) * wo];
+                    s.zero_wrapped(run, wo);
+                    let plane = if buf.is_empty() {
+                        &mut image[..]
+                    } else {
+                        &mut buf[q * runs.plane..][..runs.plane]
+                    };
+                    let (k_lo, k_hi, p0) = s.clip(wo, plane.len());
+                    add_row_inline(&mut plane[p0..p0 + (k_hi - k_lo)], &run[k_lo..k_hi]);
+                }
+                for &[y, at, qb, n] in &runs.rows {
+                    let dst = &mut image[y * g.w + qb..];
+                    for (c, &v) in buf[at..at + n].iter().enumerate() {
+                        dst[c * sw] += v;
+                    }
+                }
+            }
+            return;
+        }
         for c in 0..g.cin {
             let plane = &mut dx[c * plane_len..(c + 1) * plane_len];
             for i in 0..g.kh {
                 for j in 0..g.kw {
                     let r = (c * g.kh + i) * g.kw + j;
                     let src = &mut dcol[r * ld..r * ld + n];
-                    if let Some(sh) = shifted_tap(g, oy0, oy1, i, j) {
-                        let run = &mut src[(sh.a - oy0) * wo..(sh.b - oy0) * wo];
-                        sh.zero_wrapped(run, g.w);
-                        let (k_lo, k_hi, p0) = sh.clip(g.w, plane_len);
-                        add_row_inline(&mut plane[p0..p0 + (k_hi - k_lo)], &run[k_lo..k_hi]);
-                        continue;
-                    }
                     let (lo, hi) = valid_range(g.w, wo, sw, j, pw);
                     for oy in oy0..oy1 {
                         let iy = (oy * sh + i) as isize - ph as isize;
@@ -770,58 +917,128 @@ mod tests {
     use super::*;
     use crate::kernels::conv::test_data;
 
+    /// `(H, W, k, stride, padding, whether every tap is one run)`: strides 1-3, padding larger
+    /// than the stride, odd and even widths; the last three take the row-by-row path.
+    const GEOMETRIES: [(usize, usize, usize, usize, usize, bool); 11] = [
+        (7, 7, 3, 2, 1, true),
+        (9, 8, 7, 2, 3, true),
+        (10, 11, 7, 2, 3, true),
+        (8, 9, 1, 2, 0, true),
+        (11, 10, 5, 3, 2, true),
+        (12, 13, 3, 3, 4, true),
+        (6, 6, 3, 1, 1, true),
+        (7, 6, 3, 2, 2, true),
+        (8, 8, 3, 2, 0, false),
+        (6, 7, 3, 1, 0, false),
+        (9, 9, 5, 2, 0, false),
+    ];
+
+    fn geometry(
+        &(h, w, k, stride, pad, _): &(usize, usize, usize, usize, usize, bool),
+    ) -> ConvGeom {
+        ConvGeom {
+            batch: 1,
+            cin: 2,
+            h,
+            w,
+            cout: 1,
+            kh: k,
+            kw: k,
+            stride: [stride; 2],
+            pad: [pad; 2],
+            precision: crate::kernels::Precision::Fp32,
+        }
+    }
+
+    /// Bands of output rows: the whole map, the rows from the second, the first half.
+    fn bands(g: &ConvGeom) -> Vec<(usize, usize)> {
+        let ho = g.ho();
+        vec![(0, ho), (1.min(ho - 1), ho), (0, ho.div_ceil(2))]
+    }
+
+    /// Input position `(iy, ix)` that output `(oy, ox)` reads through tap `(i, j)`, if inside.
+    fn source(g: &ConvGeom, oy: usize, ox: usize, i: usize, j: usize) -> Option<(usize, usize)> {
+        let iy = (oy * g.stride[0] + i) as isize - g.pad[0] as isize;
+        let ix = (ox * g.stride[1] + j) as isize - g.pad[1] as isize;
+        ((0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix))
+            .then_some((iy as usize, ix as usize))
+    }
+
+    /// The geometries take the paths the table says: ResNet's strided 3x3, 1x1 and 7x7
+    /// layers as runs of phase planes, a "valid" 3x3 (stride 1 or 2) row by row.
+    #[test]
+    fn strided_resnet_layers_are_runs_of_phase_planes() {
+        for case in &GEOMETRIES {
+            assert_eq!(runs_fit(&geometry(case)), case.5, "{case:?}");
+        }
+        for (hw, k, pad) in [(32, 3, 1), (7, 3, 1), (56, 1, 0), (224, 7, 3), (15, 7, 3)] {
+            let g = geometry(&(hw, hw, k, 2, pad, true));
+            assert!(runs_fit(&g), "{g:?}");
+        }
+    }
+
     /// The column matrix is the definition, `col[(c, i, j), (oy, ox)] = x[c, oy·s + i - p,
-    /// ox·s + j - p]` (zero outside the plane), for strides 1-3 (the strided taps read split
-    /// phases), padding larger than the stride, odd widths and a band of output rows.
+    /// ox·s + j - p]` (zero outside the plane), for every geometry and band, whichever path.
     #[test]
     fn the_column_matrix_is_the_definition() {
-        for &(h, w, k, stride, pad, oy0) in &[
-            (7, 7, 3, 2, 1, 0),
-            (9, 8, 7, 2, 3, 1),
-            (10, 11, 7, 2, 3, 2),
-            (8, 9, 1, 2, 0, 0),
-            (11, 10, 5, 3, 2, 1),
-            (12, 13, 3, 3, 4, 0),
-            (6, 6, 3, 1, 1, 1),
-        ] {
-            let g = ConvGeom {
-                batch: 1,
-                cin: 2,
-                h,
-                w,
-                cout: 1,
-                kh: k,
-                kw: k,
-                stride: [stride; 2],
-                pad: [pad; 2],
-                precision: crate::kernels::Precision::Fp32,
-            };
+        for case in &GEOMETRIES {
+            let g = geometry(case);
             let x = test_data(g.in_len(), 3);
-            let (wo, oy1) = (g.wo(), g.ho());
-            let ld = (oy1 - oy0) * wo + 2;
-            let mut col = vec![f32::NAN; g.k() * ld];
-            im2col(&x, &g, oy0, oy1, &mut col, ld);
-            for c in 0..2 {
-                for i in 0..k {
-                    for j in 0..k {
-                        let r = (c * k + i) * k + j;
-                        for oy in oy0..oy1 {
-                            for ox in 0..wo {
-                                let iy = (oy * stride + i) as isize - pad as isize;
-                                let ix = (ox * stride + j) as isize - pad as isize;
-                                let inside =
-                                    (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
-                                let want = if inside {
-                                    x[(c * h + iy as usize) * w + ix as usize]
-                                } else {
-                                    0.0
-                                };
-                                let got = col[r * ld + (oy - oy0) * wo + ox];
-                                assert_eq!(got, want, "{g:?} row {r} at ({oy}, {ox})");
+            for (oy0, oy1) in bands(&g) {
+                let (k, wo) = (g.kh, g.wo());
+                let ld = (oy1 - oy0) * wo + 2;
+                let mut col = vec![f32::NAN; g.k() * ld];
+                im2col(&x, &g, oy0, oy1, &mut col, ld);
+                for c in 0..2 {
+                    for i in 0..k {
+                        for j in 0..k {
+                            let r = (c * k + i) * k + j;
+                            for oy in oy0..oy1 {
+                                for ox in 0..wo {
+                                    let want = source(&g, oy, ox, i, j)
+                                        .map_or(0.0, |(iy, ix)| x[(c * g.h + iy) * g.w + ix]);
+                                    let got = col[r * ld + (oy - oy0) * wo + ox];
+                                    assert_eq!(got, want, "{g:?} row {r} at ({oy}, {ox})");
+                                }
                             }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// col2im adds each column gradient into the input position its entry was copied from
+    /// (entries for padding positions dropped), for every geometry and band, whichever path.
+    /// Small integers, so every order of the sums gives the same bits.
+    #[test]
+    fn col2im_adds_into_the_definition() {
+        for case in &GEOMETRIES {
+            let g = geometry(case);
+            for (oy0, oy1) in bands(&g) {
+                let (k, wo) = (g.kh, g.wo());
+                let ld = (oy1 - oy0) * wo + 1;
+                let dcol: Vec<f32> = (0..g.k() * ld).map(|v| (v % 7) as f32 - 3.0).collect();
+                let dx0: Vec<f32> = (0..g.in_len()).map(|v| (v % 5) as f32).collect();
+                let mut want = dx0.clone();
+                for c in 0..2 {
+                    for i in 0..k {
+                        for j in 0..k {
+                            let r = (c * k + i) * k + j;
+                            for oy in oy0..oy1 {
+                                for ox in 0..wo {
+                                    if let Some((iy, ix)) = source(&g, oy, ox, i, j) {
+                                        want[(c * g.h + iy) * g.w + ix] +=
+                                            dcol[r * ld + (oy - oy0) * wo + ox];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut dx = dx0.clone();
+                col2im(&mut dcol.clone(), &g, oy0, oy1, ld, &mut dx);
+                assert_eq!(dx, want, "{g:?} band {oy0}..{oy1}");
             }
         }
     }
