@@ -495,8 +495,9 @@ mod tests {
         ]
     }
 
-    /// The phase-plane weight gradient of strided stems is im2col's, value by value, and the
-    /// plan routes fp32 stems to it where the AVX-512 direct kernels run.
+    /// The phase-plane weight gradient of strided stems is im2col's, value by value, on one
+    /// thread and on more threads than images (channel blocks), and the plan routes fp32
+    /// stems to it where the AVX-512 direct kernels run.
     #[test]
     fn strided_stem_weight_gradient_matches_im2col() {
         use crate::kernels::im2col::im2col_backward;
@@ -518,13 +519,18 @@ mod tests {
             if direct::wide() {
                 assert_eq!(plan(&g, Cpu::detect()).weight_grad, Algo::Direct, "{g:?}");
             }
-            let (_, dw, db) = direct::backward(&x, &w, &dy, &g, [false, true, true]);
             let (_, dw0, db0) = im2col_backward(&x, &w, &dy, &g, [false, true, true]);
-            for (a, e) in dw.unwrap().iter().zip(&dw0.unwrap()) {
-                assert!((a - e).abs() < 1e-3 * e.abs().max(1.0), "{g:?}: {a} vs {e}");
-            }
-            for (a, e) in db.unwrap().iter().zip(&db0.unwrap()) {
-                assert!((a - e).abs() < 1e-3 * e.abs().max(1.0), "{g:?}: {a} vs {e}");
+            let (dw0, db0) = (dw0.unwrap(), db0.unwrap());
+            for threads in [1, g.batch + 1] {
+                let (_, dw, db) = on_threads(threads, || {
+                    direct::backward(&x, &w, &dy, &g, [false, true, true])
+                });
+                for (a, e) in dw.unwrap().iter().zip(&dw0) {
+                    assert!((a - e).abs() < 1e-3 * e.abs().max(1.0), "{g:?}: {a} vs {e}");
+                }
+                for (a, e) in db.unwrap().iter().zip(&db0) {
+                    assert!((a - e).abs() < 1e-3 * e.abs().max(1.0), "{g:?}: {a} vs {e}");
+                }
             }
         }
     }

@@ -144,18 +144,23 @@ struct Layout {
 impl Layout {
     fn new(g: &ConvGeom) -> Self {
         let (hp, wp) = (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]);
-        let n = g.ho() * wp;
+        Layout::grid(g.cin, hp, wp, g.ho(), g.kh, g.kw)
+    }
+
+    /// `cin` planes of `hp x wp` (already padded), `ho` output rows, a `kh x kw` kernel.
+    fn grid(cin: usize, hp: usize, wp: usize, ho: usize, kh: usize, kw: usize) -> Self {
+        let n = ho * wp;
         let np = n.div_ceil(LANES) * LANES;
-        let mut offs = Vec::with_capacity(g.k());
-        for c in 0..g.cin {
-            for i in 0..g.kh {
-                for j in 0..g.kw {
+        let mut offs = Vec::with_capacity(cin * kh * kw);
+        for c in 0..cin {
+            for i in 0..kh {
+                for j in 0..kw {
                     offs.push(c * hp * wp + i * wp + j);
                 }
             }
         }
         // The last tap of the last channel reads up to `off + np - 1`.
-        let len = g.cin * hp * wp + g.kw - 1 + np - n;
+        let len = cin * hp * wp + kw - 1 + np - n;
         Layout {
             hp,
             wp,
@@ -915,72 +920,136 @@ pub fn fits_strided_weight_grad(g: &ConvGeom) -> bool {
 /// phases). The im2col weight gradient of these stems split their 3 input channels unevenly
 /// over the threads: resnet18's stem at 128 px, batch 32, 2 threads, fp32 (`conv_layers 2 fp32
 /// resnet18 128 32`) took 41 ms at 60 GFLOP/s.
+///
+/// All phases share one grid, `H_q x P` with the first phase's (the largest) extent, so each
+/// image's `dY` is copied to the grid's row pitch once and stays in cache while the phases'
+/// products read it: copied once per phase, as four separate stride-1 gradients did, the 32 MB
+/// `dY` of resnet18's stem at 128 px (batch 32) came from memory four times, and the copies
+/// took half as long as the products (`perf`, `CONV_LAYERS_REPEAT=dw`).
 fn strided_backward(x: &[f32], dy: &[f32], g: &ConvGeom, need: [bool; 3]) -> ConvGrads {
     assert!(
         !need[0] && fits_strided_weight_grad(g),
         "direct strided weight gradient of {g:?}"
     );
     assert_eq!(x.len(), g.batch * g.in_len(), "conv2d input length");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.out_len(),
+        "conv2d output-gradient length"
+    );
     let [sh, sw] = g.stride;
-    let [ph, pw] = g.pad;
-    let (ho, wo, taps) = (g.ho(), g.wo(), g.kh * g.kw);
-    let mut dw = vec![0.0f32; if need[1] { g.cout * g.cin * taps } else { 0 }];
-    let mut db = None;
-    for a in 0..sh {
-        for b in 0..sw {
+    let (ho, wo, taps, cout) = (g.ho(), g.wo(), g.kh * g.kw, g.cout);
+    let (hq, pitch) = (
+        ho + phase_taps(g.kh, sh, 0) - 1,
+        wo + phase_taps(g.kw, sw, 0) - 1,
+    );
+    // Phase `(a, b)`: its taps `(a + sh·i', b + sw·j')` and their offsets in the grid.
+    let phases: Vec<(usize, usize, Layout)> = (0..sh)
+        .flat_map(|a| (0..sw).map(move |b| (a, b)))
+        .map(|(a, b)| {
             let (ka, kb) = (phase_taps(g.kh, sh, a), phase_taps(g.kw, sw, b));
-            let (hq, wq) = (ho + ka - 1, wo + kb - 1);
-            let gq = ConvGeom {
-                h: hq,
-                w: wq,
-                kh: ka,
-                kw: kb,
-                stride: [1, 1],
-                pad: [0, 0],
-                ..*g
-            };
-            // Plane `(a, b)`: padded row `a + sh·u` is input row `a + sh·u - ph` (zero
-            // outside the image), likewise for columns.
-            let mut xq = vec![0.0f32; g.batch * g.cin * hq * wq];
-            xq.par_chunks_mut(hq * wq)
-                .zip(x.par_chunks(g.h * g.w))
-                .for_each(|(dst, src)| {
-                    for (u, row) in dst.chunks_exact_mut(wq).enumerate() {
-                        let Some(iy) = (a + sh * u).checked_sub(ph).filter(|&r| r < g.h) else {
-                            continue;
-                        };
-                        let src = &src[iy * g.w..(iy + 1) * g.w];
-                        for (v, d) in row.iter_mut().enumerate() {
-                            if let Some(ix) = (b + sw * v).checked_sub(pw).filter(|&c| c < g.w) {
-                                *d = src[ix];
-                            }
-                        }
+            (a, b, Layout::grid(g.cin, hq, pitch, ho, ka, kb))
+        })
+        .collect();
+    let np = phases[0].2.np;
+    let xlen = phases.iter().map(|p| p.2.len).max().unwrap_or(0);
+    let isa = Isa::best();
+    let split = g.batch < rayon::current_num_threads();
+    let (in_len, out_len) = (g.in_len(), g.out_len());
+    let partials: Vec<(Vec<Vec<f32>>, Vec<f32>)> = image_blocks(g.batch)
+        .into_par_iter()
+        .map(|range| {
+            let mut dws: Vec<Vec<f32>> = phases
+                .iter()
+                .map(|p| vec![0.0f32; if need[1] { cout * p.2.offs.len() } else { 0 }])
+                .collect();
+            let mut db = vec![0.0f32; if need[2] { cout } else { 0 }];
+            // The grid's dropped columns and tail stay zero from here on.
+            let (mut dyp, mut xq) = (vec![0.0f32; cout * np], vec![0.0f32; xlen]);
+            for img in range {
+                let dyn_ = &dy[img * out_len..(img + 1) * out_len];
+                if need[2] {
+                    for (acc, plane) in db.iter_mut().zip(dyn_.chunks(ho * wo)) {
+                        *acc += plane.iter().sum::<f32>();
                     }
-                });
-            let first = a == 0 && b == 0;
-            let (_, dwq, dbq) = backward_with(
-                &xq,
-                &[],
-                dy,
-                &gq,
-                [false, need[1], need[2] && first],
-                Isa::best(),
-            );
-            if first {
-                db = dbq;
+                }
+                if !need[1] {
+                    continue;
+                }
+                for (dst, src) in dyp.chunks_mut(np).zip(dyn_.chunks(ho * wo)) {
+                    for (d, s) in dst.chunks_mut(pitch).zip(src.chunks(wo)) {
+                        d[..wo].copy_from_slice(s);
+                    }
+                }
+                let image = &x[img * in_len..(img + 1) * in_len];
+                for ((a, b, lay), dw) in phases.iter().zip(&mut dws) {
+                    fill_phase(image, g, *a, *b, hq, pitch, &mut xq);
+                    if split {
+                        // Fewer images than threads: blocks of 4 output channels per thread.
+                        let k = lay.offs.len();
+                        dw.par_chunks_mut(4 * k)
+                            .zip(dyp.par_chunks(4 * np))
+                            .for_each(|(d, dyc)| {
+                                weight_grad_product(d.len() / k, dyc, &xq, lay, d, isa)
+                            });
+                    } else {
+                        weight_grad_product(cout, &dyp, &xq, lay, dw, isa);
+                    }
+                }
             }
-            let Some(dwq) = dwq else { continue };
-            // `dwq[o][c][i'][j']` is `dw[o][c][a + sh·i'][b + sw·j']`.
-            for (oc, part) in dwq.chunks_exact(ka * kb).enumerate() {
-                for (i, row) in part.chunks_exact(kb).enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        dw[oc * taps + (a + sh * i) * g.kw + b + sw * j] = v;
-                    }
+            (dws, db)
+        })
+        .collect();
+    let db = need[2].then(|| sum_in_order(partials.iter().map(|p| &p.1)));
+    if !need[1] {
+        return (None, None, db);
+    }
+    let mut dw = vec![0.0f32; cout * g.cin * taps];
+    for (q, (a, b, lay)) in phases.iter().enumerate() {
+        let dwq = sum_in_order(partials.iter().map(|p| &p.0[q]));
+        let kb = phase_taps(g.kw, sw, *b);
+        // `dwq[o][c][i'][j']` is `dw[o][c][a + sh·i'][b + sw·j']`.
+        for (oc, part) in dwq.chunks_exact(lay.offs.len() / g.cin).enumerate() {
+            for (i, row) in part.chunks_exact(kb).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    dw[oc * taps + (a + sh * i) * g.kw + b + sw * j] = v;
                 }
             }
         }
     }
-    (None, need[1].then_some(dw), db)
+    (None, Some(dw), db)
+}
+
+/// Phase plane `(a, b)` of one image on the `hq x pitch` grid of [`strided_backward`]: grid
+/// value `(c, u, v)` is the input at `(a + s_h·u - p_h, b + s_w·v - p_w)`, zero outside it.
+fn fill_phase(
+    image: &[f32],
+    g: &ConvGeom,
+    a: usize,
+    b: usize,
+    hq: usize,
+    pitch: usize,
+    xq: &mut [f32],
+) {
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.pad;
+    // Grid columns `v` with an input column `b + sw·v - pw` inside the image.
+    let lo = pw.saturating_sub(b).div_ceil(sw).min(pitch);
+    let hi = (g.w + pw).saturating_sub(b).div_ceil(sw).clamp(lo, pitch);
+    for (plane, src) in xq.chunks_mut(hq * pitch).zip(image.chunks(g.h * g.w)) {
+        for (u, row) in plane.chunks_exact_mut(pitch).enumerate() {
+            let Some(iy) = (a + sh * u).checked_sub(ph).filter(|&r| r < g.h) else {
+                row.fill(0.0);
+                continue;
+            };
+            let src = &src[iy * g.w..(iy + 1) * g.w];
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            for (v, d) in row[lo..hi].iter_mut().enumerate() {
+                *d = src[b + sw * (lo + v) - pw];
+            }
+        }
+    }
 }
 
 fn backward_with(
