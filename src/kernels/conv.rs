@@ -366,11 +366,17 @@ pub(super) fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
     const BLOCK: usize = 16;
     let taps = g.kh * g.kw;
     assert_eq!(w.len(), g.cout * g.cin * taps, "rotated: weight length");
-    let mut out = vec![0.0f32; w.len()];
     let row = g.cout * taps;
-    out.par_chunks_mut(BLOCK * row)
-        .enumerate()
-        .for_each(|(blk, dst)| {
+    if w.is_empty() {
+        return Vec::new();
+    }
+    // Zeroed by the worker that fills each block: `vec![0.0; n]` zeroed the 9.4 MB of
+    // resnet18's 512 -> 512 kernels on the calling thread while the other worker waited.
+    super::buf::par_zeroed(
+        w.len(),
+        BLOCK * row,
+        (0..g.cin.div_ceil(BLOCK)).into_par_iter(),
+        |dst, blk| {
             let c0 = blk * BLOCK;
             let cs = dst.len() / row;
             for o in 0..g.cout {
@@ -382,8 +388,8 @@ pub(super) fn rotated(w: &[f32], g: &ConvGeom) -> Vec<f32> {
                     }
                 }
             }
-        });
-    out
+        },
+    )
 }
 
 /// `f` run on a fresh rayon pool of `threads` threads (the kernels' tests of thread-count
