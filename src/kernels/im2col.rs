@@ -956,12 +956,30 @@ mod tests {
         vec![(0, ho), (1.min(ho - 1), ho), (0, ho.div_ceil(2))]
     }
 
-    /// Input position `(iy, ix)` that output `(oy, ox)` reads through tap `(i, j)`, if inside.
-    fn source(g: &ConvGeom, oy: usize, ox: usize, i: usize, j: usize) -> Option<(usize, usize)> {
-        let iy = (oy * g.stride[0] + i) as isize - g.pad[0] as isize;
-        let ix = (ox * g.stride[1] + j) as isize - g.pad[1] as isize;
-        ((0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix))
-            .then_some((iy as usize, ix as usize))
+    /// Every entry of the band's column matrix (rows `ld` apart) with the input value it is
+    /// the copy of, if inside the image: `col[(c, i, j), (oy, ox)] = x[c, oy·s + i - p, ox·s +
+    /// j - p]`.
+    fn entries(g: &ConvGeom, oy0: usize, oy1: usize, ld: usize) -> Vec<(usize, Option<usize>)> {
+        let (k, wo) = (g.kh, g.wo());
+        let mut out = Vec::new();
+        for c in 0..g.cin {
+            for i in 0..k {
+                for j in 0..k {
+                    let r = (c * k + i) * k + j;
+                    for oy in oy0..oy1 {
+                        for ox in 0..wo {
+                            let iy = (oy * g.stride[0] + i) as isize - g.pad[0] as isize;
+                            let ix = (ox * g.stride[1] + j) as isize - g.pad[1] as isize;
+                            let inside =
+                                (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix);
+                            let at = (c * g.h + iy as usize) * g.w + ix as usize;
+                            out.push((r * ld + (oy - oy0) * wo + ox, inside.then_some(at)));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The geometries take the paths the table says: ResNet's strided 3x3, 1x1 and 7x7
@@ -985,24 +1003,12 @@ mod tests {
             let g = geometry(case);
             let x = test_data(g.in_len(), 3);
             for (oy0, oy1) in bands(&g) {
-                let (k, wo) = (g.kh, g.wo());
-                let ld = (oy1 - oy0) * wo + 2;
+                let ld = (oy1 - oy0) * g.wo() + 2;
                 let mut col = vec![f32::NAN; g.k() * ld];
                 im2col(&x, &g, oy0, oy1, &mut col, ld);
-                for c in 0..2 {
-                    for i in 0..k {
-                        for j in 0..k {
-                            let r = (c * k + i) * k + j;
-                            for oy in oy0..oy1 {
-                                for ox in 0..wo {
-                                    let want = source(&g, oy, ox, i, j)
-                                        .map_or(0.0, |(iy, ix)| x[(c * g.h + iy) * g.w + ix]);
-                                    let got = col[r * ld + (oy - oy0) * wo + ox];
-                                    assert_eq!(got, want, "{g:?} row {r} at ({oy}, {ox})");
-                                }
-                            }
-                        }
-                    }
+                for (at, src) in entries(&g, oy0, oy1, ld) {
+                    let want = src.map_or(0.0, |s| x[s]);
+                    assert_eq!(col[at], want, "{g:?} band {oy0}..{oy1}, entry {at}");
                 }
             }
         }
@@ -1016,24 +1022,13 @@ mod tests {
         for case in &GEOMETRIES {
             let g = geometry(case);
             for (oy0, oy1) in bands(&g) {
-                let (k, wo) = (g.kh, g.wo());
-                let ld = (oy1 - oy0) * wo + 1;
+                let ld = (oy1 - oy0) * g.wo() + 1;
                 let dcol: Vec<f32> = (0..g.k() * ld).map(|v| (v % 7) as f32 - 3.0).collect();
                 let dx0: Vec<f32> = (0..g.in_len()).map(|v| (v % 5) as f32).collect();
                 let mut want = dx0.clone();
-                for c in 0..2 {
-                    for i in 0..k {
-                        for j in 0..k {
-                            let r = (c * k + i) * k + j;
-                            for oy in oy0..oy1 {
-                                for ox in 0..wo {
-                                    if let Some((iy, ix)) = source(&g, oy, ox, i, j) {
-                                        want[(c * g.h + iy) * g.w + ix] +=
-                                            dcol[r * ld + (oy - oy0) * wo + ox];
-                                    }
-                                }
-                            }
-                        }
+                for (at, dst) in entries(&g, oy0, oy1, ld) {
+                    if let Some(d) = dst {
+                        want[d] += dcol[at];
                     }
                 }
                 let mut dx = dx0.clone();
