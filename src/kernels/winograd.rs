@@ -157,25 +157,17 @@ pub fn transform_weights(
         (cout, cin)
     };
     let xis = tile.xis();
-    if rows * cols == 0 {
-        return Vec::new();
-    }
     // Row by row of `U` (`o` forward, `c` for the input gradient): the row's kernels gathered
     // tap by tap (`taps[t][s]`, turned 180° for the input gradient), transformed as runs over
     // `s` ([`transform_row`]), then each ξ plane gathers its rows as contiguous runs. Kernels
     // transformed one by one into `[kernel][ξ]` and regrouped plane by plane read that whole
     // array once per ξ, a cache line per value at F(4x4, 3x3)'s 36 (9.4 MB for 256 -> 256,
     // twice per step), and ran scalar.
-    //
-    // Both arrays are made by the workers that fill them: `vec![0.0; n]` zeroed 9.4 MB (and
-    // then `U`, 9.4 MB more) on the calling thread while the other worker waited, twice per
-    // 3x3 layer and step (`memset` in `perf`, 2026-12-06).
-    let by_row = super::buf::par_zeroed_with(
-        rows * xis * cols,
-        xis * cols,
-        (0..rows).into_par_iter(),
-        Vec::new,
-        |scratch, out, r| {
+    let mut by_row = vec![0.0f32; rows * xis * cols];
+    by_row
+        .par_chunks_mut(xis * cols)
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (r, out)| {
             scratch.resize(27 * cols, 0.0);
             let (taps, gk) = scratch.split_at_mut(9 * cols);
             for s in 0..cols {
@@ -187,21 +179,16 @@ pub fn transform_weights(
                 }
             }
             transform_row(taps, gk, cols, tile == Tile::F4, out);
-        },
-    );
-    let planes = vec![rows * cols; xis];
-    // SAFETY: plane `xi` is `rows` runs of `cols` values, each written from `by_row`.
-    unsafe {
-        super::buf::par_parts_uninit(
-            &planes,
-            || (),
-            |xi, plane: &mut [std::mem::MaybeUninit<f32>], _| {
-                for (r, dst) in plane.chunks_exact_mut(cols).enumerate() {
-                    dst.write_copy_of_slice(&by_row[(r * xis + xi) * cols..][..cols]);
-                }
-            },
-        )
-    }
+        });
+    let mut u = vec![0.0f32; xis * rows * cols];
+    u.par_chunks_mut(rows * cols)
+        .enumerate()
+        .for_each(|(xi, plane)| {
+            for (r, dst) in plane.chunks_exact_mut(cols).enumerate() {
+                dst.copy_from_slice(&by_row[(r * xis + xi) * cols..][..cols]);
+            }
+        });
+    u
 }
 
 /// `G g Gᵀ` for the `cols` kernels of one row of `U`: `taps[t · cols + s]` is tap `t` (row
