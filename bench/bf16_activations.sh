@@ -10,7 +10,7 @@ T=${2:-2}
 STEPS=${3:-4}
 cargo build --release --quiet
 BIN=target/release/convlab
-flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx512_bf16|amx_bf16' | xargs)
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | { grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16' || true; } | xargs)
 echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs ($flags), $T threads, $STEPS timed steps, commit $(git rev-parse --short HEAD)"
 echo
 echo "| workload | batch | round | f32 activations img/s | bf16 activations img/s | ratio | peak RSS f32 / bf16 activations MB |"

@@ -13,7 +13,7 @@ T=${1:-2}
 STEPS=${2:-8}
 source bench/setup.sh
 PY="$VENV/bin/python bench/pytorch_peer.py"
-flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx512_bf16|amx_bf16|amx_tile' | xargs)
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | { grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile' || true; } | xargs)
 echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs ($flags);" \
   "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), $T threads, $STEPS timed steps"
 echo

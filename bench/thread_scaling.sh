@@ -8,7 +8,7 @@ R=${1:-2}
 STEPS=${2:-3}
 cargo build --release --quiet
 BIN=target/release/convlab
-flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx512f|avx512_bf16|amx_bf16' | xargs)
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | { grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16' || true; } | xargs)
 echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs ($flags), $STEPS timed steps, commit $(git rev-parse --short HEAD)"
 echo
 echo "| workload | precision | round | 1 thread img/s | 2 threads img/s | scaling |"
