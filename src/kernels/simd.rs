@@ -123,10 +123,11 @@ dispatched! {
 /// `(Σ g_i, Σ g_i · (x_i - m) · s)` with `g = dy`, gated by `x · a + b > 0` when `relu`: batch
 /// norm's backward sums.
 ///
-/// On AVX-512 the [`LANES`] partial sums are one vector each, written out here: compiled from
-/// the generic loop, the ungated sums of bf16 rows ran as scalar code and the gated ones kept
-/// their sums on the stack (4.8% of a resnet50 bf16 training step at 224 px on Zen 4, the
-/// largest elementwise kernel). Same order of additions, so the same bits as the loop.
+/// On AVX-512 and AVX2 the [`LANES`] partial sums are written out as vectors
+/// ([`gated_sums_body`]): compiled from the generic loop, the ungated sums of bf16 rows ran as
+/// scalar code and the gated ones kept their sums on the stack (4.8% of a resnet50 bf16
+/// training step at 224 px on Zen 4, the largest elementwise kernel). Same order of
+/// additions, so the same bits as the loop.
 pub fn gated_sums<E: Act>(
     x: &[E],
     dy: &[E],
@@ -137,28 +138,123 @@ pub fn gated_sums<E: Act>(
     relu: bool,
 ) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
+    if let Some(body) = gated_sums_body::<E>() {
+        // SAFETY: `gated_sums_body` returns only a body whose features were detected.
+        return unsafe { gated_sums_by(body, x, dy, [a, b, m, s], relu) };
+    }
+    gated_sums_loop(x, dy, a, b, m, s, relu)
+}
+
+/// A written-out body of [`gated_sums`] over whole vectors of [`LANES`] values: `x`, `dy`
+/// (equally long, a multiple of [`LANES`]), `[a, b, m, s]`, `relu`.
+#[cfg(target_arch = "x86_64")]
+type GatedBody<E> = unsafe fn(&[E], &[E], [f32; 4], bool) -> (f32, f32);
+
+/// The fastest [`GatedBody`] this CPU runs: AVX-512, else AVX2. With AVX2 the generic loop
+/// kept its sixteen partial sums on the stack, as it did on AVX-512 before
+/// [`gated_sums_avx512`]: 7.5% of a resnet50 fp32 training step at 224 px, the largest
+/// elementwise kernel. Written out, samples in it 1225 / 1279 -> 299 / 379 of 16930 / 17484
+/// -> 16070 / 17027 in all (`perf record -F 499 convlab bench train --model resnet50 --input
+/// 3x224x224 --batch 16 --steps 3 --threads 2 --precision fp32`, two alternated runs each,
+/// AMD EPYC Zen 3, family 25 model 1, 2026-12-06).
+#[cfg(target_arch = "x86_64")]
+fn gated_sums_body<E: Act>() -> Option<GatedBody<E>> {
     if std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
     {
-        let n = x.len().min(dy.len());
-        let body = n / LANES * LANES;
-        // SAFETY: the features were detected just above; both rows hold `body` values.
-        let (u, v) = unsafe { gated_sums_avx512(&x[..body], &dy[..body], [a, b, m, s], relu) };
-        // The tail as `lane_sum2` adds it.
-        let gate = |x: f32, d: f32| if !relu || x * a + b > 0.0 { d } else { 0.0 };
-        let tail = |f: &dyn Fn(f32, f32) -> f32| -> f32 {
-            x[body..n]
-                .iter()
-                .zip(&dy[body..n])
-                .map(|(&x, &d)| f(x.to_f32(), d.to_f32()))
-                .sum()
-        };
-        let tu = tail(&|x, d| gate(x, d));
-        let tv = tail(&|x, d| gate(x, d) * (x - m) * s);
-        return (u + tu, v + tv);
+        Some(gated_sums_avx512::<E>)
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        Some(gated_sums_avx2::<E>)
+    } else {
+        None
     }
-    gated_sums_loop(x, dy, a, b, m, s, relu)
+}
+
+/// [`gated_sums`] with `body` over the whole vectors and the tail added as [`lane_sum2`]
+/// adds it.
+///
+/// # Safety
+/// The CPU has the features `body` is compiled for.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gated_sums_by<E: Act>(
+    body: GatedBody<E>,
+    x: &[E],
+    dy: &[E],
+    abms: [f32; 4],
+    relu: bool,
+) -> (f32, f32) {
+    let [a, b, m, s] = abms;
+    let n = x.len().min(dy.len());
+    let whole = n / LANES * LANES;
+    // SAFETY: the caller's features; both rows hold `whole` values, a multiple of LANES.
+    let (u, v) = unsafe { body(&x[..whole], &dy[..whole], abms, relu) };
+    let gate = |x: f32, d: f32| if !relu || x * a + b > 0.0 { d } else { 0.0 };
+    let tail = |f: &dyn Fn(f32, f32) -> f32| -> f32 {
+        x[whole..n]
+            .iter()
+            .zip(&dy[whole..n])
+            .map(|(&x, &d)| f(x.to_f32(), d.to_f32()))
+            .sum()
+    };
+    let tu = tail(&|x, d| gate(x, d));
+    let tv = tail(&|x, d| gate(x, d) * (x - m) * s);
+    (u + tu, v + tv)
+}
+
+/// [`gated_sums`]' body on AVX2: each of the [`LANES`] partial sums is a lane of two 8-lane
+/// vectors (lanes `0..8` and `8..16`), so the same additions in the same order as
+/// [`lane_sum2`].
+///
+/// # Safety
+/// The CPU has AVX2; `x` and `dy` are equally long, a multiple of [`LANES`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gated_sums_avx2<E: Act>(x: &[E], dy: &[E], abms: [f32; 4], relu: bool) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 16);
+    let [a, b, m, s] = abms.map(|v| _mm256_set1_ps(v));
+    let load = |v: &[E], i: usize| -> __m256 {
+        match (E::as_bf16_bits(v), E::as_f32s(v)) {
+            (Some(h), _) => {
+                // SAFETY: `i + 8 <= len`, checked by the slice index.
+                let h = unsafe { _mm_loadu_si128(h[i..i + 8].as_ptr().cast()) };
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            // SAFETY: as above.
+            (None, Some(f)) => unsafe { _mm256_loadu_ps(f[i..i + 8].as_ptr()) },
+            (None, None) => unreachable!("an activation is f32 or bf16"),
+        }
+    };
+    let zero = _mm256_setzero_ps();
+    let (mut su, mut sv) = ([zero; 2], [zero; 2]);
+    for i in (0..x.len()).step_by(LANES) {
+        for h in 0..2 {
+            let (xv, dv) = (load(x, i + 8 * h), load(dy, i + 8 * h));
+            let g = if relu {
+                // `x · a + b > 0` without a fused multiply-add, as the scalar expression; the
+                // mask keeps `dy` or gives +0.0, as the scalar `if`.
+                let pre = _mm256_add_ps(_mm256_mul_ps(xv, a), b);
+                _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(pre, zero), dv)
+            } else {
+                dv
+            };
+            su[h] = _mm256_add_ps(su[h], g);
+            sv[h] = _mm256_add_ps(
+                sv[h],
+                _mm256_mul_ps(_mm256_mul_ps(g, _mm256_sub_ps(xv, m)), s),
+            );
+        }
+    }
+    let (mut lu, mut lv) = ([0.0f32; LANES], [0.0f32; LANES]);
+    // SAFETY: each array holds 16 floats, two vectors of 8.
+    unsafe {
+        for h in 0..2 {
+            _mm256_storeu_ps(lu[8 * h..].as_mut_ptr(), su[h]);
+            _mm256_storeu_ps(lv[8 * h..].as_mut_ptr(), sv[h]);
+        }
+    }
+    (lu.iter().sum(), lv.iter().sum())
 }
 
 /// [`gated_sums`]' body: whole vectors of [`LANES`] values, each lane's sums in order, then
@@ -688,6 +784,43 @@ mod tests {
                     bits(gated_sums_loop(&xb, &dyb, a, b, m, s, r)),
                     "bf16, {n} values, relu {relu}"
                 );
+                // Each written-out body this CPU runs, not only the one `gated_sums` picks.
+                #[cfg(target_arch = "x86_64")]
+                for (name, ok) in [
+                    (
+                        "avx512",
+                        std::arch::is_x86_feature_detected!("avx512f")
+                            && std::arch::is_x86_feature_detected!("avx512bw")
+                            && std::arch::is_x86_feature_detected!("avx512vl"),
+                    ),
+                    ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+                ] {
+                    if !ok {
+                        continue;
+                    }
+                    let (body32, body16): (GatedBody<f32>, GatedBody<bf16>) = match name {
+                        "avx512" => (gated_sums_avx512::<f32>, gated_sums_avx512::<bf16>),
+                        _ => (gated_sums_avx2::<f32>, gated_sums_avx2::<bf16>),
+                    };
+                    let abms = [a, b, m, s];
+                    // SAFETY: the body's features were detected just above.
+                    let (got32, got16) = unsafe {
+                        (
+                            gated_sums_by(body32, &x, &dy, abms, r),
+                            gated_sums_by(body16, &xb, &dyb, abms, r),
+                        )
+                    };
+                    assert_eq!(
+                        bits(got32),
+                        bits(gated_sums_loop(&x, &dy, a, b, m, s, r)),
+                        "{name} f32, {n} values, relu {relu}"
+                    );
+                    assert_eq!(
+                        bits(got16),
+                        bits(gated_sums_loop(&xb, &dyb, a, b, m, s, r)),
+                        "{name} bf16, {n} values, relu {relu}"
+                    );
+                }
             }
         }
     }
