@@ -7,6 +7,9 @@
 # on the AMX tiles where the CPU has them (the `unit` column says which ran). PyTorch bf16 is
 # its autocast + channels-last (oneDNN, AMX where the CPU has it). PyTorch comes from a
 # throwaway venv (bench/setup.sh), never from convlab.
+# On a CPU without bf16 instructions (no avx512_bf16, no amx_bf16) convlab's bf16 computes in
+# fp32 and PyTorch's bf16 is emulated (4-40x slower than its fp32: 40 of the 48 minutes of this script
+# on a 2-core Zen 3), so the bf16 columns are skipped there ("-"); BF16=1 runs them anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-2}
@@ -14,6 +17,10 @@ STEPS=${2:-8}
 source bench/setup.sh
 PY="$VENV/bin/python bench/pytorch_peer.py"
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | { grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile' || true; } | xargs)
+case " $flags " in
+  *" avx512_bf16 "* | *" amx_bf16 "*) BF16=${BF16:-1} ;;
+  *) BF16=${BF16:-0} ;;
+esac
 echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs ($flags);" \
   "PyTorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), $T threads, $STEPS timed steps"
 echo
@@ -22,21 +29,25 @@ echo "|---|---|---|---|---|---|---|---|---|---|---|"
 while read -r what model size batch; do
   args=(bench "$what" --model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T" --json)
   c32=$($BIN "${args[@]}")
-  c16a=$(CONVLAB_AMX=0 $BIN "${args[@]}" --precision bf16)
-  c16=$($BIN "${args[@]}" --precision bf16)
   pargs=("$what" --model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T")
   p32=$($PY "${pargs[@]}")
-  p16=$($PY "${pargs[@]}" --precision bf16)
+  c16a=null c16=null p16=null
+  if [ "$BF16" = 1 ]; then
+    c16a=$(CONVLAB_AMX=0 $BIN "${args[@]}" --precision bf16)
+    c16=$($BIN "${args[@]}" --precision bf16)
+    p16=$($PY "${pargs[@]}" --precision bf16)
+  fi
   python3 - "$what $model $size px" "$batch" "$c32" "$p32" "$c16a" "$c16" "$p16" <<'PY'
 import json, sys
 name, b = sys.argv[1], sys.argv[2]
 c32, p32, c16a, c16, p16 = map(json.loads, sys.argv[3:8])
 ips = lambda r: r["images_per_sec"]
 train = name.startswith("train")
-rss = lambda c, p: f"{c['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f}" if train else "-"
+rss = lambda c, p: f"{c['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f}" if train and c else "-"
+bf16 = (f"{ips(c16a):.1f} | {ips(c16):.1f} ({c16['matrix_unit']}, {c16['activations']} activations) | "
+        f"{ips(p16):.1f} | {ips(c16) / ips(p16):.2f}x") if c16 else "- | - | - | -"
 print(f"| {name} | {b} | {ips(c32):.1f} | {ips(p32):.1f} | {ips(c32) / ips(p32):.2f}x | "
-      f"{ips(c16a):.1f} | {ips(c16):.1f} ({c16['matrix_unit']}, {c16['activations']} activations) | "
-      f"{ips(p16):.1f} | {ips(c16) / ips(p16):.2f}x | {rss(c32, p32)} | {rss(c16, p16)} |")
+      f"{bf16} | {rss(c32, p32)} | {rss(c16, p16)} |")
 PY
 done <<'EOF'
 train resnet18 128 32
