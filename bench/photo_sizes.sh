@@ -8,8 +8,8 @@
 # its autocast + channels-last (oneDNN, AMX where the CPU has it). PyTorch comes from a
 # throwaway venv (bench/setup.sh), never from convlab.
 # On a CPU without bf16 instructions (no avx512_bf16, no amx_bf16) convlab's bf16 computes in
-# fp32 and PyTorch's bf16 is emulated (4-40x slower than its fp32: 40 of the 48 minutes of this script
-# on a 2-core Zen 3), so the bf16 columns are skipped there ("-"); BF16=1 runs them anyway.
+# fp32 and PyTorch's bf16 is emulated (5-15x slower than its fp32; 40 of this script's 48
+# minutes on a 2-core Zen 3), so the bf16 columns are skipped there ("-"); BF16=1 runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-2}
