@@ -14,6 +14,10 @@ SIZE=${4:-224}
 B=${5:-16}
 STEPS=${6:-4}
 P=${7:-fp32}
+if [ ! -x "$OLD" ] || [ -d "$OLD" ]; then
+  echo "bench/before_after.sh: OLD_BIN '$OLD' is not an executable convlab binary" >&2
+  exit 2
+fi
 source bench/setup.sh
 args=(train --model "$MODEL" --input "3x${SIZE}x${SIZE}" --batch "$B" --steps "$STEPS" --threads 2)
 ips() { "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["images_per_sec"])'; }
