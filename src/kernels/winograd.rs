@@ -1017,7 +1017,7 @@ impl Bands {
 /// Scratch floats [`dy_transform`] needs.
 fn dy_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
     let m = tile.m();
-    let portable = (m + 2) * m * th * tw + 2 * m * tw;
+    let portable = (m + 2) * m * th * tw + m * m * th * tw + m * tw;
     portable.max(simd_scratch_len(tile, th, tw))
 }
 
@@ -1041,6 +1041,101 @@ fn a_adjoint<const M: usize>(y: [f32; M]) -> [f32; 6] {
     }
 }
 
+/// Disjoint runs `buf[starts[k] .. starts[k] + len)`, `starts` increasing by at least `len`:
+/// the several outputs of a flat transform loop, borrowed at once.
+#[inline(always)]
+fn runs_mut<const K: usize>(buf: &mut [f32], starts: [usize; K], len: usize) -> [&mut [f32]; K] {
+    let mut rest = buf;
+    let mut taken = 0;
+    starts.map(|start| {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - taken);
+        let (run, tail) = tail.split_at_mut(len);
+        rest = tail;
+        taken = start + len;
+        run
+    })
+}
+
+/// `q[at[j] + t] = row[M t + j]` for `j < M`, `t < tw`: the `M` column phases of a row of
+/// `tw` blocks of `M` values. Four blocks at a time by SSE shuffles on x86_64 (baseline
+/// there), one value at a time elsewhere and for the last `tw mod 4` blocks.
+#[inline(always)]
+fn phase_columns<const M: usize>(row: &[f32], tw: usize, q: &mut [f32], at: [usize; M]) {
+    assert!(row.len() >= M * tw, "a row of {tw} blocks of {M}");
+    assert!(
+        at.iter().all(|&a| a + tw <= q.len()),
+        "{M} runs of {tw} in q"
+    );
+    #[allow(unused_mut)]
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if M == 2 || M == 4 {
+        use std::arch::x86_64::*;
+        while t + 4 <= tw {
+            // SAFETY: the loads read row[M t .. M (t + 4)) and the stores write
+            // q[at[j] + t .. at[j] + t + 4), both in bounds by the asserts (t + 4 <= tw).
+            unsafe {
+                let p = row.as_ptr().add(M * t);
+                let q = q.as_mut_ptr();
+                let at: &[usize] = &at;
+                if M == 4 {
+                    // A 4x4 transpose: vector i holds block t + i.
+                    let r = [0, 1, 2, 3].map(|i| _mm_loadu_ps(p.add(4 * i)));
+                    let (lo01, hi01) = (_mm_unpacklo_ps(r[0], r[1]), _mm_unpackhi_ps(r[0], r[1]));
+                    let (lo23, hi23) = (_mm_unpacklo_ps(r[2], r[3]), _mm_unpackhi_ps(r[2], r[3]));
+                    _mm_storeu_ps(q.add(at[0] + t), _mm_movelh_ps(lo01, lo23));
+                    _mm_storeu_ps(q.add(at[1] + t), _mm_movehl_ps(lo23, lo01));
+                    _mm_storeu_ps(q.add(at[2] + t), _mm_movelh_ps(hi01, hi23));
+                    _mm_storeu_ps(q.add(at[3] + t), _mm_movehl_ps(hi23, hi01));
+                } else {
+                    // Even and odd values of eight.
+                    let (a, b) = (_mm_loadu_ps(p), _mm_loadu_ps(p.add(4)));
+                    _mm_storeu_ps(q.add(at[0] + t), _mm_shuffle_ps::<0b10_00_10_00>(a, b));
+                    _mm_storeu_ps(q.add(at[1] + t), _mm_shuffle_ps::<0b11_01_11_01>(a, b));
+                }
+            }
+            t += 4;
+        }
+    }
+    for t in t..tw {
+        for (j, &a) in at.iter().enumerate() {
+            q[a + t] = row[M * t + j];
+        }
+    }
+}
+
+/// `outs[b][x] = (A y)[b]` with `y[j] = ins[j][x]` ([`a_adjoint`]) for every `x` of runs of
+/// one length. Eight values at a time through fixed arrays, which the compiler keeps in
+/// vectors; indexed through the arrays of slices element by element, it kept every access's
+/// bounds check and ran one value at a time (`perf annotate`).
+#[inline(always)]
+fn flat_adjoint<const M: usize, const SIDE: usize>(ins: [&[f32]; M], mut outs: [&mut [f32]; SIDE]) {
+    const L: usize = 8;
+    let n = outs.first().map_or(0, |o| o.len());
+    assert!(ins.iter().all(|s| s.len() == n) && outs.iter().all(|o| o.len() == n));
+    let mut x = 0;
+    while x + L <= n {
+        let y: [[f32; L]; M] = std::array::from_fn(|j| ins[j][x..x + L].try_into().unwrap());
+        let mut v = [[0.0f32; L]; 6];
+        for l in 0..L {
+            let a = a_adjoint::<M>(std::array::from_fn(|j| y[j][l]));
+            for (vb, a) in v.iter_mut().zip(a) {
+                vb[l] = a;
+            }
+        }
+        for (out, v) in outs.iter_mut().zip(&v) {
+            out[x..x + L].copy_from_slice(v);
+        }
+        x += L;
+    }
+    for x in x..n {
+        let a = a_adjoint::<M>(std::array::from_fn(|j| ins[j][x]));
+        for (out, a) in outs.iter_mut().zip(a) {
+            out[x] = a;
+        }
+    }
+}
+
 dispatched! {
     /// `A dY Aᵀ` for every `m x m` block of one output channel's gradient (`ho x wo`, zero
     /// past the edges), written to `dm[ξ · plane_stride + t0 + ty · tw + tx]`: the adjoint
@@ -1059,7 +1154,7 @@ dispatched! {
         s: &mut [f32],
     ) {
         #[inline(always)]
-        fn run<const M: usize>(
+        fn run<const M: usize, const SIDE: usize>(
             dy: &[f32],
             ho: usize,
             wo: usize,
@@ -1069,46 +1164,42 @@ dispatched! {
             t0: usize,
             s: &mut [f32],
         ) {
-            let (side, n) = (M + 2, th * tw);
-            // The horizontal transform of output row `M·ty + i` of tile column tx, value b:
-            // s[(b · M + i) · n + ty · tw + tx]. Each row is copied zero-padded to `M · tw`
-            // columns and split into its `M` column phases, so the transform is a loop over
-            // tiles of contiguous runs (as in `input_transform`).
-            let (s, rest) = s.split_at_mut(side * M * n);
-            let (row, phases) = rest.split_at_mut(M * tw);
-            let phases = &mut phases[..M * tw];
+            let n = th * tw;
+            // Output row `M·ty + i`, zero-padded to `M · tw` columns, is split into its `M`
+            // column phases q[(j · M + i) · n + ty · tw + tx] ([`phase_columns`]), so that
+            // the horizontal transform of all rows of row phase `i` runs flat over the tiles,
+            // into h[(b · M + i) · n + t], and the vertical one flat again. Row by row, the
+            // horizontal loop of `tw` tiles (8 at 32 px) ran one value at a time.
+            let (h, rest) = s.split_at_mut(SIDE * M * n);
+            let (q, rest) = rest.split_at_mut(M * M * n);
+            let row = &mut rest[..M * tw];
             for oy in 0..M * th {
                 let (ty, i) = (oy / M, oy % M);
+                let at: [usize; M] = std::array::from_fn(|j| (j * M + i) * n + ty * tw);
                 if !padded_row(dy, [ho, wo], [0, 0], oy, row) {
-                    row.fill(0.0);
-                }
-                for (tx, q) in row.chunks_exact(M).enumerate() {
-                    for (j, &v) in q.iter().enumerate() {
-                        phases[j * tw + tx] = v;
+                    for a in at {
+                        q[a..][..tw].fill(0.0);
                     }
+                    continue;
                 }
-                for tx in 0..tw {
-                    let h = a_adjoint::<M>(std::array::from_fn(|j| phases[j * tw + tx]));
-                    for (b, &v) in h[..side].iter().enumerate() {
-                        s[(b * M + i) * n + ty * tw + tx] = v;
-                    }
-                }
+                phase_columns::<M>(row, tw, q, at);
             }
-            // The vertical transform, flat over tiles.
-            for b in 0..side {
-                let rows: [&[f32]; M] = std::array::from_fn(|i| &s[(b * M + i) * n..][..n]);
-                for t in 0..n {
-                    let v = a_adjoint::<M>(std::array::from_fn(|i| rows[i][t]));
-                    for (a, &value) in v[..side].iter().enumerate() {
-                        dm[(a * side + b) * plane_stride + t0 + t] = value;
-                    }
-                }
+            // `SIDE = M + 2` values of `A y`: F(2x2)'s last two of the six are zeros.
+            for i in 0..M {
+                let ins: [&[f32]; M] = std::array::from_fn(|j| &q[(j * M + i) * n..][..n]);
+                let outs: [_; SIDE] = runs_mut(h, std::array::from_fn(|b| (b * M + i) * n), n);
+                flat_adjoint(ins, outs);
+            }
+            for b in 0..SIDE {
+                let ins: [&[f32]; M] = std::array::from_fn(|i| &h[(b * M + i) * n..][..n]);
+                let starts = std::array::from_fn(|a| (a * SIDE + b) * plane_stride + t0);
+                flat_adjoint(ins, runs_mut::<SIDE>(dm, starts, n));
             }
         }
         if f4 {
-            run::<4>(dy, ho, wo, [th, tw], dm, plane_stride, t0, s)
+            run::<4, 6>(dy, ho, wo, [th, tw], dm, plane_stride, t0, s)
         } else {
-            run::<2>(dy, ho, wo, [th, tw], dm, plane_stride, t0, s)
+            run::<2, 4>(dy, ho, wo, [th, tw], dm, plane_stride, t0, s)
         }
     }
 }
@@ -1295,6 +1386,72 @@ mod tests {
         }
     }
     use crate::kernels::conv::{im2col_backward, im2col_forward, test_data as data};
+
+    /// Every block's `A dY Aᵀ`, one tile at a time as the definition reads (rows, then
+    /// columns, the same operations in the same order): the flat transform's bits, for rows
+    /// of 1 to 13 tiles (whole and ragged blocks of four for the shuffles), gradients cut
+    /// short of the tiles at the bottom and right, both variants; `dm` outside the tiles'
+    /// runs keeps its marker.
+    #[test]
+    fn dy_transform_is_the_blockwise_definition() {
+        fn blockwise<const M: usize>(
+            dy: &[f32],
+            [ho, wo, th, tw]: [usize; 4],
+            dm: &mut [f32],
+            ps: usize,
+            t0: usize,
+        ) {
+            let at = |y: usize, x: usize| {
+                if y < ho && x < wo {
+                    dy[y * wo + x]
+                } else {
+                    0.0
+                }
+            };
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let rows: [[f32; 6]; M] = std::array::from_fn(|i| {
+                        a_adjoint::<M>(std::array::from_fn(|j| at(M * ty + i, M * tx + j)))
+                    });
+                    for b in 0..M + 2 {
+                        let col = a_adjoint::<M>(std::array::from_fn(|i| rows[i][b]));
+                        for a in 0..M + 2 {
+                            dm[(a * (M + 2) + b) * ps + t0 + ty * tw + tx] = col[a];
+                        }
+                    }
+                }
+            }
+        }
+        for f4 in [false, true] {
+            let m = if f4 { 4 } else { 2 };
+            for (tw, th, cut) in [
+                (1, 1, 0),
+                (3, 2, 1),
+                (4, 3, 0),
+                (5, 2, 3),
+                (8, 4, 2),
+                (13, 3, 1),
+            ] {
+                let (ho, wo) = (m * th - cut.min(m - 1), m * tw - cut);
+                let dy = data(ho * wo, 7);
+                let (n, t0) = (th * tw, 3);
+                let ps = n + 5;
+                let side = m + 2;
+                let mut got = vec![-7.0; side * side * ps];
+                let mut want = got.clone();
+                let mut scratch =
+                    vec![1.0; dy_scratch_len(if f4 { Tile::F4 } else { Tile::F2 }, th, tw)];
+                dy_transform(f4, &dy, ho, wo, th, tw, &mut got, ps, t0, &mut scratch);
+                let dims = [ho, wo, th, tw];
+                if f4 {
+                    blockwise::<4>(&dy, dims, &mut want, ps, t0);
+                } else {
+                    blockwise::<2>(&dy, dims, &mut want, ps, t0);
+                }
+                assert_eq!(got, want, "F{m} {th}x{tw} tiles, {ho}x{wo}");
+            }
+        }
+    }
 
     fn geom(batch: usize, cin: usize, cout: usize, h: usize, w: usize, pad: usize) -> ConvGeom {
         ConvGeom {
