@@ -1387,6 +1387,91 @@ mod tests {
     }
     use crate::kernels::conv::{im2col_backward, im2col_forward, test_data as data};
 
+    /// Every tile's `Bᵀ d B`, one tile at a time as the definition reads (rows, then columns,
+    /// the same operations in the same order as the flat loops): their bits, both variants,
+    /// rows of 1 to 13 tiles, padding 0-2 left and above, tiles past the plane's bottom and
+    /// right; `v` outside the tiles' runs keeps its marker.
+    #[test]
+    fn input_transforms_are_the_tilewise_definition() {
+        fn b2([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+            [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+        }
+        for f4 in [false, true] {
+            let (m, side) = if f4 { (4, 6) } else { (2, 4) };
+            for (th, tw, h, w, pad, pad_top) in [
+                (1, 1, 3, 3, 1, 1),
+                (2, 3, 5, 6, 1, 0),
+                (3, 4, 7, 9, 2, 2),
+                (2, 5, 9, 11, 0, 1),
+                (3, 8, 12, 30, 1, 1),
+                (1, 13, 4, 50, 2, 0),
+            ] {
+                let plane = data(h * w, 9);
+                let at = |r: usize, c: usize| match (r.checked_sub(pad_top), c.checked_sub(pad)) {
+                    (Some(y), Some(x)) if y < h && x < w => plane[y * w + x],
+                    _ => 0.0,
+                };
+                let (n, t0) = (th * tw, 2);
+                let ps = n + 3;
+                let mut got = vec![-9.0; side * side * ps];
+                let mut want = got.clone();
+                let tile = if f4 { Tile::F4 } else { Tile::F2 };
+                let mut scratch = vec![1.0; scratch_len(tile, th, tw)];
+                let args = (h, w, pad, pad_top, th, tw);
+                if f4 {
+                    input_transform4(
+                        &plane,
+                        h,
+                        w,
+                        pad,
+                        pad_top,
+                        th,
+                        tw,
+                        &mut got,
+                        ps,
+                        t0,
+                        &mut scratch,
+                    );
+                } else {
+                    input_transform(
+                        &plane,
+                        h,
+                        w,
+                        pad,
+                        pad_top,
+                        th,
+                        tw,
+                        &mut got,
+                        ps,
+                        t0,
+                        &mut scratch,
+                    );
+                }
+                for ty in 0..th {
+                    for tx in 0..tw {
+                        let d = |i: usize, j: usize| at(m * ty + i, m * tx + j);
+                        let rows: Vec<Vec<f32>> = (0..side)
+                            .map(|i| match f4 {
+                                true => b4(std::array::from_fn(|j| d(i, j))).to_vec(),
+                                false => b2(std::array::from_fn(|j| d(i, j))).to_vec(),
+                            })
+                            .collect();
+                        for b in 0..side {
+                            let col: Vec<f32> = match f4 {
+                                true => b4(std::array::from_fn(|i| rows[i][b])).to_vec(),
+                                false => b2(std::array::from_fn(|i| rows[i][b])).to_vec(),
+                            };
+                            for (a, &v) in col.iter().enumerate() {
+                                want[(a * side + b) * ps + t0 + ty * tw + tx] = v;
+                            }
+                        }
+                    }
+                }
+                assert_eq!(got, want, "F{m} {args:?}");
+            }
+        }
+    }
+
     /// Every block's `A dY Aᵀ`, one tile at a time as the definition reads (rows, then
     /// columns, the same operations in the same order): the flat transform's bits, for rows
     /// of 1 to 13 tiles (whole and ragged blocks of four for the shuffles), gradients cut
