@@ -23,7 +23,8 @@
 //!   maps from 28 px;
 //! - forward: Winograd where it fits (F(4x4, 3x3) in f32 on maps from 16 px, else
 //!   F(2x2, 3x3): [`winograd_tile`]), except layers of fewer than 64 input
-//!   channels that the direct kernels take in bf16 or with AVX-512 tiles; else the direct
+//!   channels that the direct kernels take in bf16 or with AVX-512 tiles, and 512-channel
+//!   layers on 6-7 px maps on AVX-512 (measured on AVX2 only); else the direct
 //!   kernels where they fit and the CPU has AVX2 or AVX-512; else im2col + GEMM. In bf16 on
 //!   a CPU with AMX the direct kernels never run (the tiles make the GEMM faster);
 //! - input gradient: Winograd where the forward is Winograd, else direct where it fits with
@@ -121,8 +122,12 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     // with AMX, `conv_layers 2 bf16 bench-vgg 32 64` with and without this rule: forward
     // 4.5-6.2 ms vs 6.5-8.4 ms, backward 2.6-3.0 vs 4.8-5.1 ms).
     let direct = cpu.tiles != Tiles::None && direct::fits(g) && (fp32 || !cpu.amx);
-    let winograd =
-        winograd::fits(g) && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512));
+    // The 6-7 px maps [`winograd::fits`] admits for 512+ channels were measured against
+    // im2col on AVX2 only (numbers beside it); AVX-512's GEMM keeps them until timed there.
+    let small_map = g.ho() < 8 || g.wo() < 8;
+    let winograd = winograd::fits(g)
+        && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512))
+        && !(small_map && cpu.tiles == Tiles::Avx512);
     let forward = if pointwise(g, cpu) {
         Algo::Pointwise
     } else if stem(g, cpu) {

@@ -80,9 +80,18 @@ pub fn applies(g: &ConvGeom) -> bool {
 }
 
 /// The geometry F(2x2, 3x3) computes exactly and is worth it for: 3x3 stride 1, symmetric
-/// padding up to 2, 32+ channels in and out, outputs of 8x8 or more. Whether it runs is the
-/// kernel plan's call ([`super::plan::plan`]), which gives some of these layers to the direct
-/// kernels as measured above.
+/// padding up to 2, 32+ channels in and out, outputs of 8x8 or more, or of 6x6 or more with
+/// 512+ channels in and out. Whether it runs is the kernel plan's call
+/// ([`super::plan::plan`]), which gives some of these layers to the direct kernels as
+/// measured above.
+///
+/// At 7 px a 512-channel layer's F(2x2) tiles cover 64 outputs for 49 (2.25 x 49/64 = 1.7x
+/// fewer products), and its transforms cost per channel what the GEMMs save per channel
+/// pair. Against im2col, fp32, 2 threads, AMD EPYC Zen 3 (AVX2), 2026-12-06, three
+/// alternated runs (`bench/conv_layers_ab.sh OLD NEW 3 "7px 3x3/1" fp32 MODEL 224 BATCH`),
+/// median ms forward / weight gradient / input gradient: resnet18 at batch 32 60.5 / 48.6 /
+/// 61.5 -> 39.3 / 44.2 / 38.6, resnet50 at batch 16 23.3 / 36.5 / 30.9 -> 22.2 / 26.2 /
+/// 22.8. At 4 px (resnet18 at 128 px) it tied or lost (forward 14.1-14.6 -> 15.8-18.5 ms).
 pub fn fits(g: &ConvGeom) -> bool {
     g.kh == 3
         && g.kw == 3
@@ -91,8 +100,8 @@ pub fn fits(g: &ConvGeom) -> bool {
         && g.pad[0] <= 2
         && g.cin >= 32
         && g.cout >= 32
-        && g.ho() >= 8
-        && g.wo() >= 8
+        && ((g.ho() >= 8 && g.wo() >= 8)
+            || (g.cin >= 512 && g.cout >= 512 && g.ho() >= 6 && g.wo() >= 6))
 }
 
 /// Which of Lavin & Gray's algorithms a layer runs: F(2x2, 3x3) (4x4 input tiles, 16
@@ -939,8 +948,18 @@ impl Bands {
         let tiles = th * tw;
         // Bytes of transformed input and output per tile.
         let per_tile = tile.xis() * (g.cin + g.cout) * 4;
-        let (rows, group) = if tiles <= GROUP_TILES {
-            (th, (GROUP_TILES / tiles.max(1)).max(1))
+        // Each group's GEMMs read all of `U` too: where it is larger than a band (512 -> 512
+        // in F(2x2), 256 -> 256 and up in F(4x4)), groups of four times the tiles. fp32, 2
+        // threads, Zen 3, 2026-12-06, three alternated runs (`bench/conv_layers_ab.sh OLD NEW
+        // 3 "512->512" fp32 vgg16 224 8`), median ms forward / weight gradient / input
+        // gradient: 28 px (F(4x4), 49 tiles an image) 79.7 / 76.8 / 77.1 -> 67.6 / 69.7 /
+        // 67.0, 14 px (F(2x2), 49 tiles) 33.4 / 33.8 / 34.3 -> 30.7 / 30.3 / 29.5. Four times
+        // the tiles for every layer lost on 128 and 256 channels (resnet18 at 128 px: 128 ->
+        // 128 at 16 px forward 6.7 -> 8.5 ms, 256 -> 256 at 8 px 8.6 -> 10.4).
+        let wide = tile.xis() * g.cin * g.cout * 4 > BAND_BYTES;
+        let group_tiles = if wide { 4 * GROUP_TILES } else { GROUP_TILES };
+        let (rows, group) = if tiles <= group_tiles {
+            (th, (group_tiles / tiles.max(1)).max(1))
         } else if tiles * per_tile <= BAND_BYTES || tile.xis() * g.cin * g.cout * 4 > BAND_BYTES / 4
         {
             // Every band multiplies by all of `U`: for wide layers reading it once per band
