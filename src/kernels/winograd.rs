@@ -91,7 +91,7 @@ pub fn applies(g: &ConvGeom) -> bool {
 /// alternated runs (`bench/conv_layers_ab.sh OLD NEW 3 "7px 3x3/1" fp32 MODEL 224 BATCH`),
 /// median ms forward / weight gradient / input gradient: resnet18 at batch 32 60.5 / 48.6 /
 /// 61.5 -> 39.3 / 44.2 / 38.6, resnet50 at batch 16 23.3 / 36.5 / 30.9 -> 22.2 / 26.2 /
-/// 22.8. At 4 px (resnet18 at 128 px) it tied or lost (forward 14.1-14.6 -> 15.8-18.5 ms).
+/// 22.8. At 4 px (resnet18 at 128 px) it tied or lost (forward 14.1-17.0 -> 15.8-22.5 ms).
 pub fn fits(g: &ConvGeom) -> bool {
     g.kh == 3
         && g.kw == 3
