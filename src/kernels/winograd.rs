@@ -1437,50 +1437,51 @@ mod tests {
                 let tile = if f4 { Tile::F4 } else { Tile::F2 };
                 let mut scratch = vec![1.0; scratch_len(tile, th, tw)];
                 let args = (h, w, pad, pad_top, th, tw);
-                if f4 {
-                    input_transform4(
-                        &plane,
-                        h,
-                        w,
-                        pad,
-                        pad_top,
-                        th,
-                        tw,
-                        &mut got,
-                        ps,
-                        t0,
-                        &mut scratch,
-                    );
+                type Transform = fn(
+                    &[f32],
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    &mut [f32],
+                    usize,
+                    usize,
+                    &mut [f32],
+                );
+                let run: Transform = if f4 {
+                    input_transform4
                 } else {
-                    input_transform(
-                        &plane,
-                        h,
-                        w,
-                        pad,
-                        pad_top,
-                        th,
-                        tw,
-                        &mut got,
-                        ps,
-                        t0,
-                        &mut scratch,
-                    );
-                }
+                    input_transform
+                };
+                run(
+                    &plane,
+                    h,
+                    w,
+                    pad,
+                    pad_top,
+                    th,
+                    tw,
+                    &mut got,
+                    ps,
+                    t0,
+                    &mut scratch,
+                );
+                // `Bᵀ` of `side` values.
+                let bt = |d: &dyn Fn(usize) -> f32| -> Vec<f32> {
+                    match f4 {
+                        true => b4(std::array::from_fn(d)).to_vec(),
+                        false => b2(std::array::from_fn(d)).to_vec(),
+                    }
+                };
                 for ty in 0..th {
                     for tx in 0..tw {
-                        let d = |i: usize, j: usize| at(m * ty + i, m * tx + j);
                         let rows: Vec<Vec<f32>> = (0..side)
-                            .map(|i| match f4 {
-                                true => b4(std::array::from_fn(|j| d(i, j))).to_vec(),
-                                false => b2(std::array::from_fn(|j| d(i, j))).to_vec(),
-                            })
+                            .map(|i| bt(&|j| at(m * ty + i, m * tx + j)))
                             .collect();
                         for b in 0..side {
-                            let col: Vec<f32> = match f4 {
-                                true => b4(std::array::from_fn(|i| rows[i][b])).to_vec(),
-                                false => b2(std::array::from_fn(|i| rows[i][b])).to_vec(),
-                            };
-                            for (a, &v) in col.iter().enumerate() {
+                            for (a, v) in bt(&|i| rows[i][b]).into_iter().enumerate() {
                                 want[(a * side + b) * ps + t0 + ty * tw + tx] = v;
                             }
                         }
