@@ -518,6 +518,40 @@ fn a4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
     ]
 }
 
+/// `out[4t + k] = cols[k][at + t]` for every whole group of four in `out`: the four output
+/// columns of each F(4x4) tile interleaved into a row. Four tiles at a time by SSE 4x4
+/// transposes on x86_64 (baseline there), one tile at a time elsewhere and for the rest.
+#[inline(always)]
+fn interleave4(cols: [&[f32]; 4], at: usize, out: &mut [f32]) {
+    let tiles = out.len() / 4;
+    assert!(
+        cols.iter().all(|c| at + tiles <= c.len()),
+        "{tiles} tiles from {at}"
+    );
+    #[allow(unused_mut)]
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    while t + 4 <= tiles {
+        use std::arch::x86_64::*;
+        // SAFETY: the loads read cols[k][at + t .. at + t + 4) and the stores write
+        // out[4t .. 4t + 16), in bounds by the assert and `t + 4 <= tiles`.
+        unsafe {
+            let r = cols.map(|c| _mm_loadu_ps(c.as_ptr().add(at + t)));
+            let (lo01, hi01) = (_mm_unpacklo_ps(r[0], r[1]), _mm_unpackhi_ps(r[0], r[1]));
+            let (lo23, hi23) = (_mm_unpacklo_ps(r[2], r[3]), _mm_unpackhi_ps(r[2], r[3]));
+            let o = out.as_mut_ptr().add(4 * t);
+            _mm_storeu_ps(o, _mm_movelh_ps(lo01, lo23));
+            _mm_storeu_ps(o.add(4), _mm_movehl_ps(lo23, lo01));
+            _mm_storeu_ps(o.add(8), _mm_movelh_ps(hi01, hi23));
+            _mm_storeu_ps(o.add(12), _mm_movehl_ps(hi23, hi01));
+        }
+        t += 4;
+    }
+    for (t, o) in out.chunks_exact_mut(4).enumerate().skip(t) {
+        o.copy_from_slice(&cols.map(|c| c[at + t]));
+    }
+}
+
 /// `q[at[j] + t] = padded[4t + j]` for `j < 6`, `t < tw`: the six columns each tile of a
 /// padded row reads (F(4x4, 3x3)'s tiles are 6 wide, 4 apart). Four tiles at a time by 4x4
 /// transposes on x86_64 (SSE, which every x86_64 has), one value at a time elsewhere and for
@@ -703,9 +737,7 @@ dispatched! {
                 let at = ty * tw;
                 let row = &mut y[oy * wo..(oy + 1) * wo];
                 let (full, last) = row.split_at_mut(wo / 4 * 4);
-                for (tx, out) in full.chunks_exact_mut(4).enumerate() {
-                    out.copy_from_slice(&[y0[at + tx], y1[at + tx], y2[at + tx], y3[at + tx]]);
-                }
+                interleave4([y0, y1, y2, y3], at, full);
                 let tx = wo / 4;
                 for (k, out) in last.iter_mut().enumerate() {
                     *out = [&*y0, &*y1, &*y2, &*y3][k][at + tx];
@@ -1489,6 +1521,60 @@ mod tests {
                 }
                 assert_eq!(got, want, "F{m} {args:?}");
             }
+        }
+    }
+
+    /// Every F(4x4) tile's `Aᵀ m A` + bias, one tile at a time as the definition reads (the
+    /// same operations in the same order as the flat loops): their bits, rows of 1 to 13
+    /// tiles (whole and ragged groups of four for the transposes), outputs cut at the bottom
+    /// and right; nothing past the plane is written.
+    #[test]
+    fn output_transform4_is_the_tilewise_definition() {
+        for (th, tw, cut) in [
+            (1, 1, 1),
+            (2, 3, 0),
+            (2, 4, 2),
+            (3, 5, 3),
+            (2, 8, 1),
+            (2, 13, 0),
+        ] {
+            let (ho, wo) = (4 * th - cut.min(3), 4 * tw - cut);
+            let (n, t0) = (th * tw, 1);
+            let ps = n + 2;
+            let m = data(36 * ps, 11);
+            let bias = 0.25;
+            let mut got = vec![-5.0; ho * wo + 7];
+            let mut want = got.clone();
+            let mut scratch = vec![1.0; scratch_len(Tile::F4, th, tw)];
+            output_transform4(
+                &m,
+                ps,
+                t0,
+                th,
+                tw,
+                ho,
+                wo,
+                bias,
+                &mut got[..ho * wo],
+                &mut scratch,
+            );
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let at = |xi: usize| m[xi * ps + t0 + ty * tw + tx];
+                    let cols: [[f32; 4]; 6] =
+                        std::array::from_fn(|b| a4(std::array::from_fn(|a| at(6 * a + b))));
+                    for i in 0..4 {
+                        let row = a4(std::array::from_fn(|b| cols[b][i]));
+                        for (k, v) in row.into_iter().enumerate() {
+                            let (oy, ox) = (4 * ty + i, 4 * tx + k);
+                            if oy < ho && ox < wo {
+                                want[oy * wo + ox] = v + bias;
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(got, want, "{th}x{tw} tiles, {ho}x{wo}");
         }
     }
 
