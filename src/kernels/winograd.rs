@@ -1563,8 +1563,9 @@ mod tests {
                     let at = |xi: usize| m[xi * ps + t0 + ty * tw + tx];
                     let cols: [[f32; 4]; 6] =
                         std::array::from_fn(|b| a4(std::array::from_fn(|a| at(6 * a + b))));
-                    for i in 0..4 {
-                        let row = a4(std::array::from_fn(|b| cols[b][i]));
+                    let rows: [[f32; 4]; 4] =
+                        std::array::from_fn(|i| a4(std::array::from_fn(|b| cols[b][i])));
+                    for (i, row) in rows.into_iter().enumerate() {
                         for (k, v) in row.into_iter().enumerate() {
                             let (oy, ox) = (4 * ty + i, 4 * tx + k);
                             if oy < ho && ox < wo {
