@@ -20,6 +20,10 @@ if [ ! -d "$DATA" ]; then
   echo "bench/loader_e2e.sh: DATA '$DATA' is not a folder (unpack ../shared/data, see README.md)" >&2
   exit 2
 fi
+if [ "$N" -lt "$B" ]; then
+  echo "bench/loader_e2e.sh: IMAGES ($N) must be at least one batch ($B)" >&2
+  exit 2
+fi
 cargo build --release -q
 BIN=target/release/convlab
 classes=$(find "$DATA" -mindepth 1 -maxdepth 1 -type d | wc -l)

@@ -5,7 +5,7 @@ Run from a throwaway venv (pillow is not a convlab dependency):
 
     python3 -m venv /tmp/pv && /tmp/pv/bin/pip install pillow
     mkdir -p target/data && tar -xzf ../shared/data/flowers5-jpg.tar.gz -C target/data
-    cd target/data && /tmp/pv/bin/python ../../bench/make_varied_photos.py [DST PER_CLASS W0 W1 H0 H1]
+    cd target/data && /tmp/pv/bin/python ../../bench/make_varied_photos.py [DST [PER_CLASS W0 W1 H0 H1]]
 
 PER_CLASS photos per class (150), each resized to a random size in [W0, W1] x [H0, H1]
 ([40, 500] x [40, 400]); every 7th is greyscale and every 11th is saved as a CMYK JPEG.
@@ -21,6 +21,8 @@ from PIL import Image
 
 random.seed(0)
 args = sys.argv[1:]
+if len(args) not in (0, 1, 6):
+    sys.exit("usage: make_varied_photos.py [DST [PER_CLASS W0 W1 H0 H1]]")
 dst = args[0] if args else "flowers-varied"
 per_class, w0, w1, h0, h1 = map(int, args[1:6]) if len(args) > 1 else (150, 40, 500, 40, 400)
 src = "flowers"
