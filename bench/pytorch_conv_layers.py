@@ -1,24 +1,61 @@
-"""PyTorch's bf16 channels-last convolutions per layer, for convlab's `conv_layers` example to
-be read against: resnet18's 3x3 layers at 224 px, forward (no grad), weight gradient and input
-gradient (`aten.convolution_backward` with one output asked for), fastest of 7 after 3 warm-up
-calls, ms. Throwaway venv only (bench/setup.sh):
-    target/torchvenv/bin/python bench/pytorch_conv_layers.py [THREADS] [BATCH]
+"""PyTorch's convolutions per layer, for convlab's `conv_layers` example to be read against:
+every distinct convolution of a torchvision model (found by forward hooks on the model itself),
+forward (no grad), weight gradient and input gradient (`aten.convolution_backward` with one
+output asked for), fastest of 7 after 3 warm-up calls, ms. bf16 runs channels-last (what
+oneDNN's bf16 kernels want); fp32 runs PyTorch's default NCHW, as `bench/pytorch_peer.py`
+trains. Throwaway venv only (bench/setup.sh):
+    target/torchvenv/bin/python bench/pytorch_conv_layers.py [THREADS] [BATCH] [PRECISION] [MODEL] [SIZE] [ONLY]
+defaults: 2 threads, batch 32, bf16, resnet18, 224 px; ONLY keeps the layers whose description
+(`512->512 7px 3x3/1`, as `conv_layers` prints it) contains that text (default "3x3", the
+3x3 layers the first measurements used; "->" keeps them all).
 """
 import sys
 import time
 
 import torch
+import torchvision
 
-threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+args = sys.argv[1:]
+if len(args) > 6:
+    sys.exit(__doc__)
+threads = int(args[0]) if len(args) > 0 else 2
+batch = int(args[1]) if len(args) > 1 else 32
+precision = args[2] if len(args) > 2 else "bf16"
+name = args[3] if len(args) > 3 else "resnet18"
+size = int(args[4]) if len(args) > 4 else 224
+only = args[5] if len(args) > 5 else "3x3"
+if precision not in ("fp32", "bf16"):
+    sys.exit(f"PRECISION must be fp32 or bf16, not {precision!r}")
 torch.set_num_threads(threads)
-layers = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
-          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
-print(f"torch {torch.__version__}, {threads} threads, batch {batch}, bf16 channels-last")
-for cin, cout, h, s in layers:
-    cl = torch.channels_last
-    x = torch.randn(batch, cin, h, h).to(torch.bfloat16).to(memory_format=cl)
-    conv = torch.nn.Conv2d(cin, cout, 3, s, 1, bias=False).to(torch.bfloat16).to(memory_format=cl)
+dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+
+# Every distinct convolution, in the order the model first runs it, with how often it runs.
+model = getattr(torchvision.models, name)()
+layers, seen = [], {}
+def hook(conv, inputs, _output):
+    x = inputs[0]
+    key = (conv.in_channels, conv.out_channels, x.shape[2], conv.kernel_size[0], conv.stride[0],
+           conv.padding[0])
+    if key not in seen:
+        seen[key] = 0
+        layers.append(key)
+    seen[key] += 1
+for m in model.modules():
+    if isinstance(m, torch.nn.Conv2d):
+        m.register_forward_hook(hook)
+with torch.no_grad():
+    model(torch.zeros(1, 3, size, size))
+
+print(f"torch {torch.__version__}, {threads} threads, {name} at {size} px, batch {batch}, "
+      f"{precision}{' channels-last' if precision == 'bf16' else ' NCHW'}")
+total = [0.0, 0.0, 0.0]
+for cin, cout, h, k, s, p in layers:
+    desc = f"{cin}->{cout} {h}px {k}x{k}/{s}"
+    if only not in desc:
+        continue
+    x = torch.randn(batch, cin, h, h).to(dtype).to(memory_format=fmt)
+    conv = torch.nn.Conv2d(cin, cout, k, s, p, bias=False).to(dtype).to(memory_format=fmt)
     with torch.no_grad():
         g = torch.randn_like(conv(x))
 
@@ -28,7 +65,7 @@ for cin, cout, h, s in layers:
 
     def backward(mask):
         return lambda: torch.ops.aten.convolution_backward(
-            g, x, conv.weight, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, mask)
+            g, x, conv.weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
 
     res = []
     for f in (fwd, backward([False, True, False]), backward([True, False, False])):
@@ -40,4 +77,7 @@ for cin, cout, h, s in layers:
             f()
             ts.append(time.perf_counter() - t)
         res.append(min(ts) * 1e3)
-    print(f"{cin}->{cout} {h}px 3x3/{s}: fwd {res[0]:.1f} dW {res[1]:.1f} dx {res[2]:.1f} ms")
+    n = seen[(cin, cout, h, k, s, p)]
+    total = [t + n * r for t, r in zip(total, res)]
+    print(f"{desc} x{n}: fwd {res[0]:.1f} dW {res[1]:.1f} dx {res[2]:.1f} ms")
+print(f"total over all occurrences: fwd {total[0]:.1f} dW {total[1]:.1f} dx {total[2]:.1f} ms")
