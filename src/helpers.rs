@@ -8,18 +8,36 @@ use crate::error::{Error, Result};
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)
+    })
+}
+
+/// The temporary name [`write_atomic_with`] writes `path` under: hidden, beside it (so the
+/// rename stays on one file system), and per process.
+fn temporary(path: &Path) -> std::path::PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
+    dir.join(format!(
         ".{}.tmp-{}",
         path.file_name()
             .map(|s| s.to_string_lossy())
             .unwrap_or_default(),
         std::process::id()
-    ));
+    ))
+}
+
+/// Has `write` create and fill a temporary file beside `path`, then fsyncs it and renames it
+/// over `path`: a reader (or a resumed run after a kill) sees the old file or the new one,
+/// never part of one. On any error the temporary file is removed and `path` is untouched.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = temporary(path);
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        write(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = res {
@@ -27,6 +45,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// Makes `path` a second name of the complete file `from` (a hard link, atomically replacing
+/// `path`), or an atomic copy where the file system has no hard links. Because every write
+/// here replaces a file by renaming a new one over it, rewriting `from` later leaves `path`
+/// with the old contents: the two names share data only until one is written again.
+pub fn link_atomic(from: &Path, path: &Path) -> Result<()> {
+    let tmp = temporary(path);
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(from, &tmp).is_ok() {
+        return std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        });
+    }
+    write_atomic_with(path, |tmp| std::fs::copy(from, tmp).map(|_| ()))
 }
 
 /// Host copy of a tensor's values (row-major).
@@ -84,5 +118,43 @@ impl Stream {
             Stream::Augment { epoch, sample } => mix_seed(&[seed, epoch as u64, sample as u64]),
             Stream::Split { class } => mix_seed(&[seed, class as u64]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_linked_name_keeps_its_contents_when_the_first_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("last"), dir.path().join("best"));
+        write_atomic(&b, b"older best").unwrap();
+        write_atomic(&a, b"epoch 3").unwrap();
+        link_atomic(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"epoch 3");
+        // The next epoch rewrites `last` only; `best` keeps epoch 3.
+        write_atomic(&a, b"epoch 4").unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"epoch 4");
+        assert_eq!(std::fs::read(&b).unwrap(), b"epoch 3");
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn failed_writes_and_links_leave_the_old_file_and_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("best");
+        write_atomic(&p, b"kept").unwrap();
+        let e = write_atomic_with(&p, |tmp| {
+            std::fs::write(tmp, b"half")?;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("best"), "{e}");
+        let e = link_atomic(&dir.path().join("missing"), &p).unwrap_err();
+        assert!(e.to_string().contains("best"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"kept");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -140,13 +140,9 @@ pub fn run(a: ImportArgs) -> Result<()> {
             ("imported_from".to_string(), a.weights.display().to_string()),
             ("naming".to_string(), naming.as_str().to_string()),
         ]);
-        for which in ["best", "last"] {
-            convlab::train::checkpoint::save(
-                &run.checkpoint(which),
-                &[("model", &weights)],
-                meta.clone(),
-            )?;
-        }
+        // One file under both names (as the trainer keeps an epoch's checkpoints).
+        convlab::train::checkpoint::save(&run.checkpoint("best"), &[("model", &weights)], meta)?;
+        convlab::helpers::link_atomic(&run.checkpoint("best"), &run.checkpoint("last"))?;
         run.write_json(
             SUMMARY,
             &Summary {

@@ -473,14 +473,28 @@ fn end_epoch(
     }
     st.history.push(m.clone());
     run.write_metrics(&st.history)?;
-    let save = |which: &str| save_checkpoint(run, which, model, &st.opt, st.ema.as_ref(), &st.p);
+    // The epoch's checkpoints hold the same state: the first is written, the others are links
+    // to it (a VGG's checkpoint with its momentum is 1 GB). `last` comes last, so a run
+    // killed in between resumes from the previous epoch and writes them all again.
+    let mut written: Option<std::path::PathBuf> = None;
+    let mut keep = |which: &str| -> Result<()> {
+        let path = run.checkpoint(which);
+        match &written {
+            Some(first) => crate::helpers::link_atomic(first, &path),
+            None => {
+                save_checkpoint(run, which, model, &st.opt, st.ema.as_ref(), &st.p)?;
+                written = Some(path);
+                Ok(())
+            }
+        }
+    };
     if improved {
-        save("best")?;
+        keep("best")?;
     }
     if recipe.checkpoint_every > 0 && epoch.is_multiple_of(recipe.checkpoint_every) {
-        save(&format!("epoch-{epoch}"))?;
+        keep(&format!("epoch-{epoch}"))?;
     }
-    save("last")?;
+    keep("last")?;
     Ok(m)
 }
 
