@@ -1,7 +1,8 @@
 //! Times convlab's convolution kernels on every distinct convolution of a registered model (its
 //! layers from the model's own shape trace), with the algorithm the kernel plan picks for each
-//! product, after one core's arithmetic peak (f32 FMA, and bf16 `VDPBF16PS` and the AMX tile
-//! block where the CPU has them), and ranks the layers by their share of the time:
+//! product, after one core's arithmetic peak (f32 FMA on 16 lanes, or 8 without AVX-512, and
+//! bf16 `VDPBF16PS` and the AMX tile block where the CPU has them), and ranks the layers by
+//! their share of the time:
 //! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [MODEL] [SIZE] [BATCH]`
 //! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64). `CONV_LAYERS_ONLY=TEXT` times only
 //! the layers whose description (`512->512 4px 3x3/1`) contains `TEXT`; `CONV_LAYERS_REPEAT=
@@ -51,16 +52,42 @@ fn peaks() {
         }
         acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
     }
-    if !(std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("fma"))
-    {
-        return;
+    // The same on 8 lanes, for a CPU without AVX-512 (Zen 3): the ceiling of the AVX2 GEMM.
+    #[target_feature(enable = "avx2,fma")]
+    fn fma256() -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 12];
+        let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999));
+        for _ in 0..N {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        let sum = acc
+            .iter()
+            .fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+        // SAFETY: `lanes` holds the 8 floats the unaligned store writes.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        lanes.iter().sum()
     }
     let time = |f: &dyn Fn() -> f32, flops_per_op: f64| {
         let t = Instant::now();
         std::hint::black_box(f());
         (N * 12) as f64 * flops_per_op / t.elapsed().as_secs_f64() / 1e9
     };
+    if !(std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("fma"))
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA were detected just above.
+            println!(
+                "one core: f32 FMA (AVX2) {:.0} GFLOP/s",
+                time(&|| unsafe { fma256() }, 16.0)
+            );
+        }
+        return;
+    }
     // SAFETY: AVX-512 F and FMA were detected above, BF16 by `available()` before its use.
     println!(
         "one core: f32 FMA {:.0} GFLOP/s",
