@@ -37,7 +37,8 @@ pub fn write_atomic_with(
     let tmp = temporary(path);
     let res = (|| -> std::io::Result<()> {
         write(&tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        // Opened for writing: Windows flushes only a handle with write access.
+        std::fs::OpenOptions::new().write(true).open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = res {
