@@ -38,7 +38,10 @@ pub fn write_atomic_with(
     let res = (|| -> std::io::Result<()> {
         write(&tmp)?;
         // Opened for writing: Windows flushes only a handle with write access.
-        std::fs::OpenOptions::new().write(true).open(&tmp)?.sync_all()?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)?
+            .sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = res {
@@ -62,6 +65,37 @@ pub fn link_atomic(from: &Path, path: &Path) -> Result<()> {
         });
     }
     write_atomic_with(path, |tmp| std::fs::copy(from, tmp).map(|_| ()))
+}
+
+/// `values` as safetensors and PyTorch store them (little-endian): the buffer itself on a
+/// little-endian CPU, a converted copy elsewhere.
+pub fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        let width = std::mem::size_of::<T>();
+        let mut bytes = bytemuck::cast_slice::<T, u8>(values).to_vec();
+        bytes.chunks_mut(width).for_each(<[u8]>::reverse);
+        std::borrow::Cow::Owned(bytes)
+    }
+}
+
+/// Writes a safetensors file of `views` and `meta` to `path` atomically, streamed from the
+/// views' own buffers (`safetensors::serialize_to_file`): building the file in memory first had
+/// held three copies of every tensor at once, 3 GB more for a VGG checkpoint with its momentum.
+pub fn write_safetensors(
+    path: &Path,
+    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    meta: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        // The crate writes through a temporary file of its own, created 0600, and renames it
+        // to `tmp`; the file keeps the permissions a plain `File::create` gives (the user's
+        // umask), as every other file convlab writes.
+        let permissions = std::fs::File::create(tmp)?.metadata()?.permissions();
+        safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)?;
+        std::fs::set_permissions(tmp, permissions)
+    })
 }
 
 /// Host copy of a tensor's values (row-major).

@@ -125,7 +125,7 @@ fn write_sample(
         .convert::<f32>()
         .try_to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("logits: {e:?}"))?;
-    use convlab::interop::export::{ForeignDict, ForeignTensor, Values, safetensors_bytes};
+    use convlab::interop::export::{ForeignDict, ForeignTensor, Values, write_safetensors};
     let tensor = |shape: Vec<usize>, v: Vec<f32>| ForeignTensor {
         shape,
         values: Values::F32(v),
@@ -134,7 +134,7 @@ fn write_sample(
         ("input".to_string(), tensor(vec![2, c, h, w], x)),
         ("logits".to_string(), tensor(vec![2, k], logits)),
     ]);
-    convlab::run::write_atomic(path, &safetensors_bytes(&sd, &BTreeMap::new())?)?;
+    write_safetensors(path, &sd, &BTreeMap::new())?;
     Ok(())
 }
 

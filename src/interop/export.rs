@@ -127,16 +127,21 @@ pub fn state_dict(model: &Model, name: ModelName, naming: Naming) -> Result<Fore
     Ok(out)
 }
 
-fn raw(t: &ForeignTensor) -> Vec<u8> {
+fn raw(t: &ForeignTensor) -> std::borrow::Cow<'_, [u8]> {
     match &t.values {
-        Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Values::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Values::F32(v) => crate::helpers::le_bytes(v),
+        Values::I64(v) => crate::helpers::le_bytes(v),
     }
 }
 
-/// The bytes of a `.safetensors` file holding `sd`, with `meta` in its header.
-pub fn safetensors_bytes(sd: &ForeignDict, meta: &BTreeMap<String, String>) -> Result<Vec<u8>> {
-    let bytes: Vec<(&String, Vec<u8>, &ForeignTensor)> =
+/// Writes `sd` as a `.safetensors` file to `path` atomically, with `meta` in its header,
+/// streamed from the tensors' own buffers.
+pub fn write_safetensors(
+    path: &Path,
+    sd: &ForeignDict,
+    meta: &BTreeMap<String, String>,
+) -> Result<()> {
+    let bytes: Vec<(&String, std::borrow::Cow<'_, [u8]>, &ForeignTensor)> =
         sd.iter().map(|(k, t)| (k, raw(t), t)).collect();
     let views = bytes
         .iter()
@@ -150,10 +155,8 @@ pub fn safetensors_bytes(sd: &ForeignDict, meta: &BTreeMap<String, String>) -> R
             Ok(((*k).clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta: std::collections::HashMap<String, String> =
-        meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::Invalid(format!("cannot serialise safetensors: {e}")))
+    let meta = meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    crate::helpers::write_safetensors(path, views, meta)
 }
 
 /// A protocol-2 pickle writer for the few opcodes a state dict needs.
@@ -231,12 +234,13 @@ fn state_dict_pickle(sd: &ForeignDict) -> Vec<u8> {
     p.0
 }
 
-/// The bytes of a PyTorch zip `.pth` holding `sd`; `folder` is the records' top folder (torch
-/// reads any name; `torch.save` to a buffer writes `archive`).
-pub fn pth_bytes(sd: &ForeignDict, folder: &str) -> Result<Vec<u8>> {
+/// Writes a PyTorch zip `.pth` holding `sd` into `out`, each tensor's bytes from its own
+/// buffer; `folder` is the records' top folder (torch reads any name; `torch.save` to a buffer
+/// writes `archive`).
+pub fn write_pth<W: Write + std::io::Seek>(out: W, sd: &ForeignDict, folder: &str) -> Result<()> {
     use zip::write::SimpleFileOptions;
     let zerr = |e: zip::result::ZipError| Error::Invalid(format!("cannot write zip: {e}"));
-    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let mut z = zip::ZipWriter::new(out);
     let opts = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(false);
@@ -262,7 +266,7 @@ pub fn pth_bytes(sd: &ForeignDict, folder: &str) -> Result<Vec<u8>> {
     z.start_file(format!("{folder}/version"), opts)
         .map_err(zerr)?;
     z.write_all(b"3\n").map_err(io)?;
-    Ok(z.finish().map_err(zerr)?.into_inner())
+    z.finish().map_err(zerr)?.flush().map_err(io)
 }
 
 /// Writes `sd` to `path` atomically, as `.pth`/`.pt` or `.safetensors` by its extension.
@@ -276,17 +280,17 @@ pub fn write_state_dict(
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let bytes = match ext.as_str() {
-        "pth" | "pt" => pth_bytes(sd, "archive")?,
-        "safetensors" => safetensors_bytes(sd, meta)?,
-        _ => {
-            return Err(Error::Invalid(format!(
-                "{}: a state dict is written as .pth, .pt or .safetensors (by the extension)",
-                path.display()
-            )));
-        }
-    };
-    crate::helpers::write_atomic(path, &bytes)
+    match ext.as_str() {
+        "pth" | "pt" => crate::helpers::write_atomic_with(path, |tmp| {
+            let file = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+            write_pth(file, sd, "archive").map_err(|e| std::io::Error::other(e.to_string()))
+        }),
+        "safetensors" => write_safetensors(path, sd, meta),
+        _ => Err(Error::Invalid(format!(
+            "{}: a state dict is written as .pth, .pt or .safetensors (by the extension)",
+            path.display()
+        ))),
+    }
 }
 
 #[cfg(test)]

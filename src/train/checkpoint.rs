@@ -13,7 +13,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Error, Result};
-use crate::helpers::write_atomic_with;
+use crate::helpers::{le_bytes, write_safetensors};
 pub use crate::params::{
     HostTensor, TensorMap, load_matching, load_module, load_module_except, module_shapes,
     module_tensors,
@@ -25,12 +25,8 @@ pub use crate::params::{
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &str = "convlab_checkpoint_format";
 
-/// Writes tensor groups (`prefix/name` keys) and string metadata to `path` atomically.
-///
-/// The tensors' bytes go from their own buffers to the file (`serialize_to_file` streams the
-/// views): building the file in memory first had held three copies of every tensor at once
-/// (the values, their bytes, the serialised file), 3 GB more for a VGG checkpoint with its
-/// momentum.
+/// Writes tensor groups (`prefix/name` keys) and string metadata to `path` atomically, streamed
+/// from the tensors' own buffers ([`write_safetensors`]).
 pub fn save(
     path: &Path,
     groups: &[(&str, &TensorMap)],
@@ -50,24 +46,7 @@ pub fn save(
             (k.clone(), view)
         })
         .collect();
-    write_atomic_with(path, |tmp| {
-        // The crate writes through a temporary file of its own, created 0600, and renames it
-        // to `tmp`; the checkpoint keeps the permissions a plain `File::create` gives (the
-        // user's umask), as every other file of the run.
-        let permissions = std::fs::File::create(tmp)?.metadata()?.permissions();
-        safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)?;
-        std::fs::set_permissions(tmp, permissions)
-    })
-}
-
-/// `values` as safetensors stores them (little-endian f32): the buffer itself on a
-/// little-endian CPU, a converted copy elsewhere.
-fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        Cow::Borrowed(bytemuck::cast_slice(values))
-    } else {
-        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
+    write_safetensors(path, views, meta)
 }
 
 /// A loaded checkpoint: tensor groups by prefix, and metadata.
