@@ -35,6 +35,10 @@ pub fn write_atomic_with(
     write: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temporary(path);
+    // A temporary name left by a killed process with the same pid may be a hard link to a
+    // checkpoint ([`link_atomic`]); creating over it would truncate that checkpoint's data, so
+    // the name is unlinked first and `write` always starts a new file.
+    let _ = std::fs::remove_file(&tmp);
     let res = (|| -> std::io::Result<()> {
         write(&tmp)?;
         // Opened for writing: Windows flushes only a handle with write access.
@@ -82,7 +86,8 @@ pub fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> std::borrow::Cow<'_, [u8]> {
 
 /// Writes a safetensors file of `views` and `meta` to `path` atomically, streamed from the
 /// views' own buffers (`safetensors::serialize_to_file`): building the file in memory first had
-/// held three copies of every tensor at once, 3 GB more for a VGG checkpoint with its momentum.
+/// held two more copies of every tensor (their bytes and the serialised file), and a VGG-11
+/// run's peak memory went from 4.1 to 2.5 GB without them (BENCHMARKS.md "Saving a checkpoint").
 pub fn write_safetensors(
     path: &Path,
     views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
@@ -173,6 +178,20 @@ mod tests {
         assert_eq!(std::fs::read(&a).unwrap(), b"epoch 4");
         assert_eq!(std::fs::read(&b).unwrap(), b"epoch 3");
         // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_stale_temporary_link_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last, best) = (dir.path().join("last"), dir.path().join("best"));
+        write_atomic(&last, b"epoch 3").unwrap();
+        // What a process killed between link and rename leaves: `best`'s temporary name as a
+        // second name of `last`, under this pid.
+        std::fs::hard_link(&last, temporary(&best)).unwrap();
+        write_atomic(&best, b"epoch 4").unwrap();
+        assert_eq!(std::fs::read(&best).unwrap(), b"epoch 4");
+        assert_eq!(std::fs::read(&last).unwrap(), b"epoch 3");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
