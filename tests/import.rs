@@ -445,7 +445,7 @@ fn export_round_trips_and_refuses_bad_requests() {
                 .join(format!("again-{ext}.onnx.sample.safetensors")),
         );
         assert_eq!(got, want, "via .{ext}");
-        let graph = convlab::onnx::decode(&std::fs::read(&again).unwrap()).unwrap();
+        let graph = convlab::onnx::decode(std::fs::read(&again).unwrap()).unwrap();
         assert_eq!(graph.opset_import[0].version, 17);
     }
 

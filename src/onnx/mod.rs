@@ -201,14 +201,14 @@ impl Graph {
         format!("{hint}_{}", self.count)
     }
 
-    /// A float initializer named `name`.
-    pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+    /// A float initializer named `name`, holding `data` itself (no copy on little-endian CPUs).
+    pub fn weight(&mut self, name: &str, dims: &[usize], data: Vec<f32>) -> String {
         assert_eq!(dims.iter().product::<usize>(), data.len(), "{name}");
         self.inits.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
             data_type: data_type::FLOAT,
             name: name.into(),
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            raw_data: le_bytes_of(data),
         });
         name.to_string()
     }
@@ -218,14 +218,14 @@ impl Graph {
             dims: vec![data.len() as i64],
             data_type: data_type::INT64,
             name: name.into(),
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            raw_data: le_bytes_of(data.to_vec()),
         });
         name.to_string()
     }
 
     fn tensor_weight<const D: usize>(&mut self, name: &str, t: &Tensor<D>) -> String {
         if self.values {
-            self.weight(name, &t.dims(), &crate::helpers::host(t.clone()));
+            self.weight(name, &t.dims(), crate::helpers::host(t.clone()));
         }
         name.to_string()
     }
@@ -483,7 +483,7 @@ impl Graph {
         }
         let name = self.fresh("adaptive_pool_matrix");
         let mat = if self.values {
-            self.weight(&name, &[h * w, p * p], &m)
+            self.weight(&name, &[h * w, p * p], m)
         } else {
             name
         };
@@ -578,9 +578,27 @@ pub fn encode(m: &ModelProto) -> Vec<u8> {
     m.encode_to_vec()
 }
 
-/// Parses bytes written by [`encode`] (or any ONNX file using only these fields).
-pub fn decode(bytes: &[u8]) -> Result<ModelProto, prost::DecodeError> {
-    ModelProto::decode(bytes)
+/// Parses bytes written by [`encode`] (or any ONNX file using only these fields). The
+/// initializers' `raw_data` are slices of `bytes` (pass the `Vec` itself, not a copy).
+pub fn decode(bytes: impl Into<bytes::Bytes>) -> Result<ModelProto, prost::DecodeError> {
+    ModelProto::decode(bytes.into())
+}
+
+/// `values` as little-endian bytes, owned by the returned `Bytes`: on a little-endian CPU the
+/// vector's own buffer, viewed as bytes (a VGG's weights are 0.5 GB; copying them into a
+/// `Vec<u8>` had doubled an export's memory for a moment).
+fn le_bytes_of<T: bytemuck::Pod + Send + Sync>(values: Vec<T>) -> bytes::Bytes {
+    struct LeBytes<T>(Vec<T>);
+    impl<T: bytemuck::Pod> AsRef<[u8]> for LeBytes<T> {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+    if cfg!(target_endian = "little") {
+        bytes::Bytes::from_owner(LeBytes(values))
+    } else {
+        bytes::Bytes::from(crate::helpers::le_bytes(&values).into_owned())
+    }
 }
 
 #[cfg(test)]
@@ -618,7 +636,7 @@ mod tests {
         let y = g.relu(INPUT);
         let y = g.global_avg_pool(&y);
         let m = g.finish(&y, [3, 8, 8], 3, &[("k", "v".into())]);
-        let back = decode(&encode(&m)).unwrap();
+        let back = decode(encode(&m)).unwrap();
         assert_eq!(back, m);
         let graph = back.graph.unwrap();
         assert_eq!(graph.node.last().unwrap().output, vec![OUTPUT.to_string()]);

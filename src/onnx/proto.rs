@@ -105,9 +105,11 @@ pub struct TensorProto {
     pub data_type: i32,
     #[prost(string, tag = "8")]
     pub name: String,
-    /// Little-endian values, row-major.
-    #[prost(bytes = "vec", tag = "9")]
-    pub raw_data: Vec<u8>,
+    /// Little-endian values, row-major. `Bytes`, so that a graph decoded from a buffer slices
+    /// it instead of copying every tensor (twice, through prost's `Vec<u8>` adapter), and an
+    /// initializer holds the weights it was traced from without a byte copy.
+    #[prost(bytes = "bytes", tag = "9")]
+    pub raw_data: bytes::Bytes,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
