@@ -98,9 +98,41 @@ pub fn write_safetensors(
         // to `tmp`; the file keeps the permissions a plain `File::create` gives (the user's
         // umask), as every other file convlab writes.
         let permissions = std::fs::File::create(tmp)?.metadata()?.permissions();
+        let sorted: std::collections::BTreeMap<String, String> = meta.clone().into_iter().collect();
         safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)?;
+        sort_metadata(tmp, &sorted)?;
         std::fs::set_permissions(tmp, permissions)
     })
+}
+
+/// Rewrites the `__metadata__` object at the start of the safetensors header in `tmp` with its
+/// keys sorted. The crate writes the map in `HashMap` order, which changes from process to
+/// process, so saving the same run twice gave files that differed in their first bytes. The
+/// sorted object has the same entries, so the same length, and replaces the crate's in place;
+/// a header laid out otherwise (another crate version) is left as the crate wrote it.
+fn sort_metadata(
+    tmp: &Path,
+    meta: &std::collections::BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let sorted = serde_json::to_vec(meta)?;
+    let at = 8 + PREFIX.len();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp)?;
+    let mut head = vec![0u8; at + sorted.len()];
+    if f.read_exact(&mut head).is_err() || &head[8..at] != PREFIX {
+        return Ok(());
+    }
+    let written: Option<std::collections::BTreeMap<String, String>> =
+        serde_json::from_slice(&head[at..]).ok();
+    if written.as_ref() != Some(meta) {
+        return Ok(());
+    }
+    f.seek(SeekFrom::Start(at as u64))?;
+    f.write_all(&sorted)
 }
 
 /// Host copy of a tensor's values (row-major).

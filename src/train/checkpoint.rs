@@ -183,6 +183,25 @@ mod tests {
     }
 
     #[test]
+    fn the_same_state_gives_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = || -> HashMap<String, String> {
+            (0..12)
+                .map(|i| (format!("key{i}"), format!("value {i}")))
+                .collect()
+        };
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        save(&a, &[("model", &one())], meta()).unwrap();
+        // Another map of the same entries, built with other hash keys: another iteration order.
+        save(&b, &[("model", &one())], meta()).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let ck = load(&a).unwrap();
+        assert_eq!(ck.meta["key7"], "value 7");
+        assert_eq!(ck.meta.len(), 13);
+        assert_eq!(ck.group("model"), one());
+    }
+
+    #[test]
     fn format_version_is_written_checked_and_optional() {
         let dir = std::env::temp_dir().join(format!("convlab-ck-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
