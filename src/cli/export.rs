@@ -229,7 +229,9 @@ pub fn run(a: ExportArgs) -> Result<()> {
             ];
             let proto = model.to_onnx([c, size, size], &meta);
             let nodes = proto.graph.as_ref().map_or(0, |g| g.node.len());
-            convlab::run::write_atomic(&a.out, &convlab::onnx::encode(&proto))?;
+            convlab::helpers::write_atomic_with(&a.out, |tmp| {
+                convlab::onnx::write(&proto, std::fs::File::create(tmp)?)
+            })?;
             info.onnx = Some(OnnxInfo {
                 input: convlab::onnx::INPUT,
                 output: convlab::onnx::OUTPUT,

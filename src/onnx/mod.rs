@@ -578,6 +578,77 @@ pub fn encode(m: &ModelProto) -> Vec<u8> {
     m.encode_to_vec()
 }
 
+/// Writes a model to `out` as [`encode`] would, streamed through a 1 MB buffer: a VGG's graph
+/// holds 0.5 GB of initializers, and encoding it into one `Vec` first had held them twice.
+pub fn write(m: &ModelProto, out: impl std::io::Write) -> std::io::Result<()> {
+    write_chunked(m, out, 1 << 20)
+}
+
+fn write_chunked(m: &ModelProto, out: impl std::io::Write, chunk: usize) -> std::io::Result<()> {
+    let mut w = Chunked {
+        buf: Vec::with_capacity(chunk),
+        chunk,
+        out,
+        written: 0,
+        err: None,
+    };
+    m.encode(&mut w).map_err(std::io::Error::other)?;
+    w.flush();
+    w.err.map_or(Ok(()), Err)
+}
+
+/// A [`bytes::BufMut`] that hands its bytes to a writer whenever `chunk` of them have gathered.
+/// `BufMut` cannot fail, so the first write error is kept (and later bytes dropped) for
+/// [`write_chunked`] to return.
+struct Chunked<W> {
+    buf: Vec<u8>,
+    chunk: usize,
+    out: W,
+    written: usize,
+    err: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> Chunked<W> {
+    fn flush(&mut self) {
+        if self.err.is_none()
+            && let Err(e) = self.out.write_all(&self.buf)
+        {
+            self.err = Some(e);
+        }
+        self.written += self.buf.len();
+        self.buf.clear();
+    }
+}
+
+// SAFETY: every method delegates to the inner `Vec<u8>`'s own `BufMut`, whose contract holds:
+// `chunk_mut` is the vector's spare capacity (flushed, then at least `chunk` bytes, when full)
+// and `advance_mut` passes on the caller's promise that those bytes are now initialised; a
+// flush only empties the vector between calls. `remaining_mut` counts what was flushed too.
+unsafe impl<W: std::io::Write> bytes::BufMut for Chunked<W> {
+    fn remaining_mut(&self) -> usize {
+        (isize::MAX as usize) - self.written - self.buf.len()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller initialised `cnt` bytes of the slice `chunk_mut` returned, which
+        // is the vector's spare capacity.
+        unsafe { self.buf.advance_mut(cnt) };
+        if self.buf.len() >= self.chunk {
+            self.flush();
+        }
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.buf.len() >= self.chunk {
+            self.flush();
+        }
+        if self.buf.capacity() == self.buf.len() {
+            self.buf.reserve(self.chunk);
+        }
+        self.buf.chunk_mut()
+    }
+}
+
 /// Parses bytes written by [`encode`] (or any ONNX file using only these fields). The
 /// initializers' `raw_data` are slices of `bytes` (pass the `Vec` itself, not a copy).
 pub fn decode(bytes: impl Into<bytes::Bytes>) -> Result<ModelProto, prost::DecodeError> {
@@ -628,6 +699,33 @@ mod tests {
         let third = 1.0 / 3.0;
         assert_eq!(col(3), vec![0.0, third, third, third, 0.0]);
         assert_eq!(col(6), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn a_streamed_model_is_the_encoded_bytes() {
+        let mut g = Graph::new([3, 8, 8]);
+        g.weight("w", &[5, 7], (0..35).map(|v| v as f32 * 0.5).collect());
+        let y = g.relu(INPUT);
+        let m = g.finish(&y, [3, 8, 8], 3, &[("k", "v".into())]);
+        let want = encode(&m);
+        // Chunks smaller than a field, one byte, and larger than the whole model.
+        for chunk in [1, 7, 64, 1 << 20] {
+            let mut got = Vec::new();
+            write_chunked(&m, &mut got, chunk).unwrap();
+            assert_eq!(got, want, "chunk {chunk}");
+        }
+        // A failing writer's error comes back.
+        struct Full;
+        impl std::io::Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let e = write_chunked(&m, Full, 16).unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
     }
 
     #[test]
