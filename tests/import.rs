@@ -313,7 +313,7 @@ fn frozen_backbone_and_exact_resume() {
         out.contains("epoch 1: backbone frozen") && out.contains("epoch 2: every layer trains"),
         "{out}"
     );
-    let load = |p: PathBuf| convlab::train::checkpoint::load(&p).unwrap().group("model");
+    let load = |p: PathBuf| convlab::train::checkpoint::load(&p).unwrap().take("model");
     let before = load(src.join("checkpoints/best.safetensors"));
     let e1 = load(full.join("checkpoints/epoch-1.safetensors"));
     let e2 = load(full.join("checkpoints/epoch-2.safetensors"));

@@ -47,7 +47,7 @@ fn bench_and_trainer_share_the_step() {
     };
     let summary = pipeline::train(recipe(), &run, &opts, &device, &mut Quiet).unwrap();
     assert_eq!(summary.epochs, 1);
-    let trained = checkpoint::load(&run.checkpoint("last")).unwrap();
+    let mut trained = checkpoint::load(&run.checkpoint("last")).unwrap();
     let metrics = run.read_metrics().unwrap();
 
     // bench's step on the same batch, from the same initial weights and the same draws.
@@ -86,7 +86,7 @@ fn bench_and_trainer_share_the_step() {
         metrics[0].train_loss
     );
     let benched = checkpoint::module_tensors(&out.model.valid());
-    let saved = trained.group("model");
+    let saved = trained.take("model");
     assert_eq!(
         benched.keys().collect::<Vec<_>>(),
         saved.keys().collect::<Vec<_>>()

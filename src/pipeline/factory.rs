@@ -218,11 +218,11 @@ fn loader_with(
 /// averaged (EMA) weights when the run kept them, else its weights.
 pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -> Result<Model> {
     let path = run.checkpoint(which);
-    let ck = checkpoint::load(&path)?;
+    let mut ck = checkpoint::load(&path)?;
     let model = recipe.model.build(device)?;
-    let ema = ck.group("ema");
+    let ema = ck.take("ema");
     let group = if ema.is_empty() {
-        ck.group("model")
+        ck.take("model")
     } else {
         ema
     };

@@ -82,12 +82,12 @@ pub(crate) fn restore(
     device: &Device,
 ) -> Result<(Model, Progress, Vec<EpochMetrics>)> {
     let path = run.checkpoint("last");
-    let ck = checkpoint::load(&path)?;
+    let mut ck = checkpoint::load(&path)?;
     let model =
-        checkpoint::load_module(model, &ck.group("model"), &path, recipe.model.name.as_str())?;
-    sgd.load_state(&ck.group("optim"), device);
+        checkpoint::load_module(model, &ck.take("model"), &path, recipe.model.name.as_str())?;
+    sgd.load_state(&ck.take("optim"), device);
     if let Some(e) = ema {
-        e.load_state(&ck.group("ema"), device);
+        e.load_state(&ck.take("ema"), device);
     }
     // A damaged or foreign value must fail loudly: read as 0 it would silently restart the run
     // at epoch 0. Keys other than `epoch` may be absent in checkpoints of older versions.
@@ -183,9 +183,9 @@ pub(crate) fn apply_init_from(
         return Ok(model);
     };
     let from = RunDir::open(src)?;
-    let ck = checkpoint::load(&from.checkpoint("best"))?;
+    let mut ck = checkpoint::load(&from.checkpoint("best"))?;
     let total = module_tensors(&model.valid()).len();
-    let (model, copied) = checkpoint::load_matching(model, &ck.group("model"));
+    let (model, copied) = checkpoint::load_matching(model, &ck.take("model"));
     rep.message(&format!(
         "init_from {}: copied {} of {} tensors ({}); {} left as initialised",
         src.display(),
