@@ -226,5 +226,8 @@ pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -
     } else {
         ema
     };
+    // With EMA weights the raw ones (and the optimiser's state) are not needed: freed before
+    // the chosen group is copied into the model.
+    drop(ck);
     checkpoint::load_module(model, &group, &path, recipe.model.name.as_str())
 }
