@@ -135,6 +135,120 @@ fn sort_metadata(
     f.write_all(&sorted)
 }
 
+/// Largest safetensors header read (the `safetensors` crate's own limit): the length comes
+/// from the file, so it is bounded before anything of that size is allocated.
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// A safetensors file opened for reading one tensor at a time: the header is parsed and
+/// validated (by the `safetensors` crate's `Metadata`: offsets contiguous, sizes matching
+/// shapes and dtypes) and checked against the file's length, but no tensor is read until asked
+/// for. Reading the whole file first (`SafeTensors::deserialize` on a buffer) held every byte
+/// of it, the optimiser's state too, while the wanted weights were converted.
+pub struct SafetensorsFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// Where the tensor data starts: after the 8-byte length and the header.
+    data_start: u64,
+    meta: std::collections::HashMap<String, String>,
+    /// Every tensor, in file order.
+    tensors: Vec<(String, safetensors::tensor::TensorInfo)>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let bad = |reason: String| Error::BadData {
+            path: path.to_path_buf(),
+            reason: format!("not a readable safetensors file: {reason}"),
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|_| {
+            bad(format!(
+                "{len} bytes, shorter than the 8-byte header length"
+            ))
+        })?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_SAFETENSORS_HEADER || n > len.saturating_sub(8) {
+            return Err(bad(format!(
+                "header of {n} bytes in a file of {len} (at most {MAX_SAFETENSORS_HEADER})"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+        let data_start = 8 + n;
+        if data_start + metadata.data_len() as u64 != len {
+            return Err(bad(format!(
+                "the header describes {} bytes of tensors, the file holds {}",
+                metadata.data_len(),
+                len - data_start
+            )));
+        }
+        let mut tensors: Vec<_> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, info)| (k, info.clone()))
+            .collect();
+        tensors.sort_by_key(|(_, info)| info.data_offsets);
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            meta: metadata.metadata().clone().unwrap_or_default(),
+            tensors,
+        })
+    }
+
+    /// The `__metadata__` strings.
+    pub fn metadata(&self) -> &std::collections::HashMap<String, String> {
+        &self.meta
+    }
+
+    /// Every tensor's name and dtype, shape and offsets, in file order.
+    pub fn tensors(&self) -> &[(String, safetensors::tensor::TensorInfo)] {
+        &self.tensors
+    }
+
+    /// The little-endian bytes of one tensor, sized by the validated header.
+    pub fn read_bytes(&mut self, info: &safetensors::tensor::TensorInfo) -> Result<Vec<u8>> {
+        let (s, e) = info.data_offsets;
+        let mut out = vec![0u8; e - s];
+        self.read_into(s, &mut out)?;
+        Ok(out)
+    }
+
+    /// One `F32` tensor's values, read straight into the returned vector (no byte copy).
+    pub fn read_f32(&mut self, info: &safetensors::tensor::TensorInfo) -> Result<Vec<f32>> {
+        let (s, e) = info.data_offsets;
+        if info.dtype != safetensors::Dtype::F32 || (e - s) % 4 != 0 {
+            return Err(Error::BadData {
+                path: self.path.clone(),
+                reason: format!("a tensor is {:?}, expected F32", info.dtype),
+            });
+        }
+        let mut out = vec![0f32; (e - s) / 4];
+        self.read_into(s, bytemuck::cast_slice_mut(&mut out))?;
+        if cfg!(target_endian = "big") {
+            out.iter_mut()
+                .for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+        }
+        Ok(out)
+    }
+
+    fn read_into(&mut self, offset: usize, out: &mut [u8]) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = &self.path;
+        self.file
+            .seek(SeekFrom::Start(self.data_start + offset as u64))
+            .and_then(|_| self.file.read_exact(out))
+            .map_err(|e| Error::io(path, e))
+    }
+}
+
 /// Host copy of a tensor's values (row-major).
 pub fn host<const D: usize>(t: burn::prelude::Tensor<D>) -> Vec<f32> {
     t.into_data()
@@ -242,5 +356,60 @@ mod tests {
         assert!(e.to_string().contains("best"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"kept");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_safetensors_file_is_read_tensor_by_tensor_and_damage_is_named() {
+        use safetensors::{Dtype, tensor::TensorView};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.safetensors");
+        let (a, b) = ([1.5f32, -2.0, 3.25], [7u16, 9]);
+        let (ab, bb) = (le_bytes(&a), le_bytes(&b));
+        let views = vec![
+            (
+                "a".to_string(),
+                TensorView::new(Dtype::F32, vec![3, 1], &ab).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                TensorView::new(Dtype::BF16, vec![2], &bb).unwrap(),
+            ),
+        ];
+        let meta = std::collections::HashMap::from([("k".to_string(), "v".to_string())]);
+        write_safetensors(&p, views, meta).unwrap();
+        let mut f = SafetensorsFile::open(&p).unwrap();
+        assert_eq!(f.metadata()["k"], "v");
+        let infos = f.tensors().to_vec();
+        let names: Vec<&str> = infos.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        // Read out of file order: each read seeks to its own tensor.
+        assert_eq!(f.read_bytes(&infos[1].1).unwrap(), le_bytes(&b).to_vec());
+        assert_eq!(f.read_f32(&infos[0].1).unwrap(), a);
+        assert!(f.read_f32(&infos[1].1).is_err());
+
+        let full = std::fs::read(&p).unwrap();
+        let reason = |bytes: &[u8]| {
+            std::fs::write(&p, bytes).unwrap();
+            let e = SafetensorsFile::open(&p)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains("w.safetensors"), "{e}");
+            e
+        };
+        // Cut short, in the length, in the header, in the data; one byte too many.
+        assert!(reason(&full[..5]).contains("8-byte"));
+        assert!(reason(&full[..20]).contains("header of"));
+        assert!(reason(&full[..full.len() - 1]).contains("bytes of tensors"));
+        let mut long = full.clone();
+        long.push(0);
+        assert!(reason(&long).contains("bytes of tensors"));
+        // A header length of 2^63: refused before anything of that size is allocated.
+        let mut huge = full.clone();
+        huge[..8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+        assert!(reason(&huge).contains("at most"));
+        // Offsets that do not match the shapes.
+        let text = String::from_utf8_lossy(&full).replace("[3,1]", "[4,1]");
+        reason(text.as_bytes());
     }
 }

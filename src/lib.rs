@@ -6,10 +6,11 @@
 //! - [`data`]: datasets (built-in Fashion-MNIST, ImageFolder, CIFAR, IDX), transforms, loader.
 //! - [`models`]: the model registry and families; [`layers`]: shared blocks.
 //! - [`train`]: recipe, optimiser, schedule, losses, checkpoints, the training loop.
-//! - [`eval`]: metrics and evaluation; [`run`]: the run folder.
+//! - [`eval`]: metrics and evaluation; [`run`]: the run folder; [`checkpoint`]: checkpoint files.
 //! - [`limits`]: the bounds on every user-given size, checked before allocating.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod eval;

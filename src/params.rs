@@ -271,7 +271,10 @@ pub fn module_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
 }
 
 struct Apply<'a> {
-    tensors: &'a TensorMap,
+    /// What is left to load: each tensor is moved into the module as it is loaded, so the host
+    /// copy and the module's tensor are never both whole (the loaded model's own 0.5 GB
+    /// beside a VGG's checkpoint, plus a copy of its largest tensor, before).
+    tensors: TensorMap,
     /// Copy only what matches (for `init_from`) instead of requiring every tensor.
     partial: bool,
     copied: Vec<String>,
@@ -285,8 +288,11 @@ impl TensorMapper for Apply<'_> {
         let key = site.path();
         match self.tensors.get(&key) {
             Some(h) if h.shape == tensor.dims().to_vec() => {
+                let h = self.tensors.remove(&key).expect("present");
                 self.copied.push(key);
-                h.to_tensor::<D>(&tensor.device())
+                let device = tensor.device();
+                drop(tensor);
+                Tensor::from_data(TensorData::new(h.data, h.shape), &device)
             }
             Some(h) => {
                 if !self.partial {
@@ -313,7 +319,7 @@ impl TensorMapper for Apply<'_> {
 /// and no checkpoint tensor may be left over; otherwise the error lists the first problems.
 pub fn load_module<M: Module>(
     module: M,
-    tensors: &TensorMap,
+    tensors: TensorMap,
     path: &Path,
     model: &str,
 ) -> Result<M> {
@@ -324,7 +330,7 @@ pub fn load_module<M: Module>(
 /// their values): an imported layout without GoogLeNet's auxiliary heads.
 pub fn load_module_except<M: Module>(
     module: M,
-    tensors: &TensorMap,
+    tensors: TensorMap,
     path: &Path,
     model: &str,
     optional: &dyn Fn(&str) -> bool,
@@ -337,11 +343,12 @@ pub fn load_module_except<M: Module>(
         optional,
     };
     let module = map(module, &mut a);
-    let extra: Vec<&String> = tensors.keys().filter(|k| !a.copied.contains(k)).collect();
-    if a.problems.is_empty() && !extra.is_empty() {
+    // Without other problems, whatever was not moved into the module is not in the model.
+    if a.problems.is_empty()
+        && let Some(extra) = a.tensors.keys().next()
+    {
         a.problems.push(format!(
-            "`{}` is in the checkpoint but not in the model",
-            extra[0]
+            "`{extra}` is in the checkpoint but not in the model"
         ));
     }
     if !a.problems.is_empty() {
@@ -385,7 +392,7 @@ pub fn load_matching<M: Module>(module: M, tensors: &TensorMap) -> (M, Vec<Strin
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut a = Apply {
-        tensors: &chosen,
+        tensors: chosen,
         partial: true,
         copied: Vec::new(),
         problems: Vec::new(),

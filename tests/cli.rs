@@ -404,6 +404,15 @@ fn stop_and_resume_equals_an_uninterrupted_run() {
     };
     assert_eq!(strip(&full), strip(&part));
     assert!(part.join("summary.json").exists());
+    // The run kept averaged (EMA) weights, which `eval` loads; the resumed run's are the same.
+    let eval = |run: &Path| {
+        ok(&convlab()
+            .args(["eval", "--json", "--run"])
+            .arg(run)
+            .output()
+            .unwrap())
+    };
+    assert_eq!(eval(&full), eval(&part));
     for e in 1..=3 {
         assert!(
             full.join(format!("checkpoints/epoch-{e}.safetensors"))

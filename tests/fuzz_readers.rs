@@ -284,10 +284,10 @@ fn checkpoints_and_run_folder_files_never_panic() {
     )
     .unwrap();
     // A real checkpoint of a tiny model.
-    let mut map = convlab::train::checkpoint::TensorMap::new();
+    let mut map = convlab::checkpoint::TensorMap::new();
     map.insert(
         "w".into(),
-        convlab::train::checkpoint::HostTensor {
+        convlab::checkpoint::HostTensor {
             shape: vec![2, 3],
             data: vec![0.5; 6],
         },
@@ -296,11 +296,15 @@ fn checkpoints_and_run_folder_files_never_panic() {
     let meta = [("epoch".to_string(), "1".to_string())]
         .into_iter()
         .collect();
-    convlab::train::checkpoint::save(&ck, &[("model", &map)], meta).unwrap();
+    convlab::checkpoint::save(&ck, &[("model", &map), ("ema", &map)], meta).unwrap();
     let base = std::fs::read(&ck).unwrap();
     fuzz("checkpoint", &base, 1500, |b| {
         std::fs::write(&ck, b).unwrap();
-        let _ = convlab::train::checkpoint::load(&ck);
+        let _ = convlab::checkpoint::load(&ck);
+        if let Ok(mut f) = convlab::checkpoint::open(&ck) {
+            let _ = f.read_weights();
+            let _ = f.read("optim");
+        }
     });
     let metrics = br#"{"epoch":1,"train_loss":2.0,"train_top1":0.1,"val_loss":2.0,"val_top1":0.1,"val_top5":0.5,"lr":0.1,"images_per_sec":100.0,"seconds":1.0,"peak_rss_mb":100.0,"images_skipped":0}
 "#;

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("kernels", 2),
     ("onnx", 2),
     ("params", 2),
+    ("checkpoint", 3),
     ("run", 2),
     ("layers", 3),
     ("models", 4),

@@ -141,7 +141,7 @@ pub fn run(a: ImportArgs) -> Result<()> {
             ("naming".to_string(), naming.as_str().to_string()),
         ]);
         // One file under both names (as the trainer keeps an epoch's checkpoints).
-        convlab::train::checkpoint::save(&run.checkpoint("best"), &[("model", &weights)], meta)?;
+        convlab::checkpoint::save(&run.checkpoint("best"), &[("model", &weights)], meta)?;
         convlab::helpers::link_atomic(&run.checkpoint("best"), &run.checkpoint("last"))?;
         run.write_json(
             SUMMARY,

@@ -17,9 +17,10 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 
+use crate::checkpoint::{self, HostTensor, TensorMap};
 use crate::error::{Error, Result};
+use crate::helpers::SafetensorsFile;
 use crate::models::{Model, ModelConfig};
-use crate::params::{self as checkpoint, HostTensor, TensorMap};
 pub use naming::Naming;
 
 /// ImageNet's per-channel mean and std (RGB, pixels in [0, 1]): what torchvision's and timm's
@@ -206,49 +207,41 @@ impl Float {
 }
 
 fn read_safetensors(path: &Path) -> Result<TensorMap> {
-    use safetensors::{Dtype, SafeTensors};
-    let bad = |reason: String| Error::BadData {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&raw)
-        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    use safetensors::Dtype;
+    let mut file = SafetensorsFile::open(path)?;
+    // A convlab checkpoint groups its tensors (`model/...`, `ema/...`): its weights are the
+    // ones `load_model` evaluates, read without the optimiser's state.
+    if file.tensors().iter().any(|(k, _)| k.starts_with("model/")) {
+        drop(file);
+        return checkpoint::open(path)?.read_weights();
+    }
+    let infos = file.tensors().to_vec();
     let mut out = TensorMap::new();
-    for (name, view) in st.tensors() {
-        let b = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => Float::F32.to_f32(b),
-            Dtype::F64 => Float::F64.to_f32(b),
-            Dtype::F16 => Float::F16.to_f32(b),
-            Dtype::BF16 => Float::Bf16.to_f32(b),
+    for (name, info) in infos {
+        let float = match info.dtype {
+            Dtype::F32 => Float::F32,
+            Dtype::F64 => Float::F64,
+            Dtype::F16 => Float::F16,
+            Dtype::BF16 => Float::Bf16,
             _ if name.ends_with("num_batches_tracked") => continue,
             d => {
-                return Err(bad(format!(
-                    "tensor `{name}` is {d:?}; weights must be floating point"
-                )));
+                return Err(Error::BadData {
+                    path: path.to_path_buf(),
+                    reason: format!("tensor `{name}` is {d:?}; weights must be floating point"),
+                });
             }
+        };
+        let data = match float {
+            Float::F32 => file.read_f32(&info)?,
+            _ => float.to_f32(&file.read_bytes(&info)?),
         };
         out.insert(
             name,
             HostTensor {
-                shape: view.shape().to_vec(),
+                shape: info.shape,
                 data,
             },
         );
-    }
-    // A convlab checkpoint groups its tensors (`model/...`, `ema/...`): the averaged weights
-    // when the run kept them, as `load_model` does.
-    if out.keys().any(|k| k.starts_with("model/")) {
-        let group = if out.keys().any(|k| k.starts_with("ema/")) {
-            "ema/"
-        } else {
-            "model/"
-        };
-        out = out
-            .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix(group).map(|s| (s.to_string(), v)))
-            .collect();
     }
     Ok(out)
 }
@@ -466,7 +459,7 @@ pub fn load_weights(
     // GoogLeNet's auxiliary heads are the only tensors a layout may lack; they keep their init.
     let optional = |key: &str| naming::foreign_key(cfg.name, naming, key).is_none();
     let mut model =
-        checkpoint::load_module_except(model, &map, &path, cfg.name.as_str(), &optional)?;
+        checkpoint::load_module_except(model, map, &path, cfg.name.as_str(), &optional)?;
     if k != cfg.num_classes {
         model = model.with_classes(cfg.num_classes, device);
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 
+use crate::checkpoint;
 use crate::data::norm::{self, NormStats};
 use crate::data::transforms::{Mode, View};
 use crate::data::{Cached, Dataset, Loader, LoaderConfig, Splits, Transform, open};
@@ -14,7 +15,6 @@ use crate::models::Model;
 use crate::recipe::RunRecipe;
 use crate::recipe::{Normalize, Recipe};
 use crate::run::RunDir;
-use crate::train::checkpoint;
 
 /// Opens the recipe's data and fills in what the recipe left to the data: class count,
 /// channels, input size, normalisation statistics.
@@ -218,16 +218,9 @@ fn loader_with(
 /// averaged (EMA) weights when the run kept them, else its weights.
 pub fn load_model(run: &RunDir, recipe: &Recipe, which: &str, device: &Device) -> Result<Model> {
     let path = run.checkpoint(which);
-    let mut ck = checkpoint::load(&path)?;
+    // Only the weights are read: not the optimiser's state, nor the raw weights beside the
+    // averaged ones.
+    let weights = checkpoint::open(&path)?.read_weights()?;
     let model = recipe.model.build(device)?;
-    let ema = ck.take("ema");
-    let group = if ema.is_empty() {
-        ck.take("model")
-    } else {
-        ema
-    };
-    // With EMA weights the raw ones (and the optimiser's state) are not needed: freed before
-    // the chosen group is copied into the model.
-    drop(ck);
-    checkpoint::load_module(model, &group, &path, recipe.model.name.as_str())
+    checkpoint::load_module(model, weights, &path, recipe.model.name.as_str())
 }

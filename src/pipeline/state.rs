@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 
 use super::trainer::Reporter;
+use crate::checkpoint::{self, module_tensors};
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::recipe::Recipe;
 use crate::run::{EpochMetrics, RunDir};
-use crate::train::checkpoint::{self, module_tensors};
 use crate::train::ema::Ema;
 use crate::train::optim::Optimizer;
 use crate::train::schedule::Plateau;
@@ -82,12 +82,13 @@ pub(crate) fn restore(
     device: &Device,
 ) -> Result<(Model, Progress, Vec<EpochMetrics>)> {
     let path = run.checkpoint("last");
-    let mut ck = checkpoint::load(&path)?;
+    // Group by group, so that one group's host copy is alive at a time.
+    let mut ck = checkpoint::open(&path)?;
     let model =
-        checkpoint::load_module(model, &ck.take("model"), &path, recipe.model.name.as_str())?;
-    sgd.load_state(&ck.take("optim"), device);
+        checkpoint::load_module(model, ck.read("model")?, &path, recipe.model.name.as_str())?;
+    sgd.load_state(&ck.read("optim")?, device);
     if let Some(e) = ema {
-        e.load_state(&ck.take("ema"), device);
+        e.load_state(&ck.read("ema")?, device);
     }
     // A damaged or foreign value must fail loudly: read as 0 it would silently restart the run
     // at epoch 0. Keys other than `epoch` may be absent in checkpoints of older versions.
@@ -97,7 +98,7 @@ pub(crate) fn restore(
         reason: format!("resume metadata `{k}`: {why}"),
     };
     let num = |k: &str, required: bool| -> Result<f64> {
-        match ck.meta.get(k) {
+        match ck.meta().get(k) {
             Some(v) => v
                 .parse::<f64>()
                 .ok()
@@ -117,7 +118,7 @@ pub(crate) fn restore(
         }
         Ok(x as usize)
     };
-    let plateau = match ck.meta.get("plateau") {
+    let plateau = match ck.meta().get("plateau") {
         Some(v) => serde_json::from_str(v).map_err(|e| bad("plateau", e.to_string()))?,
         None => Default::default(),
     };
@@ -183,9 +184,9 @@ pub(crate) fn apply_init_from(
         return Ok(model);
     };
     let from = RunDir::open(src)?;
-    let mut ck = checkpoint::load(&from.checkpoint("best"))?;
+    let weights = checkpoint::open(&from.checkpoint("best"))?.read("model")?;
     let total = module_tensors(&model.valid()).len();
-    let (model, copied) = checkpoint::load_matching(model, &ck.take("model"));
+    let (model, copied) = checkpoint::load_matching(model, &weights);
     rep.message(&format!(
         "init_from {}: copied {} of {} tensors ({}); {} left as initialised",
         src.display(),

@@ -14,6 +14,9 @@ use crate::params::{self, HostTensor, Site, TensorMap, TensorMapper, TensorVisit
 pub struct Ema {
     pub decay: f64,
     pub shadow: BTreeMap<String, Tensor<1>>,
+    /// Each averaged tensor's shape in the model: checkpoints store the averages as the model
+    /// holds them, so that a run's `ema` group loads into the model as its `model` group does.
+    pub shapes: BTreeMap<String, Vec<usize>>,
     /// Updates so far.
     pub updates: u64,
 }
@@ -25,9 +28,13 @@ struct Collect<'a> {
 impl TensorVisitor for Collect<'_> {
     fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>) {
         let t = param.val().inner();
+        let dims = t.dims();
         let n = t.shape().num_elements();
         let w = t.reshape([n]);
         let key = site.path();
+        if self.ema.shapes.get(&key).map(Vec::as_slice) != Some(&dims[..]) {
+            self.ema.shapes.insert(key.clone(), dims.to_vec());
+        }
         let d = self.ema.decay;
         let new = match self.ema.shadow.remove(&key) {
             Some(s) => s * d + w * (1.0 - d),
@@ -55,6 +62,7 @@ impl Ema {
         Ema {
             decay,
             shadow: BTreeMap::new(),
+            shapes: BTreeMap::new(),
             updates: 0,
         }
     }
@@ -76,17 +84,36 @@ impl Ema {
         )
     }
 
+    /// The averages in the model's shapes (for a checkpoint's `ema` group).
     pub fn state(&self) -> TensorMap {
         self.shadow
             .iter()
-            .map(|(k, t)| (k.clone(), HostTensor::from_tensor(t)))
+            .map(|(k, t)| {
+                let mut h = HostTensor::from_tensor(t);
+                if let Some(s) = self.shapes.get(k) {
+                    h.shape = s.clone();
+                }
+                (k.clone(), h)
+            })
             .collect()
     }
 
+    /// Restores [`Ema::state`], or the flattened averages that checkpoints held before
+    /// 2026-12-06.
     pub fn load_state(&mut self, state: &TensorMap, device: &Device) {
+        self.shapes = state
+            .iter()
+            .map(|(k, h)| (k.clone(), h.shape.clone()))
+            .collect();
         self.shadow = state
             .iter()
-            .map(|(k, h)| (k.clone(), h.to_tensor::<1>(device)))
+            .map(|(k, h)| {
+                let flat = HostTensor {
+                    shape: vec![h.data.len()],
+                    data: h.data.clone(),
+                };
+                (k.clone(), flat.to_tensor::<1>(device))
+            })
             .collect();
     }
 }
@@ -127,5 +154,35 @@ mod tests {
             assert!((v - 1.29).abs() < 1e-6, "{v}");
         }
         assert_eq!(weights(&l), vec![3.0, 3.0]);
+    }
+
+    #[test]
+    fn state_keeps_the_model_shapes_and_reloads_flat_or_shaped() {
+        let device = Device::flex();
+        let l = LinearConfig::new(3, 2).init(&device);
+        let mut ema = Ema::new(0.5);
+        ema.update(&l);
+        let state = ema.state();
+        let shapes: Vec<Vec<usize>> = state.values().map(|h| h.shape.clone()).collect();
+        // Burn's Linear: bias [out], weight [in, out].
+        assert_eq!(shapes, vec![vec![2], vec![3, 2]]);
+        // Older checkpoints held the averages flattened; both load to the same averages.
+        let flat: TensorMap = state
+            .iter()
+            .map(|(k, h)| {
+                let h = HostTensor {
+                    shape: vec![h.data.len()],
+                    data: h.data.clone(),
+                };
+                (k.clone(), h)
+            })
+            .collect();
+        for s in [&state, &flat] {
+            let mut back = Ema::new(0.5);
+            back.load_state(s, &device);
+            assert_eq!(weights(&back.apply(l.clone())), weights(&l));
+            back.update(&l);
+            assert_eq!(back.state(), state);
+        }
     }
 }

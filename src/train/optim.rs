@@ -293,8 +293,8 @@ mod tests {
     #[test]
     fn weight_decay_reaches_exactly_conv_and_linear_weights() {
         // Zero gradients, no momentum: a step changes exactly the decayed tensors (w -= lr*wd*w).
+        use crate::checkpoint::module_tensors;
         use crate::models::{ModelConfig, ModelName};
-        use crate::train::checkpoint::module_tensors;
         let device = Device::flex().autodiff();
         let model = ModelConfig::for_model(ModelName::ConvnetSmall, 10, 1)
             .build(&device)

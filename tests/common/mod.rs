@@ -233,7 +233,7 @@ pub fn formula_weights(model: Model) -> Model {
             (k, HostTensor { shape, data })
         })
         .collect();
-    load_module(model, &map, Path::new("formula"), "formula").unwrap()
+    load_module(model, map, Path::new("formula"), "formula").unwrap()
 }
 
 pub fn build(name: ModelName, classes: usize, size: usize) -> Model {

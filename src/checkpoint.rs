@@ -10,10 +10,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{
+    Dtype,
+    tensor::{TensorInfo, TensorView},
+};
 
 use crate::error::{Error, Result};
-use crate::helpers::{le_bytes, write_safetensors};
+use crate::helpers::{SafetensorsFile, le_bytes, write_safetensors};
 pub use crate::params::{
     HostTensor, TensorMap, load_matching, load_module, load_module_except, module_shapes,
     module_tensors,
@@ -63,16 +66,22 @@ impl Checkpoint {
     }
 }
 
-/// Reads a checkpoint written by [`save`].
-pub fn load(path: &Path) -> Result<Checkpoint> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+/// A checkpoint file opened with its header read and checked, whose tensor groups are read
+/// one at a time when asked for: evaluating a run reads its weights only, not the optimiser's
+/// state or the other copy of the weights beside the averaged ones.
+pub struct CheckpointFile {
+    file: SafetensorsFile,
+}
+
+/// Opens a checkpoint written by [`save`]: a readable safetensors header, every tensor `F32`,
+/// and a format version this convlab reads.
+pub fn open(path: &Path) -> Result<CheckpointFile> {
+    let file = SafetensorsFile::open(path)?;
     let bad = |reason: String| Error::BadData {
         path: path.to_path_buf(),
         reason: format!("not a readable checkpoint: {reason}"),
     };
-    let (_, metadata) = SafeTensors::read_metadata(&raw).map_err(|e| bad(e.to_string()))?;
-    let meta = metadata.metadata().clone().unwrap_or_default();
-    if let Some(v) = meta.get(FORMAT_KEY) {
+    if let Some(v) = file.metadata().get(FORMAT_KEY) {
         match v.parse::<u32>() {
             Ok(n) if n <= FORMAT_VERSION => {}
             Ok(n) => {
@@ -88,30 +97,102 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             }
         }
     }
-    let st = SafeTensors::deserialize(&raw).map_err(|e| bad(e.to_string()))?;
-    let mut groups: HashMap<String, TensorMap> = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(bad(format!(
-                "tensor `{name}` is {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let (prefix, key) = name.split_once('/').unwrap_or(("model", name.as_str()));
-        groups.entry(prefix.to_string()).or_default().insert(
-            key.to_string(),
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
+    if let Some((name, info)) = file.tensors().iter().find(|(_, i)| i.dtype != Dtype::F32) {
+        return Err(bad(format!(
+            "tensor `{name}` is {:?}, expected F32",
+            info.dtype
+        )));
     }
-    Ok(Checkpoint { groups, meta })
+    Ok(CheckpointFile { file })
+}
+
+/// The group and name of a stored tensor (`model/fc.weight`); keys without a group are the
+/// model's.
+fn split(name: &str) -> (&str, &str) {
+    name.split_once('/').unwrap_or(("model", name))
+}
+
+impl CheckpointFile {
+    pub fn meta(&self) -> &HashMap<String, String> {
+        self.file.metadata()
+    }
+
+    /// Whether the file holds tensors under `prefix`.
+    pub fn has(&self, prefix: &str) -> bool {
+        self.file
+            .tensors()
+            .iter()
+            .any(|(n, _)| split(n).0 == prefix)
+    }
+
+    /// The tensors under `prefix` (empty if there are none), read from the file now.
+    pub fn read(&mut self, prefix: &str) -> Result<TensorMap> {
+        let wanted: Vec<(String, TensorInfo)> = self
+            .file
+            .tensors()
+            .iter()
+            .filter(|(n, _)| split(n).0 == prefix)
+            .cloned()
+            .collect();
+        let mut out = TensorMap::new();
+        for (name, info) in wanted {
+            let data = self.file.read_f32(&info)?;
+            out.insert(
+                split(&name).1.to_string(),
+                HostTensor {
+                    shape: info.shape,
+                    data,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The weights a run is evaluated with: its averaged (EMA) weights when it kept them, else
+    /// its weights. Checkpoints before 2026-12-06 stored the averages flattened (`[n]`); such
+    /// a tensor takes the shape of the raw weight of the same name, as the model needs it.
+    pub fn read_weights(&mut self) -> Result<TensorMap> {
+        if !self.has("ema") {
+            return self.read("model");
+        }
+        let shapes: HashMap<String, Vec<usize>> = self
+            .file
+            .tensors()
+            .iter()
+            .filter(|(n, _)| split(n).0 == "model")
+            .map(|(n, i)| (split(n).1.to_string(), i.shape.clone()))
+            .collect();
+        let mut ema = self.read("ema")?;
+        for (k, t) in ema.iter_mut() {
+            if let Some(s) = shapes.get(k)
+                && t.shape.len() == 1
+                && s.iter().product::<usize>() == t.data.len()
+            {
+                t.shape = s.clone();
+            }
+        }
+        Ok(ema)
+    }
+}
+
+/// Reads every group of a checkpoint written by [`save`].
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let mut file = open(path)?;
+    let prefixes: std::collections::BTreeSet<String> = file
+        .file
+        .tensors()
+        .iter()
+        .map(|(n, _)| split(n).0.to_string())
+        .collect();
+    let mut groups: HashMap<String, TensorMap> = HashMap::new();
+    for p in prefixes {
+        let g = file.read(&p)?;
+        groups.insert(p, g);
+    }
+    Ok(Checkpoint {
+        groups,
+        meta: file.meta().clone(),
+    })
 }
 
 #[cfg(test)]
@@ -201,6 +282,58 @@ mod tests {
         assert_eq!(ck.meta["key7"], "value 7");
         assert_eq!(ck.meta.len(), 13);
         assert_eq!(ck.take("model"), one());
+    }
+
+    #[test]
+    fn weights_are_the_averages_when_kept_and_flattened_ones_take_the_model_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        let model = TensorMap::from([(
+            "fc.weight".to_string(),
+            HostTensor {
+                shape: vec![2, 2],
+                data: vec![1.0, 2.0, 3.0, 4.0],
+            },
+        )]);
+        let with = |shape: Vec<usize>| {
+            TensorMap::from([(
+                "fc.weight".to_string(),
+                HostTensor {
+                    shape,
+                    data: vec![5.0, 6.0, 7.0, 8.0],
+                },
+            )])
+        };
+        let optim = one();
+        save(
+            &path,
+            &[("model", &model), ("optim", &optim)],
+            HashMap::new(),
+        )
+        .unwrap();
+        let mut f = open(&path).unwrap();
+        assert!(f.has("optim") && !f.has("ema"));
+        assert_eq!(f.read_weights().unwrap(), model);
+        assert_eq!(f.read("optim").unwrap(), optim);
+        assert!(f.read("ema").unwrap().is_empty());
+        // Averages as written now, and flattened as before 2026-12-06: both in the model shape.
+        for ema in [with(vec![2, 2]), with(vec![4])] {
+            save(&path, &[("model", &model), ("ema", &ema)], HashMap::new()).unwrap();
+            assert_eq!(
+                open(&path).unwrap().read_weights().unwrap(),
+                with(vec![2, 2])
+            );
+        }
+        // A flat tensor of another size is left as it is, for the model to refuse by name.
+        let odd = TensorMap::from([(
+            "fc.weight".to_string(),
+            HostTensor {
+                shape: vec![3],
+                data: vec![0.0; 3],
+            },
+        )]);
+        save(&path, &[("model", &model), ("ema", &odd)], HashMap::new()).unwrap();
+        assert_eq!(open(&path).unwrap().read_weights().unwrap(), odd);
     }
 
     #[test]
