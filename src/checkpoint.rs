@@ -10,16 +10,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::{
-    Dtype,
-    tensor::{TensorInfo, TensorView},
-};
+use safetensors::{Dtype, tensor::TensorInfo};
 
 use crate::error::{Error, Result};
 use crate::helpers::{SafetensorsFile, le_bytes, write_safetensors};
 pub use crate::params::{
-    HostTensor, TensorMap, load_matching, load_module, load_module_except, module_shapes,
-    module_tensors,
+    DeviceMap, DeviceTensor, HostTensor, TensorMap, load_matching, load_module, load_module_except,
+    module_device_tensors, module_shapes, module_tensors,
 };
 
 /// The layout version written into every checkpoint's metadata (`convlab_checkpoint_format`).
@@ -28,28 +25,73 @@ pub use crate::params::{
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &str = "convlab_checkpoint_format";
 
+/// One tensor given to [`save_entries`]: host values, or a tensor still on its device, which
+/// is copied to the host only when the file reaches it.
+pub enum Entry<'a> {
+    Host(&'a HostTensor),
+    Device(&'a DeviceTensor),
+}
+
+/// The entries of `map` under `prefix/`.
+pub fn entries<'a>(prefix: &str, map: &'a TensorMap) -> Vec<(String, Entry<'a>)> {
+    map.iter()
+        .map(|(k, t)| (format!("{prefix}/{k}"), Entry::Host(t)))
+        .collect()
+}
+
+/// The entries of `map` under `prefix/`.
+pub fn device_entries<'a>(prefix: &str, map: &'a DeviceMap) -> Vec<(String, Entry<'a>)> {
+    map.iter()
+        .map(|(k, t)| (format!("{prefix}/{k}"), Entry::Device(t)))
+        .collect()
+}
+
+impl safetensors::View for Entry<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Entry::Host(t) => &t.shape,
+            Entry::Device(t) => &t.shape,
+        }
+    }
+
+    /// Called once per tensor, in file order, and dropped once written (the `safetensors`
+    /// crate's `serialize_to_file`): one device tensor's host copy is alive at a time.
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            Entry::Host(t) => le_bytes(&t.data),
+            Entry::Device(t) => Cow::Owned(t.le_bytes()),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        4 * self.shape().iter().product::<usize>()
+    }
+}
+
 /// Writes tensor groups (`prefix/name` keys) and string metadata to `path` atomically, streamed
 /// from the tensors' own buffers ([`write_safetensors`]).
 pub fn save(
     path: &Path,
     groups: &[(&str, &TensorMap)],
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let all = groups.iter().flat_map(|(p, m)| entries(p, m)).collect();
+    save_entries(path, all, meta)
+}
+
+/// [`save`] of entries on the host or on a device (a training run's model, optimiser state and
+/// averages): a VGG-16 run's checkpoint had held host copies of all three at once.
+pub fn save_entries(
+    path: &Path,
+    entries: Vec<(String, Entry<'_>)>,
     mut meta: HashMap<String, String>,
 ) -> Result<()> {
     meta.insert(FORMAT_KEY.into(), FORMAT_VERSION.to_string());
-    let tensors: Vec<(String, &HostTensor)> = groups
-        .iter()
-        .flat_map(|(prefix, map)| map.iter().map(move |(k, t)| (format!("{prefix}/{k}"), t)))
-        .collect();
-    let raw: Vec<Cow<'_, [u8]>> = tensors.iter().map(|(_, t)| le_bytes(&t.data)).collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .zip(&raw)
-        .map(|((k, t), raw)| {
-            let view = TensorView::new(Dtype::F32, t.shape.clone(), raw).expect("sizes agree");
-            (k.clone(), view)
-        })
-        .collect();
-    write_safetensors(path, views, meta)
+    write_safetensors(path, entries, meta)
 }
 
 /// A loaded checkpoint: tensor groups by prefix, and metadata.
@@ -348,7 +390,7 @@ mod tests {
         // A file from before the version was recorded (same layout) still loads.
         let raw: Vec<u8> = [1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let write = |meta: Option<HashMap<String, String>>| {
-            let view = TensorView::new(Dtype::F32, vec![2], &raw).unwrap();
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2], &raw).unwrap();
             let bytes = safetensors::serialize(vec![("model/fc.weight", view)], meta).unwrap();
             std::fs::write(&path, bytes).unwrap();
         };

@@ -88,9 +88,9 @@ pub fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> std::borrow::Cow<'_, [u8]> {
 /// views' own buffers (`safetensors::serialize_to_file`): building the file in memory first had
 /// held two more copies of every tensor (their bytes and the serialised file), and a VGG-11
 /// run's peak memory went from 4.1 to 2.5 GB without them (BENCHMARKS.md "Saving a checkpoint").
-pub fn write_safetensors(
+pub fn write_safetensors<V: safetensors::View>(
     path: &Path,
-    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    views: Vec<(String, V)>,
     meta: std::collections::HashMap<String, String>,
 ) -> Result<()> {
     write_atomic_with(path, |tmp| {

@@ -134,14 +134,15 @@ pub fn run(a: ImportArgs) -> Result<()> {
                 images: 0,
             },
         )?;
-        let weights = convlab::params::module_tensors(&loaded.model);
+        let weights = convlab::checkpoint::module_device_tensors(&loaded.model);
         let meta = std::collections::HashMap::from([
             ("epoch".to_string(), "0".to_string()),
             ("imported_from".to_string(), a.weights.display().to_string()),
             ("naming".to_string(), naming.as_str().to_string()),
         ]);
         // One file under both names (as the trainer keeps an epoch's checkpoints).
-        convlab::checkpoint::save(&run.checkpoint("best"), &[("model", &weights)], meta)?;
+        let entries = convlab::checkpoint::device_entries("model", &weights);
+        convlab::checkpoint::save_entries(&run.checkpoint("best"), entries, meta)?;
         convlab::helpers::link_atomic(&run.checkpoint("best"), &run.checkpoint("last"))?;
         run.write_json(
             SUMMARY,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::trainer::Reporter;
-use crate::checkpoint::{self, module_tensors};
+use crate::checkpoint::{self, device_entries, entries, module_device_tensors, module_tensors};
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::recipe::Recipe;
@@ -58,17 +58,14 @@ pub(crate) fn save_checkpoint(
             serde_json::to_string(&p.plateau).expect("serialisable"),
         ),
     ]);
-    let weights = module_tensors(&model.valid());
-    let averaged = ema.map(Ema::state).unwrap_or_default();
-    checkpoint::save(
-        &run.checkpoint(which),
-        &[
-            ("model", &weights),
-            ("optim", &sgd.state()),
-            ("ema", &averaged),
-        ],
-        meta,
-    )
+    let weights = module_device_tensors(&model.valid());
+    let (buffers, scalars) = sgd.device_state();
+    let averaged = ema.map(Ema::device_state).unwrap_or_default();
+    let mut all = device_entries("model", &weights);
+    all.extend(device_entries("optim", &buffers));
+    all.extend(entries("optim", &scalars));
+    all.extend(device_entries("ema", &averaged));
+    checkpoint::save_entries(&run.checkpoint(which), all, meta)
 }
 
 /// Restores model, optimiser, EMA and progress from `checkpoints/last`, and the metrics of the

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use burn::module::{Param, ParamId};
 use burn::prelude::*;
 
-use crate::params::{self, HostTensor, Site, TensorMap, TensorMapper, TensorVisitor};
+use crate::params::{
+    self, DeviceMap, DeviceTensor, HostTensor, Site, TensorMap, TensorMapper, TensorVisitor,
+};
 
 /// The averaged weights, by module path, flattened.
 pub struct Ema {
@@ -84,17 +86,27 @@ impl Ema {
         )
     }
 
-    /// The averages in the model's shapes (for a checkpoint's `ema` group).
-    pub fn state(&self) -> TensorMap {
+    /// The averages in the model's shapes, left on the device (a checkpoint's `ema` group).
+    pub fn device_state(&self) -> DeviceMap {
         self.shadow
             .iter()
             .map(|(k, t)| {
-                let mut h = HostTensor::from_tensor(t);
-                if let Some(s) = self.shapes.get(k) {
-                    h.shape = s.clone();
-                }
-                (k.clone(), h)
+                let shape = self
+                    .shapes
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_else(|| t.dims().to_vec());
+                let flat = t.clone();
+                (k.clone(), DeviceTensor { shape, flat })
             })
+            .collect()
+    }
+
+    /// [`Ema::device_state`] on the host.
+    pub fn state(&self) -> TensorMap {
+        self.device_state()
+            .iter()
+            .map(|(k, d)| (k.clone(), d.to_host()))
             .collect()
     }
 

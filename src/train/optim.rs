@@ -29,7 +29,9 @@ use burn::prelude::*;
 
 use crate::kernels::update::{AdamwStep, SgdStep};
 use crate::kernels::{adamw_step, sgd_step};
-use crate::params::{self, HostTensor, Role, Site, TensorMap, TensorMapper, TensorVisitor};
+use crate::params::{
+    self, DeviceMap, DeviceTensor, HostTensor, Role, Site, TensorMap, TensorMapper, TensorVisitor,
+};
 use serde::{Deserialize, Serialize};
 
 /// Optimiser kinds.
@@ -145,20 +147,25 @@ impl Optimizer {
         (params::map(module, &mut m), norm)
     }
 
-    /// Buffers and step count, for checkpoints.
-    pub fn state(&self) -> TensorMap {
-        let mut m: TensorMap = self
+    /// A checkpoint's `optim` group: the buffers (flat), left on the device, and the step
+    /// count on the host.
+    pub fn device_state(&self) -> (DeviceMap, TensorMap) {
+        let buffers = self
             .buffers
             .iter()
-            .map(|(k, t)| (k.clone(), HostTensor::from_tensor(t)))
+            .map(|(k, t)| (k.clone(), DeviceTensor::new(t.clone())))
             .collect();
-        m.insert(
-            "#steps".into(),
-            HostTensor {
-                shape: vec![1],
-                data: vec![self.steps as f32],
-            },
-        );
+        let steps = HostTensor {
+            shape: vec![1],
+            data: vec![self.steps as f32],
+        };
+        (buffers, TensorMap::from([("#steps".to_string(), steps)]))
+    }
+
+    /// [`Optimizer::device_state`] on the host.
+    pub fn state(&self) -> TensorMap {
+        let (buffers, mut m) = self.device_state();
+        m.extend(buffers.iter().map(|(k, d)| (k.clone(), d.to_host())));
         m
     }
 
