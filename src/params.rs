@@ -460,3 +460,21 @@ pub fn load_matching<M: Module>(module: M, tensors: &TensorMap) -> (M, Vec<Strin
     let module = map(module, &mut a);
     (module, a.copied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_tensor_is_written_as_its_host_values_across_slices() {
+        let device = Device::flex();
+        // Two slices and a ragged third, in a 3-D shape: the bytes are the row-major values.
+        let n = 5 * 419_431; // 2^21 + 3
+        let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let t = Tensor::<3>::from_data(TensorData::new(values.clone(), [n / 5, 5, 1]), &device);
+        let d = DeviceTensor::new(t);
+        assert_eq!(d.shape, vec![n / 5, 5, 1]);
+        assert_eq!(d.le_bytes(), crate::helpers::le_bytes(&values).to_vec());
+        assert_eq!(d.to_host().data, values);
+    }
+}

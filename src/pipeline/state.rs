@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use super::trainer::Reporter;
-use crate::checkpoint::{self, device_entries, entries, module_device_tensors, module_tensors};
+use crate::checkpoint::{
+    self, device_entries, entries, module_device_tensors, module_shapes, module_tensors,
+};
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::recipe::Recipe;
@@ -83,9 +85,17 @@ pub(crate) fn restore(
     let mut ck = checkpoint::open(&path)?;
     let model =
         checkpoint::load_module(model, ck.read("model")?, &path, recipe.model.name.as_str())?;
-    sgd.load_state(&ck.read("optim")?, device);
+    let shapes = module_shapes(&model);
+    let mismatch = |reason: String| Error::CheckpointMismatch {
+        path: path.clone(),
+        model: recipe.model.name.to_string(),
+        reason,
+    };
+    sgd.load_state(ck.read("optim")?, &shapes, device)
+        .map_err(mismatch)?;
     if let Some(e) = ema {
-        e.load_state(&ck.read("ema")?, device);
+        e.load_state(ck.read("ema")?, &shapes, device)
+            .map_err(mismatch)?;
     }
     // A damaged or foreign value must fail loudly: read as 0 it would silently restart the run
     // at epoch 0. Keys other than `epoch` may be absent in checkpoints of older versions.

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use burn::module::{Param, ParamId};
 use burn::prelude::*;
 
-use crate::params::{
-    self, DeviceMap, DeviceTensor, HostTensor, Site, TensorMap, TensorMapper, TensorVisitor,
-};
+use crate::params::{self, DeviceMap, DeviceTensor, Site, TensorMap, TensorMapper, TensorVisitor};
 
 /// The averaged weights, by module path, flattened.
 pub struct Ema {
@@ -111,28 +109,42 @@ impl Ema {
     }
 
     /// Restores [`Ema::state`], or the flattened averages that checkpoints held before
-    /// 2026-12-06.
-    pub fn load_state(&mut self, state: &TensorMap, device: &Device) {
-        self.shapes = state
-            .iter()
-            .map(|(k, h)| (k.clone(), h.shape.clone()))
-            .collect();
-        self.shadow = state
-            .iter()
-            .map(|(k, h)| {
-                let flat = HostTensor {
-                    shape: vec![h.data.len()],
-                    data: h.data.clone(),
-                };
-                (k.clone(), flat.to_tensor::<1>(device))
-            })
-            .collect();
+    /// 2026-12-06, moving the values. `shapes` are the model's tensors by path: an average for
+    /// a tensor the model lacks, or of another size, is refused by key.
+    pub fn load_state(
+        &mut self,
+        state: TensorMap,
+        shapes: &BTreeMap<String, Vec<usize>>,
+        device: &Device,
+    ) -> std::result::Result<(), String> {
+        let mut shadow = BTreeMap::new();
+        let mut kept = BTreeMap::new();
+        for (k, h) in state {
+            let Some(shape) = shapes.get(&k) else {
+                return Err(format!("EMA average `{k}` is for no tensor of the model"));
+            };
+            let n = h.data.len();
+            if shape.iter().product::<usize>() != n {
+                return Err(format!(
+                    "EMA average `{k}` has {n} values, the model's {shape:?}"
+                ));
+            }
+            shadow.insert(
+                k.clone(),
+                Tensor::from_data(TensorData::new(h.data, [n]), device),
+            );
+            kept.insert(k, shape.clone());
+        }
+        self.shadow = shadow;
+        self.shapes = kept;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::HostTensor;
     use burn::nn::{Linear, LinearConfig};
 
     fn weights(l: &Linear) -> Vec<f32> {
@@ -189,9 +201,10 @@ mod tests {
                 (k.clone(), h)
             })
             .collect();
+        let shapes = params::module_shapes(&l);
         for s in [&state, &flat] {
             let mut back = Ema::new(0.5);
-            back.load_state(s, &device);
+            back.load_state(s.clone(), &shapes, &device).unwrap();
             assert_eq!(weights(&back.apply(l.clone())), weights(&l));
             back.update(&l);
             assert_eq!(back.state(), state);

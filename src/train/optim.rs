@@ -169,14 +169,43 @@ impl Optimizer {
         m
     }
 
-    /// Restores what [`Self::state`] saved.
-    pub fn load_state(&mut self, state: &TensorMap, device: &Device) {
-        self.steps = state.get("#steps").map_or(0, |h| h.data[0] as u64);
-        self.buffers = state
-            .iter()
-            .filter(|(k, _)| *k != "#steps")
-            .map(|(k, h)| (k.clone(), h.to_tensor::<1>(device)))
-            .collect();
+    /// Restores what [`Self::state`] saved, moving the values. `shapes` are the model's
+    /// tensors by path: a buffer for a tensor the model lacks, or of another size, is refused
+    /// by key here rather than failing inside a later step.
+    pub fn load_state(
+        &mut self,
+        mut state: TensorMap,
+        shapes: &BTreeMap<String, Vec<usize>>,
+        device: &Device,
+    ) -> std::result::Result<(), String> {
+        let steps = state.remove("#steps").and_then(|h| h.data.first().copied());
+        // A float cast saturates: a damaged count reads as 0 or u64::MAX, never a panic.
+        self.steps = steps.map_or(0, |s| s as u64);
+        let mut buffers = BTreeMap::new();
+        for (k, h) in state {
+            // SGD keys its momentum by path; AdamW its moments by `m.` and `v.` + path.
+            let param = if shapes.contains_key(&k) {
+                k.as_str()
+            } else {
+                k.strip_prefix("m.")
+                    .or_else(|| k.strip_prefix("v."))
+                    .unwrap_or(&k)
+            };
+            let want = shapes.get(param).map(|s| s.iter().product::<usize>());
+            if want != Some(h.data.len()) {
+                return Err(match want {
+                    Some(n) => format!(
+                        "optimiser buffer `{k}` has {} values, the model's `{param}` {n}",
+                        h.data.len()
+                    ),
+                    None => format!("optimiser buffer `{k}` is for no tensor of the model"),
+                });
+            }
+            let n = h.data.len();
+            buffers.insert(k, Tensor::from_data(TensorData::new(h.data, [n]), device));
+        }
+        self.buffers = buffers;
+        Ok(())
     }
 }
 
@@ -347,6 +376,25 @@ mod tests {
             assert!((w - want).abs() < 1e-5, "{w} vs {want}");
         }
         assert_eq!(opt.state()["#steps"].data, vec![2.0]);
+        // The moments reload into a model of the same shapes, and are refused, by key, for
+        // one of other shapes (they would fail inside the next step).
+        let state = opt.state();
+        let mut back = Optimizer::new(opt.config.clone());
+        back.load_state(state.clone(), &params::module_shapes(&fc), &device)
+            .unwrap();
+        assert_eq!(back.state(), state);
+        let wide = LinearConfig::new(2, 1).with_bias(false).init(&device);
+        let e = back
+            .load_state(state.clone(), &params::module_shapes(&wide), &device)
+            .unwrap_err();
+        assert!(
+            e.contains("`m.weight` has 1 values") && e.contains("2"),
+            "{e}"
+        );
+        let e = back
+            .load_state(state, &BTreeMap::new(), &device)
+            .unwrap_err();
+        assert!(e.contains("is for no tensor"), "{e}");
     }
 
     #[test]
