@@ -178,9 +178,17 @@ impl Optimizer {
         shapes: &BTreeMap<String, Vec<usize>>,
         device: &Device,
     ) -> std::result::Result<(), String> {
-        let steps = state.remove("#steps").and_then(|h| h.data.first().copied());
-        // A float cast saturates: a damaged count reads as 0 or u64::MAX, never a panic.
-        self.steps = steps.map_or(0, |s| s as u64);
+        self.steps = match state.remove("#steps").map(|h| h.data) {
+            None => 0,
+            Some(v) if v.len() == 1 && v[0] >= 0.0 && v[0].is_finite() => v[0] as u64,
+            Some(v) => {
+                return Err(format!(
+                    "optimiser `#steps` holds {} values ({:?}...), not one count",
+                    v.len(),
+                    &v[..v.len().min(2)]
+                ));
+            }
+        };
         let mut buffers = BTreeMap::new();
         for (k, h) in state {
             // SGD keys its momentum by path; AdamW its moments by `m.` and `v.` + path.
@@ -395,6 +403,12 @@ mod tests {
             .load_state(state, &BTreeMap::new(), &device)
             .unwrap_err();
         assert!(e.contains("is for no tensor"), "{e}");
+        let mut damaged = opt.state();
+        damaged.get_mut("#steps").unwrap().data.clear();
+        let e = back
+            .load_state(damaged, &params::module_shapes(&fc), &device)
+            .unwrap_err();
+        assert!(e.contains("`#steps` holds 0 values"), "{e}");
     }
 
     #[test]
