@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::interop::Naming;
-use convlab::interop::export::{state_dict, write_state_dict};
+use convlab::interop::export::{into_state_dict, state_dict, write_state_dict};
 use convlab::pipeline::{load_model, norm_stats};
 use convlab::run::RunDir;
 use serde::Serialize;
@@ -219,7 +219,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
         source_run: run.path.display().to_string(),
         checkpoint: which.to_string(),
     };
-    let summary = match a.format {
+    // The model outlives the export only for `--sample` (a forward pass on a sample input).
+    let (summary, model) = match a.format {
         ExportFormat::Onnx => {
             let meta = [
                 ("convlab_model", name.to_string()),
@@ -238,7 +239,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 opset: convlab::onnx::OPSET,
                 batch: "dynamic (dim 0, `batch`)",
             });
-            format!("{nodes} nodes, opset {}", convlab::onnx::OPSET)
+            (
+                format!("{nodes} nodes, opset {}", convlab::onnx::OPSET),
+                Some(model),
+            )
         }
         f => {
             let naming = match f {
@@ -254,7 +258,15 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     run.path.display()
                 );
             }
-            let sd = state_dict(&model, name, naming)?;
+            let googlenet_aux = match &model {
+                convlab::models::Model::GoogLeNet(g) => Some(!g.aux.is_empty()),
+                _ => None,
+            };
+            let (sd, model) = if a.sample {
+                (state_dict(&model, name, naming)?, Some(model))
+            } else {
+                (into_state_dict(model, name, naming)?, None)
+            };
             let meta = BTreeMap::from([
                 ("convlab_model".to_string(), name.to_string()),
                 ("naming".to_string(), naming.as_str().to_string()),
@@ -263,8 +275,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
             if f == ExportFormat::Torchvision {
                 let mut kw =
                     BTreeMap::from([("num_classes".to_string(), serde_json::json!(classes.len()))]);
-                if let convlab::models::Model::GoogLeNet(g) = &model {
-                    kw.insert("aux_logits".into(), serde_json::json!(!g.aux.is_empty()));
+                if let Some(aux) = googlenet_aux {
+                    kw.insert("aux_logits".into(), serde_json::json!(aux));
                     kw.insert("init_weights".into(), serde_json::json!(false));
                 }
                 info.torchvision = Some(kw);
@@ -280,7 +292,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     ("in_chans".to_string(), serde_json::json!(c)),
                 ]));
             }
-            format!("{} tensors, {} naming", sd.len(), naming.as_str())
+            (
+                format!("{} tensors, {} naming", sd.len(), naming.as_str()),
+                model,
+            )
         }
     };
     let json_path = PathBuf::from(format!("{}.json", a.out.display()));
@@ -289,10 +304,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let mut side = || -> Result<()> {
         convlab::run::write_atomic(&json_path, text.as_bytes())
             .with_context(|| format!("{}", json_path.display()))?;
-        if a.sample {
+        if let (true, Some(model)) = (a.sample, &model) {
             let path = PathBuf::from(format!("{}.sample.safetensors", a.out.display()));
             written.push(path.clone());
-            write_sample(&path, &model, [c, size, size], &dev)?;
+            write_sample(&path, model, [c, size, size], &dev)?;
         }
         Ok(())
     };

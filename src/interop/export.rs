@@ -19,7 +19,7 @@ use safetensors::{Dtype, tensor::TensorView};
 use super::naming::{self, Naming};
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelName};
-use crate::params::{HostTensor, module_tensors};
+use crate::params::{HostTensor, TensorMap, into_module_tensors, module_tensors};
 
 /// One exported tensor's values.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,7 +100,17 @@ pub fn plan(
 
 /// The state dict of `model` (registered as `name`) in `naming`, as [`plan`] lays it out.
 pub fn state_dict(model: &Model, name: ModelName, naming: Naming) -> Result<ForeignDict> {
-    let mut tensors = module_tensors(model);
+    lay_out(module_tensors(model), name, naming)
+}
+
+/// [`state_dict`], consuming the model tensor by tensor ([`into_module_tensors`]): the peak is
+/// one copy of the weights, not the model and its state dict side by side. Only for a model
+/// nothing else holds: a clone shares its batch-norm running statistics.
+pub fn into_state_dict(model: Model, name: ModelName, naming: Naming) -> Result<ForeignDict> {
+    lay_out(into_module_tensors(model), name, naming)
+}
+
+fn lay_out(mut tensors: TensorMap, name: ModelName, naming: Naming) -> Result<ForeignDict> {
     let shapes = tensors
         .iter()
         .map(|(k, t)| (k.clone(), t.shape.clone()))
