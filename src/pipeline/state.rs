@@ -5,9 +5,7 @@
 use std::collections::HashMap;
 
 use super::trainer::Reporter;
-use crate::checkpoint::{
-    self, device_entries, entries, module_device_tensors, module_shapes, module_tensors,
-};
+use crate::checkpoint::{self, device_entries, entries, module_device_tensors, module_shapes};
 use crate::error::{Error, Result};
 use crate::models::Model;
 use crate::recipe::Recipe;
@@ -192,7 +190,7 @@ pub(crate) fn apply_init_from(
     };
     let from = RunDir::open(src)?;
     let weights = checkpoint::open(&from.checkpoint("best"))?.read("model")?;
-    let total = module_tensors(&model.valid()).len();
+    let total = module_shapes(&model).len();
     let (model, copied) = checkpoint::load_matching(model, &weights);
     rep.message(&format!(
         "init_from {}: copied {} of {} tensors ({}); {} left as initialised",
