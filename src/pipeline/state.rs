@@ -60,7 +60,8 @@ pub(crate) fn save_checkpoint(
     ]);
     let weights = module_device_tensors(&model.valid());
     let (buffers, scalars) = sgd.device_state();
-    let averaged = ema.map(Ema::device_state).unwrap_or_default();
+    let shapes = module_shapes(model);
+    let averaged = ema.map(|e| e.device_state(&shapes)).unwrap_or_default();
     let mut all = device_entries("model", &weights);
     all.extend(device_entries("optim", &buffers));
     all.extend(entries("optim", &scalars));

@@ -14,9 +14,6 @@ use crate::params::{self, DeviceMap, DeviceTensor, Site, TensorMap, TensorMapper
 pub struct Ema {
     pub decay: f64,
     pub shadow: BTreeMap<String, Tensor<1>>,
-    /// Each averaged tensor's shape in the model: checkpoints store the averages as the model
-    /// holds them, so that a run's `ema` group loads into the model as its `model` group does.
-    pub shapes: BTreeMap<String, Vec<usize>>,
     /// Updates so far.
     pub updates: u64,
 }
@@ -28,13 +25,9 @@ struct Collect<'a> {
 impl TensorVisitor for Collect<'_> {
     fn tensor<const D: usize>(&mut self, site: &Site, param: &Param<Tensor<D>>) {
         let t = param.val().inner();
-        let dims = t.dims();
         let n = t.shape().num_elements();
         let w = t.reshape([n]);
         let key = site.path();
-        if self.ema.shapes.get(&key).map(Vec::as_slice) != Some(&dims[..]) {
-            self.ema.shapes.insert(key.clone(), dims.to_vec());
-        }
         let d = self.ema.decay;
         let new = match self.ema.shadow.remove(&key) {
             Some(s) => s * d + w * (1.0 - d),
@@ -62,7 +55,6 @@ impl Ema {
         Ema {
             decay,
             shadow: BTreeMap::new(),
-            shapes: BTreeMap::new(),
             updates: 0,
         }
     }
@@ -84,16 +76,14 @@ impl Ema {
         )
     }
 
-    /// The averages in the model's shapes, left on the device (a checkpoint's `ema` group).
-    pub fn device_state(&self) -> DeviceMap {
+    /// The averages, left on the device, in the model's shapes (`shapes`, by path, from
+    /// `params::module_shapes`): a checkpoint's `ema` group then loads into the model as its
+    /// `model` group does.
+    pub fn device_state(&self, shapes: &BTreeMap<String, Vec<usize>>) -> DeviceMap {
         self.shadow
             .iter()
             .map(|(k, t)| {
-                let shape = self
-                    .shapes
-                    .get(k)
-                    .cloned()
-                    .unwrap_or_else(|| t.dims().to_vec());
+                let shape = shapes.get(k).cloned().unwrap_or_else(|| t.dims().to_vec());
                 let flat = t.clone();
                 (k.clone(), DeviceTensor { shape, flat })
             })
@@ -101,8 +91,8 @@ impl Ema {
     }
 
     /// [`Ema::device_state`] on the host.
-    pub fn state(&self) -> TensorMap {
-        self.device_state()
+    pub fn state(&self, shapes: &BTreeMap<String, Vec<usize>>) -> TensorMap {
+        self.device_state(shapes)
             .iter()
             .map(|(k, d)| (k.clone(), d.to_host()))
             .collect()
@@ -118,7 +108,6 @@ impl Ema {
         device: &Device,
     ) -> std::result::Result<(), String> {
         let mut shadow = BTreeMap::new();
-        let mut kept = BTreeMap::new();
         for (k, h) in state {
             let Some(shape) = shapes.get(&k) else {
                 return Err(format!("EMA average `{k}` is for no tensor of the model"));
@@ -129,14 +118,9 @@ impl Ema {
                     "EMA average `{k}` has {n} values, the model's {shape:?}"
                 ));
             }
-            shadow.insert(
-                k.clone(),
-                Tensor::from_data(TensorData::new(h.data, [n]), device),
-            );
-            kept.insert(k, shape.clone());
+            shadow.insert(k, Tensor::from_data(TensorData::new(h.data, [n]), device));
         }
         self.shadow = shadow;
-        self.shapes = kept;
         Ok(())
     }
 }
@@ -186,7 +170,8 @@ mod tests {
         let l = LinearConfig::new(3, 2).init(&device);
         let mut ema = Ema::new(0.5);
         ema.update(&l);
-        let state = ema.state();
+        let model_shapes = params::module_shapes(&l);
+        let state = ema.state(&model_shapes);
         let shapes: Vec<Vec<usize>> = state.values().map(|h| h.shape.clone()).collect();
         // Burn's Linear: bias [out], weight [in, out].
         assert_eq!(shapes, vec![vec![2], vec![3, 2]]);
@@ -201,13 +186,12 @@ mod tests {
                 (k.clone(), h)
             })
             .collect();
-        let shapes = params::module_shapes(&l);
         for s in [&state, &flat] {
             let mut back = Ema::new(0.5);
-            back.load_state(s.clone(), &shapes, &device).unwrap();
+            back.load_state(s.clone(), &model_shapes, &device).unwrap();
             assert_eq!(weights(&back.apply(l.clone())), weights(&l));
             back.update(&l);
-            assert_eq!(back.state(), state);
+            assert_eq!(back.state(&model_shapes), state);
         }
     }
 }
