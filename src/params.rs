@@ -78,14 +78,13 @@ impl DeviceTensor {
     /// whole tensor is on the host once (the returned bytes), not twice (device data and
     /// bytes), which for VGG-16's 411 MB `fc6` weight is the difference.
     pub fn le_bytes(&self) -> Vec<u8> {
-        const SLICE: usize = 1 << 20;
-        let n = self.flat.dims()[0];
-        let mut out = Vec::with_capacity(n * 4);
-        for start in (0..n).step_by(SLICE) {
-            let len = SLICE.min(n - start);
-            let part = crate::helpers::host(self.flat.clone().narrow(0, start, len));
-            out.extend_from_slice(&crate::helpers::le_bytes(&part));
-        }
+        let mut out = Vec::with_capacity(self.flat.dims()[0] * 4);
+        let copied: Result<(), std::convert::Infallible> =
+            crate::helpers::for_each_host_slice(&self.flat, 1 << 20, |part| {
+                out.extend_from_slice(&crate::helpers::le_bytes(part));
+                Ok(())
+            });
+        let Ok(()) = copied;
         out
     }
 }

@@ -436,7 +436,7 @@ fn onnx_graph_of_every_registered_model_parses_back_with_its_structure() {
         let cfg = ModelConfig::for_model(name, 10, 3);
         let model = cfg.build(&device).unwrap();
         let proto = model.to_onnx([3, size, size], &[]);
-        let bytes = convlab::onnx::encode(&proto);
+        let bytes = proto.encode();
         let back = convlab::onnx::decode(bytes).unwrap();
         check_structure(name, &model, &back, size);
     }
@@ -482,7 +482,7 @@ fn onnx_graphs_compute_convlabs_logits() {
             .try_to_vec()
             .unwrap();
         let proto = model.to_onnx([3, size, size], &[]);
-        let back = convlab::onnx::decode(convlab::onnx::encode(&proto)).unwrap();
+        let back = convlab::onnx::decode(proto.encode()).unwrap();
         let got = evaluate(
             &back,
             T {

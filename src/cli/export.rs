@@ -229,10 +229,11 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 ("std", serde_json::to_string(&stats.std)?),
             ];
             let proto = model.to_onnx([c, size, size], &meta);
-            let nodes = proto.graph.as_ref().map_or(0, |g| g.node.len());
+            let nodes = proto.proto().graph.as_ref().map_or(0, |g| g.node.len());
             convlab::helpers::write_atomic_with(&a.out, |tmp| {
-                convlab::onnx::write(&proto, std::fs::File::create(tmp)?)
+                proto.write(std::fs::File::create(tmp)?)
             })?;
+            drop(proto);
             info.onnx = Some(OnnxInfo {
                 input: convlab::onnx::INPUT,
                 output: convlab::onnx::OUTPUT,

@@ -129,7 +129,7 @@ impl Model {
         &self,
         input_chw: [usize; 3],
         metadata: &[(&str, String)],
-    ) -> crate::onnx::proto::ModelProto {
+    ) -> crate::onnx::OnnxModel {
         let mut g = crate::onnx::Graph::new(input_chw);
         let out = self.onnx(&mut g);
         g.finish(&out, input_chw, self.num_classes(), metadata)

@@ -44,6 +44,9 @@ pub const OUTPUT: &str = "logits";
 pub struct Graph {
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
+    /// The model's own tensors behind the initializers named here (flattened handles, no
+    /// copy), whose `raw_data` is left empty until the file is written ([`OnnxModel`]).
+    deferred: HashMap<String, Tensor<1>>,
     count: usize,
     /// `[C, H, W]` or `[F]` (no batch) of each value whose shape is known.
     shapes: HashMap<String, Vec<usize>>,
@@ -143,6 +146,7 @@ impl Graph {
         Graph {
             nodes: Vec::new(),
             inits: Vec::new(),
+            deferred: HashMap::new(),
             count: 0,
             shapes: HashMap::from([(INPUT.to_string(), input_chw.to_vec())]),
             values: true,
@@ -223,9 +227,22 @@ impl Graph {
         name.to_string()
     }
 
+    /// An initializer holding a model tensor: a handle to it, copied to the host only when
+    /// the file is written ([`OnnxModel::write`]).
     fn tensor_weight<const D: usize>(&mut self, name: &str, t: &Tensor<D>) -> String {
         if self.values {
-            self.weight(name, &t.dims(), crate::helpers::host(t.clone()));
+            let n = t.shape().num_elements();
+            self.inits.push(TensorProto {
+                dims: t.dims().iter().map(|&d| d as i64).collect(),
+                data_type: data_type::FLOAT,
+                name: name.into(),
+                raw_data: bytes::Bytes::new(),
+            });
+            // An empty tensor's `raw_data` stays empty, as prost would write it.
+            if n > 0 {
+                self.deferred
+                    .insert(name.to_string(), t.clone().reshape([n]));
+            }
         }
         name.to_string()
     }
@@ -519,7 +536,7 @@ impl Graph {
         input_chw: [usize; 3],
         classes: usize,
         metadata: &[(&str, String)],
-    ) -> ModelProto {
+    ) -> OnnxModel {
         for n in &mut self.nodes {
             for o in &mut n.output {
                 if o == out {
@@ -545,7 +562,7 @@ impl Graph {
             }),
         };
         let [c, h, w] = input_chw;
-        ModelProto {
+        let proto = ModelProto {
             ir_version: IR_VERSION,
             opset_import: vec![OperatorSetIdProto {
                 domain: String::new(),
@@ -569,7 +586,134 @@ impl Graph {
                     value: v.clone(),
                 })
                 .collect(),
+        };
+        OnnxModel {
+            proto,
+            deferred: self.deferred,
         }
+    }
+}
+
+/// A finished ONNX model whose weights are still the traced model's tensors: each is copied
+/// to the host a slice at a time as the file is written, so exporting a VGG-16 holds its
+/// 0.5 GB of weights once (the model's) instead of twice (the model's and the graph's).
+pub struct OnnxModel {
+    /// The graph; initializers of model tensors have empty `raw_data` here.
+    proto: ModelProto,
+    deferred: HashMap<String, Tensor<1>>,
+}
+
+impl OnnxModel {
+    /// The graph, nodes and shapes; the initializers that hold model tensors have no
+    /// `raw_data` yet ([`Self::into_proto`] fills it).
+    pub fn proto(&self) -> &ModelProto {
+        &self.proto
+    }
+
+    /// The whole model in memory, every initializer's values copied in.
+    pub fn into_proto(mut self) -> ModelProto {
+        if let Some(g) = &mut self.proto.graph {
+            for t in &mut g.initializer {
+                if let Some(d) = self.deferred.remove(&t.name) {
+                    t.raw_data = le_bytes_of(crate::helpers::host(d));
+                }
+            }
+        }
+        self.proto
+    }
+
+    /// The file's bytes ([`Self::write`] into memory).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_chunked(&mut out, 1 << 20)
+            .expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// Writes the model to `out` streamed through a 1 MB buffer, each model tensor copied
+    /// from the device in 1 MB slices; the bytes are [`encode`] of [`Self::into_proto`].
+    pub fn write(&self, out: impl std::io::Write) -> std::io::Result<()> {
+        self.write_chunked(out, 1 << 20)
+    }
+
+    fn write_chunked(&self, out: impl std::io::Write, chunk: usize) -> std::io::Result<()> {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let mut w = Chunked {
+            buf: Vec::with_capacity(chunk),
+            chunk,
+            out,
+            written: 0,
+            err: None,
+        };
+        let m = &self.proto;
+        // prost writes a message's fields in tag order and leaves out those at their default,
+        // so messages holding disjoint fields, written one after another in tag order, are the
+        // bytes of the whole: ModelProto's fields before `graph` (tags 1-6), the graph (7), the
+        // fields after it (8, 14); inside the graph, those before `initializer` (1, 2), each
+        // initializer (5), those after (10-12).
+        let model_head = ModelProto {
+            ir_version: m.ir_version,
+            producer_name: m.producer_name.clone(),
+            producer_version: m.producer_version.clone(),
+            doc_string: m.doc_string.clone(),
+            ..Default::default()
+        };
+        let model_tail = ModelProto {
+            opset_import: m.opset_import.clone(),
+            metadata_props: m.metadata_props.clone(),
+            ..Default::default()
+        };
+        put(&model_head, &mut w)?;
+        if let Some(g) = &m.graph {
+            let head = GraphProto {
+                node: g.node.clone(),
+                name: g.name.clone(),
+                ..Default::default()
+            };
+            let tail = GraphProto {
+                doc_string: g.doc_string.clone(),
+                input: g.input.clone(),
+                output: g.output.clone(),
+                ..Default::default()
+            };
+            // An initializer's length with its deferred `raw_data` (tag 9) appended.
+            let values = |t: &TensorProto| self.deferred.get(&t.name).map(|d| 4 * d.dims()[0]);
+            let init_len = |t: &TensorProto| {
+                t.encoded_len()
+                    + values(t).map_or(0, |n| key_len(9) + encoded_len_varint(n as u64) + n)
+            };
+            let inits: usize = g
+                .initializer
+                .iter()
+                .map(|t| {
+                    let n = init_len(t);
+                    key_len(5) + encoded_len_varint(n as u64) + n
+                })
+                .sum();
+            let graph_len = head.encoded_len() + inits + tail.encoded_len();
+            encode_key(7, WireType::LengthDelimited, &mut w);
+            encode_varint(graph_len as u64, &mut w);
+            put(&head, &mut w)?;
+            for t in &g.initializer {
+                encode_key(5, WireType::LengthDelimited, &mut w);
+                encode_varint(init_len(t) as u64, &mut w);
+                put(t, &mut w)?;
+                if let (Some(n), Some(d)) = (values(t), self.deferred.get(&t.name)) {
+                    encode_key(9, WireType::LengthDelimited, &mut w);
+                    encode_varint(n as u64, &mut w);
+                    let streamed: Result<(), std::convert::Infallible> =
+                        crate::helpers::for_each_host_slice(d, 1 << 18, |part| {
+                            bytes::BufMut::put_slice(&mut w, &crate::helpers::le_bytes(part));
+                            Ok(())
+                        });
+                    let Ok(()) = streamed;
+                }
+            }
+            put(&tail, &mut w)?;
+        }
+        put(&model_tail, &mut w)?;
+        w.flush();
+        w.err.map_or(Ok(()), Err)
     }
 }
 
@@ -578,28 +722,14 @@ pub fn encode(m: &ModelProto) -> Vec<u8> {
     m.encode_to_vec()
 }
 
-/// Writes a model to `out` as [`encode`] would, streamed through a 1 MB buffer: a VGG's graph
-/// holds 0.5 GB of initializers, and encoding it into one `Vec` first had held them twice.
-pub fn write(m: &ModelProto, out: impl std::io::Write) -> std::io::Result<()> {
-    write_chunked(m, out, 1 << 20)
-}
-
-fn write_chunked(m: &ModelProto, out: impl std::io::Write, chunk: usize) -> std::io::Result<()> {
-    let mut w = Chunked {
-        buf: Vec::with_capacity(chunk),
-        chunk,
-        out,
-        written: 0,
-        err: None,
-    };
-    m.encode(&mut w).map_err(std::io::Error::other)?;
-    w.flush();
-    w.err.map_or(Ok(()), Err)
+/// `msg`'s fields, without a length prefix.
+fn put(msg: &impl Message, w: &mut impl bytes::BufMut) -> std::io::Result<()> {
+    msg.encode(w).map_err(std::io::Error::other)
 }
 
 /// A [`bytes::BufMut`] that hands its bytes to a writer whenever `chunk` of them have gathered.
 /// `BufMut` cannot fail, so the first write error is kept (and later bytes dropped) for
-/// [`write_chunked`] to return.
+/// [`OnnxModel::write`] to return.
 struct Chunked<W> {
     buf: Vec<u8>,
     chunk: usize,
@@ -701,18 +831,36 @@ mod tests {
         assert_eq!(col(6), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
     }
 
-    #[test]
-    fn a_streamed_model_is_the_encoded_bytes() {
+    /// A graph with a host initializer and model tensors: a conv with bias, a batch norm,
+    /// and a linear layer of 300,000 weights (more than one 2^18-value slice).
+    fn traced() -> (OnnxModel, Vec<f32>) {
+        use burn::nn::conv::Conv2dConfig;
+        use burn::nn::{BatchNormConfig, LinearConfig};
+        let device = Device::flex();
         let mut g = Graph::new([3, 8, 8]);
         g.weight("w", &[5, 7], (0..35).map(|v| v as f32 * 0.5).collect());
-        let y = g.relu(INPUT);
-        let m = g.finish(&y, [3, 8, 8], 3, &[("k", "v".into())]);
-        let want = encode(&m);
+        let conv = Conv2dConfig::new([3, 4], [3, 3]).init(&device);
+        let bn = BatchNormConfig::new(4).init(&device);
+        let fc = LinearConfig::new(600, 500).init(&device);
+        let y = g.conv_bn(&conv, Some(&bn), INPUT, true, "c");
+        let y = g.linear(&fc, &y, "fc");
+        let fc_weight = crate::helpers::host(fc.weight.val());
+        (
+            g.finish(&y, [3, 8, 8], 500, &[("k", "v".into())]),
+            fc_weight,
+        )
+    }
+
+    #[test]
+    fn a_streamed_model_is_the_encoded_bytes() {
+        let (m, fc_weight) = traced();
+        assert_eq!(m.deferred.len(), 8, "conv w/b, bn w/b/mean/var, fc w/b");
+        let mut streamed = Vec::new();
         // Chunks smaller than a field, one byte, and larger than the whole model.
-        for chunk in [1, 7, 64, 1 << 20] {
+        for chunk in [1, 7, 64, 1 << 20, 1 << 24] {
             let mut got = Vec::new();
-            write_chunked(&m, &mut got, chunk).unwrap();
-            assert_eq!(got, want, "chunk {chunk}");
+            m.write_chunked(&mut got, chunk).unwrap();
+            streamed.push(got);
         }
         // A failing writer's error comes back.
         struct Full;
@@ -724,8 +872,22 @@ mod tests {
                 Ok(())
             }
         }
-        let e = write_chunked(&m, Full, 16).unwrap_err();
+        let e = m.write_chunked(Full, 16).unwrap_err();
         assert!(e.to_string().contains("disk full"), "{e}");
+        let (encoded, proto) = (m.encode(), m.into_proto());
+        let want = encode(&proto);
+        assert_eq!(encoded, want);
+        for got in streamed {
+            assert_eq!(got, want);
+        }
+        // The filled-in initializers hold the layers' values.
+        let inits = &proto.graph.as_ref().unwrap().initializer;
+        let init = |name: &str| inits.iter().find(|t| t.name == name).unwrap();
+        assert_eq!(init("fc.weight").dims, vec![600, 500]);
+        let fc_bytes = crate::helpers::le_bytes(&fc_weight);
+        assert_eq!(init("fc.weight").raw_data[..], fc_bytes[..]);
+        let ones = 1f32.to_le_bytes().repeat(4);
+        assert_eq!(init("c.bn.running_var").raw_data, ones);
     }
 
     #[test]
@@ -734,7 +896,8 @@ mod tests {
         let y = g.relu(INPUT);
         let y = g.global_avg_pool(&y);
         let m = g.finish(&y, [3, 8, 8], 3, &[("k", "v".into())]);
-        let back = decode(encode(&m)).unwrap();
+        let back = decode(m.encode()).unwrap();
+        let m = m.into_proto();
         assert_eq!(back, m);
         let graph = back.graph.unwrap();
         assert_eq!(graph.node.last().unwrap().output, vec![OUTPUT.to_string()]);
