@@ -273,6 +273,31 @@ pub fn for_each_host_slice<E>(
     Ok(())
 }
 
+/// The bytes an unprivileged writer may still put on the filesystem that holds `path`
+/// (`statvfs`'s `f_bavail * f_frsize`, through rustix), or `None` where the system cannot say.
+/// A quota below that is not seen.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let s = rustix::fs::statvfs(path).ok()?;
+        Some(s.f_bavail.saturating_mul(s.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// A byte count for people: `812 MB`, `1.07 GB` (powers of 1000, as `df -H`).
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} GB", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{} MB", n / 1_000_000),
+        n => format!("{} kB", n.div_ceil(1000)),
+    }
+}
+
 /// Mixes several integers into one well-spread 64-bit seed (splitmix64 finaliser), so that
 /// per-sample random streams for `(seed, epoch, index)` never collide in practice.
 pub fn mix_seed(parts: &[u64]) -> u64 {

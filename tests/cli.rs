@@ -327,6 +327,48 @@ fn writing_into_an_unwritable_place_fails_cleanly() {
     assert!(e.contains("/proc/convlab-cannot-write-here"), "{e}");
 }
 
+/// A save that fails after an epoch has been kept (here: a directory stands where epoch 2's
+/// checkpoint goes) stops the run with the error, says that the last complete checkpoint is
+/// kept and how to go on, and leaves that checkpoint as it was.
+#[test]
+fn a_failed_save_names_the_kept_checkpoint_and_the_resume() {
+    let d = tmp();
+    let run = p(&d, "run");
+    let args = [
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--set",
+        "data.limit_train=64",
+        "--set",
+        "data.limit_val=32",
+        "--set",
+        "checkpoint_every=1",
+    ];
+    let mut first = convlab();
+    first.arg("train").args(args).arg("--out").arg(&run);
+    ok(&first.args(["--stop-after-epoch", "1"]).output().unwrap());
+    let last = run.join("checkpoints/last.safetensors");
+    let before = std::fs::read(&last).unwrap();
+    let blocker = run.join("checkpoints/epoch-2.safetensors");
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let o = convlab()
+        .args(["train", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(e.contains("epoch-2.safetensors"), "{e}");
+    assert!(e.contains("last complete checkpoint is kept"), "{e}");
+    assert!(e.contains(&format!("--resume {}", run.display())), "{e}");
+    assert_eq!(
+        std::fs::read(&last).unwrap(),
+        before,
+        "epoch 1's checkpoint changed"
+    );
+}
+
 #[test]
 fn stop_and_resume_equals_an_uninterrupted_run() {
     let d = tmp();

@@ -95,3 +95,48 @@ fn bench_and_trainer_share_the_step() {
         assert_eq!(t, &saved[key], "{key} differs between bench and trainer");
     }
 }
+
+/// The size the trainer checks the disk for before the first epoch
+/// (`pipeline::state::checkpoint_bytes`) is the size of the checkpoint it then writes, but for
+/// the header: with SGD's momentum and EMA, with AdamW's two moments, with plain SGD.
+#[test]
+fn a_checkpoint_takes_the_bytes_the_trainer_checks_for() {
+    use convlab::pipeline::state::checkpoint_bytes;
+    use convlab::recipe::RunRecipe;
+    let device = Device::flex().autodiff();
+    let cases: [&[&str]; 3] = [
+        &["optim.momentum=0.9", "regularisation.ema_decay=0.9"],
+        &["optim.kind=\"adamw\""],
+        &["optim.momentum=0.0"],
+    ];
+    for extra in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let sets = [
+            "epochs=1",
+            "batch_size=8",
+            "data.limit_train=8",
+            "data.limit_val=8",
+        ];
+        let overrides: Vec<Override> = sets
+            .iter()
+            .chain(extra)
+            .map(|s| Override::parse(s).unwrap())
+            .collect();
+        let r = Recipe::resolve(None, &overrides).unwrap();
+        let run = RunDir::create(&dir.path().join("run")).unwrap();
+        let opts = TrainOptions {
+            resume: false,
+            stop_after_epoch: None,
+        };
+        pipeline::train(r, &run, &opts, &device, &mut Quiet).unwrap();
+        let size = std::fs::metadata(run.checkpoint("last")).unwrap().len();
+        // The run's own recipe: the trainer filled in the classes and channels from the data.
+        let r = run.read_recipe().unwrap();
+        let model = r.model.build(&device).unwrap();
+        let estimate = checkpoint_bytes(&r, &model);
+        assert!(
+            estimate <= size && size - estimate < 64 * 1024,
+            "{extra:?}: estimated {estimate} bytes, wrote {size}"
+        );
+    }
+}

@@ -239,6 +239,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     )
                 });
             }
+            // Whatever stopped it (a full disk, a damaged image, a kill), the epochs before are
+            // safe: say where, and how to go on, unless the error says so itself.
+            let last = run.checkpoint("last");
+            if last.is_file() && !matches!(e, convlab::error::Error::Diverged { .. }) {
+                return Err(e).with_context(|| {
+                    format!(
+                        "training in {0} failed; its last complete checkpoint is kept ({1}), \
+                         and `convlab train --resume {0}` goes on from it",
+                        run.path.display(),
+                        last.display()
+                    )
+                });
+            }
             return Err(e).with_context(|| format!("training in {} failed", run.path.display()));
         }
     };

@@ -69,6 +69,64 @@ pub(crate) fn save_checkpoint(
     checkpoint::save_entries(&run.checkpoint(which), all, meta)
 }
 
+/// About the bytes of one checkpoint of `model` trained by `recipe` ([`save_checkpoint`]):
+/// every float tensor of the model (weights and batch-norm statistics), the optimiser's
+/// buffers (SGD with momentum: one a parameter; AdamW: two) and, with EMA, an average of every
+/// tensor, 4 bytes a value. The header (names, shapes, metadata: kilobytes) is left out.
+pub fn checkpoint_bytes(recipe: &Recipe, model: &Model) -> u64 {
+    use crate::train::optim::OptimKind;
+    let (mut tensors, mut params) = (0u64, 0u64);
+    crate::params::for_each_shape(model, |site, shape| {
+        let n = shape.iter().product::<usize>() as u64;
+        tensors += n;
+        if site.role().is_parameter() {
+            params += n;
+        }
+    });
+    let buffers = match recipe.optim.kind {
+        OptimKind::Adamw => 2,
+        OptimKind::Sgd => u64::from(recipe.optim.momentum != 0.0),
+    };
+    let averages = u64::from(recipe.regularisation.ema_decay > 0.0);
+    4 * (tensors + buffers * params + averages * tensors)
+}
+
+/// What the free space on a run's disk means for its checkpoints of `bytes` each.
+#[derive(Debug, PartialEq)]
+pub enum Room {
+    /// Enough for the three a run may hold at once: `best`, `last` and the one being written
+    /// (each written whole beside the one it replaces, so a killed save loses nothing).
+    Enough,
+    /// One fits, three may not: a later save may stop the run (its last checkpoint kept).
+    Tight(String),
+    /// Not one: the first epoch's save would fail after the epoch had been trained.
+    Short(String),
+}
+
+/// [`Room`] for checkpoints of `bytes` with `free` bytes free (`None`: unknown, taken as
+/// enough).
+pub fn room(free: Option<u64>, bytes: u64) -> Room {
+    use crate::helpers::human_bytes as h;
+    let Some(free) = free else {
+        return Room::Enough;
+    };
+    let (each, left) = (h(bytes), h(free));
+    if free < bytes {
+        Room::Short(format!(
+            "a checkpoint of this run takes about {each} (the weights, the optimiser's state and any EMA \
+             averages) and the disk has {left} free; free some space or train into another --out"
+        ))
+    } else if free / 3 < bytes {
+        Room::Tight(format!(
+            "a checkpoint of this run takes about {each} and the disk has {left} free; a run \
+             may hold three at once (best, last and the one being written), so a later save \
+             may stop it (the last complete checkpoint is kept, and --resume goes on from it)"
+        ))
+    } else {
+        Room::Enough
+    }
+}
+
 /// Restores model, optimiser, EMA and progress from `checkpoints/last`, and the metrics of the
 /// epochs it covers.
 pub(crate) fn restore(
@@ -202,4 +260,22 @@ pub(crate) fn apply_init_from(
         total - copied.len()
     ));
     Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_short_below_one_checkpoint_and_tight_below_three() {
+        let gb = 1_000_000_000;
+        assert_eq!(room(None, gb), Room::Enough);
+        assert_eq!(room(Some(3 * gb), gb), Room::Enough);
+        assert!(matches!(room(Some(3 * gb - 1), gb), Room::Tight(_)));
+        assert!(matches!(room(Some(gb), gb), Room::Tight(_)));
+        let Room::Short(why) = room(Some(gb - 1), gb) else {
+            panic!("one byte short of one checkpoint");
+        };
+        assert!(why.contains("1.00 GB") && why.contains("999 MB"), "{why}");
+    }
 }

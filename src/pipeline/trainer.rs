@@ -17,7 +17,7 @@ use burn::prelude::*;
 
 use super::distill::Teacher;
 use super::factory::{loader, norm_stats, prepare};
-use super::state::{Progress, apply_init_from, apply_pretrained, restore, save_checkpoint};
+use super::state::{self, Progress, apply_init_from, apply_pretrained, restore, save_checkpoint};
 use super::step::{Distill, StepConfig, optimizer_for, train_step};
 use crate::data::{Loader, Splits};
 use crate::error::{Error, Result};
@@ -100,6 +100,19 @@ pub fn train(
     ];
     let params = crate::models::param_count(&model);
     describe(&recipe, &splits, params, rep);
+    // Before the first epoch, not after it: a disk that cannot take one checkpoint would lose
+    // the epoch at its save.
+    match state::room(
+        crate::helpers::free_bytes(&run.path),
+        state::checkpoint_bytes(&recipe, &model),
+    ) {
+        state::Room::Enough => {}
+        state::Room::Tight(why) => rep.message(&format!("warning: {why}")),
+        state::Room::Short(why) => {
+            let err = std::io::Error::new(std::io::ErrorKind::StorageFull, why);
+            return Err(Error::io(&run.path, err));
+        }
+    }
 
     let last_epoch = opts
         .stop_after_epoch
