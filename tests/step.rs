@@ -34,8 +34,13 @@ fn recipe() -> Recipe {
     r
 }
 
+/// The device's random streams are the process's: a training run in another test thread would
+/// reseed them between the trainer's draws and bench's, so the tests here take turns.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn bench_and_trainer_share_the_step() {
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let device = Device::flex().autodiff();
 
@@ -103,6 +108,7 @@ fn bench_and_trainer_share_the_step() {
 fn a_checkpoint_takes_the_bytes_the_trainer_checks_for() {
     use convlab::pipeline::state::checkpoint_bytes;
     use convlab::recipe::RunRecipe;
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex().autodiff();
     let cases: [&[&str]; 3] = [
         &["optim.momentum=0.9", "regularisation.ema_decay=0.9"],
