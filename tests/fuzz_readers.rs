@@ -56,9 +56,15 @@ fn mutate(base: &[u8], rng: &mut Rng) -> Vec<u8> {
     b
 }
 
-/// Runs `f` on `cases` mutations of `base`; a panic fails the test with the case's seed.
+/// Runs `f` on `cases` mutations of `base` (times `CONVLAB_FUZZ_SCALE`, 1 unless set, for a
+/// longer campaign by hand: `CONVLAB_FUZZ_SCALE=1000 cargo test --release --test fuzz_readers`);
+/// a panic fails the test with the case's seed.
 fn fuzz(name: &str, base: &[u8], cases: u64, mut f: impl FnMut(&[u8])) {
-    for seed in 1..=cases {
+    let scale: u64 = std::env::var("CONVLAB_FUZZ_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for seed in 1..=cases * scale.max(1) {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let input = if seed == 1 {
             base.to_vec()
