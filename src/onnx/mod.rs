@@ -698,9 +698,9 @@ impl OnnxModel {
                 encode_key(5, WireType::LengthDelimited, &mut w);
                 encode_varint(init_len(t) as u64, &mut w);
                 put(t, &mut w)?;
-                if let (Some(n), Some(d)) = (values(t), self.deferred.get(&t.name)) {
+                if let Some(d) = self.deferred.get(&t.name) {
                     encode_key(9, WireType::LengthDelimited, &mut w);
-                    encode_varint(n as u64, &mut w);
+                    encode_varint(4 * d.dims()[0] as u64, &mut w);
                     let streamed: Result<(), std::convert::Infallible> =
                         crate::helpers::for_each_host_slice(d, 1 << 18, |part| {
                             bytes::BufMut::put_slice(&mut w, &crate::helpers::le_bytes(part));
