@@ -91,40 +91,60 @@ pub fn checkpoint_bytes(recipe: &Recipe, model: &Model) -> u64 {
     4 * (tensors + buffers * params + averages * tensors)
 }
 
-/// What the free space on a run's disk means for its checkpoints of `bytes` each.
+/// What the free space on a run's disk means for its checkpoints.
 #[derive(Debug, PartialEq)]
 pub enum Room {
-    /// Enough for the three a run may hold at once: `best`, `last` and the one being written
-    /// (each written whole beside the one it replaces, so a killed save loses nothing).
+    /// Enough for all the run will hold at once: `best`, `last` and the one being written
+    /// (each written whole beside the one it replaces, so a killed save loses nothing), and
+    /// the `epoch-N` checkpoints that `checkpoint_every` keeps.
     Enough,
-    /// One fits, three may not: a later save may stop the run (its last checkpoint kept).
+    /// One fits, all may not: a later save may stop the run (its last checkpoint kept).
     Tight(String),
     /// Not one: the first epoch's save would fail after the epoch had been trained.
     Short(String),
 }
 
-/// [`Room`] for checkpoints of `bytes` with `free` bytes free (`None`: unknown, taken as
-/// enough).
-pub fn room(free: Option<u64>, bytes: u64) -> Room {
+/// [`Room`] for checkpoints of `bytes` each with `free` bytes free (`None`: unknown, taken as
+/// enough), when the epochs still to run will keep `kept` more `epoch-N` checkpoints.
+pub fn room(free: Option<u64>, bytes: u64, kept: u64) -> Room {
     use crate::helpers::human_bytes as h;
     let Some(free) = free else {
         return Room::Enough;
     };
     let (each, left) = (h(bytes), h(free));
+    let most = (3 + kept).saturating_mul(bytes);
     if free < bytes {
         Room::Short(format!(
-            "a checkpoint of this run takes about {each} (the weights, the optimiser's state and any EMA \
-             averages) and the disk has {left} free; free some space or train into another --out"
+            "a checkpoint of this run takes about {each} (the weights, the optimiser's state \
+             and any EMA averages) and the disk has {left} free; free some space or train into \
+             another --out"
         ))
-    } else if free / 3 < bytes {
+    } else if free < most {
+        let what = if kept > 0 {
+            format!(
+                "best, last, the one being written and the {kept} epoch checkpoints that \
+                 `checkpoint_every` keeps"
+            )
+        } else {
+            "best, last and the one being written".to_string()
+        };
         Room::Tight(format!(
-            "a checkpoint of this run takes about {each} and the disk has {left} free; a run \
-             may hold three at once (best, last and the one being written), so a later save \
-             may stop it (the last complete checkpoint is kept, and --resume goes on from it)"
+            "a checkpoint of this run takes about {each} and the disk has {left} free; the run \
+             may hold {} at once ({what}), so a later save may stop it (the last complete \
+             checkpoint is kept, and --resume goes on from it)",
+            h(most)
         ))
     } else {
         Room::Enough
     }
+}
+
+/// The `epoch-N` checkpoints that epochs `done + 1 ..= last` keep with `checkpoint_every`.
+pub fn kept_epochs(every: usize, done: usize, last: usize) -> u64 {
+    if every == 0 || last <= done {
+        return 0;
+    }
+    (last / every - done / every) as u64
 }
 
 /// Restores model, optimiser, EMA and progress from `checkpoints/last`, and the metrics of the
@@ -267,15 +287,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn room_is_short_below_one_checkpoint_and_tight_below_three() {
+    fn room_is_short_below_one_checkpoint_and_tight_below_all_the_run_keeps() {
         let gb = 1_000_000_000;
-        assert_eq!(room(None, gb), Room::Enough);
-        assert_eq!(room(Some(3 * gb), gb), Room::Enough);
-        assert!(matches!(room(Some(3 * gb - 1), gb), Room::Tight(_)));
-        assert!(matches!(room(Some(gb), gb), Room::Tight(_)));
-        let Room::Short(why) = room(Some(gb - 1), gb) else {
+        assert_eq!(room(None, gb, 0), Room::Enough);
+        assert_eq!(room(Some(3 * gb), gb, 0), Room::Enough);
+        assert!(matches!(room(Some(3 * gb - 1), gb, 0), Room::Tight(_)));
+        assert!(matches!(room(Some(gb), gb, 0), Room::Tight(_)));
+        // Ten kept epoch checkpoints: 13 GB in all.
+        assert_eq!(room(Some(13 * gb), gb, 10), Room::Enough);
+        let Room::Tight(why) = room(Some(13 * gb - 1), gb, 10) else {
+            panic!("one byte short of 13 checkpoints");
+        };
+        assert!(
+            why.contains("13.00 GB") && why.contains("10 epoch"),
+            "{why}"
+        );
+        let Room::Short(why) = room(Some(gb - 1), gb, 0) else {
             panic!("one byte short of one checkpoint");
         };
         assert!(why.contains("1.00 GB") && why.contains("999 MB"), "{why}");
+    }
+
+    #[test]
+    fn kept_epochs_count_the_multiples_still_to_run() {
+        assert_eq!(kept_epochs(0, 0, 90), 0);
+        assert_eq!(kept_epochs(1, 0, 90), 90);
+        assert_eq!(kept_epochs(10, 0, 95), 9);
+        // Resumed after epoch 25: 30, 40, ..., 90 are still to come.
+        assert_eq!(kept_epochs(10, 25, 95), 7);
+        assert_eq!(kept_epochs(10, 30, 30), 0);
     }
 }

@@ -100,11 +100,17 @@ pub fn train(
     ];
     let params = crate::models::param_count(&model);
     describe(&recipe, &splits, params, rep);
+
+    let last_epoch = opts
+        .stop_after_epoch
+        .unwrap_or(recipe.epochs)
+        .min(recipe.epochs);
     // Before the first epoch, not after it: a disk that cannot take one checkpoint would lose
     // the epoch at its save.
     match state::room(
         crate::helpers::free_bytes(&run.path),
         state::checkpoint_bytes(&recipe, &model),
+        state::kept_epochs(recipe.checkpoint_every, st.p.epochs_done, last_epoch),
     ) {
         state::Room::Enough => {}
         state::Room::Tight(why) => rep.message(&format!("warning: {why}")),
@@ -113,11 +119,6 @@ pub fn train(
             return Err(Error::io(&run.path, err));
         }
     }
-
-    let last_epoch = opts
-        .stop_after_epoch
-        .unwrap_or(recipe.epochs)
-        .min(recipe.epochs);
     for epoch in st.p.epochs_done + 1..=last_epoch {
         let start = Instant::now();
         // Dropout masks come from the device generator; reseeding per epoch makes a resumed
