@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use convlab::interop::Naming;
-use convlab::interop::export::{into_state_dict, state_dict, write_state_dict};
+use convlab::interop::export::{into_state_dict, write_state_dict};
 use convlab::pipeline::{load_model, norm_stats};
 use convlab::run::RunDir;
 use serde::Serialize;
@@ -104,13 +104,12 @@ struct OnnxInfo {
 }
 
 /// A fixed batch of 2 inputs (a smooth pattern in normalised units, about -2..2) and convlab's
-/// logits for it.
-fn write_sample(
-    path: &Path,
+/// logits for it, as the tensors of `FILE.sample.safetensors`.
+fn sample(
     model: &convlab::models::Model,
     chw: [usize; 3],
     dev: &burn::prelude::Device,
-) -> Result<()> {
+) -> Result<convlab::interop::export::ForeignDict> {
     use burn::prelude::*;
     let [c, h, w] = chw;
     let n = 2 * c * h * w;
@@ -125,17 +124,15 @@ fn write_sample(
         .convert::<f32>()
         .try_to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("logits: {e:?}"))?;
-    use convlab::interop::export::{ForeignDict, ForeignTensor, Values, write_safetensors};
+    use convlab::interop::export::{ForeignDict, ForeignTensor, Values};
     let tensor = |shape: Vec<usize>, v: Vec<f32>| ForeignTensor {
         shape,
         values: Values::F32(v),
     };
-    let sd = ForeignDict::from([
+    Ok(ForeignDict::from([
         ("input".to_string(), tensor(vec![2, c, h, w], x)),
         ("logits".to_string(), tensor(vec![2, k], logits)),
-    ]);
-    write_safetensors(path, &sd, &BTreeMap::new())?;
-    Ok(())
+    ]))
 }
 
 fn extension(p: &Path) -> String {
@@ -219,8 +216,11 @@ pub fn run(a: ExportArgs) -> Result<()> {
         source_run: run.path.display().to_string(),
         checkpoint: which.to_string(),
     };
-    // The model outlives the export only for `--sample` (a forward pass on a sample input).
-    let (summary, model) = match a.format {
+    // The sample's logits come first: a state-dict export then consumes the model.
+    let sample = (a.sample)
+        .then(|| sample(&model, [c, size, size], &dev))
+        .transpose()?;
+    let summary = match a.format {
         ExportFormat::Onnx => {
             let meta = [
                 ("convlab_model", name.to_string()),
@@ -240,10 +240,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 opset: convlab::onnx::OPSET,
                 batch: "dynamic (dim 0, `batch`)",
             });
-            (
-                format!("{nodes} nodes, opset {}", convlab::onnx::OPSET),
-                Some(model),
-            )
+            format!("{nodes} nodes, opset {}", convlab::onnx::OPSET)
         }
         f => {
             let naming = match f {
@@ -263,11 +260,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 convlab::models::Model::GoogLeNet(g) => Some(!g.aux.is_empty()),
                 _ => None,
             };
-            let (sd, model) = if a.sample {
-                (state_dict(&model, name, naming)?, Some(model))
-            } else {
-                (into_state_dict(model, name, naming)?, None)
-            };
+            let sd = into_state_dict(model, name, naming)?;
             let meta = BTreeMap::from([
                 ("convlab_model".to_string(), name.to_string()),
                 ("naming".to_string(), naming.as_str().to_string()),
@@ -293,10 +286,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     ("in_chans".to_string(), serde_json::json!(c)),
                 ]));
             }
-            (
-                format!("{} tensors, {} naming", sd.len(), naming.as_str()),
-                model,
-            )
+            format!("{} tensors, {} naming", sd.len(), naming.as_str())
         }
     };
     let json_path = PathBuf::from(format!("{}.json", a.out.display()));
@@ -305,10 +295,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let mut side = || -> Result<()> {
         convlab::run::write_atomic(&json_path, text.as_bytes())
             .with_context(|| format!("{}", json_path.display()))?;
-        if let (true, Some(model)) = (a.sample, &model) {
+        if let Some(sd) = &sample {
             let path = PathBuf::from(format!("{}.sample.safetensors", a.out.display()));
             written.push(path.clone());
-            write_sample(&path, model, [c, size, size], &dev)?;
+            convlab::interop::export::write_safetensors(&path, sd, &BTreeMap::new())?;
         }
         Ok(())
     };
