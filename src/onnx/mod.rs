@@ -695,18 +695,19 @@ impl OnnxModel {
             encode_varint(graph_len as u64, &mut w);
             put(&head, &mut w)?;
             for t in &g.initializer {
+                // A failed write (a full disk) ends the file: the rest need not be copied.
+                if w.err.is_some() {
+                    break;
+                }
                 encode_key(5, WireType::LengthDelimited, &mut w);
                 encode_varint(init_len(t) as u64, &mut w);
                 put(t, &mut w)?;
                 if let Some(d) = self.deferred.get(&t.name) {
                     encode_key(9, WireType::LengthDelimited, &mut w);
                     encode_varint(4 * d.dims()[0] as u64, &mut w);
-                    let streamed: Result<(), std::convert::Infallible> =
-                        crate::helpers::for_each_host_slice(d, 1 << 18, |part| {
-                            bytes::BufMut::put_slice(&mut w, &crate::helpers::le_bytes(part));
-                            Ok(())
-                        });
-                    let Ok(()) = streamed;
+                    crate::helpers::for_each_host_slice(d, 1 << 18, |part| {
+                        bytes::BufMut::put_slice(&mut w, &crate::helpers::le_bytes(part));
+                    });
                 }
             }
             put(&tail, &mut w)?;
