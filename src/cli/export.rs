@@ -233,7 +233,6 @@ pub fn run(a: ExportArgs) -> Result<()> {
             convlab::helpers::write_atomic_with(&a.out, |tmp| {
                 proto.write(std::fs::File::create(tmp)?)
             })?;
-            drop(proto);
             info.onnx = Some(OnnxInfo {
                 input: convlab::onnx::INPUT,
                 output: convlab::onnx::OUTPUT,

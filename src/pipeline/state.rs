@@ -74,7 +74,6 @@ pub(crate) fn save_checkpoint(
 /// buffers (SGD with momentum: one a parameter; AdamW: two) and, with EMA, an average of every
 /// tensor, 4 bytes a value. The header (names, shapes, metadata: kilobytes) is left out.
 pub fn checkpoint_bytes(recipe: &Recipe, model: &Model) -> u64 {
-    use crate::train::optim::OptimKind;
     let (mut tensors, mut params) = (0u64, 0u64);
     crate::params::for_each_shape(model, |site, shape| {
         let n = shape.iter().product::<usize>() as u64;
@@ -83,10 +82,7 @@ pub fn checkpoint_bytes(recipe: &Recipe, model: &Model) -> u64 {
             params += n;
         }
     });
-    let buffers = match recipe.optim.kind {
-        OptimKind::Adamw => 2,
-        OptimKind::Sgd => u64::from(recipe.optim.momentum != 0.0),
-    };
+    let buffers = recipe.optim.buffers_per_param();
     let averages = u64::from(recipe.regularisation.ema_decay > 0.0);
     4 * (tensors + buffers * params + averages * tensors)
 }

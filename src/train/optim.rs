@@ -87,6 +87,15 @@ impl OptimConfig {
     pub fn scaled_lr(&self, batch_size: usize) -> f64 {
         self.lr * batch_size as f64 / self.base_batch_size.max(1) as f64
     }
+
+    /// The buffers [`Optimizer`] keeps per parameter once it has stepped (what a checkpoint's
+    /// `optim` group holds): AdamW's two moments, SGD's momentum unless it is 0.
+    pub fn buffers_per_param(&self) -> u64 {
+        match self.kind {
+            OptimKind::Adamw => 2,
+            OptimKind::Sgd => u64::from(self.momentum != 0.0),
+        }
+    }
 }
 
 /// Optimiser state: buffers per parameter, keyed by module path (SGD: the momentum buffer;
