@@ -8,8 +8,9 @@
 
 use std::cell::RefCell;
 
-use fast_image_resize::images::Image;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::images::{TypedImage, TypedImageRef};
+use fast_image_resize::pixels::{U8, U8x3};
+use fast_image_resize::{FilterType, PixelTrait, ResizeAlg, ResizeOptions, Resizer};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -200,28 +201,46 @@ pub fn crop_resize(
             pixels,
         };
     }
-    let pt = if c == 1 {
-        PixelType::U8
-    } else {
-        PixelType::U8x3
-    };
-    let src = Image::from_vec_u8(img.width as u32, img.height as u32, img.pixels, pt)
-        .expect("decoded buffer matches its size");
-    let mut dst = Image::new(out_w as u32, out_h as u32, pt);
+    let mut pixels = vec![0u8; out_w * out_h * c];
     let opts = ResizeOptions::new()
         .resize_alg(interp.alg())
         .crop(b.left, b.top, b.width, b.height);
-    RESIZER.with(|r| {
-        r.borrow_mut()
-            .resize(&src, &mut dst, &opts)
-            .expect("same pixel type, non-empty box")
-    });
+    let (w, h) = (img.width as u32, img.height as u32);
+    let (ow, oh) = (out_w as u32, out_h as u32);
+    // The typed entry point for the two pixel types convlab decodes: the untyped `resize`
+    // instantiates the resampler for all thirteen of the crate's pixel types, which was a fifth
+    // of convlab's LLVM IR and compiled twice (library and unit tests).
+    if c == 1 {
+        resize_as::<U8>(w, h, &img.pixels, ow, oh, &mut pixels, &opts);
+    } else {
+        resize_as::<U8x3>(w, h, &img.pixels, ow, oh, &mut pixels, &opts);
+    }
     RawImage {
         width: out_w,
         height: out_h,
         channels: c,
-        pixels: dst.into_vec(),
+        pixels,
     }
+}
+
+/// Resamples a `w x h` image of pixel type `P` into `dst` (`ow x oh`) with this thread's
+/// resizer.
+fn resize_as<P: PixelTrait>(
+    w: u32,
+    h: u32,
+    src: &[u8],
+    ow: u32,
+    oh: u32,
+    dst: &mut [u8],
+    opts: &ResizeOptions,
+) {
+    let src = TypedImageRef::<P>::from_buffer(w, h, src).expect("decoded buffer matches its size");
+    let mut dst = TypedImage::<P>::from_buffer(ow, oh, dst).expect("buffer sized for the output");
+    RESIZER.with(|r| {
+        r.borrow_mut()
+            .resize_typed(&src, &mut dst, opts)
+            .expect("non-empty box")
+    });
 }
 
 /// Resizes the shorter side to `size` and takes the centre square (bilinear). Images already
