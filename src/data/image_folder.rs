@@ -33,8 +33,10 @@ impl Dataset for ImageFolder {
     }
     fn mode(&self, index: usize) -> Option<&'static str> {
         use image::ImageDecoder;
-        let dec = image::ImageReader::open(&self.files[index])
-            .ok()?
+        // The same reader type as `decode_file`'s: each reader type instantiates every
+        // decoder the `image` crate has once more in convlab's build.
+        let bytes = std::fs::read(&self.files[index]).ok()?;
+        let dec = image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .ok()?
             .into_decoder()

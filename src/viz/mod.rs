@@ -194,24 +194,28 @@ pub fn overlay_heat(picture: &RgbImage, v: &[f32], w: usize, h: usize, alpha: f3
 
 /// Writes a PNG atomically.
 pub fn save(img: &RgbImage, path: &std::path::Path) -> Result<()> {
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+    let bytes = encode_png(img)
+        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
     crate::run::write_atomic(path, &bytes)
 }
 
 /// PNG bytes of an image (for embedding in the report).
 pub fn png_bytes(img: &RgbImage) -> Vec<u8> {
+    encode_png(img).expect("in-memory PNG")
+}
+
+/// The PNG encoder itself rather than `write_to(.., ImageFormat::Png)`, which instantiates
+/// every encoder the `image` crate has in convlab's build (the same bytes either way).
+fn encode_png(img: &RgbImage) -> image::ImageResult<Vec<u8>> {
+    use image::ImageEncoder;
     let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .expect("in-memory PNG");
-    bytes
+    image::codecs::png::PngEncoder::new(&mut bytes).write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgb8,
+    )?;
+    Ok(bytes)
 }
 
 /// Picks `channel`, or errors listing the valid range.
