@@ -143,11 +143,19 @@ fn image_decoding_never_panics() {
         }
         bases.push((ext, std::fs::read(&p).unwrap()));
     }
+    // The two modes whose headers `stored_mode` reads with PNG's and JPEG's own crates.
+    let p = d.path().join("palette.png");
+    write_palette_png(&p, 6, 5);
+    bases.push(("palette png", std::fs::read(&p).unwrap()));
+    let p = d.path().join("cmyk.jpg");
+    write_cmyk_jpeg(&p, 16, 12);
+    bases.push(("cmyk jpg", std::fs::read(&p).unwrap()));
     for (ext, base) in &bases {
         fuzz(&format!("decode {ext}"), base, 300, |b| {
             std::fs::write(&path, b).unwrap();
             let _ = image_folder::decode_file(&path, 3);
             let _ = image_folder::decode_file(&path, 1);
+            let _ = image_folder::stored_mode(b.to_vec());
         });
     }
     // A PNG whose header claims 100,000 x 100,000 pixels is refused before decoding.

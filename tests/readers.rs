@@ -122,6 +122,29 @@ fn image_folder_mixed_modes_and_corrupt_file() {
     }
     assert_eq!(bad.len(), 1, "{bad:?}");
     assert!(bad[0].contains("broken.jpg"), "{bad:?}");
+    // `data stats` counts each file's mode as it was stored, read from its header.
+    let mut modes = std::collections::BTreeMap::new();
+    for ds in [&s.train, &s.val] {
+        for i in 0..ds.len() {
+            let name = std::path::PathBuf::from(ds.describe(i));
+            let name = name.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with(|c: char| c.is_ascii_digit()) {
+                modes.insert(name, ds.mode(i));
+            }
+        }
+    }
+    let want = [
+        ("broken.jpg", None),
+        ("cmyk.jpg", Some("cmyk")),
+        ("deep.png", Some("rgb16")),
+        ("ga.png", Some("grey+alpha")),
+        ("grey.png", Some("grey")),
+        ("palette.png", Some("palette")),
+        ("rgba.png", Some("rgba")),
+    ];
+    let want: std::collections::BTreeMap<String, Option<&str>> =
+        want.iter().map(|(n, m)| (n.to_string(), *m)).collect();
+    assert_eq!(modes, want);
     let deep = convlab::data::image_folder::decode_file(&cat.join("deep.png"), 3).unwrap();
     assert_eq!(&deep.pixels[..3], &[255, 0, 128]);
     let grey = convlab::data::image_folder::decode_file(&cat.join("grey.png"), 1).unwrap();

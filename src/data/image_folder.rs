@@ -32,30 +32,60 @@ impl Dataset for ImageFolder {
         self.files[index].display().to_string()
     }
     fn mode(&self, index: usize) -> Option<&'static str> {
-        use image::ImageDecoder;
-        // The same reader type as `decode_file`'s: each reader type instantiates every
-        // decoder the `image` crate has once more in convlab's build.
-        let bytes = std::fs::read(&self.files[index]).ok()?;
-        let dec = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .ok()?
-            .into_decoder()
-            .ok()?;
-        Some(match dec.original_color_type() {
-            image::ExtendedColorType::L1
-            | image::ExtendedColorType::L2
-            | image::ExtendedColorType::L4
-            | image::ExtendedColorType::L8 => "grey",
-            image::ExtendedColorType::L16 => "grey16",
-            image::ExtendedColorType::La8 | image::ExtendedColorType::La16 => "grey+alpha",
-            image::ExtendedColorType::Rgb8 => "rgb",
-            image::ExtendedColorType::Rgb16 => "rgb16",
-            image::ExtendedColorType::Rgba8 | image::ExtendedColorType::Rgba16 => "rgba",
-            image::ExtendedColorType::Cmyk8 => "cmyk",
-            image::ExtendedColorType::Unknown(_) => "palette",
-            _ => "other",
-        })
+        stored_mode(std::fs::read(&self.files[index]).ok()?)
     }
+}
+
+/// The colour mode an image file was stored in (`data stats`' "modes"): "grey", "grey16",
+/// "grey+alpha", "rgb", "rgb16", "rgba", "palette", "cmyk" or "other"; `None` for a file no
+/// decoder reads. Only the headers are parsed.
+pub fn stored_mode(bytes: Vec<u8>) -> Option<&'static str> {
+    use image::ImageDecoder;
+    // The `image` crate's PNG and JPEG decoders report the colour type they expand to (a
+    // palette to RGB, CMYK to RGB), so those two ask their own crates' header readers first.
+    match image::guess_format(&bytes).ok()? {
+        image::ImageFormat::Png => {
+            let png = png::Decoder::new(std::io::Cursor::new(&bytes[..]))
+                .read_info()
+                .ok()?;
+            if png.info().color_type == png::ColorType::Indexed {
+                return Some("palette");
+            }
+        }
+        image::ImageFormat::Jpeg => {
+            use zune_core::colorspace::ColorSpace;
+            let mut jpeg = zune_jpeg::JpegDecoder::new(zune_core::bytestream::ZCursor::new(&bytes));
+            jpeg.decode_headers().ok()?;
+            if matches!(
+                jpeg.input_colorspace(),
+                Some(ColorSpace::CMYK | ColorSpace::YCCK)
+            ) {
+                return Some("cmyk");
+            }
+        }
+        _ => {}
+    }
+    // The same reader type as `decode_file`'s: each reader type instantiates every decoder
+    // the `image` crate has once more in convlab's build.
+    let dec = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_decoder()
+        .ok()?;
+    Some(match dec.original_color_type() {
+        image::ExtendedColorType::L1
+        | image::ExtendedColorType::L2
+        | image::ExtendedColorType::L4
+        | image::ExtendedColorType::L8 => "grey",
+        image::ExtendedColorType::L16 => "grey16",
+        image::ExtendedColorType::La8 | image::ExtendedColorType::La16 => "grey+alpha",
+        image::ExtendedColorType::Rgb8 => "rgb",
+        image::ExtendedColorType::Rgb16 => "rgb16",
+        image::ExtendedColorType::Rgba8 | image::ExtendedColorType::Rgba16 => "rgba",
+        image::ExtendedColorType::Cmyk8 => "cmyk",
+        image::ExtendedColorType::Unknown(_) => "palette",
+        _ => "other",
+    })
 }
 
 /// Decodes one image file of any supported mode into 8-bit grey or RGB.
