@@ -382,6 +382,20 @@ mod tests {
         assert_eq!(out.pixels, vec![5, 30]);
     }
 
+    /// The RGB path (fast_image_resize's `U8x3`): channels stay interleaved and apart.
+    #[test]
+    fn area_resize_averages_rgb_blocks() {
+        let row = [0, 100, 200, 10, 110, 200, 20, 120, 0, 40, 140, 0];
+        let img = RawImage {
+            width: 4,
+            height: 2,
+            channels: 3,
+            pixels: [row, row].concat(),
+        };
+        let out = crop_resize(img, CropBox::full(4, 2), 2, 1, Interpolation::Area);
+        assert_eq!(out.pixels, vec![5, 105, 200, 30, 130, 0]);
+    }
+
     #[test]
     fn reflect_and_zero_padding_indices() {
         let r: Vec<_> = (-3..7).map(|i| pad_index(i, 4, true).unwrap()).collect();
