@@ -22,6 +22,7 @@ pub struct AnalyzeArgs {
     /// Validation images used (a stratified subset of the split).
     #[arg(long, default_value_t = MAX_IMAGES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000000))]
     pub images: usize,
+    /// Checkpoint to load: the best validation epoch's, or the last epoch's.
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint: Which,
     /// Print one JSON object.

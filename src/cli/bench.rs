@@ -30,6 +30,7 @@ pub enum Preset {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// What to time.
     #[arg(value_enum)]
     pub what: What,
     /// Model (default: the recipe's, else bench-vgg).
@@ -43,15 +44,20 @@ pub struct BenchArgs {
     /// label smoothing, clipping, EMA, teacher and precision); default: the default recipe.
     #[arg(long)]
     pub recipe: Option<std::path::PathBuf>,
+    /// Images per step.
     #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     pub batch: usize,
     /// Timed steps (after 3 warm-up steps).
     #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000000))]
     pub steps: usize,
+    /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Compute device: cpu (= flex), flex, or with the matching cargo feature cuda[:N], wgpu,
+    /// tch, tch-cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Classes of the model's head (the random labels are drawn from them).
     #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub classes: usize,
     /// `bench data`: dataset (ImageFolder, CIFAR binary, IDX; default: built-in).

@@ -22,6 +22,7 @@ pub enum DataCommand {
 pub struct StatsArgs {
     /// Dataset (same forms as `train --data`); default: the built-in one.
     pub data: Option<PathBuf>,
+    /// Override the detected dataset format.
     #[arg(long, value_enum)]
     pub data_format: Option<DataFormat>,
     /// Side to fit photos to for the pixel statistics (default: the data's own, else 32).

@@ -37,6 +37,7 @@ pub struct EvalArgs {
     /// Evaluate on this dataset's held-out split instead of the run's.
     #[command(flatten)]
     pub data: DataArgs,
+    /// Checkpoint to load: the best validation epoch's, or the last epoch's.
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint: Which,
     /// Test-time augmentation: center (one crop), flip (+ mirror), ten-crop (corners, centre

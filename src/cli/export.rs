@@ -43,12 +43,14 @@ impl ExportFormat {
 pub struct ExportArgs {
     /// Run folder (trained, resumed, fine-tuned or made by `convlab import`).
     pub run: PathBuf,
+    /// What to write: a state dict in torchvision's, timm's or convlab's naming, or an ONNX graph.
     #[arg(long, value_enum)]
     pub format: ExportFormat,
     /// File to write: `.pth`/`.pt`/`.safetensors` for state dicts, `.onnx` for ONNX. The
     /// preprocessing JSON goes beside it as `FILE.json`.
     #[arg(long)]
     pub out: PathBuf,
+    /// Checkpoint to export: the best validation epoch's, or the last epoch's.
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint: Which,
     /// Also write `FILE.sample.safetensors`: a fixed input batch (`input`, 2 images already

@@ -23,6 +23,7 @@ pub struct PredictArgs {
     /// Image files to classify.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
+    /// Checkpoint to load: the best validation epoch's, or the last epoch's.
     #[arg(long, value_enum, default_value = "best")]
     pub checkpoint: Which,
     /// How many classes to show per image.

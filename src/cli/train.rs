@@ -24,13 +24,16 @@ pub struct TrainArgs {
     /// Held-out fraction for data without its own split.
     #[arg(long)]
     pub val_fraction: Option<f64>,
+    /// Epochs to train (sets `epochs`).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Images per step (sets `batch_size`; the learning rate scales linearly with it).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Base learning rate (at optim.base_batch_size; scaled linearly with --batch-size).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Seed of the initialisation, the data order and the augmentations (sets `seed`).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Arithmetic of the convolutions: fp32, or bf16 (needs AVX512-BF16; f32 weights and

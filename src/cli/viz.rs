@@ -29,6 +29,7 @@ pub struct VizArgs {
     /// Folder for the PNG files (default: RUN/viz).
     #[arg(long, global = true)]
     pub out: Option<PathBuf>,
+    /// Checkpoint to load: the best validation epoch's, or the last epoch's.
     #[arg(long, value_enum, default_value = "best", global = true)]
     pub checkpoint: Which,
     #[command(flatten)]
@@ -45,13 +46,17 @@ pub enum What {
     },
     /// Feature maps of one image at each chosen layer (default: every named layer).
     Activations {
+        /// Image file to look at (any format the loader reads; resized like validation images).
         #[arg(long)]
         image: PathBuf,
+        /// Layers by name (repeat the flag; default: every named layer; an unknown name lists
+        /// them).
         #[arg(long)]
         layer: Vec<String>,
     },
     /// For the strongest channels of a layer, the validation images that excite each most.
     TopPatches {
+        /// Layer by name (default: the last named layer; an unknown name lists them).
         #[arg(long)]
         layer: Option<String>,
         /// Images per channel.
@@ -66,15 +71,19 @@ pub enum What {
     },
     /// ZFNet deconvnet projection of a layer's strongest activation back to pixels.
     Deconv {
+        /// Image file to project (resized like validation images).
         #[arg(long)]
         image: PathBuf,
+        /// Layer by name (an unknown name lists them).
         #[arg(long)]
         layer: String,
+        /// Channel to project (default: the one with the strongest activation).
         #[arg(long)]
         channel: Option<usize>,
     },
     /// Gradient of the class score w.r.t. the input, and guided backpropagation.
     Saliency {
+        /// Image file to explain (resized like validation images).
         #[arg(long)]
         image: PathBuf,
         /// Class index (default: the predicted class).
@@ -83,8 +92,10 @@ pub enum What {
     },
     /// Grad-CAM heat map over the image.
     Gradcam {
+        /// Image file to explain (resized like validation images).
         #[arg(long)]
         image: PathBuf,
+        /// Class index (default: the predicted class).
         #[arg(long)]
         class: Option<usize>,
         /// Layer (default: the last named layer).
@@ -94,11 +105,13 @@ pub enum What {
     /// Occlusion maps: probability of the class, and the most probable class, as a grey
     /// square slides over the image.
     Occlusion {
+        /// Image file to occlude (resized like validation images).
         #[arg(long)]
         image: PathBuf,
         /// Side of the grey square in input pixels (default: a quarter of the input).
         #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         patch: Option<usize>,
+        /// Step between the square's positions in input pixels.
         #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         stride: usize,
         /// Class whose probability is mapped (default: the predicted class).
@@ -107,6 +120,7 @@ pub enum What {
     },
     /// First-layer filters (or `--layer`'s) at each saved epoch, side by side.
     Evolution {
+        /// Conv layer by parameter path (default: the first conv layer).
         #[arg(long)]
         layer: Option<String>,
     },
