@@ -87,6 +87,8 @@ def main():
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--flops", type=float, default=0.0, help="forward FLOPs per image (convlab's)")
     p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--accum", type=int, default=1,
+                   help="train: backward passes per optimiser step (convlab's grad_accum_steps)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -115,16 +117,21 @@ def main():
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if a.what == "train":
-                out = model(x)
-                loss = loss_fn(out.float(), labels)
-            else:
+        if a.what != "train":
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 with torch.inference_mode():
                     model(x)
-                return
+            return
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # Gradient accumulation as PyTorch users write it: each slice's mean loss weighted by
+        # its share of the batch, one backward pass a slice, one update.
+        for xs, ys in zip(torch.tensor_split(x, a.accum), torch.tensor_split(labels, a.accum)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(xs)
+                loss = loss_fn(out.float(), ys)
+                if a.accum > 1:
+                    loss = loss * (len(ys) / a.batch)
+            loss.backward()
         opt.step()
 
     model.train(a.what == "train")
@@ -138,7 +145,7 @@ def main():
     s = statistics.median(times)
     mult = 3.0 if a.what == "train" else 1.0
     print(json.dumps({
-        "model": a.model, "input": a.input, "batch": a.batch, "threads": a.threads,
+        "model": a.model, "input": a.input, "batch": a.batch, "accum": a.accum, "threads": a.threads,
         "device": "cpu", "precision": a.precision, "images_per_sec": a.batch / s,
         "ms_per_step": 1e3 * s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gflops_per_sec": a.flops * a.batch * mult / s / 1e9, "torch": torch.__version__,

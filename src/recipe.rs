@@ -26,6 +26,11 @@ pub struct Recipe {
     pub epochs: usize,
     /// Images per optimiser step.
     pub batch_size: usize,
+    /// Forward and backward passes each batch is cut into, their gradients summed before the
+    /// one optimiser step (1 = off): the same step in less memory, batch norm aside (each
+    /// slice normalises with its own statistics). `batch_size` and the learning rate keep
+    /// their meaning.
+    pub grad_accum_steps: usize,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub augment: Augment,
@@ -192,6 +197,7 @@ impl Default for Recipe {
             seed: 0,
             epochs: 15,
             batch_size: 64,
+            grad_accum_steps: 1,
             model: ModelConfig::default(),
             data: DataConfig::default(),
             augment: Augment::default(),
@@ -379,6 +385,15 @@ impl Recipe {
             return bad(
                 "batch_size",
                 &format!("{} (must be 1 to {MAX_BATCH})", self.batch_size),
+            );
+        }
+        if !(1..=self.batch_size).contains(&self.grad_accum_steps) {
+            return bad(
+                "grad_accum_steps",
+                &format!(
+                    "{} (must be 1 to batch_size, {})",
+                    self.grad_accum_steps, self.batch_size
+                ),
             );
         }
         if self.data.prefetch > 1024 {

@@ -175,6 +175,7 @@ fn bench_reports_the_documented_keys() {
                 "batch",
                 "device",
                 "gflops_per_sec",
+                "grad_accum_steps",
                 "images_per_sec",
                 "input",
                 "matrix_unit",
@@ -185,6 +186,7 @@ fn bench_reports_the_documented_keys() {
             ]
         );
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["grad_accum_steps"], 1);
         assert_eq!(v["matrix_unit"], "fp32");
         assert_eq!(v["activations"], "f32");
     }
@@ -240,8 +242,8 @@ fn bench_times_a_recipes_step() {
     let recipe = d.path().join("r.toml");
     std::fs::write(
         &recipe,
-        "[model]\nname = \"resnet18_small\"\ninput_size = 16\nzero_gamma = true\n\
-         [regularisation]\nema_decay = 0.9\n[loss]\nlabel_smoothing = 0.1\n",
+        "grad_accum_steps = 8\n[model]\nname = \"resnet18_small\"\ninput_size = 16\n\
+         zero_gamma = true\n[regularisation]\nema_decay = 0.9\n[loss]\nlabel_smoothing = 0.1\n",
     )
     .unwrap();
     let o = convlab()
@@ -253,6 +255,8 @@ fn bench_times_a_recipes_step() {
     let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
     assert_eq!(v["model"], "resnet18_small");
     assert_eq!(v["input"], "3x16x16");
+    // Eight passes asked, four images: one pass an image.
+    assert_eq!(v["grad_accum_steps"], 4);
     std::fs::write(
         &recipe,
         "[model]\nname = \"resnet18_small\"\nplan = \"8,M\"\n",
@@ -285,6 +289,30 @@ fn bad_kernel_switch_is_an_error() {
         &[("CONVLAB_KERNELS", "burn")],
     );
     assert!(ok(&o).contains("backend kernels"));
+}
+
+/// `--grad-accum-steps` trains in that many passes a batch, says so, records it in the run's
+/// recipe, and is refused above the batch size naming the key.
+#[test]
+fn grad_accum_steps_flag_trains() {
+    let d = tmp();
+    let run = d.path().join("run");
+    let out = ok(&train_tiny(&run, &["--grad-accum-steps", "3"]));
+    assert!(
+        out.contains("each batch of 32 in 3 passes of up to 11 images"),
+        "{out}"
+    );
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(recipe.contains("grad_accum_steps = 3"), "{recipe}");
+    assert!(run.join("summary.json").exists());
+    let e = fails(&train_tiny(
+        &d.path().join("too-many"),
+        &["--grad-accum-steps", "33"],
+    ));
+    assert!(
+        e.contains("grad_accum_steps") && e.contains("batch_size, 32"),
+        "{e}"
+    );
 }
 
 /// `--precision bf16` trains in bf16 where the CPU can (and says so), or says why it runs fp32;

@@ -146,3 +146,90 @@ fn a_checkpoint_takes_the_bytes_the_trainer_checks_for() {
         );
     }
 }
+
+/// Gradient accumulation (`grad_accum_steps`) cuts the batch into slices whose loss-weighted
+/// gradients sum to the whole batch's: on a model without batch norm or dropout, three uneven
+/// slices of a 10-image batch give the one-pass step's loss, logits, weights and momentum
+/// buffers, with weight decay and a gradient-norm clip that binds (so the clip sees the summed
+/// gradients). One step only: a second forward pass can flip a ReLU whose input sits within
+/// rounding of zero, and the two summation orders then part by a whole gradient element.
+#[test]
+fn accumulated_slices_make_the_whole_batch_step() {
+    use convlab::pipeline::{StepConfig, train_step};
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let sets = [
+        "model.num_classes=5",
+        "model.in_channels=1",
+        "model.input_size=16",
+        "model.batch_norm=false",
+        "optim.momentum=0.9",
+        "optim.weight_decay=0.0005",
+        "regularisation.grad_clip_norm=0.001",
+    ];
+    let overrides: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+    let r = Recipe::resolve(None, &overrides).unwrap();
+    let (b, k) = (10, 5);
+    device.seed(7);
+    let x = Tensor::<4>::random([b, 1, 16, 16], burn::tensor::Distribution::Default, &device);
+    let labels: Vec<usize> = (0..b).map(|i| (i * 3) % k).collect();
+    let q = smoothed_targets(&labels, k, 0.0);
+    let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), &device);
+
+    let step = |accum: usize| {
+        device.seed(Stream::ModelInit.seed(r.seed));
+        let model = r.model.build(&device).unwrap().train();
+        let before = checkpoint::module_tensors(&model.valid());
+        let (mut opt, _, _) = pipeline::optimizer_for(&r, &model, &device);
+        let mut cfg = StepConfig::from_recipe(&r, None);
+        cfg.grad_accum_steps = accum;
+        let out = train_step(model, &mut opt, None, x.clone(), targets.clone(), 1.0, &cfg);
+        let loss = out.loss.into_scalar::<f32>();
+        let logits = out.logits.inner().into_data().try_to_vec::<f32>().unwrap();
+        let mut moved = checkpoint::module_tensors(&out.model.valid());
+        for (key, t) in moved.iter_mut() {
+            for (w, w0) in t.data.iter_mut().zip(&before[key].data) {
+                *w -= w0;
+            }
+        }
+        (loss, logits, moved, opt.state())
+    };
+    let (loss1, logits1, moved1, state1) = step(1);
+    let (loss3, logits3, moved3, state3) = step(3);
+    assert!(
+        (loss1 - loss3).abs() <= 1e-5 * loss1.abs().max(1.0),
+        "loss {loss1} vs {loss3}"
+    );
+    assert_eq!((logits1.len(), logits3.len()), (b * k, b * k));
+    for (a, c) in logits1.iter().zip(&logits3) {
+        assert!((a - c).abs() <= 1e-5 * a.abs().max(1.0), "logit {a} vs {c}");
+    }
+    // The clip binds: no weight moved by more than lr * clip.
+    let largest = moved1
+        .values()
+        .flat_map(|t| &t.data)
+        .fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        largest > 0.0 && largest <= 1e-3 * 1.001,
+        "largest step {largest}"
+    );
+    for (one, three, what) in [
+        (&moved1, &moved3, "weight steps"),
+        (&state1, &state3, "buffers"),
+    ] {
+        assert_eq!(
+            one.keys().collect::<Vec<_>>(),
+            three.keys().collect::<Vec<_>>()
+        );
+        for (key, t) in one {
+            let scale = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = (t.data.iter().zip(&three[key].data))
+                .map(|(a, c)| (a - c).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-4 * scale.max(1e-6),
+                "{what} of {key} differ by {worst} (largest {scale})"
+            );
+        }
+    }
+}

@@ -89,6 +89,9 @@ struct Report {
     model: String,
     input: String,
     batch: usize,
+    /// Forward and backward passes per training step (the recipe's `grad_accum_steps`, at most
+    /// one per image; 1 for inference).
+    grad_accum_steps: usize,
     threads: usize,
     device: String,
     /// `convlab` (convlab's CPU kernels on burn-flex, libtorch's backward kernels on tch) or
@@ -321,6 +324,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         model: model_name,
         input,
         batch: a.batch,
+        grad_accum_steps: match mode {
+            Mode::Train => {
+                convlab::pipeline::step::micro_batches(a.batch, recipe.grad_accum_steps).len()
+            }
+            Mode::Infer => 1,
+        },
         threads: rayon::current_num_threads(),
         device: a.device.clone(),
         images_per_sec: ips,
@@ -356,12 +365,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} {:?} {} batch {} on {} ({} kernels, {} on {}, {} activations, {} threads): {:.1} img/s \
+            "{} {:?} {} batch {}{} on {} ({} kernels, {} on {}, {} activations, {} threads): {:.1} img/s \
              median (slowest step {:.1}, fastest {:.1}), {:.1} ms/step, {:.1} GFLOP/s, peak RSS {}",
             r.model,
             a.what,
             r.input,
             r.batch,
+            if r.grad_accum_steps > 1 {
+                format!(" in {} passes", r.grad_accum_steps)
+            } else {
+                String::new()
+            },
             r.device,
             r.kernels,
             r.precision,

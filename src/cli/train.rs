@@ -30,6 +30,10 @@ pub struct TrainArgs {
     /// Images per step (sets `batch_size`; the learning rate scales linearly with it).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Cut each batch into this many forward/backward passes whose gradients are summed before
+    /// the one optimiser step: the same step in less memory (sets `grad_accum_steps`).
+    #[arg(long)]
+    pub grad_accum_steps: Option<usize>,
     /// Base learning rate (at optim.base_batch_size; scaled linearly with --batch-size).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -141,6 +145,13 @@ fn overrides(a: &TrainArgs) -> Result<Vec<Override>> {
             "batch_size",
             int("--batch-size", v as u64)?,
             "--batch-size",
+        ));
+    }
+    if let Some(v) = a.grad_accum_steps {
+        o.push(Override::flag(
+            "grad_accum_steps",
+            int("--grad-accum-steps", v as u64)?,
+            "--grad-accum-steps",
         ));
     }
     if let Some(v) = a.lr {

@@ -302,6 +302,16 @@ fn describe(recipe: &Recipe, splits: &Splits, params: usize, rep: &mut dyn Repor
         recipe.optim.base_batch_size,
         recipe.optim.scaled_lr(recipe.batch_size),
     ));
+    if recipe.grad_accum_steps > 1 {
+        let slices = super::step::micro_batches(recipe.batch_size, recipe.grad_accum_steps);
+        rep.message(&format!(
+            "gradient accumulation: each batch of {} in {} passes of up to {} images, one \
+             optimiser step",
+            recipe.batch_size,
+            slices.len(),
+            slices[0].len(),
+        ));
+    }
 }
 
 /// The model with its backbone frozen or not for `epoch` (a function of the epoch alone, so a
