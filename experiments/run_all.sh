@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
-for e in ${@:-ensemble pooling kernels tricks regularisation depth init precision}; do
+for e in ${@:-ensemble pooling kernels tricks regularisation depth init precision grad_accum}; do
   ./target/release/convlab experiment experiments/$e.toml --out experiments/results/$e --threads 2
 done
