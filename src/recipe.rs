@@ -324,7 +324,9 @@ impl Recipe {
         let value = toml::Value::Table(table);
         let recipe: Recipe = serde_path_to_error::deserialize(value).map_err(|e| {
             let mut key = e.path().to_string();
-            let reason = e.inner().to_string();
+            // The message alone: toml's `Display` adds "in `KEY`" on lines of its own, and the
+            // key is already named.
+            let reason = e.inner().message().trim().to_string();
             // For an unknown field the path stops at its section; add the field's name.
             if let Some(name) = reason
                 .strip_prefix("unknown field `")
@@ -537,5 +539,7 @@ mod tests {
             e.contains("model.name") && e.contains("convnet_small"),
             "{e}"
         );
+        // One line: the key is named once, not again by toml's "in `model.name`" line.
+        assert!(!e.contains('\n'), "{e}");
     }
 }

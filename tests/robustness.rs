@@ -392,6 +392,86 @@ fn predict_reports_every_image_and_fails_after() {
     assert_eq!(a[2]["top"].as_array().unwrap().len(), 5);
 }
 
+/// predict reads folders (every image at any depth, other files ignored) batch by batch: five
+/// images in batches of two give the probabilities the files give named one by one in one
+/// batch, in the folder's order; a folder without images is an error naming it.
+#[test]
+fn predict_reads_folders_in_batches() {
+    let d = tmp();
+    let run = shared_run();
+    let photos = d.path().join("photos");
+    std::fs::create_dir_all(photos.join("later/deeper")).unwrap();
+    let files = [
+        photos.join("a.png"),
+        photos.join("b.png"),
+        photos.join("later/c.png"),
+        photos.join("later/deeper/d.png"),
+        photos.join("later/e.png"),
+    ];
+    for (i, f) in files.iter().enumerate() {
+        class_rgb(i % 3, 28 + i as u32, 28, i as u32)
+            .save(f)
+            .unwrap();
+    }
+    std::fs::write(photos.join("notes.txt"), "not an image").unwrap();
+    let json = |args: &[&std::path::Path], batch: &str| -> Vec<serde_json::Value> {
+        let o = convlab()
+            .args(["predict", "--json", "--batch", batch, "--run"])
+            .arg(run)
+            .args(args)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        v.as_array().unwrap().clone()
+    };
+    let by_folder = json(&[&photos], "2");
+    let named: Vec<&std::path::Path> = files.iter().map(|f| f.as_path()).collect();
+    let by_name = json(&named, "64");
+    assert_eq!(by_folder.len(), 5);
+    let mut seen: Vec<String> = by_folder
+        .iter()
+        .map(|p| p["image"].as_str().unwrap().to_string())
+        .collect();
+    seen.sort();
+    let mut want: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    for p in &by_folder {
+        let q = by_name.iter().find(|q| q["image"] == p["image"]).unwrap();
+        let (tp, tq) = (p["top"].as_array().unwrap(), q["top"].as_array().unwrap());
+        assert_eq!(tp.len(), 5);
+        for (gp, gq) in tp.iter().zip(tq) {
+            assert_eq!(gp["index"], gq["index"]);
+            let (a, b) = (
+                gp["probability"].as_f64().unwrap(),
+                gq["probability"].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5, "{}: {a} vs {b}", p["image"]);
+        }
+    }
+    // The same order on every call.
+    let again = json(&[&photos], "3");
+    let order = |v: &[serde_json::Value]| -> Vec<String> {
+        v.iter()
+            .map(|p| p["image"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(order(&by_folder), order(&again));
+
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(empty.join("sub")).unwrap();
+    std::fs::write(empty.join("sub/readme.md"), "x").unwrap();
+    let e = fails(
+        &convlab()
+            .args(["predict", "--run"])
+            .arg(run)
+            .arg(&empty)
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("empty") && e.contains("no images found"), "{e}");
+}
+
 /// Case 8: ensemble weights must be finite, non-negative and not all zero.
 #[test]
 fn ensemble_weights_are_checked() {

@@ -138,52 +138,102 @@ pub fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Scans `dir` with the given class list; every image under `dir/<class>/` (recursively).
-/// Symlinked folders are followed once: a folder reached again (a cycle such as `cat/loop ->
-/// .`, or two links to one folder) and a file reached twice are skipped and reported in
-/// `warnings`. An empty class folder is an error, as in torchvision, not a phantom class.
-pub fn scan(dir: &Path, classes: &[String], warnings: &mut Vec<String>) -> Result<ImageFolder> {
-    use std::collections::HashSet;
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut files = Vec::new();
-    let mut labels = Vec::new();
-    let mut seen_dirs: HashSet<PathBuf> = HashSet::new();
-    let mut seen_files: HashSet<PathBuf> = HashSet::new();
-    let (mut cycles, mut twice) = (Vec::new(), 0usize);
-    for (c, name) in classes.iter().enumerate() {
-        let cdir = dir.join(name);
-        if !cdir.is_dir() {
-            continue;
-        }
-        let before = files.len();
-        let mut stack = vec![cdir.clone()];
+/// A walk over folders of images that follows symlinked folders once: a folder reached again
+/// (a cycle such as `cat/loop -> .`, or two links to one folder) and a file reached twice are
+/// skipped and counted, for [`Walk::warnings`].
+#[derive(Default)]
+struct Walk {
+    seen_dirs: std::collections::HashSet<PathBuf>,
+    seen_files: std::collections::HashSet<PathBuf>,
+    cycles: Vec<String>,
+    twice: usize,
+}
+
+impl Walk {
+    /// Calls `found` with every image file under `top` (recursively; each folder's entries in
+    /// name order, hidden ones skipped), stopping at its first error.
+    fn images(&mut self, top: &Path, mut found: impl FnMut(PathBuf) -> Result<()>) -> Result<()> {
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut stack = vec![top.to_path_buf()];
         while let Some(d) = stack.pop() {
-            if !seen_dirs.insert(canon(&d)) {
-                cycles.push(d.display().to_string());
+            if !self.seen_dirs.insert(canon(&d)) {
+                self.cycles.push(d.display().to_string());
                 continue;
             }
             for p in sorted_entries(&d)? {
                 if p.is_dir() {
                     stack.push(p);
                 } else if is_image(&p) {
-                    if !seen_files.insert(canon(&p)) {
-                        twice += 1;
+                    if !self.seen_files.insert(canon(&p)) {
+                        self.twice += 1;
                         continue;
                     }
-                    if files.len() >= crate::limits::MAX_FOLDER_FILES {
-                        return Err(Error::BadData {
-                            path: dir.to_path_buf(),
-                            reason: format!(
-                                "more than {} images; that is the limit of one ImageFolder",
-                                crate::limits::MAX_FOLDER_FILES
-                            ),
-                        });
-                    }
-                    files.push(p);
-                    labels.push(c);
+                    found(p)?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// What the walk skipped under `dir`, as warnings.
+    fn warnings(&self, dir: &Path, warnings: &mut Vec<String>) {
+        let cycles = &self.cycles;
+        if !cycles.is_empty() {
+            warnings.push(format!(
+                "{}: {} folder(s) reached again through symlinks were read once only ({}{})",
+                dir.display(),
+                cycles.len(),
+                cycles
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if cycles.len() > 3 { ", ..." } else { "" }
+            ));
+        }
+        if self.twice > 0 {
+            warnings.push(format!(
+                "{}: {} image file(s) reached twice (symlinks) were counted once",
+                dir.display(),
+                self.twice
+            ));
+        }
+    }
+}
+
+/// The error for a folder holding more images than one ImageFolder may.
+fn too_many(dir: &Path) -> Error {
+    Error::BadData {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "more than {} images; that is the limit of one ImageFolder",
+            crate::limits::MAX_FOLDER_FILES
+        ),
+    }
+}
+
+/// Scans `dir` with the given class list; every image under `dir/<class>/` (recursively).
+/// Symlinked folders are followed once ([`Walk`]), what was skipped reported in `warnings`.
+/// An empty class folder is an error, as in torchvision, not a phantom class.
+pub fn scan(dir: &Path, classes: &[String], warnings: &mut Vec<String>) -> Result<ImageFolder> {
+    let mut files = Vec::new();
+    let mut labels = Vec::new();
+    let mut walk = Walk::default();
+    for (c, name) in classes.iter().enumerate() {
+        let cdir = dir.join(name);
+        if !cdir.is_dir() {
+            continue;
+        }
+        let before = files.len();
+        walk.images(&cdir, |p| {
+            if files.len() >= crate::limits::MAX_FOLDER_FILES {
+                return Err(too_many(dir));
+            }
+            files.push(p);
+            labels.push(c);
+            Ok(())
+        })?;
         if files.len() == before {
             return Err(Error::BadData {
                 path: cdir,
@@ -194,27 +244,34 @@ pub fn scan(dir: &Path, classes: &[String], warnings: &mut Vec<String>) -> Resul
             });
         }
     }
-    if !cycles.is_empty() {
-        warnings.push(format!(
-            "{}: {} folder(s) reached again through symlinks were read once only ({}{})",
-            dir.display(),
-            cycles.len(),
-            cycles
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-            if cycles.len() > 3 { ", ..." } else { "" }
-        ));
-    }
-    if twice > 0 {
-        warnings.push(format!(
-            "{}: {twice} image file(s) reached twice (symlinks) were counted once",
-            dir.display()
-        ));
-    }
+    walk.warnings(dir, warnings);
     Ok(ImageFolder { files, labels })
+}
+
+/// Every image file under `dir`, at any depth and in a fixed order (what `convlab predict`
+/// reads for a folder), with warnings for what symlinks made it skip. A folder without images
+/// is an error naming it.
+pub fn images_under(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut walk = Walk::default();
+    walk.images(dir, |p| {
+        if files.len() >= crate::limits::MAX_FOLDER_FILES {
+            return Err(too_many(dir));
+        }
+        files.push(p);
+        Ok(())
+    })?;
+    if files.is_empty() {
+        return Err(Error::BadData {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "no images found (looked for {} files at any depth)",
+                IMAGE_EXTENSIONS.join("/")
+            ),
+        });
+    }
+    walk.warnings(dir, warnings);
+    Ok(files)
 }
 
 /// Images that are the same file in both splits (by canonical path), for a warning.
