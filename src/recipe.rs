@@ -99,7 +99,7 @@ pub struct DataConfig {
     /// Stratified subsets (tests, quick trials).
     pub limit_train: Option<usize>,
     pub limit_val: Option<usize>,
-    /// Skip and count undecodable images instead of stopping.
+    /// Skip and count undecodable (or vanished) images instead of stopping.
     pub skip_bad_images: bool,
     /// Decode/augment threads.
     pub workers: usize,

@@ -472,6 +472,50 @@ fn predict_reads_folders_in_batches() {
     assert!(e.contains("empty") && e.contains("no images found"), "{e}");
 }
 
+/// `predict --tta flip` gives each image the mean of its own probabilities and its mirror
+/// image's (PNGs at the model's input size, so no resampling stands between the two), class by
+/// class.
+#[test]
+fn predict_tta_flip_averages_an_image_and_its_mirror() {
+    let d = tmp();
+    let run = shared_run();
+    let img = class_rgb(1, 28, 28, 5);
+    let (plain, mirror) = (d.path().join("plain.png"), d.path().join("mirror.png"));
+    img.save(&plain).unwrap();
+    image::imageops::flip_horizontal(&img)
+        .save(&mirror)
+        .unwrap();
+    let probs = |tta: &str, path: &std::path::Path| -> Vec<f64> {
+        let o = convlab()
+            .args(["predict", "--json", "--top", "10", "--tta", tta, "--run"])
+            .arg(run)
+            .arg(path)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        let mut by_class = vec![0.0; 10];
+        for g in v[0]["top"].as_array().unwrap() {
+            by_class[g["index"].as_u64().unwrap() as usize] = g["probability"].as_f64().unwrap();
+        }
+        by_class
+    };
+    let (a, b) = (probs("center", &plain), probs("center", &mirror));
+    let flip = probs("flip", &plain);
+    // The shared run is barely trained: its classes differ by hundredths, the mirror by 1e-5.
+    assert!(
+        a.iter().zip(&b).any(|(a, b)| (a - b).abs() > 1e-5),
+        "the mirror differs: {a:?} {b:?}"
+    );
+    for c in 0..10 {
+        let mean = (a[c] + b[c]) / 2.0;
+        assert!(
+            (flip[c] - mean).abs() < 1e-7,
+            "class {c}: {} vs {mean}",
+            flip[c]
+        );
+    }
+}
+
 /// Case 8: ensemble weights must be finite, non-negative and not all zero.
 #[test]
 fn ensemble_weights_are_checked() {

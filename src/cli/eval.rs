@@ -55,7 +55,7 @@ pub struct EvalArgs {
     pub runtime: RuntimeArgs,
 }
 
-fn parse_tta(s: &str) -> std::result::Result<Tta, String> {
+pub(super) fn parse_tta(s: &str) -> std::result::Result<Tta, String> {
     s.parse().map_err(|e: convlab::Error| e.to_string())
 }
 

@@ -2,17 +2,18 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::Result;
-use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use clap::Args;
-use convlab::data::image_folder::{self, decode_file};
-use convlab::pipeline::{load_model, transform};
+use convlab::data::Dataset;
+use convlab::data::image_folder::{self, ImageFolder};
+use convlab::eval::tta::{Tta, probabilities};
+use convlab::pipeline::{load_model, view_loader};
 use convlab::run::RunDir;
-use rayon::prelude::*;
 use serde::Serialize;
 
-use super::eval::Which;
+use super::eval::{Which, parse_tta};
 use super::{RuntimeArgs, device};
 use convlab::recipe::RunRecipe;
 
@@ -30,6 +31,11 @@ pub struct PredictArgs {
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub top: usize,
+    /// Test-time augmentation: center (one crop), flip (+ mirror), ten-crop (corners, centre
+    /// and their mirrors), multi-scale (whole image at each of the recipe's `eval.scales`, and
+    /// mirrors); the probabilities are the views' mean. Default: the recipe's `eval.tta`.
+    #[arg(long, value_parser = parse_tta)]
+    pub tta: Option<Tta>,
     /// Images decoded and classified at a time: the memory bound, whatever the number of
     /// images (results are printed batch by batch).
     #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
@@ -80,12 +86,18 @@ pub fn run(a: PredictArgs) -> Result<()> {
     device::set_threads(a.runtime.threads)?;
     let dev = device::pick(&a.runtime.device)?;
     let run = RunDir::open(&a.run)?;
-    let recipe = run.read_recipe()?;
+    let mut recipe = run.read_recipe()?;
     let classes = run.read_classes()?;
     let model = load_model(&run, &recipe, a.checkpoint.as_str(), &dev)?;
     let p = device::precision(recipe.precision, &dev, "the run's precision");
     let model = model.with_precision(p);
-    let t = transform(&recipe, false);
+    let tta = a.tta.unwrap_or(recipe.eval.tta);
+    let views = recipe.eval.views(tta, recipe.model.input_size);
+    // The evaluation loaders of `convlab eval`, over one batch of files at a time: a file
+    // that does not decode is skipped and reported in its place, nothing is cached.
+    recipe.batch_size = a.batch;
+    recipe.data.skip_bad_images = true;
+    recipe.data.cache_mb = 0;
     let images = expand(&a.images)?;
     let k = classes.len();
     let (mut count, mut failed, mut errors) = (0usize, 0usize, Vec::new());
@@ -93,65 +105,46 @@ pub fn run(a: PredictArgs) -> Result<()> {
         println!("[");
     }
     for chunk in images.chunks(a.batch) {
-        // Each image on its own: a bad file is reported in its place and the others still are.
-        let decoded: Vec<std::result::Result<Vec<f32>, String>> = chunk
-            .par_iter()
-            .map(|path| {
-                decode_file(path, t.channels)
-                    .map(|img| {
-                        let mut out = vec![0f32; t.sample_len()];
-                        t.apply(img, None, &mut out);
-                        out
+        let data: Arc<dyn Dataset> = Arc::new(ImageFolder {
+            files: chunk.to_vec(),
+            labels: vec![0; chunk.len()],
+        });
+        let make = |size, view| view_loader(&recipe, data.clone(), size, view);
+        let probs = probabilities(&model, k, chunk.len(), &views, &make, &dev)?;
+        for (i, path) in chunk.iter().enumerate() {
+            let image = path.display().to_string();
+            let pred = if probs.seen[i] {
+                let row = &probs.probs[i * k..(i + 1) * k];
+                let mut order: Vec<usize> = (0..k).collect();
+                order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
+                let top = order
+                    .into_iter()
+                    .take(a.top)
+                    .map(|i| Guess {
+                        class: classes[i].clone(),
+                        index: i,
+                        probability: row[i] as f64,
                     })
-                    .map_err(|e| e.to_string())
-            })
-            .collect();
-        let good: Vec<&Vec<f32>> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
-        let mut probs: Vec<f32> = Vec::new();
-        if !good.is_empty() {
-            let input: Vec<f32> = good.iter().flat_map(|v| v.iter().copied()).collect();
-            let x = Tensor::<4>::from_data(
-                TensorData::new(input, [good.len(), t.channels, t.size, t.size]),
-                &dev,
-            );
-            probs = softmax(model.forward(x), 1)
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec()
-                .expect("f32");
-        }
-        let mut rows = probs.chunks_exact(k);
-        for (path, d) in chunk.iter().zip(&decoded) {
-            let pred = match d {
-                Err(e) => {
-                    failed += 1;
-                    if errors.len() < 5 {
-                        errors.push(e.clone());
-                    }
-                    Prediction {
-                        image: path.display().to_string(),
-                        top: None,
-                        error: Some(e.clone()),
-                    }
+                    .collect();
+                Prediction {
+                    image,
+                    top: Some(top),
+                    error: None,
                 }
-                Ok(_) => {
-                    let row = rows.next().expect("one row per decoded image");
-                    let mut order: Vec<usize> = (0..k).collect();
-                    order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
-                    let top = order
-                        .into_iter()
-                        .take(a.top)
-                        .map(|i| Guess {
-                            class: classes[i].clone(),
-                            index: i,
-                            probability: row[i] as f64,
-                        })
-                        .collect();
-                    Prediction {
-                        image: path.display().to_string(),
-                        top: Some(top),
-                        error: None,
-                    }
+            } else {
+                let why = probs
+                    .skipped
+                    .iter()
+                    .find(|(source, _)| *source == image)
+                    .map_or_else(|| format!("{image}: not decoded"), |(_, why)| why.clone());
+                failed += 1;
+                if errors.len() < 5 {
+                    errors.push(why.clone());
+                }
+                Prediction {
+                    image,
+                    top: None,
+                    error: Some(why),
                 }
             };
             show(&pred, a.json, count == 0)?;

@@ -58,7 +58,7 @@ pub struct TrainArgs {
     /// Any recipe field, e.g. --set optim.momentum=0.8 --set data.limit_train=500.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Skip and count undecodable images instead of stopping.
+    /// Skip and count undecodable (or vanished) images instead of stopping.
     #[arg(long)]
     pub skip_bad_images: bool,
     /// Continue a run from its last complete checkpoint (uses the run's recipe).

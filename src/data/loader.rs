@@ -158,7 +158,10 @@ pub fn make_batch(
     for (k, r) in results.into_iter().enumerate() {
         match r {
             Ok(()) => keep.push(k),
-            Err(e @ (Error::BadImage { .. } | Error::Io { .. })) if config.skip_bad => {
+            // A file gone since the folder was scanned is as unreadable as a corrupt one.
+            Err(e @ (Error::BadImage { .. } | Error::Io { .. } | Error::Missing { .. }))
+                if config.skip_bad =>
+            {
                 skipped.push((data.describe(chunk[k]), e.to_string()));
             }
             Err(e) => return Err(e),
