@@ -269,6 +269,56 @@ mod tests {
         assert_eq!(seen.len(), 20);
     }
 
+    /// With `skip_bad`, a corrupt file and a file that has vanished are both skipped with
+    /// their reasons and the good one still comes through; without it, the vanished file stops
+    /// the epoch naming it.
+    #[test]
+    fn skip_bad_drops_corrupt_and_vanished_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.png");
+        image::GrayImage::from_fn(4, 4, |x, y| image::Luma([(x * 40 + y) as u8]))
+            .save(&good)
+            .unwrap();
+        let corrupt = dir.path().join("corrupt.png");
+        std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nrubbish").unwrap();
+        let gone = dir.path().join("gone.png");
+        let data: Arc<dyn Dataset> = Arc::new(crate::data::image_folder::ImageFolder {
+            files: vec![gone.clone(), good, corrupt],
+            labels: vec![0, 1, 0],
+        });
+        let make = |skip_bad| {
+            let t = Transform {
+                channels: 1,
+                size: 4,
+                mean: vec![0.5],
+                std: vec![0.25],
+                pca: None,
+                mode: Mode::Train(Augment::none()),
+            };
+            let cfg = LoaderConfig {
+                batch_size: 3,
+                train: false,
+                drop_last: false,
+                workers: 1,
+                prefetch: 1,
+                seed: 0,
+                skip_bad,
+            };
+            Loader::new(data.clone(), t, cfg).unwrap()
+        };
+        let batch = make(true).epoch(0).next().unwrap().unwrap();
+        assert_eq!(batch.indices, vec![1]);
+        let reasons: Vec<&str> = batch.skipped.iter().map(|(_, why)| why.as_str()).collect();
+        assert_eq!(batch.skipped.len(), 2, "{reasons:?}");
+        assert!(reasons[0].contains("gone.png") && reasons[0].contains("no such file"));
+        assert!(reasons[1].contains("corrupt.png") && reasons[1].contains("cannot decode"));
+        let Err(e) = make(false).epoch(0).next().unwrap() else {
+            panic!("a vanished file without skip_bad must stop the epoch")
+        };
+        let e = e.to_string();
+        assert!(e.contains("gone.png"), "{e}");
+    }
+
     #[test]
     fn dropping_mid_epoch_does_not_hang() {
         let l = loader(1);
