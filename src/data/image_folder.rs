@@ -150,8 +150,9 @@ struct Walk {
 }
 
 impl Walk {
-    /// Calls `found` with every image file under `top` (recursively; each folder's entries in
-    /// name order, hidden ones skipped), stopping at its first error.
+    /// Calls `found` with every image file under `top` (depth first, hidden entries skipped:
+    /// a folder's files in name order, then its sub-folders, the last-named first, the order
+    /// ImageFolder runs have always listed their files in), stopping at its first error.
     fn images(&mut self, top: &Path, mut found: impl FnMut(PathBuf) -> Result<()>) -> Result<()> {
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let mut stack = vec![top.to_path_buf()];

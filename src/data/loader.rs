@@ -224,20 +224,25 @@ mod tests {
         })
     }
 
-    fn loader(workers: usize) -> Loader {
-        let t = Transform {
+    /// A transform to 4x4 grey samples in `mode`.
+    fn grey4(mode: Mode) -> Transform {
+        Transform {
             channels: 1,
             size: 4,
             mean: vec![0.5],
             std: vec![0.25],
             pca: None,
-            mode: Mode::Train(Augment {
-                crop: CropMode::Pad,
-                crop_padding: 1,
-                hflip: 0.5,
-                ..Augment::none()
-            }),
-        };
+            mode,
+        }
+    }
+
+    fn loader(workers: usize) -> Loader {
+        let t = grey4(Mode::Train(Augment {
+            crop: CropMode::Pad,
+            crop_padding: 1,
+            hflip: 0.5,
+            ..Augment::none()
+        }));
         let cfg = LoaderConfig {
             batch_size: 5,
             train: true,
@@ -287,14 +292,7 @@ mod tests {
             labels: vec![0, 1, 0],
         });
         let make = |skip_bad| {
-            let t = Transform {
-                channels: 1,
-                size: 4,
-                mean: vec![0.5],
-                std: vec![0.25],
-                pca: None,
-                mode: Mode::Train(Augment::none()),
-            };
+            let t = grey4(Mode::Train(Augment::none()));
             let cfg = LoaderConfig {
                 batch_size: 3,
                 train: false,
