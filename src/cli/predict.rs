@@ -110,7 +110,16 @@ pub fn run(a: PredictArgs) -> Result<()> {
             labels: vec![0; chunk.len()],
         });
         let make = |size, view| view_loader(&recipe, data.clone(), size, view);
-        let probs = probabilities(&model, k, chunk.len(), &views, &make, &dev)?;
+        let probs = match probabilities(&model, k, chunk.len(), &views, &make, &dev) {
+            Ok(p) => p,
+            Err(e) => {
+                // What was printed stays valid JSON: close the array before the error.
+                if a.json {
+                    println!("\n]");
+                }
+                return Err(e.into());
+            }
+        };
         for (i, path) in chunk.iter().enumerate() {
             let image = path.display().to_string();
             let pred = if probs.seen[i] {
