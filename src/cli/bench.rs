@@ -7,7 +7,7 @@ use convlab::kernels::Precision;
 use convlab::models::{ModelConfig, ModelName};
 use serde::Serialize;
 
-use super::device;
+use super::{RuntimeArgs, device};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum What {
@@ -50,13 +50,8 @@ pub struct BenchArgs {
     /// Timed steps (after 3 warm-up steps).
     #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000000))]
     pub steps: usize,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Compute device: cpu (= flex), flex, or with the matching cargo feature cuda[:N], wgpu,
-    /// tch, tch-cuda[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Classes of the model's head (the random labels are drawn from them).
     #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100000))]
     pub classes: usize,
@@ -289,7 +284,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if matches!(a.what, What::Data) {
         return run_data(&a);
     }
-    device::set_threads(a.threads)?;
+    device::set_threads(a.runtime.threads)?;
     let recipe = match &a.recipe {
         Some(p) => convlab::recipe::Recipe::resolve(Some(p), &[])?,
         None => convlab::recipe::Recipe::default(),
@@ -297,7 +292,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let cfg = model_config(&a, &recipe)?;
     let model_name = cfg.name.to_string();
     let input = format!("{}x{}x{}", cfg.in_channels, cfg.input_size, cfg.input_size);
-    let base = device::pick(&a.device)?;
+    let base = device::pick(&a.runtime.device)?;
     let (mode, dev) = match a.what {
         What::Train => (Mode::Train, base.autodiff()),
         What::Infer | What::Data => (Mode::Infer, base),
@@ -331,7 +326,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Mode::Infer => 1,
         },
         threads: rayon::current_num_threads(),
-        device: a.device.clone(),
+        device: a.runtime.device.clone(),
         images_per_sec: ips,
         ms_per_step: 1e3 * t.median(),
         peak_rss_mb: bench::peak_rss_mb(),
