@@ -324,6 +324,11 @@ pub enum Stream {
     Shuffle { epoch: usize },
     /// The augmentation of sample `sample` (its dataset index) in epoch `epoch` (from 0).
     Augment { epoch: usize, sample: usize },
+    /// The class-balanced draws of one epoch (`data.sampler = "balanced"`).
+    BalancedDraws { epoch: usize },
+    /// The augmentation of the `draw`-th sample drawn in epoch `epoch` when samples are drawn
+    /// with replacement: an image drawn twice gets two augmentations.
+    AugmentDraw { epoch: usize, draw: usize },
     /// The shuffled members of class `class` when splitting off a validation set.
     Split { class: usize },
 }
@@ -338,6 +343,10 @@ impl Stream {
             Stream::Mix { step } => mix_seed(&[seed, step as u64, 0x313]),
             Stream::Shuffle { epoch } => mix_seed(&[seed, epoch as u64, 1]),
             Stream::Augment { epoch, sample } => mix_seed(&[seed, epoch as u64, sample as u64]),
+            Stream::BalancedDraws { epoch } => mix_seed(&[seed, epoch as u64, 0xBA1, 0]),
+            Stream::AugmentDraw { epoch, draw } => {
+                mix_seed(&[seed, epoch as u64, draw as u64, 0xD2A])
+            }
             Stream::Split { class } => mix_seed(&[seed, class as u64]),
         }
     }

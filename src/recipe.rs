@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::transforms::Pca;
-use crate::data::{Augment, DataFormat, DataSpec};
+use crate::data::{Augment, DataFormat, DataSpec, Sampler};
 use crate::error::{Error, Result};
 use crate::eval::tta::EvalConfig;
 use crate::models::ModelConfig;
+use crate::train::loss::ClassWeights;
 
 // Each section's config lives with the code that consumes it; the recipe composes them.
 pub use crate::train::optim::{OptimConfig, OptimKind};
@@ -101,6 +102,9 @@ pub struct DataConfig {
     pub limit_val: Option<usize>,
     /// Skip and count undecodable (or vanished) images instead of stopping.
     pub skip_bad_images: bool,
+    /// How a training epoch picks its samples: `shuffle` (each once) or `balanced` (classes
+    /// equally often, with replacement).
+    pub sampler: Sampler,
     /// Decode/augment threads.
     pub workers: usize,
     /// Batches decoded ahead of the training step.
@@ -136,6 +140,7 @@ impl Default for DataConfig {
             limit_train: None,
             limit_val: None,
             skip_bad_images: false,
+            sampler: Sampler::Shuffle,
             workers: 2,
             prefetch: 4,
             cache_mb: 0,
@@ -176,6 +181,9 @@ pub struct LossConfig {
     pub mix_prob: f64,
     /// No mixing in the last this many epochs.
     pub mix_off_epochs: usize,
+    /// `"none"`, `"balanced"` (`N / (K * n_c)`) or one weight per class: how much each
+    /// class's samples count in the loss.
+    pub class_weights: ClassWeights,
 }
 
 impl Default for LossConfig {
@@ -187,6 +195,7 @@ impl Default for LossConfig {
             cutmix_alpha: 0.0,
             mix_prob: 1.0,
             mix_off_epochs: 0,
+            class_weights: ClassWeights::None,
         }
     }
 }
@@ -431,6 +440,7 @@ impl Recipe {
         if !(0.0..1.0).contains(&self.loss.label_smoothing) {
             return bad("loss.label_smoothing", "must be in [0, 1)");
         }
+        self.loss.class_weights.validate()?;
         self.augment.validate()?;
         self.finetune.validate(self.epochs)?;
         self.eval.validate()?;

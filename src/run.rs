@@ -43,6 +43,13 @@ pub struct EpochMetrics {
     pub val_loss: f64,
     pub val_top1: f64,
     pub val_top5: f64,
+    /// Mean per-class recall on the validation split (equals `val_top1` when its classes are
+    /// equally frequent).
+    #[serde(default)]
+    pub val_balanced_top1: f64,
+    /// Mean per-class F1 on the validation split.
+    #[serde(default)]
+    pub val_macro_f1: f64,
     pub lr: f64,
     pub images_per_sec: f64,
     pub seconds: f64,
@@ -78,6 +85,10 @@ pub struct Summary {
     pub best_epoch: usize,
     pub final_val_top1: f64,
     pub final_val_top5: f64,
+    #[serde(default)]
+    pub final_val_balanced_top1: f64,
+    #[serde(default)]
+    pub final_val_macro_f1: f64,
     pub final_val_loss: f64,
     pub seconds: f64,
     pub images_skipped: usize,

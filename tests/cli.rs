@@ -44,7 +44,9 @@ fn train_eval_predict_on_builtin_subset() {
             "seconds",
             "train_loss",
             "train_top1",
+            "val_balanced_top1",
             "val_loss",
+            "val_macro_f1",
             "val_top1",
             "val_top5"
         ]
@@ -488,4 +490,86 @@ fn divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint() {
         before
     );
     assert!(!run.join("summary.json").exists());
+}
+
+/// Imbalanced classes: training points at the options; class weights and the balanced sampler
+/// say what they do; eval reports balanced top-1, macro F1 and per-class precision and F1.
+#[test]
+fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
+    let d = tmp();
+    let data = d.path().join("photos");
+    write_image_folder(&data, &["many", "few"], 40);
+    // Leave 4 of class `few`: about 32 against 3 after the 20% validation split.
+    for i in 4..40 {
+        let ext = if i % 2 == 0 { "png" } else { "jpg" };
+        std::fs::remove_file(data.join(format!("few/{i:03}.{ext}"))).unwrap();
+    }
+    let train = |out: &str, extra: &[&str]| {
+        convlab()
+            .args(["train", "--epochs", "1", "--batch-size", "8", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(d.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let plain = ok(&train("plain", &[]));
+    assert!(
+        plain.contains("classes are imbalanced") && plain.contains("loss.class_weights"),
+        "{plain}"
+    );
+    let o = train(
+        "weighted",
+        &[
+            "--set",
+            "loss.class_weights=\"balanced\"",
+            "--set",
+            "data.sampler=\"balanced\"",
+        ],
+    );
+    let out = ok(&o);
+    assert!(!out.contains("classes are imbalanced"), "{out}");
+    assert!(out.contains("class-balanced sampling"), "{out}");
+    // N / (K n_c): `few`'s weight is about ten times `many`'s.
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("class weights in the loss"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let weight = |name: &str| -> f64 {
+        let rest = &line[line.find(&format!("{name} ")).unwrap() + name.len() + 1..];
+        rest.split(',').next().unwrap().trim().parse().unwrap()
+    };
+    assert!(weight("few") > 5.0 * weight("many"), "{line}");
+    let recipe = std::fs::read_to_string(d.path().join("weighted/recipe.toml")).unwrap();
+    assert!(
+        recipe.contains("class_weights = \"balanced\"")
+            && recipe.contains("sampler = \"balanced\""),
+        "{recipe}"
+    );
+    let o = convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(d.path().join("weighted"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    for key in ["balanced_top1", "macro_f1"] {
+        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+        assert!((0.0..=1.0).contains(&x), "{key} {x}");
+    }
+    // Classes in name order: `few` first.
+    let c = &v["per_class"][0];
+    assert_eq!(c["class"], "few");
+    assert!(
+        c["precision"].is_f64() && c["f1"].is_f64() && c["predicted"].is_u64(),
+        "{c}"
+    );
+    // A list of the wrong length, and an unknown sampler, name their keys.
+    let e = fails(&train("bad", &["--set", "loss.class_weights=[1, 2, 3]"]));
+    assert!(
+        e.contains("loss.class_weights") && e.contains("3 weights for 2"),
+        "{e}"
+    );
+    let e = fails(&train("bad", &["--set", "data.sampler=\"weighted\""]));
+    assert!(e.contains("data.sampler") && e.contains("balanced"), "{e}");
 }

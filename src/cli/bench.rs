@@ -194,6 +194,7 @@ fn run_data(a: &BenchArgs) -> Result<()> {
         prefetch: 4,
         seed: 0,
         skip_bad: false,
+        sampler: Default::default(),
     };
     let loader = Loader::new(data.clone(), t, cfg)?;
     let t0 = std::time::Instant::now();

@@ -135,18 +135,25 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     }
     println!(
-        "top1 {:.2}%  top5 {:.2}%  loss {:.4}\n",
+        "top1 {:.2}%  top5 {:.2}%  loss {:.4}  balanced top1 {:.2}%  macro F1 {:.4}\n",
         100.0 * report.top1,
         100.0 * report.top5,
-        report.loss
+        report.loss,
+        100.0 * report.balanced_top1,
+        report.macro_f1,
     );
     let w = classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
-    println!("{:<w$}  {:>8}  {:>6}", "class", "accuracy", "count");
+    println!(
+        "{:<w$}  {:>8}  {:>9}  {:>6}  {:>6}",
+        "class", "accuracy", "precision", "F1", "count"
+    );
     for c in &report.per_class {
         println!(
-            "{:<w$}  {:>7.2}%  {:>6}",
+            "{:<w$}  {:>7.2}%  {:>8.2}%  {:>6.4}  {:>6}",
             c.class,
             100.0 * c.accuracy,
+            100.0 * c.precision,
+            c.f1,
             c.count
         );
     }

@@ -154,6 +154,8 @@ pub fn run(a: ImportArgs) -> Result<()> {
                 best_epoch: 0,
                 final_val_top1: 0.0,
                 final_val_top5: 0.0,
+                final_val_balanced_top1: 0.0,
+                final_val_macro_f1: 0.0,
                 final_val_loss: 0.0,
                 seconds: 0.0,
                 images_skipped: 0,

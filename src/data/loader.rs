@@ -1,6 +1,6 @@
 //! The parallel batch loader.
 //!
-//! A producer thread walks the epoch's (seeded) permutation in batch-sized chunks; each chunk is
+//! A producer thread walks the epoch's (seeded) order in batch-sized chunks; each chunk is
 //! decoded and transformed by a dedicated rayon pool straight into the batch buffer, and the
 //! finished batch goes into a bounded channel of `prefetch` slots. The training step takes
 //! batches from the other end, so decoding overlaps compute and at most `prefetch + 2` batches of
@@ -59,6 +59,78 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Skip undecodable images instead of failing.
     pub skip_bad: bool,
+    /// How a training epoch picks its samples (evaluation walks the data in order).
+    pub sampler: Sampler,
+}
+
+/// `data.sampler`: how a training epoch picks its samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// Every sample once, in a seeded random order.
+    #[default]
+    Shuffle,
+    /// As many draws as samples, with replacement, each draw a uniformly random class and then
+    /// a uniformly random sample of it, so every class is seen equally often (class-balanced
+    /// sampling, as PyTorch's `WeightedRandomSampler` with weights `1 / n_class`; Shen et al.
+    /// 2016, "Relay Backpropagation"). Rare classes' images repeat within an epoch (each
+    /// repeat augmented afresh); frequent classes' images are not all seen every epoch.
+    Balanced,
+}
+
+impl std::fmt::Display for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sampler::Shuffle => "shuffle",
+            Sampler::Balanced => "balanced",
+        })
+    }
+}
+
+/// The samples of one epoch, in order, and the key that seeds each one's augmentation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochOrder {
+    pub indices: Vec<usize>,
+    /// Per position: [`Stream::Augment`]'s sample index (each sample once), or
+    /// [`Stream::AugmentDraw`]'s draw number (sampling with replacement).
+    keys: Vec<AugmentKey>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AugmentKey {
+    Sample(usize),
+    Draw(usize),
+}
+
+impl AugmentKey {
+    fn stream(self, epoch: usize) -> Stream {
+        match self {
+            AugmentKey::Sample(sample) => Stream::Augment { epoch, sample },
+            AugmentKey::Draw(draw) => Stream::AugmentDraw { epoch, draw },
+        }
+    }
+}
+
+/// `n` draws with replacement from `labels`' samples: a uniform class among those present,
+/// then a uniform member of it.
+pub fn balanced_draws(labels: &[usize], n: usize, seed: u64) -> Vec<usize> {
+    use rand::Rng;
+    let classes = labels.iter().max().map_or(0, |&m| m + 1);
+    let mut members = vec![Vec::new(); classes];
+    for (i, &l) in labels.iter().enumerate() {
+        members[l].push(i);
+    }
+    members.retain(|m| !m.is_empty());
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let m = &members[rng.random_range(0..members.len())];
+            m[rng.random_range(0..m.len())]
+        })
+        .collect()
 }
 
 /// Produces the batches of epochs of one dataset.
@@ -94,15 +166,24 @@ impl Loader {
         }
     }
 
-    /// The order of samples in `epoch`: a seeded permutation when training, else `0..n`.
-    pub fn order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.data.len()).collect();
-        if self.config.train {
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(Stream::Shuffle { epoch }.seed(self.config.seed));
-            order.shuffle(&mut rng);
+    /// The samples of `epoch` in order: when training, a seeded permutation or, with the
+    /// balanced sampler, seeded class-balanced draws; else `0..n`.
+    pub fn order(&self, epoch: usize) -> EpochOrder {
+        let n = self.data.len();
+        let seed = self.config.seed;
+        if self.config.train && self.config.sampler == Sampler::Balanced {
+            let labels = super::dataset::labels_of(self.data.as_ref());
+            let indices = balanced_draws(&labels, n, Stream::BalancedDraws { epoch }.seed(seed));
+            let keys = (0..indices.len()).map(AugmentKey::Draw).collect();
+            return EpochOrder { indices, keys };
         }
-        order
+        let mut indices: Vec<usize> = (0..n).collect();
+        if self.config.train {
+            let mut rng = ChaCha8Rng::seed_from_u64(Stream::Shuffle { epoch }.seed(seed));
+            indices.shuffle(&mut rng);
+        }
+        let keys = indices.iter().map(|&i| AugmentKey::Sample(i)).collect();
+        EpochOrder { indices, keys }
     }
 
     /// Starts producing the batches of `epoch` in the background.
@@ -115,9 +196,11 @@ impl Loader {
         let config = self.config.clone();
         let pool = self.pool.clone();
         let handle = std::thread::spawn(move || {
-            for chunk in order.chunks(config.batch_size).take(nb) {
-                let batch =
-                    pool.install(|| make_batch(data.as_ref(), &transform, &config, epoch, chunk));
+            let b = config.batch_size;
+            let chunks = order.indices.chunks(b).zip(order.keys.chunks(b));
+            for (chunk, keys) in chunks.take(nb) {
+                let batch = pool
+                    .install(|| make_batch(data.as_ref(), &transform, &config, epoch, chunk, keys));
                 let stop = batch.is_err();
                 if tx.send(batch).is_err() || stop {
                     return;
@@ -131,24 +214,24 @@ impl Loader {
     }
 }
 
-/// Builds one batch from the dataset positions `chunk`.
-pub fn make_batch(
+/// Builds one batch from the dataset positions `chunk`, augmenting each (when training) with
+/// the stream its key names.
+fn make_batch(
     data: &dyn Dataset,
     transform: &Transform,
     config: &LoaderConfig,
     epoch: usize,
     chunk: &[usize],
+    keys: &[AugmentKey],
 ) -> Result<Batch> {
     let len = transform.sample_len();
     let mut images = vec![0f32; chunk.len() * len];
     let results: Vec<Result<()>> = images
         .par_chunks_mut(len)
-        .zip(chunk.par_iter())
-        .map(|(out, &i)| {
+        .zip(chunk.par_iter().zip(keys))
+        .map(|(out, (&i, key))| {
             let img = data.image(i, transform.channels)?;
-            let seed = config
-                .train
-                .then(|| Stream::Augment { epoch, sample: i }.seed(config.seed));
+            let seed = config.train.then(|| key.stream(epoch).seed(config.seed));
             transform.apply(img, seed, out);
             Ok(())
         })
@@ -251,6 +334,7 @@ mod tests {
             prefetch: 2,
             seed: 3,
             skip_bad: false,
+            sampler: Sampler::Shuffle,
         };
         Loader::new(tiny(23), t, cfg).unwrap()
     }
@@ -301,6 +385,7 @@ mod tests {
                 prefetch: 1,
                 seed: 0,
                 skip_bad,
+                sampler: Sampler::Shuffle,
             };
             Loader::new(data.clone(), t, cfg).unwrap()
         };
@@ -315,6 +400,78 @@ mod tests {
         };
         let e = e.to_string();
         assert!(e.contains("gone.png"), "{e}");
+    }
+
+    #[test]
+    fn balanced_draws_make_every_class_equally_frequent() {
+        // 100 : 10 : 1 samples; class 3 has none.
+        let labels: Vec<usize> = [vec![0; 100], vec![1; 10], vec![2; 1], vec![4; 5]].concat();
+        let n = 40_000;
+        let d = balanced_draws(&labels, n, 7);
+        assert_eq!(d.len(), n);
+        let mut per_class = [0usize; 5];
+        let mut per_sample = vec![0usize; labels.len()];
+        for &i in &d {
+            per_class[labels[i]] += 1;
+            per_sample[i] += 1;
+        }
+        assert_eq!(per_class[3], 0);
+        // A quarter each, within 5 standard deviations (sqrt(n p (1 - p)) ~ 87).
+        for c in [0, 1, 2, 4] {
+            assert!(per_class[c].abs_diff(n / 4) < 450, "{per_class:?}");
+        }
+        // Within a class, members are drawn uniformly: class 1's ten share its 10,000 draws.
+        assert!(per_sample[100..110].iter().all(|&k| k.abs_diff(1000) < 160));
+        assert_eq!(d, balanced_draws(&labels, n, 7));
+        assert_ne!(d, balanced_draws(&labels, n, 8));
+        assert!(balanced_draws(&[], 5, 0).is_empty());
+    }
+
+    #[test]
+    fn balanced_sampler_repeats_rare_images_with_fresh_augmentation() {
+        // 23 samples, one of class 1 among twenty-two of class 0 (labels 0 and 1 only).
+        let data: Arc<dyn Dataset> = Arc::new(InMemory {
+            source: "mem".into(),
+            width: 4,
+            height: 4,
+            channels: 1,
+            pixels: (0..23 * 16).map(|i| (i * 7 % 256) as u8).collect(),
+            labels: (0..23).map(|i| usize::from(i == 5)).collect(),
+        });
+        let make = |workers| {
+            let t = grey4(Mode::Train(Augment {
+                crop: CropMode::Pad,
+                crop_padding: 1,
+                hflip: 0.5,
+                ..Augment::none()
+            }));
+            let cfg = LoaderConfig {
+                batch_size: 23,
+                train: true,
+                drop_last: true,
+                workers,
+                prefetch: 1,
+                seed: 3,
+                skip_bad: false,
+                sampler: Sampler::Balanced,
+            };
+            Loader::new(data.clone(), t, cfg).unwrap()
+        };
+        let batch = make(1).epoch(0).next().unwrap().unwrap();
+        let rare: Vec<usize> = (0..23).filter(|&k| batch.indices[k] == 5).collect();
+        // About half the draws are the one rare image (a 1 in 2^23 chance of fewer than 4).
+        assert!(rare.len() >= 4, "{:?}", batch.indices);
+        let len = 16;
+        let views: Vec<&[f32]> = rare
+            .iter()
+            .map(|&k| &batch.images[k * len..(k + 1) * len])
+            .collect();
+        assert!(
+            views.iter().any(|v| *v != views[0]),
+            "every repeat of the image got the same crop and flip"
+        );
+        let again = make(2).epoch(0).next().unwrap().unwrap();
+        assert_eq!((again.indices, again.images), (batch.indices, batch.images));
     }
 
     #[test]

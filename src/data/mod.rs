@@ -19,5 +19,5 @@ pub mod transforms;
 
 pub use cache::Cached;
 pub use dataset::{DataFormat, DataSpec, Dataset, InMemory, RawImage, Splits, Subset, open};
-pub use loader::{Batch, Loader, LoaderConfig};
+pub use loader::{Batch, Loader, LoaderConfig, Sampler};
 pub use transforms::{Augment, Transform};

@@ -210,6 +210,7 @@ fn loader_with(
             prefetch: recipe.data.prefetch,
             seed: recipe.seed,
             skip_bad: recipe.data.skip_bad_images,
+            sampler: recipe.data.sampler,
         },
     )
 }

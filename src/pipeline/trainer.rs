@@ -5,8 +5,8 @@
 //! build the model; load pretrained / init_from weights, or resume the last checkpoint
 //! for epoch e = 1..E:
 //!     reseed dropout for e; freeze or unfreeze the backbone     (finetune)
-//!     for each shuffled, augmented batch (x, y):                 (train_epoch)
-//!         lr = schedule(step);  q = smooth(y), mix(x, q)
+//!     for each shuffled (or class-balanced), augmented batch (x, y):   (train_epoch)
+//!         lr = schedule(step);  q = smooth(y), mix(x, q), weight(q by class)
 //!         model = train_step(model, x, q, lr)                    (step.rs: loss, backward, update, EMA)
 //!     evaluate; plateau; best; checkpoints; metrics              (end_epoch)
 //! ```
@@ -30,7 +30,7 @@ use crate::recipe::{Recipe, RunRecipe};
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
 use crate::train::ema::Ema;
 use crate::train::finetune::{FinetuneConfig, Freeze};
-use crate::train::loss::smoothed_targets;
+use crate::train::loss::{smoothed_targets, weight_targets};
 use crate::train::mix::{self, MixSettings};
 use crate::train::optim::Optimizer;
 use crate::train::schedule::lr_at;
@@ -100,6 +100,7 @@ pub fn train(
     ];
     let params = crate::models::param_count(&model);
     describe(&recipe, &splits, params, rep);
+    let class_weights = class_weights(&recipe, &splits, rep)?;
 
     let last_epoch = opts
         .stop_after_epoch
@@ -132,6 +133,7 @@ pub fn train(
             model,
             &loaders[0],
             &step_cfg,
+            class_weights.as_deref(),
             epoch,
             device,
             run,
@@ -314,6 +316,74 @@ fn describe(recipe: &Recipe, splits: &Splits, params: usize, rep: &mut dyn Repor
     }
 }
 
+/// The weight of each class in the loss (`loss.class_weights`, from the training split's
+/// counts), saying what it is; with neither class weights nor the balanced sampler, a note when
+/// the classes are far from equally frequent.
+fn class_weights(
+    recipe: &Recipe,
+    splits: &Splits,
+    rep: &mut dyn Reporter,
+) -> Result<Option<Vec<f32>>> {
+    let mut counts = vec![0usize; splits.classes.len()];
+    for l in crate::data::dataset::labels_of(splits.train.as_ref()) {
+        counts[l] += 1;
+    }
+    let weights = recipe.loss.class_weights.resolve(&counts)?;
+    let name = |c: usize| splits.classes[c].as_str();
+    if let Some(w) = &weights {
+        let list: Vec<String> = w
+            .iter()
+            .enumerate()
+            .map(|(c, w)| format!("{} {w:.3}", name(c)))
+            .collect();
+        let lo = w
+            .iter()
+            .copied()
+            .filter(|&v| v > 0.0)
+            .fold(f32::INFINITY, f32::min);
+        let hi = w.iter().copied().fold(0.0, f32::max);
+        rep.message(&if list.len() <= 20 {
+            format!("class weights in the loss: {}", list.join(", "))
+        } else {
+            format!(
+                "class weights in the loss: {lo:.3} to {hi:.3} over {} classes",
+                w.len()
+            )
+        });
+    }
+    if recipe.data.sampler == crate::data::Sampler::Balanced {
+        rep.message(&format!(
+            "class-balanced sampling: {} draws an epoch, each class equally likely",
+            splits.train.len()
+        ));
+    }
+    let (most, least) = (
+        (0..counts.len()).max_by_key(|&c| counts[c]),
+        (0..counts.len()).min_by_key(|&c| counts[c]),
+    );
+    if let (Some(most), Some(least), None, crate::data::Sampler::Shuffle) =
+        (most, least, &weights, recipe.data.sampler)
+    {
+        // The ratio at which "long-tailed" benchmarks start (CIFAR-10-LT's mildest is 10).
+        if counts[most] >= IMBALANCE_NOTE * counts[least].max(1) {
+            rep.message(&format!(
+                "note: the classes are imbalanced ({} has {} training images, {} has {}); \
+                 `--set loss.class_weights=\"balanced\"` or `--set data.sampler=\"balanced\"` \
+                 weighs them equally, and eval's balanced top-1 measures it",
+                name(most),
+                counts[most],
+                name(least),
+                counts[least]
+            ));
+        }
+    }
+    Ok(weights)
+}
+
+/// How many times more images the largest class must have than the smallest for the trainer
+/// to point at the imbalance options.
+const IMBALANCE_NOTE: usize = 10;
+
 /// The model with its backbone frozen or not for `epoch` (a function of the epoch alone, so a
 /// resumed run freezes exactly as an uninterrupted one), saying so when it changes.
 fn freeze_for(
@@ -348,6 +418,7 @@ fn train_epoch(
     mut model: Model,
     loader: &Loader,
     step_cfg: &StepConfig,
+    class_weights: Option<&[f32]>,
     epoch: usize,
     device: &Device,
     run: &RunDir,
@@ -392,6 +463,9 @@ fn train_epoch(
         if mixing {
             let m = mix::draw(&mix_settings, Stream::Mix { step }.seed(recipe.seed), side);
             mix::apply(m, &mut images, &mut q, b, c, side, k);
+        }
+        if let Some(w) = class_weights {
+            weight_targets(&mut q, k, w);
         }
         let x = Tensor::<4>::from_data(TensorData::new(images, [b, c, side, side]), device);
         let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), device);
@@ -471,6 +545,8 @@ fn end_epoch(
         val_loss: report.loss,
         val_top1: report.top1,
         val_top5: report.top5,
+        val_balanced_top1: report.balanced_top1,
+        val_macro_f1: report.macro_f1,
         lr: t.lr,
         images_per_sec: t.seen as f64 / t.seconds.max(1e-9),
         seconds,
@@ -538,6 +614,8 @@ fn finish(recipe: &Recipe, run: &RunDir, st: &State, params: usize) -> Result<Su
         best_epoch: p.best_epoch,
         final_val_top1: last.val_top1,
         final_val_top5: last.val_top5,
+        final_val_balanced_top1: last.val_balanced_top1,
+        final_val_macro_f1: last.val_macro_f1,
         final_val_loss: last.val_loss,
         seconds: p.seconds,
         images_skipped: p.skipped,

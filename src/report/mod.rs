@@ -219,14 +219,18 @@ pub fn write_report(run: &RunDir, out: Option<&Path>, device: &Device) -> Result
     // Per-class accuracy and confusion.
     let _ = writeln!(
         h,
-        "<h2>Per-class accuracy and confusion matrix</h2><div class=row><table><tr><th class=l>class</th><th>accuracy</th><th>images</th></tr>"
+        "<h2>Per-class accuracy and confusion matrix</h2><p>balanced top-1 {} (the mean of the per-class accuracies), macro F1 {:.4}</p><div class=row><table><tr><th class=l>class</th><th>accuracy</th><th>precision</th><th>F1</th><th>images</th></tr>",
+        pct(report.balanced_top1),
+        report.macro_f1
     );
     for c in &report.per_class {
         let _ = writeln!(
             h,
-            "<tr><td class=l>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td class=l>{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td></tr>",
             escape(&c.class),
             pct(c.accuracy),
+            pct(c.precision),
+            c.f1,
             c.count
         );
     }
