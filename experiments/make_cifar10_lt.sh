@@ -23,7 +23,8 @@ for dir in "$src"/train/*/; do
     class=$(basename "$dir")
     n=$(python3 -c "import math; print(math.floor(5000 * $ratio ** (-$i / 9)))")
     mkdir -p "$dest/train/$class"
-    find "$dir" -maxdepth 1 -type f -name '*.jpg' | sort | head -n "$n" |
+    # awk rather than head, which would close the pipe early (a failure under pipefail).
+    find "$dir" -maxdepth 1 -type f -name '*.jpg' | sort | awk -v n="$n" 'NR <= n' |
         while read -r f; do ln -s "$f" "$dest/train/$class/"; done
     echo "$class: $n"
     i=$((i + 1))

@@ -15,7 +15,7 @@ use crate::train::loss::ClassWeights;
 
 // Each section's config lives with the code that consumes it; the recipe composes them.
 pub use crate::train::optim::{OptimConfig, OptimKind};
-pub use crate::train::schedule::{PlateauMetric, ScheduleConfig, ScheduleKind};
+pub use crate::train::schedule::{PlateauMetric, ScheduleConfig, ScheduleKind, ValMetric};
 
 /// Everything that defines a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,10 @@ pub struct Recipe {
     /// Also keep `checkpoints/epoch-N` every this many epochs (0 = only last and best); the
     /// visualisations of features across epochs read them.
     pub checkpoint_every: usize,
+    /// What picks `checkpoints/best`: `val_top1`, `val_balanced_top1` (for imbalanced
+    /// validation data, where top-1 rewards predicting the frequent classes), `val_macro_f1`
+    /// or `val_loss`.
+    pub best_metric: ValMetric,
     /// `fp32`, or `bf16`: convolutions multiply in bfloat16 (summing in f32) while weights,
     /// optimiser state, batch-norm statistics and the loss stay f32. Needs AVX512-BF16 on
     /// burn-flex; elsewhere training says so and runs in fp32.
@@ -222,6 +226,7 @@ impl Default for Recipe {
             distill: DistillConfig::default(),
             init_from: None,
             checkpoint_every: 0,
+            best_metric: ValMetric::ValTop1,
             precision: crate::kernels::Precision::Fp32,
         }
     }

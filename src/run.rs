@@ -81,8 +81,12 @@ pub struct Summary {
     pub model: String,
     pub params: usize,
     pub epochs: usize,
+    /// Validation top-1 of the best epoch (the one `checkpoints/best` holds).
     pub best_val_top1: f64,
     pub best_epoch: usize,
+    /// What chose the best epoch (the recipe's `best_metric`; runs from before it: top-1).
+    #[serde(default = "val_top1")]
+    pub best_metric: String,
     pub final_val_top1: f64,
     pub final_val_top5: f64,
     #[serde(default)]
@@ -96,6 +100,10 @@ pub struct Summary {
     /// and the accuracies are unmeasured, 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported_from: Option<String>,
+}
+
+fn val_top1() -> String {
+    "val_top1".into()
 }
 
 /// A run folder on disk.

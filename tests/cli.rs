@@ -506,7 +506,7 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
     }
     let train = |out: &str, extra: &[&str]| {
         convlab()
-            .args(["train", "--epochs", "1", "--batch-size", "8", "--data"])
+            .args(["train", "--batch-size", "8", "--data"])
             .arg(&data)
             .arg("--out")
             .arg(d.path().join(out))
@@ -514,7 +514,7 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
             .output()
             .unwrap()
     };
-    let plain = ok(&train("plain", &[]));
+    let plain = ok(&train("plain", &["--epochs", "1"]));
     assert!(
         plain.contains("classes are imbalanced") && plain.contains("loss.class_weights"),
         "{plain}"
@@ -522,10 +522,14 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
     let o = train(
         "weighted",
         &[
+            "--epochs",
+            "3",
             "--set",
             "loss.class_weights=\"balanced\"",
             "--set",
             "data.sampler=\"balanced\"",
+            "--set",
+            "best_metric=\"val_balanced_top1\"",
         ],
     );
     let out = ok(&o);
@@ -547,6 +551,24 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
             && recipe.contains("sampler = \"balanced\""),
         "{recipe}"
     );
+    // The best checkpoint is the first epoch of highest balanced top-1.
+    let metrics = std::fs::read_to_string(d.path().join("weighted/metrics.jsonl")).unwrap();
+    let balanced: Vec<f64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["val_balanced_top1"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let first_best =
+        (0..balanced.len()).fold(0, |b, i| if balanced[i] > balanced[b] { i } else { b });
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("weighted/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["best_metric"], "val_balanced_top1");
+    assert_eq!(summary["best_epoch"], first_best + 1, "{balanced:?}");
     let o = convlab()
         .args(["eval", "--json", "--run"])
         .arg(d.path().join("weighted"))
@@ -566,6 +588,11 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
     );
     // A list of the wrong length, and an unknown sampler, name their keys.
     let e = fails(&train("bad", &["--set", "loss.class_weights=[1, 2, 3]"]));
+    let e2 = fails(&train("bad", &["--set", "best_metric=\"top1\""]));
+    assert!(
+        e2.contains("best_metric") && e2.contains("val_balanced_top1"),
+        "{e2}"
+    );
     assert!(
         e.contains("loss.class_weights") && e.contains("3 weights for 2"),
         "{e}"

@@ -152,6 +152,7 @@ pub fn run(a: ImportArgs) -> Result<()> {
                 epochs: 0,
                 best_val_top1: 0.0,
                 best_epoch: 0,
+                best_metric: "val_top1".into(),
                 final_val_top1: 0.0,
                 final_val_top5: 0.0,
                 final_val_balanced_top1: 0.0,

@@ -270,13 +270,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     println!(
-        "done: {} epochs in {:.1} s; final val top1 {:.2}% top5 {:.2}%, best top1 {:.2}% (epoch {}){}",
+        "done: {} epochs in {:.1} s; final val top1 {:.2}% top5 {:.2}%, best top1 {:.2}% (epoch {}{}){}",
         s.epochs,
         s.seconds,
         100.0 * s.final_val_top1,
         100.0 * s.final_val_top5,
         100.0 * s.best_val_top1,
         s.best_epoch,
+        if s.best_metric != "val_top1" {
+            format!(", by {}", s.best_metric)
+        } else {
+            String::new()
+        },
         if s.images_skipped > 0 {
             format!("; {} undecodable images skipped", s.images_skipped)
         } else {

@@ -33,7 +33,7 @@ use crate::train::finetune::{FinetuneConfig, Freeze};
 use crate::train::loss::{smoothed_targets, weight_targets};
 use crate::train::mix::{self, MixSettings};
 use crate::train::optim::Optimizer;
-use crate::train::schedule::lr_at;
+use crate::train::schedule::{ValMetric, ValScores, lr_at};
 
 /// Where training reports progress; the CLI draws bars, tests stay quiet.
 pub trait Reporter {
@@ -557,7 +557,8 @@ fn end_epoch(
     p.epochs_done = epoch;
     p.seconds += seconds;
     let s = &recipe.schedule;
-    if s.kind == ScheduleKind::Plateau && p.plateau.observe(s, m.val_loss, m.val_top1) {
+    let scores = val_scores(&m);
+    if s.kind == ScheduleKind::Plateau && p.plateau.observe(s, &scores) {
         let peak = recipe.optim.scaled_lr(recipe.batch_size);
         rep.message(&format!(
             "no improvement for {} epochs: learning rate x {} (now {})",
@@ -566,7 +567,7 @@ fn end_epoch(
             (peak * p.plateau.scale).max(s.min_lr)
         ));
     }
-    let improved = m.val_top1 > p.best_top1;
+    let improved = improves(recipe.best_metric, &st.history, p.best_epoch, &m);
     if improved {
         p.best_top1 = m.val_top1;
         p.best_epoch = epoch;
@@ -598,6 +599,30 @@ fn end_epoch(
     Ok(m)
 }
 
+/// Whether epoch `m` beats the best epoch so far by `metric` (`best_epoch` 0: none yet; its
+/// scores are in `history`, resumed or not). Ties keep the earlier epoch.
+fn improves(
+    metric: ValMetric,
+    history: &[EpochMetrics],
+    best_epoch: usize,
+    m: &EpochMetrics,
+) -> bool {
+    let best = best_epoch
+        .checked_sub(1)
+        .and_then(|i| history.get(i))
+        .map(|b| metric.score(&val_scores(b)));
+    best.is_none_or(|b| metric.score(&val_scores(m)) > b)
+}
+
+fn val_scores(m: &EpochMetrics) -> ValScores {
+    ValScores {
+        loss: m.val_loss,
+        top1: m.val_top1,
+        balanced_top1: m.val_balanced_top1,
+        macro_f1: m.val_macro_f1,
+    }
+}
+
 /// The run's summary (written when every epoch has run).
 fn finish(recipe: &Recipe, run: &RunDir, st: &State, params: usize) -> Result<Summary> {
     let last = st
@@ -612,6 +637,7 @@ fn finish(recipe: &Recipe, run: &RunDir, st: &State, params: usize) -> Result<Su
         epochs: p.epochs_done,
         best_val_top1: p.best_top1,
         best_epoch: p.best_epoch,
+        best_metric: recipe.best_metric.as_str().into(),
         final_val_top1: last.val_top1,
         final_val_top5: last.val_top5,
         final_val_balanced_top1: last.val_balanced_top1,
@@ -625,4 +651,49 @@ fn finish(recipe: &Recipe, run: &RunDir, st: &State, params: usize) -> Result<Su
         run.write_json(SUMMARY, &summary)?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_best_epoch_is_chosen_by_best_metric() {
+        // Top-1 peaks at epoch 2 (the frequent classes), balanced top-1 and macro F1 at
+        // epoch 3, the loss at epoch 1.
+        let epoch = |e, loss, top1, balanced_top1, macro_f1| EpochMetrics {
+            epoch: e,
+            train_loss: 0.0,
+            train_top1: 0.0,
+            val_loss: loss,
+            val_top1: top1,
+            val_top5: 1.0,
+            val_balanced_top1: balanced_top1,
+            val_macro_f1: macro_f1,
+            lr: 0.1,
+            images_per_sec: 1.0,
+            seconds: 1.0,
+            peak_rss_mb: 0.0,
+            images_skipped: 0,
+        };
+        let history = [
+            epoch(1, 0.5, 0.80, 0.40, 0.30),
+            epoch(2, 0.6, 0.90, 0.45, 0.35),
+            epoch(3, 0.7, 0.85, 0.60, 0.50),
+            epoch(4, 0.7, 0.85, 0.60, 0.50),
+        ];
+        let best_by = |metric| {
+            let mut best = 0;
+            for (i, m) in history.iter().enumerate() {
+                if improves(metric, &history[..i], best, m) {
+                    best = i + 1;
+                }
+            }
+            best
+        };
+        assert_eq!(best_by(ValMetric::ValTop1), 2);
+        assert_eq!(best_by(ValMetric::ValBalancedTop1), 3);
+        assert_eq!(best_by(ValMetric::ValMacroF1), 3);
+        assert_eq!(best_by(ValMetric::ValLoss), 1);
+    }
 }

@@ -28,12 +28,53 @@ pub enum ScheduleKind {
     Plateau,
 }
 
-/// What reduce-on-plateau watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A validation metric the trainer watches: reduce-on-plateau's (`schedule.plateau_metric`)
+/// and the one that picks the best checkpoint (`best_metric`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum PlateauMetric {
+pub enum ValMetric {
     ValLoss,
+    #[default]
     ValTop1,
+    /// The mean of the per-class accuracies: what top-1 would be if every class were equally
+    /// frequent.
+    ValBalancedTop1,
+    /// The mean of the per-class F1 scores.
+    ValMacroF1,
+}
+
+/// The name reduce-on-plateau's metric had before the best checkpoint could watch one too.
+pub type PlateauMetric = ValMetric;
+
+/// One epoch's validation scores.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ValScores {
+    pub loss: f64,
+    pub top1: f64,
+    pub balanced_top1: f64,
+    pub macro_f1: f64,
+}
+
+impl ValMetric {
+    /// The metric's value in "higher is better" form (the loss negated).
+    pub fn score(self, v: &ValScores) -> f64 {
+        match self {
+            ValMetric::ValLoss => -v.loss,
+            ValMetric::ValTop1 => v.top1,
+            ValMetric::ValBalancedTop1 => v.balanced_top1,
+            ValMetric::ValMacroF1 => v.macro_f1,
+        }
+    }
+
+    /// The recipe's (and `metrics.jsonl`'s) name of the metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValMetric::ValLoss => "val_loss",
+            ValMetric::ValTop1 => "val_top1",
+            ValMetric::ValBalancedTop1 => "val_balanced_top1",
+            ValMetric::ValMacroF1 => "val_macro_f1",
+        }
+    }
 }
 
 /// `[schedule]`: evaluated every optimiser step.
@@ -98,12 +139,9 @@ impl Default for Plateau {
 }
 
 impl Plateau {
-    /// Records one epoch's validation loss and top-1; returns true when the rate was reduced.
-    pub fn observe(&mut self, cfg: &ScheduleConfig, val_loss: f64, val_top1: f64) -> bool {
-        let v = match cfg.plateau_metric {
-            PlateauMetric::ValLoss => -val_loss,
-            PlateauMetric::ValTop1 => val_top1,
-        };
+    /// Records one epoch's validation scores; returns true when the rate was reduced.
+    pub fn observe(&mut self, cfg: &ScheduleConfig, scores: &ValScores) -> bool {
+        let v = cfg.plateau_metric.score(scores);
         match self.best {
             Some(b) if v <= b + cfg.plateau_threshold => {
                 self.bad_epochs += 1;
@@ -213,6 +251,38 @@ mod tests {
         assert!((lr_at(&c, 1.0, 5, 100, 10, 1.0) - 0.5f64.sqrt()).abs() < 1e-12);
     }
 
+    /// Observes an epoch with validation loss `loss` and top-1 `top1` (balanced top-1 and
+    /// macro F1 a fixed fraction of it, so that a test on them sees the same ups and downs).
+    fn observe(p: &mut Plateau, c: &ScheduleConfig, loss: f64, top1: f64) -> bool {
+        let scores = ValScores {
+            loss,
+            top1,
+            balanced_top1: 0.9 * top1,
+            macro_f1: 0.8 * top1,
+        };
+        p.observe(c, &scores)
+    }
+
+    #[test]
+    fn metrics_score_higher_is_better() {
+        let v = ValScores {
+            loss: 0.7,
+            top1: 0.9,
+            balanced_top1: 0.6,
+            macro_f1: 0.5,
+        };
+        let got: Vec<f64> = [
+            ValMetric::ValLoss,
+            ValMetric::ValTop1,
+            ValMetric::ValBalancedTop1,
+            ValMetric::ValMacroF1,
+        ]
+        .iter()
+        .map(|m| m.score(&v))
+        .collect();
+        assert_eq!(got, [-0.7, 0.9, 0.6, 0.5]);
+    }
+
     #[test]
     fn plateau_divides_by_ten_after_patience() {
         let mut c = cfg(ScheduleKind::Plateau);
@@ -221,21 +291,27 @@ mod tests {
         c.plateau_metric = PlateauMetric::ValTop1;
         c.min_lr = 0.001;
         let mut p = Plateau::default();
-        assert!(!p.observe(&c, 1.0, 0.50)); // first: best
-        assert!(!p.observe(&c, 1.0, 0.60)); // improved
-        assert!(!p.observe(&c, 1.0, 0.60)); // 1 bad epoch = patience: wait
-        assert!(p.observe(&c, 1.0, 0.59)); // 2 bad epochs: reduce
+        assert!(!observe(&mut p, &c, 1.0, 0.50)); // first: best
+        assert!(!observe(&mut p, &c, 1.0, 0.60)); // improved
+        assert!(!observe(&mut p, &c, 1.0, 0.60)); // 1 bad epoch = patience: wait
+        assert!(observe(&mut p, &c, 1.0, 0.59)); // 2 bad epochs: reduce
         assert!((lr_at(&c, 0.1, 0, 10, 10, p.scale) - 0.01).abs() < 1e-12);
-        assert!(!p.observe(&c, 1.0, 0.70));
+        assert!(!observe(&mut p, &c, 1.0, 0.70));
         p.scale = 1e-6;
         assert_eq!(lr_at(&c, 0.1, 0, 10, 10, p.scale), 0.001); // floor
         // On val loss lower is better.
         c.plateau_metric = PlateauMetric::ValLoss;
         let mut p = Plateau::default();
-        p.observe(&c, 1.0, 0.0);
-        p.observe(&c, 0.9, 0.0);
+        observe(&mut p, &c, 1.0, 0.0);
+        observe(&mut p, &c, 0.9, 0.0);
         assert_eq!(p.bad_epochs, 0);
-        p.observe(&c, 0.95, 0.0);
+        observe(&mut p, &c, 0.95, 0.0);
         assert_eq!(p.bad_epochs, 1);
+        // Balanced top-1 watched as top-1 is.
+        c.plateau_metric = ValMetric::ValBalancedTop1;
+        let mut p = Plateau::default();
+        observe(&mut p, &c, 1.0, 0.5);
+        observe(&mut p, &c, 1.0, 0.4);
+        assert!(observe(&mut p, &c, 1.0, 0.45));
     }
 }
