@@ -514,6 +514,15 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
             .output()
             .unwrap()
     };
+    let stats = ok(&convlab()
+        .args(["data", "stats"])
+        .arg(&data)
+        .output()
+        .unwrap());
+    assert!(
+        stats.contains("imbalance ratio") && stats.contains("loss.class_weights"),
+        "{stats}"
+    );
     let plain = ok(&train("plain", &["--epochs", "1"]));
     assert!(
         plain.contains("classes are imbalanced") && plain.contains("loss.class_weights"),

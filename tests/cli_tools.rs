@@ -397,6 +397,17 @@ fn data_stats_on_builtin_and_cifar() {
     assert_eq!(v["images"], 8000);
     assert_eq!(v["classes"].as_array().unwrap().len(), 10);
     assert_eq!(v["classes"][0]["val"], 200);
+    let train: Vec<f64> = v["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["train"].as_f64().unwrap())
+        .collect();
+    let (most, least) = (
+        train.iter().copied().fold(0.0, f64::max),
+        train.iter().copied().fold(f64::INFINITY, f64::min),
+    );
+    assert_eq!(v["imbalance_ratio"].as_f64().unwrap(), most / least);
     let m = v["mean"][0].as_f64().unwrap();
     assert!((m - 0.2869).abs() < 1e-3, "{m}");
     let g = &v["granularity"];
@@ -415,6 +426,7 @@ fn data_stats_on_builtin_and_cifar() {
     assert!(v["duplicates"].as_u64().unwrap() > 0);
     let text = ok(&convlab().args(["data", "stats"]).output().unwrap());
     assert!(text.contains("nearest class pairs"), "{text}");
+    assert!(text.contains("imbalance ratio"), "{text}");
 }
 
 #[test]

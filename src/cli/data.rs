@@ -72,6 +72,15 @@ pub fn run(a: DataCmdArgs) -> Result<()> {
     for c in &s.classes {
         println!("{:<w$}  {:>7}  {:>7}", c.class, c.train, c.val);
     }
+    println!(
+        "imbalance ratio (largest / smallest class, train): {:.1}{}",
+        s.imbalance_ratio,
+        if s.imbalance_ratio >= 10.0 {
+            "; see `loss.class_weights` and `data.sampler` (README, \"Recipes and training tricks\")"
+        } else {
+            ""
+        }
+    );
     let hist = |m: &std::collections::BTreeMap<String, usize>| {
         m.iter()
             .map(|(k, v)| format!("{k}: {v}"))

@@ -49,6 +49,9 @@ pub struct Granularity {
 pub struct DataStats {
     pub images: usize,
     pub classes: Vec<ClassCount>,
+    /// Training images of the largest class over those of the smallest (1 = balanced; a class
+    /// without training images counts as one). CIFAR-10-LT's benchmarks use 10 to 200.
+    pub imbalance_ratio: f64,
     /// `"WxH"` -> count, as stored (before fitting).
     pub sizes: BTreeMap<String, usize>,
     /// `"grey"`, `"rgb"`, ... -> count.
@@ -316,8 +319,13 @@ pub fn compute(
     for i in 0..val.len() {
         val_counts[val.label(i)] += 1;
     }
+    let (most, least) = (
+        acc.counts.iter().copied().max().unwrap_or(0),
+        acc.counts.iter().copied().min().unwrap_or(0),
+    );
     Ok(DataStats {
         images: n,
+        imbalance_ratio: most as f64 / least.max(1) as f64,
         classes: classes
             .iter()
             .enumerate()
