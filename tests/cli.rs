@@ -609,3 +609,59 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
     let e = fails(&train("bad", &["--set", "data.sampler=\"weighted\""]));
     assert!(e.contains("data.sampler") && e.contains("balanced"), "{e}");
 }
+
+/// CSV label lists: `train.csv` + `val.csv` in a folder (detected), or one `.csv` file split
+/// by `--val-fraction`; a label the training list lacks is an error naming the file.
+#[test]
+fn csv_label_lists_train_and_evaluate() {
+    let d = tmp();
+    let root = d.path().join("kaggle");
+    write_image_folder(&root.join("images"), &["cat", "dog"], 10);
+    let rows = |range: std::ops::Range<usize>| -> String {
+        let mut s = String::from("id,filename,class\n");
+        for class in ["cat", "dog"] {
+            for i in range.clone() {
+                let ext = if i % 2 == 0 { "png" } else { "jpg" };
+                s += &format!("{i},images/{class}/{i:03}.{ext},{class}\n");
+            }
+        }
+        s
+    };
+    std::fs::write(root.join("train.csv"), rows(0..8)).unwrap();
+    std::fs::write(root.join("val.csv"), rows(8..10)).unwrap();
+    let run = d.path().join("run");
+    let train = |data: &Path, out: &Path| {
+        convlab()
+            .args(["train", "--epochs", "1", "--batch-size", "4", "--data"])
+            .arg(data)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = ok(&train(&root, &run));
+    assert!(out.contains("16 train / 4 val images, 2 classes"), "{out}");
+    let classes = std::fs::read_to_string(run.join("classes.json")).unwrap();
+    assert!(
+        classes.contains("\"cat\"") && classes.contains("\"dog\""),
+        "{classes}"
+    );
+    let o = convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["count"], 4);
+    // One file, split 80/20 in each class.
+    let out = ok(&train(&root.join("train.csv"), &d.path().join("one")));
+    assert!(out.contains("12 train / 4 val images"), "{out}");
+    // A label that is not in the training list.
+    std::fs::write(
+        root.join("val.csv"),
+        "filename,class\nimages/cat/000.png,lion\n",
+    )
+    .unwrap();
+    let e = fails(&train(&root, &d.path().join("bad")));
+    assert!(e.contains("val.csv") && e.contains("lion"), "{e}");
+}

@@ -213,6 +213,30 @@ fn image_folder_walking_never_panics_or_hangs() {
 }
 
 #[test]
+fn csv_label_lists_never_panic() {
+    let d = tmp();
+    let root = d.path().join("data");
+    write_image_folder(&root, &["a", "b"], 3);
+    let base = "path,label,extra\na/000.png,a,1\na/001.jpg,a,2\nb/000.png,b,\"q,uoted\"\n\
+                b/001.jpg,b,3\nb/002.png,b,4\n";
+    let list = root.join("labels.csv");
+    let spec = DataSpec {
+        path: Some(root.clone()),
+        format: None,
+        val_fraction: 0.4,
+        seed: 0,
+        limit_train: None,
+        limit_val: None,
+    };
+    std::fs::write(&list, base).unwrap();
+    assert_eq!(convlab::data::open(&spec).unwrap().classes, ["a", "b"]);
+    fuzz("labels.csv", base.as_bytes(), 400, |bytes| {
+        std::fs::write(&list, bytes).unwrap();
+        let _ = convlab::data::open(&spec).map(|s| s.train.len());
+    });
+}
+
+#[test]
 fn recipes_and_overrides_never_panic() {
     let d = tmp();
     let path = d.path().join("r.toml");

@@ -78,7 +78,8 @@ pub struct RuntimeArgs {
 /// Where data comes from (for commands that read a dataset).
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Dataset: an ImageFolder, CIFAR-10/100 binary or IDX directory (default: built-in).
+    /// Dataset: an ImageFolder, CIFAR-10/100 binary or IDX directory, a folder with
+    /// train.csv/labels.csv or one .csv label list (default: built-in).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Override the detected dataset format.

@@ -156,6 +156,9 @@ pub enum DataFormat {
     Cifar100,
     /// MNIST / Fashion-MNIST IDX files, gzipped or not.
     Idx,
+    /// Image paths and labels in CSV lists (`train.csv` + `val.csv`/`test.csv`, `labels.csv`,
+    /// or one `.csv` file).
+    Csv,
 }
 
 /// Where the data comes from and how to split it.
@@ -198,6 +201,9 @@ pub fn detect(path: &Path) -> Result<DataFormat> {
             path: path.to_path_buf(),
         });
     }
+    if super::csv_labels::is_csv_file(path) {
+        return Ok(DataFormat::Csv);
+    }
     if !path.is_dir() {
         return Err(Error::UnknownFormat {
             path: path.to_path_buf(),
@@ -215,6 +221,9 @@ pub fn detect(path: &Path) -> Result<DataFormat> {
         // Some IDX files but not all four: say which are missing rather than "no format".
         Err(e) if has_any_idx(path) => return Err(e),
         Err(_) => {}
+    }
+    if super::csv_labels::find(path).is_some() {
+        return Ok(DataFormat::Csv);
     }
     let has_subdirs = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
@@ -249,6 +258,7 @@ pub fn open(spec: &DataSpec) -> Result<Splits> {
         DataFormat::Cifar10 => super::cifar::open(need_path(spec)?, false)?,
         DataFormat::Cifar100 => super::cifar::open(need_path(spec)?, true)?,
         DataFormat::Idx => super::idx::open(need_path(spec)?)?,
+        DataFormat::Csv => super::csv_labels::open(need_path(spec)?, spec)?,
     };
     if let Some(n) = spec.limit_train {
         splits.train = limit(splits.train, n, spec.seed);

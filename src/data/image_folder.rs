@@ -276,7 +276,8 @@ pub fn images_under(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<PathBu
 }
 
 /// Images that are the same file in both splits (by canonical path), for a warning.
-fn shared_files(a: &ImageFolder, b: &ImageFolder) -> Vec<PathBuf> {
+/// The files of `b` that are also files of `a` (by canonical path).
+pub(super) fn shared_files(a: &ImageFolder, b: &ImageFolder) -> Vec<PathBuf> {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let set: std::collections::HashSet<PathBuf> = a.files.iter().map(|p| canon(p)).collect();
     b.files

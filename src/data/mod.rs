@@ -8,6 +8,7 @@
 pub mod builtin;
 pub mod cache;
 pub mod cifar;
+pub mod csv_labels;
 pub mod dataset;
 pub mod idx;
 pub mod image_folder;
