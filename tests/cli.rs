@@ -632,7 +632,16 @@ fn csv_label_lists_train_and_evaluate() {
     let run = d.path().join("run");
     let train = |data: &Path, out: &Path| {
         convlab()
-            .args(["train", "--epochs", "1", "--batch-size", "4", "--data"])
+            .args([
+                "train",
+                "--model",
+                "convnet_small",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+            ])
+            .arg("--data")
             .arg(data)
             .arg("--out")
             .arg(out)

@@ -80,7 +80,7 @@ fn int(flag: &str, v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| anyhow::anyhow!("{flag} {v}: too large (at most {})", i64::MAX))
 }
 
-/// Photos (an ImageFolder) with no model chosen get resnet18 at 128 px instead of the 28 px
+/// Photos (an ImageFolder or CSV lists) with no model chosen get resnet18 at 128 px instead of the 28 px
 /// default of the built-in data: a 28 px net cannot see what tells photos apart (it stays at
 /// chance on cats and dogs), resnet18 is the standard transfer backbone, and 128 px costs a
 /// third of 224 px on a CPU. With --pretrained the input size is the weights' own.
@@ -94,7 +94,8 @@ fn photo_defaults(a: &TrainArgs, o: &mut Vec<Override>) {
         .data
         .data_format
         .or_else(|| convlab::data::dataset::detect(path).ok());
-    if format != Some(convlab::data::DataFormat::Imagefolder) {
+    use convlab::data::DataFormat::{Csv, Imagefolder};
+    if !matches!(format, Some(Imagefolder | Csv)) {
         return;
     }
     let mut what = "resnet18".to_string();
