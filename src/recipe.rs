@@ -188,6 +188,9 @@ pub struct LossConfig {
     /// `"none"`, `"balanced"` (`N / (K * n_c)`) or one weight per class: how much each
     /// class's samples count in the loss.
     pub class_weights: ClassWeights,
+    /// Logit adjustment's `tau` (0 = off; Menon et al. 2021 use 1): the loss sees
+    /// `logits + tau * log(class prior)`.
+    pub logit_adjustment: f64,
 }
 
 impl Default for LossConfig {
@@ -200,6 +203,7 @@ impl Default for LossConfig {
             mix_prob: 1.0,
             mix_off_epochs: 0,
             class_weights: ClassWeights::None,
+            logit_adjustment: 0.0,
         }
     }
 }
@@ -446,6 +450,9 @@ impl Recipe {
             return bad("loss.label_smoothing", "must be in [0, 1)");
         }
         self.loss.class_weights.validate()?;
+        if !(0.0..=10.0).contains(&self.loss.logit_adjustment) {
+            return bad("loss.logit_adjustment", "tau must be in [0, 10]");
+        }
         self.augment.validate()?;
         self.finetune.validate(self.epochs)?;
         self.eval.validate()?;

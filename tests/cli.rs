@@ -524,6 +524,15 @@ fn imbalanced_classes_train_with_class_weights_and_balanced_sampling() {
         "{stats}"
     );
     let plain = ok(&train("plain", &["--epochs", "1"]));
+    let adjusted = ok(&train(
+        "adjusted",
+        &["--epochs", "1", "--set", "loss.logit_adjustment=1"],
+    ));
+    assert!(
+        adjusted.contains("logit adjustment: the loss sees logits + 1 * log(class prior)")
+            && !adjusted.contains("classes are imbalanced"),
+        "{adjusted}"
+    );
     assert!(
         plain.contains("classes are imbalanced") && plain.contains("loss.class_weights"),
         "{plain}"

@@ -233,3 +233,52 @@ fn accumulated_slices_make_the_whole_batch_step() {
         }
     }
 }
+
+/// With logit adjustment the step's loss is the cross-entropy of the logits plus the offsets
+/// (the logits it returns are the model's own).
+#[test]
+fn logit_adjustment_shifts_the_logits_inside_the_loss() {
+    use convlab::pipeline::{StepConfig, train_step};
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex().autodiff();
+    let sets = [
+        "model.num_classes=3",
+        "model.in_channels=1",
+        "model.input_size=16",
+    ];
+    let overrides: Vec<Override> = sets.iter().map(|s| Override::parse(s).unwrap()).collect();
+    let r = Recipe::resolve(None, &overrides).unwrap();
+    let (b, k) = (6, 3);
+    device.seed(3);
+    let x = Tensor::<4>::random([b, 1, 16, 16], burn::tensor::Distribution::Default, &device);
+    let labels: Vec<usize> = (0..b).map(|i| i % k).collect();
+    let q = smoothed_targets(&labels, k, 0.0);
+    let targets = Tensor::<2>::from_data(TensorData::new(q, [b, k]), &device);
+    let adjust = convlab::train::loss::logit_adjustment(&[80, 15, 5], 1.0);
+    device.seed(Stream::ModelInit.seed(r.seed));
+    let model = r.model.build(&device).unwrap().train();
+    let (mut opt, _, _) = pipeline::optimizer_for(&r, &model, &device);
+    let mut cfg = StepConfig::from_recipe(&r, None);
+    cfg.logit_adjust = Some(adjust.clone());
+    let out = train_step(model, &mut opt, None, x, targets, 0.1, &cfg);
+    let loss = out.loss.into_scalar::<f32>() as f64;
+    let logits = out.logits.inner().into_data().try_to_vec::<f32>().unwrap();
+    let ce = |shift: &[f32]| {
+        let mut sum = 0.0;
+        for (row, &y) in logits.chunks(k).zip(&labels) {
+            let z: Vec<f64> = row.iter().zip(shift).map(|(l, a)| (l + a) as f64).collect();
+            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+            sum += lse - z[y];
+        }
+        sum / b as f64
+    };
+    let want = ce(&adjust);
+    assert!(
+        (loss - want).abs() < 1e-5 * want.max(1.0),
+        "{loss} vs {want}"
+    );
+    assert!(
+        (loss - ce(&[0.0; 3])).abs() > 1e-3,
+        "the offsets changed nothing"
+    );
+}

@@ -2,8 +2,8 @@
 //! times, so the benchmark measures exactly what training runs.
 //!
 //! For a batch `x` `[B, C, H, W]` and soft targets `q` `[B, K]` (one-hot, label-smoothed or
-//! mixed): logits = f(x); loss = CE(logits, q) + aux_weight * sum_a CE(aux_a, q) (GoogLeNet's
-//! auxiliary heads, Szegedy et al. 2014); with a teacher, loss = (1 - alpha) * loss +
+//! mixed): logits = f(x); loss = CE(logits + a, q) + aux_weight * sum_a CE(aux_a + a, q)
+//! (GoogLeNet's auxiliary heads, Szegedy et al. 2014; `a` the logit adjustment, 0 unless on); with a teacher, loss = (1 - alpha) * loss +
 //! alpha * KD(logits, teacher(x), T) (Hinton et al. 2015); forward and backward in the
 //! model's precision ([`Model::with_precision`]), then the optimiser update in fp32 and, with
 //! EMA on, the weight average (Polyak averaging) folded in.
@@ -49,6 +49,10 @@ pub struct StepConfig<'a> {
     pub grad_clip_norm: f64,
     /// Forward and backward passes per optimiser step (1 = the whole batch at once).
     pub grad_accum_steps: usize,
+    /// Per-class offsets added to the logits (and auxiliary logits) inside the loss only:
+    /// logit adjustment's `tau * log(prior)` ([`crate::train::loss::logit_adjustment`]), set
+    /// by the trainer from the training split's class counts.
+    pub logit_adjust: Option<Vec<f32>>,
     pub distill: Option<Distill<'a>>,
 }
 
@@ -60,6 +64,7 @@ impl<'a> StepConfig<'a> {
             aux_weight: recipe.loss.aux_weight,
             grad_clip_norm: recipe.regularisation.grad_clip_norm,
             grad_accum_steps: recipe.grad_accum_steps,
+            logit_adjust: None,
             distill,
         }
     }
@@ -156,9 +161,16 @@ fn batch_loss(
 ) -> (Tensor<1>, Tensor<2>) {
     let out = model.forward_train(x.clone());
     let logits = out.logits;
-    let mut loss = soft_cross_entropy(logits.clone(), targets.clone());
+    let adjust = |l: Tensor<2>| match &cfg.logit_adjust {
+        Some(a) => {
+            let a = Tensor::<2>::from_data(TensorData::new(a.clone(), [1, a.len()]), &l.device());
+            l + a
+        }
+        None => l,
+    };
+    let mut loss = soft_cross_entropy(adjust(logits.clone()), targets.clone());
     for aux in out.aux {
-        loss = loss + soft_cross_entropy(aux, targets.clone()) * cfg.aux_weight;
+        loss = loss + soft_cross_entropy(adjust(aux), targets.clone()) * cfg.aux_weight;
     }
     if let Some(d) = &cfg.distill {
         let tl = Tensor::from_inner(d.teacher.logits(x, d.mean, d.std));

@@ -30,7 +30,7 @@ use crate::recipe::{Recipe, RunRecipe};
 use crate::run::{CLASSES, EpochMetrics, RunDir, STATS, SUMMARY, Summary};
 use crate::train::ema::Ema;
 use crate::train::finetune::{FinetuneConfig, Freeze};
-use crate::train::loss::{smoothed_targets, weight_targets};
+use crate::train::loss::{logit_adjustment, smoothed_targets, weight_targets};
 use crate::train::mix::{self, MixSettings};
 use crate::train::optim::Optimizer;
 use crate::train::schedule::{ValMetric, ValScores, lr_at};
@@ -93,7 +93,7 @@ pub fn train(
         mean: &mean,
         std: &std,
     });
-    let step_cfg = StepConfig::from_recipe(&recipe, distill);
+    let mut step_cfg = StepConfig::from_recipe(&recipe, distill);
     let loaders = [
         loader(&recipe, splits.train.clone(), true)?,
         loader(&recipe, splits.val.clone(), false)?,
@@ -101,6 +101,14 @@ pub fn train(
     let params = crate::models::param_count(&model);
     describe(&recipe, &splits, params, rep);
     let class_weights = class_weights(&recipe, &splits, rep)?;
+    if recipe.loss.logit_adjustment > 0.0 {
+        let counts = class_counts(&splits);
+        step_cfg.logit_adjust = Some(logit_adjustment(&counts, recipe.loss.logit_adjustment));
+        rep.message(&format!(
+            "logit adjustment: the loss sees logits + {} * log(class prior)",
+            recipe.loss.logit_adjustment
+        ));
+    }
 
     let last_epoch = opts
         .stop_after_epoch
@@ -324,10 +332,7 @@ fn class_weights(
     splits: &Splits,
     rep: &mut dyn Reporter,
 ) -> Result<Option<Vec<f32>>> {
-    let mut counts = vec![0usize; splits.classes.len()];
-    for l in crate::data::dataset::labels_of(splits.train.as_ref()) {
-        counts[l] += 1;
-    }
+    let counts = class_counts(splits);
     let weights = recipe.loss.class_weights.resolve(&counts)?;
     let name = |c: usize| splits.classes[c].as_str();
     if let Some(w) = &weights {
@@ -365,11 +370,14 @@ fn class_weights(
         (most, least, &weights, recipe.data.sampler)
     {
         // The ratio at which "long-tailed" benchmarks start (CIFAR-10-LT's mildest is 10).
-        if counts[most] >= IMBALANCE_NOTE * counts[least].max(1) {
+        if counts[most] >= IMBALANCE_NOTE * counts[least].max(1)
+            && recipe.loss.logit_adjustment == 0.0
+        {
             rep.message(&format!(
                 "note: the classes are imbalanced ({} has {} training images, {} has {}); \
-                 `--set loss.class_weights=\"balanced\"` or `--set data.sampler=\"balanced\"` \
-                 weighs them equally, and eval's balanced top-1 measures it",
+                 `--set data.sampler=\"balanced\"`, `--set loss.class_weights=\"balanced\"` \
+                 or `--set loss.logit_adjustment=1` counter it, and eval's balanced top-1 \
+                 measures it",
                 name(most),
                 counts[most],
                 name(least),
@@ -378,6 +386,15 @@ fn class_weights(
         }
     }
     Ok(weights)
+}
+
+/// Training images per class.
+fn class_counts(splits: &Splits) -> Vec<usize> {
+    let mut counts = vec![0usize; splits.classes.len()];
+    for l in crate::data::dataset::labels_of(splits.train.as_ref()) {
+        counts[l] += 1;
+    }
+    counts
 }
 
 /// How many times more images the largest class must have than the smallest for the trainer

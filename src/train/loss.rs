@@ -177,6 +177,19 @@ pub fn weight_targets(targets: &mut [f32], classes: usize, weights: &[f32]) {
     }
 }
 
+/// Logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment", eq. 10):
+/// the offsets `tau * log(pi_c)` added to the logits inside the training loss, `pi_c = n_c / N`
+/// the class's share of the training samples. The loss then asks the rare classes for larger
+/// margins, and the unadjusted logits the model outputs estimate the balanced posterior, so
+/// evaluation and prediction need no change. A class without samples counts as one.
+pub fn logit_adjustment(counts: &[usize], tau: f64) -> Vec<f32> {
+    let n = counts.iter().map(|&c| c.max(1)).sum::<usize>() as f64;
+    counts
+        .iter()
+        .map(|&c| (tau * (c.max(1) as f64 / n).ln()) as f32)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +235,21 @@ mod tests {
         let plain = q.clone();
         weight_targets(&mut q, 2, &[2.5, 2.5]);
         assert!(q.iter().zip(&plain).all(|(a, b)| (a - b).abs() < 1e-7));
+    }
+
+    #[test]
+    fn logit_adjustment_is_tau_log_prior() {
+        let a = logit_adjustment(&[75, 20, 5], 1.5);
+        let want = [1.5 * 0.75f64.ln(), 1.5 * 0.2f64.ln(), 1.5 * 0.05f64.ln()];
+        assert!(
+            a.iter()
+                .zip(want)
+                .all(|(a, b)| (*a as f64 - b).abs() < 1e-6),
+            "{a:?}"
+        );
+        // Equal classes shift every logit alike, which softmax ignores.
+        let e = logit_adjustment(&[4, 4], 1.0);
+        assert_eq!(e[0], e[1]);
     }
 
     #[test]
