@@ -319,7 +319,13 @@ mod tests {
         }
     }
 
-    fn loader(workers: usize) -> Loader {
+    /// A training loader over `data` with padded crops and flips.
+    fn augmenting(
+        data: Arc<dyn Dataset>,
+        batch_size: usize,
+        workers: usize,
+        sampler: Sampler,
+    ) -> Loader {
         let t = grey4(Mode::Train(Augment {
             crop: CropMode::Pad,
             crop_padding: 1,
@@ -327,16 +333,20 @@ mod tests {
             ..Augment::none()
         }));
         let cfg = LoaderConfig {
-            batch_size: 5,
+            batch_size,
             train: true,
             drop_last: true,
             workers,
             prefetch: 2,
             seed: 3,
             skip_bad: false,
-            sampler: Sampler::Shuffle,
+            sampler,
         };
-        Loader::new(tiny(23), t, cfg).unwrap()
+        Loader::new(data, t, cfg).unwrap()
+    }
+
+    fn loader(workers: usize) -> Loader {
+        augmenting(tiny(23), 5, workers, Sampler::Shuffle)
     }
 
     #[test]
@@ -438,25 +448,7 @@ mod tests {
             pixels: (0..23 * 16).map(|i| (i * 7 % 256) as u8).collect(),
             labels: (0..23).map(|i| usize::from(i == 5)).collect(),
         });
-        let make = |workers| {
-            let t = grey4(Mode::Train(Augment {
-                crop: CropMode::Pad,
-                crop_padding: 1,
-                hflip: 0.5,
-                ..Augment::none()
-            }));
-            let cfg = LoaderConfig {
-                batch_size: 23,
-                train: true,
-                drop_last: true,
-                workers,
-                prefetch: 1,
-                seed: 3,
-                skip_bad: false,
-                sampler: Sampler::Balanced,
-            };
-            Loader::new(data.clone(), t, cfg).unwrap()
-        };
+        let make = |workers| augmenting(data.clone(), 23, workers, Sampler::Balanced);
         let batch = make(1).epoch(0).next().unwrap().unwrap();
         let rare: Vec<usize> = (0..23).filter(|&k| batch.indices[k] == 5).collect();
         // About half the draws are the one rare image (a 1 in 2^23 chance of fewer than 4).
