@@ -168,7 +168,13 @@ pub fn train_steps(
         mean: &mean,
         std: &std,
     });
-    let cfg = StepConfig::from_recipe(recipe, distill);
+    let mut cfg = StepConfig::from_recipe(recipe, distill);
+    if recipe.loss.logit_adjustment > 0.0 {
+        // Random data has no class counts: equal priors, the same work in the step.
+        let k = targets.dims()[1];
+        let tau = recipe.loss.logit_adjustment;
+        cfg.logit_adjust = Some(crate::train::loss::logit_adjustment(&vec![1; k], tau));
+    }
     let lr = recipe.optim.scaled_lr(x.dims()[0]);
     // Training mode, as the trainer sets it at every epoch's start; `precision` as the trainer
     // gives the model.

@@ -136,9 +136,14 @@ fn parse(file: &Path, bytes: &[u8]) -> Result<Rows> {
         }
         let path = base.join(p);
         if !path.is_file() {
+            let what = if path.exists() {
+                "not a file"
+            } else {
+                "no such file"
+            };
             return Err(bad(
                 file,
-                format!("line {line}: {}: no such file", path.display()),
+                format!("line {line}: {}: {what}", path.display()),
             ));
         }
         if classes.insert(l.to_string()) && classes.len() > MAX_CLASSES {

@@ -100,15 +100,8 @@ pub fn train(
     ];
     let params = crate::models::param_count(&model);
     describe(&recipe, &splits, params, rep);
-    let class_weights = class_weights(&recipe, &splits, rep)?;
-    if recipe.loss.logit_adjustment > 0.0 {
-        let counts = class_counts(&splits);
-        step_cfg.logit_adjust = Some(logit_adjustment(&counts, recipe.loss.logit_adjustment));
-        rep.message(&format!(
-            "logit adjustment: the loss sees logits + {} * log(class prior)",
-            recipe.loss.logit_adjustment
-        ));
-    }
+    let imbalance = imbalance(&recipe, &splits, rep)?;
+    step_cfg.logit_adjust = imbalance.logit_adjust;
 
     let last_epoch = opts
         .stop_after_epoch
@@ -141,7 +134,7 @@ pub fn train(
             model,
             &loaders[0],
             &step_cfg,
-            class_weights.as_deref(),
+            imbalance.class_weights.as_deref(),
             epoch,
             device,
             run,
@@ -324,55 +317,59 @@ fn describe(recipe: &Recipe, splits: &Splits, params: usize, rep: &mut dyn Repor
     }
 }
 
-/// The weight of each class in the loss (`loss.class_weights`, from the training split's
-/// counts), saying what it is; with neither class weights nor the balanced sampler, a note when
-/// the classes are far from equally frequent.
-fn class_weights(
-    recipe: &Recipe,
-    splits: &Splits,
-    rep: &mut dyn Reporter,
-) -> Result<Option<Vec<f32>>> {
+/// What the recipe does about classes of unequal frequency, from the training split's counts.
+struct Imbalance {
+    /// Each class's weight in the loss (`loss.class_weights`).
+    class_weights: Option<Vec<f32>>,
+    /// Logit adjustment's per-class offsets (`loss.logit_adjustment`).
+    logit_adjust: Option<Vec<f32>>,
+}
+
+/// Resolves the class weights and logit adjustment and says which of the three imbalance
+/// options are on; with none on, a note when the classes are far from equally frequent.
+fn imbalance(recipe: &Recipe, splits: &Splits, rep: &mut dyn Reporter) -> Result<Imbalance> {
     let counts = class_counts(splits);
-    let weights = recipe.loss.class_weights.resolve(&counts)?;
     let name = |c: usize| splits.classes[c].as_str();
-    if let Some(w) = &weights {
-        let list: Vec<String> = w
-            .iter()
-            .enumerate()
-            .map(|(c, w)| format!("{} {w:.3}", name(c)))
-            .collect();
-        let lo = w
-            .iter()
-            .copied()
-            .filter(|&v| v > 0.0)
-            .fold(f32::INFINITY, f32::min);
-        let hi = w.iter().copied().fold(0.0, f32::max);
-        rep.message(&if list.len() <= 20 {
+    let class_weights = recipe.loss.class_weights.resolve(&counts)?;
+    if let Some(w) = &class_weights {
+        rep.message(&if w.len() <= 20 {
+            let list: Vec<String> = (0..w.len())
+                .map(|c| format!("{} {:.3}", name(c), w[c]))
+                .collect();
             format!("class weights in the loss: {}", list.join(", "))
         } else {
+            let lo = w
+                .iter()
+                .copied()
+                .filter(|&v| v > 0.0)
+                .fold(f32::INFINITY, f32::min);
+            let hi = w.iter().copied().fold(0.0, f32::max);
             format!(
                 "class weights in the loss: {lo:.3} to {hi:.3} over {} classes",
                 w.len()
             )
         });
     }
-    if recipe.data.sampler == crate::data::Sampler::Balanced {
+    let sampling = recipe.data.sampler == crate::data::Sampler::Balanced;
+    if sampling {
         rep.message(&format!(
             "class-balanced sampling: {} draws an epoch, each class equally likely",
             splits.train.len()
         ));
     }
-    let (most, least) = (
-        (0..counts.len()).max_by_key(|&c| counts[c]),
-        (0..counts.len()).min_by_key(|&c| counts[c]),
-    );
-    if let (Some(most), Some(least), None, crate::data::Sampler::Shuffle) =
-        (most, least, &weights, recipe.data.sampler)
-    {
+    let tau = recipe.loss.logit_adjustment;
+    let logit_adjust = (tau > 0.0).then(|| logit_adjustment(&counts, tau));
+    if logit_adjust.is_some() {
+        rep.message(&format!(
+            "logit adjustment: the loss sees logits + {tau} * log(class prior)"
+        ));
+    }
+    let most = (0..counts.len()).max_by_key(|&c| counts[c]);
+    let least = (0..counts.len()).min_by_key(|&c| counts[c]);
+    let any_on = class_weights.is_some() || sampling || logit_adjust.is_some();
+    if let (Some(most), Some(least), false) = (most, least, any_on) {
         // The ratio at which "long-tailed" benchmarks start (CIFAR-10-LT's mildest is 10).
-        if counts[most] >= IMBALANCE_NOTE * counts[least].max(1)
-            && recipe.loss.logit_adjustment == 0.0
-        {
+        if counts[most] >= IMBALANCE_NOTE * counts[least].max(1) {
             rep.message(&format!(
                 "note: the classes are imbalanced ({} has {} training images, {} has {}); \
                  `--set data.sampler=\"balanced\"`, `--set loss.class_weights=\"balanced\"` \
@@ -385,7 +382,10 @@ fn class_weights(
             ));
         }
     }
-    Ok(weights)
+    Ok(Imbalance {
+        class_weights,
+        logit_adjust,
+    })
 }
 
 /// Training images per class.
