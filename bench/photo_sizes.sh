@@ -3,8 +3,10 @@
 # resnet18 at 128 and 224 px, resnet50 and vgg16 at 224 px, bench-vgg at 32 px; training and
 # inference throughput, fp32 and bf16, same threads, same batch, as one Markdown table.
 #   bench/photo_sizes.sh [THREADS] [STEPS]        (default: 2 threads, 8 timed steps)
-# "convlab bf16 AVX512" is `CONVLAB_AMX=0` (the VDPBF16PS kernel); "convlab bf16" lets bf16 run
-# on the AMX tiles where the CPU has them (the `unit` column says which ran). PyTorch bf16 is
+# "convlab bf16 AVX512" is `CONVLAB_AMX=0 CONVLAB_VDPBF16PS=on` (the VDPBF16PS kernel, even on
+# an Intel CPU where it is slower than f32); "convlab bf16" is what a run gets: the AMX tiles
+# where the CPU has them, VDPBF16PS where it beats f32 FMAs (AMD), else f32 (the `unit` column
+# says which ran). PyTorch bf16 is
 # its autocast + channels-last (oneDNN, AMX where the CPU has it). PyTorch comes from a
 # throwaway venv (bench/setup.sh), never from convlab.
 # On a CPU without bf16 instructions (no avx512_bf16, no amx_bf16) convlab's bf16 computes in
@@ -33,7 +35,7 @@ while read -r what model size batch; do
   p32=$($PY "${pargs[@]}")
   c16a=null c16=null p16=null
   if [ "$BF16" = 1 ]; then
-    c16a=$(CONVLAB_AMX=0 $BIN "${args[@]}" --precision bf16)
+    c16a=$(CONVLAB_AMX=0 CONVLAB_VDPBF16PS=on $BIN "${args[@]}" --precision bf16)
     c16=$($BIN "${args[@]}" --precision bf16)
     p16=$($PY "${pargs[@]}" --precision bf16)
   fi

@@ -197,6 +197,9 @@ fn main() {
     let batch: usize = args.next().map_or(64, |s| s.parse().unwrap());
     let amx = convlab::kernels::parse_amx(std::env::var("CONVLAB_AMX").ok().as_deref()).unwrap();
     convlab::kernels::amx::allow(amx);
+    // This example calls the bf16 kernels itself, wherever the CPU has them (even where a run
+    // would compute in f32 instead), so its header names the unit they ran on.
+    convlab::kernels::bf16::select_policy(convlab::kernels::bf16::Policy::On);
     let only = std::env::var("CONV_LAYERS_ONLY").ok();
     let repeat = std::env::var("CONV_LAYERS_REPEAT").ok();
     if let Some(other) = repeat

@@ -190,8 +190,9 @@ fn bench_reports_the_documented_keys() {
         assert_eq!(v["matrix_unit"], "fp32");
         assert_eq!(v["activations"], "f32");
     }
-    // bf16 names the unit this CPU has (the AMX tiles, AVX512-BF16, or fp32 when neither),
-    // and CONVLAB_AMX=0 keeps it off the tiles.
+    // bf16 names the unit this CPU has (the AMX tiles, AVX512-BF16 where it beats f32, or
+    // fp32), CONVLAB_AMX=0 keeps it off the tiles, and CONVLAB_VDPBF16PS=on|off takes or
+    // leaves AVX512-BF16 whether or not it beats f32 here.
     let bf16 = [
         "--batch",
         "2",
@@ -202,20 +203,28 @@ fn bench_reports_the_documented_keys() {
         "bf16",
     ];
     let unit = |amx: &str| json(&tiny_bench("infer", &bf16, amx))["matrix_unit"].clone();
-    let here = convlab::kernels::matrix_unit(convlab::kernels::Precision::Bf16);
-    assert_eq!(unit("1"), here);
-    let without = if here == "amx-bf16" {
-        "avx512-bf16"
-    } else {
-        here
+    use convlab::kernels::{bf16::Policy, bf16_unit};
+    assert_eq!(unit("1"), bf16_unit(true, Policy::Auto));
+    assert_eq!(unit("0"), bf16_unit(false, Policy::Auto));
+    let dot = |amx: &str, policy: &str| {
+        let env = [("CONVLAB_AMX", amx), ("CONVLAB_VDPBF16PS", policy)];
+        tiny_bench_env("infer", &bf16, &env)
     };
-    assert_eq!(unit("0"), without);
+    assert_eq!(
+        json(&dot("0", "on"))["matrix_unit"],
+        bf16_unit(false, Policy::On)
+    );
+    assert_eq!(
+        json(&dot("1", "off"))["matrix_unit"],
+        bf16_unit(true, Policy::Off)
+    );
     assert!(fails(&tiny_bench("infer", &[], "maybe")).contains("CONVLAB_AMX=maybe"));
+    assert!(fails(&dot("1", "fast")).contains("CONVLAB_VDPBF16PS=fast"));
     // A bf16 ConvNet keeps its maps in bf16 while training where bf16 runs at all (the
     // default, and CONVLAB_ACTIVATIONS=bf16), f32 in inference; CONVLAB_ACTIVATIONS=f32 keeps
     // them in f32; a typo is refused naming the variable.
     let acts = |value: &str| tiny_bench_env("train", &bf16, &[("CONVLAB_ACTIVATIONS", value)]);
-    let runs_bf16 = convlab::kernels::bf16::available();
+    let runs_bf16 = bf16_unit(true, Policy::Auto) != "fp32";
     let bf16_maps = if runs_bf16 { "bf16" } else { "f32" };
     assert_eq!(json(&acts("bf16"))["activations"], bf16_maps);
     assert_eq!(
@@ -324,8 +333,13 @@ fn precision_flag_trains_and_benches() {
     let out = ok(&train_tiny(&run, &["--precision", "bf16"]));
     let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
     assert!(recipe.contains("precision = \"bf16\""), "{recipe}");
-    if convlab::kernels::bf16::available() {
+    use convlab::kernels::{bf16, bf16::Policy, bf16_unit};
+    let runs_bf16 = bf16_unit(true, Policy::Auto) != "fp32";
+    if runs_bf16 {
         assert!(out.contains("convolutions in bf16"), "{out}");
+    } else if bf16::available() {
+        // An Intel CPU without usable AMX tiles: VDPBF16PS loses to f32 FMAs there.
+        assert!(out.contains("slower than its f32 FMAs"), "{out}");
     } else {
         assert!(out.contains("no AVX512-BF16"), "{out}");
     }
@@ -344,25 +358,30 @@ fn precision_flag_trains_and_benches() {
         summary["final_val_top1"].as_f64().unwrap(),
     );
     assert!((t1 - want).abs() < 1e-9, "{t1} vs {want}");
-    let o = convlab()
-        .args([
-            "bench",
-            "train",
-            "--model",
-            "convnet_small",
-            "--input",
-            "1x28x28",
-        ])
-        .args(["--batch", "4", "--steps", "1", "--precision", "bf16"])
-        .output()
-        .unwrap();
-    let text = ok(&o);
-    let ran = if convlab::kernels::bf16::available() {
-        "bf16"
-    } else {
-        "fp32"
-    };
-    assert!(text.contains(&format!("convlab kernels, {ran}")), "{text}");
+    // CONVLAB_VDPBF16PS=on runs bf16 wherever the CPU has AVX512-BF16, even where f32 is faster.
+    for (policy, ran) in [
+        ("auto", if runs_bf16 { "bf16" } else { "fp32" }),
+        ("on", if bf16::available() { "bf16" } else { "fp32" }),
+    ] {
+        let o = convlab()
+            .env("CONVLAB_VDPBF16PS", policy)
+            .args([
+                "bench",
+                "train",
+                "--model",
+                "convnet_small",
+                "--input",
+                "1x28x28",
+            ])
+            .args(["--batch", "4", "--steps", "1", "--precision", "bf16"])
+            .output()
+            .unwrap();
+        let text = ok(&o);
+        assert!(
+            text.contains(&format!("convlab kernels, {ran}")),
+            "{policy}: {text}"
+        );
+    }
     // Burn's own ops have no bf16 path: the fallback is announced, not silent.
     let o = convlab()
         .env("CONVLAB_KERNELS", "burn")

@@ -95,6 +95,10 @@ pub fn run(cli: Cli) -> Result<()> {
     let amx = convlab::kernels::parse_amx(std::env::var("CONVLAB_AMX").ok().as_deref())
         .map_err(anyhow::Error::msg)?;
     convlab::kernels::amx::allow(amx);
+    let dot =
+        convlab::kernels::bf16::parse_policy(std::env::var("CONVLAB_VDPBF16PS").ok().as_deref())
+            .map_err(anyhow::Error::msg)?;
+    convlab::kernels::bf16::select_policy(dot);
     let activations =
         convlab::kernels::parse_activations(std::env::var("CONVLAB_ACTIVATIONS").ok().as_deref())
             .map_err(anyhow::Error::msg)?;

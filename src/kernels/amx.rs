@@ -47,6 +47,11 @@ pub fn allow(allowed: bool) {
     ALLOWED.store(allowed, Ordering::Relaxed);
 }
 
+/// Whether [`allow`] left the tiles allowed (the default), whether or not the CPU has them.
+pub fn allowed() -> bool {
+    ALLOWED.load(Ordering::Relaxed)
+}
+
 /// Whether bf16 products run on AMX tiles: [`available`] and not forbidden by [`allow`].
 pub fn enabled() -> bool {
     ALLOWED.load(Ordering::Relaxed) && available()

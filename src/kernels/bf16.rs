@@ -101,6 +101,90 @@ pub fn available() -> bool {
     }
 }
 
+/// When bf16 products may run on `VDPBF16PS` where the AMX tiles do not take them (the binary
+/// reads `CONVLAB_VDPBF16PS`, [`parse_policy`], and calls [`select_policy`] once at start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Where it out-runs the CPU's f32 FMAs ([`outruns_fma`]): the default.
+    #[default]
+    Auto,
+    /// Wherever the CPU has it, even where f32 would be faster (to measure it there).
+    On,
+    /// Never: bf16 runs on the AMX tiles or computes in f32.
+    Off,
+}
+
+/// The process-wide [`Policy`]: 0 = auto, 1 = on, 2 = off.
+static POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses the [`Policy`] for this process, before any model is built in bf16 (the precision
+/// a run resolves to is decided once, [`super::supported_precision`]).
+pub fn select_policy(policy: Policy) {
+    let v = match policy {
+        Policy::Auto => 0,
+        Policy::On => 1,
+        Policy::Off => 2,
+    };
+    POLICY.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// This process's [`Policy`] ([`select_policy`]).
+pub fn policy() -> Policy {
+    match POLICY.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Policy::Auto,
+        1 => Policy::On,
+        _ => Policy::Off,
+    }
+}
+
+/// Reads a `CONVLAB_VDPBF16PS` value: unset, empty or `auto` uses the instruction where it
+/// out-runs f32 FMAs; `1`/`on` wherever the CPU has it; `0`/`off` never. Anything else is an
+/// error naming the variable.
+pub fn parse_policy(value: Option<&str>) -> Result<Policy, String> {
+    match value {
+        None | Some("") | Some("auto") => Ok(Policy::Auto),
+        Some("1") | Some("on") => Ok(Policy::On),
+        Some("0") | Some("off") => Ok(Policy::Off),
+        Some(other) => Err(format!(
+            "CONVLAB_VDPBF16PS={other}: expected `auto` (the default: where it is faster than f32), `on` or `off`"
+        )),
+    }
+}
+
+/// Whether this CPU's `VDPBF16PS` does more multiply-adds a second than its f32 FMAs, so that
+/// bf16 convolutions off the AMX tiles beat f32 ones. Decided by vendor, not timed, so that a
+/// run computes in the same precision every time on the same CPU. One core's peaks, 12
+/// independent chains in registers (the first lines of `cargo run --release --example
+/// conv_layers`): AMD Zen 4 234 GFLOP/s against 108-114 for f32 FMAs, Zen 5 425-431 against
+/// 206-234 (the bf16 instruction does two multiply-adds per f32 lane at the FMA's rate);
+/// Intel Xeon family 6 model 207 65-69 against 108-135 (2026-12-02) and 67-76 against 175-177
+/// (2026-12-07, the VM without AMX): Intel's cores issue it at a quarter of the FMAs' rate,
+/// and bf16 there is fast only on the AMX tiles (BENCHMARKS.md "bf16 on an Intel Xeon
+/// without AMX").
+pub fn outruns_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        // "GenuineIntel" is EBX, EDX, ECX of leaf 0.
+        let vendor = [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat();
+        vendor != b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether bf16 products off the AMX tiles run on `VDPBF16PS` under `policy` on this CPU.
+pub fn chosen(policy: Policy) -> bool {
+    available()
+        && match policy {
+            Policy::Auto => outruns_fma(),
+            Policy::On => true,
+            Policy::Off => false,
+        }
+}
+
 /// `x` rounded to the nearest bf16 (ties to even), as the upper 16 bits of an f32. NaN stays a
 /// (quiet) NaN.
 #[inline(always)]

@@ -283,7 +283,9 @@ impl std::fmt::Display for Precision {
 }
 
 /// Whether `precision` can run on `device`: `Ok` with the precision that will run, or `Err`
-/// with the reason it falls back to fp32 (for the caller to print).
+/// with the reason it falls back to fp32 (for the caller to print). bf16 runs where a unit
+/// multiplies it faster than f32 ([`bf16_unit`] under this process's choices): on Intel's
+/// Xeons without usable AMX tiles `VDPBF16PS` is slower than f32 FMAs, so f32 runs there.
 pub fn supported_precision(precision: Precision, device: &Device) -> Result<Precision, String> {
     match precision {
         Precision::Fp32 => Ok(Precision::Fp32),
@@ -294,18 +296,39 @@ pub fn supported_precision(precision: Precision, device: &Device) -> Result<Prec
         Precision::Bf16 if !bf16::available() => {
             Err("this CPU has no AVX512-BF16 instructions; computing in fp32".to_string())
         }
+        Precision::Bf16 if matrix_unit(Precision::Bf16) == "fp32" => Err(match bf16::policy() {
+            bf16::Policy::Off => {
+                "CONVLAB_VDPBF16PS=off and no AMX tiles in use; computing in fp32".to_string()
+            }
+            _ => "no AMX tiles in use, and this CPU's bf16 dot product (VDPBF16PS) is slower \
+                  than its f32 FMAs; computing in fp32, which is faster here \
+                  (CONVLAB_VDPBF16PS=on runs bf16 anyway)"
+                .to_string(),
+        }),
         Precision::Bf16 => Ok(Precision::Bf16),
     }
 }
 
 /// What multiplies convolutions' matrices in `precision` on this CPU (`convlab bench` prints
 /// it): `amx-bf16` (the AMX tiles, [`amx`]), `avx512-bf16` (`VDPBF16PS`, [`bf16`]) or
-/// `fp32` (f32 FMAs).
+/// `fp32` (f32 FMAs), under this process's `CONVLAB_AMX` and `CONVLAB_VDPBF16PS` choices.
 pub fn matrix_unit(precision: Precision) -> &'static str {
     match precision {
-        Precision::Bf16 if amx::enabled() => "amx-bf16",
-        Precision::Bf16 if bf16::available() => "avx512-bf16",
-        _ => "fp32",
+        Precision::Bf16 => bf16_unit(amx::allowed(), bf16::policy()),
+        Precision::Fp32 => "fp32",
+    }
+}
+
+/// The unit bf16 products run on with the AMX tiles allowed or not and `dot` as the
+/// `VDPBF16PS` policy: the tiles where allowed and usable, else `VDPBF16PS` where the policy
+/// picks it ([`bf16::chosen`]), else `fp32`.
+pub fn bf16_unit(amx: bool, dot: bf16::Policy) -> &'static str {
+    if amx && amx::available() {
+        "amx-bf16"
+    } else if bf16::chosen(dot) {
+        "avx512-bf16"
+    } else {
+        "fp32"
     }
 }
 

@@ -166,8 +166,40 @@ fn precision_parses_and_falls_back_off_flex() {
     let bf16_here = supported_precision(Precision::Bf16, &Device::flex().autodiff());
     assert_eq!(
         bf16_here.is_ok(),
-        bf16::available() && kernels() == Kernels::Convlab
+        matrix_unit(Precision::Bf16) != "fp32" && kernels() == Kernels::Convlab
     );
+}
+
+/// `CONVLAB_VDPBF16PS` parses, and picks the bf16 unit: `off` leaves only the AMX tiles, `on`
+/// takes `VDPBF16PS` wherever the CPU has it, `auto` only where it out-runs f32 FMAs.
+#[test]
+fn the_vdpbf16ps_policy_picks_the_bf16_unit() {
+    use bf16::Policy;
+    assert_eq!(bf16::parse_policy(None), Ok(Policy::Auto));
+    assert_eq!(bf16::parse_policy(Some("on")), Ok(Policy::On));
+    assert_eq!(bf16::parse_policy(Some("0")), Ok(Policy::Off));
+    assert!(
+        bf16::parse_policy(Some("fast"))
+            .unwrap_err()
+            .contains("CONVLAB_VDPBF16PS=fast")
+    );
+    let tiles = amx::available();
+    let vector = |p| if tiles { "amx-bf16" } else { p };
+    assert_eq!(bf16_unit(true, Policy::Off), vector("fp32"));
+    assert_eq!(bf16_unit(false, Policy::Off), "fp32");
+    let on = if bf16::available() {
+        "avx512-bf16"
+    } else {
+        "fp32"
+    };
+    assert_eq!(bf16_unit(false, Policy::On), on);
+    let auto = if bf16::available() && bf16::outruns_fma() {
+        "avx512-bf16"
+    } else {
+        "fp32"
+    };
+    assert_eq!(bf16_unit(false, Policy::Auto), auto);
+    assert_eq!(bf16_unit(true, Policy::Auto), vector(auto));
 }
 
 fn max_rel_diff1(a: Tensor<1>, b: Tensor<1>) -> f32 {
