@@ -28,6 +28,10 @@ echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xarg
 echo
 echo "| workload | batch | convlab fp32 img/s | PyTorch fp32 img/s | ratio | convlab bf16 AVX512 img/s | convlab bf16 img/s (unit) | PyTorch bf16+CL img/s | ratio | peak RSS fp32 train convlab / PyTorch MB | peak RSS bf16 train convlab / PyTorch MB |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
+# What convlab says on stderr about the precision that ran (e.g. bf16 computing in fp32),
+# printed once after the table instead of between its rows.
+notes=$(mktemp)
+trap 'rm -f "$notes"' EXIT
 while read -r what model size batch; do
   args=(bench "$what" --model "$model" --input "3x${size}x${size}" --batch "$batch" --steps "$STEPS" --threads "$T" --json)
   c32=$($BIN "${args[@]}")
@@ -36,7 +40,7 @@ while read -r what model size batch; do
   c16a=null c16=null p16=null
   if [ "$BF16" = 1 ]; then
     c16a=$(CONVLAB_AMX=0 CONVLAB_VDPBF16PS=on $BIN "${args[@]}" --precision bf16)
-    c16=$($BIN "${args[@]}" --precision bf16)
+    c16=$($BIN "${args[@]}" --precision bf16 2>>"$notes")
     p16=$($PY "${pargs[@]}" --precision bf16)
   fi
   python3 - "$what $model $size px" "$batch" "$c32" "$p32" "$c16a" "$c16" "$p16" <<'PY'
@@ -61,3 +65,7 @@ infer resnet50 224 32
 train vgg16 224 8
 train bench-vgg 32 64
 EOF
+if [ -s "$notes" ]; then
+  echo
+  sort -u "$notes" | sed 's/^/convlab: /'
+fi

@@ -158,8 +158,8 @@ pub fn parse_policy(value: Option<&str>) -> Result<Policy, String> {
 /// conv_layers`): AMD Zen 4 234 GFLOP/s against 108-114 for f32 FMAs, Zen 5 425-431 against
 /// 206-234 (the bf16 instruction does two multiply-adds per f32 lane at the FMA's rate);
 /// Intel Xeon family 6 model 207 65-69 against 108-135 (2026-12-02) and 67-76 against 175-177
-/// (2026-12-07, the VM without AMX): Intel's cores issue it at a quarter of the FMAs' rate,
-/// and bf16 there is fast only on the AMX tiles (BENCHMARKS.md "bf16 on an Intel Xeon
+/// (2026-12-07, the VM without AMX): 0.4-0.6x the FMAs' multiply-adds a second on Intel's
+/// cores, where bf16 is fast only on the AMX tiles (BENCHMARKS.md "bf16 on an Intel Xeon
 /// without AMX").
 pub fn outruns_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
