@@ -13,7 +13,10 @@ echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xarg
 echo
 echo "| workload | precision | round | 1 thread img/s | 2 threads img/s | scaling |"
 echo "|---|---|---|---|---|---|"
-ips() { $BIN "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["images_per_sec"])'; }
+# convlab's notes on stderr (e.g. bf16 computing in fp32 on this CPU) go after the table.
+notes=$(mktemp)
+trap 'rm -f "$notes"' EXIT
+ips() { $BIN "$@" --json 2>>"$notes" | python3 -c 'import json,sys; print(json.load(sys.stdin)["images_per_sec"])'; }
 while read -r model size batch; do
   for p in fp32 bf16; do
     for r in $(seq "$R"); do
@@ -27,3 +30,7 @@ done <<'LIST'
 resnet18 128 32
 resnet50 224 16
 LIST
+if [ -s "$notes" ]; then
+  echo
+  sort -u "$notes" | sed 's/^/convlab: /'
+fi
