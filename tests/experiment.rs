@@ -53,6 +53,18 @@ set = { "model.pool" = "avg" }
     assert!(lines[2].starts_with("\"avg, plain\",2,"), "{csv}");
     let cells = std::fs::read_to_string(out.join("cells.csv")).unwrap();
     assert_eq!(cells.lines().count(), 5);
+    // Every cell's validation balanced top-1 and macro F1, as fractions.
+    let head: Vec<&str> = cells.lines().next().unwrap().split(',').collect();
+    for key in ["val_balanced_top1", "val_macro_f1"] {
+        let i = head.iter().position(|c| *c == key).unwrap();
+        for l in cells.lines().skip(1) {
+            // The variant "avg, plain" is quoted: count fields from the end.
+            let f: Vec<&str> = l.rsplit(',').collect();
+            let v: f64 = f[head.len() - 1 - i].parse().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} {v} in {l}");
+        }
+    }
+    assert!(md.contains("| val macro F1 % |"), "{md}");
 
     // Interrupt two cells: one lost its summary (resumes from its last checkpoint), one lost
     // everything (trains again from scratch). The rest are not touched.
@@ -64,17 +76,29 @@ set = { "model.pool" = "avg" }
         second.contains("[3/4]") && second.contains("[4/4]"),
         "{second}"
     );
-    // Same seed, same machine, same threads: the retrained cell reproduces its numbers.
+    // Same seed, same machine, same threads: the retrained cell reproduces its numbers (all
+    // but the wall time).
+    let seconds = cells
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == "seconds")
+        .unwrap();
+    let from_end = cells.lines().next().unwrap().split(',').count() - 1 - seconds;
+    // Fields counted from the end: the variant "avg, plain" is quoted, with a comma.
+    let numbers = |csv: &str| -> Vec<Vec<String>> {
+        csv.lines()
+            .map(|l| {
+                let mut f: Vec<String> = l.rsplit(',').map(String::from).collect();
+                f.remove(from_end);
+                f
+            })
+            .collect()
+    };
     assert_eq!(
-        std::fs::read_to_string(out.join("cells.csv"))
-            .unwrap()
-            .lines()
-            .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-            .collect::<Vec<_>>(),
-        cells
-            .lines()
-            .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-            .collect::<Vec<_>>()
+        numbers(&std::fs::read_to_string(out.join("cells.csv")).unwrap()),
+        numbers(&cells)
     );
 
     // A bad override names the variant and the key, before anything trains.
