@@ -163,22 +163,7 @@ fn image_folder_of_varied_photos_trains_and_evaluates() {
     let run = d.path().join("run");
     // Without --skip-bad-images the corrupt file stops training, by path, and no summary is
     // written.
-    let o = convlab()
-        .args([
-            "train",
-            "--model",
-            "convnet_small",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let o = train_on(&data, &run, 8, &[]);
     let e = fails(&o);
     assert!(e.contains("corrupt.jpg"), "{e}");
     assert!(!run.join("summary.json").exists());
@@ -639,24 +624,7 @@ fn csv_label_lists_train_and_evaluate() {
     std::fs::write(root.join("train.csv"), rows(0..8)).unwrap();
     std::fs::write(root.join("val.csv"), rows(8..10)).unwrap();
     let run = d.path().join("run");
-    let train = |data: &Path, out: &Path| {
-        convlab()
-            .args([
-                "train",
-                "--model",
-                "convnet_small",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-            ])
-            .arg("--data")
-            .arg(data)
-            .arg("--out")
-            .arg(out)
-            .output()
-            .unwrap()
-    };
+    let train = |data: &Path, out: &Path| train_on(data, out, 4, &[]);
     let out = ok(&train(&root, &run));
     assert!(out.contains("16 train / 4 val images, 2 classes"), "{out}");
     let classes = std::fs::read_to_string(run.join("classes.json")).unwrap();

@@ -303,22 +303,7 @@ fn symlink_loops_are_followed_once_and_duplicates_reported() {
     write_image_folder(&data, &["cat", "dog"], 10);
     std::os::unix::fs::symlink(".", data.join("cat/loop")).unwrap();
     let run = d.path().join("run");
-    let o = convlab()
-        .args([
-            "train",
-            "--model",
-            "convnet_small",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let o = train_on(&data, &run, 4, &[]);
     let err = ok(&o);
     assert!(err.contains("read once only"), "{err}");
     assert!(

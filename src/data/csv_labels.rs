@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::limits::{MAX_CLASSES, MAX_DATA_FILE_BYTES};
 
 use super::dataset::{DataFormat, DataSpec, Dataset, Splits, split_one};
-use super::image_folder::{ImageFolder, shared_files};
+use super::image_folder::{ImageFolder, overlap_warning};
 
 /// Header names accepted for the image path, in order of preference (case-insensitive).
 pub const PATH_COLUMNS: &[&str] = &["path", "file", "filename", "image", "image_path", "img"];
@@ -221,17 +221,7 @@ pub fn open(path: &Path, spec: &DataSpec) -> Result<Splits> {
             check(&train_file, &classes)?;
             let train = dataset(train, &classes)?;
             let val = dataset(val, &classes)?;
-            let both = shared_files(&train, &val);
-            if !both.is_empty() {
-                warnings.push(format!(
-                    "{} image(s) are listed in both {} and {} (e.g. {}): validation \
-                         accuracy overstates what the model learned",
-                    both.len(),
-                    train_file.display(),
-                    vf.display(),
-                    both[0].display()
-                ));
-            }
+            warnings.extend(overlap_warning(&train, &val, &train_file, &vf));
             let name = vf
                 .file_stem()
                 .map_or("val".into(), |s| s.to_string_lossy().into_owned());
@@ -329,5 +319,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty path"), "{e}");
+    }
+
+    /// A photo listed in both train.csv and val.csv is warned about, naming both lists.
+    #[test]
+    fn a_photo_in_both_lists_is_warned_about() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["a.png", "b.png", "c.png"] {
+            std::fs::write(d.path().join(f), b"not decoded here").unwrap();
+        }
+        list(d.path(), "train.csv", "path,label\na.png,x\nb.png,y\n");
+        let spec = DataSpec {
+            path: None,
+            format: None,
+            val_fraction: 0.2,
+            seed: 0,
+            limit_train: None,
+            limit_val: None,
+        };
+        list(d.path(), "val.csv", "path,label\nc.png,x\n");
+        assert!(open(d.path(), &spec).unwrap().warnings.is_empty());
+        list(d.path(), "val.csv", "path,label\nc.png,x\nb.png,y\n");
+        let w = open(d.path(), &spec).unwrap().warnings.join("\n");
+        assert!(
+            w.contains("1 image(s) are in both")
+                && w.contains("train.csv")
+                && w.contains("val.csv")
+                && w.contains("b.png"),
+            "{w}"
+        );
     }
 }

@@ -275,16 +275,30 @@ pub fn images_under(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<PathBu
     Ok(files)
 }
 
-/// Images that are the same file in both splits (by canonical path), for a warning.
-/// The files of `b` that are also files of `a` (by canonical path).
-pub(super) fn shared_files(a: &ImageFolder, b: &ImageFolder) -> Vec<PathBuf> {
+/// The warning for images that are the same file (by canonical path) in the training split,
+/// read from `t`, and the validation split, read from `v`; `None` when no file is in both.
+pub(super) fn overlap_warning(
+    train: &ImageFolder,
+    val: &ImageFolder,
+    t: &Path,
+    v: &Path,
+) -> Option<String> {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let set: std::collections::HashSet<PathBuf> = a.files.iter().map(|p| canon(p)).collect();
-    b.files
+    let set: std::collections::HashSet<PathBuf> = train.files.iter().map(|p| canon(p)).collect();
+    let both: Vec<&PathBuf> = val
+        .files
         .iter()
         .filter(|p| set.contains(&canon(p)))
-        .cloned()
-        .collect()
+        .collect();
+    let first = both.first()?;
+    Some(format!(
+        "{} image(s) are in both {} and {} (e.g. {}): validation accuracy overstates what the \
+         model learned",
+        both.len(),
+        t.display(),
+        v.display(),
+        first.display()
+    ))
 }
 
 fn names(dirs: &[PathBuf]) -> Vec<String> {
@@ -340,17 +354,7 @@ pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
                 }
                 let val = scan(&v, &classes, &mut warnings)?;
                 check(&v, &val, &classes)?;
-                let both = shared_files(&train, &val);
-                if !both.is_empty() {
-                    warnings.push(format!(
-                        "{} image(s) are in both {} and {} (e.g. {}): validation accuracy \
-                         overstates what the model learned",
-                        both.len(),
-                        t.display(),
-                        v.display(),
-                        both[0].display()
-                    ));
-                }
+                warnings.extend(overlap_warning(&train, &val, &t, &v));
                 (Arc::new(train), Arc::new(val), classes, vname.to_string())
             }
             _ => {

@@ -157,8 +157,8 @@ pub fn parse_policy(value: Option<&str>) -> Result<Policy, String> {
 /// independent chains in registers (the first lines of `cargo run --release --example
 /// conv_layers`): AMD Zen 4 234 GFLOP/s against 108-114 for f32 FMAs, Zen 5 425-431 against
 /// 206-234 (the bf16 instruction does two multiply-adds per f32 lane at the FMA's rate);
-/// Intel Xeon family 6 model 207 65-69 against 108-135 (2026-12-02) and 67-76 against 175-177
-/// (2026-12-07, the VM without AMX): 0.4-0.6x the FMAs' multiply-adds a second on Intel's
+/// Intel Xeons 65-69 against 108-135 (family 6 model 167 with AMX, 2026-12-02) and 67-76
+/// against 175-177 (family 6 model 207, a VM without AMX, 2026-12-07): 0.4-0.6x the FMAs' multiply-adds a second on Intel's
 /// cores, where bf16 is fast only on the AMX tiles (BENCHMARKS.md "bf16 on an Intel Xeon
 /// without AMX").
 pub fn outruns_fma() -> bool {

@@ -202,6 +202,21 @@ pub fn train_tiny(out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `convlab train` of `convnet_small` for one epoch, `batch` images a step, on the data at
+/// `data`, into `out`, with `extra` arguments.
+pub fn train_on(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Output {
+    convlab()
+        .args(["train", "--model", "convnet_small", "--epochs", "1"])
+        .args(["--batch-size", &batch.to_string()])
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// Every tensor of `model` set from its convlab name, with BN statistics away from (0, 1) so a
 /// graph that dropped or misplaced one would show.
 pub fn formula_weights(model: Model) -> Model {
