@@ -68,12 +68,7 @@ fn train_eval_predict_on_builtin_subset() {
     }
 
     // eval --json: top-5 >= top-1, the confusion matrix counts every evaluated image.
-    let o = convlab()
-        .args(["eval", "--json", "--run"])
-        .arg(&run)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let v = eval_json(&run, &[]);
     let (t1, t5) = (v["top1"].as_f64().unwrap(), v["top5"].as_f64().unwrap());
     assert!(t5 >= t1);
     let total: u64 = v["confusion"]
@@ -632,12 +627,7 @@ fn csv_label_lists_train_and_evaluate() {
         classes.contains("\"cat\"") && classes.contains("\"dog\""),
         "{classes}"
     );
-    let o = convlab()
-        .args(["eval", "--json", "--run"])
-        .arg(&run)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let v = eval_json(&run, &[]);
     assert_eq!(v["count"], 4);
     // One file, split 80/20 in each class.
     let out = ok(&train(&root.join("train.csv"), &d.path().join("one")));

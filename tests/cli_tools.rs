@@ -345,12 +345,7 @@ fn precision_flag_trains_and_benches() {
     }
     // eval reads the precision back from the run and gives the top-1 training's last
     // validation gave (the same views, precision and weights).
-    let o = convlab()
-        .args(["eval", "--json", "--run"])
-        .arg(&run)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    let v = eval_json(&run, &[]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     let (t1, want) = (

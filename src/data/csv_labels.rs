@@ -235,16 +235,13 @@ pub fn open(path: &Path, spec: &DataSpec) -> Result<Splits> {
             (t, v, classes, "val".to_string())
         }
     };
-    Ok(Splits {
-        train,
-        val,
+    Ok(Splits::photos(
+        DataFormat::Csv,
+        (train, val),
         classes,
-        channels: 3,
-        native_size: None,
-        format: DataFormat::Csv,
         val_name,
         warnings,
-    })
+    ))
 }
 
 fn check(file: &Path, classes: &[String]) -> Result<()> {

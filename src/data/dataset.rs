@@ -194,6 +194,28 @@ pub struct Splits {
     pub warnings: Vec<String>,
 }
 
+impl Splits {
+    /// The splits of a list of photos (an ImageFolder or CSV lists): colour, no native size.
+    pub fn photos(
+        format: DataFormat,
+        (train, val): (Arc<dyn Dataset>, Arc<dyn Dataset>),
+        classes: Vec<String>,
+        val_name: String,
+        warnings: Vec<String>,
+    ) -> Splits {
+        Splits {
+            train,
+            val,
+            classes,
+            channels: 3,
+            native_size: None,
+            format,
+            val_name,
+            warnings,
+        }
+    }
+}
+
 /// Detects the format of `path` from its contents.
 pub fn detect(path: &Path) -> Result<DataFormat> {
     if !path.exists() {

@@ -365,14 +365,11 @@ pub fn open(root: &Path, spec: &DataSpec) -> Result<Splits> {
                 (t, v, classes, "val".to_string())
             }
         };
-    Ok(Splits {
-        train,
-        val,
+    Ok(Splits::photos(
+        DataFormat::Imagefolder,
+        (train, val),
         classes,
-        channels: 3,
-        native_size: None,
-        format: DataFormat::Imagefolder,
         val_name,
         warnings,
-    })
+    ))
 }

@@ -217,6 +217,18 @@ pub fn train_on(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Output
         .unwrap()
 }
 
+/// `convlab eval --json --run RUN` with `extra` arguments, its JSON parsed (the test fails with
+/// its stderr when the command does).
+pub fn eval_json(run: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = convlab()
+        .args(["eval", "--json", "--run"])
+        .arg(run)
+        .args(extra)
+        .output()
+        .unwrap();
+    serde_json::from_str(&ok(&o)).unwrap()
+}
+
 /// Every tensor of `model` set from its convlab name, with BN statistics away from (0, 1) so a
 /// graph that dropped or misplaced one would show.
 pub fn formula_weights(model: Model) -> Model {
