@@ -201,11 +201,3 @@ pub fn train_steps(
         seconds,
     }
 }
-
-/// Peak resident set size of this process in MB (`VmHWM`), where the OS reports it.
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}

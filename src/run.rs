@@ -62,9 +62,9 @@ pub struct EpochMetrics {
     pub images_skipped: usize,
 }
 
-/// The process's peak resident set size in MB, from `/proc/self/status` (`VmHWM`), or 0.0
+/// The process's peak resident set size in MB, from `/proc/self/status` (`VmHWM`), or `None`
 /// where that is not available.
-pub fn peak_rss_mb() -> f64 {
+pub fn peak_rss() -> Option<f64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -72,7 +72,12 @@ pub fn peak_rss_mb() -> f64 {
                 .find_map(|l| l.strip_prefix("VmHWM:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
-        .map_or(0.0, |kb| kb / 1024.0)
+        .map(|kb| kb / 1024.0)
+}
+
+/// [`peak_rss`], or 0.0 where it is not available (`metrics.jsonl`'s `peak_rss_mb`).
+pub fn peak_rss_mb() -> f64 {
+    peak_rss().unwrap_or(0.0)
 }
 
 /// `summary.json`.

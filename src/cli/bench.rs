@@ -220,7 +220,7 @@ fn run_data(a: &BenchArgs) -> Result<()> {
         seconds,
         images_per_sec: images as f64 / seconds,
         images_per_sec_per_worker: images as f64 / seconds / a.workers.max(1) as f64,
-        peak_rss_mb: bench::peak_rss_mb(),
+        peak_rss_mb: convlab::run::peak_rss(),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -330,7 +330,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device: a.runtime.device.clone(),
         images_per_sec: ips,
         ms_per_step: 1e3 * t.median(),
-        peak_rss_mb: bench::peak_rss_mb(),
+        peak_rss_mb: convlab::run::peak_rss(),
         gflops_per_sec: flops / t.median() / 1e9,
         kernels: if convlab::kernels::extended_on(&dev) {
             "convlab"
