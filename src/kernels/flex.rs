@@ -661,6 +661,103 @@ impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
     }
 }
 
+#[backend_extension(Flex, Autodiff)]
+pub trait LinearBackend: Backend {
+    /// `x w + b` for f32 `x` `[n, i]`, `w` `[i, o]`, `b` `[o]`: a fully connected layer.
+    fn linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// `[rows, cols]` of a 2-D tensor.
+fn dims2(t: &FlexTensor) -> [usize; 2] {
+    let s = t.shape();
+    assert_eq!(s.num_dims(), 2, "linear: a 2-D operand");
+    [s[0], s[1]]
+}
+
+/// `x w + b` into a fresh `Vec`: burn-flex's own product allocates its output through
+/// `FlexTensor::empty`, which cubecl realigns by a copy (BENCHMARKS.md, "bf16 on an Intel Xeon
+/// without AMX": a second weight-sized block for every weight gradient of VGG's classifier).
+fn linear_forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let ([n, i], [i2, o]) = (dims2(x), dims2(w));
+    assert_eq!(i, i2, "linear: x's columns and w's rows");
+    let (x, w, b) = (slice::<f32>(x), slice::<f32>(w), slice::<f32>(b));
+    assert_eq!(b.len(), o, "linear: one bias per output");
+    let mut y: Vec<f32> = (0..n).flat_map(|_| b.iter().copied()).collect();
+    let threads = rayon::current_num_threads().max(1);
+    super::gemm::gemm_f32(n, o, i, &mut y, o, true, &x, i, 1, &w, o, 1, threads);
+    tensor(y, [n, o])
+}
+
+impl LinearBackend for Flex {
+    fn linear(x: FlexTensor, w: FlexTensor, b: FlexTensor) -> FlexTensor {
+        linear_forward(&x, &w, &b)
+    }
+}
+
+#[derive(Debug)]
+struct LinearOp;
+
+impl Backward<Flex, 3> for LinearOp {
+    /// The input and the weight (shared storage, not copies).
+    type State = (FlexTensor, FlexTensor);
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w) = ops.state;
+        let ([n, i], [_, o]) = (dims2(&x), dims2(&w));
+        let dy = grads.consume::<Flex>(&ops.node);
+        let dy = slice::<f32>(&dy);
+        let threads = rayon::current_num_threads().max(1);
+        let [px, pw, pb] = ops.parents;
+        if let Some(node) = px {
+            // dx = dy w^T: w^T's element (r, c) is w[c * o + r].
+            let mut dx = vec![0f32; n * i];
+            let w = slice::<f32>(&w);
+            super::gemm::gemm_f32(n, i, o, &mut dx, i, false, &dy, o, 1, &w, 1, o, threads);
+            grads.register::<Flex>(node.id, tensor(dx, [n, i]));
+        }
+        if let Some(node) = pw {
+            // dw = x^T dy: x^T's element (r, c) is x[c * i + r].
+            let mut dw = vec![0f32; i * o];
+            let x = slice::<f32>(&x);
+            super::gemm::gemm_f32(i, o, n, &mut dw, o, false, &x, 1, i, &dy, o, 1, threads);
+            grads.register::<Flex>(node.id, tensor(dw, [i, o]));
+        }
+        if let Some(node) = pb {
+            let mut db = vec![0f32; o];
+            for row in dy.chunks_exact(o) {
+                for (d, g) in db.iter_mut().zip(row) {
+                    *d += g;
+                }
+            }
+            grads.register::<Flex>(node.id, tensor(db, [o]));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> LinearBackend for Autodiff<Flex, C> {
+    fn linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = linear_forward(x.primitive(), w.primitive(), b.primitive());
+        match LinearOp
+            .prepare::<C>([x.node(), w.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (x.primitive().clone(), w.primitive().clone());
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
 #[backend_extension(Flex)]
 pub trait UpdateBackend: Backend {
     /// The first SGD step of a parameter ([`super::update::sgd`] without a buffer): returns the

@@ -781,6 +781,35 @@ fn fast_add_relu(_: Tensor<4>, _: Tensor<4>) -> Tensor<4> {
     unreachable!("the fused add + ReLU is only routed to on burn-flex")
 }
 
+/// A fully connected layer, `x w + b` (`x` `[n, i]`, `w` `[i, o]` as Burn's `Linear` stores
+/// it, `b` `[o]`): convlab's op on burn-flex for f32 (its outputs and gradients allocated once:
+/// burn-flex's product allocates each twice), Burn's `linear` elsewhere.
+pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<2> {
+    let flex_f32 = active_on(&x.device())
+        && [x.dtype(), w.dtype()] == [DType::F32, DType::F32]
+        && b.as_ref().is_some_and(|b| b.dtype() == DType::F32);
+    match b {
+        Some(b) if flex_f32 => fast_linear(x, w, b),
+        b => burn::tensor::module::linear(x, w, b),
+    }
+}
+
+#[cfg(feature = "flex")]
+fn fast_linear(x: Tensor<2>, w: Tensor<2>, b: Tensor<1>) -> Tensor<2> {
+    use burn::backend::Dispatch;
+    use flex::LinearBackend;
+    Tensor::from_dispatch(<Dispatch as LinearBackend>::linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
+#[cfg(not(feature = "flex"))]
+fn fast_linear(_: Tensor<2>, _: Tensor<2>, _: Tensor<1>) -> Tensor<2> {
+    unreachable!("convlab's linear op is only routed to on burn-flex")
+}
+
 #[cfg(all(test, feature = "flex"))]
 mod tests;
 

@@ -497,3 +497,47 @@ fn bf16_activations_are_the_f32_ops_rounded_once() {
         }
     }
 }
+
+/// convlab's linear op gives Burn's output and gradients (input, weight, bias), on autodiff
+/// and without, for a batch of one and a few.
+#[test]
+fn linear_matches_burns() {
+    let device = Device::flex().autodiff();
+    for n in [1, 5] {
+        let x = Tensor::<2>::random([n, 37], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<2>::random([37, 19], Distribution::Normal(0.0, 0.3), &device);
+        let b = Tensor::<1>::random([19], Distribution::Normal(0.0, 0.3), &device);
+        let run = |ours: bool| {
+            let (x, w, b) = (
+                x.clone().require_grad(),
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+            );
+            let y = if ours {
+                linear(x.clone(), w.clone(), Some(b.clone()))
+            } else {
+                burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+            };
+            let grads = (y.clone() * y.clone()).sum().backward();
+            let rows = |t: Tensor<2>| t.reshape([1, 1, 1, -1]);
+            (
+                rows(y.inner()),
+                rows(x.grad(&grads).unwrap()),
+                rows(w.grad(&grads).unwrap()),
+                b.grad(&grads).unwrap(),
+            )
+        };
+        let (y, gx, gw, gb) = run(true);
+        let (y0, gx0, gw0, gb0) = run(false);
+        for (a, b, what) in [(y, y0, "output"), (gx, gx0, "dx"), (gw, gw0, "dw")] {
+            let d = max_rel_diff(a, b);
+            assert!(d < 1e-5, "{what} at batch {n}: {d}");
+        }
+        assert!(max_rel_diff1(gb, gb0) < 1e-5, "db at batch {n}");
+        // Without autodiff: the forward pass alone.
+        let (xi, wi, bi) = (x.clone().inner(), w.clone().inner(), b.clone().inner());
+        let a = linear(xi.clone(), wi.clone(), Some(bi.clone()));
+        let e = burn::tensor::module::linear(xi, wi, Some(bi));
+        assert!(max_rel_diff(a.reshape([1, 1, 1, -1]), e.reshape([1, 1, 1, -1])) < 1e-5);
+    }
+}

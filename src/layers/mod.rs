@@ -178,6 +178,13 @@ pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
     crate::kernels::max_pool2d(pool, x)
 }
 
+/// A fully connected layer on `[B, i]` -> `[B, o]`: Burn's `Linear` computed by convlab's op
+/// on burn-flex ([`crate::kernels::linear`]: its weight gradient allocated once, where Burn's
+/// product allocates a weight-sized block twice; VGG's first classifier layer is 392 MiB).
+pub fn linear(layer: &burn::nn::Linear, x: Tensor<2>) -> Tensor<2> {
+    crate::kernels::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
 /// `relu(a + b)`: the end of a residual block (He et al. 2016), fused where it can be.
 pub fn add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
     crate::kernels::add_relu(a, b)

@@ -28,7 +28,7 @@ use burn::tensor::module::adaptive_avg_pool2d;
 
 use super::init::Init;
 use super::{Family, ModelConfig, ModelName, Options};
-use crate::layers::{Pool, PoolKind, Precision};
+use crate::layers::{self, Pool, PoolKind, Precision};
 
 /// Configuration of an [`AlexNet`] (also used for ZFNet).
 #[derive(Config, Debug)]
@@ -204,11 +204,11 @@ impl AlexNet {
         let x = x.reshape([b, c * p * p]);
         match (&self.fc6, &self.fc7) {
             (Some(fc6), Some(fc7)) => {
-                let x = relu(fc6.forward(self.dropout.forward(x)));
-                let x = relu(fc7.forward(self.dropout.forward(x)));
-                self.fc8.forward(x)
+                let x = relu(layers::linear(fc6, self.dropout.forward(x)));
+                let x = relu(layers::linear(fc7, self.dropout.forward(x)));
+                layers::linear(&self.fc8, x)
             }
-            _ => self.fc8.forward(self.dropout.forward(x)),
+            _ => layers::linear(&self.fc8, self.dropout.forward(x)),
         }
     }
 

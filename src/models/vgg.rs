@@ -20,8 +20,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::adaptive_avg_pool2d;
 
 use super::{ModelConfig, ModelName, Options};
-use crate::layers::PoolKind;
 use crate::layers::trunk::{Trunk, TrunkSpec, parse_plan};
+use crate::layers::{self, PoolKind};
 
 /// The recipe options this family takes: a plan, pooling, batch norm, LRN, dropout, and the
 /// paper's `N(0, 0.01)` initialisation.
@@ -170,9 +170,9 @@ impl Vgg {
         let x = adaptive_avg_pool2d(f, [p, p]);
         let [b, c, _, _] = x.dims();
         let x = x.reshape([b, c * p * p]);
-        let x = self.dropout.forward(relu(self.fc6.forward(x)));
-        let x = self.dropout.forward(relu(self.fc7.forward(x)));
-        self.fc8.forward(x)
+        let x = self.dropout.forward(relu(layers::linear(&self.fc6, x)));
+        let x = self.dropout.forward(relu(layers::linear(&self.fc7, x)));
+        layers::linear(&self.fc8, x)
     }
 
     /// The ONNX nodes of `forward` on an input whose feature map is `hw` (the adaptive pool
