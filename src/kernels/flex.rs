@@ -707,7 +707,8 @@ impl Backward<Flex, 3> for LinearOp {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, w) = ops.state;
         let ([n, i], [_, o]) = (dims2(&x), dims2(&w));
-        let dy = grads.consume::<Flex>(&ops.node);
+        // A gradient that reached the head in another dtype (not from convlab's ops) is read as f32.
+        let dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
         let dy = slice::<f32>(&dy);
         let threads = rayon::current_num_threads().max(1);
         let [px, pw, pb] = ops.parents;
