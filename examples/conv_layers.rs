@@ -80,22 +80,23 @@ fn peaks() {
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: AVX2 and FMA were detected just above.
             println!(
                 "one core: f32 FMA (AVX2) {:.0} GFLOP/s",
+                // SAFETY: AVX2 and FMA were detected just above.
                 time(&|| unsafe { fma256() }, 16.0)
             );
         }
         return;
     }
-    // SAFETY: AVX-512 F and FMA were detected above, BF16 by `available()` before its use.
     println!(
         "one core: f32 FMA {:.0} GFLOP/s",
+        // SAFETY: AVX-512 F and FMA were detected above.
         time(&|| unsafe { fma() }, 32.0)
     );
     if convlab::kernels::bf16::available() {
         println!(
             "one core: bf16 VDPBF16PS {:.0} GFLOP/s",
+            // SAFETY: AVX-512 BF16 is reported by `available()`.
             time(&|| unsafe { dpbf16() }, 64.0)
         );
     }

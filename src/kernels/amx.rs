@@ -265,7 +265,7 @@ pub unsafe fn block<const R: usize, const V: usize>(
             cols.saturating_sub(16 * vi).min(16),
         )
     };
-    // SAFETY (whole body): the caller's contract bounds every tile load and store of C, A
+    // SAFETY: for the whole body, the caller's contract bounds every tile load and store of C, A
     // and B below; scratch tiles are 16 rows of 64 bytes, 4 of them.
     unsafe {
         let tile_c = |ri: usize, vi: usize| c.add(16 * ri * c_rs + 16 * vi);
@@ -393,7 +393,7 @@ pub unsafe fn conv_block<const V: usize>(
 ) {
     debug_assert!(kp.is_multiple_of(PAIRS) && (1..=2).contains(&V));
     let (a_s, b_s) = (step * 4, width * 4);
-    // SAFETY (whole body): the caller's contract bounds every tile load and store.
+    // SAFETY: for the whole body, the caller's contract bounds every tile load and store.
     unsafe {
         zero_c::<2, V>();
         for &(xo, wo) in taps {
@@ -456,7 +456,7 @@ pub unsafe fn wgrad_block<const R: usize, const V: usize>(
 ) {
     debug_assert!((1..=2).contains(&R) && (1..=2).contains(&V));
     let b_s = b_rs * 4;
-    // SAFETY (whole body): the caller's contract bounds every tile load and store.
+    // SAFETY: for the whole body, the caller's contract bounds every tile load and store.
     unsafe {
         // The `A` tiles at `at` (rows `rs` halves apart) against the `B` tiles at `bt`.
         let step = |at: *const u16, rs: usize, bt: *const u32| {

@@ -227,7 +227,7 @@ unsafe fn round_slice_avx512(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = src.len().min(dst.len());
     let mut i = 0;
-    // SAFETY (whole body): every vector load and store covers indices `i..i + 16 <= n`.
+    // SAFETY: for the whole body, every vector load and store covers indices `i..i + 16 <= n`.
     unsafe {
         while i + 16 <= n {
             let v = _mm512_loadu_ps(src.as_ptr().add(i));
@@ -583,7 +583,7 @@ unsafe fn microkernel<const R: usize, const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // SAFETY (whole body): the caller's contract bounds every pointer offset below.
+    // SAFETY: for the whole body, the caller's contract bounds every pointer offset below.
     unsafe {
         for p in 0..kp {
             let bp = b.add(p * 16 * V);

@@ -356,6 +356,7 @@ struct Shared<E>(*mut MaybeUninit<E>);
 // SAFETY: the tasks write disjoint runs through it ([`ChannelRuns`]), and the output outlives
 // the parallel loop; `E` is plain data (`f32`, `bf16`).
 unsafe impl<E: Act> Sync for Shared<E> {}
+// SAFETY: as for `Sync`: the pointer is only written through, at disjoint runs.
 unsafe impl<E: Act> Send for Shared<E> {}
 
 /// An NCHW output of `batch · channels · positions` values filled channel by channel: task

@@ -285,7 +285,7 @@ unsafe fn forward_tile<const R: usize, const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // SAFETY (whole body): the caller's contract bounds every offset below.
+    // SAFETY: for the whole body, the caller's contract bounds every offset below.
     unsafe {
         for (k, &off) in offs.iter().enumerate() {
             let xk = x.add(off);
@@ -362,7 +362,7 @@ unsafe fn forward_tile_bf16<const R: usize, const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
+    // SAFETY: for the whole body, the caller's contract bounds every offset below; `__m512bh` and
     // `__m512i` are the same 64 bytes.
     unsafe {
         for (k, &off) in offs.iter().enumerate() {
@@ -437,7 +437,7 @@ unsafe fn weight_grad_tile_bf16<const R: usize, const T: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
-    // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
+    // SAFETY: for the whole body, the caller's contract bounds every offset below; `__m512bh` and
     // `__m512i` are the same 64 bytes; the loads are unaligned.
     unsafe {
         let xs: [*const u16; T] = std::array::from_fn(|t| x.add(offs[t]));
@@ -561,7 +561,7 @@ unsafe fn weight_grad_tile<const R: usize, const T: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
-    // SAFETY (whole body): the caller's contract bounds every offset below.
+    // SAFETY: for the whole body, the caller's contract bounds every offset below.
     unsafe {
         let xs: [*const f32; T] = std::array::from_fn(|t| x.add(offs[t]));
         for v in 0..nv {
@@ -598,7 +598,7 @@ unsafe fn forward_tile_avx2<const R: usize, const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); V]; R];
-    // SAFETY (whole body): the caller's contract bounds every offset below.
+    // SAFETY: for the whole body, the caller's contract bounds every offset below.
     unsafe {
         for (k, &off) in offs.iter().enumerate() {
             let xk = x.add(off);
@@ -636,7 +636,7 @@ unsafe fn weight_grad_tile_avx2<const R: usize, const T: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    // SAFETY (whole body): the caller's contract bounds every offset below.
+    // SAFETY: for the whole body, the caller's contract bounds every offset below.
     unsafe {
         let xs: [*const f32; T] = std::array::from_fn(|t| x.add(offs[t]));
         for v in 0..nv {

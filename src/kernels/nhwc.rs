@@ -276,7 +276,7 @@ unsafe fn pack_blocks(
         let lanes: __mmask16 = (1u32 << nx).wrapping_sub(1) as __mmask16;
         for p0 in (0..kp).step_by(16) {
             let np = 16.min(kp - p0);
-            // SAFETY (whole block): AVX-512 F by the contract; the stores write positions
+            // SAFETY: for the whole block, AVX-512 F by the contract; the stores write positions
             // `x0 + i < w`, pairs `p0..p0 + np` (the mask): writable by the contract.
             unsafe {
                 let mut r = [_mm512_setzero_si512(); 16];
@@ -662,7 +662,7 @@ unsafe fn tile_bf16<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; TILE];
-    // SAFETY (whole body): the caller's contract bounds every offset below; `__m512bh` and
+    // SAFETY: for the whole body, the caller's contract bounds every offset below; `__m512bh` and
     // `__m512i` are the same 64 bytes.
     unsafe {
         for &(off, t) in taps {
@@ -1020,7 +1020,7 @@ unsafe fn wgrad_tile_bf16<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; TILE];
-    // SAFETY (whole body): the caller's contract bounds every offset below; a pair of halves
+    // SAFETY: for the whole body, the caller's contract bounds every offset below; a pair of halves
     // is read as one unaligned 32-bit word.
     unsafe {
         for n in 0..images {

@@ -638,7 +638,7 @@ unsafe fn pack_panels_avx512(
     // half values `16 + i`.
     let lo: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
     let hi: [u16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as u16);
-    // SAFETY (whole body): row reads are masked to the `np - j·COLS` positions left, inside
+    // SAFETY: for the whole body, row reads are masked to the `np - j·COLS` positions left, inside
     // `src` (`rows[r] + pos0 + np <= src.len()`); each panel's stores cover words `(j·kp +
     // q)·COLS..+COLS` of `out`.
     unsafe {
@@ -715,7 +715,7 @@ unsafe fn epilogue_avx512<O: Act>(
     use std::arch::x86_64::*;
     let to_bf16 = std::any::TypeId::of::<O>() == std::any::TypeId::of::<super::act::bf16>();
     let mask: u32 = if cols >= 32 { !0 } else { (1u32 << cols) - 1 };
-    // SAFETY (whole body): the loads read the `cols` masked values from column `c0` of row `i
+    // SAFETY: for the whole body, the loads read the `cols` masked values from column `c0` of row `i
     // < r` of the block (`c0 + cols <= 32`); the stores write them at `out + i·p`, writable by
     // the contract.
     unsafe {

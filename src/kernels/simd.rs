@@ -564,9 +564,9 @@ unsafe fn max_pool3s2_avx512<const R: usize>(
                 idx = _mm512_mask_mov_epi32(idx, take, vi);
             }
         }
+        let out = lanes(m);
         // SAFETY: the mask keeps the stores to windows `o0..o0 + m`, inside `y` and (when not
         // empty) `at`, which holds `y.len()` offsets.
-        let out = lanes(m);
         unsafe {
             _mm512_mask_storeu_ps(y.as_mut_ptr().add(o0), out, best);
             if with_at {

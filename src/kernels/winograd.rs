@@ -412,10 +412,12 @@ fn input_transform_any<E: Act>(
     #[cfg(target_arch = "x86_64")]
     if tw <= SIMD_MAX_TW && super::winograd_avx512::available() {
         use super::winograd_avx512 as simd;
-        // SAFETY (each call): AVX-512 F, BW and VL were detected just above.
         match (tile, E::as_f32s(plane), E::as_bf16_bits(plane)) {
+            // SAFETY: AVX-512 F, BW and VL were detected just above.
             (Tile::F2, Some(p), _) => return unsafe { run!(simd::input2, p) },
+            // SAFETY: as above.
             (Tile::F2, None, Some(p)) => return unsafe { run!(simd::input2, p) },
+            // SAFETY: as above.
             (Tile::F4, Some(p), _) => return unsafe { run!(simd::input4, p) },
             _ => {}
         }
@@ -451,9 +453,10 @@ fn output_transform_any(
     #[cfg(target_arch = "x86_64")]
     if super::winograd_avx512::available() {
         use super::winograd_avx512 as simd;
-        // SAFETY (each call): AVX-512 F, BW and VL were detected just above.
         return match tile {
+            // SAFETY: AVX-512 F, BW and VL were detected just above.
             Tile::F2 => unsafe { run!(simd::output2) },
+            // SAFETY: as above.
             Tile::F4 => unsafe { run!(simd::output4) },
         };
     }
