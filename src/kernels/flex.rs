@@ -598,22 +598,57 @@ pub trait AddReluBackend: Backend {
 /// Elements per parallel chunk: large enough that a chunk outweighs scheduling it.
 const CHUNK: usize = 1 << 14;
 
-fn add_relu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+/// `relu(a + b)`, written over `a`'s storage when nothing else holds it (a batch norm's
+/// output that no backward state keeps), else over `b`'s, else into a new buffer.
+fn add_relu(mut a: FlexTensor, mut b: FlexTensor) -> FlexTensor {
     assert_eq!(
         (a.shape(), a.dtype()),
         (b.shape(), b.dtype()),
         "add_relu: the summands' shapes and dtypes"
     );
-    on_dtype!(a, E => tensor(add_relu_values(&slice::<E>(a), &slice::<E>(b)), a.shape()))
+    on_dtype!(&a, E => {
+        if let Some(dst) = writable::<E>(&mut a) {
+            rows_in_place(dst, &slice::<E>(&b), simd::add_relu_row_in_place);
+            return a;
+        }
+        if let Some(dst) = writable::<E>(&mut b) {
+            rows_in_place(dst, &slice::<E>(&a), simd::add_relu_row_in_place);
+            return b;
+        }
+        tensor(two_rows(&slice::<E>(&a), &slice::<E>(&b), simd::add_relu_row), a.shape())
+    })
 }
 
-fn add_relu_values<E: Act>(a: &[E], b: &[E]) -> Vec<E> {
-    two_rows(a, b, simd::add_relu_row)
+/// `dy · [y > 0]`, over `dy`'s storage when nothing else holds it.
+fn relu_grad(mut dy: FlexTensor, y: &FlexTensor) -> FlexTensor {
+    on_dtype!(y, E => {
+        if let Some(dst) = writable::<E>(&mut dy) {
+            rows_in_place(dst, &slice::<E>(y), simd::relu_grad_row_in_place);
+            return dy;
+        }
+        tensor(two_rows(&slice::<E>(&dy), &slice::<E>(y), simd::relu_grad_row), y.shape())
+    })
 }
 
-/// `dy · [y > 0]`.
-fn relu_grad_values<E: Act>(dy: &[E], y: &[E]) -> Vec<E> {
-    two_rows(dy, y, simd::relu_grad_row)
+/// The values of `t` to overwrite with an elementwise result, when `t` is the only handle to
+/// its storage and holds them contiguously: then the result needs no buffer of its own, no
+/// zero fill and no cache lines of its own (resnet50's residual additions and their
+/// gradients at 224 px: 3.2 to 12.8 MB each, batch 16).
+fn writable<E: Stored>(t: &mut FlexTensor) -> Option<&mut [E]> {
+    let (start, end) = t.layout().contiguous_offsets()?;
+    if t.dtype() != E::dtype() {
+        return None;
+    }
+    t.try_storage_mut::<E>().map(|s| &mut s[start..end])
+}
+
+/// `f(dst, other)` over [`CHUNK`]-value rows of `dst` and `other`, in parallel.
+fn rows_in_place<E: Act>(dst: &mut [E], other: &[E], f: fn(&mut [E], &[E])) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), other.len(), "elementwise operands' lengths");
+    dst.par_chunks_mut(CHUNK)
+        .zip(other.par_chunks(CHUNK))
+        .for_each(|(d, o)| f(d, o));
 }
 
 /// `f(out, a, b)` over [`CHUNK`]-value rows of two inputs, in parallel, in their element type
@@ -626,7 +661,7 @@ fn two_rows<E: Act>(a: &[E], b: &[E], f: fn(&mut [E], &[E], &[E])) -> Vec<E> {
 
 impl AddReluBackend for Flex {
     fn add_relu(a: FlexTensor, b: FlexTensor) -> FlexTensor {
-        add_relu(&a, &b)
+        add_relu(a, b)
     }
 }
 
@@ -639,7 +674,7 @@ impl Backward<Flex, 2> for AddRelu {
     fn backward(self, ops: Ops<FlexTensor, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let y = ops.state;
         let dy = same_dtype(grads.consume::<Flex>(&ops.node), &y);
-        let dx = on_dtype!(&y, E => tensor(relu_grad_values(&slice::<E>(&dy), &slice::<E>(&y)), y.shape()));
+        let dx = relu_grad(dy, &y);
         // Both summands get the same gradient: one buffer, shared.
         for node in ops.parents.iter().flatten() {
             grads.register::<Flex>(node.id, dx.clone());
@@ -649,9 +684,12 @@ impl Backward<Flex, 2> for AddRelu {
 
 impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
     fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        let y = add_relu(a.primitive(), b.primitive());
+        // The primitives moved out (not borrowed), so that one no backward state keeps can
+        // take the sum in place.
+        let ((a, a_node), (b, b_node)) = (a.into_parts(), b.into_parts());
+        let y = add_relu(a, b);
         match AddRelu
-            .prepare::<C>([a.node(), b.node()])
+            .prepare::<C>([a_node, b_node])
             .compute_bound()
             .stateful()
         {
@@ -841,5 +879,63 @@ impl UpdateBackend for Flex {
         let moments = Some((m.storage_mut::<f32>(), v.storage_mut::<f32>()));
         super::update::adamw(w.storage_mut(), g.storage_mut(), moments, &mut [], h);
         (w, m, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values_of(t: &FlexTensor) -> Vec<f32> {
+        slice::<f32>(t).into_owned()
+    }
+
+    fn address(t: &FlexTensor) -> *const f32 {
+        slice::<f32>(t).as_ptr()
+    }
+
+    /// The residual add and the ReLU's gradient write over an operand only where nothing else
+    /// holds its storage: a kept handle sees its values unchanged, and an operand held only by
+    /// the call gives its buffer to the result.
+    #[test]
+    fn elementwise_results_overwrite_only_operands_nothing_else_holds() {
+        let (av, bv) = (vec![1.0, -2.0, 0.5, -0.5], vec![-3.0, 1.0, 0.25, 0.5]);
+        let sum = vec![0.0, 0.0, 0.75, 0.0];
+        let t = |v: &[f32]| tensor(v.to_vec(), [2, 2]);
+
+        // Both summands kept elsewhere: a new buffer, both unchanged.
+        let (a, b) = (t(&av), t(&bv));
+        let y = add_relu(a.clone(), b.clone());
+        assert_eq!(values_of(&y), sum);
+        assert_eq!((values_of(&a), values_of(&b)), (av.clone(), bv.clone()));
+        assert!(address(&y) != address(&a) && address(&y) != address(&b));
+
+        // Only the call holds `a`: the result is `a`'s buffer; `b`, kept, is unchanged.
+        let (a, b) = (t(&av), t(&bv));
+        let at = address(&a);
+        let y = add_relu(a, b.clone());
+        assert_eq!((values_of(&y), address(&y)), (sum.clone(), at));
+        assert_eq!(values_of(&b), bv);
+
+        // `a` kept, `b` not: the result is `b`'s buffer.
+        let (a, b) = (t(&av), t(&bv));
+        let bt = address(&b);
+        let y = add_relu(a.clone(), b);
+        assert_eq!((values_of(&y), address(&y)), (sum, bt));
+        assert_eq!(values_of(&a), av);
+
+        // The ReLU's gradient: `dy` where `y > 0`, over `dy` when only the call holds it.
+        let (dyv, yv) = (vec![1.0, 2.0, 3.0, 4.0], vec![0.5, 0.0, -1.0, 2.0]);
+        let gated = vec![1.0, 0.0, 0.0, 4.0];
+        let (dy, y) = (t(&dyv), t(&yv));
+        let dx = relu_grad(dy.clone(), &y);
+        assert_eq!(
+            (values_of(&dx), values_of(&dy)),
+            (gated.clone(), dyv.clone())
+        );
+        let dy = t(&dyv);
+        let dt = address(&dy);
+        let dx = relu_grad(dy, &y);
+        assert_eq!((values_of(&dx), address(&dx)), (gated, dt));
     }
 }

@@ -355,6 +355,25 @@ dispatched! {
 }
 
 dispatched! {
+    /// [`add_relu_row`] over its first summand: `a = relu(a + b)`.
+    pub fn add_relu_row_in_place<E: Act>(a: &mut [E], b: &[E]) {
+        for (a, &b) in a.iter_mut().zip(b) {
+            let s = a.to_f32() + b.to_f32();
+            *a = E::from_f32(if s <= 0.0 { 0.0 } else { s });
+        }
+    }
+}
+
+dispatched! {
+    /// [`relu_grad_row`] over the incoming gradient: `dy = 0` where `y <= 0`.
+    pub fn relu_grad_row_in_place<E: Act>(dy: &mut [E], y: &[E]) {
+        for (d, &y) in dy.iter_mut().zip(y) {
+            *d = if y.to_f32() > 0.0 { *d } else { E::ZERO };
+        }
+    }
+}
+
+dispatched! {
     /// `dx = dy` where `y > 0`, else 0: the gradient through a ReLU from its output.
     pub fn relu_grad_row<E: Act>(dx: &mut [E], dy: &[E], y: &[E]) {
         for ((d, &g), &y) in dx.iter_mut().zip(dy).zip(y) {
