@@ -344,12 +344,24 @@ dispatched! {
     }
 }
 
+/// `relu(a + b)`, NaN kept (as Burn's `relu`: only `<= 0` becomes 0), rounded once.
+#[inline(always)]
+fn add_relu_value<E: Act>(a: E, b: E) -> E {
+    let s = a.to_f32() + b.to_f32();
+    E::from_f32(if s <= 0.0 { 0.0 } else { s })
+}
+
+/// `dy` where the ReLU's output `y > 0`, else 0: a selection, exact in either type.
+#[inline(always)]
+fn relu_grad_value<E: Act>(dy: E, y: E) -> E {
+    if y.to_f32() > 0.0 { dy } else { E::ZERO }
+}
+
 dispatched! {
-    /// `y = relu(a + b)`, NaN kept (as Burn's `relu`: only `<= 0` becomes 0).
+    /// `y = relu(a + b)` ([`add_relu_value`]).
     pub fn add_relu_row<E: Act>(y: &mut [E], a: &[E], b: &[E]) {
         for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-            let s = a.to_f32() + b.to_f32();
-            *y = E::from_f32(if s <= 0.0 { 0.0 } else { s });
+            *y = add_relu_value(a, b);
         }
     }
 }
@@ -358,17 +370,7 @@ dispatched! {
     /// [`add_relu_row`] over its first summand: `a = relu(a + b)`.
     pub fn add_relu_row_in_place<E: Act>(a: &mut [E], b: &[E]) {
         for (a, &b) in a.iter_mut().zip(b) {
-            let s = a.to_f32() + b.to_f32();
-            *a = E::from_f32(if s <= 0.0 { 0.0 } else { s });
-        }
-    }
-}
-
-dispatched! {
-    /// [`relu_grad_row`] over the incoming gradient: `dy = 0` where `y <= 0`.
-    pub fn relu_grad_row_in_place<E: Act>(dy: &mut [E], y: &[E]) {
-        for (d, &y) in dy.iter_mut().zip(y) {
-            *d = if y.to_f32() > 0.0 { *d } else { E::ZERO };
+            *a = add_relu_value(*a, b);
         }
     }
 }
@@ -377,8 +379,16 @@ dispatched! {
     /// `dx = dy` where `y > 0`, else 0: the gradient through a ReLU from its output.
     pub fn relu_grad_row<E: Act>(dx: &mut [E], dy: &[E], y: &[E]) {
         for ((d, &g), &y) in dx.iter_mut().zip(dy).zip(y) {
-            // A selection, exact in either type.
-            *d = if y.to_f32() > 0.0 { g } else { E::ZERO };
+            *d = relu_grad_value(g, y);
+        }
+    }
+}
+
+dispatched! {
+    /// [`relu_grad_row`] over the incoming gradient: `dy = 0` where `y <= 0`.
+    pub fn relu_grad_row_in_place<E: Act>(dy: &mut [E], y: &[E]) {
+        for (d, &y) in dy.iter_mut().zip(y) {
+            *d = relu_grad_value(*d, y);
         }
     }
 }
