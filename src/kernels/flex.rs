@@ -752,16 +752,14 @@ impl Backward<Flex, 3> for LinearOp {
         let [px, pw, pb] = ops.parents;
         if let Some(node) = px {
             // dx = dy w^T: w^T's element (r, c) is w[c * o + r].
-            let mut dx = vec![0f32; n * i];
             let w = slice::<f32>(&w);
-            super::gemm::gemm_f32(n, i, o, &mut dx, i, false, &dy, o, 1, &w, 1, o, threads);
+            let dx = super::gemm::gemm_f32_new(n, i, o, &dy, o, 1, &w, 1, o, threads);
             grads.register::<Flex>(node.id, tensor(dx, [n, i]));
         }
         if let Some(node) = pw {
             // dw = x^T dy: x^T's element (r, c) is x[c * i + r].
-            let mut dw = vec![0f32; i * o];
             let x = slice::<f32>(&x);
-            super::gemm::gemm_f32(i, o, n, &mut dw, o, false, &x, 1, i, &dy, o, 1, threads);
+            let dw = super::gemm::gemm_f32_new(i, o, n, &x, 1, i, &dy, o, 1, threads);
             grads.register::<Flex>(node.id, tensor(dw, [i, o]));
         }
         if let Some(node) = pb {

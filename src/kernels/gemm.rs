@@ -131,8 +131,78 @@ pub(super) fn gemm_f32(
     if m == 0 || n == 0 {
         return;
     }
-    // Bounds the raw-pointer call below: the last element each operand's strides reach.
+    // Bounds the raw-pointer call below: the last element `dst`'s strides reach.
     assert!(dst.len() > (m - 1) * dst_rs + (n - 1));
+    // SAFETY: `dst` holds every element its strides reach (asserted above) and is borrowed
+    // mutably, so it aliases neither input.
+    unsafe {
+        gemm_f32_into(
+            [m, n, k],
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            (lhs, lhs_rs, lhs_cs),
+            (rhs, rhs_rs, rhs_cs),
+            threads,
+        )
+    }
+}
+
+/// `lhs · rhs` as a new row-major `[m, n]` matrix, written by the GEMM without a zero fill
+/// first: a weight gradient of VGG's classifier is 392 MiB, and the fill cost a pass over it
+/// for values the product then overwrites.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_f32_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    if m > 0 && n > 0 {
+        // SAFETY: `out` has room for the `m · n` values of a row-major `[m, n]` matrix and is
+        // owned here; with `accumulate` false the `gemm` crate writes every element of `dst`
+        // before it reads any (gemm-common 0.19.0: the first depth block, or the `k == 0`
+        // case, stores `beta · product` with alpha zeroed, without reading `dst`).
+        unsafe {
+            gemm_f32_into(
+                [m, n, k],
+                out.as_mut_ptr(),
+                n,
+                false,
+                (lhs, lhs_rs, lhs_cs),
+                (rhs, rhs_rs, rhs_cs),
+                threads,
+            )
+        };
+    }
+    // SAFETY: the product wrote all `m · n` values (above; none when `m · n` is 0).
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// The `gemm` crate's call, `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with `dst`'s rows `dst_rs`
+/// apart and each operand given as (values, row stride, column stride).
+///
+/// # Safety
+/// `m, n > 0`; `dst` is valid for writes (and, when `accumulate`, reads) of every element
+/// `i · dst_rs + j` for `i < m`, `j < n`, and aliases neither operand.
+unsafe fn gemm_f32_into(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+    threads: usize,
+) {
+    // Bounds the raw-pointer call below: the last element each operand's strides reach.
     if k > 0 {
         assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
         assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
@@ -142,14 +212,14 @@ pub(super) fn gemm_f32(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above keep every strided access inside the three slices, and `dst`
-    // is borrowed mutably, so it aliases neither input.
+    // SAFETY: the asserts above keep every operand access inside its slice; `dst` is the
+    // caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,
@@ -300,6 +370,28 @@ pub(super) fn gemm_threads(batch: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The product into a fresh buffer is the product into a zeroed one, bit for bit, with
+    /// transposed operands, a depth beyond one block of the `gemm` crate, an empty depth
+    /// (all zeros) and empty shapes; on 1 and 2 threads.
+    #[test]
+    fn a_fresh_product_is_the_product_into_zeros() {
+        for &(m, n, k) in &[(3, 5, 7), (17, 33, 600), (4, 6, 0), (0, 5, 3), (5, 0, 3)] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 * 0.25).collect();
+            for threads in [1, 2] {
+                // lhs read transposed: element (r, c) at c·m + r.
+                let got = gemm_f32_new(m, n, k, &lhs, 1, m, &rhs, n, 1, threads);
+                let mut want = vec![0.0; m * n];
+                gemm_f32(
+                    m, n, k, &mut want, n, false, &lhs, 1, m, &rhs, n, 1, threads,
+                );
+                assert_eq!(got.len(), m * n);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{m}x{n}x{k}, {threads} threads");
+            }
+        }
+    }
 
     #[test]
     fn the_transposed_sum_is_the_sum_then_the_transpose() {
