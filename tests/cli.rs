@@ -1,7 +1,7 @@
 //! The `convlab` command end to end on tiny generated data: train one epoch on a subset, then
 //! evaluate and predict with the run folder; and the error paths a user meets.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! every small variant, distillation and mixup, `bench`, the kernel switch and precision,
 //! `data stats`, `ensemble`.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -2,7 +2,7 @@
 //! statistics stored in the run folder, test-time augmentation in `convlab eval`, and the
 //! loader benchmark.
 
-mod common;
+use crate::common;
 
 use common::*;
 

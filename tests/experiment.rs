@@ -1,7 +1,7 @@
 //! `convlab experiment` end to end on a tiny grid: the tables, resuming only the missing cells,
 //! and re-running a cell reproducing its numbers.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -4,12 +4,11 @@
 //! and `.safetensors`. The ONNX graphs are checked in `tests/onnx.rs`; the onnxruntime and
 //! PyTorch checks are `tools/export_parity.py`.
 
-mod common;
+use crate::common;
 
 use common::build;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use burn::prelude::*;
 use convlab::interop::export::{Values, plan, state_dict, write_state_dict};
@@ -17,8 +16,7 @@ use convlab::interop::{self, Naming, naming};
 use convlab::models::{ModelConfig, ModelName};
 use convlab::params::{module_shapes, module_tensors};
 
-/// The big models need a few GB each; one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+use common::ONE_AT_A_TIME;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop")

@@ -4,7 +4,7 @@
 //! an `Ok` or an `Err`, never a panic, an abort or an unbounded allocation (the readers check
 //! sizes against `convlab::limits` before allocating). A failure prints the seed to replay.
 
-mod common;
+use crate::common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -57,8 +57,8 @@ fn mutate(base: &[u8], rng: &mut Rng) -> Vec<u8> {
 }
 
 /// Runs `f` on `cases` mutations of `base` (times `CONVLAB_FUZZ_SCALE`, 1 unless set, for a
-/// longer campaign by hand: `CONVLAB_FUZZ_SCALE=1000 cargo test --release --test fuzz_readers`);
-/// a panic fails the test with the case's seed.
+/// longer campaign by hand: `CONVLAB_FUZZ_SCALE=1000 cargo test --release --test integration
+/// fuzz_readers::`); a panic fails the test with the case's seed.
 fn fuzz(name: &str, base: &[u8], cases: u64, mut f: impl FnMut(&[u8])) {
     let scale: u64 = std::env::var("CONVLAB_FUZZ_SCALE")
         .ok()

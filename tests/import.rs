@@ -3,7 +3,7 @@
 //! into a run folder that eval, predict and fine-tuning read; bad weights files are clear
 //! errors that write nothing.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

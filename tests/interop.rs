@@ -5,19 +5,17 @@
 //! convlab's model and must reproduce the logits within 1e-4 of their scale. The small `.pth`
 //! and `.safetensors` files check the reader on real PyTorch containers.
 
-mod common;
+use crate::common;
 
 use common::uniform;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use burn::prelude::*;
 use convlab::interop::{self, Naming, StateDict};
 use convlab::models::{ModelConfig, ModelName};
 use convlab::train::checkpoint::{HostTensor, TensorMap};
 
-/// The big models need a few GB each; one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+use common::ONE_AT_A_TIME;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interop")

@@ -3,7 +3,7 @@
 //! forward pass, the input gradient and the weight gradient, on AVX-512 (fp32 and bf16), AMX
 //! (bf16), AVX2 and a CPU with neither. The geometries come from the models' own shape trace. A changed
 //! rule shows up as a diff of `tests/fixtures/kernel_plan.txt`; after measuring the change,
-//! regenerate it with `CONVLAB_BLESS=1 cargo test --release --test kernel_plan`.
+//! regenerate it with `CONVLAB_BLESS=1 cargo test --release --test integration kernel_plan::`.
 
 use burn::prelude::*;
 use convlab::kernels::Precision;

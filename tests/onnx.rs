@@ -4,19 +4,17 @@
 //! no code with convlab's kernels) reproduces convlab's logits within 1e-4 of their scale. The
 //! onnxruntime check is `tools/export_parity.py`.
 
-mod common;
+use crate::common;
 
 use common::{build, uniform};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use burn::prelude::*;
 use convlab::models::{Model, ModelConfig, ModelName};
 use convlab::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use convlab::params::module_shapes;
 
-/// The big models need a few GB each; one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+use common::ONE_AT_A_TIME;
 
 fn attr_ints(n: &NodeProto, name: &str) -> Vec<usize> {
     n.attribute

@@ -70,7 +70,7 @@ fn precision_travels_with_the_model() {
 /// With bf16 activations selected (the default), a bf16 ResNet and a bf16
 /// ConvNet keep their maps in bf16 between layers, yet their logits and the gradient that
 /// reaches the (f32) input stay f32 and within bf16 rounding of the f32-activation run; the
-/// maps a tap sees are f32. The selection is process-wide (this binary's other test passes
+/// maps a tap sees are f32. The selection is process-wide (this file's other test passes
 /// with either), and the default is restored after each run.
 #[test]
 fn bf16_activations_stay_inside_the_model() {

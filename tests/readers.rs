@@ -1,6 +1,6 @@
 //! Dataset readers on small files written in the exact real formats.
 
-mod common;
+use crate::common;
 
 use common::*;
 use convlab::data::dataset::detect;

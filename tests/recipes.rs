@@ -1,7 +1,7 @@
 //! Every shipped recipe runs end to end (one short epoch on a tiny generated ImageFolder, at a
 //! small input size), including VGG's two-stage shallow-to-deep initialisation.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! bounded sizes, per-image errors, and messages that say what is wrong with what. One test
 //! per case of issue 21, on tiny generated data.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

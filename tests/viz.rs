@@ -1,7 +1,7 @@
 //! `convlab viz`, `analyze` and `report` end to end: every picture on one small model of each
 //! family, and the HTML report opened in a real headless browser.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

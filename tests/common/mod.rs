@@ -4,12 +4,17 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Mutex;
 
 use burn::prelude::*;
 use convlab::models::{Model, ModelConfig, ModelName};
 use convlab::params::{HostTensor, TensorMap, load_module, module_shapes};
 use flate2::Compression;
 use flate2::write::GzEncoder;
+
+/// The full-size models of `export.rs`, `interop.rs` and `onnx.rs` need a few GB each; they
+/// take turns, across the three files (one test process runs them all).
+pub static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Writes IDX image + label files (`prefix-images-idx3-ubyte[.gz]`) with `n` images of
 /// `side x side`, pixel value depending on label so the data is learnable.
