@@ -6,10 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:-2}
 STEPS=${2:-3}
-cargo build --release --quiet
+cargo build --release --quiet --bin convlab --example conv_layers
 BIN=target/release/convlab
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | { grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16' || true; } | xargs)
 echo "$(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs ($flags), $STEPS timed steps, commit $(git rev-parse --short HEAD)"
+echo
+# The units themselves first: one core's peak and two cores' at once (two vCPUs that share a
+# physical core's unit, or a host's tile unit, cannot scale the kernels on it either).
+CONV_LAYERS_ONLY=peaks target/release/examples/conv_layers 2 | sed 's/^/    /'
 echo
 echo "| workload | precision | round | 1 thread img/s | 2 threads img/s | scaling |"
 echo "|---|---|---|---|---|---|"

@@ -1,11 +1,12 @@
 //! Times convlab's convolution kernels on every distinct convolution of a registered model (its
 //! layers from the model's own shape trace), with the algorithm the kernel plan picks for each
 //! product, after one core's arithmetic peak (f32 FMA on 16 lanes, or 8 without AVX-512, and
-//! bf16 `VDPBF16PS` and the AMX tile block where the CPU has them), and ranks the layers by
-//! their share of the time:
+//! bf16 `VDPBF16PS` and the AMX tile block where the CPU has them) and, with 2 or more threads,
+//! that many cores' at once, and ranks the layers by their share of the time:
 //! `cargo run --release --example conv_layers [THREADS] [fp32|bf16] [MODEL] [SIZE] [BATCH]`
 //! (defaults: 2 threads, fp32, bench-vgg, 32 px, batch 64). `CONV_LAYERS_ONLY=TEXT` times only
-//! the layers whose description (`512->512 4px 3x3/1`) contains `TEXT`; `CONV_LAYERS_REPEAT=
+//! the layers whose description (`512->512 4px 3x3/1`) contains `TEXT` (`peaks`: none, the
+//! peaks alone); `CONV_LAYERS_REPEAT=
 //! fwd|dw|dx` runs only that product of each layer, 30 times and untimed, for `perf record`;
 //! `CONV_LAYERS_RUNS=N` times the fastest of `N` calls instead of 5 (a loaded host).
 //! In bf16 the kernels read and write bf16 activations, as in training on burn-flex.
@@ -19,9 +20,12 @@ use convlab::models::{ModelConfig, ModelName};
 use std::time::Instant;
 
 /// GFLOP/s of one core running 12 independent accumulator chains of the instruction (enough to
-/// hide its latency), operands in registers: the ceiling a GEMM kernel can approach.
+/// hide its latency), operands in registers: the ceiling a GEMM kernel can approach. With
+/// `threads > 1`, also of `threads` cores running it at once, against `threads` times one
+/// core's: where two vCPUs share a physical core's unit (hyperthread siblings, or a tile unit
+/// shared on the host), the kernels on that unit cannot scale with the threads either.
 #[cfg(target_arch = "x86_64")]
-fn peaks() {
+fn peaks(threads: usize) {
     use std::arch::x86_64::*;
     const N: usize = 50_000_000;
     #[target_feature(enable = "avx512f,fma")]
@@ -70,80 +74,111 @@ fn peaks() {
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
         lanes.iter().sum()
     }
-    let time = |f: &dyn Fn() -> f32, flops_per_op: f64| {
+    // `f` on `n` threads at once: the total GFLOP/s.
+    let at_once = |f: &(dyn Fn() -> f32 + Sync), flops_per_op: f64, n: usize| {
         let t = Instant::now();
-        std::hint::black_box(f());
-        (N * 12) as f64 * flops_per_op / t.elapsed().as_secs_f64() / 1e9
+        std::thread::scope(|s| {
+            for _ in 0..n {
+                s.spawn(|| std::hint::black_box(f()));
+            }
+        });
+        (n * N * 12) as f64 * flops_per_op / t.elapsed().as_secs_f64() / 1e9
+    };
+    let report = |what: &str, f: &(dyn Fn() -> f32 + Sync), flops_per_op: f64| {
+        let one = at_once(f, flops_per_op, 1);
+        println!("one core: {what} {one:.0} GFLOP/s");
+        if threads > 1 {
+            let all = at_once(f, flops_per_op, threads);
+            println!(
+                "{threads} cores at once: {what} {all:.0} GFLOP/s ({:.2}x one core)",
+                all / one
+            );
+        }
     };
     if !(std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("fma"))
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            println!(
-                "one core: f32 FMA (AVX2) {:.0} GFLOP/s",
-                // SAFETY: AVX2 and FMA were detected just above.
-                time(&|| unsafe { fma256() }, 16.0)
-            );
+            // SAFETY: AVX2 and FMA were detected just above.
+            report("f32 FMA (AVX2)", &|| unsafe { fma256() }, 16.0);
         }
         return;
     }
-    println!(
-        "one core: f32 FMA {:.0} GFLOP/s",
-        // SAFETY: AVX-512 F and FMA were detected above.
-        time(&|| unsafe { fma() }, 32.0)
-    );
+    // SAFETY: AVX-512 F and FMA were detected above.
+    report("f32 FMA", &|| unsafe { fma() }, 32.0);
     if convlab::kernels::bf16::available() {
-        println!(
-            "one core: bf16 VDPBF16PS {:.0} GFLOP/s",
-            // SAFETY: AVX-512 BF16 is reported by `available()`.
-            time(&|| unsafe { dpbf16() }, 64.0)
-        );
+        // SAFETY: AVX-512 BF16 is reported by `available()`.
+        report("bf16 VDPBF16PS", &|| unsafe { dpbf16() }, 64.0);
     }
     if convlab::kernels::amx::enabled() {
-        println!(
-            "one core: bf16 AMX 32x32 block, operands in L1 {:.0} GFLOP/s",
-            amx_block()
-        );
+        let what = "bf16 AMX 32x32 block, operands in L1";
+        let one = amx_block(1);
+        println!("one core: {what} {one:.0} GFLOP/s");
+        if threads > 1 {
+            let all = amx_block(threads);
+            println!(
+                "{threads} cores at once: {what} {all:.0} GFLOP/s ({:.2}x one core)",
+                all / one
+            );
+        }
     }
 }
 
-/// GFLOP/s of the GEMM's AMX microkernel (`amx::block::<2, 2>`) on one core, A (32 rows) and B
-/// (32 columns) of 256 pair words each, small enough to stay in L1: the tile loads included,
-/// so the ceiling of the AMX path rather than of the instruction alone.
+/// GFLOP/s of the GEMM's AMX microkernel (`amx::block::<2, 2>`) on `threads` cores at once
+/// (the total), A (32 rows) and B (32 columns) of 256 pair words each, small enough to stay in
+/// L1: the tile loads included, so the ceiling of the AMX path rather than of the instruction
+/// alone.
 #[cfg(target_arch = "x86_64")]
-fn amx_block() -> f64 {
+fn amx_block(threads: usize) -> f64 {
     use convlab::kernels::amx::{Tiles, block};
     const KP: usize = 256;
     const CALLS: usize = 200_000;
-    let a = vec![0x3f80_3f80u32; 32 * KP];
-    let b = vec![0x3f80_3f80u32; KP * 32];
-    let mut c = vec![0f32; 32 * 32];
-    // SAFETY: `amx::enabled()` was checked by the caller; `a` holds 32 rows of KP words, `b`
-    // KP rows of 32 words, `c` 32 rows of 32 elements.
-    let mut run = |calls: usize| unsafe {
-        let _tiles = Tiles::configure();
-        for _ in 0..calls {
-            block::<2, 2>(
-                KP,
-                a.as_ptr(),
-                b.as_ptr(),
-                32,
-                c.as_mut_ptr(),
-                32,
-                32,
-                32,
-                false,
-            );
-        }
-    };
-    run(CALLS / 10);
-    let t = Instant::now();
-    run(CALLS);
-    let seconds = t.elapsed().as_secs_f64();
-    std::hint::black_box(&c);
-    // 32 x 32 outputs, 2 KP values of K each, a multiply and an add.
-    (CALLS * 32 * 32 * 2 * KP * 2) as f64 / seconds / 1e9
+    let start = std::sync::Barrier::new(threads);
+    let seconds = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let a = vec![0x3f80_3f80u32; 32 * KP];
+                    let b = vec![0x3f80_3f80u32; KP * 32];
+                    let mut c = vec![0f32; 32 * 32];
+                    // SAFETY: `amx::enabled()` was checked by the caller (the permission is
+                    // the process's, the tile configuration this thread's own); `a` holds 32
+                    // rows of KP words, `b` KP rows of 32 words, `c` 32 rows of 32 elements.
+                    let mut run = |calls: usize| unsafe {
+                        let _tiles = Tiles::configure();
+                        for _ in 0..calls {
+                            block::<2, 2>(
+                                KP,
+                                a.as_ptr(),
+                                b.as_ptr(),
+                                32,
+                                c.as_mut_ptr(),
+                                32,
+                                32,
+                                32,
+                                false,
+                            );
+                        }
+                    };
+                    run(CALLS / 10);
+                    // Every thread warmed up before any clock starts.
+                    start.wait();
+                    let t = Instant::now();
+                    run(CALLS);
+                    let seconds = t.elapsed().as_secs_f64();
+                    std::hint::black_box(&c);
+                    seconds
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .fold(0f64, f64::max)
+    });
+    // 32 x 32 outputs, 2 KP values of K each, a multiply and an add, on each thread.
+    (threads * CALLS * 32 * 32 * 2 * KP * 2) as f64 / seconds / 1e9
 }
 
 /// A distinct convolution of the network and how many times it occurs.
@@ -211,7 +246,10 @@ fn main() {
         std::process::exit(2);
     }
     #[cfg(target_arch = "x86_64")]
-    peaks();
+    peaks(threads);
+    if only.as_deref() == Some("peaks") {
+        return;
+    }
     println!(
         "{net} at {size} px, batch {batch}, {threads} threads, {precision} on {}; times are per layer",
         convlab::kernels::matrix_unit(precision)
