@@ -270,7 +270,7 @@ pub fn for_each_host_slice(t: &burn::prelude::Tensor<1>, slice: usize, mut f: im
 
 /// The bytes an unprivileged writer may still put on the filesystem that holds `path`
 /// (`statvfs`'s `f_bavail * f_frsize`, through rustix), or `None` where the system cannot say.
-/// A quota below that is not seen.
+/// A quota below that is not seen; [`allocation_refused`] sees it.
 pub fn free_bytes(path: &Path) -> Option<u64> {
     #[cfg(unix)]
     {
@@ -280,6 +280,39 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     #[cfg(not(unix))]
     {
         let _ = path;
+        None
+    }
+}
+
+/// Whether the filesystem holding the folder `dir` refuses this process `bytes` more now: a
+/// file of that size is allocated in `dir` (`fallocate`, which reserves the blocks without
+/// writing them, and counts against quotas as a write would) and removed at once. It sees what
+/// [`free_bytes`] does not: a user, group or project quota, a file-size limit (`ulimit -f`).
+/// `Some(refusal)` (`EDQUOT`, `ENOSPC`, `EFBIG`, ...); `None` when it was allocated, or where
+/// the filesystem cannot allocate ahead (`EOPNOTSUPP`: some network and FUSE filesystems) or
+/// the system is not Linux, so that nothing is refused on a guess.
+pub fn allocation_refused(dir: &Path, bytes: u64) -> Option<std::io::Error> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::io::Errno;
+        let path = dir.join(".space-probe");
+        let file = match std::fs::File::create(&path) {
+            Ok(f) => f,
+            Err(e) => return Some(e),
+        };
+        let result =
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes.max(1));
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        match result {
+            Ok(()) => None,
+            Err(e) if [Errno::OPNOTSUPP, Errno::NOSYS].contains(&e) => None,
+            Err(e) => Some(e.into()),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (dir, bytes);
         None
     }
 }

@@ -13,6 +13,14 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A write past a file-size limit (`ulimit -f`) would kill the process by SIGXFSZ in the
+    // middle of a save; ignored, the write fails with EFBIG instead, and the run stops with
+    // an error naming the file and keeps its last complete checkpoint, as on a full disk.
+    #[cfg(unix)]
+    // SAFETY: setting the disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // Activation buffers are tens of MB; glibc serves blocks that large with a fresh mmap each
     // time, so every training step pays for page faults and the kernel zeroing the pages again
     // (16% of a bench-vgg inference pass, measured with perf). Keeping them on the heap, and not

@@ -728,3 +728,31 @@ fn damaged_resume_state_is_an_error() {
     );
     assert!(e.contains("epoch") && e.contains("garbage"), "{e}");
 }
+
+/// A limit below the free space (here a file-size limit, `ulimit -f`, which the disk check
+/// meets as it would a quota: the allocation of one checkpoint is refused) stops the run
+/// before its first epoch, naming the folder and the system's refusal, instead of losing the
+/// epoch at its save; the folder it made is removed.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_limit_below_the_free_space_stops_the_run_before_its_first_epoch() {
+    let d = tmp();
+    let run = p(&d, "run");
+    // 64 KiB: room for the recipe and the statistics, not for convnet_small's 1 MB checkpoint.
+    let o = std::process::Command::new("bash")
+        .args(["-c", "ulimit -f 64 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_convlab"))
+        .args(["train", "--epochs", "1"])
+        .args(["--set", "data.limit_train=64", "--set", "data.limit_val=32"])
+        .arg("--out")
+        .arg(&run)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(e.contains("before its first epoch"), "{e}");
+    assert!(e.contains("refused") && e.contains("os error 27"), "{e}");
+    assert!(e.contains(&run.display().to_string()), "{e}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("epoch 1"));
+    assert!(!run.exists(), "the folder it made is removed");
+}

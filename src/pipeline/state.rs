@@ -102,20 +102,43 @@ pub enum Room {
 
 /// [`Room`] for checkpoints of `bytes` each with `free` bytes free (`None`: unknown, taken as
 /// enough), when the epochs still to run will keep `kept` more `epoch-N` checkpoints.
-pub fn room(free: Option<u64>, bytes: u64, kept: u64) -> Room {
+/// `refused(n)` asks the disk itself for `n` bytes ([`crate::helpers::allocation_refused`]):
+/// one checkpoint's, where the free space says it fits, since a quota can be far below the
+/// free space. Only one checkpoint's is asked for: that is what the first save will write
+/// anyway, where asking for all the run keeps (up to tens of GB) would briefly take that much
+/// of the memory of a run folder on tmpfs.
+pub fn room(
+    free: Option<u64>,
+    bytes: u64,
+    kept: u64,
+    refused: impl FnOnce(u64) -> Option<std::io::Error>,
+) -> Room {
     use crate::helpers::human_bytes as h;
+    let each = h(bytes);
+    if let Some(free) = free
+        && free < bytes
+    {
+        return Room::Short(format!(
+            "a checkpoint of this run takes about {each} (the weights, the optimiser's state \
+             and any EMA averages) and the disk has {} free; free some space or train into \
+             another --out",
+            h(free)
+        ));
+    }
+    if let Some(e) = refused(bytes) {
+        let reported = free.map_or(String::new(), |f| format!(" (it reports {} free)", h(f)));
+        return Room::Short(format!(
+            "a checkpoint of this run takes about {each} (the weights, the optimiser's state \
+             and any EMA averages) and the disk refused that much to this run{reported}: {e}; \
+             a quota or a file-size limit (`ulimit -f`) may be below the free space; free some \
+             space or train into another --out"
+        ));
+    }
     let Some(free) = free else {
         return Room::Enough;
     };
-    let (each, left) = (h(bytes), h(free));
     let most = (3 + kept).saturating_mul(bytes);
-    if free < bytes {
-        Room::Short(format!(
-            "a checkpoint of this run takes about {each} (the weights, the optimiser's state \
-             and any EMA averages) and the disk has {left} free; free some space or train into \
-             another --out"
-        ))
-    } else if free < most {
+    if free < most {
         let what = if kept > 0 {
             format!(
                 "best, last, the one being written and the {kept} epoch checkpoints that \
@@ -125,9 +148,10 @@ pub fn room(free: Option<u64>, bytes: u64, kept: u64) -> Room {
             "best, last and the one being written".to_string()
         };
         Room::Tight(format!(
-            "a checkpoint of this run takes about {each} and the disk has {left} free; the run \
+            "a checkpoint of this run takes about {each} and the disk has {} free; the run \
              may hold {} at once ({what}), so a later save may stop it (the last complete \
              checkpoint is kept, and --resume goes on from it)",
+            h(free),
             h(most)
         ))
     } else {
@@ -282,26 +306,80 @@ pub(crate) fn apply_init_from(
 mod tests {
     use super::*;
 
+    /// A disk that grants whatever it is asked for.
+    fn grants(_: u64) -> Option<std::io::Error> {
+        None
+    }
+
     #[test]
     fn room_is_short_below_one_checkpoint_and_tight_below_all_the_run_keeps() {
         let gb = 1_000_000_000;
-        assert_eq!(room(None, gb, 0), Room::Enough);
-        assert_eq!(room(Some(3 * gb), gb, 0), Room::Enough);
-        assert!(matches!(room(Some(3 * gb - 1), gb, 0), Room::Tight(_)));
-        assert!(matches!(room(Some(gb), gb, 0), Room::Tight(_)));
+        assert_eq!(room(None, gb, 0, grants), Room::Enough);
+        assert_eq!(room(Some(3 * gb), gb, 0, grants), Room::Enough);
+        assert!(matches!(
+            room(Some(3 * gb - 1), gb, 0, grants),
+            Room::Tight(_)
+        ));
+        assert!(matches!(room(Some(gb), gb, 0, grants), Room::Tight(_)));
         // Ten kept epoch checkpoints: 13 GB in all.
-        assert_eq!(room(Some(13 * gb), gb, 10), Room::Enough);
-        let Room::Tight(why) = room(Some(13 * gb - 1), gb, 10) else {
+        assert_eq!(room(Some(13 * gb), gb, 10, grants), Room::Enough);
+        let Room::Tight(why) = room(Some(13 * gb - 1), gb, 10, grants) else {
             panic!("one byte short of 13 checkpoints");
         };
         assert!(
             why.contains("13.00 GB") && why.contains("10 epoch"),
             "{why}"
         );
-        let Room::Short(why) = room(Some(gb - 1), gb, 0) else {
+        let Room::Short(why) = room(Some(gb - 1), gb, 0, grants) else {
             panic!("one byte short of one checkpoint");
         };
         assert!(why.contains("1.00 GB") && why.contains("999 MB"), "{why}");
+    }
+
+    /// A quota below the free space: the disk is asked for one checkpoint, and its refusal
+    /// (with the system's words) makes the run short whatever the free space says; a disk
+    /// short by its free space is not asked.
+    #[test]
+    fn a_refused_checkpoint_is_short_whatever_the_free_space() {
+        let gb = 1_000_000_000;
+        let quota = |n: u64| {
+            assert_eq!(n, gb, "asked for one checkpoint");
+            Some(std::io::Error::from_raw_os_error(122))
+        };
+        for free in [Some(100 * gb), None] {
+            let Room::Short(why) = room(free, gb, 10, quota) else {
+                panic!("{free:?}: a refused checkpoint is short");
+            };
+            assert!(why.contains("1.00 GB") && why.contains("quota"), "{why}");
+            assert_eq!(why.contains("100.00 GB free"), free.is_some(), "{why}");
+        }
+        let never = |_: u64| -> Option<std::io::Error> { panic!("asked despite the free space") };
+        assert!(matches!(room(Some(gb - 1), gb, 0, never), Room::Short(_)));
+    }
+
+    /// The real disk under the test's temporary folder grants a small allocation, refuses one
+    /// past any filesystem's size, and keeps no probe file either way.
+    #[test]
+    fn the_disk_grants_a_small_allocation_and_refuses_an_impossible_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(crate::helpers::allocation_refused(dir.path(), 1 << 20).is_none());
+        let huge = crate::helpers::allocation_refused(dir.path(), 1 << 62);
+        #[cfg(target_os = "linux")]
+        {
+            // EFBIG or ENOSPC, unless this filesystem cannot allocate ahead at all.
+            let f = tempfile::tempfile_in(dir.path()).unwrap();
+            let flags = rustix::fs::FallocateFlags::empty();
+            let unsupported =
+                rustix::fs::fallocate(&f, flags, 0, 1) == Err(rustix::io::Errno::OPNOTSUPP);
+            assert!(huge.is_some() || unsupported, "4 EiB granted");
+        }
+        #[cfg(not(target_os = "linux"))]
+        assert!(huge.is_none(), "only Linux is asked");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "probe kept"
+        );
     }
 
     #[test]

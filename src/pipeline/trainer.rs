@@ -113,6 +113,7 @@ pub fn train(
         crate::helpers::free_bytes(&run.path),
         state::checkpoint_bytes(&recipe, &model),
         state::kept_epochs(recipe.checkpoint_every, st.p.epochs_done, last_epoch),
+        |bytes| crate::helpers::allocation_refused(&run.path, bytes),
     ) {
         state::Room::Enough => {}
         state::Room::Tight(why) => rep.message(&format!("warning: {why}")),
