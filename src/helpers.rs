@@ -300,10 +300,12 @@ pub fn allocation_refused(dir: &Path, bytes: u64) -> Option<std::io::Error> {
             Ok(f) => f,
             Err(e) => return Some(e),
         };
+        // Unlinked before the allocation, so that its blocks go back when the file is closed,
+        // even by a kill in between: no stray gigabytes in the run folder.
+        let _ = std::fs::remove_file(&path);
         let result =
             rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes.max(1));
         drop(file);
-        let _ = std::fs::remove_file(&path);
         match result {
             Ok(()) => None,
             Err(e) if [Errno::OPNOTSUPP, Errno::NOSYS].contains(&e) => None,
