@@ -81,10 +81,27 @@ impl ConvGeom {
             .min(self.batch)
             .max(1)
     }
+    /// [`Self::images_per_gemm`] evened out over `threads` workers: the fewest groups of at
+    /// most that many images, rounded up to a multiple of `threads`, split as evenly as the
+    /// batch allows. Groups of the largest size left a short last one: resnet18's 512 -> 512
+    /// layers at 7 px (224 px input, batch 32: 49 positions, 10 images a group) made groups of
+    /// 10, 10, 10 and 2, so one worker computed 20 images while the other computed 12; in 4
+    /// groups of 8 each computes 16.
+    pub(super) fn images_per_gemm_on(&self, threads: usize) -> usize {
+        even_groups(self.batch, self.images_per_gemm(), threads)
+    }
     /// Output rows per column tile.
     pub(super) fn tile_rows(&self) -> usize {
         (COL_BUDGET / (self.k() * self.wo()).max(1)).clamp(1, self.ho())
     }
+}
+
+/// Images per group for `batch` images in groups of at most `most`, on `threads` workers: the
+/// fewest groups, rounded up to a multiple of `threads`, as even as the batch allows.
+fn even_groups(batch: usize, most: usize, threads: usize) -> usize {
+    let most = most.max(1);
+    let groups = batch.div_ceil(most).next_multiple_of(threads.max(1));
+    batch.div_ceil(groups.max(1)).clamp(1, most)
 }
 
 /// `[start, end)` of output columns `o` whose input column `o·s + j - p` lies in `[0, len)`.
@@ -531,14 +548,13 @@ pub(super) fn im2col_forward_act<E: Act>(
     let threads = gemm_threads(g.batch);
     let rows = g.tile_rows();
     let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
-    // At least one group per thread: resnet18's 512 -> 512 layers at 4 px (128 px input,
+    // At least one group per thread, and as many per thread ([`ConvGeom::images_per_gemm_on`]):
+    // resnet18's 512 -> 512 layers at 4 px (128 px input,
     // batch 32) made one group of all 32 images, which one thread computed while the other
     // waited (forward 25.6 -> 10.1 ms, and 15.6 -> 6.0 ms for the stride-2 256 -> 512 layer,
     // fastest of three alternated runs, 2 threads, bf16 on AMX, Xeon Sapphire Rapids,
     // `cargo run --release --example conv_layers 2 bf16 resnet18 128 32`).
-    let group = g
-        .images_per_gemm()
-        .min(g.batch.div_ceil(rayon::current_num_threads()));
+    let group = g.images_per_gemm_on(rayon::current_num_threads());
     if group > 1 {
         let (in_len, out_len, ho) = (g.in_len(), g.out_len(), g.ho());
         return par_zeroed_with(
@@ -916,6 +932,47 @@ fn weight_grad<E: Act>(
 mod tests {
     use super::*;
     use crate::kernels::conv::test_data;
+
+    /// Images each worker computes when `batch` images go in groups of `group`, the groups
+    /// handed out in contiguous runs, as many to each worker as can be: the busiest's.
+    fn busiest(batch: usize, group: usize, threads: usize) -> usize {
+        let sizes: Vec<usize> = (0..batch)
+            .step_by(group)
+            .map(|s| group.min(batch - s))
+            .collect();
+        let per = sizes.len().div_ceil(threads);
+        sizes
+            .chunks(per.max(1))
+            .map(|c| c.iter().sum())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Even groups never leave a worker more images than groups of the largest size (the rule
+    /// before them) and never exceed that size; resnet18's 7 px layers (batch 32, 10 images a
+    /// group) go from 20 images on one worker to 16 on each.
+    #[test]
+    fn groups_are_even_over_the_workers() {
+        assert_eq!(even_groups(32, 10, 2), 8);
+        assert_eq!(busiest(32, 10.min(32usize.div_ceil(2)), 2), 20);
+        assert_eq!(busiest(32, 8, 2), 16);
+        assert_eq!(even_groups(32, 32, 2), 16);
+        assert_eq!(even_groups(16, 10, 2), 8);
+        assert_eq!(even_groups(1, 10, 2), 1);
+        for threads in 1..=4 {
+            for most in 1..=20 {
+                for batch in 1..=64 {
+                    let g = even_groups(batch, most, threads);
+                    assert!((1..=most).contains(&g), "{batch} {most} {threads}: {g}");
+                    let before = most.min(batch.div_ceil(threads));
+                    assert!(
+                        busiest(batch, g, threads) <= busiest(batch, before, threads),
+                        "{batch} images, at most {most}, {threads} threads: {g} vs {before}"
+                    );
+                }
+            }
+        }
+    }
 
     /// `(H, W, k, stride, padding, whether every tap is one run)`: strides 1-3, padding larger
     /// than the stride, odd and even widths; the last three take the row-by-row path.
