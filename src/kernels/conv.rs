@@ -145,6 +145,47 @@ pub fn conv2d_forward_bf16(
     forward_bf16_in(x, w, b, g, relu, BF16_CHUNK_BYTES)
 }
 
+/// A layer's weights prepared once for repeated forward passes (inference with a batch norm
+/// folded in, [`super::infer`]): the weights and bias, and Winograd's transformed weights for
+/// each tile, made on the first pass that runs Winograd.
+pub struct Prepared {
+    pub w: Vec<f32>,
+    pub bias: Vec<f32>,
+    u: [std::sync::OnceLock<Vec<f32>>; 2],
+}
+
+impl Prepared {
+    pub fn new(w: Vec<f32>, bias: Vec<f32>) -> Prepared {
+        Prepared {
+            w,
+            bias,
+            u: Default::default(),
+        }
+    }
+
+    /// `U` of [`winograd::transform_weights`] for `tile`, made once.
+    fn winograd(&self, tile: winograd::Tile, g: &ConvGeom) -> &[f32] {
+        let slot = &self.u[usize::from(tile == winograd::Tile::F4)];
+        slot.get_or_init(|| winograd::transform_weights(&self.w, g.cout, g.cin, false, tile))
+    }
+}
+
+/// [`conv2d_forward_act`] (with the prepared bias) of prepared weights: the same values, with
+/// Winograd's weight transform made once per layer instead of once per call.
+pub fn conv2d_forward_prepared<E: Act>(
+    x: &[E],
+    p: &Prepared,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<f32> {
+    match plan(g, Cpu::detect()).forward {
+        Algo::Winograd(tile) => {
+            winograd::forward_act(x, p.winograd(tile, g), Some(&p.bias), g, relu, tile)
+        }
+        _ => conv2d_forward_act(x, &p.w, Some(&p.bias), g, relu),
+    }
+}
+
 /// [`conv2d_backward`] on bf16 activations: `dx` in bf16 (rounded as
 /// [`conv2d_forward_bf16`]'s output), `dw` and `db` in f32.
 pub fn conv2d_backward_bf16(

@@ -8,7 +8,8 @@
 use super::act::{Act, bf16};
 use super::buf::par_zeroed;
 use super::conv::{
-    ConvGeom, conv2d_backward, conv2d_backward_bf16, conv2d_forward_act, conv2d_forward_bf16,
+    ConvGeom, Prepared, conv2d_backward, conv2d_backward_bf16, conv2d_forward_act,
+    conv2d_forward_bf16, conv2d_forward_prepared,
 };
 use super::norm::{NormGeom, affine, backward as norm_backward, scale_shift, train_forward};
 use super::pool::{PoolGeom, max_pool_backward, max_pool_forward};
@@ -47,13 +48,22 @@ pub trait GemmConvBackend: Backend {
 
 #[backend_extension(Flex)]
 pub trait ConvActInferBackend: Backend {
-    /// Inference only: the convolution with a bias per output channel, then a ReLU when
-    /// `relu`, in one pass over the output ([`super::conv_bn`] folds a batch norm into
-    /// `weight` and `bias`).
-    fn conv_bias_act_infer(
+    /// Inference only: the convolution with a batch norm's running statistics folded into it
+    /// (`w' = w · γ/√(σ²+ε)` per output channel, `b' = β + (b - μ) · γ/√(σ²+ε)`), then a ReLU
+    /// when `relu`; the folded weights are made once per layer and kept while these tensors
+    /// live ([`super::infer`]). `bias` is the convolution's own, used only when `has_bias`
+    /// (the extension macro routes no `Option` of a tensor).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bn_act_infer(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        epsilon: f64,
+        has_bias: bool,
         stride: [usize; 2],
         padding: [usize; 2],
         relu: bool,
@@ -62,18 +72,77 @@ pub trait ConvActInferBackend: Backend {
 }
 
 impl ConvActInferBackend for Flex {
-    fn conv_bias_act_infer(
+    fn conv_bn_act_infer(
         x: FlexTensor,
         w: FlexTensor,
         b: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        mean: FlexTensor,
+        var: FlexTensor,
+        epsilon: f64,
+        has_bias: bool,
         stride: [usize; 2],
         pad: [usize; 2],
         relu: bool,
         bf16: bool,
     ) -> FlexTensor {
         let g = geom(&x, &w, stride, pad, bf16);
-        forward_act(&x, &w, Some(&b), &g, relu)
+        let mut sources = vec![&w, &gamma, &beta, &mean, &var];
+        if has_bias {
+            sources.push(&b);
+        }
+        let p = super::infer::prepared(&sources, epsilon.to_bits(), || {
+            let bias = has_bias.then(|| values(&b));
+            let [gamma, beta, mean, var] = [&gamma, &beta, &mean, &var].map(values);
+            fold(
+                &values(&w),
+                bias.as_deref(),
+                &gamma,
+                &beta,
+                &mean,
+                &var,
+                epsilon,
+            )
+        });
+        let shape = [g.batch, g.cout, g.ho(), g.wo()];
+        if is_bf16(&x) {
+            let y = conv2d_forward_bf16(&slice::<bf16>(&x), &p.w, Some(&p.bias), &g, relu);
+            tensor(y, shape)
+        } else {
+            tensor(conv2d_forward_prepared(&values(&x), &p, &g, relu), shape)
+        }
     }
+}
+
+/// A batch norm's running statistics folded into the convolution before it: the weights
+/// scaled by `γ/√(σ²+ε)` per output channel and the bias `β + (b - μ) · γ/√(σ²+ε)`, in f32 with
+/// the operations (and so the bits) of the Burn expression this replaced.
+fn fold(
+    w: &[f32],
+    b: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f64,
+) -> Prepared {
+    use rayon::prelude::*;
+    let eps = eps as f32;
+    let scale: Vec<f32> = (0..gamma.len())
+        .map(|o| gamma[o] * (1.0 / (var[o] + eps).sqrt()))
+        .collect();
+    let bias = (0..gamma.len())
+        .map(|o| b.map_or(-mean[o], |b| b[o] - mean[o]) * scale[o] + beta[o])
+        .collect();
+    let k = w.len() / scale.len().max(1);
+    let mut folded = vec![0.0f32; w.len()];
+    folded
+        .par_chunks_mut(k.max(1))
+        .zip(w.par_chunks(k.max(1)))
+        .zip(&scale)
+        .for_each(|((d, s), &a)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = s * a));
+    Prepared::new(folded, bias)
 }
 
 fn geom(
@@ -289,6 +358,7 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
+                super::infer::clear();
                 let state = (prep.checkpoint(&x), prep.checkpoint(&weight), g);
                 prep.finish(state, forward(x.primitive(), weight.primitive(), None, &g))
             }
@@ -321,6 +391,7 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
+                super::infer::clear();
                 let state = (prep.checkpoint(&x), prep.checkpoint(&weight), g);
                 prep.finish(state, y())
             }

@@ -20,6 +20,8 @@ pub mod direct;
 mod flex;
 mod gemm;
 pub mod im2col;
+#[cfg(feature = "flex")]
+mod infer;
 pub mod nhwc;
 mod nhwc_amx;
 mod nhwc_phases;
@@ -507,40 +509,39 @@ pub fn conv_bn(
     let padding = conv_padding(conv);
     match padding {
         Some(padding) if fast_path(&x) && !x.device().is_autodiff() => {
-            let device = x.device();
-            let mean = bn.running_mean.value().to_device(&device);
-            let var = bn.running_var.value().to_device(&device);
-            let scale = bn.gamma.val() * var.add_scalar(bn.epsilon).sqrt().recip();
-            let shift = match &conv.bias {
-                Some(b) => b.val() - mean,
-                None => mean.neg(),
-            } * scale.clone()
-                + bn.beta.val();
-            let cout = scale.dims()[0];
-            let weight = conv.weight.val() * scale.reshape([cout, 1, 1, 1]);
-            conv_bias_act_infer(x, weight, shift, conv.stride, padding, relu, precision)
+            conv_bn_act_infer(conv, bn, x, padding, relu, precision)
         }
         _ => batch_norm(bn, conv2d(conv, x, precision), relu),
     }
 }
 
+/// The folded inference pass of [`conv_bn`] ([`flex::ConvActInferBackend::conv_bn_act_infer`]).
 #[cfg(feature = "flex")]
-fn conv_bias_act_infer(
+fn conv_bn_act_infer(
+    conv: &Conv2d,
+    bn: &BatchNorm,
     x: Tensor<4>,
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    stride: [usize; 2],
     padding: [usize; 2],
     relu: bool,
     precision: Precision,
 ) -> Tensor<4> {
     use burn::backend::Dispatch;
     use flex::ConvActInferBackend;
-    Tensor::from_dispatch(<Dispatch as ConvActInferBackend>::conv_bias_act_infer(
+    let device = x.device();
+    let gamma = bn.gamma.val();
+    // Without a bias of its own the convolution passes γ in its place, unread.
+    let bias = conv.bias.as_ref().map_or(gamma.clone(), |b| b.val());
+    Tensor::from_dispatch(<Dispatch as ConvActInferBackend>::conv_bn_act_infer(
         x.into_dispatch(),
-        weight.into_dispatch(),
+        conv.weight.val().into_dispatch(),
         bias.into_dispatch(),
-        stride,
+        gamma.into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.running_mean.value().to_device(&device).into_dispatch(),
+        bn.running_var.value().to_device(&device).into_dispatch(),
+        bn.epsilon,
+        conv.bias.is_some(),
+        conv.stride,
         padding,
         relu,
         precision == Precision::Bf16,
@@ -548,11 +549,10 @@ fn conv_bias_act_infer(
 }
 
 #[cfg(not(feature = "flex"))]
-fn conv_bias_act_infer(
+fn conv_bn_act_infer(
+    _: &Conv2d,
+    _: &BatchNorm,
     _: Tensor<4>,
-    _: Tensor<4>,
-    _: Tensor<1>,
-    _: [usize; 2],
     _: [usize; 2],
     _: bool,
     _: Precision,

@@ -303,6 +303,71 @@ fn folded_conv_bn_matches_burn_in_inference() {
     }
 }
 
+/// Inference keeps each layer's folded weights between calls ([`super::infer`]): a second
+/// call gives the first one's bits, and after the weights are updated (the optimiser's step,
+/// which tries to write in place, then a new tensor under the same parameter, as the trainer
+/// sets it) or the batch norm's running statistics change, the output follows them.
+#[test]
+fn folded_weights_are_kept_between_calls_and_follow_updates() {
+    use burn::nn::BatchNormConfig;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    let device = Device::flex();
+    let mut conv = Conv2dConfig::new([32, 32], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .with_bias(false)
+        .init(&device);
+    let mut bn = BatchNormConfig::new(32).init(&device);
+    bn.running_var = burn::module::RunningState::new(Tensor::<1>::full([32], 2.0, &device));
+    let x = Tensor::<4>::random([1, 32, 12, 12], Distribution::Normal(0.0, 1.0), &device);
+    let reference = |conv: &burn::nn::conv::Conv2d, bn: &burn::nn::BatchNorm| {
+        activation::relu(bn.forward(conv.forward(x.clone())))
+    };
+    let check = |conv: &burn::nn::conv::Conv2d, bn: &burn::nn::BatchNorm, what: &str| {
+        let first = conv_bn(conv, bn, x.clone(), true, Precision::Fp32);
+        let again = conv_bn(conv, bn, x.clone(), true, Precision::Fp32);
+        let bits = |t: &Tensor<4>| -> Vec<u32> {
+            t.to_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&first), bits(&again), "{what}: a second call differs");
+        let d = max_rel_diff(first.clone(), reference(conv, bn));
+        assert!(
+            d < 1e-4,
+            "{what}: {d} from Burn's convolution and batch norm"
+        );
+        first
+    };
+    let before = check(&conv, &bn, "first");
+    let weight = conv.weight.val();
+    let dims = weight.dims();
+    let flat = weight.reshape([dims.iter().product::<usize>()]);
+    let grad = Tensor::<1>::ones(flat.dims(), &device);
+    let h = update::SgdStep {
+        lr: 0.05,
+        weight_decay: 0.0,
+        momentum: 0.0,
+        nesterov: false,
+    };
+    let (stepped, _) = sgd_step(flat, grad, None, h);
+    conv.weight = burn::module::Param::initialized(conv.weight.id, stepped.reshape(dims));
+    let stepped = check(&conv, &bn, "after an optimiser step");
+    assert!(
+        max_rel_diff(stepped.clone(), before) > 1e-3,
+        "the step changed nothing"
+    );
+    bn.running_mean = burn::module::RunningState::new(Tensor::<1>::full([32], 0.3, &device));
+    let moved = check(&conv, &bn, "after new running statistics");
+    assert!(
+        max_rel_diff(moved, stepped) > 1e-3,
+        "the statistics changed nothing"
+    );
+}
+
 /// The max-pool kernel against Burn's: AlexNet's overlapping 3/2, VGG's 2/2, ResNet's
 /// padded 3/2/1 and GoogLeNet's ceil mode; output and input gradient.
 #[test]
