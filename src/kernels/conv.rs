@@ -150,12 +150,12 @@ pub fn conv2d_forward_bf16(
 /// each tile, made on the first pass that runs Winograd.
 pub struct Prepared {
     pub w: Vec<f32>,
-    pub bias: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
     u: [std::sync::OnceLock<Vec<f32>>; 2],
 }
 
 impl Prepared {
-    pub fn new(w: Vec<f32>, bias: Vec<f32>) -> Prepared {
+    pub fn new(w: Vec<f32>, bias: Option<Vec<f32>>) -> Prepared {
         Prepared {
             w,
             bias,
@@ -163,10 +163,30 @@ impl Prepared {
         }
     }
 
+    /// Winograd's transformed weights for `tile` alone (`w` not kept: the caller holds the
+    /// weights, and asks for no other algorithm or tile).
+    pub fn winograd_only(
+        w: &[f32],
+        bias: Option<Vec<f32>>,
+        g: &ConvGeom,
+        tile: winograd::Tile,
+    ) -> Self {
+        let p = Prepared::new(Vec::new(), bias);
+        let u = winograd::transform_weights(w, g.cout, g.cin, false, tile);
+        let _ = p.u[usize::from(tile == winograd::Tile::F4)].set(u);
+        p
+    }
+
     /// `U` of [`winograd::transform_weights`] for `tile`, made once.
     fn winograd(&self, tile: winograd::Tile, g: &ConvGeom) -> &[f32] {
         let slot = &self.u[usize::from(tile == winograd::Tile::F4)];
-        slot.get_or_init(|| winograd::transform_weights(&self.w, g.cout, g.cin, false, tile))
+        slot.get_or_init(|| {
+            assert!(
+                !self.w.is_empty(),
+                "prepared for another Winograd tile only"
+            );
+            winograd::transform_weights(&self.w, g.cout, g.cin, false, tile)
+        })
     }
 }
 
@@ -180,9 +200,9 @@ pub fn conv2d_forward_prepared<E: Act>(
 ) -> Vec<f32> {
     match plan(g, Cpu::detect()).forward {
         Algo::Winograd(tile) => {
-            winograd::forward_act(x, p.winograd(tile, g), Some(&p.bias), g, relu, tile)
+            winograd::forward_act(x, p.winograd(tile, g), p.bias.as_deref(), g, relu, tile)
         }
-        _ => conv2d_forward_act(x, &p.w, Some(&p.bias), g, relu),
+        _ => conv2d_forward_act(x, &p.w, p.bias.as_deref(), g, relu),
     }
 }
 

@@ -107,7 +107,7 @@ impl ConvActInferBackend for Flex {
         });
         let shape = [g.batch, g.cout, g.ho(), g.wo()];
         if is_bf16(&x) {
-            let y = conv2d_forward_bf16(&slice::<bf16>(&x), &p.w, Some(&p.bias), &g, relu);
+            let y = conv2d_forward_bf16(&slice::<bf16>(&x), &p.w, p.bias.as_deref(), &g, relu);
             tensor(y, shape)
         } else {
             tensor(conv2d_forward_prepared(&values(&x), &p, &g, relu), shape)
@@ -142,7 +142,7 @@ fn fold(
         .zip(w.par_chunks(k.max(1)))
         .zip(&scale)
         .for_each(|((d, s), &a)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = s * a));
-    Prepared::new(folded, bias)
+    Prepared::new(folded, Some(bias))
 }
 
 fn geom(
@@ -271,6 +271,7 @@ fn forward_act(
     }
 }
 
+// Without autodiff: inference (the autodiff backend's ops call `forward` themselves).
 impl GemmConvBackend for Flex {
     fn gemm_conv2d(
         x: FlexTensor,
@@ -279,7 +280,7 @@ impl GemmConvBackend for Flex {
         pad: [usize; 2],
         bf16: bool,
     ) -> FlexTensor {
-        forward(&x, &w, None, &geom(&x, &w, stride, pad, bf16))
+        forward_infer(&x, &w, None, &geom(&x, &w, stride, pad, bf16))
     }
     fn gemm_conv2d_bias(
         x: FlexTensor,
@@ -289,8 +290,36 @@ impl GemmConvBackend for Flex {
         pad: [usize; 2],
         bf16: bool,
     ) -> FlexTensor {
-        forward(&x, &w, Some(&b), &geom(&x, &w, stride, pad, bf16))
+        forward_infer(&x, &w, Some(&b), &geom(&x, &w, stride, pad, bf16))
     }
+}
+
+/// An inference convolution: where Winograd runs it, with its transformed weights made once
+/// per layer and kept while its tensors live ([`super::infer`]), as for the layers with a
+/// folded batch norm (VGG without batch norm, AlexNet); else [`forward`].
+fn forward_infer(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    b: Option<&FlexTensor>,
+    g: &ConvGeom,
+) -> FlexTensor {
+    let super::plan::Algo::Winograd(tile) =
+        super::plan::plan(g, super::plan::Cpu::detect()).forward
+    else {
+        return forward(x, w, b, g);
+    };
+    if is_bf16(x) {
+        return forward(x, w, b, g);
+    }
+    let sources: Vec<&FlexTensor> = std::iter::once(w).chain(b).collect();
+    // `extra` tells these apart from the folded layers (whose ε's bits are never a NaN's), and
+    // the two tiles apart: each entry has the one transform.
+    let extra = u64::MAX - u64::from(tile == super::winograd::Tile::F4);
+    let p = super::infer::prepared(&sources, extra, || {
+        Prepared::winograd_only(&values(w), b.map(|b| values(b).into_owned()), g, tile)
+    });
+    let y = conv2d_forward_prepared(&values(x), &p, g, false);
+    tensor(y, [g.batch, g.cout, g.ho(), g.wo()])
 }
 
 /// Saved for the backward pass: the input and weight nodes, the geometry, and which parents

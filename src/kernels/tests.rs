@@ -368,6 +368,56 @@ fn folded_weights_are_kept_between_calls_and_follow_updates() {
     );
 }
 
+/// Inference's Winograd layers without a batch norm (VGG, AlexNet) keep their transformed
+/// weights too: a second call gives the first one's bits, both tiles (32 and 12 px maps) match
+/// Burn's convolution, and a new weight tensor under the same parameter is followed.
+#[test]
+fn winograd_weights_are_kept_between_inference_calls() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    let device = Device::flex();
+    let mut conv = Conv2dConfig::new([64, 64], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    let bits = |t: &Tensor<4>| -> Vec<u32> {
+        let v = t.to_data().try_to_vec::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect()
+    };
+    for hw in [32, 12] {
+        let x = Tensor::<4>::random([1, 64, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+        let g = conv::ConvGeom {
+            batch: 1,
+            cin: 64,
+            h: hw,
+            w: hw,
+            cout: 64,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pad: [1, 1],
+            precision: Precision::Fp32,
+        };
+        assert!(winograd::applies(&g), "{hw} px is not a Winograd layer");
+        let first = conv2d(&conv, x.clone(), Precision::Fp32);
+        let again = conv2d(&conv, x.clone(), Precision::Fp32);
+        assert_eq!(bits(&first), bits(&again), "{hw} px: a second call differs");
+        let d = max_rel_diff(first.clone(), conv.forward(x.clone()));
+        assert!(d < 1e-4, "{hw} px: {d} from Burn's convolution");
+        let scaled = conv.weight.val() * 1.5;
+        conv.weight = burn::module::Param::initialized(conv.weight.id, scaled);
+        let after = conv2d(&conv, x.clone(), Precision::Fp32);
+        let d = max_rel_diff(after.clone(), conv.forward(x.clone()));
+        assert!(
+            d < 1e-4,
+            "{hw} px after an update: {d} from Burn's convolution"
+        );
+        assert!(
+            max_rel_diff(after, first) > 1e-3,
+            "{hw} px: the update changed nothing"
+        );
+    }
+}
+
 /// The max-pool kernel against Burn's: AlexNet's overlapping 3/2, VGG's 2/2, ResNet's
 /// padded 3/2/1 and GoogLeNet's ceil mode; output and input gradient.
 #[test]
