@@ -122,8 +122,13 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     // with AMX, `conv_layers 2 bf16 bench-vgg 32 64` with and without this rule: forward
     // 4.5-6.2 ms vs 6.5-8.4 ms, backward 2.6-3.0 vs 4.8-5.1 ms).
     let direct = cpu.tiles != Tiles::None && direct::fits(g) && (fp32 || !cpu.amx);
-    // The 6-7 px maps [`winograd::fits`] admits for 512+ channels were measured against
-    // im2col on AVX2 only (numbers beside it); AVX-512's GEMM keeps them until timed there.
+    // The 6-7 px maps [`winograd::fits`] admits for 512+ channels (numbers beside it, AVX2)
+    // stay on im2col with AVX-512, timed there: Xeon family 6 model 207, fp32, 2 threads,
+    // 2026-12-07, Winograd allowed against not (`bench/conv_layers_ab.sh OLD NEW 3 "7px
+    // 3x3/1" fp32 MODEL 224 BATCH`, fastest ms forward / weight gradient / input gradient):
+    // resnet18 at batch 32 27.9 / 26.5 / 28.7 (im2col in even groups) against 25.4 / 29.6 /
+    // 27.4, even; resnet50 at batch 16 14.0 / 14.3 / 15.2 against 16.2 / 15.4 / 16.0, lost;
+    // at 4 px (resnet18 at 128 px, batch 32) 9.0 / 10.9 / 10.3 against 12.0 / 12.1 / 12.3.
     let small_map = g.ho() < 8 || g.wo() < 8;
     let winograd = winograd::fits(g)
         && (g.cin >= 64 || !direct || (fp32 && cpu.tiles != Tiles::Avx512))
