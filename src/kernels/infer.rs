@@ -2,12 +2,12 @@
 //! from live (and Winograd's transformed weights of layers without a batch norm: VGG,
 //! AlexNet).
 //!
-//! Inference folds each batch norm into its convolution (`w' = w · γ/√(σ²+ε)`, [`super::conv_bn`])
-//! and Winograd transforms the folded weights. Both were redone on every call: for one photo
-//! (resnet18 at 224 px, batch 1, 2 threads) they were 26% of the samples of `perf record` on
-//! `convlab bench infer --batch 1` (the fold 9%, Burn's single-threaded broadcast multiply; the
-//! transform 17%). Here a layer's [`Prepared`] weights are made once and found again by the
-//! storage of the tensors they came from.
+//! Inference folds each batch norm into its convolution (`w' = w · γ/√(σ²+ε)`,
+//! [`super::conv_bn`]) and Winograd transforms the folded weights. Both were redone on every
+//! call: for one photo (resnet18 at 224 px, batch 1, 2 threads) they were 26% of the samples
+//! of `perf record` on `convlab bench infer --batch 1` (the fold 9%, Burn's single-threaded
+//! broadcast multiply; the transform 17%). Here a layer's [`Prepared`] weights are made once
+//! and found again by the storage of the tensors they came from.
 //!
 //! An entry holds those tensors (handles to the same storage), which is what makes the lookup
 //! sound: a held storage can neither be freed, so its address cannot come back for other
@@ -20,11 +20,12 @@
 //! next epoch.
 //!
 //! The cost is memory while a model is used for inference: its folded weights and their
-//! transforms (resnet18 67 MB, resnet50 about 115 MB); measured peak RSS of `convlab bench
-//! infer` at 224 px, 2 threads, Intel Xeon family 6 model 207, 2026-12-07: resnet18 batch 1
-//! 73 -> 137 MB, batch 64 366 -> 561 MB (the cached blocks, made during the first call among
-//! its activations, also leave holes the heap cannot give back), resnet50 batch 32 490 ->
-//! 604 MB, vgg16 batch 1 608 -> 753 MB; PyTorch's, the same runs: 1197, 1253, 1225 MB.
+//! transforms (from the layer shapes: resnet18 67 MB, resnet50 about 115 MB). Measured peak
+//! RSS of `convlab bench infer` at 224 px, 2 threads, Intel Xeon family 6 model 207,
+//! 2026-12-07: resnet18 batch 1 73 -> 137 MB, batch 64 366 -> 561 MB (the cached blocks,
+//! made during the first call among its activations, also leave holes the heap cannot give
+//! back), resnet50 batch 32 490 -> 604 MB, vgg16 batch 1 608 -> 753 MB; PyTorch's, the same
+//! runs: 1197, 1253, 1225 MB.
 
 use super::conv::Prepared;
 use burn::backend::flex::FlexTensor;
