@@ -875,26 +875,7 @@ pub fn forward_act<E: Act>(
             bands.transform_input(xb, b, &mut v, &mut scratch);
             for xi in 0..xis {
                 let (mx, vx) = (&mut m[xi * cout * t_all..], &v[xi * cin * t_all..]);
-                match &packed {
-                    Some(p) => {
-                        super::bf16::gemm_packed(&p[xi], t_all, mx, t_all, false, vx, t_all, 1, 1)
-                    }
-                    None => super::gemm::gemm_f32(
-                        cout,
-                        t_all,
-                        cin,
-                        mx,
-                        t_all,
-                        false,
-                        &u[xi * cout * cin..],
-                        cin,
-                        1,
-                        vx,
-                        t_all,
-                        1,
-                        1,
-                    ),
-                }
+                position_product(u, packed.as_deref(), g, xi, t_all, mx, vx, t_all);
             }
             if b.rows == th {
                 // Whole images, plane by plane, in the order of the chunk: each plane zeroed
@@ -925,25 +906,8 @@ pub fn forward_act<E: Act>(
             if b.ty0 == 0 {
                 image_out = yb.take(out_len);
             }
-            let (y0, y1) = (tile.m() * b.ty0, (tile.m() * (b.ty0 + b.rows)).min(ho));
             for (o, plane) in image_out.chunks_exact_mut(ho * wo).enumerate() {
-                let band = &mut plane[y0 * wo..];
-                output_transform_any(
-                    tile,
-                    &m[o * t_all..],
-                    cout * t_all,
-                    0,
-                    b.rows,
-                    tw,
-                    ho - y0,
-                    wo,
-                    bias.map_or(0.0, |b| b[o]),
-                    band,
-                    &mut scratch,
-                );
-                if relu {
-                    relu_row(&mut band[..(y1 - y0) * wo]);
-                }
+                bands.band_output(&m, t_all, b, o, bias, relu, plane, &mut scratch);
             }
         }
     })
@@ -1009,61 +973,51 @@ fn forward_few<E: Act>(
                 .take(xis)
                 .enumerate()
                 .for_each(|(xi, mx)| {
-                    let vx = &v[xi * t_all..];
-                    match packed {
-                        Some(p) => super::bf16::gemm_packed(
-                            &p[xi],
-                            t_all,
-                            mx,
-                            t_all,
-                            false,
-                            vx,
-                            xis * t_all,
-                            1,
-                            1,
-                        ),
-                        None => super::gemm::gemm_f32(
-                            cout,
-                            t_all,
-                            cin,
-                            mx,
-                            t_all,
-                            false,
-                            &u[xi * cout * cin..],
-                            cin,
-                            1,
-                            vx,
-                            xis * t_all,
-                            1,
-                            1,
-                        ),
-                    }
+                    position_product(u, packed, g, xi, t_all, mx, &v[xi * t_all..], xis * t_all);
                 });
-            let (y0, y1) = (m_ * b.ty0, (m_ * (b.ty0 + b.rows)).min(ho));
             yn.par_chunks_mut(ho * wo)
                 .enumerate()
                 .for_each_init(scratch, |s, (o, plane)| {
-                    let band = &mut plane[y0 * wo..];
-                    output_transform_any(
-                        tile,
-                        &m[o * t_all..],
-                        cout * t_all,
-                        0,
-                        b.rows,
-                        tw,
-                        ho - y0,
-                        wo,
-                        bias.map_or(0.0, |b| b[o]),
-                        band,
-                        s,
-                    );
-                    if relu {
-                        relu_row(&mut band[..(y1 - y0) * wo]);
-                    }
+                    bands.band_output(&m, t_all, b, o, bias, relu, plane, s);
                 });
         }
     }
     y
+}
+
+/// `M_ξ = U_ξ · V_ξ` of one transformed position `ξ` over `t_all` tiles: `mx` is `M_ξ`
+/// (`[C_out, t_all]`), `vx` starts `V_ξ` (`[C_in, t_all]`, rows `v_rs` apart); in bf16 with
+/// `U_ξ` packed once per call.
+#[allow(clippy::too_many_arguments)]
+fn position_product(
+    u: &[f32],
+    packed: Option<&[super::bf16::PackedLhs]>,
+    g: &ConvGeom,
+    xi: usize,
+    t_all: usize,
+    mx: &mut [f32],
+    vx: &[f32],
+    v_rs: usize,
+) {
+    let (cin, cout) = (g.cin, g.cout);
+    match packed {
+        Some(p) => super::bf16::gemm_packed(&p[xi], t_all, mx, t_all, false, vx, v_rs, 1, 1),
+        None => super::gemm::gemm_f32(
+            cout,
+            t_all,
+            cin,
+            mx,
+            t_all,
+            false,
+            &u[xi * cout * cin..],
+            cin,
+            1,
+            vx,
+            v_rs,
+            1,
+            1,
+        ),
+    }
 }
 
 /// The units the transforms and GEMMs of one thread's images run in: groups of whole images
@@ -1137,6 +1091,41 @@ impl Bands {
     /// The most tiles one block has.
     fn max_tiles(&self) -> usize {
         self.group * self.rows * self.tw
+    }
+
+    /// Output channel `o`'s rows of band `b` (one image's) in its `plane`: `Aᵀ m A` of the
+    /// band's tiles from `m[ξ][o][t]` (`t_all` tiles), plus the bias, then ReLU.
+    #[allow(clippy::too_many_arguments)]
+    fn band_output(
+        &self,
+        m: &[f32],
+        t_all: usize,
+        b: Block,
+        o: usize,
+        bias: Option<&[f32]>,
+        relu: bool,
+        plane: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let (ho, wo, mm) = (self.g.ho(), self.g.wo(), self.tile.m());
+        let (y0, y1) = (mm * b.ty0, (mm * (b.ty0 + b.rows)).min(ho));
+        let band = &mut plane[y0 * wo..];
+        output_transform_any(
+            self.tile,
+            &m[o * t_all..],
+            self.g.cout * t_all,
+            0,
+            b.rows,
+            self.tw,
+            ho - y0,
+            wo,
+            bias.map_or(0.0, |b| b[o]),
+            band,
+            scratch,
+        );
+        if relu {
+            relu_row(&mut band[..(y1 - y0) * wo]);
+        }
     }
 
     /// The blocks of a chunk of `images` images, in order.
