@@ -294,9 +294,9 @@ impl GemmConvBackend for Flex {
     }
 }
 
-/// An inference convolution: where Winograd runs it, with its transformed weights made once
-/// per layer and kept while its tensors live ([`super::infer`]), as for the layers with a
-/// folded batch norm (VGG without batch norm, AlexNet); else [`forward`].
+/// An inference convolution without a batch norm after it (VGG without batch norm, AlexNet):
+/// where Winograd runs it, its transformed weights are made once per layer and kept while its
+/// tensors live ([`super::infer`]), as the folded layers' are; else [`forward`].
 fn forward_infer(
     x: &FlexTensor,
     w: &FlexTensor,

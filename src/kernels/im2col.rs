@@ -549,9 +549,8 @@ pub(super) fn im2col_forward_act<E: Act>(
     let rows = g.tile_rows();
     let lhs = Lhs::new(g.precision, cout, k, w, k, 1);
     // At least one group per thread, and as many per thread ([`ConvGeom::images_per_gemm_on`]):
-    // resnet18's 512 -> 512 layers at 4 px (128 px input,
-    // batch 32) made one group of all 32 images, which one thread computed while the other
-    // waited (forward 25.6 -> 10.1 ms, and 15.6 -> 6.0 ms for the stride-2 256 -> 512 layer,
+    // resnet18's 512 -> 512 layers at 4 px (128 px input, batch 32) made one group of all 32
+    // images, which one thread computed while the other waited (forward 25.6 -> 10.1 ms, and 15.6 -> 6.0 ms for the stride-2 256 -> 512 layer,
     // fastest of three alternated runs, 2 threads, bf16 on AMX, Xeon Sapphire Rapids,
     // `cargo run --release --example conv_layers 2 bf16 resnet18 128 32`).
     let group = g.images_per_gemm_on(rayon::current_num_threads());

@@ -933,7 +933,7 @@ fn forward_few<E: Act>(
 ) -> Vec<f32> {
     let tile = bands.tile;
     let (cin, cout, h, w, pad) = (g.cin, g.cout, g.h, g.w, g.pad[0]);
-    let (ho, wo, tw, m_) = (g.ho(), g.wo(), bands.tw, tile.m());
+    let (ho, wo, tw) = (g.ho(), g.wo(), bands.tw);
     let (xis, in_len, out_len) = (tile.xis(), cin * h * w, cout * ho * wo);
     let band_tiles = bands.rows * tw;
     let mut v = vec![0.0f32; xis * cin * band_tiles];
@@ -943,12 +943,7 @@ fn forward_few<E: Act>(
     for (xn, yn) in x.chunks(in_len.max(1)).zip(y.chunks_mut(out_len.max(1))) {
         for b in bands.blocks(1) {
             let t_all = b.tiles(tw);
-            // A band below the first starts at input row `m·ty0 - pad` with no padding above.
-            let (start, pad_top) = if b.ty0 == 0 {
-                (0, pad)
-            } else {
-                ((m_ * b.ty0 - pad).min(h), 0)
-            };
+            let (start, pad_top) = bands.input_rows(b);
             v.par_chunks_mut(xis * t_all)
                 .take(cin)
                 .enumerate()
@@ -1088,6 +1083,17 @@ impl Bands {
         }
     }
 
+    /// Where block `b`'s input starts: `(first input row, zero rows above it)`. A band below
+    /// the first starts at input row `m·ty0 - pad` with no padding above.
+    fn input_rows(&self, b: Block) -> (usize, usize) {
+        let (pad, h) = (self.g.pad[0], self.g.h);
+        if b.ty0 == 0 {
+            (0, pad)
+        } else {
+            ((self.tile.m() * b.ty0 - pad).min(h), 0)
+        }
+    }
+
     /// The most tiles one block has.
     fn max_tiles(&self) -> usize {
         self.group * self.rows * self.tw
@@ -1145,15 +1151,10 @@ impl Bands {
     /// `v[ξ][c][t]`, `t` running over the block's tiles image by image.
     fn transform_input<E: Act>(&self, xb: &[E], b: Block, v: &mut [f32], scratch: &mut [f32]) {
         let g = &self.g;
-        let (cin, h, w, pad, m) = (g.cin, g.h, g.w, g.pad[0], self.tile.m());
+        let (cin, h, w, pad) = (g.cin, g.h, g.w, g.pad[0]);
         let in_len = cin * h * w;
         let (tiles, t_all) = (b.tiles(self.tw), b.count * b.tiles(self.tw));
-        // A band below the first starts at input row `m·ty0 - pad` with no padding above.
-        let (start, pad_top) = if b.ty0 == 0 {
-            (0, pad)
-        } else {
-            ((m * b.ty0 - pad).min(h), 0)
-        };
+        let (start, pad_top) = self.input_rows(b);
         for i in 0..b.count {
             let xn = &xb[(b.first + i) * in_len..][..in_len];
             for c in 0..cin {
