@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex};
 /// A prepared layer and what it was made from.
 struct Entry {
     sources: Vec<FlexTensor>,
-    /// Anything else the values depend on (ε's bits, whether the bias is used).
+    /// Anything else the values depend on: ε's bits for a folded layer, a marker of the
+    /// Winograd tile for a layer without batch norm (whether a bias is used is `sources`'
+    /// length).
     extra: u64,
     prepared: Arc<Prepared>,
 }
@@ -103,10 +105,7 @@ fn forget_dead(cache: &mut Vec<Entry>) {
 
 /// Drops every entry (a training step is running: the weights are changing).
 pub(super) fn clear() {
-    let mut cache = lock();
-    if !cache.is_empty() {
-        cache.clear();
-    }
+    lock().clear();
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Vec<Entry>> {
