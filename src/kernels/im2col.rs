@@ -25,7 +25,7 @@
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
 use super::act::Act;
-use super::buf::{par_zeroed_parts, par_zeroed_with};
+use super::buf::{par_zeroed, par_zeroed_parts, par_zeroed_with};
 use super::conv::{ConvGeom, ConvGrads};
 use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_transposed_in_order};
 use super::simd::dispatched;
@@ -583,32 +583,135 @@ pub(super) fn im2col_forward_act<E: Act>(
             },
         );
     }
-    let inputs = x.par_chunks(g.in_len().max(1));
+    if let Some(rows) = few_bands(g, rayon::current_num_threads()) {
+        return forward_few(x, &lhs, bias, g, relu, rows);
+    }
+    // One image's products into `yn` (`col` its scratch), then one channel's bias and ReLU.
+    let products = |col: &mut Vec<f32>, yn: &mut [f32], xn: &[E]| {
+        if g.is_pointwise() {
+            lhs.mul(p, yn, p, false, xn, p, 1, threads);
+        } else {
+            for oy0 in (0..g.ho()).step_by(rows) {
+                let oy1 = (oy0 + rows).min(g.ho());
+                let n = (oy1 - oy0) * g.wo();
+                col.resize(k * n, 0.0);
+                im2col(xn, g, oy0, oy1, col, n);
+                let dst = &mut yn[oy0 * g.wo()..];
+                lhs.mul(n, dst, p, false, col, n, 1, threads);
+            }
+        }
+    };
+    let epilogue = |row: &mut [f32], o: usize| {
+        if let Some(b) = bias {
+            row.iter_mut().for_each(|v| *v += b[o]);
+        }
+        if relu {
+            super::simd::relu_row(row);
+        }
+    };
+    if threads > 1 {
+        // Fewer images than workers: the GEMMs run on all of them, and so do the zeros, the
+        // bias and the ReLU, which the per-image chunks below leave to one (a resnet50 1x1
+        // layer's 3.2 MB output at 56 px zeroed on one thread while the other waited, 1.8% of
+        // `convlab bench infer --batch 1`'s samples).
+        let mut y = par_zeroed(
+            g.batch * g.out_len(),
+            p,
+            (0..g.batch * cout).into_par_iter(),
+            |_, _| {},
+        );
+        let mut col = Vec::new();
+        for (xn, yn) in x
+            .chunks(g.in_len().max(1))
+            .zip(y.chunks_mut(g.out_len().max(1)))
+        {
+            products(&mut col, yn, xn);
+        }
+        y.par_chunks_mut(p.max(1))
+            .enumerate()
+            .for_each(|(i, row)| epilogue(row, i % cout));
+        return y;
+    }
     par_zeroed_with(
         g.batch * g.out_len(),
         g.out_len(),
-        inputs,
+        x.par_chunks(g.in_len().max(1)),
         Vec::new,
         |col, yn, xn| {
-            if g.is_pointwise() {
-                lhs.mul(p, yn, p, false, xn, p, 1, threads);
-            } else {
-                for oy0 in (0..g.ho()).step_by(rows) {
-                    let oy1 = (oy0 + rows).min(g.ho());
-                    let n = (oy1 - oy0) * g.wo();
-                    col.resize(k * n, 0.0);
-                    im2col(xn, g, oy0, oy1, col, n);
-                    let dst = &mut yn[oy0 * g.wo()..];
-                    lhs.mul(n, dst, p, false, col, n, 1, threads);
-                }
+            products(col, yn, xn);
+            for (o, row) in yn.chunks_mut(p.max(1)).enumerate() {
+                epilogue(row, o);
             }
-            if let Some(b) = bias {
-                for (row, &bo) in yn.chunks_mut(p).zip(b) {
-                    row.iter_mut().for_each(|v| *v += bo);
-                }
+        },
+    )
+}
+
+/// Output rows per band for [`forward_few`] on `threads` workers: when there are fewer images
+/// than workers and an image's columns outweigh its layer's weights (at least
+/// [`FEW_POSITIONS_PER_OUTPUT`] positions per output channel), bands enough for two per worker;
+/// `None` where the per-image path is the one to take.
+fn few_bands(g: &ConvGeom, threads: usize) -> Option<usize> {
+    let wide = g.p() >= FEW_POSITIONS_PER_OUTPUT * g.cout;
+    (g.batch < threads && !g.is_pointwise() && wide).then(|| {
+        let bands = (2 * threads).div_ceil(g.batch);
+        g.tile_rows().min(g.ho().div_ceil(bands)).max(1)
+    })
+}
+
+/// Output positions per output channel from which [`forward_few`] splits an image into bands:
+/// each band's GEMM packs the layer's weights again, so layers with small maps and many
+/// channels (resnet18's 7-28 px layers) keep one GEMM on all threads.
+const FEW_POSITIONS_PER_OUTPUT: usize = 4;
+
+/// [`im2col_forward_act`] of fewer images than threads (one photo classified): each band of
+/// output rows on a worker of its own, its columns, its GEMM on one thread, into a buffer of
+/// its own; then each output channel's plane gathered from the bands, with the bias and ReLU.
+/// The per-image path built an image's columns on one thread while the others waited, and
+/// added the bias and ReLU on one thread.
+fn forward_few<E: Act>(
+    x: &[E],
+    lhs: &Lhs<'_>,
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+    rows: usize,
+) -> Vec<f32> {
+    let (k, p, wo, ho, cout) = (g.k(), g.p(), g.wo(), g.ho(), g.cout);
+    let (in_len, out_len) = (g.in_len(), g.out_len());
+    let bands: Vec<(usize, usize, usize)> = (0..g.batch)
+        .flat_map(|i| {
+            (0..ho)
+                .step_by(rows)
+                .map(move |oy0| (i, oy0, (oy0 + rows).min(ho)))
+        })
+        .collect();
+    // `prod: [C_out, band's positions]` of each band.
+    let prods: Vec<Vec<f32>> = bands
+        .par_iter()
+        .map_init(Vec::new, |col, &(i, oy0, oy1)| {
+            let n = (oy1 - oy0) * wo;
+            col.resize(k * n, 0.0);
+            im2col(&x[i * in_len..][..in_len], g, oy0, oy1, col, n);
+            let mut prod = vec![0.0f32; cout * n];
+            lhs.mul(n, &mut prod, n, false, col, n, 1, 1);
+            prod
+        })
+        .collect();
+    par_zeroed(
+        g.batch * out_len,
+        p,
+        (0..g.batch * cout).into_par_iter(),
+        |plane, io| {
+            let (i, o) = (io / cout, io % cout);
+            let b = bias.map_or(0.0, |b| b[o]);
+            for (&(_, oy0, oy1), prod) in bands.iter().zip(&prods).filter(|(band, _)| band.0 == i) {
+                let n = (oy1 - oy0) * wo;
+                let src = &prod[o * n..][..n];
+                let dst = &mut plane[oy0 * wo..oy1 * wo];
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s + b);
             }
             if relu {
-                super::simd::relu_row(yn);
+                super::simd::relu_row(plane);
             }
         },
     )
@@ -945,6 +1048,55 @@ mod tests {
             .map(|c| c.iter().sum())
             .max()
             .unwrap_or(0)
+    }
+
+    /// Fewer images than workers (a photo classified): the band-parallel path
+    /// ([`forward_few`]) and the per-image path with its zeros, bias and ReLU on all workers
+    /// give what one worker gives, image by image, with and without bias and ReLU: an RGB
+    /// stem (7x7/2), a strided 3x3, a 1x1, and a layer too narrow for bands.
+    #[test]
+    fn few_images_on_many_threads_are_one_threads_values() {
+        use crate::kernels::conv::on_threads;
+        let geom = |batch, cin, hw, cout, k, stride, pad| ConvGeom {
+            batch,
+            cin,
+            h: hw,
+            w: hw,
+            cout,
+            kh: k,
+            kw: k,
+            stride: [stride; 2],
+            pad: [pad; 2],
+            precision: crate::kernels::Precision::Fp32,
+        };
+        let cases = [
+            (geom(1, 3, 30, 4, 7, 2, 3), true),
+            (geom(3, 3, 23, 5, 7, 2, 3), true),
+            (geom(1, 6, 17, 8, 3, 2, 1), true),
+            (geom(1, 8, 9, 6, 1, 1, 0), false),
+            (geom(1, 16, 6, 24, 3, 1, 1), false),
+        ];
+        for (g, banded) in cases {
+            assert_eq!(few_bands(&g, 4).is_some(), banded, "{g:?}");
+            let x = test_data(g.batch * g.in_len(), 3);
+            let w = test_data(g.cout * g.k(), 4);
+            let b = test_data(g.cout, 5);
+            for (bias, relu) in [(None, false), (Some(&b[..]), true)] {
+                let run = |t| on_threads(t, || im2col_forward_act(&x, &w, bias, &g, relu));
+                let (one, many) = (run(1), run(4));
+                assert_eq!(one.len(), many.len());
+                for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                        "{g:?} at {i}: {a} vs {b}"
+                    );
+                }
+                if relu {
+                    assert!(many.iter().all(|&v| v >= 0.0));
+                    assert!(many.iter().any(|&v| v > 0.0));
+                }
+            }
+        }
     }
 
     /// Even groups never leave a worker more images than groups of the largest size (the rule

@@ -35,7 +35,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
 use super::act::Act;
-use super::buf::par_lazy;
+use super::buf::{par_lazy, with_scratch};
 use super::conv::ConvGeom;
 use super::simd::{dispatched, relu_row};
 use rayon::prelude::*;
@@ -936,47 +936,50 @@ fn forward_few<E: Act>(
     let (ho, wo, tw) = (g.ho(), g.wo(), bands.tw);
     let (xis, in_len, out_len) = (tile.xis(), cin * h * w, cout * ho * wo);
     let band_tiles = bands.rows * tw;
-    let mut v = vec![0.0f32; xis * cin * band_tiles];
-    let mut m = vec![0.0f32; xis * cout * band_tiles];
+    let (v_len, m_len) = (xis * cin * band_tiles, xis * cout * band_tiles);
     let mut y = vec![0.0f32; g.batch * out_len];
     let scratch = || vec![0.0f32; scratch_len(tile, bands.rows, tw)];
-    for (xn, yn) in x.chunks(in_len.max(1)).zip(y.chunks_mut(out_len.max(1))) {
-        for b in bands.blocks(1) {
-            let t_all = b.tiles(tw);
-            let (start, pad_top) = bands.input_rows(b);
-            v.par_chunks_mut(xis * t_all)
-                .take(cin)
-                .enumerate()
-                .for_each_init(scratch, |s, (c, vc)| {
-                    let plane = &xn[c * h * w..][..h * w];
-                    input_transform_any(
-                        tile,
-                        &plane[start * w..],
-                        h - start,
-                        w,
-                        pad,
-                        pad_top,
-                        b.rows,
-                        tw,
-                        vc,
-                        t_all,
-                        0,
-                        s,
-                    );
-                });
-            m.par_chunks_mut(cout * t_all)
-                .take(xis)
-                .enumerate()
-                .for_each(|(xi, mx)| {
-                    position_product(u, packed, g, xi, t_all, mx, &v[xi * t_all..], xis * t_all);
-                });
-            yn.par_chunks_mut(ho * wo)
-                .enumerate()
-                .for_each_init(scratch, |s, (o, plane)| {
-                    bands.band_output(&m, t_all, b, o, bias, relu, plane, s);
-                });
+    with_scratch(v_len + m_len, |vm| {
+        let (v, m) = vm.split_at_mut(v_len);
+        for (xn, yn) in x.chunks(in_len.max(1)).zip(y.chunks_mut(out_len.max(1))) {
+            for b in bands.blocks(1) {
+                let t_all = b.tiles(tw);
+                let (start, pad_top) = bands.input_rows(b);
+                v.par_chunks_mut(xis * t_all)
+                    .take(cin)
+                    .enumerate()
+                    .for_each_init(scratch, |s, (c, vc)| {
+                        let plane = &xn[c * h * w..][..h * w];
+                        input_transform_any(
+                            tile,
+                            &plane[start * w..],
+                            h - start,
+                            w,
+                            pad,
+                            pad_top,
+                            b.rows,
+                            tw,
+                            vc,
+                            t_all,
+                            0,
+                            s,
+                        );
+                    });
+                m.par_chunks_mut(cout * t_all)
+                    .take(xis)
+                    .enumerate()
+                    .for_each(|(xi, mx)| {
+                        let vx = &v[xi * t_all..];
+                        position_product(u, packed, g, xi, t_all, mx, vx, xis * t_all);
+                    });
+                yn.par_chunks_mut(ho * wo)
+                    .enumerate()
+                    .for_each_init(scratch, |s, (o, plane)| {
+                        bands.band_output(m, t_all, b, o, bias, relu, plane, s);
+                    });
+            }
         }
-    }
+    });
     y
 }
 
