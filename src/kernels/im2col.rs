@@ -609,7 +609,7 @@ pub(super) fn im2col_forward_act<E: Act>(
             super::simd::relu_row(row);
         }
     };
-    if threads > 1 {
+    if threads > 1 && g.out_len() >= SPREAD_VALUES {
         // Fewer images than workers: the GEMMs run on all of them, and so do the zeros, the
         // bias and the ReLU, which the per-image chunks below leave to one (a resnet50 1x1
         // layer's 3.2 MB output at 56 px zeroed on one thread while the other waited, 1.8% of
@@ -645,6 +645,16 @@ pub(super) fn im2col_forward_act<E: Act>(
         },
     )
 }
+
+/// Output values of an image from which the per-image path, with fewer images than workers,
+/// spreads its zeros, bias and ReLU over the workers: below it (resnet18's 1x1/2 projection to
+/// 512 channels at 7 px, 25,088 values) the two extra parallel loops cost more than they save
+/// (0.1 -> 0.2 ms, `bench/conv_layers_ab.sh OLD NEW 5 "->" fp32 resnet18 224 1`).
+#[cfg(not(test))]
+const SPREAD_VALUES: usize = 1 << 16;
+/// Small in tests, so that they cover both sides.
+#[cfg(test)]
+const SPREAD_VALUES: usize = 64;
 
 /// Output rows per band for [`forward_few`] on `threads` workers: when there are fewer images
 /// than workers and an image's columns outweigh its layer's weights (at least
@@ -1053,7 +1063,8 @@ mod tests {
     /// Fewer images than workers (a photo classified): the band-parallel path
     /// ([`forward_few`]) and the per-image path with its zeros, bias and ReLU on all workers
     /// give what one worker gives, image by image, with and without bias and ReLU: an RGB
-    /// stem (7x7/2), a strided 3x3, a 1x1, and a layer too narrow for bands.
+    /// stem (7x7/2), a strided 3x3, a 1x1, a layer too narrow for bands, and an output too
+    /// small to spread ([`SPREAD_VALUES`]).
     #[test]
     fn few_images_on_many_threads_are_one_threads_values() {
         use crate::kernels::conv::on_threads;
@@ -1074,6 +1085,7 @@ mod tests {
             (geom(3, 3, 23, 5, 7, 2, 3), true),
             (geom(1, 6, 17, 8, 3, 2, 1), true),
             (geom(1, 8, 9, 6, 1, 1, 0), false),
+            (geom(1, 4, 4, 3, 1, 1, 0), false),
             (geom(1, 16, 6, 24, 3, 1, 1), false),
         ];
         for (g, banded) in cases {
