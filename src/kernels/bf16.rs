@@ -312,6 +312,11 @@ fn pairs(kc: usize, amx: bool) -> usize {
 }
 
 impl PackedLhs {
+    /// Rows of the matrix packed (`m`).
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
     /// Packs the `m x k` matrix `lhs[i * rs + j * cs]`.
     ///
     /// # Panics

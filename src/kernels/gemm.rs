@@ -111,6 +111,39 @@ impl<'a> Lhs<'a> {
     }
 }
 
+impl Lhs<'_> {
+    /// `self · rhs[k, n]` as a new row-major `[m, n]` matrix; in f32 without a zero fill
+    /// first ([`gemm_f32_new`]).
+    pub(super) fn mul_new<E: Act>(
+        &self,
+        n: usize,
+        rhs: &[E],
+        rhs_rs: usize,
+        rhs_cs: usize,
+        threads: usize,
+    ) -> Vec<f32> {
+        match *self {
+            Lhs::F32 { m, k, data, rs, cs } => gemm_f32_new(
+                m,
+                n,
+                k,
+                data,
+                rs,
+                cs,
+                &E::widened(rhs),
+                rhs_rs,
+                rhs_cs,
+                threads,
+            ),
+            Lhs::Bf16(ref a) => {
+                let mut out = vec![0.0; a.rows() * n];
+                self.mul(n, &mut out, n, false, rhs, rhs_rs, rhs_cs, threads);
+                out
+            }
+        }
+    }
+}
+
 /// The f32 GEMM: the `gemm` crate.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm_f32(

@@ -702,9 +702,7 @@ fn forward_few<E: Act>(
             let n = (oy1 - oy0) * wo;
             col.resize(k * n, 0.0);
             im2col(&x[i * in_len..][..in_len], g, oy0, oy1, col, n);
-            let mut prod = vec![0.0f32; cout * n];
-            lhs.mul(n, &mut prod, n, false, col, n, 1, 1);
-            prod
+            lhs.mul_new(n, col, n, 1, 1)
         })
         .collect();
     par_zeroed(
@@ -1064,7 +1062,8 @@ mod tests {
     /// ([`forward_few`]) and the per-image path with its zeros, bias and ReLU on all workers
     /// give what one worker gives, image by image, with and without bias and ReLU: an RGB
     /// stem (7x7/2), a strided 3x3, a 1x1, a layer too narrow for bands, and an output too
-    /// small to spread ([`SPREAD_VALUES`]).
+    /// small to spread ([`SPREAD_VALUES`]); in f32 and, where the CPU has the instructions, in
+    /// bf16 products.
     #[test]
     fn few_images_on_many_threads_are_one_threads_values() {
         use crate::kernels::conv::on_threads;
@@ -1088,6 +1087,13 @@ mod tests {
             (geom(1, 4, 4, 3, 1, 1, 0), false),
             (geom(1, 16, 6, 24, 3, 1, 1), false),
         ];
+        let mut precisions = vec![crate::kernels::Precision::Fp32];
+        if crate::kernels::bf16::available() {
+            precisions.push(crate::kernels::Precision::Bf16);
+        }
+        let cases = precisions
+            .iter()
+            .flat_map(|&precision| cases.map(|(g, banded)| (ConvGeom { precision, ..g }, banded)));
         for (g, banded) in cases {
             assert_eq!(few_bands(&g, 4).is_some(), banded, "{g:?}");
             let x = test_data(g.batch * g.in_len(), 3);
