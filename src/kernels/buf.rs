@@ -186,8 +186,9 @@ where
 /// a fresh `vec![0.0; n]` zeroes it all on the calling thread while the workers wait. For
 /// Winograd's transformed input and output of one photo ([`super::winograd`]'s `forward_few`):
 /// 3.6 MB for resnet18's 64-channel layers at 224 px, zeroed on every call, 3-4% of the samples
-/// of `convlab bench infer --batch 1` (`perf record`, 2026-12-07). Kept until the thread ends:
-/// at most the largest `n` asked on it.
+/// of `convlab bench infer --batch 1` (`perf record`, 2026-12-07); and for the columns of one
+/// band of a photo ([`super::im2col`]'s `forward_few`). Kept until the thread ends: at most the
+/// largest `n` asked on it.
 ///
 /// A call from inside `f` (a worker that took another job while it waited) gets a buffer of
 /// its own.

@@ -25,7 +25,7 @@
 //! `H_out = (H + 2·ph - kh) / sh + 1` (and likewise for the width).
 
 use super::act::Act;
-use super::buf::{par_zeroed, par_zeroed_parts, par_zeroed_with};
+use super::buf::{par_zeroed, par_zeroed_parts, par_zeroed_with, with_scratch};
 use super::conv::{ConvGeom, ConvGrads};
 use super::gemm::{Lhs, gemm, gemm_threads, image_blocks, sum_transposed_in_order};
 use super::simd::dispatched;
@@ -674,8 +674,9 @@ fn few_bands(g: &ConvGeom, threads: usize) -> Option<usize> {
 const FEW_POSITIONS_PER_OUTPUT: usize = 4;
 
 /// [`im2col_forward_act`] of fewer images than threads (one photo classified): each band of
-/// output rows on a worker of its own, its columns, its GEMM on one thread, into a buffer of
-/// its own; then each output channel's plane gathered from the bands, with the bias and ReLU.
+/// output rows on a worker of its own, its columns (in the worker's kept scratch), its GEMM on
+/// one thread, into a buffer of its own; then each output channel's plane gathered from the
+/// bands, with the bias and ReLU.
 /// The per-image path built an image's columns on one thread while the others waited, and
 /// added the bias and ReLU on one thread.
 fn forward_few<E: Act>(
@@ -698,11 +699,13 @@ fn forward_few<E: Act>(
     // `prod: [C_out, band's positions]` of each band.
     let prods: Vec<Vec<f32>> = bands
         .par_iter()
-        .map_init(Vec::new, |col, &(i, oy0, oy1)| {
+        .map(|&(i, oy0, oy1)| {
             let n = (oy1 - oy0) * wo;
-            col.resize(k * n, 0.0);
-            im2col(&x[i * in_len..][..in_len], g, oy0, oy1, col, n);
-            lhs.mul_new(n, col, n, 1, 1)
+            // The worker's columns kept between calls: im2col writes every value.
+            with_scratch(k * n, |col| {
+                im2col(&x[i * in_len..][..in_len], g, oy0, oy1, col, n);
+                lhs.mul_new(n, col, n, 1, 1)
+            })
         })
         .collect();
     par_zeroed(
