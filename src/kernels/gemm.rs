@@ -109,9 +109,7 @@ impl<'a> Lhs<'a> {
             ),
         }
     }
-}
 
-impl Lhs<'_> {
     /// `self · rhs[k, n]` as a new row-major `[m, n]` matrix; in f32 without a zero fill
     /// first ([`gemm_f32_new`]).
     pub(super) fn mul_new<E: Act>(
