@@ -35,7 +35,7 @@
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
 
 use super::act::Act;
-use super::buf::{par_lazy, with_scratch};
+use super::buf::{par_lazy, par_zeroed, with_scratch};
 use super::conv::ConvGeom;
 use super::simd::{dispatched, relu_row};
 use rayon::prelude::*;
@@ -937,7 +937,14 @@ fn forward_few<E: Act>(
     let (xis, in_len, out_len) = (tile.xis(), cin * h * w, cout * ho * wo);
     let band_tiles = bands.rows * tw;
     let (v_len, m_len) = (xis * cin * band_tiles, xis * cout * band_tiles);
-    let mut y = vec![0.0f32; g.batch * out_len];
+    // Zeroed by all workers: one thread's `memset` of a 64-channel 56 px output kept the
+    // others waiting.
+    let mut y = par_zeroed(
+        g.batch * out_len,
+        (ho * wo).max(1),
+        (0..g.batch * cout).into_par_iter(),
+        |_, _| {},
+    );
     let scratch = || vec![0.0f32; scratch_len(tile, bands.rows, tw)];
     with_scratch(v_len + m_len, |vm| {
         let (v, m) = vm.split_at_mut(v_len);
