@@ -622,6 +622,47 @@ unsafe fn microkernel<const R: usize, const V: usize>(
     }
 }
 
+/// Rows of `A` per microkernel call in [`block32`]: 8 x 32 ran as fast as the 6 x 64 tile of
+/// [`WIDE`] panels on `bench-vgg`'s layers (the numbers beside [`WIDE`]), and 8 divides the
+/// 16- and 32-row blocks of the 1x1 kernel.
+const BLOCK_ROWS: usize = 8;
+
+/// `c[rows, 32] = A[rows, kp pairs] · panel` on `VDPBF16PS`, rows of `c` 32 apart: the
+/// AVX512-BF16 counterpart of [`super::amx::block`] for the 1x1 kernel's 32 x 32 blocks
+/// ([`super::pointwise`]), on the same operand layouts (`a`: rows of `kp` pair words; the
+/// panel: `kp` rows of 32 pair words).
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; `rows` is a multiple of [`BLOCK_ROWS`]; `a` holds `rows`
+/// rows of `kp` words, `panel` `32 · kp` words, and `c` `32 · rows` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn block32(
+    kp: usize,
+    a: *const u32,
+    panel: *const u32,
+    c: *mut f32,
+    rows: usize,
+) {
+    debug_assert!(rows.is_multiple_of(BLOCK_ROWS));
+    for i in (0..rows).step_by(BLOCK_ROWS) {
+        // SAFETY: rows `i..i + BLOCK_ROWS` of `a` and of `c` exist (`rows` a multiple of
+        // BLOCK_ROWS); the panel is two vectors wide (the caller's contract).
+        unsafe {
+            microkernel::<BLOCK_ROWS, 2>(
+                kp,
+                a.add(i * kp),
+                panel,
+                c.add(32 * i),
+                32,
+                BLOCK_ROWS,
+                32,
+                false,
+            )
+        };
+    }
+}
+
 /// `dst[rows, n] += A[rows, k] · B` for the rows `rows` of `a` (`dst` starting at the first),
 /// packing `B` one panel at a time into `bp` (at least [`WIDE`] times `KC / 2` words, [`pairs`] of [`kc`]).
 ///

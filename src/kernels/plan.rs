@@ -9,7 +9,8 @@
 //! [`super::direct::applies`] and [`super::conv::conv2d_backward`]):
 //! - bf16 on AMX: 1x1 layers on [`super::pointwise`]: the forward pass and the input gradient
 //!   up to 1024 input channels (for the input gradient, output channels), the weight
-//!   gradient of every one;
+//!   gradient of every one; without AMX, on AVX512-BF16, the forward pass and the input
+//!   gradient of 1x1 layers of up to 512 channels in, on maps of 196+ output positions;
 //! - bf16 on AMX: layers of fewer than 32 input channels on [`super::stem`] by phase planes
 //!   (the forward pass; the weight gradient of stems of up to 4 channels);
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
@@ -304,8 +305,32 @@ fn winograd_tile(g: &ConvGeom) -> Tile {
 /// 256 -> 512 1.1 -> 0.7. With 2048 products per output it lost or tied: the input gradient
 /// of 512 -> 2048 at 7 px 2.9 -> 4.7, the forward of 2048 -> 512 2.2 -> 2.5 (both operands of
 /// a 32 x 32 block, 128 KiB each, stream from L2 for 49 positions).
+///
+/// On AVX512-BF16 without AMX (the blocks on `VDPBF16PS`, [`super::bf16::block32`]): layers of
+/// up to 512 input channels with at least 196 output positions (14 x 14). Against im2col on
+/// the bf16 GEMM, `CONVLAB_VDPBF16PS=on`, 2 threads, Xeon family 6 model 207 without AMX,
+/// 2026-12-07 20:20-20:30 UTC, the rule off and on in three alternated rounds
+/// (`bench/conv_layers_ab.sh OLD NEW 3 1x1 bf16 resnet50 224 16`), fastest forward / input
+/// gradient ms: 64 -> 256 at 56 px 17.3 / 13.6 -> 11.4 / 11.0, 64 -> 64 4.1 / 3.9 -> 2.9 /
+/// 2.8, 256 -> 64 15.0 / 15.8 -> 11.1 / 10.8, 256 -> 128 25.6 / 27.1 -> 20.7 / 20.7, the 1x1/2
+/// projection 256 -> 512 26.6 / 28.3 -> 23.9 / 23.1; at 28 px 128 -> 512 13.1 / 12.0 -> 11.9
+/// / 11.8, 512 -> 128 11.7 / 13.6 -> 10.5 / 10.6, 512 -> 256 22.1 / 24.0 -> 20.6 / 20.9, the
+/// projection 512 -> 1024 forward 30.3 -> 23.4; at 14 px 256 -> 1024 forward 13.1 -> 11.4;
+/// resnet18 (batch 32) 64 -> 128 /2 at 56 px 5.1 / 5.8 -> 3.8 / 3.8, 128 -> 256 /2 3.8 / 4.4
+/// -> 3.3 / 3.6. It lost where an image has 49 positions (a second panel of 32 mostly padding,
+/// where im2col's GEMM spans images): 512 -> 2048 at 7 px 12.3 / 12.2 -> 14.3 / 15.6, 2048 ->
+/// 512 11.9 / 13.7 -> 13.4 / 15.4, the 1024 -> 2048 projection 24.7 / 26.0 -> 27.7 / 32.5;
+/// and tied or lost from 1024 products per output at 14 px (1024 -> 256 forward 11.8 ->
+/// 11.4, 1024 -> 512 23.0 -> 23.3, the input gradient of 1024 -> 512, 512 products, 22.9 ->
+/// 24.2, of 256 -> 1024 11.2 -> 12.1).
 fn pointwise(g: &ConvGeom, cpu: Cpu) -> bool {
-    g.precision == Precision::Bf16 && cpu.amx && super::pointwise::fits(g) && g.cin <= 1024
+    g.precision == Precision::Bf16
+        && super::pointwise::fits(g)
+        && if cpu.amx {
+            g.cin <= 1024
+        } else {
+            cpu.tiles == Tiles::Avx512 && g.cin <= 512 && g.p() >= 196
+        }
 }
 
 /// Whether [`super::stem`] computes `g` (forward and weight gradient): bf16 on AMX, layers of
@@ -478,9 +503,16 @@ mod tests {
         assert_eq!(plan(&b(geom(64, 64, 56, 3, 1)), AVX512), p(W, W, C));
         assert_eq!(plan(&b(geom(3, 64, 224, 7, 2)), AVX512), p(I, I, C));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, C));
-        assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(I, I, C));
-        assert_eq!(plan(&b(geom(256, 1024, 14, 1, 1)), AVX512), p(I, I, I));
+        // 1x1 layers on the pointwise kernel's `VDPBF16PS` blocks, forward and input gradient,
+        // up to 512 channels in (for the input gradient, out) on 196+ positions.
+        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AVX512), p(PW, PW, C));
+        assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(PW, I, C));
+        assert_eq!(plan(&b(geom(1024, 256, 14, 1, 1)), AVX512), p(I, PW, I));
+        assert_eq!(plan(&b(geom(512, 1024, 28, 1, 2)), AVX512), p(PW, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));
+        assert_eq!(plan(&b(geom(512, 2048, 7, 1, 1)), AVX512), p(I, I, I));
+        // In fp32, never.
+        assert_eq!(plan(&geom(64, 256, 56, 1, 1), AVX512), p(I, I, I));
         // On AMX: the tiles' implicit GEMM for 3x3 layers of whole tiles of channels (stride 2
         // too: the forward pass on phase planes, the input gradient by phases); 1x1 layers on the pointwise kernel (input
         // gradient too, up to 1024 products per output; the weight gradient of every one).

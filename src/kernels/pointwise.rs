@@ -1,5 +1,6 @@
-//! 1x1 convolutions on the AMX tiles, NCHW in and out, rounded to the output type in the tile
-//! epilogue: ResNet-50's bottleneck layers (He et al. 2016, "Deep Residual Learning", Table 1:
+//! 1x1 convolutions on the AMX tiles or, without them, on AVX512-BF16's `VDPBF16PS` ([`Unit`]),
+//! NCHW in and out, rounded to the output type in the block's epilogue: ResNet-50's
+//! bottleneck layers (He et al. 2016, "Deep Residual Learning", Table 1:
 //! 1x1 reduce, 3x3, 1x1 expand; and the 1x1/2 projections).
 //!
 //! A 1x1 convolution is one GEMM per image, `Y[C_out, P] = W[C_out, C_in] · X[C_in, P]` (`P`
@@ -8,7 +9,8 @@
 //! f32 product, then added the bias, then the caller rounded it to bf16 (`perf`, resnet50 bf16
 //! training on the AMX Xeon: the GEMM's tile block 24% of samples, its `memset`s and the
 //! rounding pass another 8%). Here each 32 x 32 block of `Y` is summed over all of `K` in the
-//! tile registers ([`super::amx::block`]), stored to an L1 scratch once, and written out by
+//! tile registers ([`super::amx::block`]; in 8 x 32 register tiles by [`super::bf16::block32`]
+//! without AMX), stored to an L1 scratch once, and written out by
 //! the epilogue with the bias and ReLU, as bf16 (`VCVTNE2PS2BF16`) or f32: no f32 image, no
 //! zero fill, no second pass.
 //!
@@ -61,9 +63,50 @@ pub fn forward<E: Act, O: Act>(
     g: &ConvGeom,
     relu: bool,
 ) -> Vec<O> {
+    forward_on(Unit::detect(), x, w, bias, g, relu)
+}
+
+/// What multiplies a 32 x 32 block: the AMX tiles ([`super::amx::block`]) where they are
+/// [`super::amx::enabled`], else `VDPBF16PS` ([`super::bf16::block32`]) on AVX512-BF16. The
+/// rest of the kernel (packing, the epilogue that rounds to the output type, no f32 image, no
+/// zero fill) is the same for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unit {
+    Amx,
+    Vdpbf16ps,
+}
+
+impl Unit {
+    /// The tiles where enabled, else `VDPBF16PS`.
+    pub(super) fn detect() -> Unit {
+        if super::amx::enabled() {
+            Unit::Amx
+        } else {
+            Unit::Vdpbf16ps
+        }
+    }
+
+    /// Whether this CPU (and process) can run it.
+    pub(super) fn runs_here(self) -> bool {
+        match self {
+            Unit::Amx => super::amx::enabled(),
+            Unit::Vdpbf16ps => super::bf16::available(),
+        }
+    }
+}
+
+/// [`forward`] on a given [`Unit`].
+fn forward_on<E: Act, O: Act>(
+    unit_kind: Unit,
+    x: &[E],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<O> {
     assert!(
-        super::amx::enabled() && fits(g),
-        "AMX 1x1 convolution of {g:?}"
+        unit_kind.runs_here() && fits(g),
+        "1x1 convolution of {g:?} on {unit_kind:?}"
     );
     g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let (p, in_len) = (g.p(), g.in_len());
@@ -90,7 +133,18 @@ pub fn forward<E: Act, O: Act>(
     let run = |u: usize, out: &mut [MaybeUninit<O>], scratch: &mut Scratch| {
         let (n, rows) = &units[u];
         let xn = &x[n * in_len..][..in_len];
-        unit(xn, &wq, bias, relu, g, rows.clone(), &starts, out, scratch);
+        unit(
+            unit_kind,
+            xn,
+            &wq,
+            bias,
+            relu,
+            g,
+            rows.clone(),
+            &starts,
+            out,
+            scratch,
+        );
     };
     // SAFETY: `unit` writes every value of its part (all of its rows at every position).
     unsafe { super::buf::par_parts_uninit(&lens, Scratch::default, run) }
@@ -118,8 +172,13 @@ pub fn input_grad_geom(g: &ConvGeom) -> Option<ConvGeom> {
 /// # Panics
 /// As [`forward`], for the geometry [`input_grad_geom`].
 pub fn input_grad<E: Act, O: Act>(w: &[f32], dy: &[E], g: &ConvGeom) -> Vec<O> {
+    input_grad_on(Unit::detect(), w, dy, g)
+}
+
+/// [`input_grad`] on a given [`Unit`].
+fn input_grad_on<E: Act, O: Act>(unit_kind: Unit, w: &[f32], dy: &[E], g: &ConvGeom) -> Vec<O> {
     let gi = input_grad_geom(g).expect("a 1x1 layer without padding");
-    let sampled: Vec<O> = forward(dy, &super::conv::rotated(w, g), None, &gi, false);
+    let sampled: Vec<O> = forward_on(unit_kind, dy, &super::conv::rotated(w, g), None, &gi, false);
     if g.stride == [1, 1] {
         return sampled;
     }
@@ -482,6 +541,7 @@ impl Default for Block {
 /// `starts[c]` is where channel `c`'s positions begin in the image's `[C_in, P]` bits.
 #[allow(clippy::too_many_arguments)]
 fn unit<E: Act, O: Act>(
+    unit_kind: Unit,
     xn: &[E],
     wq: &[u32],
     bias: Option<&[f32]>,
@@ -522,9 +582,11 @@ fn unit<E: Act, O: Act>(
         &s.compact
     };
     let chunk = (CHUNK_BYTES / (4 * kp * COLS)).max(1) * COLS;
+    let amx = unit_kind == Unit::Amx;
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX is enabled (`forward` asserts it), so the CPU has it and the process may use it.
-    let _tiles = unsafe { super::amx::Tiles::configure() };
+    // SAFETY: on `Unit::Amx`, AMX is enabled (`forward_on` asserts it), so the CPU has it and
+    // the process may use it.
+    let _tiles = amx.then(|| unsafe { super::amx::Tiles::configure() });
     for pos0 in (0..p).step_by(chunk) {
         let np = chunk.min(p - pos0);
         let panels = np.div_ceil(COLS);
@@ -538,13 +600,16 @@ fn unit<E: Act, O: Act>(
                 let cols = COLS.min(np - j * COLS);
                 let panel = &s.panels[j * kp * COLS..][..kp * COLS];
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: tiles configured on this thread; `kp` is a multiple of PAIRS
-                // (`fits`); `a` holds `r` (16 or 32) rows of `kp` words, the panel `kp` pair
-                // rows of COLS words; the block is 32 rows of 32 floats, so the full-block
-                // stores stay inside it.
+                // SAFETY: on AMX the tiles are configured on this thread, else the CPU has
+                // AVX512-BF16 (`forward_on` asserts the unit runs here); `kp` is a multiple of
+                // PAIRS (`fits`); `a` holds `r` (16 or 32, a multiple of 8) rows of `kp` words,
+                // the panel `kp` pair rows of COLS words; the block is 32 rows of 32 floats, so
+                // the full-block stores stay inside it.
                 unsafe {
                     let c = s.block.0.as_mut_ptr();
-                    if r > 16 {
+                    if !amx {
+                        super::bf16::block32(kp, a.as_ptr(), panel.as_ptr(), c, r);
+                    } else if r > 16 {
                         super::amx::block::<2, 2>(
                             kp,
                             a.as_ptr(),
@@ -761,9 +826,25 @@ mod tests {
     /// 32-row blocks, bias and ReLU, f32 and bf16 inputs, one image split over 3 threads.
     #[test]
     fn matches_im2col_and_rounds_once() {
-        if !amx_or_skip() {
-            return;
+        for unit_kind in units_or_skip() {
+            matches_im2col_and_rounds_once_on(unit_kind);
         }
+    }
+
+    /// The units this CPU runs: the tiles where enabled and `VDPBF16PS` where the CPU has
+    /// AVX512-BF16 (both on a CPU with AMX); none, said so, elsewhere.
+    fn units_or_skip() -> Vec<Unit> {
+        let units: Vec<Unit> = [Unit::Amx, Unit::Vdpbf16ps]
+            .into_iter()
+            .filter(|u| u.runs_here())
+            .collect();
+        if units.is_empty() {
+            eprintln!("skipped: neither AMX nor AVX512-BF16 on this CPU");
+        }
+        units
+    }
+
+    fn matches_im2col_and_rounds_once_on(unit_kind: Unit) {
         for g in [
             geom(2, 32, 3, 5, 16, 1),
             geom(3, 64, 7, 7, 48, 1),
@@ -779,11 +860,11 @@ mod tests {
             let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
             for relu in [false, true] {
                 let want = super::super::im2col::im2col_forward_act(&xb, &w, Some(&b), &g, relu);
-                let got: Vec<f32> = forward(&xb, &w, Some(&b), &g, relu);
-                assert_close(&got, &want, &(g, relu));
-                let from_f32: Vec<f32> = forward(&xr, &w, Some(&b), &g, relu);
+                let got: Vec<f32> = forward_on(unit_kind, &xb, &w, Some(&b), &g, relu);
+                assert_close(&got, &want, &(g, relu, unit_kind));
+                let from_f32: Vec<f32> = forward_on(unit_kind, &xr, &w, Some(&b), &g, relu);
                 assert_eq!(from_f32, got, "f32 input {g:?}");
-                let narrow: Vec<bf16> = forward(&xb, &w, Some(&b), &g, relu);
+                let narrow: Vec<bf16> = forward_on(unit_kind, &xb, &w, Some(&b), &g, relu);
                 let rounded = to_bf16(&got);
                 assert_eq!(narrow, rounded, "bf16 output {g:?}");
             }
@@ -791,19 +872,22 @@ mod tests {
             let g1 = ConvGeom { batch: 1, ..g };
             let run = |t| {
                 crate::kernels::conv::on_threads(t, || {
-                    forward::<bf16, f32>(one, &w, None, &g1, false)
+                    forward_on::<bf16, f32>(unit_kind, one, &w, None, &g1, false)
                 })
             };
-            assert_eq!(run(1), run(3), "{g1:?}");
+            assert_eq!(run(1), run(3), "{g1:?} on {unit_kind:?}");
         }
     }
 
     /// The input gradient against im2col's on the same operands, at strides 1 and 2.
     #[test]
     fn input_grad_matches_im2col() {
-        if !amx_or_skip() {
-            return;
+        for unit_kind in units_or_skip() {
+            input_grad_matches_im2col_on(unit_kind);
         }
+    }
+
+    fn input_grad_matches_im2col_on(unit_kind: Unit) {
         for g in [
             geom(2, 32, 5, 6, 32, 1),
             geom(3, 48, 9, 7, 64, 1),
@@ -818,8 +902,8 @@ mod tests {
             let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [true, false, false])
                 .0
                 .unwrap();
-            let got: Vec<f32> = input_grad(&w, &dy, &g);
-            assert_close(&got, &want, &g);
+            let got: Vec<f32> = input_grad_on(unit_kind, &w, &dy, &g);
+            assert_close(&got, &want, &(g, unit_kind));
         }
     }
 
