@@ -663,6 +663,73 @@ pub(super) unsafe fn block32(
     }
 }
 
+/// The `VDPBF16PS` counterpart of [`super::amx::wgrad_block`] with `acc: None`, for the 1x1
+/// weight gradient's blocks ([`super::pointwise`]'s `gram`) without AMX: `C[16·R rows, 16·V] =
+/// Σ_{n < images} (Σ_{s < steps} A_n,s · B_n,s + T_n · B_n,steps)` on the same operands (`A`
+/// rows of 32 bf16 values, read as 16 pair words, `a.rs` halves apart; `B` pair rows `b_rs`
+/// words apart), stored the same way: tile `2·ri + vi` (rows `16·ri..`, columns `16·vi..`) at
+/// `out + 256·(2·ri + vi)`, rows of 16 floats. Rows go [`BLOCK_ROWS`] at a time, each group's
+/// sums in registers over all images and steps.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; the reads [`super::amx::wgrad_block`]'s contract allows are
+/// readable (as unaligned words); `out` is writable for `256·2·R` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn wgrad_block32<const R: usize, const V: usize>(
+    a: super::amx::Runs,
+    tail: Option<super::amx::Runs>,
+    b: *const u32,
+    b_rs: usize,
+    b_img: usize,
+    images: usize,
+    steps: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!((1..=2).contains(&R) && (1..=2).contains(&V));
+    // SAFETY: for the whole body, the caller's contract bounds every read of `A`, the tail and
+    // `B` (rows `< 16·R`, 16 pair words a run; 16 pair rows a step) and every store to `out`.
+    unsafe {
+        for group in 0..16 * R / BLOCK_ROWS {
+            let r0 = group * BLOCK_ROWS;
+            let mut acc = [[_mm512_setzero_ps(); V]; BLOCK_ROWS];
+            // One run of 32 positions: rows at `at` (`rs` halves apart), pair rows at `bt`.
+            let mut run = |at: *const u16, rs: usize, bt: *const u32| {
+                for q in 0..16 {
+                    let bv: [__m512bh; V] = std::array::from_fn(|v| {
+                        std::mem::transmute(_mm512_loadu_si512(bt.add(q * b_rs + 16 * v).cast()))
+                    });
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let word = at.add(r * rs + 2 * q).cast::<i32>().read_unaligned();
+                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
+                        for v in 0..V {
+                            row[v] = _mm512_dpbf16_ps(row[v], av, bv[v]);
+                        }
+                    }
+                }
+            };
+            for n in 0..images {
+                let (an, bn) = (a.ptr.add(n * a.img + r0 * a.rs), b.add(n * b_img));
+                for s in 0..steps {
+                    run(an.add(32 * s), a.rs, bn.add(16 * s * b_rs));
+                }
+                if let Some(t) = tail {
+                    let tn = t.ptr.add(n * t.img + r0 * t.rs);
+                    run(tn, t.rs, bn.add(16 * steps * b_rs));
+                }
+            }
+            let (ri, first) = (r0 / 16, r0 % 16);
+            for (r, row) in acc.iter().enumerate() {
+                for (v, &sum) in row.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(256 * (2 * ri + v) + 16 * (first + r)), sum);
+                }
+            }
+        }
+    }
+}
+
 /// `dst[rows, n] += A[rows, k] · B` for the rows `rows` of `a` (`dst` starting at the first),
 /// packing `B` one panel at a time into `bp` (at least [`WIDE`] times `KC / 2` words, [`pairs`] of [`kc`]).
 ///

@@ -10,7 +10,8 @@
 //! - bf16 on AMX: 1x1 layers on [`super::pointwise`]: the forward pass and the input gradient
 //!   up to 1024 input channels (for the input gradient, output channels), the weight
 //!   gradient of every one; without AMX, on AVX512-BF16, the forward pass and the input
-//!   gradient of 1x1 layers of up to 512 channels in, on maps of 196+ output positions;
+//!   gradient of 1x1 layers of up to 512 channels in, on maps of 196+ output positions, and
+//!   the weight gradient on maps of 784+;
 //! - bf16 on AMX: layers of fewer than 32 input channels on [`super::stem`] by phase planes
 //!   (the forward pass; the weight gradient of stems of up to 4 channels);
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
@@ -173,7 +174,10 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
     } else {
         Algo::Im2col
     };
-    let weight_grad = if g.precision == Precision::Bf16 && cpu.amx && super::pointwise::fits(g) {
+    let weight_grad = if g.precision == Precision::Bf16
+        && (cpu.amx || (cpu.tiles == Tiles::Avx512 && g.p() >= 784))
+        && super::pointwise::fits(g)
+    {
         // Every 1x1 layer ([`super::pointwise::weight_grad`]) against the kernels it replaced
         // (im2col on the tiles for the widening and strided layers, the implicit GEMM for the
         // rest), bf16, 2 threads, Xeon with AMX (family 6 model 207), 2026-12-05, two
@@ -187,6 +191,16 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // per image: one whole run of 32 positions and a copied tail); resnet18 at 224 px,
         // batch 32: 64 -> 128 /2 3.7-4.1 -> 1.1, 128 -> 256 2.1-2.3 -> 0.8, 256 -> 512
         // 1.6-1.7 -> 0.7-0.8. All of a resnet50 step's 1x1 weight gradients: 142 -> 81 ms.
+        // Without AMX, on `VDPBF16PS` ([`super::bf16::wgrad_block32`]), maps of 784+
+        // positions: against the channels-last kernel there (`CONVLAB_VDPBF16PS=on`, 2
+        // threads, Xeon family 6 model 207 without AMX, 2026-12-07 21:10 UTC, three alternated
+        // rounds, `bench/conv_layers_ab.sh OLD NEW 3 1x1 bf16 resnet50 224 16`, fastest ms):
+        // 64 -> 256 at 56 px 20.0 -> 10.1, 64 -> 64 4.4 -> 2.7, 256 -> 64 13.8 -> 10.1, 256
+        // -> 128 25.8 -> 20.1, the 256 -> 512 projection 26.8 -> 22.5; at 28 px 128 -> 512
+        // 14.9 -> 10.2, 512 -> 128 12.2 -> 10.3, 512 -> 256 23.2 -> 20.3. Against im2col on
+        // 196 positions and fewer (the last run of 32 positions mostly padding) it tied or
+        // lost: the 512 -> 1024 projection at 28 px 23.8 -> 24.1, 256 -> 1024 at 14 px 10.3
+        // -> 11.5, 1024 -> 512 21.0 -> 23.6, 2048 -> 512 at 7 px 11.5 -> 14.4.
         Algo::Pointwise
     } else if stem(g, cpu) && g.cin <= 4 {
         // The RGB stems only (numbers beside `stem`): on GoogLeNet's 16- and 24-channel 5x5
@@ -503,10 +517,12 @@ mod tests {
         assert_eq!(plan(&b(geom(64, 64, 56, 3, 1)), AVX512), p(W, W, C));
         assert_eq!(plan(&b(geom(3, 64, 224, 7, 2)), AVX512), p(I, I, C));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, C));
-        // 1x1 layers on the pointwise kernel's `VDPBF16PS` blocks, forward and input gradient,
-        // up to 512 channels in (for the input gradient, out) on 196+ positions.
-        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AVX512), p(PW, PW, C));
-        assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(PW, I, C));
+        // 1x1 layers on the pointwise kernel's `VDPBF16PS` blocks, forward and input gradient
+        // up to 512 channels in (for the input gradient, out) on 196+ positions, the weight
+        // gradient on 784+.
+        assert_eq!(plan(&b(geom(64, 256, 56, 1, 1)), AVX512), p(PW, PW, PW));
+        assert_eq!(plan(&b(geom(256, 1024, 56, 1, 1)), AVX512), p(PW, I, PW));
+        assert_eq!(plan(&b(geom(128, 512, 28, 1, 1)), AVX512), p(PW, PW, PW));
         assert_eq!(plan(&b(geom(1024, 256, 14, 1, 1)), AVX512), p(I, PW, I));
         assert_eq!(plan(&b(geom(512, 1024, 28, 1, 2)), AVX512), p(PW, I, I));
         assert_eq!(plan(&b(geom(256, 512, 14, 1, 2)), AVX512), p(I, I, I));

@@ -228,9 +228,14 @@ const WGRAD_CHUNK_BYTES: usize = 8192;
 /// # Panics
 /// When AMX is not enabled, `g` does not [`fits`], or a slice's length does not match `g`.
 pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
+    weight_grad_on(Unit::detect(), x, dy, g)
+}
+
+/// [`weight_grad`] on a given [`Unit`].
+fn weight_grad_on<E: Act>(unit_kind: Unit, x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     assert!(
-        super::amx::enabled() && fits(g),
-        "AMX 1x1 weight gradient of {g:?}"
+        unit_kind.runs_here() && fits(g),
+        "1x1 weight gradient of {g:?} on {unit_kind:?}"
     );
     g.assert_grad_lens(x.len(), dy.len());
     let (xb, dyb) = (bf16_bits(x), bf16_bits(dy));
@@ -250,7 +255,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     } else {
         (dense(&xb, g.cin), dense(&dyb, g.cout))
     };
-    let m = gram(&a, &b, g.batch, ho, wo);
+    let m = gram(unit_kind, &a, &b, g.batch, ho, wo);
     if a_is_dy {
         m
     } else {
@@ -307,7 +312,14 @@ impl<'a> Operand<'a> {
 /// against all of `B` (a narrow `dY`, which then each worker packs whole). A small `M` whose
 /// `B` has fewer blocks than threads (a stem's taps, [`super::stem`]) is summed one part per
 /// chunk of images instead, so no worker packs what another packs too.
-pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize) -> Vec<f32> {
+pub(super) fn gram(
+    unit_kind: Unit,
+    a: &Operand,
+    b: &Operand,
+    batch: usize,
+    ho: usize,
+    wo: usize,
+) -> Vec<f32> {
     let p = ho * wo;
     let (ra, rb) = (a.rows.len(), b.rows.len());
     // `A` is read as runs of 32 positions of each row, rows `p` apart.
@@ -359,9 +371,11 @@ pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize)
             let mut compact = vec![0u32; 32 * vpad / 2];
             let mut tails = Lines::<u16>::zeroed(if tail > 0 { chunk * nrows * 32 } else { 0 });
             let mut c = Block::default();
+            let amx = unit_kind == Unit::Amx;
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AMX is enabled (`weight_grad` asserts it).
-            let _tiles = unsafe { super::amx::Tiles::configure() };
+            // SAFETY: on `Unit::Amx` AMX is enabled (the callers assert that the unit runs
+            // here).
+            let _tiles = amx.then(|| unsafe { super::amx::Tiles::configure() });
             for n0 in imgs.clone().step_by(chunk) {
                 let images = chunk.min(imgs.end - n0);
                 for i in 0..images {
@@ -397,7 +411,8 @@ pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize)
                         let bp = packed[k * panel..].as_ptr();
                         let b_img = nown * panel;
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: the tiles are configured on this thread. Image `i < images`
+                        // SAFETY: on AMX the tiles are configured on this thread, else the CPU
+                        // has AVX512-BF16 (the callers assert the unit runs here). Image `i < images`
                         // of the block reads `A` rows `ob + r` (`r < 16·R <= ra - ob`) at
                         // positions `32·s + (0..32) <= 32·steps <= p` of its own row, inside
                         // `a.bits` (`(n0 + i)·ra·p + (ob + r)·p`, `n0 + i < batch`); the tail's
@@ -407,9 +422,24 @@ pub(super) fn gram(a: &Operand, b: &Operand, batch: usize, ho: usize, wo: usize)
                         // panels; `c` holds four aligned tiles.
                         unsafe {
                             use super::amx::wgrad_block;
+                            use super::bf16::wgrad_block32;
                             let out = c.0.as_mut_ptr();
                             let (ta, bi) = (tail_runs, b_img);
                             match (r2, v2) {
+                                _ if !amx => match (r2, v2) {
+                                    (true, true) => wgrad_block32::<2, 2>(
+                                        runs, ta, bp, COLS, bi, images, steps, out,
+                                    ),
+                                    (true, false) => wgrad_block32::<2, 1>(
+                                        runs, ta, bp, COLS, bi, images, steps, out,
+                                    ),
+                                    (false, true) => wgrad_block32::<1, 2>(
+                                        runs, ta, bp, COLS, bi, images, steps, out,
+                                    ),
+                                    (false, false) => wgrad_block32::<1, 1>(
+                                        runs, ta, bp, COLS, bi, images, steps, out,
+                                    ),
+                                },
                                 (true, true) => wgrad_block::<2, 2>(
                                     runs, ta, bp, COLS, bi, images, steps, out, None,
                                 ),
@@ -812,7 +842,6 @@ mod tests {
     use crate::kernels::act::{bf16, to_bf16};
     use crate::kernels::conv::test_data as data;
     use crate::kernels::nhwc::tests::assert_close;
-    use crate::kernels::nhwc_amx::tests::amx_or_skip;
 
     /// A 1x1 layer, no padding ([`super::super::nhwc_amx::tests::geom`]).
     fn geom(batch: usize, cin: usize, h: usize, w: usize, cout: usize, s: usize) -> ConvGeom {
@@ -914,9 +943,14 @@ mod tests {
     /// (the narrow-`dY` layers split `A`'s rows on 3).
     #[test]
     fn weight_grad_matches_im2col() {
-        if !amx_or_skip() {
-            return;
+        for unit_kind in units_or_skip() {
+            weight_grad_matches_im2col_on(unit_kind);
         }
+    }
+
+    fn weight_grad_matches_im2col_on(unit_kind: Unit) {
+        let weight_grad =
+            |x: &[bf16], dy: &[bf16], g: &ConvGeom| weight_grad_on(unit_kind, x, dy, g);
         for g in [
             geom(3, 32, 8, 8, 96, 1),
             geom(2, 32, 5, 7, 48, 1),
@@ -936,12 +970,12 @@ mod tests {
                 .1
                 .unwrap();
             let got = weight_grad(&x, &dy, &g);
-            assert_close(&got, &want, &g);
+            assert_close(&got, &want, &(g, unit_kind));
             let widen = |v: &[bf16]| v.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
             assert_eq!(
-                weight_grad(&widen(&x), &widen(&dy), &g),
+                weight_grad_on(unit_kind, &widen(&x), &widen(&dy), &g),
                 got,
-                "f32 input {g:?}"
+                "f32 input {g:?} on {unit_kind:?}"
             );
             let run = |t| crate::kernels::conv::on_threads(t, || weight_grad(&x, &dy, &g));
             assert_eq!(run(1), run(3), "{g:?}");

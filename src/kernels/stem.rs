@@ -199,7 +199,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     };
     let dyb = super::pointwise::bf16_bits(dy);
     let a = Operand::dense(&dyb, g.cout, g.p(), g.wo());
-    super::pointwise::gram(&a, &b, g.batch, g.ho(), g.wo())
+    super::pointwise::gram(super::pointwise::Unit::Amx, &a, &b, g.batch, g.ho(), g.wo())
 }
 
 /// A worker's buffers: one image's planes, the packed panels of a chunk of positions, the f32
