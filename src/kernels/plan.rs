@@ -193,7 +193,7 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // 1.6-1.7 -> 0.7-0.8. All of a resnet50 step's 1x1 weight gradients: 142 -> 81 ms.
         // Without AMX, on `VDPBF16PS` ([`super::bf16::wgrad_block32`]), maps of 784+
         // positions: against the channels-last kernel there (`CONVLAB_VDPBF16PS=on`, 2
-        // threads, Xeon family 6 model 207 without AMX, 2026-12-07 21:10 UTC, three alternated
+        // threads, Xeon family 6 model 207 without AMX, 2026-12-07 20:50 UTC, three alternated
         // rounds, `bench/conv_layers_ab.sh OLD NEW 3 1x1 bf16 resnet50 224 16`, fastest ms):
         // 64 -> 256 at 56 px 20.0 -> 10.1, 64 -> 64 4.4 -> 2.7, 256 -> 64 13.8 -> 10.1, 256
         // -> 128 25.8 -> 20.1, the 256 -> 512 projection 26.8 -> 22.5; at 28 px 128 -> 512
@@ -323,7 +323,7 @@ fn winograd_tile(g: &ConvGeom) -> Tile {
 /// On AVX512-BF16 without AMX (the blocks on `VDPBF16PS`, [`super::bf16::block32`]): layers of
 /// up to 512 input channels with at least 196 output positions (14 x 14). Against im2col on
 /// the bf16 GEMM, `CONVLAB_VDPBF16PS=on`, 2 threads, Xeon family 6 model 207 without AMX,
-/// 2026-12-07 20:20-20:30 UTC, the rule off and on in three alternated rounds
+/// 2026-12-07 about 20:15 UTC, the rule off and on in three alternated rounds
 /// (`bench/conv_layers_ab.sh OLD NEW 3 1x1 bf16 resnet50 224 16`), fastest forward / input
 /// gradient ms: 64 -> 256 at 56 px 17.3 / 13.6 -> 11.4 / 11.0, 64 -> 64 4.1 / 3.9 -> 2.9 /
 /// 2.8, 256 -> 64 15.0 / 15.8 -> 11.1 / 10.8, 256 -> 128 25.6 / 27.1 -> 20.7 / 20.7, the 1x1/2
