@@ -13,7 +13,9 @@
 //!   gradient of 1x1 layers of up to 512 channels in, on maps of 196+ output positions, and
 //!   the weight gradient on maps of 784+;
 //! - bf16 on AMX: layers of fewer than 32 input channels on [`super::stem`] by phase planes
-//!   (the forward pass; the weight gradient of stems of up to 4 channels);
+//!   (the forward pass; the weight gradient of stems of up to 4 channels); without AMX, on
+//!   AVX512-BF16, the forward pass of stems of up to 4 channels and their weight gradient at
+//!   stride 1 with 32+ output channels;
 //! - bf16 on AMX: the channels-last implicit GEMM on the tiles ([`super::nhwc_amx`]) for
 //!   the forward pass and the stride-1 input gradient of layers of more than one tap with
 //!   whole tiles of channels on maps from 7 px (stride 2 from 14 outputs a row), and for the
@@ -202,9 +204,10 @@ pub fn plan(g: &ConvGeom, cpu: Cpu) -> ConvPlan {
         // lost: the 512 -> 1024 projection at 28 px 23.8 -> 24.1, 256 -> 1024 at 14 px 10.3
         // -> 11.5, 1024 -> 512 21.0 -> 23.6, 2048 -> 512 at 7 px 11.5 -> 14.4.
         Algo::Pointwise
-    } else if stem(g, cpu) && g.cin <= 4 {
+    } else if stem(g, cpu) && g.cin <= 4 && (cpu.amx || (g.stride == [1, 1] && g.cout >= 32)) {
         // The RGB stems only (numbers beside `stem`): on GoogLeNet's 16- and 24-channel 5x5
-        // and 3x3 layers it lost or tied below 32 px maps.
+        // and 3x3 layers it lost or tied below 32 px maps. Without AMX the strided stems keep
+        // the channels-last kernel (numbers beside `stem`).
         Algo::Stem
     } else if winograd && fp32 {
         // Through the forward's Winograd variant ([`winograd::weight_grad`]), against the
@@ -362,8 +365,21 @@ fn pointwise(g: &ConvGeom, cpu: Cpu) -> bool {
 /// 16 -> 48 3x3 at 32 px 3.0 -> 1.2-1.3, 24 -> 32 at 16 px 0.9 -> 0.4. Their weight gradient
 /// lost or tied (16 -> 32 5x5 1.4 -> 1.6, 24 -> 32 at 16 px 0.6 -> 0.9, only 16 -> 48 at 32 px
 /// won, 2.2-2.3 -> 1.7-2.0), so it runs here for stems of up to 4 channels only.
+///
+/// Without AMX, on `VDPBF16PS` ([`super::bf16::block32`]), the stems of up to 4 channels: against
+/// im2col (forward) and the channels-last kernel (weight gradient), `CONVLAB_VDPBF16PS=on`, 2
+/// threads, Xeon family 6 model 207 without AMX, 2026-12-07 21:47 UTC, three alternated rounds
+/// (`bench/conv_layers_ab.sh OLD NEW 3 "3->" bf16 MODEL SIZE BATCH`), fastest forward / weight
+/// gradient ms: resnet50's 7x7/2 at 224 px, batch 16, 40.0 / 30.4 -> 28.2 / 36.3; resnet18's
+/// at 128 px, batch 32, 27.7 / 19.6 -> 18.8 / 22.2; alexnet's 11x11/4 at 224 px, batch 32,
+/// 57.6 / 32.1 -> 32.8 / 34.5; vgg16's 3x3/1 at 224 px, batch 8, 32.5 / 26.4 -> 13.2 / 18.4;
+/// at 32 px, batch 64 (five calls a round, 21:54 UTC), bench-vgg's 3 -> 64 4.2 / 3.1 -> 2.1 /
+/// 2.2, resnet18_small's 3 -> 16 1.1 / 0.8 -> 0.6 / 1.0 (16-row blocks). So the forward pass of
+/// every such stem, and the weight gradient at stride 1 of 32+ output channels.
 fn stem(g: &ConvGeom, cpu: Cpu) -> bool {
-    g.precision == Precision::Bf16 && cpu.amx && super::stem::fits(g)
+    g.precision == Precision::Bf16
+        && super::stem::fits(g)
+        && (cpu.amx || (cpu.tiles == Tiles::Avx512 && g.cin <= 4))
 }
 
 /// bf16 on AVX512-BF16 without AMX: where [`super::nhwc`]'s kernels were measured.
@@ -512,10 +528,13 @@ mod tests {
         assert_eq!(plan(&b(geom(256, 256, 14, 3, 1)), AVX512), p(C, C, C));
         assert_eq!(plan(&b(geom(128, 256, 28, 3, 2)), AVX512), p(C, I, C));
         // Its weight gradient for every layer of more than one tap (any map, any stride, the
-        // RGB stems too), and for 1x1 layers from 28 px maps up at stride 1.
+        // strided RGB stems too), and for 1x1 layers from 28 px maps up at stride 1.
         assert_eq!(plan(&b(geom(128, 128, 28, 3, 1)), AVX512), p(W, W, C));
         assert_eq!(plan(&b(geom(64, 64, 56, 3, 1)), AVX512), p(W, W, C));
-        assert_eq!(plan(&b(geom(3, 64, 224, 7, 2)), AVX512), p(I, I, C));
+        // The RGB stems' forward pass on the stem kernel's `VDPBF16PS` blocks, and at stride 1
+        // their weight gradient too.
+        assert_eq!(plan(&b(geom(3, 64, 224, 7, 2)), AVX512), p(ST, I, C));
+        assert_eq!(plan(&b(geom(3, 64, 224, 3, 1)), AVX512), p(ST, I, ST));
         assert_eq!(plan(&b(geom(64, 128, 56, 3, 2)), AVX512), p(I, I, C));
         // 1x1 layers on the pointwise kernel's `VDPBF16PS` blocks, forward and input gradient
         // up to 512 channels in (for the input gradient, out) on 196+ positions, the weight

@@ -837,7 +837,7 @@ unsafe fn epilogue_avx512<O: Act>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::act::{bf16, to_bf16};
     use crate::kernels::conv::test_data as data;
@@ -862,7 +862,7 @@ mod tests {
 
     /// The units this CPU runs: the tiles where enabled and `VDPBF16PS` where the CPU has
     /// AVX512-BF16 (both on a CPU with AMX); none, said so, elsewhere.
-    fn units_or_skip() -> Vec<Unit> {
+    pub(in crate::kernels) fn units_or_skip() -> Vec<Unit> {
         let units: Vec<Unit> = [Unit::Amx, Unit::Vdpbf16ps]
             .into_iter()
             .filter(|u| u.runs_here())

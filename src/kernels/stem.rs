@@ -22,7 +22,7 @@
 use super::act::Act;
 use super::buf::Lines;
 use super::conv::ConvGeom;
-use super::pointwise::{Block, COLS, Operand};
+use super::pointwise::{Block, COLS, Operand, Unit};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -99,7 +99,19 @@ pub fn forward<E: Act, O: Act>(
     g: &ConvGeom,
     relu: bool,
 ) -> Vec<O> {
-    assert!(super::amx::enabled() && fits(g), "AMX stem of {g:?}");
+    forward_on(Unit::detect(), x, w, bias, g, relu)
+}
+
+/// [`forward`] on a given [`Unit`] (the tiles, or `VDPBF16PS` without them).
+fn forward_on<E: Act, O: Act>(
+    unit: Unit,
+    x: &[E],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    relu: bool,
+) -> Vec<O> {
+    assert!(unit.runs_here() && fits(g), "stem of {g:?} on {unit:?}");
     g.assert_forward_lens(x.len(), w.len(), bias.map(<[f32]>::len));
     let pl = Planes::new(g);
     let (k, kpad) = (g.k(), pl.rows.len());
@@ -114,9 +126,10 @@ pub fn forward<E: Act, O: Act>(
     let run = |n: usize, out: &mut [MaybeUninit<O>], s: &mut Scratch| {
         s.planes.resize(pl.img, 0);
         pl.fill(&x[n * g.in_len()..][..g.in_len()], g, &mut s.planes);
+        let amx = unit == Unit::Amx;
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AMX is enabled (asserted above).
-        let _tiles = unsafe { super::amx::Tiles::configure() };
+        // SAFETY: on `Unit::Amx` AMX is enabled (asserted above).
+        let _tiles = amx.then(|| unsafe { super::amx::Tiles::configure() });
         for pos0 in (0..pl.grid).step_by(chunk) {
             let np = chunk.min(pl.grid - pos0);
             let panels = np.div_ceil(COLS);
@@ -129,13 +142,16 @@ pub fn forward<E: Act, O: Act>(
                 for j in 0..panels {
                     let panel = &s.panels[j * kp * COLS..][..kp * COLS];
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: tiles configured on this thread; `kp` is a multiple of PAIRS
+                    // SAFETY: on AMX the tiles are configured on this thread, else the CPU has
+                    // AVX512-BF16 (asserted above); `kp` is a multiple of PAIRS
                     // (`Planes::new`); `a` holds `r` (16 or 32) rows of `kp` words, the panel
                     // `kp` pair rows of COLS words; the block is 32 rows of 32 floats.
                     unsafe {
                         let c = s.block.0.as_mut_ptr();
                         let (a, b) = (a.as_ptr(), panel.as_ptr());
-                        if r > 16 {
+                        if !amx {
+                            super::bf16::block32(kp, a, b, c, r);
+                        } else if r > 16 {
                             super::amx::block::<2, 2>(kp, a, b, COLS, c, 32, r, COLS, false);
                         } else {
                             super::amx::block::<1, 2>(kp, a, b, COLS, c, 32, r, COLS, false);
@@ -179,9 +195,14 @@ pub fn forward<E: Act, O: Act>(
 /// # Panics
 /// When AMX is not enabled, `g` does not fit, or a slice's length does not match `g`.
 pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
+    weight_grad_on(Unit::detect(), x, dy, g)
+}
+
+/// [`weight_grad`] on a given [`Unit`].
+fn weight_grad_on<E: Act>(unit: Unit, x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     assert!(
-        super::amx::enabled() && fits(g),
-        "AMX stem weight gradient of {g:?}"
+        unit.runs_here() && fits(g),
+        "stem weight gradient of {g:?} on {unit:?}"
     );
     g.assert_grad_lens(x.len(), dy.len());
     let pl = Planes::new(g);
@@ -199,7 +220,7 @@ pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     };
     let dyb = super::pointwise::bf16_bits(dy);
     let a = Operand::dense(&dyb, g.cout, g.p(), g.wo());
-    super::pointwise::gram(super::pointwise::Unit::Amx, &a, &b, g.batch, g.ho(), g.wo())
+    super::pointwise::gram(unit, &a, &b, g.batch, g.ho(), g.wo())
 }
 
 /// A worker's buffers: one image's planes, the packed panels of a chunk of positions, the f32
@@ -217,7 +238,7 @@ mod tests {
     use crate::kernels::act::{bf16, to_bf16};
     use crate::kernels::conv::test_data as data;
     use crate::kernels::nhwc::tests::assert_close;
-    use crate::kernels::nhwc_amx::tests::amx_or_skip;
+    use crate::kernels::pointwise::tests::units_or_skip;
 
     /// `k x k` stride `s` padding `pad`, `h x w` inputs.
     #[allow(clippy::too_many_arguments)]
@@ -255,9 +276,12 @@ mod tests {
     /// giving the same bits; 1 and 3 threads the same.
     #[test]
     fn forward_matches_im2col_and_rounds_once() {
-        if !amx_or_skip() {
-            return;
+        for unit in units_or_skip() {
+            forward_matches_im2col_and_rounds_once_on(unit);
         }
+    }
+
+    fn forward_matches_im2col_and_rounds_once_on(unit: Unit) {
         for g in layers() {
             assert!(fits(&g), "{g:?}");
             let xb = to_bf16(&data(g.batch * g.in_len(), 1));
@@ -266,28 +290,31 @@ mod tests {
             let b = data(g.cout, 3);
             for relu in [false, true] {
                 let want = super::super::im2col::im2col_forward_act(&xb, &w, Some(&b), &g, relu);
-                let got: Vec<f32> = forward(&xb, &w, Some(&b), &g, relu);
-                assert_close(&got, &want, &(g, relu));
-                let from_f32: Vec<f32> = forward(&xr, &w, Some(&b), &g, relu);
+                let got: Vec<f32> = forward_on(unit, &xb, &w, Some(&b), &g, relu);
+                assert_close(&got, &want, &(g, relu, unit));
+                let from_f32: Vec<f32> = forward_on(unit, &xr, &w, Some(&b), &g, relu);
                 assert_eq!(from_f32, got, "f32 input {g:?}");
-                let narrow: Vec<bf16> = forward(&xb, &w, Some(&b), &g, relu);
+                let narrow: Vec<bf16> = forward_on(unit, &xb, &w, Some(&b), &g, relu);
                 assert_eq!(narrow, to_bf16(&got), "bf16 output {g:?}");
             }
             let run = |t| {
                 crate::kernels::conv::on_threads(t, || {
-                    forward::<bf16, f32>(&xb, &w, None, &g, false)
+                    forward_on::<bf16, f32>(unit, &xb, &w, None, &g, false)
                 })
             };
-            assert_eq!(run(1), run(3), "{g:?}");
+            assert_eq!(run(1), run(3), "{g:?} on {unit:?}");
         }
     }
 
     /// The weight gradient against im2col's on the same bf16 operands, on 1 and 3 threads.
     #[test]
     fn weight_grad_matches_im2col() {
-        if !amx_or_skip() {
-            return;
+        for unit in units_or_skip() {
+            weight_grad_matches_im2col_on(unit);
         }
+    }
+
+    fn weight_grad_matches_im2col_on(unit: Unit) {
         for g in layers() {
             let x = to_bf16(&data(g.batch * g.in_len(), 4));
             let dy = to_bf16(&data(g.batch * g.out_len(), 5));
@@ -295,10 +322,10 @@ mod tests {
             let want = super::super::im2col::im2col_backward(&x, &w, &dy, &g, [false, true, false])
                 .1
                 .unwrap();
-            let got = weight_grad(&x, &dy, &g);
-            assert_close(&got, &want, &g);
-            let run = |t| crate::kernels::conv::on_threads(t, || weight_grad(&x, &dy, &g));
-            assert_eq!(run(1), run(3), "{g:?}");
+            let got = weight_grad_on(unit, &x, &dy, &g);
+            assert_close(&got, &want, &(g, unit));
+            let run = |t| crate::kernels::conv::on_threads(t, || weight_grad_on(unit, &x, &dy, &g));
+            assert_eq!(run(1), run(3), "{g:?} on {unit:?}");
         }
     }
 }
