@@ -41,7 +41,7 @@ pub(super) const COLS: usize = 32;
 /// at 2048 channels) it stays in a core's L2 while every block of output channels reads it.
 pub(super) const CHUNK_BYTES: usize = 512 << 10;
 
-/// Whether this kernel computes `g` (on a CPU where [`super::amx::enabled`]): a 1x1 kernel
+/// Whether this kernel computes `g` (on a CPU where a [`Unit`] runs): a 1x1 kernel
 /// without padding, whole tiles of input channel pairs and of output channels.
 pub fn fits(g: &ConvGeom) -> bool {
     g.kh == 1
@@ -55,7 +55,8 @@ pub fn fits(g: &ConvGeom) -> bool {
 /// output type `O`: each value rounded once from its f32 sum when `O` is bf16.
 ///
 /// # Panics
-/// When AMX is not [`super::amx::enabled`], `g` does not fit, or a slice has the wrong length.
+/// When no [`Unit`] runs here (neither AMX nor AVX512-BF16), `g` does not fit, or a slice
+/// has the wrong length.
 pub fn forward<E: Act, O: Act>(
     x: &[E],
     w: &[f32],
@@ -226,7 +227,7 @@ const WGRAD_CHUNK_BYTES: usize = 8192;
 /// by chunk of images, positions ascending) whatever the thread count.
 ///
 /// # Panics
-/// When AMX is not enabled, `g` does not [`fits`], or a slice's length does not match `g`.
+/// When no [`Unit`] runs here, `g` does not [`fits`], or a slice's length does not match `g`.
 pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     weight_grad_on(Unit::detect(), x, dy, g)
 }
@@ -425,33 +426,25 @@ pub(super) fn gram(
                             use super::bf16::wgrad_block32;
                             let out = c.0.as_mut_ptr();
                             let (ta, bi) = (tail_runs, b_img);
+                            // One block of `16·R x 16·V` on the unit.
+                            macro_rules! block {
+                                ($r:literal, $v:literal) => {
+                                    if amx {
+                                        wgrad_block::<$r, $v>(
+                                            runs, ta, bp, COLS, bi, images, steps, out, None,
+                                        )
+                                    } else {
+                                        wgrad_block32::<$r, $v>(
+                                            runs, ta, bp, COLS, bi, images, steps, out,
+                                        )
+                                    }
+                                };
+                            }
                             match (r2, v2) {
-                                _ if !amx => match (r2, v2) {
-                                    (true, true) => wgrad_block32::<2, 2>(
-                                        runs, ta, bp, COLS, bi, images, steps, out,
-                                    ),
-                                    (true, false) => wgrad_block32::<2, 1>(
-                                        runs, ta, bp, COLS, bi, images, steps, out,
-                                    ),
-                                    (false, true) => wgrad_block32::<1, 2>(
-                                        runs, ta, bp, COLS, bi, images, steps, out,
-                                    ),
-                                    (false, false) => wgrad_block32::<1, 1>(
-                                        runs, ta, bp, COLS, bi, images, steps, out,
-                                    ),
-                                },
-                                (true, true) => wgrad_block::<2, 2>(
-                                    runs, ta, bp, COLS, bi, images, steps, out, None,
-                                ),
-                                (true, false) => wgrad_block::<2, 1>(
-                                    runs, ta, bp, COLS, bi, images, steps, out, None,
-                                ),
-                                (false, true) => wgrad_block::<1, 2>(
-                                    runs, ta, bp, COLS, bi, images, steps, out, None,
-                                ),
-                                (false, false) => wgrad_block::<1, 1>(
-                                    runs, ta, bp, COLS, bi, images, steps, out, None,
-                                ),
+                                (true, true) => block!(2, 2),
+                                (true, false) => block!(2, 1),
+                                (false, true) => block!(1, 2),
+                                (false, false) => block!(1, 1),
                             }
                         }
                         for ri in 0..1 + r2 as usize {

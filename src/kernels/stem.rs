@@ -1,4 +1,5 @@
-//! Convolutions of few input channels on the AMX tiles, NCHW in and out, by phase planes: the
+//! Convolutions of few input channels on the AMX tiles (or, without them, on `VDPBF16PS`: the
+//! 1x1 kernel's [`Unit`]), NCHW in and out, by phase planes: the
 //! RGB stems (ResNet's and GoogLeNet's 7x7/2, He et al. 2016 and Szegedy et al. 2015; VGG's
 //! 3x3 and AlexNet's 11x11/4 first layers), whose 3 channels are no tile of channels for the
 //! channels-last kernel ([`super::nhwc_amx`]).
@@ -26,7 +27,7 @@ use super::pointwise::{Block, COLS, Operand, Unit};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Whether this kernel computes `g` (on a CPU where [`super::amx::enabled`]): fewer than 32 input
+/// Whether this kernel computes `g` (on a CPU where a [`Unit`] runs): fewer than 32 input
 /// channels, whole tiles of output channels, more than one tap, padding smaller than the kernel,
 /// and at most 1024 products per output.
 pub fn fits(g: &ConvGeom) -> bool {
@@ -91,7 +92,7 @@ impl Planes {
 /// type `O`, each value rounded once from its f32 sum.
 ///
 /// # Panics
-/// When AMX is not enabled, `g` does not fit, or a slice has the wrong length.
+/// When no [`Unit`] runs here, `g` does not fit, or a slice has the wrong length.
 pub fn forward<E: Act, O: Act>(
     x: &[E],
     w: &[f32],
@@ -193,7 +194,7 @@ fn forward_on<E: Act, O: Act>(
 /// of a layer that [`fits`], `[C_out, C_in·k_h·k_w]`: products in bf16, sums in f32.
 ///
 /// # Panics
-/// When AMX is not enabled, `g` does not fit, or a slice's length does not match `g`.
+/// When no [`Unit`] runs here, `g` does not fit, or a slice's length does not match `g`.
 pub fn weight_grad<E: Act>(x: &[E], dy: &[E], g: &ConvGeom) -> Vec<f32> {
     weight_grad_on(Unit::detect(), x, dy, g)
 }
