@@ -644,7 +644,7 @@ pub(super) unsafe fn block32(
     c: *mut f32,
     rows: usize,
 ) {
-    debug_assert!(rows.is_multiple_of(BLOCK_ROWS));
+    assert!(rows.is_multiple_of(BLOCK_ROWS), "block32 of {rows} rows");
     for i in (0..rows).step_by(BLOCK_ROWS) {
         // SAFETY: rows `i..i + BLOCK_ROWS` of `a` and of `c` exist (`rows` a multiple of
         // BLOCK_ROWS); the panel is two vectors wide (the caller's contract).

@@ -338,8 +338,9 @@ fn winograd_tile(g: &ConvGeom) -> Tile {
 /// where im2col's GEMM spans images): 512 -> 2048 at 7 px 12.3 / 12.2 -> 14.3 / 15.6, 2048 ->
 /// 512 11.9 / 13.7 -> 13.4 / 15.4, the 1024 -> 2048 projection 24.7 / 26.0 -> 27.7 / 32.5;
 /// and tied or lost from 1024 products per output at 14 px (1024 -> 256 forward 11.8 ->
-/// 11.4, 1024 -> 512 23.0 -> 23.3, the input gradient of 1024 -> 512, 512 products, 22.9 ->
-/// 24.2, of 256 -> 1024 11.2 -> 12.1).
+/// 11.4, 1024 -> 512 23.0 -> 23.3, the input gradient of 256 -> 1024 11.2 -> 12.1). The rule
+/// still takes one layer that lost: the input gradient of 1024 -> 512 at 14 px (512 products,
+/// 196 positions, 22.9 -> 24.2), where 256 -> 1024's forward (256 products) won.
 fn pointwise(g: &ConvGeom, cpu: Cpu) -> bool {
     g.precision == Precision::Bf16
         && super::pointwise::fits(g)
