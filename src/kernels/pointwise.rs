@@ -94,6 +94,45 @@ impl Unit {
             Unit::Vdpbf16ps => super::bf16::available(),
         }
     }
+
+    /// `c[r, 32] = A · panel` over `kp` pair words: `a` holds `r` (16 or 32) rows of `kp`
+    /// words (as [`pack_weights`] packs them), `panel` `kp` pair rows of [`COLS`] words (as
+    /// [`pack_panels`] packs them); `c`'s rows are 32 floats apart.
+    ///
+    /// # Safety
+    /// The unit [`Unit::runs_here`]; on [`Unit::Amx`] a [`super::amx::Tiles`] is live on this
+    /// thread.
+    ///
+    /// # Panics
+    /// When `r` is not 16 or 32, `kp` not a multiple of the tiles' pairs, or `a` or `panel` too
+    /// short.
+    pub(super) unsafe fn block(self, kp: usize, a: &[u32], panel: &[u32], c: &mut Block, r: usize) {
+        assert!(
+            (r == 16 || r == 32)
+                && kp.is_multiple_of(super::amx::PAIRS)
+                && a.len() >= r * kp
+                && panel.len() >= kp * COLS,
+            "a {r}-row block of {kp} pairs"
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (a, panel, c);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the operands hold what the kernels read (asserted); the block is 32 rows of
+        // 32 floats, so the full-block stores stay inside it; the unit runs here and on AMX
+        // the tiles are live (the caller's contract).
+        unsafe {
+            let (a, b, c) = (a.as_ptr(), panel.as_ptr(), c.0.as_mut_ptr());
+            match (self, r > 16) {
+                (Unit::Vdpbf16ps, _) => super::bf16::block32(kp, a, b, c, r),
+                (Unit::Amx, true) => {
+                    super::amx::block::<2, 2>(kp, a, b, COLS, c, 32, r, COLS, false)
+                }
+                (Unit::Amx, false) => {
+                    super::amx::block::<1, 2>(kp, a, b, COLS, c, 32, r, COLS, false)
+                }
+            }
+        }
+    }
 }
 
 /// [`forward`] on a given [`Unit`].
@@ -605,11 +644,10 @@ fn unit<E: Act, O: Act>(
         &s.compact
     };
     let chunk = (CHUNK_BYTES / (4 * kp * COLS)).max(1) * COLS;
-    let amx = unit_kind == Unit::Amx;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: on `Unit::Amx`, AMX is enabled (`forward_on` asserts it), so the CPU has it and
     // the process may use it.
-    let _tiles = amx.then(|| unsafe { super::amx::Tiles::configure() });
+    let _tiles = (unit_kind == Unit::Amx).then(|| unsafe { super::amx::Tiles::configure() });
     for pos0 in (0..p).step_by(chunk) {
         let np = chunk.min(p - pos0);
         let panels = np.div_ceil(COLS);
@@ -622,42 +660,8 @@ fn unit<E: Act, O: Act>(
             for j in 0..panels {
                 let cols = COLS.min(np - j * COLS);
                 let panel = &s.panels[j * kp * COLS..][..kp * COLS];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: on AMX the tiles are configured on this thread, else the CPU has
-                // AVX512-BF16 (`forward_on` asserts the unit runs here); `kp` is a multiple of
-                // PAIRS (`fits`); `a` holds `r` (16 or 32, a multiple of 8) rows of `kp` words,
-                // the panel `kp` pair rows of COLS words; the block is 32 rows of 32 floats, so
-                // the full-block stores stay inside it.
-                unsafe {
-                    let c = s.block.0.as_mut_ptr();
-                    if !amx {
-                        super::bf16::block32(kp, a.as_ptr(), panel.as_ptr(), c, r);
-                    } else if r > 16 {
-                        super::amx::block::<2, 2>(
-                            kp,
-                            a.as_ptr(),
-                            panel.as_ptr(),
-                            COLS,
-                            c,
-                            32,
-                            r,
-                            COLS,
-                            false,
-                        );
-                    } else {
-                        super::amx::block::<1, 2>(
-                            kp,
-                            a.as_ptr(),
-                            panel.as_ptr(),
-                            COLS,
-                            c,
-                            32,
-                            r,
-                            COLS,
-                            false,
-                        );
-                    }
-                }
+                // SAFETY: on AMX the tiles are configured on this thread (above).
+                unsafe { unit_kind.block(kp, a, panel, &mut s.block, r) };
                 let at = (o0 - rows.start) * p + pos0 + j * COLS;
                 epilogue(&s.block.0, r, 0, cols, b, relu, &mut out[at..], p);
             }

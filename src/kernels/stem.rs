@@ -127,10 +127,9 @@ fn forward_on<E: Act, O: Act>(
     let run = |n: usize, out: &mut [MaybeUninit<O>], s: &mut Scratch| {
         s.planes.resize(pl.img, 0);
         pl.fill(&x[n * g.in_len()..][..g.in_len()], g, &mut s.planes);
-        let amx = unit == Unit::Amx;
         #[cfg(target_arch = "x86_64")]
         // SAFETY: on `Unit::Amx` AMX is enabled (asserted above).
-        let _tiles = amx.then(|| unsafe { super::amx::Tiles::configure() });
+        let _tiles = (unit == Unit::Amx).then(|| unsafe { super::amx::Tiles::configure() });
         for pos0 in (0..pl.grid).step_by(chunk) {
             let np = chunk.min(pl.grid - pos0);
             let panels = np.div_ceil(COLS);
@@ -142,22 +141,9 @@ fn forward_on<E: Act, O: Act>(
                 let b = bias.map(|b| &b[o0..o0 + r]);
                 for j in 0..panels {
                     let panel = &s.panels[j * kp * COLS..][..kp * COLS];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: on AMX the tiles are configured on this thread, else the CPU has
-                    // AVX512-BF16 (asserted above); `kp` is a multiple of PAIRS
-                    // (`Planes::new`); `a` holds `r` (16 or 32) rows of `kp` words, the panel
-                    // `kp` pair rows of COLS words; the block is 32 rows of 32 floats.
-                    unsafe {
-                        let c = s.block.0.as_mut_ptr();
-                        let (a, b) = (a.as_ptr(), panel.as_ptr());
-                        if !amx {
-                            super::bf16::block32(kp, a, b, c, r);
-                        } else if r > 16 {
-                            super::amx::block::<2, 2>(kp, a, b, COLS, c, 32, r, COLS, false);
-                        } else {
-                            super::amx::block::<1, 2>(kp, a, b, COLS, c, 32, r, COLS, false);
-                        }
-                    }
+                    // SAFETY: the unit runs here (asserted above), and on AMX its tiles are
+                    // configured on this thread (above).
+                    unsafe { unit.block(kp, a, panel, &mut s.block, r) };
                     // The block's grid positions, row by row of the output.
                     let (first, end) = (pos0 + j * COLS, pos0 + (j * COLS + COLS).min(np));
                     let mut v = first;
