@@ -26,16 +26,19 @@ use std::borrow::Cow;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait GemmConvBackend: Backend {
-    /// A 2-D convolution without groups or dilation, symmetric padding.
+    /// A 2-D convolution without groups or dilation, symmetric padding, then a ReLU when
+    /// `relu` (written by the convolution's epilogue; its gradient gated by the output).
     fn gemm_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
         bf16: bool,
+        relu: bool,
     ) -> FloatTensor<Self>;
     /// As [`Self::gemm_conv2d`], plus a bias per output channel. (Two methods because the
     /// extension macro routes no `Option` of a tensor.)
+    #[allow(clippy::too_many_arguments)]
     fn gemm_conv2d_bias(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -43,6 +46,7 @@ pub trait GemmConvBackend: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         bf16: bool,
+        relu: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -248,10 +252,6 @@ macro_rules! on_dtype {
     };
 }
 
-fn forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, g: &ConvGeom) -> FlexTensor {
-    forward_act(x, w, b, g, false)
-}
-
 /// The forward convolution in `x`'s dtype (bf16 activations in, bf16 out).
 fn forward_act(
     x: &FlexTensor,
@@ -279,8 +279,9 @@ impl GemmConvBackend for Flex {
         stride: [usize; 2],
         pad: [usize; 2],
         bf16: bool,
+        relu: bool,
     ) -> FlexTensor {
-        forward_infer(&x, &w, None, &geom(&x, &w, stride, pad, bf16))
+        forward_infer(&x, &w, None, &geom(&x, &w, stride, pad, bf16), relu)
     }
     fn gemm_conv2d_bias(
         x: FlexTensor,
@@ -289,8 +290,9 @@ impl GemmConvBackend for Flex {
         stride: [usize; 2],
         pad: [usize; 2],
         bf16: bool,
+        relu: bool,
     ) -> FlexTensor {
-        forward_infer(&x, &w, Some(&b), &geom(&x, &w, stride, pad, bf16))
+        forward_infer(&x, &w, Some(&b), &geom(&x, &w, stride, pad, bf16), relu)
     }
 }
 
@@ -302,14 +304,15 @@ fn forward_infer(
     w: &FlexTensor,
     b: Option<&FlexTensor>,
     g: &ConvGeom,
+    relu: bool,
 ) -> FlexTensor {
     let super::plan::Algo::Winograd(tile) =
         super::plan::plan(g, super::plan::Cpu::detect()).forward
     else {
-        return forward(x, w, b, g);
+        return forward_act(x, w, b, g, relu);
     };
     if is_bf16(x) {
-        return forward(x, w, b, g);
+        return forward_act(x, w, b, g, relu);
     }
     let sources: Vec<&FlexTensor> = std::iter::once(w).chain(b).collect();
     // `extra` tells these apart from the folded layers (whose ε's bits are never a NaN's), and
@@ -318,13 +321,14 @@ fn forward_infer(
     let p = super::infer::prepared(&sources, extra, || {
         Prepared::winograd_only(&values(w), b.map(|b| values(b).into_owned()), g, tile)
     });
-    let y = conv2d_forward_prepared(&values(x), &p, g, false);
+    let y = conv2d_forward_prepared(&values(x), &p, g, relu);
     tensor(y, [g.batch, g.cout, g.ho(), g.wo()])
 }
 
-/// Saved for the backward pass: the input and weight nodes, the geometry, and which parents
-/// (x, weight, bias) want a gradient.
-type State = (NodeId, NodeId, ConvGeom);
+/// Saved for the backward pass: the input and weight nodes, the geometry, and with a fused
+/// ReLU its output (shared storage, not a copy: the next layer keeps it as its input anyway),
+/// whose positives gate the gradient (`y > 0` exactly where the pre-activation is).
+type State = (NodeId, NodeId, ConvGeom, Option<FlexTensor>);
 
 /// Computes the gradients the tracked parents ask for and registers them.
 fn backward<const N: usize>(
@@ -332,9 +336,12 @@ fn backward<const N: usize>(
     grads: &mut Gradients,
     checkpointer: &mut Checkpointer,
 ) {
-    let (x_id, w_id, g) = ops.state;
+    let (x_id, w_id, g, relu_out) = ops.state;
     let x: FlexTensor = checkpointer.retrieve_node_output(x_id);
-    let dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
+    let mut dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
+    if let Some(y) = relu_out {
+        dy = relu_grad(same_dtype(dy, &y), &y);
+    }
     let w: FlexTensor = checkpointer.retrieve_node_output(w_id);
     let need = [0, 1, 2].map(|i| ops.parents.get(i).is_some_and(|p| p.is_some()));
     let (dx, dw, db) = if is_bf16(&x) {
@@ -379,8 +386,10 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
         stride: [usize; 2],
         padding: [usize; 2],
         bf16: bool,
+        relu: bool,
     ) -> FloatTensor<Self> {
         let g = geom(x.primitive(), weight.primitive(), stride, padding, bf16);
+        let y = || forward_act(x.primitive(), weight.primitive(), None, &g, relu);
         match GemmConvNoBias
             .prepare::<C>([x.node(), weight.node()])
             .compute_bound()
@@ -388,12 +397,12 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(mut prep) => {
                 super::infer::clear();
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), g);
-                prep.finish(state, forward(x.primitive(), weight.primitive(), None, &g))
+                let y = y();
+                let gate = relu.then(|| y.clone());
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), g, gate);
+                prep.finish(state, y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(forward(x.primitive(), weight.primitive(), None, &g))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(y()),
         }
     }
 
@@ -404,14 +413,16 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
         stride: [usize; 2],
         padding: [usize; 2],
         bf16: bool,
+        relu: bool,
     ) -> FloatTensor<Self> {
         let g = geom(x.primitive(), weight.primitive(), stride, padding, bf16);
         let y = || {
-            forward(
+            forward_act(
                 x.primitive(),
                 weight.primitive(),
                 Some(bias.primitive()),
                 &g,
+                relu,
             )
         };
         match GemmConvWithBias
@@ -421,8 +432,10 @@ impl<C: CheckpointStrategy> GemmConvBackend for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(mut prep) => {
                 super::infer::clear();
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), g);
-                prep.finish(state, y())
+                let y = y();
+                let gate = relu.then(|| y.clone());
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), g, gate);
+                prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(y()),
         }

@@ -393,21 +393,40 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
 /// # Shapes
 /// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>, precision: Precision) -> Tensor<4> {
+    conv2d_act(conv, x, false, precision)
+}
+
+/// [`conv2d`], then a ReLU when `relu` (a layer without batch norm: VGG, AlexNet, ZFNet). On
+/// convlab's kernels the convolution's epilogue writes the ReLU and the backward pass gates
+/// the output gradient by the saved output, so the activation is written once and kept once,
+/// where `relu(conv(x))` writes it twice, keeps both copies for the backward pass and gates
+/// through a mask of its own (vgg16's bf16 training step at 224 px spent 9% of its samples
+/// in Burn's ReLU and its gradient; BENCHMARKS.md, "The ReLU in the convolution").
+///
+/// # Shapes
+/// `[B, C_in, H, W]` -> `[B, C_out, H_out, W_out]`.
+pub fn conv2d_act(conv: &Conv2d, x: Tensor<4>, relu: bool, precision: Precision) -> Tensor<4> {
     let padding = conv_padding(conv);
     let bias = || conv.bias.as_ref().map(|b| b.val());
+    let act = |y: Tensor<4>| if relu { activation::relu(y) } else { y };
     match padding {
-        Some(padding) if fast_path(&x) => gemm_conv2d(
+        Some(padding) if fast_path(&x) => gemm_conv2d_act(
             x,
             conv.weight.val(),
             bias(),
             conv.stride,
             padding,
             precision,
+            relu,
         ),
-        Some(padding) if torch_path(&x) => {
-            torch_conv2d(x, conv.weight.val(), bias(), conv.stride, padding)
-        }
-        _ => conv.forward(x),
+        Some(padding) if torch_path(&x) => act(torch_conv2d(
+            x,
+            conv.weight.val(),
+            bias(),
+            conv.stride,
+            padding,
+        )),
+        _ => act(conv.forward(x)),
     }
 }
 
@@ -450,7 +469,6 @@ fn torch_conv2d(
 ///
 /// # Panics
 /// On a tensor of any other backend.
-#[cfg(feature = "flex")]
 pub fn gemm_conv2d(
     x: Tensor<4>,
     weight: Tensor<4>,
@@ -458,6 +476,23 @@ pub fn gemm_conv2d(
     stride: [usize; 2],
     padding: [usize; 2],
     precision: Precision,
+) -> Tensor<4> {
+    gemm_conv2d_act(x, weight, bias, stride, padding, precision, false)
+}
+
+/// [`gemm_conv2d`], then a ReLU when `relu`, fused ([`conv2d_act`]).
+///
+/// # Panics
+/// On a tensor of any other backend.
+#[cfg(feature = "flex")]
+pub fn gemm_conv2d_act(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    precision: Precision,
+    relu: bool,
 ) -> Tensor<4> {
     use burn::backend::Dispatch;
     use flex::GemmConvBackend;
@@ -471,19 +506,21 @@ pub fn gemm_conv2d(
             stride,
             padding,
             bf16,
+            relu,
         ),
-        None => <Dispatch as GemmConvBackend>::gemm_conv2d(x, weight, stride, padding, bf16),
+        None => <Dispatch as GemmConvBackend>::gemm_conv2d(x, weight, stride, padding, bf16, relu),
     })
 }
 
 #[cfg(not(feature = "flex"))]
-pub fn gemm_conv2d(
+pub fn gemm_conv2d_act(
     _x: Tensor<4>,
     _weight: Tensor<4>,
     _bias: Option<Tensor<1>>,
     _stride: [usize; 2],
     _padding: [usize; 2],
     _precision: Precision,
+    _relu: bool,
 ) -> Tensor<4> {
     unreachable!("the GEMM convolution is only routed to on burn-flex")
 }

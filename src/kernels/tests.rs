@@ -658,3 +658,108 @@ fn linear_matches_burns() {
         assert!(max_rel_diff(a.reshape([1, 1, 1, -1]), e.reshape([1, 1, 1, -1])) < 1e-5);
     }
 }
+
+/// The ReLU fused into the convolution ([`gemm_conv2d_act`]) gives `relu(conv(x))`'s output
+/// and gradients bit for bit, in fp32 and bf16 activations, with and without a bias, on every
+/// algorithm the plan picks for these layers (Winograd or the channels-last tiles, the direct
+/// kernels, an RGB stem, im2col, a 1x1 layer); also when the next op is one that overwrites
+/// a sole summand in place (the residual add), which must not touch the output the fused
+/// op's gradient is gated by.
+#[test]
+fn conv_relu_fused_is_relu_of_conv() {
+    let device = Device::flex().autodiff();
+    let bits = |t: Tensor<4>| t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
+    for (cin, cout, hw, k, s, p) in [
+        (32, 32, 16, 3, 1, 1),
+        (16, 16, 17, 3, 1, 1),
+        (3, 32, 16, 3, 1, 1),
+        (8, 6, 9, 5, 2, 2),
+        (64, 32, 14, 1, 1, 0),
+    ] {
+        let x0 = Tensor::<4>::random([2, cin, hw, hw], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<4>::random([cout, cin, k, k], Distribution::Normal(0.0, 0.3), &device);
+        let b = Tensor::<1>::random([cout], Distribution::Normal(0.0, 0.5), &device);
+        let ho = (hw + 2 * p - k) / s + 1;
+        let shape = [2, cout, ho, ho];
+        let other = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let dy = Tensor::<4>::from_data(
+            TensorData::new(
+                crate::kernels::conv::test_data(2 * cout * ho * ho, 7),
+                shape,
+            ),
+            &device,
+        );
+        for (precision, dtype) in [
+            (Precision::Fp32, DType::F32),
+            (Precision::Bf16, DType::BF16),
+        ] {
+            for (bias, residual) in [(true, false), (false, false), (true, true)] {
+                let run = |fused: bool| {
+                    let x = x0.clone().cast(dtype).detach().require_grad();
+                    let (w, b) = (w.clone().require_grad(), b.clone().require_grad());
+                    let bias = bias.then(|| b.clone());
+                    let y = if fused {
+                        gemm_conv2d_act(x.clone(), w.clone(), bias, [s, s], [p, p], precision, true)
+                    } else {
+                        activation::relu(gemm_conv2d(
+                            x.clone(),
+                            w.clone(),
+                            bias,
+                            [s, s],
+                            [p, p],
+                            precision,
+                        ))
+                    };
+                    let y = if residual {
+                        add_relu(y, other.clone().cast(dtype))
+                    } else {
+                        y
+                    };
+                    let grads = (y.clone() * dy.clone().cast(y.dtype())).sum().backward();
+                    let gb = b.grad(&grads).map(|g| g.reshape([1, 1, 1, cout]));
+                    (
+                        y.inner(),
+                        x.grad(&grads).unwrap(),
+                        w.grad(&grads).unwrap(),
+                        gb,
+                    )
+                };
+                let (y1, gx1, gw1, gb1) = run(true);
+                let (y0, gx0, gw0, gb0) = run(false);
+                let case = format!("{cin}->{cout} {hw}px k{k} s{s} {precision:?} bias {bias}");
+                assert_eq!(y1.dtype(), dtype, "{case}: output dtype");
+                assert_eq!(bits(y1), bits(y0), "{case}: output");
+                assert_eq!(bits(gx1), bits(gx0), "{case}: input gradient");
+                assert_eq!(bits(gw1), bits(gw0), "{case}: weight gradient");
+                assert_eq!(gb1.is_some(), bias, "{case}");
+                if let (Some(a), Some(e)) = (gb1, gb0) {
+                    assert_eq!(bits(a), bits(e), "{case}: bias gradient");
+                }
+            }
+        }
+        // Without autodiff (inference): the same output.
+        let (xi, wi, bi) = (x0.clone().inner(), w.clone().inner(), b.clone().inner());
+        let a = gemm_conv2d_act(
+            xi.clone(),
+            wi.clone(),
+            Some(bi.clone()),
+            [s, s],
+            [p, p],
+            Precision::Fp32,
+            true,
+        );
+        let e = activation::relu(gemm_conv2d(
+            xi,
+            wi,
+            Some(bi),
+            [s, s],
+            [p, p],
+            Precision::Fp32,
+        ));
+        assert_eq!(
+            bits(a),
+            bits(e),
+            "{cin}->{cout} {hw}px k{k}: inference output"
+        );
+    }
+}

@@ -11,7 +11,6 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
 /// The arithmetic of a forward pass's convolutions, passed down from the model that holds it.
@@ -143,7 +142,7 @@ pub fn conv_bn_relu(
 ) -> Tensor<4> {
     match bn {
         Some(bn) => crate::kernels::conv_bn(conv, bn, x, true, precision),
-        None => relu(crate::kernels::conv2d(conv, x, precision)),
+        None => crate::kernels::conv2d_act(conv, x, true, precision),
     }
 }
 
