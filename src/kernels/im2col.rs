@@ -885,12 +885,7 @@ fn weight_grad<E: Act>(
             .into_par_iter()
             .map(|o| {
                 (0..g.batch)
-                    .map(|i| {
-                        dy[i * out_len + o * p..][..p]
-                            .iter()
-                            .map(|v| v.to_f32())
-                            .sum::<f32>()
-                    })
+                    .map(|i| super::simd::row_sum(&dy[i * out_len + o * p..][..p]))
                     .fold(0.0, |acc, s| acc + s)
             })
             .collect()
