@@ -837,6 +837,9 @@ fn linear_forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor 
     assert_eq!(i, i2, "linear: x's columns and w's rows");
     let (x, w, b) = (slice::<f32>(x), slice::<f32>(w), slice::<f32>(b));
     assert_eq!(b.len(), o, "linear: one bias per output");
+    if super::fc::applies(n) {
+        return tensor(super::fc::forward(&x, &w, &b, n, i, o), [n, o]);
+    }
     let mut y: Vec<f32> = (0..n).flat_map(|_| b.iter().copied()).collect();
     let threads = rayon::current_num_threads().max(1);
     super::gemm::gemm_f32(n, o, i, &mut y, o, true, &x, i, 1, &w, o, 1, threads);
@@ -863,16 +866,27 @@ impl Backward<Flex, 3> for LinearOp {
         let dy = slice::<f32>(&dy);
         let threads = rayon::current_num_threads().max(1);
         let [px, pw, pb] = ops.parents;
+        // A small batch streams the weights once per product (`fc`); a large one reuses
+        // each weight enough for the `gemm` crate's blocking to pay.
+        let small = super::fc::applies(n);
         if let Some(node) = px {
-            // dx = dy w^T: w^T's element (r, c) is w[c * o + r].
             let w = slice::<f32>(&w);
-            let dx = super::gemm::gemm_f32_new(n, i, o, &dy, o, 1, &w, 1, o, threads);
+            let dx = if small {
+                super::fc::input_grad(&dy, &w, n, i, o)
+            } else {
+                // dx = dy w^T: w^T's element (r, c) is w[c * o + r].
+                super::gemm::gemm_f32_new(n, i, o, &dy, o, 1, &w, 1, o, threads)
+            };
             grads.register::<Flex>(node.id, tensor(dx, [n, i]));
         }
         if let Some(node) = pw {
-            // dw = x^T dy: x^T's element (r, c) is x[c * i + r].
             let x = slice::<f32>(&x);
-            let dw = super::gemm::gemm_f32_new(i, o, n, &x, 1, i, &dy, o, 1, threads);
+            let dw = if small {
+                super::fc::weight_grad(&x, &dy, n, i, o)
+            } else {
+                // dw = x^T dy: x^T's element (r, c) is x[c * i + r].
+                super::gemm::gemm_f32_new(i, o, n, &x, 1, i, &dy, o, 1, threads)
+            };
             grads.register::<Flex>(node.id, tensor(dw, [i, o]));
         }
         if let Some(node) = pb {
