@@ -4,39 +4,17 @@
 //! winners' offsets. Before each timed run a 64 MB buffer is written, so the inputs come from
 //! memory as they do in a training step; each number is the fastest of `REPEATS` runs.
 //! `cargo run --release --example norm_pool [THREADS]` (default 2).
+mod common;
+
 use convlab::kernels::norm::{NormGeom, affine, backward, batch_stats, scale_shift, train_forward};
 use convlab::kernels::pool::{PoolGeom, max_pool_forward};
-use std::time::Instant;
 
 const REPEATS: usize = 15;
 
 fn main() {
-    // The binary's allocator settings (src/main.rs): freed memory stays on the heap, so outputs
-    // do not pay for fresh pages.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: allocator tuning before any thread starts or any large block is allocated.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-    let threads: usize = std::env::args()
-        .nth(1)
-        .map_or(2, |t| t.parse().expect("THREADS"));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .expect("thread pool");
-    let mut flush = vec![0u8; 64 << 20];
-    let mut fastest = |f: &mut dyn FnMut()| {
-        let mut best = f64::MAX;
-        for i in 0..REPEATS {
-            flush.iter_mut().for_each(|b| *b = b.wrapping_add(i as u8));
-            let t = Instant::now();
-            f();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        best * 1e3
-    };
+    let threads = common::setup(2);
+    let mut timer = common::Fastest::new(REPEATS);
+    let mut fastest = |f: &mut dyn FnMut()| timer.ms(f);
     println!("{threads} threads, fastest of {REPEATS}, ms");
     // (batch, channels, side): resnet18 at 128 px (stem, 32 px, 16 px, 8 px), resnet50 at
     // 224 px (56 px, 256 channels; the 112 px stem).

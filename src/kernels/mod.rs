@@ -16,6 +16,7 @@ pub mod bf16;
 mod buf;
 pub mod conv;
 pub mod direct;
+#[cfg(feature = "flex")]
 mod fc;
 #[cfg(feature = "flex")]
 mod flex;
