@@ -812,6 +812,127 @@ impl<C: CheckpointStrategy> AddReluBackend for Autodiff<Flex, C> {
     }
 }
 
+/// The gradient of a residual block's identity shortcut, handed from the residual add's
+/// backward pass to the block entry's ([`ResidualBackend`]).
+#[derive(Clone, Debug, Default)]
+pub struct ShortcutGrad(std::sync::Arc<std::sync::Mutex<Option<FlexTensor>>>);
+
+impl ShortcutGrad {
+    fn put(&self, g: FlexTensor) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(g);
+    }
+    fn take(&self) -> Option<FlexTensor> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait ResidualBackend: Backend {
+    /// A residual block's input as its branch's input: the same values; in the backward pass
+    /// the branch's gradient plus the one [`Self::add_relu_shortcut`] handed over, added by
+    /// convlab's row kernel in place on the workers. A node with two consumers (the branch and
+    /// the shortcut) gets its second gradient added by Burn's `Gradients::register`, which
+    /// for bf16 is a scalar loop on the calling thread.
+    fn residual_entry(x: FloatTensor<Self>, shortcut: ShortcutGrad) -> FloatTensor<Self>;
+    /// `relu(a + b)` for `b` the input of the block whose branch ends in `a`: `b`'s gradient
+    /// goes to `shortcut` (for that block's [`Self::residual_entry`]), not to `b`'s node.
+    fn add_relu_shortcut(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        shortcut: ShortcutGrad,
+    ) -> FloatTensor<Self>;
+}
+
+/// `g + s`, over `g`'s storage when nothing else holds it.
+fn add_to(mut g: FlexTensor, s: FlexTensor) -> FlexTensor {
+    let s = same_dtype(s, &g);
+    on_dtype!(&g, E => {
+        if let Some(dst) = writable::<E>(&mut g) {
+            rows_in_place(dst, &slice::<E>(&s), simd::add_row_in_place);
+            return g;
+        }
+        tensor(two_rows(&slice::<E>(&g), &slice::<E>(&s), simd::add_row), g.shape())
+    })
+}
+
+impl ResidualBackend for Flex {
+    fn residual_entry(x: FlexTensor, _: ShortcutGrad) -> FlexTensor {
+        x
+    }
+    fn add_relu_shortcut(a: FlexTensor, b: FlexTensor, _: ShortcutGrad) -> FlexTensor {
+        add_relu(a, b)
+    }
+}
+
+#[derive(Debug)]
+struct ResidualEntry;
+
+impl Backward<Flex, 1> for ResidualEntry {
+    type State = ShortcutGrad;
+    fn backward(self, ops: Ops<ShortcutGrad, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<Flex>(&ops.node);
+        // Empty when no gradient reached the residual add (nothing to add then).
+        let g = match ops.state.take() {
+            Some(s) => add_to(g, s),
+            None => g,
+        };
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<Flex>(node.id, g);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AddReluShortcut;
+
+impl Backward<Flex, 1> for AddReluShortcut {
+    /// The output (shared storage, not a copy): the ReLU's gate; and where the shortcut's
+    /// gradient goes.
+    type State = (FlexTensor, ShortcutGrad);
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (y, shortcut) = ops.state;
+        let dy = same_dtype(grads.consume::<Flex>(&ops.node), &y);
+        let dx = relu_grad(dy, &y);
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<Flex>(node.id, dx.clone());
+        }
+        shortcut.put(dx);
+    }
+}
+
+impl<C: CheckpointStrategy> ResidualBackend for Autodiff<Flex, C> {
+    fn residual_entry(x: FloatTensor<Self>, shortcut: ShortcutGrad) -> FloatTensor<Self> {
+        let y = x.primitive().clone();
+        match ResidualEntry
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(shortcut, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn add_relu_shortcut(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        shortcut: ShortcutGrad,
+    ) -> FloatTensor<Self> {
+        // `a` moved out so that the sum may take its storage; `b` only read (the block's
+        // input, which its entry and the branch keep too).
+        let (a, a_node) = a.into_parts();
+        let y = add_relu(a, b.primitive().clone());
+        match AddReluShortcut
+            .prepare::<C>([a_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((y.clone(), shortcut), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}
+
 #[backend_extension(Flex, Autodiff)]
 pub trait LinearBackend: Backend {
     /// `x w + b` for f32 `x` `[n, i]`, `w` `[i, o]`, `b` `[o]`: a fully connected layer.

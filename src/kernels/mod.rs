@@ -820,6 +820,68 @@ fn fast_add_relu(_: Tensor<4>, _: Tensor<4>) -> Tensor<4> {
     unreachable!("the fused add + ReLU is only routed to on burn-flex")
 }
 
+/// A residual block's identity shortcut: the block's input, and (training on convlab's
+/// kernels) where the residual add leaves its gradient for the block's entry to add
+/// ([`residual_entry`], [`add_relu_shortcut`]).
+pub struct Shortcut {
+    x: Tensor<4>,
+    #[cfg(feature = "flex")]
+    grad: Option<flex::ShortcutGrad>,
+}
+
+/// A residual block with an identity shortcut: `x` as the branch's input, and the shortcut to
+/// end the block with ([`add_relu_shortcut`]). Training on convlab's kernels, the block's
+/// input gets its one gradient, the branch's and the shortcut's added by convlab's row
+/// kernel, where `x` feeding both would have Burn add them in its gradient registry: for bf16
+/// a scalar loop on one thread, 239 of 3339 samples (7%) of a resnet50 bf16 training step at
+/// 224 px on the AMX Xeon, the other worker idle meanwhile (BENCHMARKS.md, "The ReLU in the
+/// convolution"). Elsewhere the shortcut is `x` itself.
+pub fn residual_entry(x: Tensor<4>) -> (Tensor<4>, Shortcut) {
+    #[cfg(feature = "flex")]
+    if fast_path(&x) && x.device().is_autodiff() {
+        use burn::backend::Dispatch;
+        use flex::ResidualBackend;
+        let grad = flex::ShortcutGrad::default();
+        let entry = Tensor::from_dispatch(<Dispatch as ResidualBackend>::residual_entry(
+            x.clone().into_dispatch(),
+            grad.clone(),
+        ));
+        let shortcut = Shortcut {
+            x,
+            grad: Some(grad),
+        };
+        return (entry, shortcut);
+    }
+    let shortcut = Shortcut {
+        x: x.clone(),
+        #[cfg(feature = "flex")]
+        grad: None,
+    };
+    (x, shortcut)
+}
+
+/// `relu(y + x)` for the shortcut of [`residual_entry`]: the end of the residual block.
+///
+/// # Shapes
+/// `y`: `[B, C, H, W]`, the shape of the block's input -> `[B, C, H, W]`.
+pub fn add_relu_shortcut(y: Tensor<4>, shortcut: Shortcut) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if let Some(grad) = shortcut.grad
+        && fast_path(&y)
+        && y.dtype() == shortcut.x.dtype()
+        && y.dims() == shortcut.x.dims()
+    {
+        use burn::backend::Dispatch;
+        use flex::ResidualBackend;
+        return Tensor::from_dispatch(<Dispatch as ResidualBackend>::add_relu_shortcut(
+            y.into_dispatch(),
+            shortcut.x.into_dispatch(),
+            grad,
+        ));
+    }
+    add_relu(y, shortcut.x)
+}
+
 /// A fully connected layer, `x w + b` (`x` `[n, i]`, `w` `[i, o]` as Burn's `Linear` stores
 /// it, `b` `[o]`): convlab's op on burn-flex for f32 (its outputs and gradients allocated once:
 /// burn-flex's product allocates each twice), Burn's `linear` elsewhere.

@@ -422,6 +422,24 @@ dispatched! {
 }
 
 dispatched! {
+    /// `y = a + b`.
+    pub fn add_row<E: Act>(y: &mut [E], a: &[E], b: &[E]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = E::from_f32(a.to_f32() + b.to_f32());
+        }
+    }
+}
+
+dispatched! {
+    /// [`add_row`] over its first summand: `a = a + b`.
+    pub fn add_row_in_place<E: Act>(a: &mut [E], b: &[E]) {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a = E::from_f32(a.to_f32() + b.to_f32());
+        }
+    }
+}
+
+dispatched! {
     /// [`add_relu_row`] over its first summand: `a = relu(a + b)`.
     pub fn add_relu_row_in_place<E: Act>(a: &mut [E], b: &[E]) {
         for (a, &b) in a.iter_mut().zip(b) {

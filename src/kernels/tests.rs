@@ -763,3 +763,58 @@ fn conv_relu_fused_is_relu_of_conv() {
         );
     }
 }
+
+/// Residual blocks through [`residual_entry`] and [`add_relu_shortcut`] give the plain
+/// blocks' (`add_relu(branch(x), x)`) outputs and gradients bit for bit, fp32 and bf16, two
+/// blocks in a row (the first one's output is the second one's entry and shortcut).
+#[test]
+fn residual_entry_is_the_plain_shortcut() {
+    let device = Device::flex().autodiff();
+    let bits = |t: Tensor<4>| t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap();
+    let x0 = Tensor::<4>::random([2, 8, 6, 6], Distribution::Normal(0.0, 1.0), &device);
+    let w1 = Tensor::<4>::random([8, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+    let w2 = Tensor::<4>::random([8, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+    let dy = Tensor::<4>::from_data(
+        TensorData::new(
+            crate::kernels::conv::test_data(2 * 8 * 6 * 6, 3),
+            [2, 8, 6, 6],
+        ),
+        &device,
+    );
+    for (precision, dtype) in [
+        (Precision::Fp32, DType::F32),
+        (Precision::Bf16, DType::BF16),
+    ] {
+        let run = |fused: bool| {
+            let x = x0.clone().cast(dtype).detach().require_grad();
+            let (w1, w2) = (w1.clone().require_grad(), w2.clone().require_grad());
+            let branch = |h: Tensor<4>| {
+                let h = gemm_conv2d_act(h, w1.clone(), None, [1, 1], [1, 1], precision, true);
+                gemm_conv2d(h, w2.clone(), None, [1, 1], [1, 1], precision)
+            };
+            let block = |h: Tensor<4>| {
+                if fused {
+                    let (entry, shortcut) = residual_entry(h);
+                    add_relu_shortcut(branch(entry), shortcut)
+                } else {
+                    add_relu(branch(h.clone()), h)
+                }
+            };
+            let y = block(block(x.clone()));
+            let grads = (y.clone() * dy.clone().cast(y.dtype())).sum().backward();
+            let (gx, g1, g2) = (x.grad(&grads), w1.grad(&grads), w2.grad(&grads));
+            (
+                bits(y.inner()),
+                bits(gx.unwrap()),
+                bits(g1.unwrap()),
+                bits(g2.unwrap()),
+            )
+        };
+        let (y1, gx1, ga1, gb1) = run(true);
+        let (y0, gx0, ga0, gb0) = run(false);
+        assert_eq!(y1, y0, "{precision:?}: output");
+        assert_eq!(gx1, gx0, "{precision:?}: input gradient");
+        assert_eq!(ga1, ga0, "{precision:?}: first weight's gradient");
+        assert_eq!(gb1, gb0, "{precision:?}: second weight's gradient");
+    }
+}

@@ -184,6 +184,18 @@ pub fn linear(layer: &burn::nn::Linear, x: Tensor<2>) -> Tensor<2> {
     crate::kernels::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
+/// A residual block with an identity shortcut (He et al. 2016): the branch's input and the
+/// shortcut for [`add_relu_shortcut`] (its gradient added by convlab's kernel, not Burn's
+/// registry: [`crate::kernels::residual_entry`]).
+pub fn residual_entry(x: Tensor<4>) -> (Tensor<4>, crate::kernels::Shortcut) {
+    crate::kernels::residual_entry(x)
+}
+
+/// `relu(y + x)`: the end of a residual block whose shortcut is the identity.
+pub fn add_relu_shortcut(y: Tensor<4>, shortcut: crate::kernels::Shortcut) -> Tensor<4> {
+    crate::kernels::add_relu_shortcut(y, shortcut)
+}
+
 /// `relu(a + b)`: the end of a residual block (He et al. 2016), fused where it can be.
 pub fn add_relu(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
     crate::kernels::add_relu(a, b)

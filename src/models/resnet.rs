@@ -116,16 +116,23 @@ pub struct Block {
 
 impl Block {
     fn forward(&self, x: Tensor<4>, precision: Precision) -> Tensor<4> {
-        let shortcut = match &self.down {
-            Some(d) => d.forward(x.clone(), precision),
-            None => x.clone(),
+        let branch = |mut y: Tensor<4>| {
+            let n = self.convs.len();
+            for (i, c) in self.convs.iter().enumerate() {
+                y = c.forward(y, i + 1 < n, precision);
+            }
+            y
         };
-        let n = self.convs.len();
-        let mut y = x;
-        for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward(y, i + 1 < n, precision);
+        match &self.down {
+            Some(d) => {
+                let shortcut = d.forward(x.clone(), precision);
+                crate::layers::add_relu(branch(x), shortcut)
+            }
+            None => {
+                let (x, shortcut) = crate::layers::residual_entry(x);
+                crate::layers::add_relu_shortcut(branch(x), shortcut)
+            }
         }
-        crate::layers::add_relu(y, shortcut)
     }
 
     fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, name: &str) -> String {
