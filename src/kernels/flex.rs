@@ -340,7 +340,7 @@ fn backward<const N: usize>(
     let x: FlexTensor = checkpointer.retrieve_node_output(x_id);
     let mut dy = same_dtype(grads.consume::<Flex>(&ops.node), &x);
     if let Some(y) = relu_out {
-        dy = relu_grad(same_dtype(dy, &y), &y);
+        dy = relu_grad(dy, &y);
     }
     let w: FlexTensor = checkpointer.retrieve_node_output(w_id);
     let need = [0, 1, 2].map(|i| ops.parents.get(i).is_some_and(|p| p.is_some()));
@@ -732,8 +732,9 @@ fn add_relu(mut a: FlexTensor, mut b: FlexTensor) -> FlexTensor {
     })
 }
 
-/// `dy · [y > 0]`, over `dy`'s storage when nothing else holds it.
-fn relu_grad(mut dy: FlexTensor, y: &FlexTensor) -> FlexTensor {
+/// `dy · [y > 0]` in `y`'s dtype, over `dy`'s storage when nothing else holds it.
+fn relu_grad(dy: FlexTensor, y: &FlexTensor) -> FlexTensor {
+    let mut dy = same_dtype(dy, y);
     on_dtype!(y, E => {
         if let Some(dst) = writable::<E>(&mut dy) {
             rows_in_place(dst, &slice::<E>(y), simd::relu_grad_row_in_place);
@@ -786,8 +787,7 @@ impl Backward<Flex, 2> for AddRelu {
     type State = FlexTensor;
     fn backward(self, ops: Ops<FlexTensor, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let y = ops.state;
-        let dy = same_dtype(grads.consume::<Flex>(&ops.node), &y);
-        let dx = relu_grad(dy, &y);
+        let dx = relu_grad(grads.consume::<Flex>(&ops.node), &y);
         // Both summands get the same gradient: one buffer, shared.
         for node in ops.parents.iter().flatten() {
             grads.register::<Flex>(node.id, dx.clone());
@@ -891,8 +891,7 @@ impl Backward<Flex, 1> for AddReluShortcut {
     type State = (FlexTensor, ShortcutGrad);
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (y, shortcut) = ops.state;
-        let dy = same_dtype(grads.consume::<Flex>(&ops.node), &y);
-        let dx = relu_grad(dy, &y);
+        let dx = relu_grad(grads.consume::<Flex>(&ops.node), &y);
         if let Some(node) = &ops.parents[0] {
             grads.register::<Flex>(node.id, dx.clone());
         }
