@@ -55,6 +55,12 @@ fn split(len: usize, align: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// The mask of the first `min(left, 16)` lanes of a vector: a whole tile, or a row's tail.
+#[cfg(target_arch = "x86_64")]
+fn lanes(left: usize) -> std::arch::x86_64::__mmask16 {
+    if left >= 16 { !0 } else { (1 << left) - 1 }
+}
+
 /// `y = x w + b`.
 ///
 /// # Panics
@@ -115,11 +121,7 @@ unsafe fn forward_cols(
     for k0 in (0..i).step_by(K_BLOCK) {
         let kb = K_BLOCK.min(i - k0);
         for c in (0..width).step_by(16) {
-            let m: __mmask16 = if width - c >= 16 {
-                !0
-            } else {
-                (1 << (width - c)) - 1
-            };
+            let m = lanes(width - c);
             let mut wv = [_mm512_setzero_ps(); K_BLOCK];
             for (j, v) in wv.iter_mut().enumerate().take(kb) {
                 // SAFETY: row `k0 + j < i`, columns `c0 + c + lane < c0 + width <= o` under
@@ -209,7 +211,7 @@ unsafe fn input_grad_rows<const R: usize>(
     for (kk, k) in ks.enumerate() {
         let mut acc = [_mm512_setzero_ps(); R];
         for c in (0..o).step_by(16) {
-            let m: __mmask16 = if o - c >= 16 { !0 } else { (1 << (o - c)) - 1 };
+            let m = lanes(o - c);
             // SAFETY: row `k` of `w` and rows `r < R` of `dy` hold `o` values; lanes past `o`
             // are masked (asserted lengths above).
             let wv = unsafe { _mm512_maskz_loadu_ps(m, w.as_ptr().add(k * o + c)) };
@@ -288,11 +290,10 @@ unsafe fn weight_grad_rows(
         let mut c = 0;
         while c < o {
             let width = if c < h { h } else { 16.min(o - c) };
-            let m: __mmask16 = if width == 16 { !0 } else { (1 << width) - 1 };
+            let m = lanes(width);
             let mut acc = [_mm512_setzero_ps(); DW_ROWS];
             for r in 0..n {
                 // SAFETY: row `r < n` of `dy` holds `o` values; lanes past `o` are masked.
-                // SAFETY: row `r < R` of `dy` holds `o` values; lanes past `o` are masked.
                 let d = unsafe { _mm512_maskz_loadu_ps(m, dy.as_ptr().add(r * o + c)) };
                 for (j, a) in acc.iter_mut().enumerate().take(kb) {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(x[r * i + k0 + j]), d, *a);
