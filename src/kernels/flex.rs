@@ -841,6 +841,10 @@ pub trait ResidualBackend: Backend {
         b: FloatTensor<Self>,
         shortcut: ShortcutGrad,
     ) -> FloatTensor<Self>;
+    /// `x`, the output of a block's [`Self::residual_entry`], as the input of the block's
+    /// projection shortcut: the same values; its gradient goes to `shortcut` (for the entry to
+    /// add), not to `x`'s node, so that the entry's node gets one gradient, the branch's.
+    fn shortcut_input(x: FloatTensor<Self>, shortcut: ShortcutGrad) -> FloatTensor<Self>;
 }
 
 /// `g + s`, over `g`'s storage when nothing else holds it.
@@ -861,6 +865,9 @@ impl ResidualBackend for Flex {
     }
     fn add_relu_shortcut(a: FlexTensor, b: FlexTensor, _: ShortcutGrad) -> FlexTensor {
         add_relu(a, b)
+    }
+    fn shortcut_input(x: FlexTensor, _: ShortcutGrad) -> FlexTensor {
+        x
     }
 }
 
@@ -899,6 +906,18 @@ impl Backward<Flex, 1> for AddReluShortcut {
     }
 }
 
+#[derive(Debug)]
+struct ShortcutInput;
+
+impl Backward<Flex, 1> for ShortcutInput {
+    type State = ShortcutGrad;
+    fn backward(self, ops: Ops<ShortcutGrad, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        // Handed to the entry rather than registered: the entry is this op's parent, so
+        // Burn's reverse topological order runs this step before the entry's.
+        ops.state.put(grads.consume::<Flex>(&ops.node));
+    }
+}
+
 impl<C: CheckpointStrategy> ResidualBackend for Autodiff<Flex, C> {
     fn residual_entry(x: FloatTensor<Self>, shortcut: ShortcutGrad) -> FloatTensor<Self> {
         let y = x.primitive().clone();
@@ -927,6 +946,18 @@ impl<C: CheckpointStrategy> ResidualBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((y.clone(), shortcut), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn shortcut_input(x: FloatTensor<Self>, shortcut: ShortcutGrad) -> FloatTensor<Self> {
+        let y = x.primitive().clone();
+        match ShortcutInput
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(shortcut, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

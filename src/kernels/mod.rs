@@ -820,17 +820,18 @@ fn fast_add_relu(_: Tensor<4>, _: Tensor<4>) -> Tensor<4> {
     unreachable!("the fused add + ReLU is only routed to on burn-flex")
 }
 
-/// A residual block's identity shortcut: the block's input, and (training on convlab's
-/// kernels) where the residual add leaves its gradient for the block's entry to add
-/// ([`residual_entry`], [`add_relu_shortcut`]).
+/// A residual block's shortcut: the block's input, and (training on convlab's kernels) where
+/// the residual add, or the projection's input ([`Shortcut::into_input`]), leaves its gradient
+/// for the block's entry to add ([`residual_entry`], [`add_relu_shortcut`]).
 pub struct Shortcut {
     x: Tensor<4>,
     #[cfg(feature = "flex")]
     grad: Option<flex::ShortcutGrad>,
 }
 
-/// A residual block with an identity shortcut: `x` as the branch's input, and the shortcut to
-/// end the block with ([`add_relu_shortcut`]). Training on convlab's kernels, the block's
+/// A residual block's start: `x` as the branch's input, and the shortcut to end the block
+/// with ([`add_relu_shortcut`]) or, for a projection shortcut, to take its input from
+/// ([`Shortcut::into_input`]). Training on convlab's kernels, the block's
 /// input gets its one gradient, the branch's and the shortcut's added by convlab's row
 /// kernel, where `x` feeding both would have Burn add them in its gradient registry: for bf16
 /// a scalar loop on one thread, 239 of 3339 samples (7%) of a resnet50 bf16 training step at
@@ -846,8 +847,10 @@ pub fn residual_entry(x: Tensor<4>) -> (Tensor<4>, Shortcut) {
             x.clone().into_dispatch(),
             grad.clone(),
         ));
+        // The entry's output, not `x`: a projection's input op ([`Shortcut::into_input`])
+        // must be the entry's descendant, so that its backward step runs first.
         let shortcut = Shortcut {
-            x,
+            x: entry.clone(),
             grad: Some(grad),
         };
         return (entry, shortcut);
@@ -858,6 +861,24 @@ pub fn residual_entry(x: Tensor<4>) -> (Tensor<4>, Shortcut) {
         grad: None,
     };
     (x, shortcut)
+}
+
+impl Shortcut {
+    /// The block's input for a projection shortcut (a strided or widening 1x1 convolution,
+    /// ResNet-D's average pool before it): the same values, whose gradient the block's entry
+    /// adds to the branch's ([`residual_entry`]); 4 of resnet50's 16 blocks.
+    pub fn into_input(self) -> Tensor<4> {
+        #[cfg(feature = "flex")]
+        if let Some(grad) = self.grad {
+            use burn::backend::Dispatch;
+            use flex::ResidualBackend;
+            return Tensor::from_dispatch(<Dispatch as ResidualBackend>::shortcut_input(
+                self.x.into_dispatch(),
+                grad,
+            ));
+        }
+        self.x
+    }
 }
 
 /// `relu(y + x)` for the shortcut of [`residual_entry`]: the end of the residual block.

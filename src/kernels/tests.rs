@@ -766,7 +766,9 @@ fn conv_relu_fused_is_relu_of_conv() {
 
 /// Residual blocks through [`residual_entry`] and [`add_relu_shortcut`] give the plain
 /// blocks' (`add_relu(branch(x), x)`) outputs and gradients bit for bit, fp32 and bf16, two
-/// blocks in a row (the first one's output is the second one's entry and shortcut).
+/// blocks in a row (the first one's output is the second one's entry and shortcut), then a
+/// projection block (`add_relu(branch(x), down(x))`, its input through
+/// [`Shortcut::into_input`]).
 #[test]
 fn residual_entry_is_the_plain_shortcut() {
     let device = Device::flex().autodiff();
@@ -774,10 +776,12 @@ fn residual_entry_is_the_plain_shortcut() {
     let x0 = Tensor::<4>::random([2, 8, 6, 6], Distribution::Normal(0.0, 1.0), &device);
     let w1 = Tensor::<4>::random([8, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
     let w2 = Tensor::<4>::random([8, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+    let w3 = Tensor::<4>::random([12, 8, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+    let wd = Tensor::<4>::random([12, 8, 1, 1], Distribution::Normal(0.0, 0.3), &device);
     let dy = Tensor::<4>::from_data(
         TensorData::new(
-            crate::kernels::conv::test_data(2 * 8 * 6 * 6, 3),
-            [2, 8, 6, 6],
+            crate::kernels::conv::test_data(2 * 12 * 3 * 3, 3),
+            [2, 12, 3, 3],
         ),
         &device,
     );
@@ -788,6 +792,7 @@ fn residual_entry_is_the_plain_shortcut() {
         let run = |fused: bool| {
             let x = x0.clone().cast(dtype).detach().require_grad();
             let (w1, w2) = (w1.clone().require_grad(), w2.clone().require_grad());
+            let (w3, wd) = (w3.clone().require_grad(), wd.clone().require_grad());
             let branch = |h: Tensor<4>| {
                 let h = gemm_conv2d_act(h, w1.clone(), None, [1, 1], [1, 1], precision, true);
                 gemm_conv2d(h, w2.clone(), None, [1, 1], [1, 1], precision)
@@ -800,21 +805,33 @@ fn residual_entry_is_the_plain_shortcut() {
                     add_relu(branch(h.clone()), h)
                 }
             };
-            let y = block(block(x.clone()));
+            // 8 -> 12 channels at stride 2: a strided 3x3 branch, a strided 1x1 shortcut.
+            let projection = |h: Tensor<4>| {
+                let down = |h| gemm_conv2d(h, wd.clone(), None, [2, 2], [0, 0], precision);
+                let branch = |h| gemm_conv2d(h, w3.clone(), None, [2, 2], [1, 1], precision);
+                if fused {
+                    let (entry, shortcut) = residual_entry(h);
+                    let s = down(shortcut.into_input());
+                    add_relu(branch(entry), s)
+                } else {
+                    add_relu(branch(h.clone()), down(h))
+                }
+            };
+            let y = projection(block(block(x.clone())));
             let grads = (y.clone() * dy.clone().cast(y.dtype())).sum().backward();
-            let (gx, g1, g2) = (x.grad(&grads), w1.grad(&grads), w2.grad(&grads));
+            let [g1, g2, g3, gd] = [&w1, &w2, &w3, &wd].map(|w| bits(w.grad(&grads).unwrap()));
             (
                 bits(y.inner()),
-                bits(gx.unwrap()),
-                bits(g1.unwrap()),
-                bits(g2.unwrap()),
+                bits(x.grad(&grads).unwrap()),
+                [g1, g2, g3, gd],
             )
         };
-        let (y1, gx1, ga1, gb1) = run(true);
-        let (y0, gx0, ga0, gb0) = run(false);
+        let (y1, gx1, gw1) = run(true);
+        let (y0, gx0, gw0) = run(false);
         assert_eq!(y1, y0, "{precision:?}: output");
         assert_eq!(gx1, gx0, "{precision:?}: input gradient");
-        assert_eq!(ga1, ga0, "{precision:?}: first weight's gradient");
-        assert_eq!(gb1, gb0, "{precision:?}: second weight's gradient");
+        for (i, (a, b)) in gw1.iter().zip(&gw0).enumerate() {
+            assert_eq!(a, b, "{precision:?}: weight {i}'s gradient");
+        }
     }
 }

@@ -184,9 +184,9 @@ pub fn linear(layer: &burn::nn::Linear, x: Tensor<2>) -> Tensor<2> {
     crate::kernels::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
-/// A residual block with an identity shortcut (He et al. 2016): the branch's input and the
-/// shortcut for [`add_relu_shortcut`] (its gradient added by convlab's kernel, not Burn's
-/// registry: [`crate::kernels::residual_entry`]).
+/// A residual block's start (He et al. 2016): the branch's input and the shortcut, for
+/// [`add_relu_shortcut`] or, projected, through `Shortcut::into_input` (its gradient added by
+/// convlab's kernel, not Burn's registry: [`crate::kernels::residual_entry`]).
 pub fn residual_entry(x: Tensor<4>) -> (Tensor<4>, crate::kernels::Shortcut) {
     crate::kernels::residual_entry(x)
 }

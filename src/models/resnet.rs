@@ -123,15 +123,15 @@ impl Block {
             }
             y
         };
+        // The entry gives the block's input one gradient, the branch's and the shortcut's
+        // added by convlab rather than by Burn's registry (`kernels::residual_entry`).
+        let (x, shortcut) = crate::layers::residual_entry(x);
         match &self.down {
             Some(d) => {
-                let shortcut = d.forward(x.clone(), precision);
+                let shortcut = d.forward(shortcut.into_input(), precision);
                 crate::layers::add_relu(branch(x), shortcut)
             }
-            None => {
-                let (x, shortcut) = crate::layers::residual_entry(x);
-                crate::layers::add_relu_shortcut(branch(x), shortcut)
-            }
+            None => crate::layers::add_relu_shortcut(branch(x), shortcut),
         }
     }
 
