@@ -1,6 +1,6 @@
 //! A fully connected layer at a small batch (VGG's and AlexNet's classifiers at photo sizes):
 //! the three products stream the weight matrix once each, straight from its row-major
-//! storage, in AVX-512.
+//! storage, in AVX-512 or AVX2 + FMA (one body for both, [`Vector`]).
 //!
 //! With `n` rows (the batch) of at most [`MAX_ROWS`], each weight is used `n` times per
 //! product, so all three are bound by the pass over the `[I, O]` weights (vgg16's first
@@ -8,9 +8,10 @@
 //! before multiplying it (a second pass over them) and writes the weight gradient with
 //! ordinary stores (each line read before it is written); here the forward pass and the
 //! input gradient read each weight once, in rows, and the weight gradient is written with
-//! streaming stores: vgg16's first layer at batch 8, forward and backward, 163 -> 84 ms on two
-//! cores of the AMX Xeon (`cargo run --release --example linear_layers`; BENCHMARKS.md "The
-//! ReLU in the convolution, the classifier's weights streamed once").
+//! streaming stores on AVX-512: vgg16's first layer at batch 8, forward and backward, 163 ->
+//! 84 ms on two cores of the AMX Xeon (batches up to 16), 176 -> 118-139 ms on Zen 3's AVX2
+//! (batches up to 8) (`cargo run --release --example linear_layers`; BENCHMARKS.md "The ReLU
+//! in the convolution, the classifier's weights streamed once" and "The classifier on AVX2").
 //!
 //! Every sum runs in a fixed order that the thread count does not change (the threads split
 //! output columns or weight rows, never a sum), so the bits are the same on 1 or 2 threads.
@@ -21,28 +22,63 @@
 
 use std::mem::MaybeUninit;
 
-/// The most rows (batch) these kernels take; larger batches use the `gemm` crate, which
-/// reuses each weight enough to be compute-bound.
+/// The most rows (batch) these kernels take on any unit ([`Unit::max_rows`]); larger batches
+/// use the `gemm` crate, which reuses each weight enough to be compute-bound.
 pub const MAX_ROWS: usize = 16;
-
-/// Weight rows summed per pass over the forward pass's output rows (kept in 16 registers).
-const K_BLOCK: usize = 16;
 
 /// Weight rows per weight-gradient step (their sums kept in registers).
 const DW_ROWS: usize = 4;
 
-/// Whether these kernels compute an `n`-row product on this CPU: AVX-512 and `1..=MAX_ROWS`
-/// rows.
+/// The vector unit the products run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// 16 lanes, masked loads and stores: 16 weight rows (forward) or 16 `dy` rows (input
+    /// gradient) in 32 registers.
+    Avx512,
+    /// 8 lanes (AMD Zen 2/3, Intel client cores): 8 weight rows in registers of 16.
+    Avx2,
+}
+
+impl Unit {
+    /// The units this CPU has, the faster first.
+    pub fn present() -> Vec<Unit> {
+        let mut units = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                units.push(Unit::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                units.push(Unit::Avx2);
+            }
+        }
+        units
+    }
+
+    /// The most rows (batch) these kernels take on this unit: on AVX2 a block of 16 rows'
+    /// sums does not fit the 16 registers, and fc6 (25088 -> 4096) at batch 16 took 278 ms
+    /// forward and backward against the `gemm` crate's 190 (Zen 3; at batch 8 118-139
+    /// against 176).
+    pub fn max_rows(self) -> usize {
+        match self {
+            Unit::Avx512 => MAX_ROWS,
+            Unit::Avx2 => 8,
+        }
+    }
+}
+
+/// The unit these kernels run on here, if any.
+fn unit() -> Option<Unit> {
+    static UNIT: std::sync::OnceLock<Option<Unit>> = std::sync::OnceLock::new();
+    *UNIT.get_or_init(|| Unit::present().first().copied())
+}
+
+/// Whether these kernels compute an `n`-row product on this CPU: AVX-512 and `1..=16` rows,
+/// or AVX2 + FMA and `1..=8`.
 pub fn applies(n: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        (1..=MAX_ROWS).contains(&n) && std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = n;
-        false
-    }
+    unit().is_some_and(|u| (1..=u.max_rows()).contains(&n))
 }
 
 /// Consecutive ranges of `len` items, one per worker thread, each starting on a multiple of
@@ -55,10 +91,220 @@ fn split(len: usize, align: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// The mask of the first `min(left, 16)` lanes of a vector: a whole tile, or a row's tail.
+/// One vector register of f32 lanes and the operations the three products need, so that
+/// one body of each serves AVX-512 and AVX2: the methods are inlined into the
+/// `#[target_feature]` functions that call the bodies ([`forward_cols`] and the others'
+/// wrappers), as the `pulp` crate does.
+///
+/// # Safety
+/// Every method may use its instruction set: call them only where the CPU has it.
 #[cfg(target_arch = "x86_64")]
-fn lanes(left: usize) -> std::arch::x86_64::__mmask16 {
-    if left >= 16 { !0 } else { (1 << left) - 1 }
+trait Vector: Copy {
+    /// Lanes per vector.
+    const LANES: usize;
+    /// Operand rows a product keeps in registers: 16 of AVX-512's 32, 8 of AVX2's 16.
+    const ROWS: usize;
+    /// Which lanes a load or store touches.
+    type Mask: Copy;
+    /// The first `min(left, LANES)` lanes: a whole vector, or a row's tail.
+    fn mask(left: usize) -> Self::Mask;
+    /// Whether `m` is every lane.
+    fn full(m: Self::Mask) -> bool;
+    fn zero() -> Self;
+    fn splat(v: f32) -> Self;
+    /// `a b + c`, fused.
+    fn fma(a: Self, b: Self, c: Self) -> Self;
+    /// The lanes of `p` under `m`; the others zero and not read.
+    ///
+    /// # Safety
+    /// The lanes under `m` are readable.
+    unsafe fn load(m: Self::Mask, p: *const f32) -> Self;
+    /// # Safety
+    /// The lanes under `m` are writable.
+    unsafe fn store(m: Self::Mask, p: *mut f32, v: Self);
+    /// Whether the weight gradient is written by streaming stores: on AVX-512 (the AMX
+    /// Xeon: whole 64-byte lines, no line read before it is written), not on AVX2 (fc6's
+    /// weight gradient at batch 8 on Zen 3 took 46-50 ms streamed in 32-byte halves of lines,
+    /// 28-30 ms stored plainly).
+    const STREAM: bool;
+    /// A whole vector by a streaming (non-temporal) store.
+    ///
+    /// # Safety
+    /// `p` is aligned to the vector's size and its lanes are writable.
+    unsafe fn stream(p: *mut f32, v: Self);
+    /// The lanes added in order, lane 0 first.
+    fn sum(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Vector for std::arch::x86_64::__m512 {
+    const LANES: usize = 16;
+    const ROWS: usize = 16;
+    const STREAM: bool = true;
+    type Mask = std::arch::x86_64::__mmask16;
+    #[inline(always)]
+    fn mask(left: usize) -> Self::Mask {
+        if left >= 16 { !0 } else { (1 << left) - 1 }
+    }
+    #[inline(always)]
+    fn full(m: Self::Mask) -> bool {
+        m == !0
+    }
+    #[inline(always)]
+    fn zero() -> Self {
+        // SAFETY: the trait's contract: the caller runs on AVX-512F.
+        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        // SAFETY: as `zero`.
+        unsafe { std::arch::x86_64::_mm512_set1_ps(v) }
+    }
+    #[inline(always)]
+    fn fma(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: as `zero`.
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn load(m: Self::Mask, p: *const f32) -> Self {
+        // SAFETY: AVX-512F as `zero`; masked lanes are not read, the rest are readable.
+        unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(m, p) }
+    }
+    #[inline(always)]
+    unsafe fn store(m: Self::Mask, p: *mut f32, v: Self) {
+        // SAFETY: as `load`, for writes.
+        unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(p, m, v) }
+    }
+    #[inline(always)]
+    unsafe fn stream(p: *mut f32, v: Self) {
+        // SAFETY: AVX-512F as `zero`; `p` is 64-byte aligned and writable (the caller's).
+        unsafe { std::arch::x86_64::_mm512_stream_ps(p, v) }
+    }
+    #[inline(always)]
+    fn sum(self) -> f32 {
+        let mut lanes = [0f32; 16];
+        // SAFETY: AVX-512F as `zero`; 16 floats.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), self) };
+        lanes.iter().sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Vector for std::arch::x86_64::__m256 {
+    const LANES: usize = 8;
+    const ROWS: usize = 8;
+    const STREAM: bool = false;
+    /// The number of lanes: AVX2's masked moves are slower than plain ones, so a whole
+    /// vector takes the plain move.
+    type Mask = usize;
+    #[inline(always)]
+    fn mask(left: usize) -> usize {
+        left.min(8)
+    }
+    #[inline(always)]
+    fn full(m: usize) -> bool {
+        m == 8
+    }
+    #[inline(always)]
+    fn zero() -> Self {
+        // SAFETY: the trait's contract: the caller runs on AVX2 + FMA.
+        unsafe { std::arch::x86_64::_mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        // SAFETY: as `zero`.
+        unsafe { std::arch::x86_64::_mm256_set1_ps(v) }
+    }
+    #[inline(always)]
+    fn fma(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: as `zero`.
+        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn load(m: usize, p: *const f32) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 as `zero`; the first `m` lanes are readable, `vmaskmovps` reads no
+        // other.
+        unsafe {
+            if m == 8 {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, lane_mask(m))
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(m: usize, p: *mut f32, v: Self) {
+        use std::arch::x86_64::*;
+        // SAFETY: as `load`, for writes.
+        unsafe {
+            if m == 8 {
+                _mm256_storeu_ps(p, v)
+            } else {
+                _mm256_maskstore_ps(p, lane_mask(m), v)
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn stream(p: *mut f32, v: Self) {
+        // SAFETY: AVX as `zero`; `p` is 32-byte aligned and writable (the caller's).
+        unsafe { std::arch::x86_64::_mm256_stream_ps(p, v) }
+    }
+    #[inline(always)]
+    fn sum(self) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: AVX as `zero`; 8 floats.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), self) };
+        lanes.iter().sum()
+    }
+}
+
+/// `vmaskmovps`' mask of the first `m < 8` lanes (the sign bit of each 32-bit lane).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_mask(m: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2, the caller's (`Vector for __m256`).
+    unsafe {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(m as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+}
+
+/// Defines `unsafe fn $name(unit: Unit, args)` that runs the body, generic over the vector
+/// type `$v`, compiled for `unit`'s instruction set (so that [`Vector`]'s methods inline into
+/// it).
+macro_rules! on_units {
+    ($(#[doc = $doc:literal])* unsafe fn $name:ident<$v:ident: Vector $(, const $c:ident: usize)*>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[doc = $doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<$(const $c: usize),*>(unit: Unit, $($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn imp<$v: Vector $(, const $c: usize)*>($($arg: $ty),*) $body
+            #[target_feature(enable = "avx512f")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512<$(const $c: usize),*>($($arg: $ty),*) {
+                // SAFETY: the caller's contract; AVX-512F is enabled here.
+                unsafe { imp::<std::arch::x86_64::__m512 $(, $c)*>($($arg),*) }
+            }
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2<$(const $c: usize),*>($($arg: $ty),*) {
+                // SAFETY: the caller's contract; AVX2 and FMA are enabled here.
+                unsafe { imp::<std::arch::x86_64::__m256 $(, $c)*>($($arg),*) }
+            }
+            match unit {
+                // SAFETY: `unit` is one the CPU has (the caller's contract).
+                Unit::Avx512 => unsafe { avx512::<$($c),*>($($arg),*) },
+                // SAFETY: as above.
+                Unit::Avx2 => unsafe { avx2::<$($c),*>($($arg),*) },
+            }
+        }
+    };
 }
 
 /// `y = x w + b`.
@@ -67,6 +313,23 @@ fn lanes(left: usize) -> std::arch::x86_64::__mmask16 {
 /// Unless [`applies`]`(n)` and the slices have the shapes above.
 pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(applies(n), "fc::forward: {n} rows on this CPU");
+    forward_on(unit().expect("applies"), x, w, b, n, i, o)
+}
+
+/// [`forward`] on `unit`, one of [`Unit::present`]'s.
+fn forward_on(
+    unit: Unit,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    i: usize,
+    o: usize,
+) -> Vec<f32> {
+    assert!(
+        (1..=unit.max_rows()).contains(&n) && Unit::present().contains(&unit),
+        "fc::forward: {n} rows on {unit:?}"
+    );
     assert!(
         x.len() == n * i && w.len() == i * o && b.len() == o,
         "fc::forward: shapes"
@@ -80,11 +343,11 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, i: usize, o: usize) ->
             let mut y: Vec<f32> = (0..n)
                 .flat_map(|_| b[cols.clone()].iter().copied())
                 .collect();
-            // SAFETY: `applies` checked AVX-512F; the slices' shapes are asserted above and
-            // `y` is `[n, width]`.
+            // SAFETY: `unit` is present (asserted above); the slices' shapes are asserted
+            // above and `y` is `[n, width]`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                forward_cols(x, w, &mut y, n, i, o, cols.start, width)
+                forward_cols(unit, x, w, &mut y, n, i, o, cols.start, width)
             };
             (cols, y)
         })
@@ -98,47 +361,45 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, i: usize, o: usize) ->
     y
 }
 
-/// `y[r, ..] += Σ_k x[r, k] · w[k, c0 + ..]` for `width` columns from `c0`, `y` being `[n,
-/// width]`: [`K_BLOCK`] weight rows in registers at a time, each output row's tile loaded,
-/// added to in order of `k` and stored back.
-///
-/// # Safety
-/// The CPU has AVX-512F; `x` is `[n, i]`, `w` `[i, o]`, `c0 + width <= o`, `y` `[n, width]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn forward_cols(
-    x: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    n: usize,
-    i: usize,
-    o: usize,
-    c0: usize,
-    width: usize,
-) {
-    use std::arch::x86_64::*;
-    for k0 in (0..i).step_by(K_BLOCK) {
-        let kb = K_BLOCK.min(i - k0);
-        for c in (0..width).step_by(16) {
-            let m = lanes(width - c);
-            let mut wv = [_mm512_setzero_ps(); K_BLOCK];
-            for (j, v) in wv.iter_mut().enumerate().take(kb) {
-                // SAFETY: row `k0 + j < i`, columns `c0 + c + lane < c0 + width <= o` under
-                // the mask.
-                *v = unsafe { _mm512_maskz_loadu_ps(m, w.as_ptr().add((k0 + j) * o + c0 + c)) };
-            }
-            for r in 0..n {
-                let xr = &x[r * i + k0..r * i + k0 + kb];
-                // SAFETY: `y` is `[n, width]`; lanes past `width` are masked.
-                let yp = unsafe { y.as_mut_ptr().add(r * width + c) };
-                // SAFETY: as the pointer above.
-                let mut acc = unsafe { _mm512_maskz_loadu_ps(m, yp) };
-                for (v, &xv) in wv.iter().zip(xr) {
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(xv), *v, acc);
+on_units! {
+    /// `y[r, ..] += Σ_k x[r, k] · w[k, c0 + ..]` for `width` columns from `c0`, `y` being
+    /// `[n, width]`: `V::ROWS` weight rows in registers at a time, each output row's tile
+    /// loaded, added to in order of `k` and stored back.
+    ///
+    /// # Safety
+    /// `unit` is present; `x` is `[n, i]`, `w` `[i, o]`, `c0 + width <= o`, `y` `[n, width]`.
+    unsafe fn forward_cols<V: Vector>(
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        n: usize,
+        i: usize,
+        o: usize,
+        c0: usize,
+        width: usize,
+    ) {
+        for k0 in (0..i).step_by(V::ROWS) {
+            let kb = V::ROWS.min(i - k0);
+            for c in (0..width).step_by(V::LANES) {
+                let m = V::mask(width - c);
+                let mut wv = [V::zero(); 16];
+                for (j, v) in wv.iter_mut().enumerate().take(kb) {
+                    // SAFETY: row `k0 + j < i`, columns `c0 + c + lane < c0 + width <= o`
+                    // under the mask.
+                    *v = unsafe { V::load(m, w.as_ptr().add((k0 + j) * o + c0 + c)) };
                 }
-                // SAFETY: as the load.
-                unsafe { _mm512_mask_storeu_ps(yp, m, acc) };
+                for r in 0..n {
+                    let xr = &x[r * i + k0..r * i + k0 + kb];
+                    // SAFETY: `y` is `[n, width]`; lanes past `width` are masked.
+                    let yp = unsafe { y.as_mut_ptr().add(r * width + c) };
+                    // SAFETY: as the pointer above.
+                    let mut acc = unsafe { V::load(m, yp) };
+                    for (v, &xv) in wv.iter().zip(xr) {
+                        acc = V::fma(V::splat(xv), *v, acc);
+                    }
+                    // SAFETY: as the load.
+                    unsafe { V::store(m, yp, acc) };
+                }
             }
         }
     }
@@ -151,6 +412,15 @@ unsafe fn forward_cols(
 /// Unless [`applies`]`(n)` and the slices have the shapes above.
 pub fn input_grad(dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(applies(n), "fc::input_grad: {n} rows on this CPU");
+    input_grad_on(unit().expect("applies"), dy, w, n, i, o)
+}
+
+/// [`input_grad`] on `unit`, one of [`Unit::present`]'s.
+fn input_grad_on(unit: Unit, dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        (1..=unit.max_rows()).contains(&n) && Unit::present().contains(&unit),
+        "fc::input_grad: {n} rows on {unit:?}"
+    );
     assert!(
         dy.len() == n * o && w.len() == i * o,
         "fc::input_grad: shapes"
@@ -166,14 +436,14 @@ pub fn input_grad(dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f3
         .into_par_iter()
         .map(|ks| {
             let mut t = vec![0f32; ks.len() * rows];
-            // SAFETY: `applies` checked AVX-512F; `padded` is `[rows, o]`, `w` `[i, o]`,
-            // `t` `[ks.len(), rows]`.
+            // SAFETY: `unit` is present (asserted above); `padded` is `[rows, o]`, `w`
+            // `[i, o]`, `t` `[ks.len(), rows]`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 if rows == 8 {
-                    input_grad_rows::<8>(&padded, w, &mut t, o, ks.clone())
+                    input_grad_rows::<8>(unit, &padded, w, &mut t, o, ks.clone())
                 } else {
-                    input_grad_rows::<16>(&padded, w, &mut t, o, ks.clone())
+                    input_grad_rows::<16>(unit, &padded, w, &mut t, o, ks.clone())
                 }
             };
             (ks, t)
@@ -190,42 +460,38 @@ pub fn input_grad(dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f3
     dx
 }
 
-/// `t[k - ks.start, r] = Σ_c dy[r, c] · w[k, c]` for `k` in `ks`, `R` rows of `dy`: one
-/// weight row at a time, `R` sums in registers over its 16-column tiles, each sum's lanes
-/// added in order at the end.
-///
-/// # Safety
-/// The CPU has AVX-512F; `dy` is `[R, o]`, `w` holds rows `ks` of `o` values, `t` is
-/// `[ks.len(), R]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn input_grad_rows<const R: usize>(
-    dy: &[f32],
-    w: &[f32],
-    t: &mut [f32],
-    o: usize,
-    ks: std::ops::Range<usize>,
-) {
-    use std::arch::x86_64::*;
-    assert!(dy.len() >= R * o && w.len() >= ks.end * o && t.len() >= ks.len() * R);
-    for (kk, k) in ks.enumerate() {
-        let mut acc = [_mm512_setzero_ps(); R];
-        for c in (0..o).step_by(16) {
-            let m = lanes(o - c);
-            // SAFETY: row `k` of `w` and rows `r < R` of `dy` hold `o` values; lanes past `o`
-            // are masked (asserted lengths above).
-            let wv = unsafe { _mm512_maskz_loadu_ps(m, w.as_ptr().add(k * o + c)) };
-            for (r, a) in acc.iter_mut().enumerate() {
-                // SAFETY: row `r < R` of `dy` holds `o` values; lanes past `o` are masked.
-                let d = unsafe { _mm512_maskz_loadu_ps(m, dy.as_ptr().add(r * o + c)) };
-                *a = _mm512_fmadd_ps(d, wv, *a);
+on_units! {
+    /// `t[k - ks.start, r] = Σ_c dy[r, c] · w[k, c]` for `k` in `ks`, `R` rows of `dy`: one
+    /// weight row at a time, `R` sums in registers over its tiles of `V::LANES` columns, each
+    /// sum's lanes added in order at the end.
+    ///
+    /// # Safety
+    /// `unit` is present; `dy` is `[R, o]`, `w` holds rows `ks` of `o` values, `t` is
+    /// `[ks.len(), R]`.
+    unsafe fn input_grad_rows<V: Vector, const R: usize>(
+        dy: &[f32],
+        w: &[f32],
+        t: &mut [f32],
+        o: usize,
+        ks: std::ops::Range<usize>,
+    ) {
+        assert!(dy.len() >= R * o && w.len() >= ks.end * o && t.len() >= ks.len() * R);
+        for (kk, k) in ks.enumerate() {
+            let mut acc = [V::zero(); R];
+            for c in (0..o).step_by(V::LANES) {
+                let m = V::mask(o - c);
+                // SAFETY: row `k` of `w` and rows `r < R` of `dy` hold `o` values; lanes past
+                // `o` are masked (asserted lengths above).
+                let wv = unsafe { V::load(m, w.as_ptr().add(k * o + c)) };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: row `r < R` of `dy` holds `o` values; lanes past `o` are masked.
+                    let d = unsafe { V::load(m, dy.as_ptr().add(r * o + c)) };
+                    *a = V::fma(d, wv, *a);
+                }
             }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 16];
-            // SAFETY: 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
-            t[kk * R + r] = lanes.iter().sum();
+            for (r, a) in acc.iter().enumerate() {
+                t[kk * R + r] = a.sum();
+            }
         }
     }
 }
@@ -237,6 +503,15 @@ unsafe fn input_grad_rows<const R: usize>(
 /// Unless [`applies`]`(n)` and the slices have the shapes above.
 pub fn weight_grad(x: &[f32], dy: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(applies(n), "fc::weight_grad: {n} rows on this CPU");
+    weight_grad_on(unit().expect("applies"), x, dy, n, i, o)
+}
+
+/// [`weight_grad`] on `unit`, one of [`Unit::present`]'s.
+fn weight_grad_on(unit: Unit, x: &[f32], dy: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        (1..=unit.max_rows()).contains(&n) && Unit::present().contains(&unit),
+        "fc::weight_grad: {n} rows on {unit:?}"
+    );
     assert!(
         x.len() == n * i && dy.len() == n * o,
         "fc::weight_grad: shapes"
@@ -245,77 +520,80 @@ pub fn weight_grad(x: &[f32], dy: &[f32], n: usize, i: usize, o: usize) -> Vec<f
     let blocks = split(i, DW_ROWS);
     let lens: Vec<usize> = blocks.iter().map(|r| r.len() * o).collect();
     let fill = |p: usize, part: &mut [MaybeUninit<f32>], _: &mut ()| {
-        // SAFETY: `applies` checked AVX-512F; `part` is rows `blocks[p]` of `[i, o]`.
+        // SAFETY: `unit` is present (asserted above); `part` is rows `blocks[p]` of `[i, o]`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            weight_grad_rows(x, dy, part, n, i, o, blocks[p].clone())
+            weight_grad_rows(unit, x, dy, part, n, i, o, blocks[p].clone())
         };
     };
     // SAFETY: `weight_grad_rows` writes every value of its rows.
     unsafe { super::buf::par_parts_uninit(&lens, || (), fill) }
 }
 
-/// Rows `ks` of `dw = xᵀ dy` into `part` (`[ks.len(), o]`, every value written):
-/// [`DW_ROWS`] weight rows at a time, each 16-column tile summed over the `n` rows of `dy` in
-/// registers and stored (streaming where the tile is a whole aligned line).
-///
-/// # Safety
-/// The CPU has AVX-512F; `x` is `[n, i]`, `dy` `[n, o]`, `part` `[ks.len(), o]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn weight_grad_rows(
-    x: &[f32],
-    dy: &[f32],
-    part: &mut [MaybeUninit<f32>],
-    n: usize,
-    i: usize,
-    o: usize,
-    ks: std::ops::Range<usize>,
-) {
-    use std::arch::x86_64::*;
-    assert!(x.len() >= n * i && dy.len() >= n * o && part.len() >= ks.len() * o);
-    let out = part.as_mut_ptr().cast::<f32>();
-    for k0 in ks.clone().step_by(DW_ROWS) {
-        let kb = DW_ROWS.min(ks.end - k0);
-        // Tiles start where the first row's lines do (the allocation starts 16 bytes into
-        // one), so that whole tiles can be streamed: a head tile of `h` columns, then 16 at
-        // a time. With `o` a multiple of 16 every row of the block lines up alike.
-        let first = out.wrapping_add((k0 - ks.start) * o) as usize;
-        let h = if o.is_multiple_of(16) {
-            (64 - first % 64) % 64 / 4
-        } else {
-            0
-        };
-        let mut c = 0;
-        while c < o {
-            let width = if c < h { h } else { 16.min(o - c) };
-            let m = lanes(width);
-            let mut acc = [_mm512_setzero_ps(); DW_ROWS];
-            for r in 0..n {
-                // SAFETY: row `r < n` of `dy` holds `o` values; lanes past `o` are masked.
-                let d = unsafe { _mm512_maskz_loadu_ps(m, dy.as_ptr().add(r * o + c)) };
-                for (j, a) in acc.iter_mut().enumerate().take(kb) {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(x[r * i + k0 + j]), d, *a);
+on_units! {
+    /// Rows `ks` of `dw = xᵀ dy` into `part` (`[ks.len(), o]`, every value written):
+    /// [`DW_ROWS`] weight rows at a time, each tile of `V::LANES` columns summed over the `n`
+    /// rows of `dy` in registers and stored (streaming where the tile is a whole aligned
+    /// vector).
+    ///
+    /// # Safety
+    /// `unit` is present; `x` is `[n, i]`, `dy` `[n, o]`, `part` `[ks.len(), o]`.
+    unsafe fn weight_grad_rows<V: Vector>(
+        x: &[f32],
+        dy: &[f32],
+        part: &mut [MaybeUninit<f32>],
+        n: usize,
+        i: usize,
+        o: usize,
+        ks: std::ops::Range<usize>,
+    ) {
+        assert!(x.len() >= n * i && dy.len() >= n * o && part.len() >= ks.len() * o);
+        let out = part.as_mut_ptr().cast::<f32>();
+        let bytes = V::LANES * 4;
+        for k0 in ks.clone().step_by(DW_ROWS) {
+            let kb = DW_ROWS.min(ks.end - k0);
+            // Tiles start where the first row's vectors align (the allocation starts 16
+            // bytes into a line), so that whole tiles can be streamed: a head tile of `h`
+            // columns, then `V::LANES` at a time. With `o` a multiple of the lanes every row
+            // of the block lines up alike.
+            let first = out.wrapping_add((k0 - ks.start) * o) as usize;
+            let h = if o.is_multiple_of(V::LANES) {
+                (bytes - first % bytes) % bytes / 4
+            } else {
+                0
+            };
+            let mut c = 0;
+            while c < o {
+                let width = if c < h { h } else { V::LANES.min(o - c) };
+                let m = V::mask(width);
+                let mut acc = [V::zero(); DW_ROWS];
+                for r in 0..n {
+                    // SAFETY: row `r < n` of `dy` holds `o` values; lanes past `o` are masked.
+                    let d = unsafe { V::load(m, dy.as_ptr().add(r * o + c)) };
+                    for (j, a) in acc.iter_mut().enumerate().take(kb) {
+                        *a = V::fma(V::splat(x[r * i + k0 + j]), d, *a);
+                    }
                 }
-            }
-            for (j, a) in acc.iter().enumerate().take(kb) {
-                // SAFETY: row `k0 + j - ks.start < ks.len()` of `part`, columns under the mask.
-                let p = unsafe { out.add((k0 + j - ks.start) * o + c) };
-                if m == !0 && (p as usize).is_multiple_of(64) {
-                    // SAFETY: a whole line of `part`, 64-byte aligned as streaming stores need.
-                    unsafe { _mm512_stream_ps(p, *a) };
-                } else {
-                    // SAFETY: as above, lanes under the mask.
-                    unsafe { _mm512_mask_storeu_ps(p, m, *a) };
+                for (j, a) in acc.iter().enumerate().take(kb) {
+                    // SAFETY: row `k0 + j - ks.start < ks.len()` of `part`, columns under the
+                    // mask.
+                    let p = unsafe { out.add((k0 + j - ks.start) * o + c) };
+                    if V::STREAM && V::full(m) && (p as usize).is_multiple_of(bytes) {
+                        // SAFETY: a whole vector of `part`, aligned as streaming stores need.
+                        unsafe { V::stream(p, *a) };
+                    } else {
+                        // SAFETY: as above, lanes under the mask.
+                        unsafe { V::store(m, p, *a) };
+                    }
                 }
+                c += width;
             }
-            c += width;
         }
+        // Streaming stores are weakly ordered: fenced on the thread that made them, before
+        // the join that hands the gradient to another thread.
+        // SAFETY: SSE, which every x86-64 CPU has.
+        unsafe { std::arch::x86_64::_mm_sfence() };
     }
-    // Streaming stores are weakly ordered: fenced on the thread that made them, before the
-    // join that hands the gradient to another thread.
-    _mm_sfence();
 }
 
 #[cfg(test)]
@@ -328,29 +606,40 @@ mod tests {
             .collect()
     }
 
-    /// All three products against the plain triple loops (f64 sums), for batches of 1 to
-    /// [`MAX_ROWS`] and widths with and without a 16-lane tail, on 1 and 3 threads (the same
-    /// bits on both).
+    /// All three products against the plain triple loops (f64 sums), on every unit the CPU
+    /// has, for batches of 1 to the unit's most rows, weight blocks whole and cut short, and
+    /// widths with and without a vector's tail, on 1 and 3 threads (the same bits on both).
     #[test]
     fn products_are_the_definitions() {
-        if !applies(1) {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        let units = Unit::present();
+        if units.is_empty() {
+            eprintln!("skipped: neither AVX-512 nor AVX2 + FMA on this CPU");
             return;
         }
+        for unit in units {
+            products_on(unit);
+        }
+    }
+
+    fn products_on(unit: Unit) {
         for (n, i, o) in [
             (1, 19, 33),
             (5, 40, 16),
             (8, 37, 70),
             (13, 64, 100),
             (16, 21, 48),
-        ] {
+            (7, 24, 24),
+        ]
+        .into_iter()
+        .filter(|&(n, ..)| n <= unit.max_rows())
+        {
             let (x, w, b, dy) = (data(n * i, 1), data(i * o, 2), data(o, 3), data(n * o, 4));
             let close = |a: &[f32], e: &[f64], what: &str| {
                 assert_eq!(a.len(), e.len(), "{what}");
                 for (j, (&a, &e)) in a.iter().zip(e).enumerate() {
                     assert!(
                         (a as f64 - e).abs() < 1e-4,
-                        "{what} [{j}]: {a} vs {e} ({n}, {i}, {o})"
+                        "{unit:?} {what} [{j}]: {a} vs {e} ({n}, {i}, {o})"
                     );
                 }
             };
@@ -361,9 +650,9 @@ mod tests {
                     .unwrap();
                 pool.install(|| {
                     (
-                        forward(&x, &w, &b, n, i, o),
-                        input_grad(&dy, &w, n, i, o),
-                        weight_grad(&x, &dy, n, i, o),
+                        forward_on(unit, &x, &w, &b, n, i, o),
+                        input_grad_on(unit, &dy, &w, n, i, o),
+                        weight_grad_on(unit, &x, &dy, n, i, o),
                     )
                 })
             };
@@ -399,7 +688,7 @@ mod tests {
             assert_eq!(
                 run(3),
                 (y, dx, dw),
-                "3 threads: the same bits ({n}, {i}, {o})"
+                "{unit:?} 3 threads: the same bits ({n}, {i}, {o})"
             );
         }
     }
