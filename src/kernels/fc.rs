@@ -42,19 +42,28 @@ pub enum Unit {
 impl Unit {
     /// The units this CPU has, the faster first.
     pub fn present() -> Vec<Unit> {
-        let mut units = Vec::new();
+        [Unit::Avx512, Unit::Avx2]
+            .into_iter()
+            .filter(|u| u.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has the unit's instructions (`std`'s detection, cached).
+    fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                units.push(Unit::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                units.push(Unit::Avx2);
+            match self {
+                Unit::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Unit::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
             }
         }
-        units
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 
     /// The most rows (batch) these kernels take on this unit: on AVX2 a block of 16 rows'
@@ -316,7 +325,7 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, i: usize, o: usize) ->
     forward_on(unit().expect("applies"), x, w, b, n, i, o)
 }
 
-/// [`forward`] on `unit`, one of [`Unit::present`]'s.
+/// [`forward`] on `unit`, one this CPU has.
 fn forward_on(
     unit: Unit,
     x: &[f32],
@@ -327,7 +336,7 @@ fn forward_on(
     o: usize,
 ) -> Vec<f32> {
     assert!(
-        (1..=unit.max_rows()).contains(&n) && Unit::present().contains(&unit),
+        (1..=unit.max_rows()).contains(&n) && unit.runs_here(),
         "fc::forward: {n} rows on {unit:?}"
     );
     assert!(
@@ -415,10 +424,10 @@ pub fn input_grad(dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f3
     input_grad_on(unit().expect("applies"), dy, w, n, i, o)
 }
 
-/// [`input_grad`] on `unit`, one of [`Unit::present`]'s.
+/// [`input_grad`] on `unit`, one this CPU has.
 fn input_grad_on(unit: Unit, dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(
-        (1..=unit.max_rows()).contains(&n) && Unit::present().contains(&unit),
+        (1..=unit.max_rows()).contains(&n) && unit.runs_here(),
         "fc::input_grad: {n} rows on {unit:?}"
     );
     assert!(
@@ -506,10 +515,10 @@ pub fn weight_grad(x: &[f32], dy: &[f32], n: usize, i: usize, o: usize) -> Vec<f
     weight_grad_on(unit().expect("applies"), x, dy, n, i, o)
 }
 
-/// [`weight_grad`] on `unit`, one of [`Unit::present`]'s.
+/// [`weight_grad`] on `unit`, one this CPU has.
 fn weight_grad_on(unit: Unit, x: &[f32], dy: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(
-        (1..=unit.max_rows()).contains(&n) && Unit::present().contains(&unit),
+        (1..=unit.max_rows()).contains(&n) && unit.runs_here(),
         "fc::weight_grad: {n} rows on {unit:?}"
     );
     assert!(
