@@ -105,8 +105,8 @@ fn split(len: usize, align: usize) -> Vec<std::ops::Range<usize>> {
 /// `#[target_feature]` functions that call the bodies ([`forward_cols`] and the others'
 /// wrappers), as the `pulp` crate does.
 ///
-/// # Safety
-/// Every method may use its instruction set: call them only where the CPU has it.
+/// Every `unsafe` method needs the CPU to have the vector's instruction set, besides the
+/// conditions it states (the mask and the constants are plain values).
 #[cfg(target_arch = "x86_64")]
 trait Vector: Copy {
     /// Lanes per vector.
@@ -119,10 +119,17 @@ trait Vector: Copy {
     fn mask(left: usize) -> Self::Mask;
     /// Whether `m` is every lane.
     fn full(m: Self::Mask) -> bool;
-    fn zero() -> Self;
-    fn splat(v: f32) -> Self;
+    /// # Safety
+    /// The CPU has the vector's instruction set.
+    unsafe fn zero() -> Self;
+    /// # Safety
+    /// As [`Self::zero`].
+    unsafe fn splat(v: f32) -> Self;
     /// `a b + c`, fused.
-    fn fma(a: Self, b: Self, c: Self) -> Self;
+    ///
+    /// # Safety
+    /// As [`Self::zero`].
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
     /// The lanes of `p` under `m`; the others zero and not read.
     ///
     /// # Safety
@@ -142,7 +149,10 @@ trait Vector: Copy {
     /// `p` is aligned to the vector's size and its lanes are writable.
     unsafe fn stream(p: *mut f32, v: Self);
     /// The lanes added in order, lane 0 first.
-    fn sum(self) -> f32;
+    ///
+    /// # Safety
+    /// As [`Self::zero`].
+    unsafe fn sum(self) -> f32;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -160,17 +170,17 @@ impl Vector for std::arch::x86_64::__m512 {
         m == !0
     }
     #[inline(always)]
-    fn zero() -> Self {
-        // SAFETY: the trait's contract: the caller runs on AVX-512F.
+    unsafe fn zero() -> Self {
+        // SAFETY: the caller's contract: the CPU has AVX-512F.
         unsafe { std::arch::x86_64::_mm512_setzero_ps() }
     }
     #[inline(always)]
-    fn splat(v: f32) -> Self {
+    unsafe fn splat(v: f32) -> Self {
         // SAFETY: as `zero`.
         unsafe { std::arch::x86_64::_mm512_set1_ps(v) }
     }
     #[inline(always)]
-    fn fma(a: Self, b: Self, c: Self) -> Self {
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
         // SAFETY: as `zero`.
         unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
     }
@@ -190,7 +200,7 @@ impl Vector for std::arch::x86_64::__m512 {
         unsafe { std::arch::x86_64::_mm512_stream_ps(p, v) }
     }
     #[inline(always)]
-    fn sum(self) -> f32 {
+    unsafe fn sum(self) -> f32 {
         let mut lanes = [0f32; 16];
         // SAFETY: AVX-512F as `zero`; 16 floats.
         unsafe { std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), self) };
@@ -215,17 +225,17 @@ impl Vector for std::arch::x86_64::__m256 {
         m == 8
     }
     #[inline(always)]
-    fn zero() -> Self {
-        // SAFETY: the trait's contract: the caller runs on AVX2 + FMA.
+    unsafe fn zero() -> Self {
+        // SAFETY: the caller's contract: the CPU has AVX2 + FMA.
         unsafe { std::arch::x86_64::_mm256_setzero_ps() }
     }
     #[inline(always)]
-    fn splat(v: f32) -> Self {
+    unsafe fn splat(v: f32) -> Self {
         // SAFETY: as `zero`.
         unsafe { std::arch::x86_64::_mm256_set1_ps(v) }
     }
     #[inline(always)]
-    fn fma(a: Self, b: Self, c: Self) -> Self {
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
         // SAFETY: as `zero`.
         unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, c) }
     }
@@ -260,7 +270,7 @@ impl Vector for std::arch::x86_64::__m256 {
         unsafe { std::arch::x86_64::_mm256_stream_ps(p, v) }
     }
     #[inline(always)]
-    fn sum(self) -> f32 {
+    unsafe fn sum(self) -> f32 {
         let mut lanes = [0f32; 8];
         // SAFETY: AVX as `zero`; 8 floats.
         unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), self) };
@@ -269,11 +279,14 @@ impl Vector for std::arch::x86_64::__m256 {
 }
 
 /// `vmaskmovps`' mask of the first `m < 8` lanes (the sign bit of each 32-bit lane).
+///
+/// # Safety
+/// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn lane_mask(m: usize) -> std::arch::x86_64::__m256i {
+unsafe fn lane_mask(m: usize) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    // SAFETY: AVX2, the caller's (`Vector for __m256`).
+    // SAFETY: the caller's contract.
     unsafe {
         _mm256_cmpgt_epi32(
             _mm256_set1_epi32(m as i32),
@@ -391,7 +404,8 @@ on_units! {
             let kb = V::ROWS.min(i - k0);
             for c in (0..width).step_by(V::LANES) {
                 let m = V::mask(width - c);
-                let mut wv = [V::zero(); 16];
+                // SAFETY: the unit runs here (the caller's contract).
+                let mut wv = [unsafe { V::zero() }; 16];
                 for (j, v) in wv.iter_mut().enumerate().take(kb) {
                     // SAFETY: row `k0 + j < i`, columns `c0 + c + lane < c0 + width <= o`
                     // under the mask.
@@ -404,7 +418,8 @@ on_units! {
                     // SAFETY: as the pointer above.
                     let mut acc = unsafe { V::load(m, yp) };
                     for (v, &xv) in wv.iter().zip(xr) {
-                        acc = V::fma(V::splat(xv), *v, acc);
+                        // SAFETY: the unit runs here (the caller's contract).
+                        acc = unsafe { V::fma(V::splat(xv), *v, acc) };
                     }
                     // SAFETY: as the load.
                     unsafe { V::store(m, yp, acc) };
@@ -486,7 +501,8 @@ on_units! {
     ) {
         assert!(dy.len() >= R * o && w.len() >= ks.end * o && t.len() >= ks.len() * R);
         for (kk, k) in ks.enumerate() {
-            let mut acc = [V::zero(); R];
+            // SAFETY: the unit runs here (the caller's contract).
+            let mut acc = [unsafe { V::zero() }; R];
             for c in (0..o).step_by(V::LANES) {
                 let m = V::mask(o - c);
                 // SAFETY: row `k` of `w` and rows `r < R` of `dy` hold `o` values; lanes past
@@ -495,11 +511,13 @@ on_units! {
                 for (r, a) in acc.iter_mut().enumerate() {
                     // SAFETY: row `r < R` of `dy` holds `o` values; lanes past `o` are masked.
                     let d = unsafe { V::load(m, dy.as_ptr().add(r * o + c)) };
-                    *a = V::fma(d, wv, *a);
+                    // SAFETY: the unit runs here (the caller's contract).
+                    *a = unsafe { V::fma(d, wv, *a) };
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                t[kk * R + r] = a.sum();
+                // SAFETY: the unit runs here (the caller's contract).
+                t[kk * R + r] = unsafe { a.sum() };
             }
         }
     }
@@ -575,12 +593,14 @@ on_units! {
             while c < o {
                 let width = if c < h { h } else { V::LANES.min(o - c) };
                 let m = V::mask(width);
-                let mut acc = [V::zero(); DW_ROWS];
+                // SAFETY: the unit runs here (the caller's contract).
+                let mut acc = [unsafe { V::zero() }; DW_ROWS];
                 for r in 0..n {
                     // SAFETY: row `r < n` of `dy` holds `o` values; lanes past `o` are masked.
                     let d = unsafe { V::load(m, dy.as_ptr().add(r * o + c)) };
                     for (j, a) in acc.iter_mut().enumerate().take(kb) {
-                        *a = V::fma(V::splat(x[r * i + k0 + j]), d, *a);
+                        // SAFETY: the unit runs here (the caller's contract).
+                        *a = unsafe { V::fma(V::splat(x[r * i + k0 + j]), d, *a) };
                     }
                 }
                 for (j, a) in acc.iter().enumerate().take(kb) {
