@@ -29,43 +29,9 @@ pub const MAX_ROWS: usize = 16;
 /// Weight rows per weight-gradient step (their sums kept in registers).
 const DW_ROWS: usize = 4;
 
-/// The vector unit the products run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unit {
-    /// 16 lanes, masked loads and stores: 16 weight rows (forward) or 16 `dy` rows (input
-    /// gradient) in 32 registers.
-    Avx512,
-    /// 8 lanes (AMD Zen 2/3, Intel client cores): 8 weight rows in registers of 16.
-    Avx2,
-}
+use super::vector::{Unit, Vector, on_units};
 
 impl Unit {
-    /// The units this CPU has, the faster first.
-    pub fn present() -> Vec<Unit> {
-        [Unit::Avx512, Unit::Avx2]
-            .into_iter()
-            .filter(|u| u.runs_here())
-            .collect()
-    }
-
-    /// Whether this CPU has the unit's instructions (`std`'s detection, cached).
-    fn runs_here(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            match self {
-                Unit::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
-                Unit::Avx2 => {
-                    std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
     /// The most rows (batch) these kernels take on this unit: on AVX2 a block of 16 rows'
     /// sums does not fit the 16 registers, and fc6 (25088 -> 4096) at batch 16 took 278 ms
     /// forward and backward against the `gemm` crate's 190 (Zen 3; at batch 8 118-139
@@ -78,16 +44,16 @@ impl Unit {
     }
 }
 
-/// The unit these kernels run on here, if any.
-fn unit() -> Option<Unit> {
-    static UNIT: std::sync::OnceLock<Option<Unit>> = std::sync::OnceLock::new();
-    *UNIT.get_or_init(|| Unit::present().first().copied())
+/// Weight rows a product keeps in registers: half the unit's (16 of AVX-512's 32, 8 of
+/// AVX2's 16), the rest for the sums and the operand being multiplied.
+const fn rows<V: Vector>() -> usize {
+    V::REGISTERS / 2
 }
 
 /// Whether these kernels compute an `n`-row product on this CPU: AVX-512 and `1..=16` rows,
 /// or AVX2 + FMA and `1..=8`.
 pub fn applies(n: usize) -> bool {
-    unit().is_some_and(|u| (1..=u.max_rows()).contains(&n))
+    Unit::detect().is_some_and(|u| (1..=u.max_rows()).contains(&n))
 }
 
 /// Consecutive ranges of `len` items, one per worker thread, each starting on a multiple of
@@ -100,242 +66,13 @@ fn split(len: usize, align: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// One vector register of f32 lanes and the operations the three products need, so that
-/// one body of each serves AVX-512 and AVX2: the methods are inlined into the
-/// `#[target_feature]` functions that call the bodies ([`forward_cols`] and the others'
-/// wrappers), as the `pulp` crate does.
-///
-/// Every `unsafe` method needs the CPU to have the vector's instruction set, besides the
-/// conditions it states (the mask and the constants are plain values).
-#[cfg(target_arch = "x86_64")]
-trait Vector: Copy {
-    /// Lanes per vector.
-    const LANES: usize;
-    /// Operand rows a product keeps in registers: 16 of AVX-512's 32, 8 of AVX2's 16.
-    const ROWS: usize;
-    /// Which lanes a load or store touches.
-    type Mask: Copy;
-    /// The first `min(left, LANES)` lanes: a whole vector, or a row's tail.
-    fn mask(left: usize) -> Self::Mask;
-    /// Whether `m` is every lane.
-    fn full(m: Self::Mask) -> bool;
-    /// # Safety
-    /// The CPU has the vector's instruction set.
-    unsafe fn zero() -> Self;
-    /// # Safety
-    /// As [`Self::zero`].
-    unsafe fn splat(v: f32) -> Self;
-    /// `a b + c`, fused.
-    ///
-    /// # Safety
-    /// As [`Self::zero`].
-    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
-    /// The lanes of `p` under `m`; the others zero and not read.
-    ///
-    /// # Safety
-    /// The lanes under `m` are readable.
-    unsafe fn load(m: Self::Mask, p: *const f32) -> Self;
-    /// # Safety
-    /// The lanes under `m` are writable.
-    unsafe fn store(m: Self::Mask, p: *mut f32, v: Self);
-    /// Whether the weight gradient is written by streaming stores: on AVX-512 (the AMX
-    /// Xeon: whole 64-byte lines, no line read before it is written), not on AVX2 (fc6's
-    /// weight gradient at batch 8 on Zen 3 took 46-50 ms streamed in 32-byte halves of lines,
-    /// 28-30 ms stored plainly).
-    const STREAM: bool;
-    /// A whole vector by a streaming (non-temporal) store.
-    ///
-    /// # Safety
-    /// `p` is aligned to the vector's size and its lanes are writable.
-    unsafe fn stream(p: *mut f32, v: Self);
-    /// The lanes added in order, lane 0 first.
-    ///
-    /// # Safety
-    /// As [`Self::zero`].
-    unsafe fn sum(self) -> f32;
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Vector for std::arch::x86_64::__m512 {
-    const LANES: usize = 16;
-    const ROWS: usize = 16;
-    const STREAM: bool = true;
-    type Mask = std::arch::x86_64::__mmask16;
-    #[inline(always)]
-    fn mask(left: usize) -> Self::Mask {
-        if left >= 16 { !0 } else { (1 << left) - 1 }
-    }
-    #[inline(always)]
-    fn full(m: Self::Mask) -> bool {
-        m == !0
-    }
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        // SAFETY: the caller's contract: the CPU has AVX-512F.
-        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self {
-        // SAFETY: as `zero`.
-        unsafe { std::arch::x86_64::_mm512_set1_ps(v) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-        // SAFETY: as `zero`.
-        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn load(m: Self::Mask, p: *const f32) -> Self {
-        // SAFETY: AVX-512F as `zero`; masked lanes are not read, the rest are readable.
-        unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(m, p) }
-    }
-    #[inline(always)]
-    unsafe fn store(m: Self::Mask, p: *mut f32, v: Self) {
-        // SAFETY: as `load`, for writes.
-        unsafe { std::arch::x86_64::_mm512_mask_storeu_ps(p, m, v) }
-    }
-    #[inline(always)]
-    unsafe fn stream(p: *mut f32, v: Self) {
-        // SAFETY: AVX-512F as `zero`; `p` is 64-byte aligned and writable (the caller's).
-        unsafe { std::arch::x86_64::_mm512_stream_ps(p, v) }
-    }
-    #[inline(always)]
-    unsafe fn sum(self) -> f32 {
-        let mut lanes = [0f32; 16];
-        // SAFETY: AVX-512F as `zero`; 16 floats.
-        unsafe { std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), self) };
-        lanes.iter().sum()
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Vector for std::arch::x86_64::__m256 {
-    const LANES: usize = 8;
-    const ROWS: usize = 8;
-    const STREAM: bool = false;
-    /// The number of lanes: AVX2's masked moves are slower than plain ones, so a whole
-    /// vector takes the plain move.
-    type Mask = usize;
-    #[inline(always)]
-    fn mask(left: usize) -> usize {
-        left.min(8)
-    }
-    #[inline(always)]
-    fn full(m: usize) -> bool {
-        m == 8
-    }
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        // SAFETY: the caller's contract: the CPU has AVX2 + FMA.
-        unsafe { std::arch::x86_64::_mm256_setzero_ps() }
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self {
-        // SAFETY: as `zero`.
-        unsafe { std::arch::x86_64::_mm256_set1_ps(v) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-        // SAFETY: as `zero`.
-        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn load(m: usize, p: *const f32) -> Self {
-        use std::arch::x86_64::*;
-        // SAFETY: AVX2 as `zero`; the first `m` lanes are readable, `vmaskmovps` reads no
-        // other.
-        unsafe {
-            if m == 8 {
-                _mm256_loadu_ps(p)
-            } else {
-                _mm256_maskload_ps(p, lane_mask(m))
-            }
-        }
-    }
-    #[inline(always)]
-    unsafe fn store(m: usize, p: *mut f32, v: Self) {
-        use std::arch::x86_64::*;
-        // SAFETY: as `load`, for writes.
-        unsafe {
-            if m == 8 {
-                _mm256_storeu_ps(p, v)
-            } else {
-                _mm256_maskstore_ps(p, lane_mask(m), v)
-            }
-        }
-    }
-    #[inline(always)]
-    unsafe fn stream(p: *mut f32, v: Self) {
-        // SAFETY: AVX as `zero`; `p` is 32-byte aligned and writable (the caller's).
-        unsafe { std::arch::x86_64::_mm256_stream_ps(p, v) }
-    }
-    #[inline(always)]
-    unsafe fn sum(self) -> f32 {
-        let mut lanes = [0f32; 8];
-        // SAFETY: AVX as `zero`; 8 floats.
-        unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), self) };
-        lanes.iter().sum()
-    }
-}
-
-/// `vmaskmovps`' mask of the first `m < 8` lanes (the sign bit of each 32-bit lane).
-///
-/// # Safety
-/// The CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn lane_mask(m: usize) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract.
-    unsafe {
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(m as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
-    }
-}
-
-/// Defines `unsafe fn $name(unit: Unit, args)` that runs the body, generic over the vector
-/// type `$v`, compiled for `unit`'s instruction set (so that [`Vector`]'s methods inline into
-/// it).
-macro_rules! on_units {
-    ($(#[doc = $doc:literal])* unsafe fn $name:ident<$v:ident: Vector $(, const $c:ident: usize)*>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[doc = $doc])*
-        #[cfg(target_arch = "x86_64")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<$(const $c: usize),*>(unit: Unit, $($arg: $ty),*) {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn imp<$v: Vector $(, const $c: usize)*>($($arg: $ty),*) $body
-            #[target_feature(enable = "avx512f")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512<$(const $c: usize),*>($($arg: $ty),*) {
-                // SAFETY: the caller's contract; AVX-512F is enabled here.
-                unsafe { imp::<std::arch::x86_64::__m512 $(, $c)*>($($arg),*) }
-            }
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2<$(const $c: usize),*>($($arg: $ty),*) {
-                // SAFETY: the caller's contract; AVX2 and FMA are enabled here.
-                unsafe { imp::<std::arch::x86_64::__m256 $(, $c)*>($($arg),*) }
-            }
-            match unit {
-                // SAFETY: `unit` is one the CPU has (the caller's contract).
-                Unit::Avx512 => unsafe { avx512::<$($c),*>($($arg),*) },
-                // SAFETY: as above.
-                Unit::Avx2 => unsafe { avx2::<$($c),*>($($arg),*) },
-            }
-        }
-    };
-}
-
 /// `y = x w + b`.
 ///
 /// # Panics
 /// Unless [`applies`]`(n)` and the slices have the shapes above.
 pub fn forward(x: &[f32], w: &[f32], b: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(applies(n), "fc::forward: {n} rows on this CPU");
-    forward_on(unit().expect("applies"), x, w, b, n, i, o)
+    forward_on(Unit::detect().expect("applies"), x, w, b, n, i, o)
 }
 
 /// [`forward`] on `unit`, one this CPU has.
@@ -385,12 +122,12 @@ fn forward_on(
 
 on_units! {
     /// `y[r, ..] += Σ_k x[r, k] · w[k, c0 + ..]` for `width` columns from `c0`, `y` being
-    /// `[n, width]`: `V::ROWS` weight rows in registers at a time, each output row's tile
+    /// `[n, width]`: `rows::<V>()` weight rows in registers at a time, each output row's tile
     /// loaded, added to in order of `k` and stored back.
     ///
     /// # Safety
     /// `unit` is present; `x` is `[n, i]`, `w` `[i, o]`, `c0 + width <= o`, `y` `[n, width]`.
-    unsafe fn forward_cols<V: Vector>(
+    unsafe fn forward_cols / forward_cols_v<V: Vector>(
         x: &[f32],
         w: &[f32],
         y: &mut [f32],
@@ -400,8 +137,8 @@ on_units! {
         c0: usize,
         width: usize,
     ) {
-        for k0 in (0..i).step_by(V::ROWS) {
-            let kb = V::ROWS.min(i - k0);
+        for k0 in (0..i).step_by(rows::<V>()) {
+            let kb = rows::<V>().min(i - k0);
             for c in (0..width).step_by(V::LANES) {
                 let m = V::mask(width - c);
                 // SAFETY: the unit runs here (the caller's contract).
@@ -436,7 +173,7 @@ on_units! {
 /// Unless [`applies`]`(n)` and the slices have the shapes above.
 pub fn input_grad(dy: &[f32], w: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(applies(n), "fc::input_grad: {n} rows on this CPU");
-    input_grad_on(unit().expect("applies"), dy, w, n, i, o)
+    input_grad_on(Unit::detect().expect("applies"), dy, w, n, i, o)
 }
 
 /// [`input_grad`] on `unit`, one this CPU has.
@@ -492,7 +229,7 @@ on_units! {
     /// # Safety
     /// `unit` is present; `dy` is `[R, o]`, `w` holds rows `ks` of `o` values, `t` is
     /// `[ks.len(), R]`.
-    unsafe fn input_grad_rows<V: Vector, const R: usize>(
+    unsafe fn input_grad_rows / input_grad_rows_v<V: Vector, const R: usize>(
         dy: &[f32],
         w: &[f32],
         t: &mut [f32],
@@ -530,7 +267,7 @@ on_units! {
 /// Unless [`applies`]`(n)` and the slices have the shapes above.
 pub fn weight_grad(x: &[f32], dy: &[f32], n: usize, i: usize, o: usize) -> Vec<f32> {
     assert!(applies(n), "fc::weight_grad: {n} rows on this CPU");
-    weight_grad_on(unit().expect("applies"), x, dy, n, i, o)
+    weight_grad_on(Unit::detect().expect("applies"), x, dy, n, i, o)
 }
 
 /// [`weight_grad`] on `unit`, one this CPU has.
@@ -565,7 +302,7 @@ on_units! {
     ///
     /// # Safety
     /// `unit` is present; `x` is `[n, i]`, `dy` `[n, o]`, `part` `[ks.len(), o]`.
-    unsafe fn weight_grad_rows<V: Vector>(
+    unsafe fn weight_grad_rows / weight_grad_rows_v<V: Vector>(
         x: &[f32],
         dy: &[f32],
         part: &mut [MaybeUninit<f32>],
@@ -607,7 +344,7 @@ on_units! {
                     // SAFETY: row `k0 + j - ks.start < ks.len()` of `part`, columns under the
                     // mask.
                     let p = unsafe { out.add((k0 + j - ks.start) * o + c) };
-                    if V::STREAM && V::full(m) && (p as usize).is_multiple_of(bytes) {
+                    if V::WHOLE_LINE_STREAMS && V::full(m) && (p as usize).is_multiple_of(bytes) {
                         // SAFETY: a whole vector of `part`, aligned as streaming stores need.
                         unsafe { V::stream(p, *a) };
                     } else {

@@ -36,9 +36,10 @@ mod stem;
 #[cfg(feature = "tch")]
 mod torch;
 pub mod update;
+mod vector;
 pub mod winograd;
 #[cfg(target_arch = "x86_64")]
-mod winograd_avx512;
+mod winograd_simd;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;

@@ -29,7 +29,7 @@
 //! tests keep that within bf16 rounding of f32.
 //!
 //! On a CPU with AVX-512 the tile transforms run sixteen tiles at a time where rows of tiles
-//! are short ([`super::winograd_avx512`], the same bits as the portable loops here).
+//! are short ([`super::winograd_simd`], the same bits as the portable loops here).
 //!
 //! # Shapes
 //! `x: [B, C_in, H, W]`, `w: [C_out, C_in, 3, 3]`, `y: [B, C_out, H + 2p - 2, W + 2p - 2]`.
@@ -38,6 +38,7 @@ use super::act::Act;
 use super::buf::{par_lazy, par_zeroed, with_scratch};
 use super::conv::ConvGeom;
 use super::simd::{dispatched, relu_row};
+use super::vector::Unit;
 use rayon::prelude::*;
 
 /// Tiles per group of images (the GEMMs' `N`): small enough that a group's transformed input
@@ -363,12 +364,12 @@ fn scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
     }
 }
 
-/// Scratch floats the AVX-512 transforms need ([`super::winograd_avx512`]).
+/// Scratch floats the vector transforms need ([`super::winograd_simd`]).
 fn simd_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     return match tile {
-        Tile::F2 => super::winograd_avx512::scratch_len2(th, tw),
-        Tile::F4 => super::winograd_avx512::scratch_len(th, tw),
+        Tile::F2 => super::winograd_simd::scratch_len2(th, tw),
+        Tile::F4 => super::winograd_simd::scratch_len(th, tw),
     };
     #[cfg(not(target_arch = "x86_64"))]
     0
@@ -385,10 +386,22 @@ fn simd_scratch_len(tile: Tile, th: usize, tw: usize) -> usize {
 /// output transform runs on AVX-512 at every width (vgg16 at 224 px 568 / 629 -> 472 / 487).
 const SIMD_MAX_TW: usize = 16;
 
+/// The unit the vector transforms ([`super::winograd_simd`]) run on here: AVX-512 only. On
+/// AVX2 the same bodies (eight tiles a vector, tested beside the AVX-512 ones) took more of
+/// an fp32 resnet18 training step at 224 px than the portable loops, which the compiler
+/// vectorises for AVX2 itself: `perf record -F 499 convlab bench train --model resnet18
+/// --input 3x224x224 --batch 32 --steps 3 --threads 2`, Zen 3 (AMD EPYC family 25 model 1),
+/// 2026-12-08, two alternated runs each, samples in Winograd's functions 12.96% / 12.83% of
+/// the step portable, 16.4% / 15.2% on AVX2 (input transforms 8.3-9.0% against 7.5-7.6%,
+/// output 3.3-3.6% against 2.6-2.7%, output gradient 2.2% against 1.6-1.7%).
+fn simd_unit() -> Option<Unit> {
+    Unit::detect().filter(|&u| u == Unit::Avx512)
+}
+
 /// The input transform of `tile` ([`input_transform`], [`input_transform4`]), sixteen tiles
 /// at a time where the CPU has AVX-512 and rows have at most [`SIMD_MAX_TW`] tiles
-/// ([`super::winograd_avx512::input2`] on f32 and bf16 planes,
-/// [`super::winograd_avx512::input4`] on f32 ones; the same bits).
+/// ([`super::winograd_simd::input2`] on f32 and bf16 planes,
+/// [`super::winograd_simd::input4`] on f32 ones; the same bits).
 #[allow(clippy::too_many_arguments)]
 fn input_transform_any<E: Act>(
     tile: Tile,
@@ -408,17 +421,33 @@ fn input_transform_any<E: Act>(
         ($f:expr, $p:expr) => {
             $f($p, h, w, pad, pad_top, th, tw, v, plane_stride, t0, scratch)
         };
+        ($f:expr, $unit:expr, $p:expr) => {
+            $f(
+                $unit,
+                $p,
+                h,
+                w,
+                pad,
+                pad_top,
+                th,
+                tw,
+                v,
+                plane_stride,
+                t0,
+                scratch,
+            )
+        };
     }
     #[cfg(target_arch = "x86_64")]
-    if tw <= SIMD_MAX_TW && super::winograd_avx512::available() {
-        use super::winograd_avx512 as simd;
+    if let Some(unit) = simd_unit().filter(|_| tw <= SIMD_MAX_TW) {
+        use super::winograd_simd as simd;
         match (tile, E::as_f32s(plane), E::as_bf16_bits(plane)) {
-            // SAFETY: AVX-512 F, BW and VL were detected just above.
-            (Tile::F2, Some(p), _) => return unsafe { run!(simd::input2, p) },
+            // SAFETY: `unit` was detected on this CPU.
+            (Tile::F2, Some(p), _) => return unsafe { run!(simd::input2, unit, p) },
             // SAFETY: as above.
-            (Tile::F2, None, Some(p)) => return unsafe { run!(simd::input2, p) },
+            (Tile::F2, None, Some(p)) => return unsafe { run!(simd::input2, unit, p) },
             // SAFETY: as above.
-            (Tile::F4, Some(p), _) => return unsafe { run!(simd::input4, p) },
+            (Tile::F4, Some(p), _) => return unsafe { run!(simd::input4, unit, p) },
             _ => {}
         }
     }
@@ -429,8 +458,8 @@ fn input_transform_any<E: Act>(
 }
 
 /// The output transform of `tile` ([`output_transform`], [`output_transform4`]), sixteen
-/// tiles at a time where the CPU has AVX-512 ([`super::winograd_avx512::output2`],
-/// [`super::winograd_avx512::output4`]; the same bits).
+/// tiles at a time where the CPU has AVX-512 ([`super::winograd_simd::output2`],
+/// [`super::winograd_simd::output4`]; the same bits).
 #[allow(clippy::too_many_arguments)]
 fn output_transform_any(
     tile: Tile,
@@ -449,15 +478,18 @@ fn output_transform_any(
         ($f:expr) => {
             $f(m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
         };
+        ($f:expr, $unit:expr) => {
+            $f($unit, m, plane_stride, t0, th, tw, ho, wo, bias, y, s)
+        };
     }
     #[cfg(target_arch = "x86_64")]
-    if super::winograd_avx512::available() {
-        use super::winograd_avx512 as simd;
+    if let Some(unit) = simd_unit() {
+        use super::winograd_simd as simd;
         return match tile {
-            // SAFETY: AVX-512 F, BW and VL were detected just above.
-            Tile::F2 => unsafe { run!(simd::output2) },
+            // SAFETY: `unit` was detected on this CPU.
+            Tile::F2 => unsafe { run!(simd::output2, unit) },
             // SAFETY: as above.
-            Tile::F4 => unsafe { run!(simd::output4) },
+            Tile::F4 => unsafe { run!(simd::output4, unit) },
         };
     }
     match tile {
@@ -467,8 +499,8 @@ fn output_transform_any(
 }
 
 /// [`dy_transform`], sixteen tiles at a time where the CPU has AVX-512 and rows have at most
-/// [`SIMD_MAX_TW`] tiles ([`super::winograd_avx512::dy4`] and
-/// [`super::winograd_avx512::dy2`], the same bits).
+/// [`SIMD_MAX_TW`] tiles ([`super::winograd_simd::dy4`] and
+/// [`super::winograd_simd::dy2`], the same bits).
 #[allow(clippy::too_many_arguments)]
 fn dy_transform_fast(
     f4: bool,
@@ -483,14 +515,14 @@ fn dy_transform_fast(
     s: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if tw <= SIMD_MAX_TW && super::winograd_avx512::available() {
+    if let Some(unit) = simd_unit().filter(|_| tw <= SIMD_MAX_TW) {
         let run = if f4 {
-            super::winograd_avx512::dy4
+            super::winograd_simd::dy4
         } else {
-            super::winograd_avx512::dy2
+            super::winograd_simd::dy2
         };
-        // SAFETY: AVX-512 F, BW and VL were detected just above.
-        unsafe { run(dy, ho, wo, th, tw, dm, plane_stride, t0, s) };
+        // SAFETY: `unit` was detected on this CPU.
+        unsafe { run(unit, dy, ho, wo, th, tw, dm, plane_stride, t0, s) };
         return;
     }
     dy_transform(f4, dy, ho, wo, th, tw, dm, plane_stride, t0, s)
@@ -1920,18 +1952,46 @@ mod tests {
         }
     }
 
-    /// The AVX-512 transforms give the portable loops' bits, both variants, whole planes and
-    /// bands (no padding above, rows cut), rows of 1 to 18 tiles (one vector of tiles spanning
-    /// rows, and rows longer than a vector), every padding, and write nothing else: `v`, `y`
-    /// and `dm` start filled with a marker that must survive outside the outputs.
+    /// Where the vector transforms run: a unit the CPU has, or the vector bodies on emulated
+    /// 16- and 8-lane vectors (so both widths' logic is tested on any CPU).
+    #[derive(Clone, Copy, Debug)]
+    enum Lanes {
+        Unit(Unit),
+        Emu16,
+        Emu8,
+    }
+
+    /// Calls `simd::$name` on a unit, or its generic body `simd::$generic` on an emulation.
+    macro_rules! on_lanes {
+        ($lanes:expr, $name:ident / $generic:ident $(<$l:ty>)?, $($arg:expr),* $(,)?) => {{
+            use super::super::vector::Emu;
+            use super::super::winograd_simd as simd;
+            match $lanes {
+                // SAFETY: the unit is one the CPU has (`Unit::present`).
+                Lanes::Unit(u) => unsafe { simd::$name(u, $($arg),*) },
+                // SAFETY: an emulation runs on any CPU.
+                Lanes::Emu16 => unsafe { simd::$generic::<Emu<16> $(, $l)?>($($arg),*) },
+                // SAFETY: as above.
+                Lanes::Emu8 => unsafe { simd::$generic::<Emu<8> $(, $l)?>($($arg),*) },
+            }
+        }};
+    }
+
+    /// The vector transforms give the portable loops' bits, on every unit the CPU has and on
+    /// both widths emulated: both variants, whole planes and bands (no padding above, rows
+    /// cut), rows of 1 to 18 tiles (one vector of tiles spanning rows, and rows longer than a
+    /// vector), every padding, f32 and bf16 planes, and write nothing else: `v`, `y` and `dm`
+    /// start filled with a marker that must survive outside the outputs.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_transforms_are_the_portable_bits() {
-        use super::super::winograd_avx512 as simd;
-        if !simd::available() {
-            eprintln!("no AVX-512 here: the portable transforms run");
-            return;
+    fn simd_transforms_are_the_portable_bits() {
+        let units = Unit::present().into_iter().map(Lanes::Unit);
+        for lanes in units.chain([Lanes::Emu16, Lanes::Emu8]) {
+            transforms_are_the_portable_bits_on(lanes);
         }
+    }
+
+    fn transforms_are_the_portable_bits_on(lanes: Lanes) {
         let same = |got: &[f32], want: &[f32], what: &str| {
             let first = got
                 .iter()
@@ -1957,7 +2017,7 @@ mod tests {
                 (14, 14, 1, 1, 7, 7),
                 (5, 4, 1, 1, 3, 3),
             ] {
-                let what = format!("{tile:?} {:?}", (h, w, pad, pad_top, th, tw));
+                let what = format!("{lanes:?} {tile:?} {:?}", (h, w, pad, pad_top, th, tw));
                 let n = th * tw;
                 let (t0, stride) = (3, 3 + n + 5);
                 let plane = data(h * w, 7);
@@ -1982,10 +2042,10 @@ mod tests {
                     t0,
                     &mut scratch,
                 );
-                let fast = if f4 { simd::input4 } else { simd::input2 };
-                // SAFETY: AVX-512 F, BW and VL were detected above.
-                unsafe {
-                    fast(
+                if f4 {
+                    on_lanes!(
+                        lanes,
+                        input4 / input4_v,
                         &plane,
                         h,
                         w,
@@ -1996,9 +2056,11 @@ mod tests {
                         &mut got,
                         stride,
                         t0,
-                        &mut scratch,
-                    )
-                };
+                        &mut scratch
+                    );
+                } else {
+                    on_lanes!(lanes, input2 / input2_v<_>, &plane, h, w, pad, pad_top, th, tw, &mut got, stride, t0, &mut scratch);
+                }
                 same(&got, &want, &format!("input transform {what}"));
                 if !f4 {
                     // bf16 planes (F(2x2, 3x3) on bf16 activations), widened as they load.
@@ -2018,22 +2080,7 @@ mod tests {
                         t0,
                         &mut scratch,
                     );
-                    // SAFETY: as above.
-                    unsafe {
-                        simd::input2(
-                            &words,
-                            h,
-                            w,
-                            pad,
-                            pad_top,
-                            th,
-                            tw,
-                            &mut got,
-                            stride,
-                            t0,
-                            &mut scratch,
-                        )
-                    };
+                    on_lanes!(lanes, input2 / input2_v<_>, &words, h, w, pad, pad_top, th, tw, &mut got, stride, t0, &mut scratch);
                     same(&got, &want, &format!("bf16 input transform {what}"));
                 }
 
@@ -2059,10 +2106,10 @@ mod tests {
                     &mut want,
                     &mut scratch,
                 );
-                let fast = if f4 { simd::output4 } else { simd::output2 };
-                // SAFETY: as above.
-                unsafe {
-                    fast(
+                if f4 {
+                    on_lanes!(
+                        lanes,
+                        output4 / output4_v,
                         &mt,
                         stride,
                         t0,
@@ -2072,9 +2119,24 @@ mod tests {
                         wo,
                         0.25,
                         &mut got,
-                        &mut scratch,
-                    )
-                };
+                        &mut scratch
+                    );
+                } else {
+                    on_lanes!(
+                        lanes,
+                        output2 / output2_v,
+                        &mt,
+                        stride,
+                        t0,
+                        th,
+                        tw,
+                        ho,
+                        wo,
+                        0.25,
+                        &mut got,
+                        &mut scratch
+                    );
+                }
                 same(&got, &want, &format!("output transform {what}"));
 
                 // Zeros in both column phases: `-0.0` and `0.0` are different bits.
@@ -2083,9 +2145,35 @@ mod tests {
                 let (mut want, mut got) = (vec![marker; xis * stride], vec![marker; xis * stride]);
                 let mut scratch = vec![0.0; dy_scratch_len(tile, th, tw)];
                 dy_transform(f4, &dy, ho, wo, th, tw, &mut want, stride, t0, &mut scratch);
-                let fast = if f4 { simd::dy4 } else { simd::dy2 };
-                // SAFETY: as above.
-                unsafe { fast(&dy, ho, wo, th, tw, &mut got, stride, t0, &mut scratch) };
+                if f4 {
+                    on_lanes!(
+                        lanes,
+                        dy4 / dy4_v,
+                        &dy,
+                        ho,
+                        wo,
+                        th,
+                        tw,
+                        &mut got,
+                        stride,
+                        t0,
+                        &mut scratch
+                    );
+                } else {
+                    on_lanes!(
+                        lanes,
+                        dy2 / dy2_v,
+                        &dy,
+                        ho,
+                        wo,
+                        th,
+                        tw,
+                        &mut got,
+                        stride,
+                        t0,
+                        &mut scratch
+                    );
+                }
                 same(&got, &want, &format!("output gradient transform {what}"));
             }
         }
