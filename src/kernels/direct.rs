@@ -41,6 +41,7 @@
 use super::buf::par_zeroed_with;
 use super::conv::{ConvGeom, ConvGrads, image_blocks, sum_in_order};
 use super::simd::{dispatched, relu_row};
+use super::vector::{Unit, on_units};
 use rayon::prelude::*;
 
 /// Floats per vector of positions: one AVX-512 register, two AVX2 ones. Rows of the product are
@@ -64,11 +65,10 @@ impl Isa {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512vl") {
+            if Unit::Avx512.runs_here() {
                 return Isa::Avx512;
             }
-            if has!("avx2") && has!("fma") {
+            if Unit::Avx2.runs_here() {
                 return Isa::Avx2;
             }
         }
@@ -268,38 +268,45 @@ impl Pairs {
     }
 }
 
-/// `Y[o][n0..n0+16V] = Σ_k W[o·ldw + k] · X[off_k + n0..]` for `R` output channels.
-///
-/// # Safety
-/// The CPU has AVX-512 F; `w` holds `R` rows of `offs.len()` weights `ldw` apart, `x + off_k`
-/// `16·V` floats for every offset, `y` `R` rows of `16·V` floats `ldy` apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn forward_tile<const R: usize, const V: usize>(
-    offs: &[usize],
-    w: *const f32,
-    ldw: usize,
-    x: *const f32,
-    y: *mut f32,
-    ldy: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // SAFETY: for the whole body, the caller's contract bounds every offset below.
-    unsafe {
-        for (k, &off) in offs.iter().enumerate() {
-            let xk = x.add(off);
-            let xv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(xk.add(v * LANES)));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*w.add(r * ldw + k));
-                for v in 0..V {
-                    row[v] = _mm512_fmadd_ps(a, xv[v], row[v]);
+on_units! {
+    /// `Y[o][n0..n0 + L·NV] = Σ_k W[o·ldw + k] · X[off_k + n0..]` for `R` output channels, `L`
+    /// the vector's lanes: `R·NV` sums in registers (8 x 3 of AVX-512's 32, 6 x 2 of AVX2's 16).
+    ///
+    /// # Safety
+    /// The unit is present; `w` holds `R` rows of `offs.len()` weights `ldw` apart, `x + off_k`
+    /// `L·NV` floats for every offset, `y` `R` rows of `L·NV` floats `ldy` apart.
+    unsafe fn forward_tile / forward_tile_v<V: Vector, const R: usize, const NV: usize>(
+        offs: &[usize],
+        w: *const f32,
+        ldw: usize,
+        x: *const f32,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        let (l, all) = (V::LANES, V::mask(V::LANES));
+        // SAFETY: for the whole body, the caller's contract bounds every offset below and
+        // says the CPU has `V`'s instructions.
+        unsafe {
+            let mut acc = [[V::zero(); NV]; R];
+            for (k, &off) in offs.iter().enumerate() {
+                let xk = x.add(off);
+                // A loop, not `std::array::from_fn`: its closure would be compiled without the
+                // unit's features and called.
+                let mut xv = [V::zero(); NV];
+                for (v, xv) in xv.iter_mut().enumerate() {
+                    *xv = V::load(all, xk.add(v * l));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let a = V::splat(*w.add(r * ldw + k));
+                    for v in 0..NV {
+                        row[v] = V::fma(a, xv[v], row[v]);
+                    }
                 }
             }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, &sum) in row.iter().enumerate() {
-                _mm512_storeu_ps(y.add(r * ldy + v * LANES), sum);
+            for (r, row) in acc.iter().enumerate() {
+                for (v, &sum) in row.iter().enumerate() {
+                    V::store(all, y.add(r * ldy + v * l), sum);
+                }
             }
         }
     }
@@ -538,122 +545,50 @@ impl PositionPairs {
     }
 }
 
-/// `dW[o][k] += Σ_n dY[o][n] · X[off_k + n]` for `R` channels `o` and `T` taps `k`, over `nv`
-/// vectors of positions.
-///
-/// Called with 4 x 4: at 4 x 6, and at 4 x 4 compiled for AVX-512 F without VL, LLVM kept one
-/// accumulator on the stack (a store and reload per step: 46 GFLOP/s on one core instead of
-/// the forward tile's 103; seen in `perf annotate`).
-///
-/// # Safety
-/// The CPU has AVX-512 F; `dy` holds `R` rows of `16·nv` floats `ldd` apart, `x + off_k`
-/// `16·nv` floats for each of the `T` offsets, `dw` `R` rows of `T` floats `ldw` apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn weight_grad_tile<const R: usize, const T: usize>(
-    nv: usize,
-    dy: *const f32,
-    ldd: usize,
-    x: *const f32,
-    offs: &[usize],
-    dw: *mut f32,
-    ldw: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    // SAFETY: for the whole body, the caller's contract bounds every offset below.
-    unsafe {
-        let xs: [*const f32; T] = std::array::from_fn(|t| x.add(offs[t]));
-        for v in 0..nv {
-            let xv: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(xs[t].add(v * LANES)));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let dv = _mm512_loadu_ps(dy.add(r * ldd + v * LANES));
-                for t in 0..T {
-                    row[t] = _mm512_fmadd_ps(dv, xv[t], row[t]);
+on_units! {
+    /// `dW[o][k] += Σ_n dY[o][n] · X[off_k + n]` for `R` channels `o` and `T` taps `k`, over
+    /// `nv` vectors of positions: `R·T` sums in registers (4 x 4 on AVX-512; 2 x 4 on AVX2,
+    /// where 3 x 4 would spill), each reduced at the end in the unit's order.
+    ///
+    /// Called with 4 x 4 on AVX-512: at 4 x 6, and at 4 x 4 compiled for AVX-512 F without VL,
+    /// LLVM kept one accumulator on the stack (a store and reload per step: 46 GFLOP/s on one
+    /// core instead of the forward tile's 103; seen in `perf annotate`).
+    ///
+    /// # Safety
+    /// The unit is present; `dy` holds `R` rows of `L·nv` floats `ldd` apart, `x + off_k`
+    /// `L·nv` floats for each of the `T` offsets, `dw` `R` rows of `T` floats `ldw` apart.
+    unsafe fn weight_grad_tile / weight_grad_tile_v<V: Vector, const R: usize, const T: usize>(
+        nv: usize,
+        dy: *const f32,
+        ldd: usize,
+        x: *const f32,
+        offs: &[usize],
+        dw: *mut f32,
+        ldw: usize,
+    ) {
+        let (l, all) = (V::LANES, V::mask(V::LANES));
+        // SAFETY: for the whole body, the caller's contract bounds every offset below and
+        // says the CPU has `V`'s instructions.
+        unsafe {
+            let mut acc = [[V::zero(); T]; R];
+            let xs: [*const f32; T] = std::array::from_fn(|t| x.add(offs[t]));
+            for v in 0..nv {
+                // A loop, as in `forward_tile`.
+                let mut xv = [V::zero(); T];
+                for (t, xv) in xv.iter_mut().enumerate() {
+                    *xv = V::load(all, xs[t].add(v * l));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let dv = V::load(all, dy.add(r * ldd + v * l));
+                    for t in 0..T {
+                        row[t] = V::fma(dv, xv[t], row[t]);
+                    }
                 }
             }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (t, &sum) in row.iter().enumerate() {
-                *dw.add(r * ldw + t) += _mm512_reduce_add_ps(sum);
-            }
-        }
-    }
-}
-
-/// [`forward_tile`] for AVX2: `R` channels x `8·V` positions.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; `w` holds `R` rows of `offs.len()` weights `ldw` apart, `x + off_k`
-/// `8·V` floats for every offset, `y` `R` rows of `8·V` floats `ldy` apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_tile_avx2<const R: usize, const V: usize>(
-    offs: &[usize],
-    w: *const f32,
-    ldw: usize,
-    x: *const f32,
-    y: *mut f32,
-    ldy: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); V]; R];
-    // SAFETY: for the whole body, the caller's contract bounds every offset below.
-    unsafe {
-        for (k, &off) in offs.iter().enumerate() {
-            let xk = x.add(off);
-            let xv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(xk.add(v * 8)));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a = _mm256_set1_ps(*w.add(r * ldw + k));
-                for v in 0..V {
-                    row[v] = _mm256_fmadd_ps(a, xv[v], row[v]);
+            for (r, row) in acc.iter().enumerate() {
+                for (t, &sum) in row.iter().enumerate() {
+                    *dw.add(r * ldw + t) += sum.reduce();
                 }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, &sum) in row.iter().enumerate() {
-                _mm256_storeu_ps(y.add(r * ldy + v * 8), sum);
-            }
-        }
-    }
-}
-
-/// [`weight_grad_tile`] for AVX2: `R` channels x `T` taps over `nv` vectors of 8 positions.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; `dy` holds `R` rows of `8·nv` floats `ldd` apart, `x + off_k`
-/// `8·nv` floats for each of the `T` offsets, `dw` `R` rows of `T` floats `ldw` apart.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weight_grad_tile_avx2<const R: usize, const T: usize>(
-    nv: usize,
-    dy: *const f32,
-    ldd: usize,
-    x: *const f32,
-    offs: &[usize],
-    dw: *mut f32,
-    ldw: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    // SAFETY: for the whole body, the caller's contract bounds every offset below.
-    unsafe {
-        let xs: [*const f32; T] = std::array::from_fn(|t| x.add(offs[t]));
-        for v in 0..nv {
-            let xv: [__m256; T] = std::array::from_fn(|t| _mm256_loadu_ps(xs[t].add(v * 8)));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let dv = _mm256_loadu_ps(dy.add(r * ldd + v * 8));
-                for t in 0..T {
-                    row[t] = _mm256_fmadd_ps(dv, xv[t], row[t]);
-                }
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (t, &sum) in row.iter().enumerate() {
-                let h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-                *dw.add(r * ldw + t) += _mm_cvtss_f32(h);
             }
         }
     }
@@ -671,15 +606,21 @@ fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f3
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             forward_blocks(cout, np, |o, n0, eight, wide| {
-                // SAFETY: AVX-512 F and VL were detected (`Isa::best`); the asserts above bound
+                // SAFETY: the unit was detected (`Isa::best`, `Unit::runs_here`); the asserts above bound
                 // every row `< C_out`, tap `< K` and position `< np` the tiles touch.
                 unsafe {
                     let (xn, wo, yo) = (x.add(n0), wp.add(o * k), yp.add(o * np + n0));
                     match (eight, wide) {
-                        (true, true) => forward_tile::<8, 3>(offs, wo, k, xn, yo, np),
-                        (true, false) => forward_tile::<8, 1>(offs, wo, k, xn, yo, np),
-                        (false, true) => forward_tile::<1, 3>(offs, wo, k, xn, yo, np),
-                        (false, false) => forward_tile::<1, 1>(offs, wo, k, xn, yo, np),
+                        (true, true) => forward_tile::<8, 3>(Unit::Avx512, offs, wo, k, xn, yo, np),
+                        (true, false) => {
+                            forward_tile::<8, 1>(Unit::Avx512, offs, wo, k, xn, yo, np)
+                        }
+                        (false, true) => {
+                            forward_tile::<1, 3>(Unit::Avx512, offs, wo, k, xn, yo, np)
+                        }
+                        (false, false) => {
+                            forward_tile::<1, 1>(Unit::Avx512, offs, wo, k, xn, yo, np)
+                        }
                     }
                 }
             });
@@ -691,7 +632,7 @@ fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f3
             // 32 px layer's forward in 12.6 ms against 7.7-8.4 (`conv_layers 1`, Zen 3).
             for n0 in (0..np).step_by(LANES) {
                 let mut o = 0;
-                // SAFETY: AVX2 and FMA were detected (`Isa::best`); the asserts above bound
+                // SAFETY: the unit was detected (`Isa::best`, `Unit::runs_here`); the asserts above bound
                 // every row `< C_out`, tap `< K` and position `< np` the tiles touch.
                 unsafe {
                     let (xn, yn) = (x.add(n0), yp.add(n0));
@@ -703,9 +644,9 @@ fn forward_product(cout: usize, w: &[f32], xp: &[f32], lay: &Layout, y: &mut [f3
                             _ => 1,
                         };
                         match r {
-                            6 => forward_tile_avx2::<6, 2>(offs, wo, k, xn, yo, np),
-                            4 => forward_tile_avx2::<4, 2>(offs, wo, k, xn, yo, np),
-                            _ => forward_tile_avx2::<1, 2>(offs, wo, k, xn, yo, np),
+                            6 => forward_tile::<6, 2>(Unit::Avx2, offs, wo, k, xn, yo, np),
+                            4 => forward_tile::<4, 2>(Unit::Avx2, offs, wo, k, xn, yo, np),
+                            _ => forward_tile::<1, 2>(Unit::Avx2, offs, wo, k, xn, yo, np),
                         }
                         o += r;
                     }
@@ -745,15 +686,23 @@ fn weight_grad_product(
             let nv = np / LANES;
             weight_grad_blocks(cout, k, 4, |o, t, full, four| {
                 let offs = &lay.offs[t..];
-                // SAFETY: AVX-512 F and VL were detected; the asserts above bound every row
+                // SAFETY: the unit was detected (`Isa::best`); the asserts above bound every row
                 // `< C_out`, tap `< K` and position `< np` the tiles touch.
                 unsafe {
                     let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
                     match (full, four) {
-                        (true, true) => weight_grad_tile::<4, 4>(nv, dyo, np, x, offs, dwo, k),
-                        (true, false) => weight_grad_tile::<4, 1>(nv, dyo, np, x, offs, dwo, k),
-                        (false, true) => weight_grad_tile::<1, 4>(nv, dyo, np, x, offs, dwo, k),
-                        (false, false) => weight_grad_tile::<1, 1>(nv, dyo, np, x, offs, dwo, k),
+                        (true, true) => {
+                            weight_grad_tile::<4, 4>(Unit::Avx512, nv, dyo, np, x, offs, dwo, k)
+                        }
+                        (true, false) => {
+                            weight_grad_tile::<4, 1>(Unit::Avx512, nv, dyo, np, x, offs, dwo, k)
+                        }
+                        (false, true) => {
+                            weight_grad_tile::<1, 4>(Unit::Avx512, nv, dyo, np, x, offs, dwo, k)
+                        }
+                        (false, false) => {
+                            weight_grad_tile::<1, 1>(Unit::Avx512, nv, dyo, np, x, offs, dwo, k)
+                        }
                     }
                 }
             });
@@ -765,20 +714,22 @@ fn weight_grad_product(
             let nv = np / 8;
             weight_grad_blocks(cout, k, 2, |o, t, full, four| {
                 let offs = &lay.offs[t..];
-                // SAFETY: AVX2 and FMA were detected; the asserts above bound every row
+                // SAFETY: the unit was detected (`Isa::best`); the asserts above bound every row
                 // `< C_out`, tap `< K` and position `< np` the tiles touch.
                 unsafe {
                     let (dyo, dwo) = (d.add(o * np), g.add(o * k + t));
                     match (full, four) {
-                        (true, true) => weight_grad_tile_avx2::<2, 4>(nv, dyo, np, x, offs, dwo, k),
+                        (true, true) => {
+                            weight_grad_tile::<2, 4>(Unit::Avx2, nv, dyo, np, x, offs, dwo, k)
+                        }
                         (true, false) => {
-                            weight_grad_tile_avx2::<2, 1>(nv, dyo, np, x, offs, dwo, k)
+                            weight_grad_tile::<2, 1>(Unit::Avx2, nv, dyo, np, x, offs, dwo, k)
                         }
                         (false, true) => {
-                            weight_grad_tile_avx2::<1, 4>(nv, dyo, np, x, offs, dwo, k)
+                            weight_grad_tile::<1, 4>(Unit::Avx2, nv, dyo, np, x, offs, dwo, k)
                         }
                         (false, false) => {
-                            weight_grad_tile_avx2::<1, 1>(nv, dyo, np, x, offs, dwo, k)
+                            weight_grad_tile::<1, 1>(Unit::Avx2, nv, dyo, np, x, offs, dwo, k)
                         }
                     }
                 }
@@ -1266,6 +1217,137 @@ mod tests {
             ..geom(1, 16, 16, 32, 32, [3, 3], [1, 1])
         };
         assert!(!applies(&strided));
+    }
+
+    /// Every register tile the products call, on every unit the CPU has and on emulated 16-
+    /// and 8-lane vectors (so the AVX-512 tiles' logic is checked on any CPU): the forward
+    /// tile is the fused sums in tap order to the bit, rows and vectors strided; the weight
+    /// gradient's sums are the definition within rounding, added to what `dw` held.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tiles_are_the_definition() {
+        use super::super::vector::Emu;
+        use std::arch::x86_64::{__m256, __m512};
+        for unit in Unit::present() {
+            // SAFETY: the unit is present.
+            unsafe {
+                match unit {
+                    Unit::Avx512 => {
+                        tiles_on::<__m512, 8, 3, 4, 4>(Some(unit));
+                        tiles_on::<__m512, 1, 1, 1, 1>(Some(unit));
+                        tiles_on::<__m512, 8, 1, 4, 1>(Some(unit));
+                        tiles_on::<__m512, 1, 3, 1, 4>(Some(unit));
+                    }
+                    Unit::Avx2 => {
+                        tiles_on::<__m256, 6, 2, 2, 4>(Some(unit));
+                        tiles_on::<__m256, 4, 2, 2, 1>(Some(unit));
+                        tiles_on::<__m256, 1, 2, 1, 4>(Some(unit));
+                        tiles_on::<__m256, 1, 2, 1, 1>(Some(unit));
+                    }
+                }
+            }
+        }
+        // SAFETY: an emulation runs on any CPU.
+        unsafe {
+            tiles_on::<Emu<16>, 8, 3, 4, 4>(None);
+            tiles_on::<Emu<16>, 1, 1, 1, 1>(None);
+            tiles_on::<Emu<8>, 6, 2, 2, 4>(None);
+            tiles_on::<Emu<8>, 1, 2, 1, 1>(None);
+        }
+    }
+
+    /// The tiles `R x NV` (forward) and `RG x T` (weight gradient) through `unit`'s dispatch,
+    /// or `V`'s generic bodies without one.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s instructions, and `unit` is `V`'s.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles_on<
+        V: super::super::vector::Vector,
+        const R: usize,
+        const NV: usize,
+        const RG: usize,
+        const T: usize,
+    >(
+        unit: Option<Unit>,
+    ) {
+        let l = V::LANES;
+        let offs = [0usize, 3, 7, 12, 20, 1];
+        let k = offs.len();
+        let span = 20 + l * NV.max(3);
+        let x = data(span + 5, 1);
+        let (ldw, ldy) = (k + 2, l * NV + 5);
+        let w = data(R * ldw, 2);
+        let mut y = vec![f32::NAN; R * ldy];
+        // SAFETY: `w` holds `R` rows of `k` weights `ldw` apart, `x + off` `l·NV` floats for
+        // every offset, `y` `R` rows of `l·NV` floats `ldy` apart; the CPU (the contract).
+        unsafe {
+            let args = (&offs[..], w.as_ptr(), ldw, x.as_ptr(), y.as_mut_ptr(), ldy);
+            match unit {
+                Some(u) => forward_tile::<R, NV>(u, args.0, args.1, args.2, args.3, args.4, args.5),
+                None => forward_tile_v::<V, R, NV>(args.0, args.1, args.2, args.3, args.4, args.5),
+            }
+        }
+        for r in 0..R {
+            for n in 0..l * NV {
+                let want = offs.iter().enumerate().fold(0f32, |acc, (t, &off)| {
+                    w[r * ldw + t].mul_add(x[off + n], acc)
+                });
+                let got = y[r * ldy + n];
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "forward {R}x{NV} [{r}, {n}] on {l} lanes"
+                );
+            }
+            assert!(
+                y[r * ldy + l * NV..(r * ldy + ldy).min(y.len())]
+                    .iter()
+                    .all(|v| v.is_nan())
+            );
+        }
+        let nv = 3;
+        let (ldd, ldg) = (l * nv + 3, T + 1);
+        let dy = data(RG * ldd, 3);
+        let mut dw = vec![0.5f32; RG * ldg];
+        // SAFETY: `dy` holds `RG` rows of `l·nv` floats `ldd` apart, `x + off` `l·nv` floats
+        // for each of the first `T` offsets, `dw` `RG` rows of `T` floats `ldg` apart.
+        unsafe {
+            let args = (
+                nv,
+                dy.as_ptr(),
+                ldd,
+                x.as_ptr(),
+                &offs[..],
+                dw.as_mut_ptr(),
+                ldg,
+            );
+            match unit {
+                Some(u) => weight_grad_tile::<RG, T>(
+                    u, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
+                ),
+                None => weight_grad_tile_v::<V, RG, T>(
+                    args.0, args.1, args.2, args.3, args.4, args.5, args.6,
+                ),
+            }
+        }
+        for r in 0..RG {
+            for t in 0..ldg {
+                let got = dw[r * ldg + t];
+                if t >= T {
+                    assert_eq!(got, 0.5, "dw [{r}, {t}] past the tile");
+                    continue;
+                }
+                let want = 0.5
+                    + (0..l * nv)
+                        .map(|n| dy[r * ldd + n] as f64 * x[offs[t] + n] as f64)
+                        .sum::<f64>();
+                assert!(
+                    (got as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
+                    "dw {RG}x{T} [{r}, {t}] on {l} lanes: {got} vs {want}"
+                );
+            }
+        }
     }
 
     /// The forward tiles sum in the portable loop's order, one fused multiply-add per term:

@@ -123,6 +123,12 @@ pub(super) trait Vector: Copy {
     /// # Safety
     /// As [`Self::zero`].
     unsafe fn sum(self) -> f32;
+    /// The lanes added in the unit's own order, the upper half onto the lower one until one
+    /// lane is left (fewer dependent adds than [`Self::sum`]; other bits).
+    ///
+    /// # Safety
+    /// As [`Self::zero`].
+    unsafe fn reduce(self) -> f32;
     /// The even and the odd lanes of `a` followed by `b`: `[a0, a2, .., b0, b2, ..]` and
     /// `[a1, a3, .., b1, b3, ..]`.
     ///
@@ -269,6 +275,11 @@ mod x86 {
             // SAFETY: AVX-512 as `zero`; 16 floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), self) };
             lanes.iter().sum()
+        }
+        #[inline(always)]
+        unsafe fn reduce(self) -> f32 {
+            // SAFETY: AVX-512 as `zero`.
+            unsafe { _mm512_reduce_add_ps(self) }
         }
         #[inline(always)]
         unsafe fn even_odd(a: Self, b: Self) -> [Self; 2] {
@@ -448,6 +459,16 @@ mod x86 {
             lanes.iter().sum()
         }
         #[inline(always)]
+        unsafe fn reduce(self) -> f32 {
+            // SAFETY: AVX as `zero`.
+            unsafe {
+                let h = _mm_add_ps(_mm256_castps256_ps128(self), _mm256_extractf128_ps(self, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                _mm_cvtss_f32(h)
+            }
+        }
+        #[inline(always)]
         unsafe fn even_odd(a: Self, b: Self) -> [Self; 2] {
             // Within each 128-bit half `[a0 a2 b0 b2 | a4 a6 b4 b6]`, then the 64-bit pairs
             // put in order.
@@ -557,6 +578,14 @@ impl<const N: usize> Vector for Emu<N> {
     unsafe fn sum(self) -> f32 {
         self.0.iter().sum()
     }
+    unsafe fn reduce(self) -> f32 {
+        let mut v = self.0.to_vec();
+        while v.len() > 1 {
+            let half = v.len() / 2;
+            v = (0..half).map(|l| v[l] + v[l + half]).collect();
+        }
+        v[0]
+    }
     unsafe fn even_odd(a: Self, b: Self) -> [Self; 2] {
         let both = |l: usize| if l < N { a.0[l] } else { b.0[l - N] };
         [
@@ -650,6 +679,12 @@ mod tests {
                 same(got, want, "zip");
             }
             assert_eq!(V::sum(x).to_bits(), Emu::sum(ex).to_bits(), "sum");
+            // The units' trees need not be the emulation's to the bit: within rounding.
+            let (got, want) = (V::reduce(x), Emu::reduce(ex));
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "reduce {got} vs {want}"
+            );
             for lo in 0..=N + 1 {
                 for hi in 0..=N + 1 {
                     let (m, e) = (V::lanes(lo, hi), Emu::<N>::lanes(lo, hi));

@@ -391,9 +391,9 @@ const SIMD_MAX_TW: usize = 16;
 /// an fp32 resnet18 training step at 224 px than the portable loops, which the compiler
 /// vectorises for AVX2 itself: `perf record -F 499 convlab bench train --model resnet18
 /// --input 3x224x224 --batch 32 --steps 3 --threads 2`, Zen 3 (AMD EPYC family 25 model 1),
-/// 2026-12-08, two alternated runs each, samples in Winograd's functions 12.96% / 12.83% of
-/// the step portable, 16.4% / 15.2% on AVX2 (input transforms 8.3-9.0% against 7.5-7.6%,
-/// output 3.3-3.6% against 2.6-2.7%, output gradient 2.2% against 1.6-1.7%).
+/// 2026-12-08, two alternated runs each, the step's samples in the input transforms 8.4% /
+/// 9.1% on AVX2 against 7.7% / 7.4% portable, output 3.9% / 4.7% against 3.0% / 2.6%,
+/// output gradient 2.1% / 2.3% against 1.8% / 1.9%.
 fn simd_unit() -> Option<Unit> {
     Unit::detect().filter(|&u| u == Unit::Avx512)
 }

@@ -76,6 +76,42 @@ unsafe fn load<V: Vector>(s: &[f32], at: usize) -> V {
     unsafe { V::load(V::mask(V::LANES), s.as_ptr()) }
 }
 
+/// Vector `j` of the result = `s[at(j)..at(j) + LANES]` (`at` computes offsets only: a
+/// closure that ran the vector instructions would be compiled without the unit's features
+/// and called, not inlined, as `std::array::from_fn`'s was).
+///
+/// # Safety
+/// As [`load`].
+#[inline(always)]
+unsafe fn loads<V: Vector, const N: usize>(s: &[f32], at: impl Fn(usize) -> usize) -> [V; N] {
+    // SAFETY: the contract.
+    let mut out = [unsafe { V::zero() }; N];
+    for (j, v) in out.iter_mut().enumerate() {
+        // SAFETY: the contract.
+        *v = unsafe { load(s, at(j)) };
+    }
+    out
+}
+
+/// As [`loads`], each vector's first `n` lanes ([`load_first`]).
+///
+/// # Safety
+/// As [`load`].
+#[inline(always)]
+unsafe fn loads_first<V: Vector, const N: usize>(
+    s: &[f32],
+    n: usize,
+    at: impl Fn(usize) -> usize,
+) -> [V; N] {
+    // SAFETY: the contract.
+    let mut out = [unsafe { V::zero() }; N];
+    for (j, v) in out.iter_mut().enumerate() {
+        // SAFETY: the contract.
+        *v = unsafe { load_first(s, at(j), n) };
+    }
+    out
+}
+
 /// `d[at..at + LANES] = v`.
 ///
 /// # Safety
@@ -339,9 +375,9 @@ on_units! {
             // included).
             for f in (0..flat).step_by(lanes) {
                 let [p0, p1, p2, p3] =
-                    phases4(std::array::from_fn(|j| load::<V>(m, 4 * f + lanes * j)));
+                    phases4(loads::<V, 4>(m, |j| 4 * f + lanes * j));
                 let [p4, p5, _, _] =
-                    phases4(std::array::from_fn(|j| load::<V>(x, 4 * f + lanes * j)));
+                    phases4(loads::<V, 4>(x, |j| 4 * f + lanes * j));
                 for (b, t) in b4([p0, p1, p2, p3, p4, p5]).into_iter().enumerate() {
                     store(hb, b * (flat + 16) + f, t);
                 }
@@ -403,9 +439,8 @@ on_units! {
             for t in (0..n).step_by(lanes) {
                 let cnt = (n - t).min(lanes);
                 for b in 0..6 {
-                    let col: [V; 6] = std::array::from_fn(|a| {
-                        load_first(m, (6 * a + b) * plane_stride + t0 + t, cnt)
-                    });
+                    let col: [V; 6] =
+                        loads_first(m, cnt, |a| (6 * a + b) * plane_stride + t0 + t);
                     for (i, value) in a4(col).into_iter().enumerate() {
                         store(r, (i * 6 + b) * np + t, value);
                     }
@@ -414,8 +449,14 @@ on_units! {
             let bias = V::splat(bias);
             for i in 0..4 {
                 for t in (0..n).step_by(lanes) {
-                    let row: [V; 6] = std::array::from_fn(|b| load(r, (i * 6 + b) * np + t));
-                    let [y0, y1, y2, y3] = a4(row).map(|v| V::add(v, bias));
+                    let row: [V; 6] = loads(r, |b| (i * 6 + b) * np + t);
+                    let [y0, y1, y2, y3] = a4(row);
+                    let [y0, y1, y2, y3] = [
+                        V::add(y0, bias),
+                        V::add(y1, bias),
+                        V::add(y2, bias),
+                        V::add(y3, bias),
+                    ];
                     // Tile `t + l`'s four columns at `4(t + l)`.
                     let ([a, b], [c, d]) = (V::zip(y0, y2), V::zip(y1, y3));
                     let ([ac0, ac1], [bd0, bd1]) = (V::zip(a, c), V::zip(b, d));
@@ -458,7 +499,7 @@ on_units! {
         unsafe {
             copy_rows::<V, _, _>(dy, [ho, wo], 0, 4 * th, [4, th, len], [(0, q)]);
             for f in (0..4 * n).step_by(lanes) {
-                let p = phases4(std::array::from_fn(|j| load::<V>(q, 4 * f + lanes * j)));
+                let p = phases4(loads::<V, 4>(q, |j| 4 * f + lanes * j));
                 for (b, h) in a_adjoint(p).into_iter().enumerate() {
                     store(sb, b * (4 * n + 16) + f, h);
                 }
@@ -467,7 +508,7 @@ on_units! {
                 let cnt = (n - t).min(lanes);
                 for b in 0..6 {
                     let rows =
-                        std::array::from_fn(|i| load::<V>(sb, b * (4 * n + 16) + i * n + t));
+                        loads::<V, 4>(sb, |i| b * (4 * n + 16) + i * n + t);
                     for (a, value) in a_adjoint(rows).into_iter().enumerate() {
                         store_first(dm, (a * 6 + b) * plane_stride + t0 + t, cnt, value);
                     }
@@ -475,6 +516,16 @@ on_units! {
             }
         }
     }
+}
+
+/// `A y` of a pair: `[y0, y0 + y1, y0 - y1, -y1]` ([`super::winograd`]'s `a_adjoint::<2>`).
+///
+/// # Safety
+/// The CPU has `V`'s instruction set.
+#[inline(always)]
+unsafe fn adjoint2<V: Vector>(y0: V, y1: V) -> [V; 4] {
+    // SAFETY: the contract.
+    unsafe { [y0, V::add(y0, y1), V::sub(y0, y1), V::neg(y1)] }
 }
 
 /// Scratch floats any of the three F(2x2, 3x3) transforms needs for `th x tw` tiles.
@@ -593,9 +644,8 @@ on_units! {
             for t in (0..n).step_by(lanes) {
                 let cnt = (n - t).min(lanes);
                 for b in 0..4 {
-                    let [v0, v1, v2, v3] = std::array::from_fn(|a| {
-                        load_first::<V>(m, (4 * a + b) * plane_stride + t0 + t, cnt)
-                    });
+                    let [v0, v1, v2, v3] =
+                        loads_first::<V, 4>(m, cnt, |a| (4 * a + b) * plane_stride + t0 + t);
                     store(r, b * np + t, add(add(v0, v1), v2));
                     store(r, (4 + b) * np + t, sub(sub(v1, v2), v3));
                 }
@@ -604,7 +654,7 @@ on_units! {
             for i in 0..2 {
                 for t in (0..n).step_by(lanes) {
                     let [v0, v1, v2, v3] =
-                        std::array::from_fn(|b| load::<V>(r, (4 * i + b) * np + t));
+                        loads::<V, 4>(r, |b| (4 * i + b) * np + t);
                     let e = add(add(add(v0, v1), v2), bias);
                     let o = add(sub(sub(v1, v2), v3), bias);
                     let [lo, hi] = V::zip(e, o);
@@ -642,11 +692,9 @@ on_units! {
         // through a slice.
         unsafe {
             copy_rows::<V, _, _>(dy, [ho, wo], 0, 2 * th, [2, th, len], [(0, q)]);
-            // `A y` of a pair: `[y0, y0 + y1, y0 - y1, -y1]`.
-            let adjoint = |y0: V, y1: V| [y0, V::add(y0, y1), V::sub(y0, y1), V::neg(y1)];
             for f in (0..2 * n).step_by(lanes) {
                 let [e, o] = V::even_odd(load(q, 2 * f), load(q, 2 * f + lanes));
-                for (b, h) in adjoint(e, o).into_iter().enumerate() {
+                for (b, h) in adjoint2(e, o).into_iter().enumerate() {
                     store(sb, b * (2 * n + 16) + f, h);
                 }
             }
@@ -654,7 +702,7 @@ on_units! {
                 let cnt = (n - t).min(lanes);
                 for b in 0..4 {
                     let at = b * (2 * n + 16) + t;
-                    let out = adjoint(load(sb, at), load(sb, at + n));
+                    let out = adjoint2::<V>(load(sb, at), load(sb, at + n));
                     for (a, value) in out.into_iter().enumerate() {
                         store_first(dm, (a * 4 + b) * plane_stride + t0 + t, cnt, value);
                     }
