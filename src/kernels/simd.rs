@@ -9,6 +9,7 @@
 #![cfg_attr(not(feature = "flex"), allow(dead_code))]
 
 use super::act::Act;
+use super::vector::{Unit, Vector, on_units};
 
 /// Partial sums per reduction.
 const LANES: usize = 16;
@@ -179,10 +180,7 @@ dispatched! {
 /// norm's backward sums.
 ///
 /// On AVX-512 and AVX2 the [`LANES`] partial sums are written out as vectors
-/// ([`gated_sums_body`]): compiled from the generic loop, the ungated sums of bf16 rows ran as
-/// scalar code and the gated ones kept their sums on the stack (4.8% of a resnet50 bf16
-/// training step at 224 px on Zen 4, the largest elementwise kernel). Same order of
-/// additions, so the same bits as the loop.
+/// ([`gated_sums_on`]). Same order of additions, so the same bits as the loop.
 pub fn gated_sums<E: Act>(
     x: &[E],
     dy: &[E],
@@ -193,57 +191,27 @@ pub fn gated_sums<E: Act>(
     relu: bool,
 ) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(body) = gated_sums_body::<E>() {
-        // SAFETY: `gated_sums_body` returns only a body whose features were detected.
-        return unsafe { gated_sums_by(body, x, dy, [a, b, m, s], relu) };
+    if let Some(unit) = Unit::detect() {
+        let abms = [a, b, m, s];
+        // SAFETY: `unit` was detected on this CPU.
+        let body = |x: &[E], dy: &[E]| unsafe { gated_sums_on(unit, x, dy, abms, relu) };
+        return gated_sums_by(body, x, dy, abms, relu);
     }
     gated_sums_loop(x, dy, a, b, m, s, relu)
 }
 
-/// A written-out body of [`gated_sums`] over whole vectors of [`LANES`] values: `x`, `dy`
-/// (equally long, a multiple of [`LANES`]), `[a, b, m, s]`, `relu`.
-#[cfg(target_arch = "x86_64")]
-type GatedBody<E> = unsafe fn(&[E], &[E], [f32; 4], bool) -> (f32, f32);
-
-/// The fastest [`GatedBody`] this CPU runs: AVX-512, else AVX2. With AVX2 the generic loop
-/// kept its sixteen partial sums on the stack, as it did on AVX-512 before
-/// [`gated_sums_avx512`]: 7.5% of a resnet50 fp32 training step at 224 px, the largest
-/// elementwise kernel. Written out, samples in it 1225 / 1279 -> 299 / 379 of 16930 / 17484
-/// -> 16070 / 17027 in all (`perf record -F 499 convlab bench train --model resnet50 --input
-/// 3x224x224 --batch 16 --steps 3 --threads 2 --precision fp32`, two alternated runs each,
-/// AMD EPYC Zen 3, family 25 model 1, 2026-12-06).
-#[cfg(target_arch = "x86_64")]
-fn gated_sums_body<E: Act>() -> Option<GatedBody<E>> {
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-    {
-        Some(gated_sums_avx512::<E>)
-    } else if std::arch::is_x86_feature_detected!("avx2") {
-        Some(gated_sums_avx2::<E>)
-    } else {
-        None
-    }
-}
-
-/// [`gated_sums`] with `body` over the whole vectors and the tail added as [`lane_sum2`]
-/// adds it.
-///
-/// # Safety
-/// The CPU has the features `body` is compiled for.
-#[cfg(target_arch = "x86_64")]
-unsafe fn gated_sums_by<E: Act>(
-    body: GatedBody<E>,
+/// [`gated_sums`] with `body` over the whole vectors (`x`, `dy` equally long, a multiple of
+/// [`LANES`]) and the tail added as [`lane_sum2`] adds it.
+fn gated_sums_by<E: Act>(
+    body: impl FnOnce(&[E], &[E]) -> (f32, f32),
     x: &[E],
     dy: &[E],
-    abms: [f32; 4],
+    [a, b, m, s]: [f32; 4],
     relu: bool,
 ) -> (f32, f32) {
-    let [a, b, m, s] = abms;
     let n = x.len().min(dy.len());
     let whole = n / LANES * LANES;
-    // SAFETY: the caller's features; both rows hold `whole` values, a multiple of LANES.
-    let (u, v) = unsafe { body(&x[..whole], &dy[..whole], abms, relu) };
+    let (u, v) = body(&x[..whole], &dy[..whole]);
     let gate = |x: f32, d: f32| if !relu || x * a + b > 0.0 { d } else { 0.0 };
     let tail = |f: &dyn Fn(f32, f32) -> f32| -> f32 {
         x[whole..n]
@@ -257,105 +225,77 @@ unsafe fn gated_sums_by<E: Act>(
     (u + tu, v + tv)
 }
 
-/// [`gated_sums`]' body on AVX2: each of the [`LANES`] partial sums is a lane of two 8-lane
-/// vectors (lanes `0..8` and `8..16`), so the same additions in the same order as
-/// [`lane_sum2`].
+/// `v[i..i + LANES]` of an activation row as f32 lanes (bf16 widened exactly).
 ///
 /// # Safety
-/// The CPU has AVX2; `x` and `dy` are equally long, a multiple of [`LANES`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gated_sums_avx2<E: Act>(x: &[E], dy: &[E], abms: [f32; 4], relu: bool) -> (f32, f32) {
-    use std::arch::x86_64::*;
-    const _: () = assert!(LANES == 16);
-    let [a, b, m, s] = abms.map(|v| _mm256_set1_ps(v));
-    let load = |v: &[E], i: usize| -> __m256 {
-        match (E::as_bf16_bits(v), E::as_f32s(v)) {
-            (Some(h), _) => {
-                // SAFETY: `i + 8 <= len`, checked by the slice index.
-                let h = unsafe { _mm_loadu_si128(h[i..i + 8].as_ptr().cast()) };
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-            }
-            // SAFETY: as above.
-            (None, Some(f)) => unsafe { _mm256_loadu_ps(f[i..i + 8].as_ptr()) },
-            (None, None) => unreachable!("an activation is f32 or bf16"),
-        }
-    };
-    let zero = _mm256_setzero_ps();
-    let (mut su, mut sv) = ([zero; 2], [zero; 2]);
-    for i in (0..x.len()).step_by(LANES) {
-        for h in 0..2 {
-            let (xv, dv) = (load(x, i + 8 * h), load(dy, i + 8 * h));
-            let g = if relu {
-                // `x · a + b > 0` without a fused multiply-add, as the scalar expression; the
-                // mask keeps `dy` or gives +0.0, as the scalar `if`.
-                let pre = _mm256_add_ps(_mm256_mul_ps(xv, a), b);
-                _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(pre, zero), dv)
-            } else {
-                dv
-            };
-            su[h] = _mm256_add_ps(su[h], g);
-            sv[h] = _mm256_add_ps(
-                sv[h],
-                _mm256_mul_ps(_mm256_mul_ps(g, _mm256_sub_ps(xv, m)), s),
-            );
-        }
+/// The CPU has `V`'s instruction set.
+#[inline(always)]
+unsafe fn load_act<V: Vector, E: Act>(v: &[E], i: usize) -> V {
+    let all = V::mask(V::LANES);
+    match (E::as_bf16_bits(v), E::as_f32s(v)) {
+        // SAFETY: the slice index checks `i + LANES <= len`; the contract.
+        (Some(h), _) => unsafe { V::load_bf16(all, h[i..i + V::LANES].as_ptr()) },
+        // SAFETY: as above.
+        (None, Some(f)) => unsafe { V::load(all, f[i..i + V::LANES].as_ptr()) },
+        (None, None) => unreachable!("an activation is f32 or bf16"),
     }
-    let (mut lu, mut lv) = ([0.0f32; LANES], [0.0f32; LANES]);
-    // SAFETY: each array holds 16 floats, two vectors of 8.
-    unsafe {
-        for h in 0..2 {
-            _mm256_storeu_ps(lu[8 * h..].as_mut_ptr(), su[h]);
-            _mm256_storeu_ps(lv[8 * h..].as_mut_ptr(), sv[h]);
-        }
-    }
-    (lu.iter().sum(), lv.iter().sum())
 }
 
-/// [`gated_sums`]' body: whole vectors of [`LANES`] values, each lane's sums in order, then
-/// the lanes added in order (as [`lane_sum2`], whose tail the caller adds).
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW and VL; `x` and `dy` are equally long, a multiple of [`LANES`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn gated_sums_avx512<E: Act>(x: &[E], dy: &[E], abms: [f32; 4], relu: bool) -> (f32, f32) {
-    use std::arch::x86_64::*;
-    const _: () = assert!(LANES == 16);
-    let [a, b, m, s] = abms.map(|v| _mm512_set1_ps(v));
-    let load = |v: &[E], i: usize| -> __m512 {
-        match (E::as_bf16_bits(v), E::as_f32s(v)) {
-            (Some(h), _) => {
-                // SAFETY: `i + 16 <= len`, checked by the slice index.
-                let h = unsafe { _mm256_loadu_si256(h[i..i + 16].as_ptr().cast()) };
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+on_units! {
+    /// [`gated_sums`]' body over whole vectors of [`LANES`] values (`x`, `dy` equally long, a
+    /// multiple of it): each of the [`LANES`] partial sums is a lane (of one AVX-512 vector,
+    /// of two AVX2 ones), summed in order, then the lanes added in order: the same additions
+    /// in the same order as [`lane_sum2`], so the same bits. Compiled from the generic loop,
+    /// the sums stayed on the stack and bf16 rows ran as scalar code: 7.5% of a resnet50
+    /// fp32 training step at 224 px on Zen 3, written out 1225 / 1279 -> 299 / 379 samples of
+    /// 16930 / 17484 -> 16070 / 17027 (`perf record -F 499 convlab bench train --model
+    /// resnet50 --input 3x224x224 --batch 16 --steps 3 --threads 2 --precision fp32`, two
+    /// alternated runs each, AMD EPYC Zen 3, family 25 model 1, 2026-12-06); on Zen 4 the
+    /// bf16 rows' 4.8% of a resnet50 bf16 step.
+    ///
+    /// # Safety
+    /// The unit is present.
+    unsafe fn gated_sums_on / gated_sums_v<V: Vector; E: Act>(
+        x: &[E],
+        dy: &[E],
+        abms: [f32; 4],
+        relu: bool,
+    ) -> (f32, f32) {
+        const _: () = assert!(LANES == 16);
+        let (lanes, all) = (V::LANES, V::mask(V::LANES));
+        let per = LANES / lanes;
+        // SAFETY: the CPU has `V`'s instruction set (the contract); every access goes through
+        // a slice or a 16-float array.
+        unsafe {
+            let [a, b, m, s] = [
+                V::splat(abms[0]),
+                V::splat(abms[1]),
+                V::splat(abms[2]),
+                V::splat(abms[3]),
+            ];
+            let (mut su, mut sv) = ([V::zero(); 2], [V::zero(); 2]);
+            for i in (0..x.len()).step_by(LANES) {
+                for h in 0..per {
+                    let (xv, dv) = (load_act::<V, E>(x, i + lanes * h), load_act::<V, E>(dy, i + lanes * h));
+                    let g = if relu {
+                        // `x · a + b > 0` without a fused multiply-add, as the scalar
+                        // expression; `dy` kept or +0.0, as the scalar `if`.
+                        V::keep_where_positive(V::add(V::mul(xv, a), b), dv)
+                    } else {
+                        dv
+                    };
+                    su[h] = V::add(su[h], g);
+                    sv[h] = V::add(sv[h], V::mul(V::mul(g, V::sub(xv, m)), s));
+                }
             }
-            // SAFETY: as above.
-            (None, Some(f)) => unsafe { _mm512_loadu_ps(f[i..i + 16].as_ptr()) },
-            (None, None) => unreachable!("an activation is f32 or bf16"),
+            let (mut lu, mut lv) = ([0.0f32; LANES], [0.0f32; LANES]);
+            for h in 0..per {
+                V::store(all, lu[lanes * h..][..lanes].as_mut_ptr(), su[h]);
+                V::store(all, lv[lanes * h..][..lanes].as_mut_ptr(), sv[h]);
+            }
+            (lu.iter().sum(), lv.iter().sum())
         }
-    };
-    let (mut su, mut sv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    for i in (0..x.len()).step_by(LANES) {
-        let (xv, dv) = (load(x, i), load(dy, i));
-        let g = if relu {
-            // `x · a + b > 0` without a fused multiply-add, as the scalar expression.
-            let pre = _mm512_add_ps(_mm512_mul_ps(xv, a), b);
-            let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(pre, _mm512_setzero_ps());
-            _mm512_maskz_mov_ps(keep, dv)
-        } else {
-            dv
-        };
-        su = _mm512_add_ps(su, g);
-        sv = _mm512_add_ps(sv, _mm512_mul_ps(_mm512_mul_ps(g, _mm512_sub_ps(xv, m)), s));
     }
-    let (mut lu, mut lv) = ([0.0f32; LANES], [0.0f32; LANES]);
-    // SAFETY: each array holds 16 floats.
-    unsafe {
-        _mm512_storeu_ps(lu.as_mut_ptr(), su);
-        _mm512_storeu_ps(lv.as_mut_ptr(), sv);
-    }
-    (lu.iter().sum(), lv.iter().sum())
 }
 
 dispatched! {
@@ -864,6 +804,8 @@ mod tests {
     #[test]
     fn vector_gated_sums_are_the_loops() {
         use crate::kernels::act::{bf16, to_bf16};
+        use crate::kernels::vector::Emu;
+        type Body<E> = Box<dyn Fn(&[E], &[E]) -> (f32, f32)>;
         for n in [0, 5, 16, 37, 64, 1000] {
             let x: Vec<f32> = (0..n)
                 .map(|i| ((i * 7919) % 113) as f32 / 37.0 - 1.4)
@@ -886,39 +828,51 @@ mod tests {
                     bits(gated_sums_loop(&xb, &dyb, a, b, m, s, r)),
                     "bf16, {n} values, relu {relu}"
                 );
-                // Each written-out body this CPU runs, not only the one `gated_sums` picks.
-                #[cfg(target_arch = "x86_64")]
-                for (name, ok) in [
+                // Each unit this CPU has, not only the one `gated_sums` picks, and the body
+                // on emulated 16 and 8 lanes (AVX-512's and AVX2's logic on any CPU).
+                let abms = [a, b, m, s];
+                let mut bodies: Vec<(String, Body<f32>, Body<bf16>)> = vec![
                     (
-                        "avx512",
-                        std::arch::is_x86_feature_detected!("avx512f")
-                            && std::arch::is_x86_feature_detected!("avx512bw")
-                            && std::arch::is_x86_feature_detected!("avx512vl"),
+                        "16 emulated lanes".into(),
+                        // SAFETY: an emulation runs on any CPU.
+                        Box::new(move |x, dy| unsafe {
+                            gated_sums_v::<Emu<16>, f32>(x, dy, abms, r)
+                        }),
+                        // SAFETY: as above.
+                        Box::new(move |x, dy| unsafe {
+                            gated_sums_v::<Emu<16>, bf16>(x, dy, abms, r)
+                        }),
                     ),
-                    ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-                ] {
-                    if !ok {
-                        continue;
-                    }
-                    let (body32, body16): (GatedBody<f32>, GatedBody<bf16>) = match name {
-                        "avx512" => (gated_sums_avx512::<f32>, gated_sums_avx512::<bf16>),
-                        _ => (gated_sums_avx2::<f32>, gated_sums_avx2::<bf16>),
-                    };
-                    let abms = [a, b, m, s];
-                    // SAFETY: the body's features were detected just above.
-                    let (got32, got16) = unsafe {
-                        (
-                            gated_sums_by(body32, &x, &dy, abms, r),
-                            gated_sums_by(body16, &xb, &dyb, abms, r),
-                        )
-                    };
+                    (
+                        "8 emulated lanes".into(),
+                        // SAFETY: as above.
+                        Box::new(move |x, dy| unsafe {
+                            gated_sums_v::<Emu<8>, f32>(x, dy, abms, r)
+                        }),
+                        // SAFETY: as above.
+                        Box::new(move |x, dy| unsafe {
+                            gated_sums_v::<Emu<8>, bf16>(x, dy, abms, r)
+                        }),
+                    ),
+                ];
+                #[cfg(target_arch = "x86_64")]
+                for unit in Unit::present() {
+                    bodies.push((
+                        format!("{unit:?}"),
+                        // SAFETY: the unit is present.
+                        Box::new(move |x, dy| unsafe { gated_sums_on(unit, x, dy, abms, r) }),
+                        // SAFETY: as above.
+                        Box::new(move |x, dy| unsafe { gated_sums_on(unit, x, dy, abms, r) }),
+                    ));
+                }
+                for (name, body32, body16) in bodies {
                     assert_eq!(
-                        bits(got32),
+                        bits(gated_sums_by(body32, &x, &dy, abms, r)),
                         bits(gated_sums_loop(&x, &dy, a, b, m, s, r)),
                         "{name} f32, {n} values, relu {relu}"
                     );
                     assert_eq!(
-                        bits(got16),
+                        bits(gated_sums_by(body16, &xb, &dyb, abms, r)),
                         bits(gated_sums_loop(&xb, &dyb, a, b, m, s, r)),
                         "{name} bf16, {n} values, relu {relu}"
                     );

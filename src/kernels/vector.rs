@@ -99,6 +99,11 @@ pub(super) trait Vector: Copy {
     /// # Safety
     /// As [`Self::zero`].
     unsafe fn neg(a: Self) -> Self;
+    /// `v`'s lanes where `test > 0` (an ordered compare: NaN fails), `+0.0` in the others.
+    ///
+    /// # Safety
+    /// As [`Self::zero`].
+    unsafe fn keep_where_positive(test: Self, v: Self) -> Self;
     /// The lanes of `p` under `m`; the others zero and not read.
     ///
     /// # Safety
@@ -149,25 +154,25 @@ pub(super) trait Vector: Copy {
 /// `# Safety` contract holds for both, with "the unit is present" for the dispatching one;
 /// the generic one needs the CPU to have `$v`'s instruction set.
 macro_rules! on_units {
-    ($(#[doc = $doc:literal])* $vis:vis unsafe fn $name:ident / $generic:ident<$v:ident: Vector $(, const $c:ident: usize)* $(; $g:ident: $gb:ident)*>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[doc = $doc:literal])* $vis:vis unsafe fn $name:ident / $generic:ident<$v:ident: Vector $(, const $c:ident: usize)* $(; $g:ident: $gb:ident)*>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[doc = $doc])*
         #[inline(always)]
         #[allow(clippy::too_many_arguments)]
-        $vis unsafe fn $generic<$v: $crate::kernels::vector::Vector $(, const $c: usize)* $(, $g: $gb)*>($($arg: $ty),*) $body
+        $vis unsafe fn $generic<$v: $crate::kernels::vector::Vector $(, const $c: usize)* $(, $g: $gb)*>($($arg: $ty),*) $(-> $ret)? $body
 
         $(#[doc = $doc])*
         #[cfg(target_arch = "x86_64")]
         #[allow(clippy::too_many_arguments)]
-        $vis unsafe fn $name<$(const $c: usize,)* $($g: $gb),*>(unit: $crate::kernels::vector::Unit, $($arg: $ty),*) {
+        $vis unsafe fn $name<$(const $c: usize,)* $($g: $gb),*>(unit: $crate::kernels::vector::Unit, $($arg: $ty),*) $(-> $ret)? {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn avx512<$(const $c: usize,)* $($g: $gb),*>($($arg: $ty),*) {
+            unsafe fn avx512<$(const $c: usize,)* $($g: $gb),*>($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller's contract; AVX-512 F, BW and VL are enabled here.
                 unsafe { $generic::<std::arch::x86_64::__m512 $(, $c)* $(, $g)*>($($arg),*) }
             }
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2<$(const $c: usize,)* $($g: $gb),*>($($arg: $ty),*) {
+            unsafe fn avx2<$(const $c: usize,)* $($g: $gb),*>($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller's contract; AVX2 and FMA are enabled here.
                 unsafe { $generic::<std::arch::x86_64::__m256 $(, $c)* $(, $g)*>($($arg),*) }
             }
@@ -243,6 +248,14 @@ mod x86 {
                     _mm512_castps_si512(a),
                     _mm512_set1_epi32(i32::MIN),
                 ))
+            }
+        }
+        #[inline(always)]
+        unsafe fn keep_where_positive(test: Self, v: Self) -> Self {
+            // SAFETY: as `zero`.
+            unsafe {
+                let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(test, _mm512_setzero_ps());
+                _mm512_maskz_mov_ps(keep, v)
             }
         }
         #[inline(always)]
@@ -398,6 +411,14 @@ mod x86 {
             unsafe { _mm256_xor_ps(a, _mm256_set1_ps(-0.0)) }
         }
         #[inline(always)]
+        unsafe fn keep_where_positive(test: Self, v: Self) -> Self {
+            // SAFETY: as `zero`.
+            unsafe {
+                let keep = _mm256_cmp_ps::<_CMP_GT_OQ>(test, _mm256_setzero_ps());
+                _mm256_and_ps(keep, v)
+            }
+        }
+        #[inline(always)]
         unsafe fn load(m: Span, p: *const f32) -> Self {
             // SAFETY: AVX2 as `zero`; the lanes in `m` are readable, `vmaskmovps` reads no
             // other.
@@ -415,8 +436,11 @@ mod x86 {
             // buffer.
             let mut words = [0u16; 8];
             if Self::full(m) {
-                // SAFETY: the 8 lanes are readable (the caller's).
-                unsafe { std::ptr::copy_nonoverlapping(p, words.as_mut_ptr(), 8) };
+                // SAFETY: AVX2 as `zero`; the 8 lanes are readable (the caller's).
+                unsafe {
+                    let h = _mm_loadu_si128(p.cast());
+                    return _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                }
             } else {
                 let lanes = m.lo as usize..m.hi as usize;
                 for (l, word) in words
@@ -543,6 +567,9 @@ impl<const N: usize> Vector for Emu<N> {
     }
     unsafe fn neg(a: Self) -> Self {
         Emu(a.0.map(|x| -x))
+    }
+    unsafe fn keep_where_positive(test: Self, v: Self) -> Self {
+        Self::map2(test, v, |t, v| if t > 0.0 { v } else { 0.0 })
     }
     unsafe fn load(m: (usize, usize), p: *const f32) -> Self {
         Emu(std::array::from_fn(|l| {
@@ -671,6 +698,17 @@ mod tests {
             same(V::mul(x, y), Emu::mul(ex, ey), "mul");
             same(V::fma(x, y, x), Emu::fma(ex, ey, ex), "fma");
             same(V::neg(V::zero()), Emu::neg(Emu::zero()), "neg");
+            let (nan, enan) = (V::splat(f32::NAN), Emu::splat(f32::NAN));
+            same(
+                V::keep_where_positive(x, y),
+                Emu::keep_where_positive(ex, ey),
+                "keep",
+            );
+            same(
+                V::keep_where_positive(nan, x),
+                Emu::keep_where_positive(enan, ex),
+                "keep NaN",
+            );
             same(V::splat(2.5), Emu::splat(2.5), "splat");
             for (got, want) in V::even_odd(x, y).into_iter().zip(Emu::even_odd(ex, ey)) {
                 same(got, want, "even_odd");
