@@ -1975,6 +1975,14 @@ mod tests {
                 Lanes::Emu8 => unsafe { simd::$generic::<Emu<8> $(, $l)?>($($arg),*) },
             }
         }};
+        // F(4x4, 3x3)'s function if `$f4`, else F(2x2, 3x3)'s, on the same arguments.
+        ($lanes:expr, $f4:expr; $n4:ident / $g4:ident, $n2:ident / $g2:ident $(<$l:ty>)?, $($arg:expr),* $(,)?) => {
+            if $f4 {
+                on_lanes!($lanes, $n4 / $g4, $($arg),*)
+            } else {
+                on_lanes!($lanes, $n2 / $g2 $(<$l>)?, $($arg),*)
+            }
+        };
     }
 
     /// The vector transforms give the portable loops' bits, on every unit the CPU has and on
@@ -2042,25 +2050,7 @@ mod tests {
                     t0,
                     &mut scratch,
                 );
-                if f4 {
-                    on_lanes!(
-                        lanes,
-                        input4 / input4_v,
-                        &plane,
-                        h,
-                        w,
-                        pad,
-                        pad_top,
-                        th,
-                        tw,
-                        &mut got,
-                        stride,
-                        t0,
-                        &mut scratch
-                    );
-                } else {
-                    on_lanes!(lanes, input2 / input2_v<_>, &plane, h, w, pad, pad_top, th, tw, &mut got, stride, t0, &mut scratch);
-                }
+                on_lanes!(lanes, f4; input4 / input4_v, input2 / input2_v<_>, &plane, h, w, pad, pad_top, th, tw, &mut got, stride, t0, &mut scratch);
                 same(&got, &want, &format!("input transform {what}"));
                 if !f4 {
                     // bf16 planes (F(2x2, 3x3) on bf16 activations), widened as they load.
@@ -2106,37 +2096,7 @@ mod tests {
                     &mut want,
                     &mut scratch,
                 );
-                if f4 {
-                    on_lanes!(
-                        lanes,
-                        output4 / output4_v,
-                        &mt,
-                        stride,
-                        t0,
-                        th,
-                        tw,
-                        ho,
-                        wo,
-                        0.25,
-                        &mut got,
-                        &mut scratch
-                    );
-                } else {
-                    on_lanes!(
-                        lanes,
-                        output2 / output2_v,
-                        &mt,
-                        stride,
-                        t0,
-                        th,
-                        tw,
-                        ho,
-                        wo,
-                        0.25,
-                        &mut got,
-                        &mut scratch
-                    );
-                }
+                on_lanes!(lanes, f4; output4 / output4_v, output2 / output2_v, &mt, stride, t0, th, tw, ho, wo, 0.25, &mut got, &mut scratch);
                 same(&got, &want, &format!("output transform {what}"));
 
                 // Zeros in both column phases: `-0.0` and `0.0` are different bits.
@@ -2145,35 +2105,7 @@ mod tests {
                 let (mut want, mut got) = (vec![marker; xis * stride], vec![marker; xis * stride]);
                 let mut scratch = vec![0.0; dy_scratch_len(tile, th, tw)];
                 dy_transform(f4, &dy, ho, wo, th, tw, &mut want, stride, t0, &mut scratch);
-                if f4 {
-                    on_lanes!(
-                        lanes,
-                        dy4 / dy4_v,
-                        &dy,
-                        ho,
-                        wo,
-                        th,
-                        tw,
-                        &mut got,
-                        stride,
-                        t0,
-                        &mut scratch
-                    );
-                } else {
-                    on_lanes!(
-                        lanes,
-                        dy2 / dy2_v,
-                        &dy,
-                        ho,
-                        wo,
-                        th,
-                        tw,
-                        &mut got,
-                        stride,
-                        t0,
-                        &mut scratch
-                    );
-                }
+                on_lanes!(lanes, f4; dy4 / dy4_v, dy2 / dy2_v, &dy, ho, wo, th, tw, &mut got, stride, t0, &mut scratch);
                 same(&got, &want, &format!("output gradient transform {what}"));
             }
         }
