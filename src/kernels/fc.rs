@@ -20,6 +20,7 @@
 //! `x: [n, I]`, `w: [I, O]` (Burn's `Linear` stores `[in, out]`), `b: [O]`, `y, dy: [n, O]`,
 //! all row-major.
 
+use super::vector::{Unit, Vector, on_units};
 use std::mem::MaybeUninit;
 
 /// The most rows (batch) these kernels take on any unit ([`Unit::max_rows`]); larger batches
@@ -28,8 +29,6 @@ pub const MAX_ROWS: usize = 16;
 
 /// Weight rows per weight-gradient step (their sums kept in registers).
 const DW_ROWS: usize = 4;
-
-use super::vector::{Unit, Vector, on_units};
 
 impl Unit {
     /// The most rows (batch) these kernels take on this unit: on AVX2 a block of 16 rows'
